@@ -1,0 +1,10 @@
+//! esptun: a userspace IPsec ESP datapath (RFC 4303 transport mode, AES-GCM
+//! per RFC 4106, NAT-T per RFC 3948) that never hands a corrupted packet to
+//! an application. See `../shared/DESIGN.md` for the map.
+//!
+//! Dependencies point one way: `datapath -> {sa, wire, crypto}`; `crypto`
+//! knows nothing of packets or sockets.
+
+pub mod bench;
+pub mod crypto;
+pub mod hex;
