@@ -11,7 +11,7 @@ pub enum HexError {
 
 pub fn decode(text: &str) -> Result<Vec<u8>, HexError> {
     let digits = text.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(HexError::OddLength(digits.len()));
     }
     let nibble = |i: usize| -> Result<u8, HexError> {

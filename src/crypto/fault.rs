@@ -53,7 +53,7 @@ impl FaultInjector {
         }
         // Block `dst` takes the contents of its predecessor or successor.
         let dst = 1 + (self.next() % (blocks as u64 - 1)) as usize;
-        let src = if dst + 1 < blocks && self.next() % 2 == 0 {
+        let src = if dst + 1 < blocks && self.next().is_multiple_of(2) {
             dst + 1
         } else {
             dst - 1

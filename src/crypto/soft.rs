@@ -25,20 +25,21 @@ use super::{
 
 /// Why the soft provider is not pure software in this build, if it is not.
 pub fn backend_pin_failure() -> Option<String> {
-    let aes_hw = aes::hardware_accelerated();
-    let polyval_soft = cfg!(polyval_backend = "soft");
-    match (aes_hw, polyval_soft) {
-        (false, true) => None,
-        (aes_hw, polyval_soft) => Some(format!(
-            "RustCrypto backends are not pinned to software (AES hardware: {aes_hw}, \
-             POLYVAL software: {polyval_soft}); a RUSTFLAGS setting probably replaced \
-             .cargo/config.toml's --cfg aes_backend/polyval_backend flags"
-        )),
-    }
+    describe_pin(aes::hardware_accelerated(), cfg!(polyval_backend = "soft"))
 }
 
-pub fn provider() -> Provider {
-    let pin_failure = backend_pin_failure();
+fn describe_pin(aes_hardware: bool, polyval_soft: bool) -> Option<String> {
+    if !aes_hardware && polyval_soft {
+        return None;
+    }
+    Some(format!(
+        "RustCrypto backends are not pinned to software (AES hardware: {aes_hardware}, \
+         POLYVAL software: {polyval_soft}); a RUSTFLAGS setting probably replaced \
+         .cargo/config.toml's --cfg aes_backend/polyval_backend flags"
+    ))
+}
+
+fn provider_with(pin_failure: Option<String>) -> Provider {
     Provider {
         id: ProviderId::Soft,
         name: if pin_failure.is_none() {
@@ -50,6 +51,10 @@ pub fn provider() -> Provider {
         availability: Ok(()),
         algorithm: Arc::new(RustCryptoAesGcm),
     }
+}
+
+pub fn provider() -> Provider {
+    provider_with(backend_pin_failure())
 }
 
 /// RustCrypto's AES-GCM as an [`AeadAlgorithm`].
@@ -139,5 +144,17 @@ mod tests {
         let p = provider();
         assert!(!p.uses_aes_instructions);
         assert_eq!(p.name, "rustcrypto-soft");
+    }
+
+    #[test]
+    fn an_unpinned_build_is_never_labelled_software() {
+        for (aes_hw, polyval_soft) in [(true, true), (false, false), (true, false)] {
+            let why = describe_pin(aes_hw, polyval_soft).expect("not pinned");
+            assert!(why.contains("RUSTFLAGS"), "{why}");
+            let p = provider_with(Some(why));
+            assert!(p.uses_aes_instructions);
+            assert_eq!(p.name, "rustcrypto-unpinned");
+        }
+        assert_eq!(describe_pin(false, true), None);
     }
 }

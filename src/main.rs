@@ -1,0 +1,310 @@
+//! The `esptun` command line: a thin layer over the library.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use esptun::bench::{self, BenchConfig, Op};
+use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, ProviderReport, Selector};
+use esptun::crypto::{KeySize, Provider, ProviderId};
+
+/// Exit status when no AES-GCM provider may carry traffic.
+const EXIT_SELFTEST_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "esptun",
+    version,
+    about = "Userspace IPsec ESP (RFC 4303 transport mode, AES-GCM RFC 4106) tunnel \
+             that validates every inner checksum before delivery",
+    after_help = "Exit status: 0 success, 1 error, 2 usage error, \
+                  3 crypto self-test failed (no AES-GCM provider may carry traffic)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the power-on self-tests of both AES-GCM providers and show which
+    /// one `--crypto` selects.
+    ///
+    /// Every available provider runs every compiled-in known-answer vector;
+    /// the hardware provider also runs the SIMD register-preservation check
+    /// and the 1 MiB long-message comparison with the soft provider. Exits 0
+    /// only if the selected provider passed everything, else 3.
+    Selftest {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Provider selection: auto (hardware if it passes, else soft),
+        /// hardware, or soft.
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        crypto: Mode,
+    },
+    /// Measure AES-GCM seal and open throughput of each provider, with the
+    /// hardware/software speedup per size.
+    Bench {
+        /// Print JSON (one object per measurement) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds per measurement (each cell is measured --rounds times).
+        #[arg(long, default_value_t = 0.25, value_parser = parse_seconds)]
+        seconds: f64,
+        /// Message sizes in bytes, comma-separated (1 to 1048576).
+        #[arg(long, value_delimiter = ',', default_values_t = bench::DEFAULT_SIZES, value_parser = parse_size)]
+        sizes: Vec<usize>,
+        /// AES key size: 128 or 256.
+        #[arg(long, default_value_t = 128, value_parser = parse_key_bits)]
+        key_bits: u32,
+        /// Rounds per cell; the best round is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
+        /// Also measure ring and RustCrypto called directly, to show the
+        /// cost of esptun's provider seam.
+        #[arg(long)]
+        baseline: bool,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v > 0.0 && v <= 60.0 {
+        Ok(v)
+    } else {
+        Err("must be more than 0 and at most 60".into())
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size in bytes"))?;
+    if (1..=bench::MAX_SIZE).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("sizes must be 1 to {}", bench::MAX_SIZE))
+    }
+}
+
+fn parse_key_bits(s: &str) -> Result<u32, String> {
+    match s {
+        "128" => Ok(128),
+        "256" => Ok(256),
+        _ => Err("key size must be 128 or 256".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Selftest { json, crypto } => selftest(json, crypto),
+        Command::Bench {
+            json,
+            seconds,
+            sizes,
+            key_bits,
+            rounds,
+            baseline,
+        } => {
+            let config = BenchConfig {
+                seconds,
+                sizes,
+                key_size: if key_bits == 256 {
+                    KeySize::Aes256
+                } else {
+                    KeySize::Aes128
+                },
+                rounds,
+                baseline,
+            };
+            run_bench(json, &config).map(|()| ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("esptun: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn selftest(json: bool, mode: Mode) -> anyhow::Result<ExitCode> {
+    let selector = Selector::boot(
+        Provider::detect_all(),
+        mode,
+        FailurePolicy::Fallback,
+        BootOptions::default(),
+    );
+    let reports = selector.reports();
+    let selected = selector.active();
+    if json {
+        let out = serde_json::json!({
+            "mode": mode,
+            "selected": selected,
+            "providers": reports,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).context("serializing the report")?
+        );
+    } else {
+        print_selftest_table(&reports, mode, selected);
+    }
+    Ok(match selected {
+        Some(_) => ExitCode::SUCCESS,
+        None => {
+            eprintln!(
+                "esptun: no AES-GCM provider passed its self-tests for --crypto {mode}; \
+                 refusing to carry traffic (see the reasons above; try --crypto auto)"
+            );
+            ExitCode::from(EXIT_SELFTEST_FAILED)
+        }
+    })
+}
+
+fn print_selftest_table(reports: &[ProviderReport], mode: Mode, selected: Option<ProviderId>) {
+    println!(
+        "{:<9} {:<17} {:<9} {:<10} {:>11} {:<6}",
+        "provider", "implementation", "kind", "available", "vectors", "simd"
+    );
+    for r in reports {
+        let kind = if r.hardware { "hardware" } else { "software" };
+        let vectors = if r.available {
+            format!("{}/{}", r.kat_passed, r.kat_passed + r.kat_failed)
+        } else {
+            "-".into()
+        };
+        let simd = match r.simd_ok {
+            Some(true) => "ok",
+            Some(false) => "FAILED",
+            None => "-",
+        };
+        println!(
+            "{:<9} {:<17} {:<9} {:<10} {:>11} {:<6}",
+            r.name.as_str(),
+            r.implementation,
+            kind,
+            if r.available { "yes" } else { "no" },
+            vectors,
+            simd
+        );
+    }
+    for r in reports {
+        if let Some(why) = &r.unavailable_reason {
+            println!("  {}: unavailable: {why}", r.name);
+        }
+        for failure in &r.kat_failures {
+            println!("  {}: vector failed: {failure}", r.name);
+        }
+        if let Some(check) = &r.register_check {
+            println!("  {}: register check: {}", r.name, check.summary());
+        }
+        if let Some(detail) = &r.long_message_detail {
+            println!("  {}: long-message check: {detail}", r.name);
+        }
+        if let Some(why) = &r.disabled {
+            println!("  {}: DISABLED: {why}", r.name);
+        }
+    }
+    match selected {
+        Some(id) => println!("selected ({mode}): {id}"),
+        None => println!("selected ({mode}): none"),
+    }
+}
+
+fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
+    let providers = Provider::detect_all();
+    for p in &providers {
+        if let Err(why) = &p.availability {
+            eprintln!("esptun: not benchmarking {}: {why}", p.id);
+        }
+    }
+    if providers.iter().all(|p| !p.is_available()) {
+        bail!("no provider is available to benchmark");
+    }
+    let results = bench::run(&providers, config).map_err(anyhow::Error::msg)?;
+    if json {
+        for r in &results {
+            println!(
+                "{}",
+                serde_json::to_string(r).context("serializing a result")?
+            );
+        }
+        return Ok(());
+    }
+    let names: Vec<String> = {
+        let mut seen: Vec<String> = Vec::new();
+        for r in &results {
+            if !seen.contains(&r.provider) {
+                seen.push(r.provider.clone());
+            }
+        }
+        seen
+    };
+    let implementation = |name: &str| {
+        providers
+            .iter()
+            .find(|p| p.id.as_str() == name)
+            .map_or(String::new(), |p| format!(" ({})", p.name))
+    };
+    println!(
+        "AES-{}-GCM, 16-byte ICV, MB/s = 10^6 bytes/s, best of {} x {} s per cell",
+        config.key_size.bits(),
+        config.rounds,
+        config.seconds
+    );
+    print!("{:>7} {:<5}", "size", "op");
+    for n in &names {
+        print!(" {:>26}", format!("{n}{}", implementation(n)));
+    }
+    print!(" {:>9}", "hw/soft");
+    if config.baseline {
+        print!(" {:>12} {:>14}", "hw/ring", "soft/rcrypto");
+    }
+    println!();
+    for &size in &config.sizes {
+        for op in [Op::Seal, Op::Open] {
+            print!("{size:>7} {:<5}", op.as_str());
+            for n in &names {
+                let v = results
+                    .iter()
+                    .find(|r| &r.provider == n && r.op == op && r.size == size)
+                    .map_or(0.0, |r| r.mb_per_s);
+                print!(" {v:>26.1}");
+            }
+            let show = |x: Option<f64>, width: usize| match x {
+                Some(x) => format!("{:>width$}", format!("{x:.2}x")),
+                None => format!("{:>width$}", "-"),
+            };
+            print!(
+                " {}",
+                show(bench::ratio(&results, "hardware", "soft", op, size), 9)
+            );
+            if config.baseline {
+                print!(
+                    " {} {}",
+                    show(
+                        bench::ratio(&results, "hardware", "ring-direct", op, size),
+                        12
+                    ),
+                    show(
+                        bench::ratio(&results, "soft", "rustcrypto-direct", op, size),
+                        14
+                    )
+                );
+            }
+            println!();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The `esptun` binary's contracts: JSON shapes, exit statuses, errors.
+
+use std::process::Command;
+
+fn esptun(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(args)
+        .output()
+        .expect("run esptun")
+}
+
+#[test]
+fn selftest_json_has_the_documented_fields_and_exit_status() {
+    let out = esptun(&["selftest", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    let providers = v["providers"].as_array().expect("providers[]");
+    assert_eq!(providers.len(), 2);
+    for p in providers {
+        for field in [
+            "name",
+            "hardware",
+            "available",
+            "kat_passed",
+            "kat_failed",
+            "simd_ok",
+        ] {
+            assert!(p.get(field).is_some(), "missing {field} in {p}");
+        }
+        assert!(p["hardware"].is_boolean() && p["available"].is_boolean());
+    }
+    let soft = &providers[1];
+    assert_eq!(soft["name"], "soft");
+    assert_eq!(
+        soft["hardware"], false,
+        "this build must pin RustCrypto to software"
+    );
+    assert_eq!(soft["kat_failed"], 0);
+    assert!(soft["simd_ok"].is_null(), "SIMD checks are not run on soft");
+    let hw = &providers[0];
+    let expected = if hw["available"] == true {
+        "hardware"
+    } else {
+        "soft"
+    };
+    assert_eq!(v["selected"], expected);
+    if hw["available"] == true {
+        assert_eq!(hw["simd_ok"], true);
+        assert_eq!(hw["kat_passed"], soft["kat_passed"]);
+    }
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn selftest_soft_mode_selects_soft() {
+    let out = esptun(&["selftest", "--crypto", "soft"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("selected (soft): soft"), "{text}");
+}
+
+#[test]
+fn bench_json_prints_one_object_per_cell() {
+    let out = esptun(&[
+        "bench",
+        "--json",
+        "--seconds",
+        "0.01",
+        "--rounds",
+        "1",
+        "--sizes",
+        "64,1400",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let providers = rows
+        .iter()
+        .filter(|r| r["size"] == 64 && r["op"] == "seal")
+        .count();
+    assert!(providers >= 1);
+    assert_eq!(rows.len(), providers * 2 * 2, "providers x ops x sizes");
+    for r in &rows {
+        assert!(r["mb_per_s"].as_f64().is_some_and(|m| m > 0.0), "{r}");
+        assert!(["seal", "open"].contains(&r["op"].as_str().unwrap_or("")));
+    }
+}
+
+#[test]
+fn bad_arguments_are_usage_errors_with_a_reason() {
+    for (args, needle) in [
+        (
+            vec!["selftest", "--crypto", "fast"],
+            "use auto, hardware or soft",
+        ),
+        (vec!["bench", "--sizes", "0"], "sizes must be 1 to"),
+        (vec!["bench", "--key-bits", "192"], "128 or 256"),
+        (vec!["bench", "--seconds", "0"], "more than 0"),
+    ] {
+        let out = esptun(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,54 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use esptun::crypto::{Provider, ProviderId, hardware, soft};
+
+/// splitmix64: a seeded, reproducible generator for test inputs. The seed
+/// is printed so a failure can be replayed with ESPTUN_TEST_SEED.
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn from_env(test: &str) -> Self {
+        let seed = std::env::var("ESPTUN_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{test}: ESPTUN_TEST_SEED={seed}");
+        TestRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// The hardware provider, or, on a CPU without AES-NI, the soft algorithm
+/// standing in for it in the hardware slot, so selection logic is still
+/// exercised (and the substitution is printed).
+pub fn hardware_or_stand_in() -> Provider {
+    let hw = hardware::provider();
+    if hw.is_available() {
+        return hw;
+    }
+    eprintln!("note: no AES-NI here; soft algorithm stands in for the hardware slot");
+    Provider {
+        id: ProviderId::Hardware,
+        ..soft::provider()
+    }
+}

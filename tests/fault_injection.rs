@@ -1,0 +1,88 @@
+//! The field failure, injected: a provider that seals one plaintext block
+//! replaced by its neighbour. The self-tests must catch it and traffic must
+//! move to the soft provider (or halt, by policy).
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use esptun::crypto::fault;
+use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, Selector, Transition};
+use esptun::crypto::selftest::SelfTestFailure;
+use esptun::crypto::{ProviderId, soft};
+
+fn boot(rate: f64, policy: FailurePolicy) -> (Selector, std::sync::Arc<fault::FaultInjector>) {
+    let (faulty, injector) = fault::wrap(common::hardware_or_stand_in(), rate, 0x5EED);
+    let selector = Selector::boot(
+        [faulty, soft::provider()],
+        Mode::Auto,
+        policy,
+        BootOptions::default(),
+    );
+    (selector, injector)
+}
+
+#[test]
+fn a_provider_that_corrupts_from_the_start_fails_its_known_answers() {
+    let (s, injector) = boot(1.0, FailurePolicy::Fallback);
+    assert!(injector.injected() > 0);
+    assert_eq!(s.active(), Some(ProviderId::Soft));
+    let [hw, soft] = s.reports();
+    assert!(hw.kat_failed > 0, "{hw:?}");
+    assert!(hw.disabled.is_some());
+    assert_eq!(soft.kat_failed, 0);
+}
+
+#[test]
+fn a_fault_that_appears_while_running_is_caught_and_traffic_moves_to_soft() {
+    let (s, injector) = boot(0.0, FailurePolicy::Fallback);
+    assert_eq!(
+        s.active(),
+        Some(ProviderId::Hardware),
+        "{:?}",
+        s.reports()[0]
+    );
+    // Healthy first.
+    assert!(matches!(s.periodic_check(), Ok(Some(_))));
+
+    // The long message has 76 pieces of two or more blocks: at 50% per
+    // seal, the chance that none is corrupted is 2^-76.
+    injector.set_rate(0.5);
+    let (failure, transition) = s.periodic_check().expect_err("the fault must be detected");
+    assert!(injector.injected() > 0);
+    assert_eq!(transition, Transition::SwitchedTo(ProviderId::Soft));
+    assert_eq!(s.active(), Some(ProviderId::Soft));
+    match failure {
+        SelfTestFailure::WrongCiphertext {
+            repeats_neighbour, ..
+        } => {
+            assert!(
+                repeats_neighbour,
+                "the report should name the field pattern"
+            )
+        }
+        other => panic!("expected a ciphertext mismatch, got {other}"),
+    }
+    let [hw, _] = s.reports();
+    assert_eq!((hw.periodic_runs, hw.periodic_failures), (2, 1));
+    assert!(
+        hw.disabled
+            .as_deref()
+            .is_some_and(|d| d.contains("long-message"))
+    );
+
+    // Soft now carries traffic and is the reference: nothing more to check,
+    // and the hardware provider stays disabled even if the fault goes away.
+    injector.set_rate(0.0);
+    assert_eq!(s.periodic_check(), Ok(None));
+    assert!(s.is_disabled(ProviderId::Hardware));
+}
+
+#[test]
+fn with_the_halt_policy_a_fault_stops_traffic() {
+    let (s, injector) = boot(0.0, FailurePolicy::Halt);
+    assert_eq!(s.active(), Some(ProviderId::Hardware));
+    injector.set_rate(1.0);
+    let (_, transition) = s.periodic_check().expect_err("detected");
+    assert_eq!(transition, Transition::Halted);
+    assert_eq!(s.active(), None);
+}
