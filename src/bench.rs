@@ -85,17 +85,18 @@ pub struct BenchResult {
 }
 
 /// Something that can seal and open in place with a detached 16-byte tag.
+/// Both return false on failure, which voids the measurement.
 pub trait Subject {
-    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]);
-    /// Returns false if authentication failed (which would void the run).
+    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) -> bool;
     fn open(&self, buf: &mut [u8], tag: &[u8; MAX_ICV_LEN]) -> bool;
 }
 
-struct ProviderSubject(Box<dyn AeadKey>);
+/// A provider key seen through esptun's seam.
+pub struct ProviderSubject(pub Box<dyn AeadKey>);
 
 impl Subject for ProviderSubject {
-    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) {
-        let _sealed = self.0.seal_in_place(&NONCE, &AAD, buf, tag);
+    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) -> bool {
+        self.0.seal_in_place(&NONCE, &AAD, buf, tag).is_ok()
     }
     fn open(&self, buf: &mut [u8], tag: &[u8; MAX_ICV_LEN]) -> bool {
         self.0.open_in_place(&NONCE, &AAD, buf, tag).is_ok()
@@ -118,15 +119,13 @@ impl RingDirect {
 }
 
 impl Subject for RingDirect {
-    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) {
+    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) -> bool {
         let sealed = self.0.seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(NONCE),
             Aad::from(AAD),
             buf,
         );
-        if let Ok(t) = sealed {
-            tag.copy_from_slice(t.as_ref());
-        }
+        sealed.map(|t| tag.copy_from_slice(t.as_ref())).is_ok()
     }
     fn open(&self, buf: &mut [u8], tag: &[u8; MAX_ICV_LEN]) -> bool {
         self.0
@@ -162,7 +161,7 @@ impl RustCryptoDirect {
 }
 
 impl Subject for RustCryptoDirect {
-    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) {
+    fn seal(&self, buf: &mut [u8], tag: &mut [u8; MAX_ICV_LEN]) -> bool {
         let nonce = NONCE.into();
         let sealed = match self {
             RustCryptoDirect::Aes128(c) => {
@@ -172,9 +171,7 @@ impl Subject for RustCryptoDirect {
                 c.encrypt_inout_detached(&nonce, &AAD, InOutBuf::from(buf))
             }
         };
-        if let Ok(t) = sealed {
-            tag.copy_from_slice(t.as_slice());
-        }
+        sealed.map(|t| tag.copy_from_slice(t.as_slice())).is_ok()
     }
     fn open(&self, buf: &mut [u8], tag: &[u8; MAX_ICV_LEN]) -> bool {
         let nonce = NONCE.into();
@@ -207,17 +204,20 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(size: usize, subject: &dyn Subject) -> Self {
+    /// `None` if the subject cannot seal the master copy.
+    fn new(size: usize, subject: &dyn Subject) -> Option<Self> {
         let count = (POOL_BYTES / size.max(1)).clamp(2, 4096);
         let mut master: Vec<u8> = (0..size).map(|i| i as u8).collect();
         let mut master_tag = [0u8; MAX_ICV_LEN];
-        subject.seal(&mut master, &mut master_tag);
-        Pool {
+        if !subject.seal(&mut master, &mut master_tag) {
+            return None;
+        }
+        Some(Pool {
             bufs: vec![master.clone(); count],
             tags: vec![master_tag; count],
             master,
             master_tag,
-        }
+        })
     }
 
     fn refill(&mut self) {
@@ -229,33 +229,34 @@ impl Pool {
 }
 
 /// Measures one cell: MB/s (10^6 bytes per second) over `duration`.
-/// Returns `None` if an open failed (the figure would be a lie) or no
-/// time could be measured.
+/// Returns `None` if a seal or open failed (the figure would be a lie) or
+/// no time could be measured.
 pub fn measure(subject: &dyn Subject, op: Op, size: usize, duration: Duration) -> Option<f64> {
-    let mut pool = Pool::new(size, subject);
+    let mut pool = Pool::new(size, subject)?;
     let mut bytes = 0u64;
     let mut busy = Duration::ZERO;
-    // Pass 0 is an untimed warm-up; at least one timed pass always follows,
-    // however short `duration` is.
+    // Pass 0 is an untimed warm-up; the deadline starts after it, and at
+    // least one timed pass always runs, however short `duration` is.
     let mut passes = 0u64;
-    let deadline = Instant::now() + duration;
+    let mut deadline = Instant::now();
     while passes < 2 || Instant::now() < deadline {
         if op == Op::Open {
             pool.refill();
         }
         let start = Instant::now();
         for (buf, tag) in pool.bufs.iter_mut().zip(&mut pool.tags) {
-            match op {
+            let ok = match op {
                 Op::Seal => subject.seal(black_box(buf), tag),
-                Op::Open => {
-                    if !subject.open(black_box(buf), tag) {
-                        return None;
-                    }
-                }
+                Op::Open => subject.open(black_box(buf), tag),
+            };
+            if !ok {
+                return None;
             }
         }
         let elapsed = start.elapsed();
-        if passes > 0 {
+        if passes == 0 {
+            deadline = Instant::now() + duration;
+        } else {
             busy += elapsed;
             bytes += (pool.bufs.len() * size) as u64;
         }
@@ -268,6 +269,18 @@ pub fn measure(subject: &dyn Subject, op: Op, size: usize, duration: Duration) -
 /// Runs the whole table: every available provider (and baselines if
 /// asked), both operations, every size, best of `rounds`.
 pub fn run(providers: &[Provider], config: &BenchConfig) -> Result<Vec<BenchResult>, String> {
+    let duration = Duration::try_from_secs_f64(config.seconds)
+        .ok()
+        .filter(|d| !d.is_zero() && d.as_secs() <= 60)
+        .ok_or_else(|| {
+            format!(
+                "seconds must be more than 0 and at most 60, got {}",
+                config.seconds
+            )
+        })?;
+    if let Some(bad) = config.sizes.iter().find(|&&s| s == 0 || s > MAX_SIZE) {
+        return Err(format!("size {bad} is outside 1..={MAX_SIZE}"));
+    }
     let key = bench_key(config.key_size);
     let mut subjects: Vec<(String, Box<dyn Subject>)> = Vec::new();
     for p in providers.iter().filter(|p| p.is_available()) {
@@ -282,7 +295,6 @@ pub fn run(providers: &[Provider], config: &BenchConfig) -> Result<Vec<BenchResu
         subjects.push(("ring-direct".into(), Box::new(ring)));
         subjects.push(("rustcrypto-direct".into(), Box::new(rc)));
     }
-    let duration = Duration::from_secs_f64(config.seconds);
     let mut results = Vec::new();
     for &size in &config.sizes {
         for op in [Op::Seal, Op::Open] {
@@ -345,7 +357,7 @@ mod tests {
                 .map(|s| {
                     let mut buf = vec![7u8; 100];
                     let mut tag = [0u8; 16];
-                    s.seal(&mut buf, &mut tag);
+                    assert!(s.seal(&mut buf, &mut tag));
                     assert!(s.open(&mut buf.clone(), &tag));
                     (buf, tag)
                 })
@@ -358,13 +370,34 @@ mod tests {
     fn a_failing_open_voids_the_measurement() {
         struct Liar;
         impl Subject for Liar {
-            fn seal(&self, _: &mut [u8], _: &mut [u8; MAX_ICV_LEN]) {}
+            fn seal(&self, _: &mut [u8], _: &mut [u8; MAX_ICV_LEN]) -> bool {
+                true
+            }
             fn open(&self, _: &mut [u8], _: &[u8; MAX_ICV_LEN]) -> bool {
                 false
             }
         }
         assert_eq!(measure(&Liar, Op::Open, 64, Duration::from_millis(1)), None);
         assert!(measure(&Liar, Op::Seal, 64, Duration::from_millis(1)).is_some_and(|m| m > 0.0));
+    }
+
+    #[test]
+    fn run_rejects_bad_durations_and_sizes_instead_of_panicking() {
+        let providers = [soft::provider()];
+        for seconds in [0.0, -1.0, f64::NAN, 1e30] {
+            let config = BenchConfig {
+                seconds,
+                ..BenchConfig::default()
+            };
+            assert!(run(&providers, &config).is_err(), "seconds {seconds}");
+        }
+        for size in [0, MAX_SIZE + 1] {
+            let config = BenchConfig {
+                sizes: vec![size],
+                ..BenchConfig::default()
+            };
+            assert!(run(&providers, &config).is_err(), "size {size}");
+        }
     }
 
     #[test]

@@ -113,7 +113,15 @@ impl RingKey {
         tag: &[u8],
     ) -> Result<(), CryptoError> {
         let _tag_over_plaintext = self.seal_full(nonce, aad, in_out)?;
-        let full = self.seal_full(nonce, aad, in_out)?;
+        let full = match self.seal_full(nonce, aad, in_out) {
+            Ok(tag) => tag,
+            Err(e) => {
+                // Cannot happen (pass 1 accepted the same length), but the
+                // buffer now holds unauthenticated plaintext: wipe it.
+                in_out.fill(0);
+                return Err(e);
+            }
+        };
         if !ct_eq(&full.as_ref()[..tag.len()], tag) {
             return Err(CryptoError::Authentication);
         }

@@ -25,7 +25,9 @@ use super::{Provider, ProviderId};
 pub enum Mode {
     /// Hardware when available and every self-test passed, else soft.
     Auto,
-    /// Hardware only; no provider if it is unavailable or failed at boot.
+    /// Hardware only at boot: no provider if it is unavailable or failed.
+    /// A failure while running is handled by the [`FailurePolicy`] as in
+    /// any mode (`fallback` moves traffic to soft).
     Hardware,
     /// Soft only.
     Soft,
@@ -148,6 +150,9 @@ pub struct Selector {
     reference: Option<LongMessageReference>,
     reports: Mutex<[ProviderReport; 2]>,
     history: Mutex<VecDeque<SelfTestEvent>>,
+    /// Serializes failures, so two threads failing two providers at once
+    /// cannot leave a disabled provider active.
+    transitions: Mutex<()>,
 }
 
 impl fmt::Debug for Selector {
@@ -195,6 +200,7 @@ impl Selector {
             reference: None,
             reports: Mutex::new(reports),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_LEN)),
+            transitions: Mutex::new(()),
         };
         selector.run_boot_tests(options);
         let pick = |id: ProviderId| (!selector.is_disabled(id)).then_some(id);
@@ -248,48 +254,53 @@ impl Selector {
 
         // The soft provider's output is the reference the hardware is held
         // to; it is trusted only after passing its own vectors.
-        if !self.is_disabled(ProviderId::Soft) {
-            self.reference =
-                LongMessageReference::compute(&self.providers[ProviderId::Soft.index()]).ok();
-        }
+        let reference = if self.is_disabled(ProviderId::Soft) {
+            Err("no reference: the soft provider did not pass its own vectors".to_string())
+        } else {
+            LongMessageReference::compute(&self.providers[ProviderId::Soft.index()])
+                .map_err(|e| format!("no reference: {e}"))
+        };
 
+        // The hardware provider carries traffic only if both SIMD checks ran
+        // and passed; a check that could not run is not a pass.
         let hw = ProviderId::Hardware;
         if self.is_disabled(hw) {
+            self.reference = reference.ok();
             return;
         }
         let hardware = &self.providers[hw.index()];
         let registers = simd_state::run(options.register_check, Some(hardware));
-        let registers_ok = registers.as_ref().is_none_or(RegisterCheckReport::passed);
+        let registers_ok = registers.as_ref().is_some_and(RegisterCheckReport::passed);
         let summary = registers.as_ref().map_or_else(
             || "not implemented on this architecture".to_string(),
             RegisterCheckReport::summary,
         );
         self.record(hw, "simd-registers", registers_ok, summary.clone());
-        let long = self
-            .reference
-            .as_ref()
-            .map(|reference| reference.check(hardware));
-        let long_ok = long.as_ref().map(Result::is_ok);
-        let long_detail = match &long {
-            None => "not run: the soft provider is not available as a reference".to_string(),
-            Some(Ok(stats)) => describe_stats(stats),
-            Some(Err(failure)) => failure.to_string(),
+        let long = match &reference {
+            Ok(reference) => reference.check(hardware).map_err(|f| f.to_string()),
+            Err(why) => Err(why.clone()),
         };
-        if let Some(ok) = long_ok {
-            self.record(hw, "long-message", ok, long_detail.clone());
-        }
-        let simd_ok = registers_ok && long_ok != Some(false);
+        let long_ok = long.is_ok();
+        let long_detail = match &long {
+            Ok(stats) => describe_stats(stats),
+            Err(why) => why.clone(),
+        };
+        self.record(hw, "long-message", long_ok, long_detail.clone());
         self.with_report(hw, |r| {
             r.register_check = registers;
-            r.long_message_ok = long_ok;
+            r.long_message_ok = Some(long_ok);
             r.long_message_detail = Some(long_detail.clone());
-            r.simd_ok = Some(simd_ok);
+            r.simd_ok = Some(registers_ok && long_ok);
         });
         if !registers_ok {
-            self.disable(hw, format!("SIMD register state not preserved: {summary}"));
-        } else if long_ok == Some(false) {
-            self.disable(hw, format!("long-message check failed: {long_detail}"));
+            self.disable(hw, format!("SIMD register check did not pass: {summary}"));
+        } else if !long_ok {
+            self.disable(
+                hw,
+                format!("long-message check did not pass: {long_detail}"),
+            );
         }
+        self.reference = reference.ok();
     }
 
     /// The provider that carries traffic now, or `None` after a halt (or if
@@ -352,6 +363,7 @@ impl Selector {
     /// Disables `id` for the life of the process and, if it was carrying
     /// traffic, applies the failure policy.
     pub fn fail(&self, id: ProviderId, reason: String) -> Transition {
+        let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         self.disable(id, reason);
         let next = match self.policy {
             FailurePolicy::Fallback
@@ -361,8 +373,8 @@ impl Selector {
             }
             _ => NONE,
         };
-        // Only move away from `id`: if another thread already switched,
-        // its decision stands.
+        // Only move away from `id`: if traffic is already elsewhere, that
+        // stands. Under `transitions`, `next` cannot be disabled meanwhile.
         match self.active.compare_exchange(
             id.index() as u8,
             next,
@@ -579,6 +591,32 @@ mod tests {
     }
 
     #[test]
+    fn hardware_without_a_soft_reference_does_not_pass() {
+        // If soft fails its vectors there is nothing to hold the hardware
+        // to: the long-message check cannot run, which is not a pass.
+        let mut soft_broken = soft::provider();
+        soft_broken.algorithm = Arc::new(Broken(soft_broken.algorithm.clone()));
+        let s = Selector::boot(
+            [hardware::provider(), soft_broken],
+            Mode::Auto,
+            FailurePolicy::Fallback,
+            quick(),
+        );
+        assert_eq!(s.active(), None);
+        let [hw, _] = s.reports();
+        if hw.available {
+            assert_eq!(hw.long_message_ok, Some(false));
+            assert_eq!(hw.simd_ok, Some(false));
+            assert!(
+                hw.disabled
+                    .as_deref()
+                    .is_some_and(|d| d.contains("no reference")),
+                "{hw:?}"
+            );
+        }
+    }
+
+    #[test]
     fn failure_moves_traffic_by_policy_and_never_back() {
         for (policy, want) in [
             (
@@ -589,6 +627,12 @@ mod tests {
         ] {
             let s = Selector::boot(Provider::detect_all(), Mode::Auto, policy, quick());
             let Some(ProviderId::Hardware) = s.active() else {
+                assert_ne!(
+                    std::env::var("ESPTUN_REQUIRE_AESNI").as_deref(),
+                    Ok("1"),
+                    "hardware provider not selected: {:?}",
+                    s.reports()[0]
+                );
                 eprintln!("skipped: hardware provider not selected on this machine");
                 return;
             };

@@ -6,13 +6,14 @@
 //! The long-message check exists for the field failure: AES-NI code running
 //! with corrupted XMM state produced wrong 16-byte blocks that GCM then
 //! authenticated. One KAT on a few blocks would likely miss a fault that
-//! depends on preemption landing mid-computation, so the check seals more
-//! than 1 MiB in many pieces of packet-like sizes, yielding the CPU between
-//! pieces, and compares every byte and tag with a reference the soft
-//! provider computed once at start.
+//! depends on the scheduler, so the check seals more than 1 MiB in many
+//! pieces of packet-like sizes, yielding the CPU between pieces (so the
+//! register state is saved and restored around each piece, and the large
+//! pieces run long enough to be preempted), and compares every byte and tag
+//! with a reference the soft provider computed once at start.
 
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::vectors::AeadVector;
 use super::{AeadKey, IcvLen, MAX_ICV_LEN, NONCE_LEN, Provider, ProviderId, SecretKey};
@@ -152,8 +153,6 @@ pub enum SelfTestFailure {
     WrongTag { provider: ProviderId, piece: usize },
     #[error("{provider} rejected or mis-decrypted piece {piece} of the long message")]
     WrongOpen { provider: ProviderId, piece: usize },
-    #[error("SIMD register state was not preserved: {0}")]
-    RegisterState(String),
 }
 
 /// What one successful long-message check did.
@@ -234,14 +233,6 @@ impl LongMessageReference {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.plaintext.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.plaintext.is_empty()
-    }
-
     /// Seals the message with `provider` piece by piece, yielding between
     /// pieces, compares with the reference, then opens every piece back.
     pub fn check(&self, provider: &Provider) -> Result<LongMessageStats, SelfTestFailure> {
@@ -259,8 +250,8 @@ impl LongMessageReference {
                     &mut tags[i],
                 )
                 .map_err(|e| key_err(id, e.to_string()))?;
-            // Give the scheduler a chance to preempt us between pieces, so a
-            // fault that needs a context switch mid-stream has one.
+            // A context switch between pieces: the next piece starts on
+            // register state the kernel restored.
             std::thread::yield_now();
         }
         for (i, range) in self.pieces.iter().enumerate() {
@@ -380,7 +371,3 @@ fn piece_aad(i: usize) -> [u8; 8] {
     a[4..].copy_from_slice(&(i as u32).to_be_bytes());
     a
 }
-
-/// How long the long-message check may take before it is worth a warning;
-/// informational only, never a pass/fail criterion.
-pub const LONG_MESSAGE_SLOW: Duration = Duration::from_millis(500);

@@ -58,8 +58,9 @@ pub struct LevelReport {
 pub struct RegisterCheckReport {
     /// The CPU both threads were pinned to, if pinning was allowed.
     pub pinned_cpu: Option<usize>,
-    /// Whether the AES partner thread ran (it needs an available provider).
-    pub aes_partner: bool,
+    /// AES-GCM seals the partner thread completed while the registers were
+    /// being checked (0: no partner, or it never got the CPU).
+    pub aes_partner_seals: u64,
     pub levels: Vec<LevelReport>,
 }
 
@@ -80,14 +81,20 @@ impl RegisterCheckReport {
             .levels
             .iter()
             .map(|l| {
-                if l.corrupted_registers.is_empty() {
-                    format!("{} ok ({} switches)", l.level, l.context_switches)
-                } else {
+                if !l.corrupted_registers.is_empty() {
                     format!("{} CORRUPTED regs {:?}", l.level, l.corrupted_registers)
+                } else if l.context_switches == 0 {
+                    format!("{} inconclusive (never switched out)", l.level)
+                } else {
+                    format!("{} ok ({} switches)", l.level, l.context_switches)
                 }
             })
             .collect();
-        levels.join(", ")
+        format!(
+            "{}; AES partner: {} seals",
+            levels.join(", "),
+            self.aes_partner_seals
+        )
     }
 }
 
@@ -119,11 +126,12 @@ fn pattern(buf: &mut [u8], width: usize, run: u64) {
 }
 
 /// Runs AES-GCM seals until `stop`, yielding between them so the two
-/// threads on one CPU alternate quickly.
-fn aes_partner(provider: &Provider, stop: &AtomicBool, cpu: Option<usize>) {
-    if let Some(cpu) = cpu {
-        // Best effort; the main thread reports whether pinning worked.
-        let _pinned = os::pin_to(cpu);
+/// threads on one CPU alternate quickly, and counts them in `seals`.
+fn aes_partner(provider: &Provider, stop: &AtomicBool, seals: &AtomicU64, cpu: Option<usize>) {
+    // If this pin fails the partner runs on another CPU: less stress on our
+    // registers, which the seal count and pinned_cpu let a reader judge.
+    if cpu.is_some_and(|cpu| !os::pin_to(cpu)) {
+        return;
     }
     let Ok(secret) = SecretKey::new(&[0x5A; 32]) else {
         return;
@@ -138,7 +146,12 @@ fn aes_partner(provider: &Provider, stop: &AtomicBool, cpu: Option<usize>) {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[4..].copy_from_slice(&n.to_be_bytes());
         // The output is irrelevant; the register traffic is the point.
-        let _sealed = key.seal_in_place(&nonce, b"partner!", &mut buf, &mut tag);
+        if key
+            .seal_in_place(&nonce, b"partner!", &mut buf, &mut tag)
+            .is_ok()
+        {
+            seals.fetch_add(1, Ordering::Relaxed);
+        }
         n = n.wrapping_add(1);
         std::thread::yield_now();
     }
@@ -147,9 +160,13 @@ fn aes_partner(provider: &Provider, stop: &AtomicBool, cpu: Option<usize>) {
 mod os {
     /// Pins the calling thread to one CPU. Returns false if not allowed.
     pub fn pin_to(cpu: usize) -> bool {
-        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write
-        // inside it, and cpu is bounds-checked by the libc macro helpers
-        // (CPU_SET ignores indexes past the set size).
+        // cpu_set_t holds CPU_SETSIZE CPUs; libc's CPU_SET indexes (and
+        // would panic) past that.
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return false;
+        }
+        // SAFETY: cpu_set_t is plain data we own; CPU_ZERO/CPU_SET write
+        // only inside it (cpu < CPU_SETSIZE checked above).
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_ZERO(&mut set);
@@ -169,10 +186,16 @@ mod os {
         }
     }
 
-    pub fn set_affinity(set: &libc::cpu_set_t) {
-        // SAFETY: `set` is a valid cpu_set_t for the duration of the call.
-        let _restored =
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    /// Restores the saved affinity mask when dropped, also on unwind.
+    pub struct RestoreAffinity(pub libc::cpu_set_t);
+
+    impl Drop for RestoreAffinity {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` is a valid cpu_set_t for the duration of the call.
+            let _restored = unsafe {
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0)
+            };
+        }
     }
 
     pub fn current_cpu() -> Option<usize> {
@@ -197,7 +220,7 @@ mod os {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use super::{
         LevelReport, RUN_COUNTER, RegisterCheckConfig, RegisterCheckReport, aes_partner, os,
@@ -217,9 +240,9 @@ mod x86 {
     }
 
     const ZMM_BYTES: usize = 32 * 64;
-    const DST: usize = ZMM_BYTES;
-    const SLEEP: usize = 2 * ZMM_BYTES;
-    const CORRUPT: usize = SLEEP + std::mem::size_of::<libc::timespec>();
+    const DST: usize = std::mem::offset_of!(Frame, dst);
+    const SLEEP: usize = std::mem::offset_of!(Frame, sleep);
+    const CORRUPT: usize = std::mem::offset_of!(Frame, corrupt);
 
     /// The system-call loop shared by every width: `yields` (r12) sched_yield
     /// calls, then `sleeps` (r13) nanosleep calls, with the registers untouched.
@@ -248,27 +271,30 @@ mod x86 {
     }
 
     macro_rules! load_store {
-        ($mov:literal, $reg:literal, $width:literal, $after:literal; $($n:literal),*) => {
+        ($mov:literal, $reg:literal, $width:literal, $after:literal, $end:literal; $($n:literal),*) => {
             concat!(
                 $( $mov, " ", $reg, $n, ", [r14 + ", $width, "*", $n, "]\n", )*
                 syscall_loop!(),
                 $after,
                 $( $mov, " [r14 + {dst} + ", $width, "*", $n, "], ", $reg, $n, "\n", )*
+                $end,
             )
         };
     }
 
     fn xmm(frame: &mut Frame, yields: u64, sleeps: u64) {
+        // `dec; jnz` loops: zero would mean 2^64 iterations.
+        let (yields, sleeps) = (yields.max(1), sleeps.max(1));
         // SAFETY: the template reads frame.src and writes frame.dst and reads
         // frame.sleep, all inside `*frame`, which we borrow mutably. It uses
         // only SSE2 (baseline on x86-64). clobber_abi("C") tells the compiler
         // every caller-saved register, which covers all vector registers and
         // the syscall's rax/rcx/r11/rdi/rsi, may change; `yields` and
-        // `sleeps` are at least 1 (checked by the caller) so the loops end.
+        // `sleeps` are at least 1 (clamped above) so the loops end.
         unsafe {
             asm!(
                 load_store!("movdqu", "xmm", 16,
-                    "cmp qword ptr [r14 + {corrupt}], 0\nje 4f\npcmpeqd xmm5, xmm5\n4:\n";
+                    "cmp qword ptr [r14 + {corrupt}], 0\nje 4f\npcmpeqd xmm5, xmm5\n4:\n", "";
                     0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
                 in("r14") std::ptr::from_mut(frame),
                 dst = const DST,
@@ -284,11 +310,13 @@ mod x86 {
 
     #[target_feature(enable = "avx")]
     fn ymm(frame: &mut Frame, yields: u64, sleeps: u64) {
+        // `dec; jnz` loops: zero would mean 2^64 iterations.
+        let (yields, sleeps) = (yields.max(1), sleeps.max(1));
         // SAFETY: as in `xmm`; the caller checked AVX (and its OS support)
         // before calling this `target_feature` function.
         unsafe {
             asm!(
-                load_store!("vmovdqu", "ymm", 32, ""; 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
+                load_store!("vmovdqu", "ymm", 32, "", "vzeroupper"; 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15),
                 in("r14") std::ptr::from_mut(frame),
                 dst = const DST,
                 sleep = const SLEEP,
@@ -302,11 +330,13 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     fn zmm(frame: &mut Frame, yields: u64, sleeps: u64) {
+        // `dec; jnz` loops: zero would mean 2^64 iterations.
+        let (yields, sleeps) = (yields.max(1), sleeps.max(1));
         // SAFETY: as in `xmm`; the caller checked AVX-512F (and its OS
         // support). With avx512f enabled clobber_abi("C") covers zmm0-31.
         unsafe {
             asm!(
-                load_store!("vmovdqu64", "zmm", 64, "";
+                load_store!("vmovdqu64", "zmm", 64, "", "vzeroupper";
                     0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,
                     16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31),
                 in("r14") std::ptr::from_mut(frame),
@@ -359,7 +389,7 @@ mod x86 {
             corrupt: u64::from(config.inject_corruption),
         });
         pattern(&mut frame.src[..bytes], width, run);
-        let (yields, sleeps) = (config.yields.max(1), config.sleeps.max(1));
+        let (yields, sleeps) = (config.yields, config.sleeps);
         let before = os::thread_switches();
         match level {
             Level::Xmm => xmm(&mut frame, yields, sleeps),
@@ -395,13 +425,20 @@ mod x86 {
     }
 
     pub fn run(config: RegisterCheckConfig, partner: Option<&Provider>) -> RegisterCheckReport {
-        let saved = os::affinity();
-        let pinned_cpu = os::current_cpu().filter(|&cpu| os::pin_to(cpu));
+        // Pin only if the current mask could be saved, and restore it when
+        // `_restore` drops, also on unwind.
+        let _restore = os::affinity().map(os::RestoreAffinity);
+        let pinned_cpu = if _restore.is_some() {
+            os::current_cpu().filter(|&cpu| os::pin_to(cpu))
+        } else {
+            None
+        };
         let stop = AtomicBool::new(false);
+        let seals = AtomicU64::new(0);
         let levels = std::thread::scope(|s| {
             let partner_running = partner.map(|p| {
-                let stop = &stop;
-                s.spawn(move || aes_partner(p, stop, pinned_cpu))
+                let (stop, seals) = (&stop, &seals);
+                s.spawn(move || aes_partner(p, stop, seals, pinned_cpu))
             });
             let levels: Vec<LevelReport> = levels()
                 .into_iter()
@@ -415,12 +452,9 @@ mod x86 {
             }
             levels
         });
-        if let Some(set) = saved {
-            os::set_affinity(&set);
-        }
         RegisterCheckReport {
             pinned_cpu,
-            aes_partner: partner.is_some(),
+            aes_partner_seals: seals.load(Ordering::Relaxed),
             levels,
         }
     }
@@ -443,6 +477,9 @@ mod tests {
                 "{level:?} was never switched out"
             );
         }
+        if partner.is_some() {
+            assert!(report.aes_partner_seals > 0, "the AES partner never ran");
+        }
         assert!(report.passed(), "{}", report.summary());
     }
 
@@ -463,6 +500,7 @@ mod tests {
         assert_eq!(xmm.corrupted_registers, vec![5]);
         assert!(!report.passed());
         assert!(report.summary().contains("CORRUPTED"));
+        assert_eq!(report.aes_partner_seals, 0);
     }
 
     #[test]

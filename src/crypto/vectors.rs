@@ -130,10 +130,9 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<AeadVector>, VectorError> {
 fn finish(case: Pending) -> Result<AeadVector, (usize, String)> {
     let at = case.line;
     let name = case.name;
-    let [key, nonce, aad, pt, ct, tag] = case.fields.map(Some);
-    let take = |slot: Option<Option<Vec<u8>>>, field: &str| {
-        slot.flatten()
-            .ok_or_else(|| (at, format!("[{name}] is missing `{field}`")))
+    let [key, nonce, aad, pt, ct, tag] = case.fields;
+    let take = |slot: Option<Vec<u8>>, field: &str| {
+        slot.ok_or_else(|| (at, format!("[{name}] is missing `{field}`")))
     };
     let key = take(key, "key")?;
     let nonce = take(nonce, "nonce")?;

@@ -38,6 +38,17 @@ impl TestRng {
     }
 }
 
+/// For tests that need AES-NI: prints why they skip, or fails when
+/// `ESPTUN_REQUIRE_AESNI=1` (set by CI on machines whose CPU has AES-NI, so
+/// a broken detection cannot turn the hardware tests into silent skips).
+pub fn skip_or_fail_without_aesni(test: &str) {
+    let why = hardware::provider().availability.err().unwrap_or_default();
+    if std::env::var("ESPTUN_REQUIRE_AESNI").as_deref() == Ok("1") {
+        panic!("{test}: ESPTUN_REQUIRE_AESNI=1 but the hardware provider is unavailable: {why}");
+    }
+    eprintln!("{test}: skipped: the hardware provider is unavailable: {why}");
+}
+
 /// The hardware provider, or, on a CPU without AES-NI, the soft algorithm
 /// standing in for it in the hardware slot, so selection logic is still
 /// exercised (and the substitution is printed).
@@ -46,7 +57,8 @@ pub fn hardware_or_stand_in() -> Provider {
     if hw.is_available() {
         return hw;
     }
-    eprintln!("note: no AES-NI here; soft algorithm stands in for the hardware slot");
+    skip_or_fail_without_aesni("hardware slot");
+    eprintln!("note: the soft algorithm stands in for the hardware slot");
     Provider {
         id: ProviderId::Hardware,
         ..soft::provider()
