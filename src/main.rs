@@ -50,7 +50,8 @@ enum Command {
         /// Print JSON (one object per measurement) instead of a table.
         #[arg(long)]
         json: bool,
-        /// Seconds per measurement (each cell is measured --rounds times).
+        /// Seconds of measuring per implementation, cell and round, in
+        /// alternating 25 ms slices; the fastest slice is reported.
         #[arg(long, default_value_t = 0.25, value_parser = parse_seconds)]
         seconds: f64,
         /// Message sizes in bytes, comma-separated (1 to 1048576).
@@ -59,7 +60,8 @@ enum Command {
         /// AES key size: 128 or 256.
         #[arg(long, default_value_t = 128, value_parser = parse_key_bits)]
         key_bits: u32,
-        /// Rounds per cell; the best round is reported.
+        /// Rounds per cell (total time per implementation and cell is
+        /// rounds x seconds).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
         rounds: u32,
         /// Also measure ring and RustCrypto called directly, to show the
@@ -258,7 +260,7 @@ fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
             .map_or(String::new(), |p| format!(" ({})", p.name))
     };
     println!(
-        "AES-{}-GCM, 16-byte ICV, MB/s = 10^6 bytes/s, best of {} x {} s per cell",
+        "AES-{}-GCM, 16-byte ICV, MB/s = 10^6 bytes/s, fastest 25 ms slice of {} x {} s per cell",
         config.key_size.bits(),
         config.rounds,
         config.seconds
