@@ -67,6 +67,9 @@ impl Default for BenchConfig {
 pub enum Op {
     Seal,
     Open,
+    /// The RFC 1071 sum of [`crate::wire::checksum`], which validates every
+    /// inner packet on both sides of the cipher.
+    Checksum,
 }
 
 impl Op {
@@ -74,6 +77,7 @@ impl Op {
         match self {
             Op::Seal => "seal",
             Op::Open => "open",
+            Op::Checksum => "checksum",
         }
     }
 }
@@ -257,6 +261,8 @@ fn measure_pool(subject: &dyn Subject, pool: &mut Pool, op: Op, duration: Durati
             let ok = match op {
                 Op::Seal => subject.seal(black_box(buf), tag),
                 Op::Open => subject.open(black_box(buf), tag),
+                // Not a cipher operation: see `run_checksum`.
+                Op::Checksum => return None,
             };
             if !ok {
                 return None;
@@ -349,6 +355,57 @@ pub fn run(providers: &[Provider], config: &BenchConfig) -> Result<Vec<BenchResu
 }
 
 /// `a / b` for one cell, if both were measured.
+/// Measures [`crate::wire::checksum::sum`] at `size` bytes, in the same
+/// alternating-slice way as the ciphers; reported as `provider = "rfc1071"`,
+/// `op = checksum`. Half the calls start one byte off alignment, as packet
+/// payloads behind odd-length headers do.
+pub fn run_checksum(config: &BenchConfig) -> Result<Vec<BenchResult>, String> {
+    let duration = Duration::try_from_secs_f64(config.seconds)
+        .ok()
+        .filter(|d| !d.is_zero() && d.as_secs() <= 60)
+        .ok_or_else(|| {
+            format!(
+                "seconds must be more than 0 and at most 60, got {}",
+                config.seconds
+            )
+        })?;
+    let mut results = Vec::new();
+    for &size in &config.sizes {
+        if size == 0 || size > MAX_SIZE {
+            return Err(format!("size {size} is outside 1..={MAX_SIZE}"));
+        }
+        let data: Vec<u8> = (0..size + 1).map(|i| (i * 7) as u8).collect();
+        let per_pass = (POOL_BYTES / size).max(1);
+        let mut best = 0.0f64;
+        let slices = (duration.as_secs_f64() / SLICE.as_secs_f64())
+            .ceil()
+            .max(1.0) as u32;
+        for _ in 0..config.rounds.max(1) * slices {
+            let deadline = Instant::now() + duration.min(SLICE);
+            let (mut bytes, mut busy) = (0u64, Duration::ZERO);
+            while busy.is_zero() || Instant::now() < deadline {
+                let start = Instant::now();
+                let mut acc = 0u16;
+                for i in 0..per_pass {
+                    let at = i & 1;
+                    acc ^= crate::wire::checksum::sum(black_box(&data[at..at + size]));
+                }
+                black_box(acc);
+                busy += start.elapsed();
+                bytes += (per_pass * size) as u64;
+            }
+            best = best.max(bytes as f64 / busy.as_secs_f64() / 1e6);
+        }
+        results.push(BenchResult {
+            provider: "rfc1071".into(),
+            op: Op::Checksum,
+            size,
+            mb_per_s: best,
+        });
+    }
+    Ok(results)
+}
+
 pub fn ratio(results: &[BenchResult], a: &str, b: &str, op: Op, size: usize) -> Option<f64> {
     let find = |name: &str| {
         results

@@ -8,3 +8,4 @@
 pub mod bench;
 pub mod crypto;
 pub mod hex;
+pub mod wire;

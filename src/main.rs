@@ -235,8 +235,9 @@ fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
         bail!("no provider is available to benchmark");
     }
     let results = bench::run(&providers, config).map_err(anyhow::Error::msg)?;
+    let checksums = bench::run_checksum(config).map_err(anyhow::Error::msg)?;
     if json {
-        for r in &results {
+        for r in results.iter().chain(&checksums) {
             println!(
                 "{}",
                 serde_json::to_string(r).context("serializing a result")?
@@ -307,6 +308,10 @@ fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
             }
             println!();
         }
+    }
+    println!("\ninner checksum (RFC 1071 sum, wire::checksum), GB/s:");
+    for r in &checksums {
+        println!("{:>7} {:>8.1}", r.size, r.mb_per_s / 1000.0);
     }
     Ok(())
 }

@@ -85,10 +85,17 @@ fn bench_json_prints_one_object_per_cell() {
         .filter(|r| r["size"] == 64 && r["op"] == "seal")
         .count();
     assert!(providers >= 1);
-    assert_eq!(rows.len(), providers * 2 * 2, "providers x ops x sizes");
+    let checksum_rows = rows.iter().filter(|r| r["op"] == "checksum").count();
+    assert_eq!(checksum_rows, 2, "one checksum row per size");
+    assert_eq!(
+        rows.len(),
+        providers * 2 * 2 + 2,
+        "providers x ops x sizes, plus checksum"
+    );
     for r in &rows {
         assert!(r["mb_per_s"].as_f64().is_some_and(|m| m > 0.0), "{r}");
-        assert!(["seal", "open"].contains(&r["op"].as_str().unwrap_or("")));
+        let op = r["op"].as_str().unwrap_or("");
+        assert!(["seal", "open", "checksum"].contains(&op), "{r}");
     }
 }
 

@@ -1,0 +1,5 @@
+//! Zero-copy views and builders for the bytes on the wire (after smoltcp's
+//! `wire`): pure functions over `&[u8]` / `&mut [u8]`, no I/O, no
+//! allocation per packet. `wire` knows nothing of `crypto`.
+
+pub mod checksum;
