@@ -8,4 +8,5 @@
 pub mod bench;
 pub mod crypto;
 pub mod hex;
+pub mod sa;
 pub mod wire;
