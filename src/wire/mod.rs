@@ -3,3 +3,5 @@
 //! allocation per packet. `wire` knows nothing of `crypto`.
 
 pub mod checksum;
+pub mod inner;
+pub mod ip;
