@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod crypto;
+pub mod datapath;
 pub mod hex;
 pub mod sa;
 pub mod wire;

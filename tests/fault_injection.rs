@@ -86,3 +86,63 @@ fn with_the_halt_policy_a_fault_stops_traffic() {
     assert_eq!(transition, Transition::Halted);
     assert_eq!(s.active(), None);
 }
+
+/// The whole field failure through the datapath: the sender's cipher
+/// replaces a plaintext block after the sender validated the checksum,
+/// seals it with a valid ICV, and the receiver must refuse to deliver it.
+#[test]
+fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inner_checksum() {
+    use esptun::crypto::IcvLen;
+    use esptun::datapath::inbound::{Encap, Inbound};
+    use esptun::datapath::outbound::Outbound;
+    use esptun::datapath::{DropReason, PacketBuf, Verdict};
+    use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
+    use esptun::wire::inner::{InnerPolicy, build};
+    use esptun::wire::ip::protocol;
+
+    let (sender, injector) = boot(0.0, FailurePolicy::Fallback);
+    let receiver = Selector::boot(
+        [common::hardware_or_stand_in(), soft::provider()],
+        Mode::Auto,
+        FailurePolicy::Fallback,
+        BootOptions::default(),
+    );
+    let (a, b) = ([198, 18, 0, 1], [198, 19, 0, 2]);
+    let material = KeyMaterial::from_bytes(&[9u8; 20]).expect("material");
+    let addrs = |l: [u8; 4], r: [u8; 4]| InnerAddrs::new(l.into(), r.into()).expect("addrs");
+    let mut out = Outbound::new(InnerPolicy::default());
+    let keys = SaKeys::new(&sender, &material, IcvLen::Icv16).expect("keys");
+    out.add_sa(OutboundSa::new(0x2000, keys, false, addrs(a, b)).expect("sa"));
+    let mut inb = Inbound::new(InnerPolicy::default());
+    let keys = SaKeys::new(&receiver, &material, IcvLen::Icv16).expect("keys");
+    inb.add_sa(InboundSa::new(0x2000, keys, false, addrs(b, a), 64).expect("sa"));
+
+    // Non-zero TCP payload: a block copied over its neighbour must change
+    // the bytes (in a stream of zeros it would be invisible, and harmless).
+    let payload: Vec<u8> = (0..1024u32).map(|i| (i / 16) as u8).collect();
+    let plain = build::ipv4(a, b, protocol::TCP, &payload);
+    injector.set_rate(1.0);
+    let mut batch: Vec<PacketBuf> = (0..8)
+        .map(|_| {
+            let mut buf = PacketBuf::new(2048);
+            assert!(buf.fill(&plain));
+            buf
+        })
+        .collect();
+    let mut verdicts = Vec::new();
+    out.process(&sender, &mut batch, &mut verdicts);
+    assert!(
+        verdicts.iter().all(|v| matches!(v, Verdict::Send { .. })),
+        "{verdicts:?}"
+    );
+    assert_eq!(injector.injected(), 8, "every seal was corrupted");
+    inb.process(&receiver, Encap::Udp, &mut batch, &mut verdicts);
+    assert_eq!(verdicts, vec![Verdict::Drop(DropReason::InnerChecksum); 8]);
+    assert_eq!(inb.counters.drops(DropReason::InnerChecksum), 8);
+    assert_eq!(
+        inb.counters.drops(DropReason::IcvFailure),
+        0,
+        "the ICV vouched for the corrupted bytes"
+    );
+    assert_eq!(inb.counters.total_drops(), 8);
+}

@@ -3,5 +3,6 @@
 //! allocation per packet. `wire` knows nothing of `crypto`.
 
 pub mod checksum;
+pub mod esp;
 pub mod inner;
 pub mod ip;

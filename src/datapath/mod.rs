@@ -1,0 +1,323 @@
+//! The two pipelines, over batches of packet buffers, with no I/O: the
+//! caller reads a batch, calls [`outbound::Outbound::process`] or
+//! [`inbound::Inbound::process`], and acts on one [`Verdict`] per packet.
+//!
+//! Invariants:
+//! - Every packet gets exactly one verdict; every drop increments exactly
+//!   one counter, named by its [`DropReason`].
+//! - Nothing on the packet path allocates, panics or blocks; every length
+//!   is checked before it is used.
+//! - No packet is delivered without a passed ICV and a passed inner
+//!   checksum, or an explicit counted policy exception
+//!   ([`crate::wire::inner::InnerPolicy`]).
+
+pub mod inbound;
+pub mod outbound;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::wire::esp;
+use crate::wire::inner::{InnerError, InnerVerdict};
+
+/// Why a packet was not sent or delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    // Both directions: the inner packet.
+    /// Not a well-formed IPv4/IPv6 packet, or a bad transport header.
+    InnerHeader,
+    /// The transport checksum did not match (the field failure).
+    InnerChecksum,
+    /// UDP checksum 0 where policy or RFC 8200 forbids it.
+    ZeroUdpChecksum,
+    /// An IP fragment, whose checksum cannot be verified alone.
+    Fragment,
+    /// An IPv6 extension header before the transport header.
+    ExtensionHeader,
+    /// A protocol without a checksum esptun can verify.
+    UnverifiableProtocol,
+    /// No provider may carry traffic (halted by policy, or none passed).
+    NoProvider,
+    /// The packet does not fit the buffer or the IP length field.
+    Oversize,
+    // Outbound.
+    /// No outbound SA for the destination.
+    NoSa,
+    /// The source address is not the SA's inner local address, so the
+    /// receiver would rebuild a different pseudo-header.
+    SourceMismatch,
+    /// The SA's sequence space is used up: rekey.
+    SequenceExhausted,
+    /// The durable sequence reservation is used up.
+    SequenceReservation,
+    /// The provider refused to seal (should not happen).
+    SealFailed,
+    // Inbound.
+    /// Too short for the ESP header, or for the SA's ICV.
+    Truncated,
+    /// A NAT keepalive (RFC 3948 section 2.3), consumed.
+    Keepalive,
+    /// IKE traffic (non-ESP marker) with no IKE handler.
+    Ike,
+    /// No inbound SA with this SPI.
+    UnknownSpi,
+    /// Already received (RFC 4303 section 3.4.3).
+    Replay,
+    /// Older than the replay window, or outside the 64-bit space.
+    TooOld,
+    /// The ICV did not verify.
+    IcvFailure,
+    /// Padding or pad length did not check out after decryption.
+    BadPadding,
+    /// Next header 59: a dummy packet (RFC 4303 section 2.6), consumed.
+    DummyPacket,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 22] = [
+        DropReason::InnerHeader,
+        DropReason::InnerChecksum,
+        DropReason::ZeroUdpChecksum,
+        DropReason::Fragment,
+        DropReason::ExtensionHeader,
+        DropReason::UnverifiableProtocol,
+        DropReason::NoProvider,
+        DropReason::Oversize,
+        DropReason::NoSa,
+        DropReason::SourceMismatch,
+        DropReason::SequenceExhausted,
+        DropReason::SequenceReservation,
+        DropReason::SealFailed,
+        DropReason::Truncated,
+        DropReason::Keepalive,
+        DropReason::Ike,
+        DropReason::UnknownSpi,
+        DropReason::Replay,
+        DropReason::TooOld,
+        DropReason::IcvFailure,
+        DropReason::BadPadding,
+        DropReason::DummyPacket,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::InnerHeader => "inner_header",
+            DropReason::InnerChecksum => "inner_checksum",
+            DropReason::ZeroUdpChecksum => "zero_udp_checksum",
+            DropReason::Fragment => "fragment",
+            DropReason::ExtensionHeader => "extension_header",
+            DropReason::UnverifiableProtocol => "unverifiable_protocol",
+            DropReason::NoProvider => "no_provider",
+            DropReason::Oversize => "oversize",
+            DropReason::NoSa => "no_sa",
+            DropReason::SourceMismatch => "source_mismatch",
+            DropReason::SequenceExhausted => "sequence_exhausted",
+            DropReason::SequenceReservation => "sequence_reservation",
+            DropReason::SealFailed => "seal_failed",
+            DropReason::Truncated => "truncated",
+            DropReason::Keepalive => "keepalive",
+            DropReason::Ike => "ike",
+            DropReason::UnknownSpi => "unknown_spi",
+            DropReason::Replay => "replay",
+            DropReason::TooOld => "too_old",
+            DropReason::IcvFailure => "icv_failure",
+            DropReason::BadPadding => "bad_padding",
+            DropReason::DummyPacket => "dummy_packet",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<InnerError> for DropReason {
+    fn from(e: InnerError) -> Self {
+        match e {
+            InnerError::Ip(_) | InnerError::TransportHeader => DropReason::InnerHeader,
+            InnerError::Checksum => DropReason::InnerChecksum,
+            InnerError::ZeroUdpChecksum => DropReason::ZeroUdpChecksum,
+            InnerError::Fragment => DropReason::Fragment,
+            InnerError::ExtensionHeader => DropReason::ExtensionHeader,
+            InnerError::Unverifiable(_) => DropReason::UnverifiableProtocol,
+        }
+    }
+}
+
+/// What to do with one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Outbound: send the buffer's bytes (the ESP packet) to the peer of
+    /// the outbound SA at this index.
+    Send {
+        sa: usize,
+    },
+    /// Inbound: write the buffer's bytes (the rebuilt IP packet) to TUN.
+    Deliver,
+    Drop(DropReason),
+}
+
+/// Per-direction counters, readable from another thread.
+#[derive(Debug)]
+pub struct Counters {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Packets passed under a policy exception, by kind.
+    pub udp4_zero_checksum: AtomicU64,
+    pub unverifiable_protocol: AtomicU64,
+    pub passed: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            udp4_zero_checksum: AtomicU64::new(0),
+            unverifiable_protocol: AtomicU64::new(0),
+            passed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Counters {
+    pub fn drop(&self, reason: DropReason) -> Verdict {
+        self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
+        Verdict::Drop(reason)
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        DropReason::ALL.iter().map(|&r| self.drops(r)).sum()
+    }
+
+    fn pass(&self, inner: InnerVerdict) {
+        match inner {
+            InnerVerdict::Verified => {}
+            InnerVerdict::Udp4ZeroChecksum => {
+                self.udp4_zero_checksum.fetch_add(1, Ordering::Relaxed);
+            }
+            InnerVerdict::Unverifiable => {
+                self.unverifiable_protocol.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.passed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bytes in front of the data: inbound rebuilds a 40-byte IPv6 header
+/// where a 16-byte ESP header and IV were.
+pub const HEADROOM: usize = 64;
+/// Bytes behind the data: outbound appends padding, trailer and ICV.
+pub const TAILROOM: usize = esp::MAX_TAIL;
+
+/// One packet buffer with headroom and tailroom, allocated once and reused
+/// for every packet (after the `sk_buff`'s push/pull).
+#[derive(Clone)]
+pub struct PacketBuf {
+    storage: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl std::fmt::Debug for PacketBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PacketBuf({} bytes)", self.end - self.start)
+    }
+}
+
+impl PacketBuf {
+    /// A buffer for packets of up to `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        PacketBuf {
+            storage: vec![0u8; HEADROOM + capacity + TAILROOM].into_boxed_slice(),
+            start: HEADROOM,
+            end: HEADROOM,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.storage.len() - HEADROOM - TAILROOM
+    }
+
+    /// Where an I/O read should land; follow with [`Self::set_len`].
+    pub fn read_area(&mut self) -> &mut [u8] {
+        let end = self.storage.len() - TAILROOM;
+        &mut self.storage[HEADROOM..end]
+    }
+
+    /// Marks the first `len` bytes of the read area as the packet.
+    pub fn set_len(&mut self, len: usize) {
+        self.start = HEADROOM;
+        self.end = HEADROOM + len.min(self.capacity());
+    }
+
+    /// Copies `data` in as the packet; false if it does not fit.
+    pub fn fill(&mut self, data: &[u8]) -> bool {
+        if data.len() > self.capacity() {
+            return false;
+        }
+        self.read_area()[..data.len()].copy_from_slice(data);
+        self.set_len(data.len());
+        true
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.storage[self.start..self.end]
+    }
+
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.end]
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// The whole storage and the data's position in it, for pipelines
+    /// that grow the data into the headroom or tailroom.
+    fn parts(&mut self) -> (&mut [u8], usize, usize) {
+        (&mut self.storage, self.start, self.end)
+    }
+
+    fn set_range(&mut self, start: usize, end: usize) {
+        debug_assert!(start <= end && end <= self.storage.len());
+        self.start = start;
+        self.end = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_a_distinct_name_and_counter() {
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?} out of order in ALL");
+        }
+        let c = Counters::default();
+        for r in DropReason::ALL {
+            assert_eq!(c.drop(r), Verdict::Drop(r));
+            assert_eq!(c.drops(r), 1);
+        }
+        assert_eq!(c.total_drops(), DropReason::ALL.len() as u64);
+    }
+
+    #[test]
+    fn packet_buffers_refuse_what_does_not_fit() {
+        let mut b = PacketBuf::new(100);
+        assert!(b.fill(&[1; 100]));
+        assert_eq!(b.len(), 100);
+        assert!(!b.fill(&[1; 101]));
+        b.set_len(1000);
+        assert_eq!(b.len(), 100, "set_len is clamped");
+    }
+}
