@@ -236,8 +236,13 @@ fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
     }
     let results = bench::run(&providers, config).map_err(anyhow::Error::msg)?;
     let checksums = bench::run_checksum(config).map_err(anyhow::Error::msg)?;
+    let datapath = bench::esp::run(config).map_err(anyhow::Error::msg)?;
     if json {
-        for r in results.iter().chain(&checksums) {
+        let datapath: Vec<_> = datapath
+            .iter()
+            .flat_map(bench::esp::DatapathRow::results)
+            .collect();
+        for r in results.iter().chain(&checksums).chain(&datapath) {
             println!(
                 "{}",
                 serde_json::to_string(r).context("serializing a result")?
@@ -309,9 +314,38 @@ fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
             println!();
         }
     }
+    print_datapath_table(&datapath);
     println!("\ninner checksum (RFC 1071 sum, wire::checksum), GB/s:");
     for r in &checksums {
         println!("{:>7} {:>8.1}", r.size, r.mb_per_s / 1000.0);
     }
     Ok(())
+}
+
+/// Whole packets through the pipelines, as MB/s of inner packet bytes and
+/// as a share of raw seal/open measured alongside.
+fn print_datapath_table(rows: &[bench::esp::DatapathRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\ndatapath, IPv4/UDP packets of SIZE bytes, inner checksum validated both ways; \
+         share = of raw seal/open with the same key, measured in the same slices:"
+    );
+    println!(
+        "{:>7} {:<9} {:>10} {:>7} {:>10} {:>7}",
+        "size", "provider", "outbound", "share", "inbound", "share"
+    );
+    for r in rows {
+        let (out, inb) = r.shares();
+        println!(
+            "{:>7} {:<9} {:>10.1} {:>6.0}% {:>10.1} {:>6.0}%",
+            r.size,
+            r.provider.as_str(),
+            r.outbound_mb_per_s,
+            100.0 * out,
+            r.inbound_mb_per_s,
+            100.0 * inb
+        );
+    }
 }

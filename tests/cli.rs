@@ -87,15 +87,27 @@ fn bench_json_prints_one_object_per_cell() {
     assert!(providers >= 1);
     let checksum_rows = rows.iter().filter(|r| r["op"] == "checksum").count();
     assert_eq!(checksum_rows, 2, "one checksum row per size");
+    let datapath_rows = rows
+        .iter()
+        .filter(|r| r["op"] == "outbound" || r["op"] == "inbound")
+        .count();
+    assert_eq!(
+        datapath_rows,
+        providers * 2 * 2,
+        "providers x directions x sizes"
+    );
     assert_eq!(
         rows.len(),
-        providers * 2 * 2 + 2,
-        "providers x ops x sizes, plus checksum"
+        providers * 2 * 2 * 2 + 2,
+        "cipher ops and datapath directions per provider and size, plus checksum"
     );
     for r in &rows {
         assert!(r["mb_per_s"].as_f64().is_some_and(|m| m > 0.0), "{r}");
         let op = r["op"].as_str().unwrap_or("");
-        assert!(["seal", "open", "checksum"].contains(&op), "{r}");
+        assert!(
+            ["seal", "open", "checksum", "outbound", "inbound"].contains(&op),
+            "{r}"
+        );
     }
 }
 

@@ -11,7 +11,7 @@ use crate::crypto::select::Selector;
 use crate::sa::InboundSa;
 use crate::sa::replay::ReplayError;
 use crate::wire::esp::{self, EspPacket, UdpPayload};
-use crate::wire::inner::{self, InnerPolicy};
+use crate::wire::inner::{self, InnerPolicy, Pseudo};
 use crate::wire::ip::{IPV4_HEADER_LEN, IPV6_HEADER_LEN, Ipv4Packet, protocol};
 
 /// How the ESP bytes arrived.
@@ -74,6 +74,7 @@ impl Inbound {
             };
             verdicts.push(verdict);
         }
+        self.counters.passed_batch(verdicts);
     }
 
     fn open_one(
@@ -131,22 +132,28 @@ impl Inbound {
             return Err(DropReason::DummyPacket);
         }
         let payload_end = ciphertext_start + payload_len;
+        let (remote, local) = (sa.inner.remote, sa.inner.local);
         let header_start = rebuild_header(
             storage,
             ciphertext_start,
             payload_len,
             next_header,
-            sa.inner.remote,
-            sa.inner.local,
+            remote,
+            local,
         )?;
-        buf.set_range(header_start, payload_end);
-
         // The check Linux skips for transport-mode NAT-T: against the
-        // addresses this SA stands for.
-        let verdict = inner::validate(buf.data(), self.policy)?;
+        // addresses this SA stands for, which are the ones just written.
+        let pseudo = match (remote, local) {
+            (IpAddr::V4(r), IpAddr::V4(l)) => Pseudo::V4(r.octets(), l.octets()),
+            (IpAddr::V6(r), IpAddr::V6(l)) => Pseudo::V6(r.octets(), l.octets()),
+            _ => return Err(DropReason::InnerHeader),
+        };
+        let segment = &storage[ciphertext_start..payload_end];
+        let verdict = inner::validate_segment(pseudo, next_header, segment, self.policy)?;
+        buf.set_range(header_start, payload_end);
         sa.stats.packets += 1;
         sa.stats.bytes += buf.len() as u64;
-        self.counters.pass(verdict);
+        self.counters.exception(verdict);
         Ok(())
     }
 }

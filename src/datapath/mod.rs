@@ -191,7 +191,9 @@ impl Counters {
         DropReason::ALL.iter().map(|&r| self.drops(r)).sum()
     }
 
-    fn pass(&self, inner: InnerVerdict) {
+    /// Counts policy exceptions; plain passes are counted per batch
+    /// ([`Self::passed_batch`]) to keep an atomic add off every packet.
+    fn exception(&self, inner: InnerVerdict) {
         match inner {
             InnerVerdict::Verified => {}
             InnerVerdict::Udp4ZeroChecksum => {
@@ -201,7 +203,14 @@ impl Counters {
                 self.unverifiable_protocol.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.passed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn passed_batch(&self, verdicts: &[Verdict]) {
+        let passed = verdicts
+            .iter()
+            .filter(|v| !matches!(v, Verdict::Drop(_)))
+            .count();
+        self.passed.fetch_add(passed as u64, Ordering::Relaxed);
     }
 }
 

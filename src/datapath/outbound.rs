@@ -67,6 +67,7 @@ impl Outbound {
             };
             verdicts.push(verdict);
         }
+        self.counters.passed_batch(verdicts);
     }
 
     fn seal_one(
@@ -131,7 +132,7 @@ impl Outbound {
         buf.set_range(esp_start, sealed_end);
         sa.stats.packets += 1;
         sa.stats.bytes += shape.total_len as u64;
-        self.counters.pass(inner);
+        self.counters.exception(inner);
         Ok(index)
     }
 }

@@ -55,7 +55,9 @@ impl ReplayWindow {
         }
         // One spare block (RFC 6479 section 2): the block `top` is in may be
         // partly ahead of the window, so the window spans one more block.
-        let blocks = (size as usize).div_ceil(64) + 1;
+        // Rounded up to a power of two so the ring index is a mask, not a
+        // division, on every packet.
+        let blocks = ((size as usize).div_ceil(64) + 1).next_power_of_two();
         Ok(ReplayWindow {
             size: u64::from(size),
             esn,
@@ -133,7 +135,7 @@ impl ReplayWindow {
             let n = self.blocks.len() as u64;
             let steps = (new_block - old_block).min(n);
             for k in 1..=steps {
-                let index = ((old_block + k) % n) as usize;
+                let index = ((old_block + k) & (n - 1)) as usize;
                 self.blocks[index] = 0;
             }
             self.top = seq;
@@ -144,7 +146,7 @@ impl ReplayWindow {
     }
 
     fn position(&self, seq: u64) -> (usize, u64) {
-        let block = ((seq >> 6) % self.blocks.len() as u64) as usize;
+        let block = ((seq >> 6) & (self.blocks.len() as u64 - 1)) as usize;
         (block, 1u64 << (seq & 63))
     }
 }

@@ -63,7 +63,7 @@ pub enum InnerError {
 
 /// Addresses for the pseudo-header.
 #[derive(Debug, Clone, Copy)]
-enum Pseudo {
+pub enum Pseudo {
     V4([u8; 4], [u8; 4]),
     V6([u8; 16], [u8; 16]),
 }
@@ -87,7 +87,7 @@ pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<InnerVerdict, Inne
             if ip.is_fragment() {
                 return Err(InnerError::Fragment);
             }
-            validate_transport(
+            validate_segment(
                 Pseudo::V4(ip.src(), ip.dst()),
                 ip.protocol(),
                 ip.payload(),
@@ -102,14 +102,17 @@ pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<InnerVerdict, Inne
                 | protocol::IPV6_FRAGMENT
                 | protocol::IPV6_DEST_OPTS => Err(InnerError::ExtensionHeader),
                 next => {
-                    validate_transport(Pseudo::V6(ip.src(), ip.dst()), next, ip.payload(), policy)
+                    validate_segment(Pseudo::V6(ip.src(), ip.dst()), next, ip.payload(), policy)
                 }
             }
         }
     }
 }
 
-fn validate_transport(
+/// Validates a transport segment whose IP header the caller built itself
+/// (inbound, from the SA), so only the segment needs checking: the same
+/// rules as [`validate`] without parsing the header again.
+pub fn validate_segment(
     pseudo: Pseudo,
     proto: u8,
     segment: &[u8],

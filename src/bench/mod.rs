@@ -22,6 +22,8 @@ use aes_gcm::aes::{Aes128, Aes256};
 use aes_gcm::{AeadInOut, AesGcm, KeyInit};
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
+pub mod esp;
+
 use crate::crypto::{AeadKey, IcvLen, KeySize, MAX_ICV_LEN, NONCE_LEN, Provider, SecretKey};
 
 /// The sizes the issue names: minimum packet, IPv4 minimum MTU, a typical
@@ -30,9 +32,9 @@ pub const DEFAULT_SIZES: [usize; 5] = [64, 576, 1400, 9000, 65536];
 /// Largest size accepted on the command line.
 pub const MAX_SIZE: usize = 1 << 20;
 
-const POOL_BYTES: usize = 256 * 1024;
+pub(crate) const POOL_BYTES: usize = 256 * 1024;
 /// Length of one timed slice; see [`run`].
-const SLICE: Duration = Duration::from_millis(25);
+pub(crate) const SLICE: Duration = Duration::from_millis(25);
 const NONCE: [u8; NONCE_LEN] = [0x42; NONCE_LEN];
 /// ESP-shaped AAD: SPI || sequence number.
 const AAD: [u8; 8] = [0, 0, 0x12, 0x34, 0, 0, 0, 1];
@@ -70,6 +72,10 @@ pub enum Op {
     /// The RFC 1071 sum of [`crate::wire::checksum`], which validates every
     /// inner packet on both sides of the cipher.
     Checksum,
+    /// A whole packet through [`crate::datapath::outbound`].
+    Outbound,
+    /// A whole packet through [`crate::datapath::inbound`].
+    Inbound,
 }
 
 impl Op {
@@ -78,6 +84,8 @@ impl Op {
             Op::Seal => "seal",
             Op::Open => "open",
             Op::Checksum => "checksum",
+            Op::Outbound => "outbound",
+            Op::Inbound => "inbound",
         }
     }
 }
@@ -196,6 +204,21 @@ impl Subject for RustCryptoDirect {
     }
 }
 
+/// `seconds` as a duration, if it is in (0, 60].
+pub(crate) fn validated_duration(seconds: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero() && d.as_secs() <= 60)
+        .ok_or_else(|| format!("seconds must be more than 0 and at most 60, got {seconds}"))
+}
+
+/// How many slices of at most [`SLICE`] make up `duration`.
+pub(crate) fn slices(duration: Duration) -> u32 {
+    (duration.as_secs_f64() / SLICE.as_secs_f64())
+        .ceil()
+        .max(1.0) as u32
+}
+
 /// The public key used for every benchmark.
 pub fn bench_key(size: KeySize) -> SecretKey {
     let bytes: Vec<u8> = (0..size.bytes() as u8).collect();
@@ -204,7 +227,7 @@ pub fn bench_key(size: KeySize) -> SecretKey {
 }
 
 /// Buffers for one size: working copies, the sealed master, and tags.
-struct Pool {
+pub(crate) struct Pool {
     bufs: Vec<Vec<u8>>,
     tags: Vec<[u8; MAX_ICV_LEN]>,
     master: Vec<u8>,
@@ -213,7 +236,7 @@ struct Pool {
 
 impl Pool {
     /// `None` if the subject cannot seal the master copy.
-    fn new(size: usize, subject: &dyn Subject) -> Option<Self> {
+    pub(crate) fn new(size: usize, subject: &dyn Subject) -> Option<Self> {
         let count = (POOL_BYTES / size.max(1)).clamp(2, 4096);
         let mut master: Vec<u8> = (0..size).map(|i| i as u8).collect();
         let mut master_tag = [0u8; MAX_ICV_LEN];
@@ -244,7 +267,12 @@ pub fn measure(subject: &dyn Subject, op: Op, size: usize, duration: Duration) -
     measure_pool(subject, &mut pool, op, duration)
 }
 
-fn measure_pool(subject: &dyn Subject, pool: &mut Pool, op: Op, duration: Duration) -> Option<f64> {
+pub(crate) fn measure_pool(
+    subject: &dyn Subject,
+    pool: &mut Pool,
+    op: Op,
+    duration: Duration,
+) -> Option<f64> {
     let size = pool.master.len();
     let mut bytes = 0u64;
     let mut busy = Duration::ZERO;
@@ -261,8 +289,8 @@ fn measure_pool(subject: &dyn Subject, pool: &mut Pool, op: Op, duration: Durati
             let ok = match op {
                 Op::Seal => subject.seal(black_box(buf), tag),
                 Op::Open => subject.open(black_box(buf), tag),
-                // Not a cipher operation: see `run_checksum`.
-                Op::Checksum => return None,
+                // Not cipher operations: see `run_checksum`, `esp::run`.
+                Op::Checksum | Op::Outbound | Op::Inbound => return None,
             };
             if !ok {
                 return None;
@@ -285,15 +313,7 @@ fn measure_pool(subject: &dyn Subject, pool: &mut Pool, op: Op, duration: Durati
 /// asked), both operations, every size: the best 25 ms slice out of
 /// `rounds x seconds` per implementation.
 pub fn run(providers: &[Provider], config: &BenchConfig) -> Result<Vec<BenchResult>, String> {
-    let duration = Duration::try_from_secs_f64(config.seconds)
-        .ok()
-        .filter(|d| !d.is_zero() && d.as_secs() <= 60)
-        .ok_or_else(|| {
-            format!(
-                "seconds must be more than 0 and at most 60, got {}",
-                config.seconds
-            )
-        })?;
+    let duration = validated_duration(config.seconds)?;
     if let Some(bad) = config.sizes.iter().find(|&&s| s == 0 || s > MAX_SIZE) {
         return Err(format!("size {bad} is outside 1..={MAX_SIZE}"));
     }
@@ -312,9 +332,7 @@ pub fn run(providers: &[Provider], config: &BenchConfig) -> Result<Vec<BenchResu
         subjects.push(("rustcrypto-direct".into(), Box::new(rc)));
     }
     let mut results = Vec::new();
-    let slices = (duration.as_secs_f64() / SLICE.as_secs_f64())
-        .ceil()
-        .max(1.0) as u32;
+    let slices = slices(duration);
     let slice = duration.min(SLICE);
     for &size in &config.sizes {
         let mut pools = Vec::with_capacity(subjects.len());
@@ -360,15 +378,7 @@ pub fn run(providers: &[Provider], config: &BenchConfig) -> Result<Vec<BenchResu
 /// `op = checksum`. Half the calls start one byte off alignment, as packet
 /// payloads behind odd-length headers do.
 pub fn run_checksum(config: &BenchConfig) -> Result<Vec<BenchResult>, String> {
-    let duration = Duration::try_from_secs_f64(config.seconds)
-        .ok()
-        .filter(|d| !d.is_zero() && d.as_secs() <= 60)
-        .ok_or_else(|| {
-            format!(
-                "seconds must be more than 0 and at most 60, got {}",
-                config.seconds
-            )
-        })?;
+    let duration = validated_duration(config.seconds)?;
     let mut results = Vec::new();
     for &size in &config.sizes {
         if size == 0 || size > MAX_SIZE {
@@ -377,9 +387,7 @@ pub fn run_checksum(config: &BenchConfig) -> Result<Vec<BenchResult>, String> {
         let data: Vec<u8> = (0..size + 1).map(|i| (i * 7) as u8).collect();
         let per_pass = (POOL_BYTES / size).max(1);
         let mut best = 0.0f64;
-        let slices = (duration.as_secs_f64() / SLICE.as_secs_f64())
-            .ceil()
-            .max(1.0) as u32;
+        let slices = slices(duration);
         for _ in 0..config.rounds.max(1) * slices {
             let deadline = Instant::now() + duration.min(SLICE);
             let (mut bytes, mut busy) = (0u64, Duration::ZERO);
