@@ -15,6 +15,7 @@ use esptun::datapath::inbound::{Encap, Inbound};
 use esptun::datapath::outbound::Outbound;
 use esptun::datapath::{DropReason, PacketBuf, Verdict};
 use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
+use esptun::wire::esp;
 use esptun::wire::inner::InnerPolicy;
 use esptun::wire::inner::build::{ipv4, ipv6};
 use esptun::wire::ip::protocol;
@@ -526,4 +527,94 @@ fn random_garbage_never_panics() {
     }
     assert_eq!(l.inb.counters.total_drops(), 20_000);
     assert_eq!(l.out.counters.total_drops(), 20_000);
+}
+
+/// Seals `plaintext` (payload, padding and trailer, as given) with the
+/// link's outbound key at `seq`, bypassing the outbound pipeline.
+fn seal_raw(l: &Link, seq: u64, plaintext: &[u8]) -> Vec<u8> {
+    let sa = &l.out.sas()[0];
+    let key = sa
+        .keys
+        .key(l.selector.active().expect("provider"))
+        .expect("key");
+    let mut packet = vec![0u8; 16 + plaintext.len() + 16];
+    let header: &mut [u8; 16] = (&mut packet[..16]).try_into().expect("16");
+    esp::emit_header(header, SPI, seq);
+    packet[16..16 + plaintext.len()].copy_from_slice(plaintext);
+    let (aad, n) = esp::aad(SPI, seq, false);
+    let nonce = esp::nonce(sa.keys.salt(), seq.to_be_bytes());
+    let (body, tag) = packet.split_at_mut(16 + plaintext.len());
+    key.seal_in_place(&nonce, &aad[..n], &mut body[16..], tag)
+        .expect("seal");
+    packet
+}
+
+#[test]
+fn authentic_packets_with_bad_padding_or_no_next_header_are_not_delivered() {
+    let mut l = link(LinkSpec::default());
+    let inner = packet(false, protocol::UDP, b"ab");
+    let payload = &inner[20..]; // 10 bytes: pad 0
+    let mut plain = payload.to_vec();
+    plain.extend_from_slice(&[0, protocol::UDP]);
+    assert_eq!(
+        l.open(Encap::Raw, &seal_raw(&l, 1, &plain)).0,
+        Verdict::Deliver
+    );
+
+    // RFC 4303 2.6: next header 59 is a dummy packet, consumed.
+    let mut dummy = payload.to_vec();
+    dummy.extend_from_slice(&[0, protocol::NO_NEXT_HEADER]);
+    assert_eq!(
+        l.open(Encap::Raw, &seal_raw(&l, 2, &dummy)).0,
+        Verdict::Drop(DropReason::DummyPacket)
+    );
+
+    // Valid ICV over padding that is not 1, 2, ...: refused after decryption.
+    let mut bad = payload.to_vec();
+    bad.extend_from_slice(&[1, 3, 2, protocol::UDP]);
+    assert_eq!(
+        l.open(Encap::Raw, &seal_raw(&l, 3, &bad)).0,
+        Verdict::Drop(DropReason::BadPadding)
+    );
+    // A pad length longer than the plaintext.
+    assert_eq!(
+        l.open(Encap::Raw, &seal_raw(&l, 4, &[200, 17])).0,
+        Verdict::Drop(DropReason::BadPadding)
+    );
+    assert_eq!(l.inb.counters.total_drops(), 3);
+}
+
+#[test]
+fn ike_goes_to_the_handler_only_when_there_is_one() {
+    let mut l = link(LinkSpec::default());
+    let ike = [0u8, 0, 0, 0, 0x21, 0x20, 0x22, 0x08];
+    assert_eq!(l.open(Encap::Udp, &ike).0, Verdict::Drop(DropReason::Ike));
+    l.inb.ike_handler = true;
+    let (v, bytes) = l.open(Encap::Udp, &ike);
+    assert_eq!(v, Verdict::Ike);
+    assert_eq!(bytes, ike, "handed over unchanged, marker included");
+    // Over raw ESP there is no marker: SPI 0 is simply unknown.
+    assert_eq!(
+        l.open(Encap::Raw, &ike).0,
+        Verdict::Drop(DropReason::UnknownSpi)
+    );
+}
+
+#[test]
+fn the_soft_limit_is_reported_once() {
+    let mut l = link(LinkSpec::default());
+    let plain = packet(false, protocol::UDP, b"x");
+    l.out.sa_mut(0).expect("sa").set_soft_limit(3);
+    for seq in 1..=5u64 {
+        assert_eq!(l.seal(&plain).0, Verdict::Send { sa: 0 });
+        let expected = u64::from(seq >= 3);
+        assert_eq!(
+            l.out
+                .counters
+                .soft_limit_crossings
+                .load(std::sync::atomic::Ordering::Relaxed),
+            expected,
+            "seq {seq}"
+        );
+    }
 }

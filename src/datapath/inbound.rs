@@ -31,6 +31,8 @@ const REBUILT_TTL: u8 = 64;
 #[derive(Debug, Default)]
 pub struct Inbound {
     pub policy: InnerPolicy,
+    /// Whether an IKE daemon takes non-ESP-marker packets ([`Verdict::Ike`]).
+    pub ike_handler: bool,
     pub counters: Counters,
     sas: Vec<InboundSa>,
 }
@@ -70,6 +72,7 @@ impl Inbound {
         for buf in batch {
             let verdict = match self.open_one(provider, encap, buf) {
                 Ok(()) => Verdict::Deliver,
+                Err(DropReason::Ike) if self.ike_handler => Verdict::Ike,
                 Err(reason) => self.counters.drop(reason),
             };
             verdicts.push(verdict);

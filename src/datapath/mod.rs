@@ -153,6 +153,10 @@ pub enum Verdict {
     },
     /// Inbound: write the buffer's bytes (the rebuilt IP packet) to TUN.
     Deliver,
+    /// Inbound, UDP encapsulation: IKE traffic (non-ESP marker, RFC 3948
+    /// section 2.2) for the IKE handler; only when one is configured
+    /// ([`inbound::Inbound::ike_handler`]), otherwise a `Drop(Ike)`.
+    Ike,
     Drop(DropReason),
 }
 
@@ -164,6 +168,9 @@ pub struct Counters {
     pub udp4_zero_checksum: AtomicU64,
     pub unverifiable_protocol: AtomicU64,
     pub passed: AtomicU64,
+    /// Outbound SAs whose sequence number reached their soft limit: time
+    /// to roll keys (counted once per SA).
+    pub soft_limit_crossings: AtomicU64,
 }
 
 impl Default for Counters {
@@ -173,6 +180,7 @@ impl Default for Counters {
             udp4_zero_checksum: AtomicU64::new(0),
             unverifiable_protocol: AtomicU64::new(0),
             passed: AtomicU64::new(0),
+            soft_limit_crossings: AtomicU64::new(0),
         }
     }
 }

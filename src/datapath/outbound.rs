@@ -8,6 +8,7 @@
 //! IP addresses, which the receiver rebuilds from its SA).
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 
 use super::{Counters, DropReason, PacketBuf, Verdict};
 use crate::crypto::ProviderId;
@@ -130,6 +131,11 @@ impl Outbound {
         .map_err(|_| DropReason::SealFailed)?;
 
         buf.set_range(esp_start, sealed_end);
+        if sa.take_soft_limit_crossing() {
+            self.counters
+                .soft_limit_crossings
+                .fetch_add(1, Ordering::Relaxed);
+        }
         sa.stats.packets += 1;
         sa.stats.bytes += shape.total_len as u64;
         self.counters.exception(inner);

@@ -170,6 +170,7 @@ pub struct OutboundSa {
     ceiling: u64,
     /// Crossing this is reported once, so keys can be rolled in time.
     soft_limit: u64,
+    soft_limit_reported: bool,
     pub stats: SaStats,
 }
 
@@ -194,6 +195,7 @@ impl OutboundSa {
             next_seq: 1,
             ceiling: hard,
             soft_limit: hard - hard / 8,
+            soft_limit_reported: false,
             stats: SaStats::default(),
         })
     }
@@ -235,6 +237,14 @@ impl OutboundSa {
 
     pub fn past_soft_limit(&self) -> bool {
         self.last_used() >= self.soft_limit
+    }
+
+    /// True exactly once: the first time this is asked after the soft
+    /// limit was reached.
+    pub fn take_soft_limit_crossing(&mut self) -> bool {
+        let crossed = self.past_soft_limit() && !self.soft_limit_reported;
+        self.soft_limit_reported |= crossed;
+        crossed
     }
 }
 
