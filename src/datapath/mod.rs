@@ -295,6 +295,18 @@ impl PacketBuf {
         self.end == self.start
     }
 
+    /// Grows the data `n` bytes into the headroom (for outer headers, see
+    /// [`crate::wire::outer`]); false if the headroom is smaller.
+    pub fn prepend(&mut self, n: usize) -> bool {
+        match self.start.checked_sub(n) {
+            Some(start) => {
+                self.start = start;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The whole storage and the data's position in it, for pipelines
     /// that grow the data into the headroom or tailroom.
     fn parts(&mut self) -> (&mut [u8], usize, usize) {
@@ -336,5 +348,8 @@ mod tests {
         assert!(!b.fill(&[1; 101]));
         b.set_len(1000);
         assert_eq!(b.len(), 100, "set_len is clamped");
+        assert!(b.prepend(HEADROOM));
+        assert_eq!(b.len(), 100 + HEADROOM);
+        assert!(!b.prepend(1), "no headroom left");
     }
 }

@@ -6,3 +6,4 @@ pub mod checksum;
 pub mod esp;
 pub mod inner;
 pub mod ip;
+pub mod outer;

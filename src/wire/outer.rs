@@ -1,0 +1,342 @@
+//! The outer headers of an ESP packet on the wire: IPv4 or IPv6 with
+//! protocol 50 (raw ESP), or with a UDP header on port 4500 (NAT-T,
+//! RFC 3948), and the reverse.
+//!
+//! Sockets add these headers themselves for most sends; this module is for
+//! the paths that see whole packets: raw IPv4 sockets (which deliver the IP
+//! header), captures, and tests against other implementations.
+
+use std::net::IpAddr;
+use std::ops::Range;
+
+use super::checksum::{self, combine, pseudo_header_v6, sum};
+use super::ip::{
+    IPV4_HEADER_LEN, IPV6_HEADER_LEN, IpError, Ipv4Packet, Ipv6Packet, protocol, version,
+};
+
+/// RFC 3948 section 2.1: the IKE/NAT-T port.
+pub const NATT_PORT: u16 = 4500;
+pub const UDP_HEADER_LEN: usize = 8;
+/// Hop limit of packets esptun frames itself.
+const TTL: u8 = 64;
+
+/// How ESP is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encapsulation {
+    /// IP protocol 50.
+    Esp,
+    /// UDP (RFC 3948), usually 4500 to 4500.
+    Udp { src_port: u16, dst_port: u16 },
+}
+
+/// The outer addresses and encapsulation of one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub encap: Encapsulation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OuterError {
+    #[error("outer IP header: {0}")]
+    Ip(#[from] IpError),
+    #[error("outer addresses are not the same IP version")]
+    MixedFamilies,
+    #[error("outer protocol {0} is neither ESP (50) nor UDP (17)")]
+    Protocol(u8),
+    #[error("outer UDP header truncated or its length is wrong")]
+    UdpHeader,
+    #[error("outer UDP checksum is wrong")]
+    UdpChecksum,
+    #[error("outer UDP checksum is zero over IPv6 (RFC 8200 section 8.1)")]
+    ZeroUdpChecksumV6,
+    #[error("packet too large for its outer header")]
+    TooLong,
+    #[error("outer IPv4 fragment: reassembly is not done here")]
+    Fragment,
+}
+
+impl Outer {
+    /// Bytes of header [`emit`] writes in front of the ESP packet.
+    pub fn header_len(&self) -> usize {
+        let ip = if self.src.is_ipv4() {
+            IPV4_HEADER_LEN
+        } else {
+            IPV6_HEADER_LEN
+        };
+        match self.encap {
+            Encapsulation::Esp => ip,
+            Encapsulation::Udp { .. } => ip + UDP_HEADER_LEN,
+        }
+    }
+}
+
+/// Writes the outer headers into the first [`Outer::header_len`] bytes of
+/// `packet`; the rest of `packet` is the ESP packet. The UDP checksum is
+/// zero over IPv4 (RFC 3948 section 2.1: the ESP ICV protects the data) and
+/// computed over IPv6, where zero is not allowed (RFC 8200 section 8.1).
+pub fn emit(packet: &mut [u8], outer: &Outer) -> Result<(), OuterError> {
+    let header_len = outer.header_len();
+    if packet.len() < header_len {
+        return Err(OuterError::TooLong);
+    }
+    let (ip_len, proto) = match outer.encap {
+        Encapsulation::Esp => (header_len, protocol::ESP),
+        Encapsulation::Udp { .. } => (header_len - UDP_HEADER_LEN, protocol::UDP),
+    };
+    if let Encapsulation::Udp { src_port, dst_port } = outer.encap {
+        let udp_len = u16::try_from(packet.len() - ip_len).map_err(|_| OuterError::TooLong)?;
+        let udp = &mut packet[ip_len..ip_len + UDP_HEADER_LEN];
+        udp[0..2].copy_from_slice(&src_port.to_be_bytes());
+        udp[2..4].copy_from_slice(&dst_port.to_be_bytes());
+        udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+        udp[6..8].copy_from_slice(&[0, 0]);
+    }
+    match (outer.src, outer.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = u16::try_from(packet.len()).map_err(|_| OuterError::TooLong)?;
+            packet[..IPV4_HEADER_LEN].copy_from_slice(&[
+                0x45, 0, 0, 0, 0, 0, 0x40, 0, TTL, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ]);
+            let mut ip = Ipv4Packet::new_unchecked(&mut packet[..IPV4_HEADER_LEN]);
+            ip.set_total_len(total);
+            ip.set_src(src.octets());
+            ip.set_dst(dst.octets());
+            ip.fill_checksum();
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let payload =
+                u16::try_from(packet.len() - IPV6_HEADER_LEN).map_err(|_| OuterError::TooLong)?;
+            let h = &mut packet[..IPV6_HEADER_LEN];
+            h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 0, proto, TTL]);
+            h[4..6].copy_from_slice(&payload.to_be_bytes());
+            h[8..24].copy_from_slice(&src.octets());
+            h[24..40].copy_from_slice(&dst.octets());
+            if proto == protocol::UDP {
+                let segment = &packet[IPV6_HEADER_LEN..];
+                let total = combine(
+                    pseudo_header_v6(
+                        &src.octets(),
+                        &dst.octets(),
+                        protocol::UDP,
+                        u32::from(payload),
+                    ),
+                    sum(segment),
+                );
+                let value = match checksum::finish(total) {
+                    0 => 0xFFFF,
+                    v => v,
+                };
+                packet[IPV6_HEADER_LEN + 6..IPV6_HEADER_LEN + 8]
+                    .copy_from_slice(&value.to_be_bytes());
+            }
+        }
+        _ => return Err(OuterError::MixedFamilies),
+    }
+    Ok(())
+}
+
+/// A received outer packet: who sent it, how, and where the ESP packet (or,
+/// for UDP, the UDP payload: ESP, keepalive or IKE) is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub outer: Outer,
+    pub payload: Range<usize>,
+}
+
+/// Parses a whole outer packet.
+pub fn parse(packet: &[u8]) -> Result<Parsed, OuterError> {
+    let (src, dst, proto, start, end) = match version(packet)? {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet)?;
+            if !ip.verify_checksum() {
+                return Err(IpError::HeaderChecksum.into());
+            }
+            if ip.is_fragment() {
+                return Err(OuterError::Fragment);
+            }
+            (
+                IpAddr::from(ip.src()),
+                IpAddr::from(ip.dst()),
+                ip.protocol(),
+                ip.header_len(),
+                usize::from(ip.total_len()),
+            )
+        }
+        _ => {
+            let ip = Ipv6Packet::new_checked(packet)?;
+            (
+                IpAddr::from(ip.src()),
+                IpAddr::from(ip.dst()),
+                ip.next_header(),
+                IPV6_HEADER_LEN,
+                IPV6_HEADER_LEN + usize::from(ip.payload_len()),
+            )
+        }
+    };
+    match proto {
+        protocol::ESP => Ok(Parsed {
+            outer: Outer {
+                src,
+                dst,
+                encap: Encapsulation::Esp,
+            },
+            payload: start..end,
+        }),
+        protocol::UDP => {
+            let udp = packet.get(start..end).ok_or(OuterError::UdpHeader)?;
+            if udp.len() < UDP_HEADER_LEN || usize::from(be16(&udp[4..6])) != udp.len() {
+                return Err(OuterError::UdpHeader);
+            }
+            let stored = be16(&udp[6..8]);
+            match (src, dst) {
+                (IpAddr::V6(..), _) if stored == 0 => return Err(OuterError::ZeroUdpChecksumV6),
+                (IpAddr::V4(..), _) if stored == 0 => {}
+                _ => {
+                    let pseudo = match (src, dst) {
+                        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_header_v4(
+                            s.octets(),
+                            d.octets(),
+                            protocol::UDP,
+                            udp.len() as u16,
+                        ),
+                        (IpAddr::V6(s), IpAddr::V6(d)) => pseudo_header_v6(
+                            &s.octets(),
+                            &d.octets(),
+                            protocol::UDP,
+                            udp.len() as u32,
+                        ),
+                        _ => return Err(OuterError::MixedFamilies),
+                    };
+                    if !checksum::is_valid(combine(pseudo, sum(udp))) {
+                        return Err(OuterError::UdpChecksum);
+                    }
+                }
+            }
+            Ok(Parsed {
+                outer: Outer {
+                    src,
+                    dst,
+                    encap: Encapsulation::Udp {
+                        src_port: be16(&udp[0..2]),
+                        dst_port: be16(&udp[2..4]),
+                    },
+                },
+                payload: start + UDP_HEADER_LEN..end,
+            })
+        }
+        other => Err(OuterError::Protocol(other)),
+    }
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(outer: &Outer, esp: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; outer.header_len()];
+        p.extend_from_slice(esp);
+        emit(&mut p, outer).expect("emit");
+        p
+    }
+
+    #[test]
+    fn emit_and_parse_round_trip_in_every_shape() {
+        let esp: Vec<u8> = (0..77u8).collect();
+        let v4 = (
+            "198.18.0.1".parse().expect("ip"),
+            "198.19.0.2".parse().expect("ip"),
+        );
+        let v6 = (
+            "2001:db8::1".parse().expect("ip"),
+            "2001:db8::2".parse().expect("ip"),
+        );
+        for (src, dst) in [v4, v6] {
+            for encap in [
+                Encapsulation::Esp,
+                Encapsulation::Udp {
+                    src_port: NATT_PORT,
+                    dst_port: 40500,
+                },
+            ] {
+                let outer = Outer { src, dst, encap };
+                let p = frame(&outer, &esp);
+                let parsed = parse(&p).expect("parses");
+                assert_eq!(parsed.outer, outer);
+                assert_eq!(&p[parsed.payload], &esp[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn natt_udp_checksum_is_zero_over_ipv4_and_valid_over_ipv6() {
+        let esp = [1u8, 2, 3, 4, 5, 6, 7, 8];
+        let udp = Encapsulation::Udp {
+            src_port: NATT_PORT,
+            dst_port: NATT_PORT,
+        };
+        let v4 = frame(
+            &Outer {
+                src: "198.18.0.1".parse().expect("ip"),
+                dst: "198.19.0.2".parse().expect("ip"),
+                encap: udp,
+            },
+            &esp,
+        );
+        assert_eq!(v4[26..28], [0, 0]);
+        assert_eq!(v4[9], protocol::UDP);
+        let v6 = frame(
+            &Outer {
+                src: "2001:db8::1".parse().expect("ip"),
+                dst: "2001:db8::2".parse().expect("ip"),
+                encap: udp,
+            },
+            &esp,
+        );
+        assert_ne!(v6[46..48], [0, 0]);
+        let mut bad = v6.clone();
+        bad[50] ^= 1;
+        assert_eq!(parse(&bad).err(), Some(OuterError::UdpChecksum));
+        let mut zero = v6;
+        zero[46..48].copy_from_slice(&[0, 0]);
+        assert_eq!(parse(&zero).err(), Some(OuterError::ZeroUdpChecksumV6));
+    }
+
+    #[test]
+    fn malformed_outer_packets_are_typed() {
+        let outer = Outer {
+            src: "198.18.0.1".parse().expect("ip"),
+            dst: "198.19.0.2".parse().expect("ip"),
+            encap: Encapsulation::Esp,
+        };
+        let p = frame(&outer, &[9; 40]);
+        for len in 0..20 {
+            assert!(parse(&p[..len]).is_err(), "len {len}");
+        }
+        let mut bad = p.clone();
+        bad[9] = 6;
+        assert!(matches!(
+            parse(&bad),
+            Err(OuterError::Ip(IpError::HeaderChecksum))
+        ));
+        Ipv4Packet::new_unchecked(&mut bad[..]).fill_checksum();
+        assert_eq!(parse(&bad).err(), Some(OuterError::Protocol(6)));
+        let mut frag = p;
+        frag[6] = 0x20;
+        Ipv4Packet::new_unchecked(&mut frag[..]).fill_checksum();
+        assert_eq!(parse(&frag).err(), Some(OuterError::Fragment));
+        let mixed = Outer {
+            dst: "2001:db8::2".parse().expect("ip"),
+            ..outer
+        };
+        assert_eq!(
+            emit(&mut [0u8; 60], &mixed).err(),
+            Some(OuterError::MixedFamilies)
+        );
+    }
+}
