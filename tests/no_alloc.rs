@@ -1,0 +1,110 @@
+//! The packet path allocates nothing: after warm-up, sealing and opening
+//! batches (valid packets and every common kind of refusal) performs zero
+//! heap allocations on the calling thread.
+//!
+//! A test binary of its own, because it replaces the global allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, Selector};
+use esptun::crypto::{IcvLen, Provider};
+use esptun::datapath::inbound::{Encap, Inbound};
+use esptun::datapath::outbound::Outbound;
+use esptun::datapath::{PacketBuf, Verdict};
+use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
+use esptun::wire::inner::{InnerPolicy, build};
+use esptun::wire::ip::protocol;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts allocations made by the current thread, then defers to the
+/// system allocator.
+struct Counting;
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged, so `System`'s guarantees hold; the counter is a const-
+// initialized thread-local Cell, whose access never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged; see the impl's comment.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged; `ptr` came from `System.alloc`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged; `ptr` came from `System.alloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+#[test]
+fn sealing_and_opening_batches_allocates_nothing() {
+    let selector = Selector::boot(
+        Provider::detect_all(),
+        Mode::Auto,
+        FailurePolicy::Fallback,
+        BootOptions::default(),
+    );
+    let (a, b) = ([198, 18, 0, 1], [198, 19, 0, 2]);
+    let material = KeyMaterial::from_bytes(&[3u8; 36]).expect("material");
+    let addrs = |l: [u8; 4], r: [u8; 4]| InnerAddrs::new(l.into(), r.into()).expect("addrs");
+    let mut out = Outbound::new(InnerPolicy::default());
+    let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
+    out.add_sa(OutboundSa::new(0x3000, keys, true, addrs(a, b)).expect("sa"));
+    let mut inb = Inbound::new(InnerPolicy::default());
+    let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
+    inb.add_sa(InboundSa::new(0x3000, keys, true, addrs(b, a), 4096).expect("sa"));
+
+    let good = build::ipv4(a, b, protocol::TCP, &[0u8; 1400]);
+    let mut bad_checksum = good.clone();
+    bad_checksum[100] ^= 1;
+    let no_sa = build::ipv4(a, [198, 19, 9, 9], protocol::UDP, b"x");
+    let inputs = [&good[..], &bad_checksum, &no_sa, &[0x45, 0, 0], &good];
+    let mut batch: Vec<PacketBuf> = inputs.iter().map(|_| PacketBuf::new(2048)).collect();
+    let mut verdicts = Vec::with_capacity(batch.len());
+
+    let mut round = |count: &mut [usize; 2]| {
+        for (buf, input) in batch.iter_mut().zip(inputs) {
+            assert!(buf.fill(input));
+        }
+        out.process(&selector, &mut batch, &mut verdicts);
+        count[0] += verdicts
+            .iter()
+            .filter(|v| matches!(v, Verdict::Send { .. }))
+            .count();
+        // Open what was sealed (refusals are opened too: they are garbage
+        // to the receiver and must be refused without allocating as well).
+        inb.process(&selector, Encap::Udp, &mut batch, &mut verdicts);
+        count[1] += verdicts.iter().filter(|v| **v == Verdict::Deliver).count();
+    };
+    let mut warm = [0usize; 2];
+    round(&mut warm);
+    let before = allocations();
+    let mut counted = [0usize; 2];
+    for _ in 0..1000 {
+        round(&mut counted);
+    }
+    let allocated = allocations() - before;
+    assert_eq!(
+        counted,
+        [2000, 2000],
+        "two packets per round go through both ways"
+    );
+    assert_eq!(allocated, 0, "{allocated} allocations on the packet path");
+}
