@@ -12,7 +12,7 @@ use crate::sa::InboundSa;
 use crate::sa::replay::ReplayError;
 use crate::wire::esp::{self, EspPacket, UdpPayload};
 use crate::wire::inner::{self, InnerPolicy, Pseudo};
-use crate::wire::ip::{IPV4_HEADER_LEN, IPV6_HEADER_LEN, Ipv4Packet, protocol};
+use crate::wire::ip::{self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, protocol};
 
 /// How the ESP bytes arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,57 +178,22 @@ fn rebuild_header(
     src: IpAddr,
     dst: IpAddr,
 ) -> Result<usize, DropReason> {
-    match (src, dst) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let total =
-                u16::try_from(IPV4_HEADER_LEN + payload_len).map_err(|_| DropReason::Oversize)?;
-            let start = payload_start
-                .checked_sub(IPV4_HEADER_LEN)
-                .ok_or(DropReason::Oversize)?;
-            let h = &mut storage[start..payload_start];
-            h.copy_from_slice(&[
-                0x45,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0x40,
-                0,
-                REBUILT_TTL,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ]);
-            let mut ip = Ipv4Packet::new_unchecked(h);
-            ip.set_total_len(total);
-            ip.set_protocol(next_header);
-            ip.set_src(src.octets());
-            ip.set_dst(dst.octets());
-            ip.fill_checksum();
-            Ok(start)
-        }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let len = u16::try_from(payload_len).map_err(|_| DropReason::Oversize)?;
-            let start = payload_start
-                .checked_sub(IPV6_HEADER_LEN)
-                .ok_or(DropReason::Oversize)?;
-            let h = &mut storage[start..payload_start];
-            h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 0, next_header, REBUILT_TTL]);
-            h[4..6].copy_from_slice(&len.to_be_bytes());
-            h[8..24].copy_from_slice(&src.octets());
-            h[24..40].copy_from_slice(&dst.octets());
-            Ok(start)
-        }
-        // InnerAddrs::new refuses mixed families.
-        _ => Err(DropReason::InnerHeader),
-    }
+    let header_len = if src.is_ipv4() {
+        IPV4_HEADER_LEN
+    } else {
+        IPV6_HEADER_LEN
+    };
+    let start = payload_start
+        .checked_sub(header_len)
+        .ok_or(DropReason::Oversize)?;
+    ip::emit_header(
+        &mut storage[start..payload_start],
+        src,
+        dst,
+        next_header,
+        payload_len,
+        REBUILT_TTL,
+    )
+    .map_err(|_| DropReason::Oversize)?;
+    Ok(start)
 }

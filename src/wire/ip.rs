@@ -248,6 +248,48 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     }
 }
 
+/// Writes a plain IP header (no options; IPv4 with DF set, ID 0, TOS 0)
+/// for `payload_len` bytes of `protocol` into `header`, which must be
+/// exactly 20 (IPv4) or 40 (IPv6) bytes to match the addresses.
+pub fn emit_header(
+    header: &mut [u8],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    protocol: u8,
+    payload_len: usize,
+    ttl: u8,
+) -> Result<(), IpError> {
+    use std::net::IpAddr;
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) if header.len() == IPV4_HEADER_LEN => {
+            let total =
+                u16::try_from(IPV4_HEADER_LEN + payload_len).map_err(|_| IpError::TotalLength)?;
+            header.copy_from_slice(&[
+                0x45, 0, 0, 0, 0, 0, 0x40, 0, ttl, protocol, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ]);
+            let mut ip = Ipv4Packet::new_unchecked(header);
+            ip.set_total_len(total);
+            ip.set_src(src.octets());
+            ip.set_dst(dst.octets());
+            ip.fill_checksum();
+            Ok(())
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) if header.len() == IPV6_HEADER_LEN => {
+            let len = u16::try_from(payload_len).map_err(|_| IpError::TotalLength)?;
+            header.fill(0);
+            header[0] = 0x60;
+            header[7] = ttl;
+            let mut ip = Ipv6Packet::new_unchecked(header);
+            ip.set_payload_len(len);
+            ip.set_next_header(protocol);
+            ip.set_src(src.octets());
+            ip.set_dst(dst.octets());
+            Ok(())
+        }
+        _ => Err(IpError::HeaderLength),
+    }
+}
+
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
@@ -327,6 +369,46 @@ mod tests {
         p.fill_checksum();
         assert!(p.verify_checksum());
         assert_eq!(p.protocol(), protocol::ESP);
+    }
+
+    #[test]
+    fn emitted_headers_parse_back() {
+        let mut h4 = [0u8; 20];
+        let (s4, d4) = (
+            "198.18.0.1".parse().expect("ip"),
+            "198.19.0.2".parse().expect("ip"),
+        );
+        emit_header(&mut h4, s4, d4, protocol::TCP, 100, 64).expect("v4");
+        let mut p4 = h4.to_vec();
+        p4.resize(120, 0);
+        let ip = Ipv4Packet::new_checked(&p4[..]).expect("parses");
+        assert!(ip.verify_checksum() && !ip.is_fragment());
+        assert_eq!(
+            (ip.total_len(), ip.protocol(), ip.src(), ip.dst()),
+            (120, 6, [198, 18, 0, 1], [198, 19, 0, 2])
+        );
+        let mut h6 = [0xAAu8; 40];
+        let (s6, d6) = (
+            "2001:db8::1".parse().expect("ip"),
+            "2001:db8::2".parse().expect("ip"),
+        );
+        emit_header(&mut h6, s6, d6, protocol::UDP, 8, 64).expect("v6");
+        let mut p6 = h6.to_vec();
+        p6.resize(48, 0);
+        let ip = Ipv6Packet::new_checked(&p6[..]).expect("parses");
+        assert_eq!(
+            (ip.payload_len(), ip.next_header(), ip.src()[15]),
+            (8, 17, 1)
+        );
+        assert_eq!(p6[1..4], [0, 0, 0], "traffic class and flow label cleared");
+        assert_eq!(
+            emit_header(&mut h4, s4, d6, 6, 0, 64),
+            Err(IpError::HeaderLength)
+        );
+        assert_eq!(
+            emit_header(&mut h4, s4, d4, 6, 65536, 64),
+            Err(IpError::TotalLength)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use super::checksum::{self, combine, pseudo_header_v6, sum};
 use super::ip::{
-    IPV4_HEADER_LEN, IPV6_HEADER_LEN, IpError, Ipv4Packet, Ipv6Packet, protocol, version,
+    self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, IpError, Ipv4Packet, Ipv6Packet, protocol, version,
 };
 
 /// RFC 3948 section 2.1: the IKE/NAT-T port.
@@ -93,46 +93,33 @@ pub fn emit(packet: &mut [u8], outer: &Outer) -> Result<(), OuterError> {
         udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
         udp[6..8].copy_from_slice(&[0, 0]);
     }
-    match (outer.src, outer.dst) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let total = u16::try_from(packet.len()).map_err(|_| OuterError::TooLong)?;
-            packet[..IPV4_HEADER_LEN].copy_from_slice(&[
-                0x45, 0, 0, 0, 0, 0, 0x40, 0, TTL, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            ]);
-            let mut ip = Ipv4Packet::new_unchecked(&mut packet[..IPV4_HEADER_LEN]);
-            ip.set_total_len(total);
-            ip.set_src(src.octets());
-            ip.set_dst(dst.octets());
-            ip.fill_checksum();
-        }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let payload =
-                u16::try_from(packet.len() - IPV6_HEADER_LEN).map_err(|_| OuterError::TooLong)?;
-            let h = &mut packet[..IPV6_HEADER_LEN];
-            h[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 0, proto, TTL]);
-            h[4..6].copy_from_slice(&payload.to_be_bytes());
-            h[8..24].copy_from_slice(&src.octets());
-            h[24..40].copy_from_slice(&dst.octets());
-            if proto == protocol::UDP {
-                let segment = &packet[IPV6_HEADER_LEN..];
-                let total = combine(
-                    pseudo_header_v6(
-                        &src.octets(),
-                        &dst.octets(),
-                        protocol::UDP,
-                        u32::from(payload),
-                    ),
-                    sum(segment),
-                );
-                let value = match checksum::finish(total) {
-                    0 => 0xFFFF,
-                    v => v,
-                };
-                packet[IPV6_HEADER_LEN + 6..IPV6_HEADER_LEN + 8]
-                    .copy_from_slice(&value.to_be_bytes());
-            }
-        }
-        _ => return Err(OuterError::MixedFamilies),
+    if outer.src.is_ipv4() != outer.dst.is_ipv4() {
+        return Err(OuterError::MixedFamilies);
+    }
+    let payload_len = packet.len() - ip_len;
+    ip::emit_header(
+        &mut packet[..ip_len],
+        outer.src,
+        outer.dst,
+        proto,
+        payload_len,
+        TTL,
+    )
+    .map_err(|_| OuterError::TooLong)?;
+    if let (IpAddr::V6(src), IpAddr::V6(dst), protocol::UDP) = (outer.src, outer.dst, proto) {
+        let segment = &packet[IPV6_HEADER_LEN..];
+        let pseudo = pseudo_header_v6(
+            &src.octets(),
+            &dst.octets(),
+            protocol::UDP,
+            segment.len() as u32,
+        );
+        // RFC 768: a computed zero is sent as all ones.
+        let value = match checksum::finish(combine(pseudo, sum(segment))) {
+            0 => 0xFFFF,
+            v => v,
+        };
+        packet[IPV6_HEADER_LEN + 6..IPV6_HEADER_LEN + 8].copy_from_slice(&value.to_be_bytes());
     }
     Ok(())
 }
