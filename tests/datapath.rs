@@ -76,6 +76,8 @@ fn link_with(selector: Selector, spec: LinkSpec) -> Link {
     out.add_sa(
         OutboundSa::new(SPI, keys, spec.esn, InnerAddrs::new(a, b).expect("addrs")).expect("sa"),
     );
+    // Keys made for this test never outlive it: grant every number.
+    out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
     let mut inb = Inbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, spec.icv).expect("keys");
     inb.add_sa(
@@ -439,6 +441,8 @@ fn interop_with_scapy_both_directions_byte_for_byte() {
             OutboundSa::new(spi, keys, false, InnerAddrs::new(src, dst).expect("addrs"))
                 .expect("sa"),
         );
+        // Keys made for this test never outlive it: grant every number.
+        out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
         out.sa_mut(0).expect("sa").resume_after(seq - 1);
         let mut batch = [buf(&inner)];
         out.process(&selector, &mut batch, &mut verdicts);

@@ -113,6 +113,8 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     let mut out = Outbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&sender, &material, IcvLen::Icv16).expect("keys");
     out.add_sa(OutboundSa::new(0x2000, keys, false, addrs(a, b)).expect("sa"));
+    // Keys made for this test never outlive it: grant every number.
+    out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
     let mut inb = Inbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&receiver, &material, IcvLen::Icv16).expect("keys");
     inb.add_sa(InboundSa::new(0x2000, keys, false, addrs(b, a), 64).expect("sa"));

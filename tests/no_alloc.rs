@@ -67,6 +67,8 @@ fn sealing_and_opening_batches_allocates_nothing() {
     let mut out = Outbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
     out.add_sa(OutboundSa::new(0x3000, keys, true, addrs(a, b)).expect("sa"));
+    // Keys made for this test never outlive it: grant every number.
+    out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
     let mut inb = Inbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
     inb.add_sa(InboundSa::new(0x3000, keys, true, addrs(b, a), 4096).expect("sa"));

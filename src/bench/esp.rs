@@ -81,7 +81,11 @@ impl DatapathRig {
         let addrs =
             |l: [u8; 4], r: [u8; 4]| InnerAddrs::new(l.into(), r.into()).map_err(|e| e.to_string());
         let mut out = Outbound::new(InnerPolicy::default());
-        out.add_sa(OutboundSa::new(SPI, keys()?, false, addrs(A, B)?).map_err(|e| e.to_string())?);
+        let mut sa =
+            OutboundSa::new(SPI, keys()?, false, addrs(A, B)?).map_err(|e| e.to_string())?;
+        // A benchmark key lives only in this process: no restart can reuse it.
+        sa.set_ceiling(u64::MAX);
+        out.add_sa(sa);
         let mut inb = Inbound::new(InnerPolicy::default());
         inb.add_sa(
             InboundSa::new(SPI, keys()?, false, addrs(B, A)?, WINDOW).map_err(|e| e.to_string())?,

@@ -3,9 +3,9 @@
 //!
 //! Invariants:
 //! - An outbound SA never hands out a sequence number twice and never
-//!   passes its ceiling: the hard limit of the sequence space (RFC 4303
-//!   section 3.3.3: the counter must not cycle) or a lower, persisted
-//!   reservation set by the daemon. Since the IV is the sequence number,
+//!   passes its ceiling: 0 until its owner grants a durably recorded
+//!   reservation, and never above the hard limit of the sequence space
+//!   (RFC 4303 section 3.3.3: the counter must not cycle). Since the IV is the sequence number,
 //!   this is what makes (key, nonce) reuse impossible.
 //! - An SA holds one key object per provider that passed its self-tests,
 //!   so a switch of provider needs no rekeying.
@@ -174,14 +174,22 @@ pub struct OutboundSa {
     pub stats: SaStats,
 }
 
-/// Last usable sequence number: 2^32 - 1 without ESN, 2^64 - 1 with.
+/// Last usable sequence number: 2^32 - 1 without ESN (RFC 4303 section
+/// 3.3.3); with ESN 2^64 - 2, one short of the type's maximum so that the
+/// counter itself can never overflow and wrap to reused nonces.
 pub fn hard_limit(esn: bool) -> u64 {
-    if esn { u64::MAX } else { u64::from(u32::MAX) }
+    if esn {
+        u64::MAX - 1
+    } else {
+        u64::from(u32::MAX)
+    }
 }
 
 impl OutboundSa {
-    /// The ceiling starts at the hard limit; a daemon that persists
-    /// reservations lowers it with [`Self::set_ceiling`] before traffic.
+    /// Fails closed: the ceiling starts at 0, so nothing is sent until the
+    /// owner grants sequence numbers with [`Self::set_ceiling`] after
+    /// durably recording the reservation (or, for a key that can never
+    /// outlive this process, grants them all).
     pub fn new(spi: u32, keys: SaKeys, esn: bool, inner: InnerAddrs) -> Result<Self, SaError> {
         if spi < 256 {
             return Err(SaError::ReservedSpi);
@@ -193,7 +201,7 @@ impl OutboundSa {
             esn,
             inner,
             next_seq: 1,
-            ceiling: hard,
+            ceiling: 0,
             soft_limit: hard - hard / 8,
             soft_limit_reported: false,
             stats: SaStats::default(),
@@ -327,6 +335,12 @@ mod tests {
         let m = KeyMaterial::from_bytes(&[7; 20]).expect("ok");
         let keys = SaKeys::new(&s, &m, IcvLen::Icv16).expect("keys");
         let mut sa = OutboundSa::new(0x1000, keys, false, addrs()).expect("sa");
+        assert_eq!(
+            sa.next_seq(),
+            Err(SeqError::ReservationNeeded),
+            "fails closed"
+        );
+        sa.set_ceiling(2);
         assert_eq!(sa.next_seq(), Ok(1));
         assert_eq!(sa.next_seq(), Ok(2));
         sa.set_ceiling(3);
@@ -343,6 +357,27 @@ mod tests {
             sa.next_seq(),
             Err(SeqError::Exhausted),
             "never moves backwards"
+        );
+    }
+
+    #[test]
+    fn the_esn_counter_stops_before_it_could_wrap() {
+        let s = selector();
+        let m = KeyMaterial::from_bytes(&[7; 20]).expect("ok");
+        let keys = SaKeys::new(&s, &m, IcvLen::Icv16).expect("keys");
+        let mut sa = OutboundSa::new(0x1000, keys, true, addrs()).expect("sa");
+        sa.set_ceiling(u64::MAX);
+        sa.resume_after(u64::MAX - 3);
+        assert_eq!(sa.next_seq(), Ok(u64::MAX - 2));
+        assert_eq!(sa.next_seq(), Ok(u64::MAX - 1));
+        assert_eq!(sa.next_seq(), Err(SeqError::Exhausted));
+        assert_eq!(sa.next_seq(), Err(SeqError::Exhausted));
+        assert_eq!(sa.last_used(), u64::MAX - 1);
+        sa.resume_after(u64::MAX);
+        assert_eq!(
+            sa.next_seq(),
+            Err(SeqError::Exhausted),
+            "a corrupt resume point cannot wrap it"
         );
     }
 
