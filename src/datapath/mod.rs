@@ -35,6 +35,8 @@ pub enum DropReason {
     ExtensionHeader,
     /// A protocol without a checksum esptun can verify.
     UnverifiableProtocol,
+    /// UDP-Lite whose checksum does not cover the whole datagram.
+    PartialCoverage,
     /// No provider may carry traffic (halted by policy, or none passed).
     NoProvider,
     /// The packet does not fit the buffer or the IP length field.
@@ -73,13 +75,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::InnerHeader,
         DropReason::InnerChecksum,
         DropReason::ZeroUdpChecksum,
         DropReason::Fragment,
         DropReason::ExtensionHeader,
         DropReason::UnverifiableProtocol,
+        DropReason::PartialCoverage,
         DropReason::NoProvider,
         DropReason::Oversize,
         DropReason::NoSa,
@@ -106,6 +109,7 @@ impl DropReason {
             DropReason::Fragment => "fragment",
             DropReason::ExtensionHeader => "extension_header",
             DropReason::UnverifiableProtocol => "unverifiable_protocol",
+            DropReason::PartialCoverage => "partial_coverage",
             DropReason::NoProvider => "no_provider",
             DropReason::Oversize => "oversize",
             DropReason::NoSa => "no_sa",
@@ -139,6 +143,7 @@ impl From<InnerError> for DropReason {
             InnerError::Fragment => DropReason::Fragment,
             InnerError::ExtensionHeader => DropReason::ExtensionHeader,
             InnerError::Unverifiable(_) => DropReason::UnverifiableProtocol,
+            InnerError::PartialCoverage => DropReason::PartialCoverage,
         }
     }
 }
@@ -167,6 +172,7 @@ pub struct Counters {
     /// Packets passed under a policy exception, by kind.
     pub udp4_zero_checksum: AtomicU64,
     pub unverifiable_protocol: AtomicU64,
+    pub udplite_partial_coverage: AtomicU64,
     pub passed: AtomicU64,
     /// Outbound SAs whose sequence number reached their soft limit: time
     /// to roll keys (counted once per SA).
@@ -179,6 +185,7 @@ impl Default for Counters {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             udp4_zero_checksum: AtomicU64::new(0),
             unverifiable_protocol: AtomicU64::new(0),
+            udplite_partial_coverage: AtomicU64::new(0),
             passed: AtomicU64::new(0),
             soft_limit_crossings: AtomicU64::new(0),
         }
@@ -209,6 +216,10 @@ impl Counters {
             }
             InnerVerdict::Unverifiable => {
                 self.unverifiable_protocol.fetch_add(1, Ordering::Relaxed);
+            }
+            InnerVerdict::UdpLitePartialCoverage => {
+                self.udplite_partial_coverage
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }

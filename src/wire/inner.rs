@@ -20,6 +20,9 @@ pub struct InnerPolicy {
     /// Protocols esptun cannot verify (neither TCP, UDP, UDP-Lite, ICMP
     /// nor ICMPv6). Refused by default: nothing vouches for their bytes.
     pub allow_unverifiable_protocols: bool,
+    /// UDP-Lite whose checksum covers only part of the datagram (RFC 3828):
+    /// the rest reaches the application unchecked. Refused by default.
+    pub allow_udplite_partial_coverage: bool,
 }
 
 impl Default for InnerPolicy {
@@ -27,6 +30,7 @@ impl Default for InnerPolicy {
         InnerPolicy {
             allow_udp4_zero_checksum: true,
             allow_unverifiable_protocols: false,
+            allow_udplite_partial_coverage: false,
         }
     }
 }
@@ -40,6 +44,9 @@ pub enum InnerVerdict {
     Udp4ZeroChecksum,
     /// A protocol without a checksum esptun knows, allowed by policy.
     Unverifiable,
+    /// UDP-Lite with partial coverage, the covered part verified, allowed
+    /// by policy.
+    UdpLitePartialCoverage,
 }
 
 /// Why a packet may not go on. Each is a drop reason of its own.
@@ -59,6 +66,8 @@ pub enum InnerError {
     ExtensionHeader,
     #[error("protocol {0} has no checksum esptun can verify")]
     Unverifiable(u8),
+    #[error("UDP-Lite checksum covers only part of the datagram")]
+    PartialCoverage,
 }
 
 /// Addresses for the pseudo-header.
@@ -96,28 +105,37 @@ pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<InnerVerdict, Inne
         }
         _ => {
             let ip = Ipv6Packet::new_checked(packet)?;
-            match ip.next_header() {
-                protocol::IPV6_HOP_BY_HOP
-                | protocol::IPV6_ROUTING
-                | protocol::IPV6_FRAGMENT
-                | protocol::IPV6_DEST_OPTS => Err(InnerError::ExtensionHeader),
-                next => {
-                    validate_segment(Pseudo::V6(ip.src(), ip.dst()), next, ip.payload(), policy)
-                }
-            }
+            validate_segment(
+                Pseudo::V6(ip.src(), ip.dst()),
+                ip.next_header(),
+                ip.payload(),
+                policy,
+            )
         }
     }
 }
 
 /// Validates a transport segment whose IP header the caller built itself
-/// (inbound, from the SA), so only the segment needs checking: the same
-/// rules as [`validate`] without parsing the header again.
+/// (inbound, from the SA): the same rules as [`validate`] (IPv6 extension
+/// headers included), without parsing an IP header again. IPv4 fragments
+/// cannot reach here: ESP carries whole packets in transport mode.
 pub fn validate_segment(
     pseudo: Pseudo,
     proto: u8,
     segment: &[u8],
     policy: InnerPolicy,
 ) -> Result<InnerVerdict, InnerError> {
+    if matches!(pseudo, Pseudo::V6(..))
+        && matches!(
+            proto,
+            protocol::IPV6_HOP_BY_HOP
+                | protocol::IPV6_ROUTING
+                | protocol::IPV6_FRAGMENT
+                | protocol::IPV6_DEST_OPTS
+        )
+    {
+        return Err(InnerError::ExtensionHeader);
+    }
     let verified = |total: u16| {
         if checksum::is_valid(total) {
             Ok(InnerVerdict::Verified)
@@ -165,7 +183,15 @@ pub fn validate_segment(
             verified(combine(
                 pseudo.sum(proto, segment.len()),
                 sum(&segment[..coverage]),
-            ))
+            ))?;
+            // Bytes past the coverage reach the application unchecked.
+            match coverage < segment.len() {
+                false => Ok(InnerVerdict::Verified),
+                true if policy.allow_udplite_partial_coverage => {
+                    Ok(InnerVerdict::UdpLitePartialCoverage)
+                }
+                true => Err(InnerError::PartialCoverage),
+            }
         }
         protocol::ICMP if matches!(pseudo, Pseudo::V4(..)) => {
             // ICMPv4 has no pseudo-header (RFC 792).
@@ -268,8 +294,8 @@ pub mod build {
             sum(&s)
         };
         let mut value = finish(total);
-        if proto == protocol::UDP && value == 0 {
-            value = 0xFFFF; // RFC 768: a computed 0 is sent as all ones
+        if matches!(proto, protocol::UDP | protocol::UDPLITE) && value == 0 {
+            value = 0xFFFF; // RFC 768, RFC 3828 3.1: a computed 0 is sent as all ones
         }
         s[csum_at..csum_at + 2].copy_from_slice(&value.to_be_bytes());
         s
@@ -388,6 +414,18 @@ mod tests {
         let mut ext = ipv6(A6, B6, protocol::UDP, b"x");
         ext[6] = protocol::IPV6_HOP_BY_HOP;
         assert_eq!(validate(&ext, p), Err(InnerError::ExtensionHeader));
+        // Also on the inbound path, and whatever the policy for unknown
+        // protocols: the TCP/UDP behind the extension is never checked.
+        let open = InnerPolicy {
+            allow_unverifiable_protocols: true,
+            ..p
+        };
+        for next in [0, 43, 44, 60] {
+            assert_eq!(
+                validate_segment(Pseudo::V6(A6, B6), next, &ext[40..], open),
+                Err(InnerError::ExtensionHeader)
+            );
+        }
         let gre = ipv4(A4, B4, 47, b"whatever");
         assert_eq!(validate(&gre, p), Err(InnerError::Unverifiable(47)));
         let open = InnerPolicy {
@@ -412,15 +450,27 @@ mod tests {
         let pseudo = pseudo_header_v4(A4, B4, protocol::UDPLITE, 40);
         let value = checksum::finish(combine(pseudo, sum(&p[20..28])));
         p[26..28].copy_from_slice(&value.to_be_bytes());
+        // Refused by default: the uncovered bytes would go unchecked.
         assert_eq!(
             validate(&p, InnerPolicy::default()),
-            Ok(InnerVerdict::Verified)
+            Err(InnerError::PartialCoverage)
+        );
+        let partial = InnerPolicy {
+            allow_udplite_partial_coverage: true,
+            ..InnerPolicy::default()
+        };
+        assert_eq!(
+            validate(&p, partial),
+            Ok(InnerVerdict::UdpLitePartialCoverage)
         );
         p[40] ^= 0xFF; // uncovered payload byte
         assert_eq!(
-            validate(&p, InnerPolicy::default()),
-            Ok(InnerVerdict::Verified)
+            validate(&p, partial),
+            Ok(InnerVerdict::UdpLitePartialCoverage)
         );
+        p[22] ^= 0xFF; // covered header byte
+        assert_eq!(validate(&p, partial), Err(InnerError::Checksum));
+        p[22] ^= 0xFF;
         p[24..26].copy_from_slice(&[0, 7]); // coverage below the header
         assert_eq!(
             validate(&p, InnerPolicy::default()),
