@@ -1,6 +1,7 @@
 //! The packet path allocates nothing: after warm-up, sealing and opening
-//! batches (valid packets and every common kind of refusal) performs zero
-//! heap allocations on the calling thread.
+//! batches performs zero heap allocations on the calling thread, for valid
+//! packets and for refusals on both sides (inner checksum, no SA, bad
+//! header; unknown SPI, truncated, ICV failure, replay).
 //!
 //! A test binary of its own, because it replaces the global allocator.
 
@@ -11,7 +12,7 @@ use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, Selector};
 use esptun::crypto::{IcvLen, Provider};
 use esptun::datapath::inbound::{Encap, Inbound};
 use esptun::datapath::outbound::Outbound;
-use esptun::datapath::{PacketBuf, Verdict};
+use esptun::datapath::{DropReason, PacketBuf, Verdict};
 use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
 use esptun::wire::inner::{InnerPolicy, build};
 use esptun::wire::ip::protocol;
@@ -80,6 +81,8 @@ fn sealing_and_opening_batches_allocates_nothing() {
     let inputs = [&good[..], &bad_checksum, &no_sa, &[0x45, 0, 0], &good];
     let mut batch: Vec<PacketBuf> = inputs.iter().map(|_| PacketBuf::new(2048)).collect();
     let mut verdicts = Vec::with_capacity(batch.len());
+    // Tampered and replayed copies of a sealed packet, opened after it.
+    let mut extra: Vec<PacketBuf> = (0..2).map(|_| PacketBuf::new(2048)).collect();
 
     let mut round = |count: &mut [usize; 2]| {
         for (buf, input) in batch.iter_mut().zip(inputs) {
@@ -92,8 +95,20 @@ fn sealing_and_opening_batches_allocates_nothing() {
             .count();
         // Open what was sealed (refusals are opened too: they are garbage
         // to the receiver and must be refused without allocating as well).
+        // Opened first: a tampered copy of the second sealed packet (ICV
+        // failure, window untouched) and a copy of the first, which then
+        // makes the first a replay in the main batch.
+        assert!(extra[0].fill(batch[4].data()) && extra[1].fill(batch[0].data()));
+        extra[0].data_mut()[30] ^= 1;
+        inb.process(&selector, Encap::Udp, &mut extra, &mut verdicts);
+        assert_eq!(
+            verdicts,
+            [Verdict::Drop(DropReason::IcvFailure), Verdict::Deliver]
+        );
         inb.process(&selector, Encap::Udp, &mut batch, &mut verdicts);
-        count[1] += verdicts.iter().filter(|v| **v == Verdict::Deliver).count();
+        assert_eq!(verdicts[0], Verdict::Drop(DropReason::Replay));
+        assert_eq!(verdicts[4], Verdict::Deliver);
+        count[1] += 2;
     };
     let mut warm = [0usize; 2];
     round(&mut warm);

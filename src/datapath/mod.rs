@@ -6,7 +6,8 @@
 //! - Every packet gets exactly one verdict; every drop increments exactly
 //!   one counter, named by its [`DropReason`].
 //! - Nothing on the packet path allocates, panics or blocks; every length
-//!   is checked before it is used.
+//!   is checked before it is used. (The caller's `verdicts` vector grows
+//!   once to the batch size and is reused.)
 //! - No packet is delivered without a passed ICV and a passed inner
 //!   checksum, or an explicit counted policy exception
 //!   ([`crate::wire::inner::InnerPolicy`]).
@@ -173,6 +174,7 @@ pub struct Counters {
     pub udp4_zero_checksum: AtomicU64,
     pub unverifiable_protocol: AtomicU64,
     pub udplite_partial_coverage: AtomicU64,
+    /// Packets not dropped: sent, delivered, or handed to IKE.
     pub passed: AtomicU64,
     /// Outbound SAs whose sequence number reached their soft limit: time
     /// to roll keys (counted once per SA).

@@ -6,12 +6,14 @@
 //! high 32 bits are not on the wire; Appendix A2.2 infers them from the
 //! window, and a wrong guess simply fails the ICV.
 //!
-//! The bitmap follows RFC 6479: a ring of 64-bit blocks with one block more
-//! than the window needs, so advancing the window clears whole blocks
-//! instead of shifting the bitmap, and the cost of a packet does not grow
-//! with the window size. Memory is allocated once, when the SA is created.
+//! The bitmap follows RFC 6479: a ring of 64-bit blocks with at least one
+//! block more than the window needs (rounded up to a power of two, so the
+//! index is a mask), so advancing the window clears whole blocks instead of
+//! shifting the bitmap, and the cost of a packet does not grow with the
+//! window size. Memory is allocated once, when the SA is created.
 
-/// Largest window accepted (packets). 65536 packets is 1 KiB of bitmap.
+/// Largest window accepted (packets): 8 KiB of bitmap, 16 KiB allocated
+/// once the ring is rounded up to a power of two.
 pub const MAX_WINDOW: u32 = 65536;
 /// Default window: comfortably above what reordering on a LAN or a
 /// multi-queue NIC produces at 10 Gb/s.

@@ -85,8 +85,9 @@ fn sum_lanes(data: &[u8]) -> u16 {
         [a] => tail += u64::from(u16::from_ne_bytes([*a, 0])),
         _ => {}
     }
-    // Each lane is below 2^38 for any packet (and below 2^64 for any slice
-    // smaller than 2^34 bytes), so this total cannot overflow.
+    // A lane gains at most 2^33 per 32-byte block: about 2^44 for a 64 KiB
+    // packet, and below 2^64 for any slice under 2^35 bytes, so neither the
+    // lanes nor this total can overflow.
     let total = lanes
         .iter()
         .chain(std::iter::once(&tail))

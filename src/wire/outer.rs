@@ -78,6 +78,9 @@ impl Outer {
 /// computed over IPv6, where zero is not allowed (RFC 8200 section 8.1).
 pub fn emit(packet: &mut [u8], outer: &Outer) -> Result<(), OuterError> {
     let header_len = outer.header_len();
+    if outer.src.is_ipv4() != outer.dst.is_ipv4() {
+        return Err(OuterError::MixedFamilies);
+    }
     if packet.len() < header_len {
         return Err(OuterError::TooLong);
     }
@@ -92,9 +95,6 @@ pub fn emit(packet: &mut [u8], outer: &Outer) -> Result<(), OuterError> {
         udp[2..4].copy_from_slice(&dst_port.to_be_bytes());
         udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
         udp[6..8].copy_from_slice(&[0, 0]);
-    }
-    if outer.src.is_ipv4() != outer.dst.is_ipv4() {
-        return Err(OuterError::MixedFamilies);
     }
     let payload_len = packet.len() - ip_len;
     ip::emit_header(
