@@ -128,3 +128,19 @@ fn bad_arguments_are_usage_errors_with_a_reason() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn bench_runs_with_its_default_sizes() {
+    // The defaults include 65536, which the cipher table measures and the
+    // datapath table must skip (no IPv4 packet is that long).
+    let out = esptun(&["bench", "--seconds", "0.005", "--rounds", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("65536 seal"), "{text}");
+    assert!(text.contains("datapath"), "{text}");
+}
