@@ -8,7 +8,7 @@
 //! ring only produces and checks full 16-byte tags. Sealing with a shorter
 //! ICV truncates (RFC 4106 section 6: the ICV is the leading octets of the
 //! tag). Opening with a shorter ICV is done in three passes, because ring
-//! does not expose the tag without also checking it; see [`RingKey::open_truncated`].
+//! does not expose the tag without also checking it; see `RingKey::open_truncated`.
 
 use std::sync::Arc;
 

@@ -12,7 +12,7 @@
 //! It adds 32-bit words into four independent 64-bit lanes (no carry
 //! handling in the loop: 2^32 words fit in a lane) and folds once at the
 //! end; on CPUs with AVX2, inputs of 128 bytes or more go through an
-//! explicit 256-bit loop of the same arithmetic ([`sum_avx2`]). Summing native-endian words and byte-swapping the folded result is
+//! explicit 256-bit loop of the same arithmetic (`sum_avx2`). Summing native-endian words and byte-swapping the folded result is
 //! exact (RFC 1071 section 2(B), byte-order independence).
 
 /// Adds two ones' complement sums (end-around carry).
