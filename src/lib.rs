@@ -9,5 +9,6 @@ pub mod bench;
 pub mod crypto;
 pub mod datapath;
 pub mod hex;
+pub mod keyfile;
 pub mod sa;
 pub mod wire;

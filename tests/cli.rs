@@ -144,3 +144,53 @@ fn bench_runs_with_its_default_sizes() {
     assert!(text.contains("65536 seal"), "{text}");
     assert!(text.contains("datapath"), "{text}");
 }
+
+#[test]
+fn genkey_writes_a_private_key_once_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("esptun-cli-genkey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("out.key");
+    let path_str = path.to_str().expect("utf-8 path");
+
+    let out = esptun(&["genkey", "--bits", "128", "-o", path_str]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).expect("key file");
+    assert_eq!(text.trim().len(), 40, "16-byte key + 4-byte salt as hex");
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(text.trim()), "the key must not be printed");
+    assert!(esptun::keyfile::load(&path).is_ok());
+
+    let again = esptun(&["genkey", "-o", path_str]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("key file"),
+        text,
+        "unchanged"
+    );
+
+    let default = dir.join("default.key");
+    let out = esptun(&["genkey", "-o", default.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&default).expect("key").trim().len(),
+        72,
+        "256-bit by default"
+    );
+    assert_eq!(
+        esptun(&["genkey", "--bits", "192", "-o", "x"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,229 @@
+//! Key files: RFC 4106 key material (AES key || 4-byte salt) as one line of
+//! hex, in a file only its owner can read.
+//!
+//! Invariants:
+//! - A new key file is created, never overwritten (O_CREAT|O_EXCL), with
+//!   mode 0600 from the start, so it is never readable by others even for
+//!   an instant.
+//! - A key file that group or others can read, write or execute is refused:
+//!   its key may already be known elsewhere.
+//! - Key bytes pass only through zeroizing buffers and never into errors.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::crypto::KeySize;
+use crate::sa::KeyMaterial;
+
+/// The salt RFC 4106 section 8.1 appends to the key.
+const SALT_LEN: usize = 4;
+/// Longest file read: 36 bytes of hex plus whitespace and a comment's room.
+const MAX_FILE_LEN: u64 = 4096;
+
+/// What went wrong with a key file; every message names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read key file {path}: {source} (check the path in the configuration)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "key file {path} has mode {mode:04o}: group or others have access, so the key may be \
+         known elsewhere; generate a new key with `esptun genkey`, or if you are sure it is \
+         unexposed, `chmod 600 {path}`"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error(
+        "key file {path} holds {got} bytes of key material; it must be 20 (AES-128 key + salt) \
+         or 36 (AES-256 key + salt) bytes as hex: create one with `esptun genkey`"
+    )]
+    Length { path: PathBuf, got: usize },
+    #[error(
+        "key file {path} is not hex (one line of 40 or 72 hex digits): create one with `esptun genkey`"
+    )]
+    NotHex { path: PathBuf },
+    #[error("key file {path} is larger than {MAX_FILE_LEN} bytes: it is not a key file")]
+    TooLarge { path: PathBuf },
+    #[error(
+        "{path} already exists: esptun genkey never overwrites a key (remove it first if you mean to)"
+    )]
+    Exists { path: PathBuf },
+    #[error("cannot create key file {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// Generates new key material (random key and salt) for `size`.
+pub fn generate(size: KeySize) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
+    let mut bytes = Zeroizing::new(vec![0u8; size.bytes() + SALT_LEN]);
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| KeyFileError::Random)?;
+    Ok(bytes)
+}
+
+/// Writes `material` as hex to a new file `path` with mode 0600.
+pub fn write_new(path: &Path, material: &[u8]) -> Result<(), KeyFileError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => KeyFileError::Exists {
+                path: path.to_path_buf(),
+            },
+            _ => KeyFileError::Create {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let mut text = Zeroizing::new(crate::hex::encode(material));
+    text.push('\n');
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|source| KeyFileError::Create {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Reads and checks a key file.
+pub fn load(path: &Path) -> Result<KeyMaterial, KeyFileError> {
+    let read_err = |source| KeyFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    if meta.len() > MAX_FILE_LEN {
+        return Err(KeyFileError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.take(MAX_FILE_LEN)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    let digits: Zeroizing<String> = Zeroizing::new(text.split_whitespace().collect());
+    let bytes = Zeroizing::new(
+        crate::hex::decode(&digits).map_err(|_| KeyFileError::NotHex {
+            path: path.to_path_buf(),
+        })?,
+    );
+    KeyMaterial::from_bytes(&bytes).map_err(|_| KeyFileError::Length {
+        path: path.to_path_buf(),
+        got: bytes.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    /// A fresh directory for one test, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("esptun-keyfile-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("temp dir");
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn generated_keys_round_trip_with_mode_0600_and_differ() {
+        let dir = TempDir::new("roundtrip");
+        for (size, len) in [(KeySize::Aes128, 20), (KeySize::Aes256, 36)] {
+            let material = generate(size).expect("random");
+            assert_eq!(material.len(), len);
+            let path = dir.0.join(format!("{len}.key"));
+            write_new(&path, &material).expect("write");
+            let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+            let loaded = load(&path).expect("load");
+            assert_eq!(loaded.key().size(), size);
+            assert_eq!(loaded.key().expose(), &material[..size.bytes()]);
+        }
+        assert_ne!(
+            *generate(KeySize::Aes128).expect("a"),
+            *generate(KeySize::Aes128).expect("b")
+        );
+    }
+
+    #[test]
+    fn an_existing_file_is_never_overwritten() {
+        let dir = TempDir::new("exists");
+        let path = dir.0.join("k");
+        fs::write(&path, "keep me").expect("write");
+        let err = write_new(&path, &[0u8; 20]).expect_err("exists");
+        assert!(matches!(err, KeyFileError::Exists { .. }), "{err}");
+        assert_eq!(fs::read_to_string(&path).expect("read"), "keep me");
+    }
+
+    #[test]
+    fn exposed_short_long_and_garbled_files_are_refused_with_the_fix() {
+        let dir = TempDir::new("refused");
+        let good = "00112233445566778899aabbccddeeff01020304\n";
+        let cases: [(&str, &str, u32, &str); 6] = [
+            ("group", good, 0o640, "chmod 600"),
+            ("other", good, 0o604, "group or others"),
+            ("short", "0011", 0o600, "must be 20"),
+            ("odd", "001", 0o600, "not hex"),
+            (
+                "garbage",
+                "zz11223344556677889900aabbccddeeff010203",
+                0o600,
+                "not hex",
+            ),
+            ("aes192", &"ab".repeat(28), 0o600, "holds 28 bytes"),
+        ];
+        for (name, content, mode, fix) in cases {
+            let path = dir.0.join(name);
+            fs::write(&path, content).expect("write");
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = load(&path).expect_err(name).to_string();
+            assert!(err.contains(fix), "{name}: {err}");
+            assert!(err.contains(&path.display().to_string()), "{name}: {err}");
+            assert!(
+                !err.contains("00112233"),
+                "{name}: key bytes in an error: {err}"
+            );
+        }
+        let missing = load(&dir.0.join("nope")).expect_err("missing").to_string();
+        assert!(missing.contains("cannot read key file"), "{missing}");
+        // Whitespace and a trailing newline are fine.
+        let spaced = dir.0.join("spaced");
+        fs::write(&spaced, "0011223344556677 8899aabbccddeeff\n01020304\n").expect("write");
+        fs::set_permissions(&spaced, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(load(&spaced).is_ok());
+    }
+}
