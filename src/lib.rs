@@ -6,6 +6,7 @@
 //! knows nothing of packets or sockets.
 
 pub mod bench;
+pub mod config;
 pub mod crypto;
 pub mod datapath;
 pub mod hex;

@@ -30,6 +30,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Parse and validate a configuration file and read its key files, then
+    /// exit: 0 if the daemon could start with it, 1 with every problem
+    /// listed (field and fix) if not.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: std::path::PathBuf,
+    },
     /// Generate new RFC 4106 key material (a random AES key and 4-byte
     /// salt) into a new file with mode 0600, for one direction of one SA.
     ///
@@ -125,6 +133,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Genkey { bits, output } => genkey(bits, &output),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Selftest { json, crypto } => selftest(json, crypto),
         Command::Bench {
             json,
@@ -155,6 +164,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let valid = esptun::config::Config::load(path)?;
+    if let Err(errors) = valid.check_key_files() {
+        bail!(
+            "config {} is valid, but its keys are not usable:\n  - {}",
+            path.display(),
+            errors.join("\n  - ")
+        );
+    }
+    println!(
+        "config {} is valid: interface {} (MTU {}), {} outer, {} peer(s), crypto {}",
+        path.display(),
+        valid.interface,
+        valid.mtu,
+        if valid.outer_udp {
+            "UDP (NAT-T)"
+        } else {
+            "raw ESP"
+        },
+        valid.peers.len(),
+        valid.crypto
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn genkey(bits: u32, output: &std::path::Path) -> anyhow::Result<ExitCode> {

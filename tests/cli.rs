@@ -194,3 +194,64 @@ fn genkey_writes_a_private_key_once_and_never_overwrites() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_config_accepts_a_good_setup_and_names_every_problem_otherwise() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("esptun-cli-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key = |name: &str| {
+        let path = dir.join(name);
+        let out = esptun(&["genkey", "-o", path.to_str().expect("utf-8")]);
+        assert_eq!(out.status.code(), Some(0));
+        path
+    };
+    let (out_key, in_key) = (key("a-to-b.key"), key("b-to-a.key"));
+    let config = dir.join("esptun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[peer]]\nname = \"b\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.19.0.2\"\n\
+             outbound = {{ spi = 0x1001, key_file = {:?} }}\ninbound = {{ spi = 0x2001, key_file = {:?} }}\n",
+            out_key, in_key
+        ),
+    )
+    .expect("config");
+    let config_arg = config.to_str().expect("utf-8");
+    let out = esptun(&["check-config", "-c", config_arg]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));
+
+    // A key file others can read is refused, with the fix.
+    std::fs::set_permissions(&in_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = esptun(&["check-config", "-c", config_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("b-to-a.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+
+    // Several mistakes: all reported, by field.
+    std::fs::write(&config, "outer = \"tcp\"\ncrypto = \"fast\"\n").expect("config");
+    let out = esptun(&["check-config", "-c", config_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["outer:", "crypto:", "peer:"] {
+        assert!(err.contains(field), "{field} missing from {err}");
+    }
+    let missing = esptun(&[
+        "check-config",
+        "-c",
+        dir.join("nope.toml").to_str().expect("utf-8"),
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
