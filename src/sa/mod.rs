@@ -4,13 +4,15 @@
 //! Invariants:
 //! - An outbound SA never hands out a sequence number twice and never
 //!   passes its ceiling: 0 until its owner grants a durably recorded
-//!   reservation, and never above the hard limit of the sequence space
-//!   (RFC 4303 section 3.3.3: the counter must not cycle). Since the IV is the sequence number,
+//!   reservation ([`reservation`]: durable, keyed by a hash of the key),
+//!   and never above the hard limit of the sequence space (RFC 4303
+//!   section 3.3.3: the counter must not cycle). Since the IV is the sequence number,
 //!   this is what makes (key, nonce) reuse impossible.
 //! - An SA holds one key object per provider that passed its self-tests,
 //!   so a switch of provider needs no rekeying.
 
 pub mod replay;
+pub mod reservation;
 
 use std::net::IpAddr;
 

@@ -1,0 +1,294 @@
+//! Durable sequence-number reservations: what makes (key, nonce) reuse
+//! impossible across restarts, `kill -9` included.
+//!
+//! Before an outbound SA may use sequence numbers up to some ceiling, the
+//! ceiling is written to the state directory and made durable (write the
+//! temporary file, fsync it, rename it over the record, fsync the
+//! directory). After a restart the SA resumes above the recorded ceiling,
+//! so a number is never used twice even if the process died right after
+//! reserving. Reservations come in blocks, so the hot path writes rarely.
+//!
+//! Records are named by a keyed hash of the key material and SPI (HMAC-
+//! SHA-256 keyed with the key itself), never by the key: the state
+//! directory reveals nothing about it. A record that cannot be read or
+//! parsed is an error, never "no record": failing open here would reuse
+//! nonces.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::hmac;
+
+use super::{KeyMaterial, OutboundSa};
+
+/// Sequence numbers reserved per durable write.
+pub const DEFAULT_BLOCK: u64 = 1 << 20;
+const LABEL: &[u8] = b"esptun sequence reservation v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReservationError {
+    #[error(
+        "cannot use state directory {path}: {source} (create it, owned by root with mode 0700, or set state_dir)"
+    )]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read sequence reservation {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "sequence reservation {path} is corrupt; refusing to guess where the sequence stands, \
+         since guessing low would reuse GCM nonces: roll this SA to a new key (esptun genkey)"
+    )]
+    Corrupt { path: PathBuf },
+    #[error("cannot record sequence reservation {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The reservation records in one state directory.
+#[derive(Debug, Clone)]
+pub struct ReservationStore {
+    dir: PathBuf,
+}
+
+/// Names one outbound SA's record without revealing its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    pub fn new(material: &KeyMaterial, spi: u32) -> Self {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, material.key().expose());
+        let mut ctx = hmac::Context::with_key(&key);
+        ctx.update(LABEL);
+        ctx.update(&*material.salt);
+        ctx.update(&spi.to_be_bytes());
+        let tag = ctx.sign();
+        Fingerprint(crate::hex::encode(&tag.as_ref()[..16]))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl ReservationStore {
+    /// Opens (creating with mode 0700 if needed) the state directory.
+    pub fn open(dir: &Path) -> Result<Self, ReservationError> {
+        let dir_err = |source| ReservationError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+        if !std::fs::metadata(dir).map_err(dir_err)?.is_dir() {
+            return Err(dir_err(std::io::Error::other("not a directory")));
+        }
+        Ok(ReservationStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, fp: &Fingerprint) -> PathBuf {
+        self.dir.join(format!("seq-{}", fp.as_str()))
+    }
+
+    /// The recorded ceiling, or `None` if this key and SPI have no record.
+    pub fn load(&self, fp: &Fingerprint) -> Result<Option<u64>, ReservationError> {
+        let path = self.path(fp);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ReservationError::Read { path, source }),
+        };
+        text.strip_prefix("ceiling ")
+            .and_then(|rest| rest.trim_end().parse::<u64>().ok())
+            .map(Some)
+            .ok_or(ReservationError::Corrupt { path })
+    }
+
+    /// Durably records `ceiling` for this key and SPI.
+    pub fn store(&self, fp: &Fingerprint, ceiling: u64) -> Result<(), ReservationError> {
+        let path = self.path(fp);
+        let tmp = self.dir.join(format!("seq-{}.tmp", fp.as_str()));
+        let write_err = |source| ReservationError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err)?;
+        file.write_all(format!("ceiling {ceiling}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(write_err)?;
+        std::fs::rename(&tmp, &path).map_err(write_err)?;
+        // The rename is durable only once the directory is.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err)
+    }
+
+    /// Grants `sa` the next block: records `last_used + block` durably,
+    /// then raises the SA's ceiling to it. Call at start (after
+    /// [`Self::resume`]) and whenever the SA reports `ReservationNeeded`,
+    /// or a little before.
+    pub fn reserve_block(
+        &self,
+        fp: &Fingerprint,
+        sa: &mut OutboundSa,
+        block: u64,
+    ) -> Result<u64, ReservationError> {
+        let ceiling = sa
+            .last_used()
+            .saturating_add(block.max(1))
+            .min(super::hard_limit(sa.esn));
+        self.store(fp, ceiling)?;
+        sa.set_ceiling(ceiling);
+        Ok(ceiling)
+    }
+
+    /// After a restart: everything up to the recorded ceiling may have been
+    /// used, so continue above it. Returns whether a record existed.
+    pub fn resume(&self, fp: &Fingerprint, sa: &mut OutboundSa) -> Result<bool, ReservationError> {
+        Ok(match self.load(fp)? {
+            Some(ceiling) => {
+                sa.resume_after(ceiling);
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::crypto::IcvLen;
+    use crate::sa::{InnerAddrs, SaKeys, SeqError};
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("esptun-resv-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sa(material: &KeyMaterial) -> OutboundSa {
+        let selector = crate::sa::tests::selector();
+        let keys = SaKeys::new(&selector, material, IcvLen::Icv16).expect("keys");
+        let addrs = InnerAddrs::new(
+            "198.18.0.1".parse().expect("ip"),
+            "198.19.0.2".parse().expect("ip"),
+        )
+        .expect("addrs");
+        OutboundSa::new(0x1001, keys, false, addrs).expect("sa")
+    }
+
+    #[test]
+    fn a_restart_never_reuses_a_sequence_number() {
+        let dir = TempDir::new("restart");
+        let material = KeyMaterial::from_bytes(&[5u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material, 0x1001);
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let mode = std::fs::metadata(&dir.0)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+
+        // First run: no record; reserve a block of 10, use 7, then die.
+        let mut first = sa(&material);
+        assert!(!store.resume(&fp, &mut first).expect("resume"));
+        assert_eq!(
+            store.reserve_block(&fp, &mut first, 10).expect("reserve"),
+            10
+        );
+        let used: Vec<u64> = (0..7).map(|_| first.next_seq().expect("seq")).collect();
+        assert_eq!(used, (1..=7).collect::<Vec<_>>());
+        drop(first); // kill -9: nothing else is written
+
+        // Second run: continues above the recorded ceiling.
+        let mut second = sa(&material);
+        assert!(store.resume(&fp, &mut second).expect("resume"));
+        assert_eq!(
+            second.next_seq(),
+            Err(SeqError::ReservationNeeded),
+            "no block granted yet"
+        );
+        assert_eq!(
+            store.reserve_block(&fp, &mut second, 10).expect("reserve"),
+            20
+        );
+        assert_eq!(second.next_seq(), Ok(11));
+        let file = dir.0.join(format!("seq-{}", fp.as_str()));
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("record"),
+            "ceiling 20\n"
+        );
+        let mode = std::fs::metadata(&file).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn fingerprints_hide_the_key_and_separate_keys_and_spis() {
+        let a = KeyMaterial::from_bytes(&[0xAB; 20]).expect("material");
+        let b = KeyMaterial::from_bytes(&[0xAC; 20]).expect("material");
+        let fa = Fingerprint::new(&a, 0x1001);
+        assert!(!fa.as_str().contains("abab"), "{fa:?}");
+        assert_eq!(fa, Fingerprint::new(&a, 0x1001), "stable");
+        assert_ne!(fa, Fingerprint::new(&b, 0x1001));
+        assert_ne!(fa, Fingerprint::new(&a, 0x1002));
+    }
+
+    #[test]
+    fn a_corrupt_record_fails_closed() {
+        let dir = TempDir::new("corrupt");
+        let material = KeyMaterial::from_bytes(&[6u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material, 0x1001);
+        let store = ReservationStore::open(&dir.0).expect("store");
+        for bad in ["", "ceiling", "ceiling -1\n", "ceiling 12x\n", "garbage"] {
+            std::fs::write(dir.0.join(format!("seq-{}", fp.as_str())), bad).expect("write");
+            let err = store.load(&fp).expect_err(bad);
+            assert!(
+                err.to_string().contains("roll this SA to a new key"),
+                "{err}"
+            );
+            assert!(store.resume(&fp, &mut sa(&material)).is_err());
+        }
+        // A leftover temporary file from a crash mid-write is ignored.
+        store.store(&fp, 42).expect("store");
+        std::fs::write(
+            dir.0.join(format!("seq-{}.tmp", fp.as_str())),
+            "ceiling 1\n",
+        )
+        .expect("tmp");
+        assert_eq!(store.load(&fp).expect("load"), Some(42));
+    }
+}
