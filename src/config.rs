@@ -3,7 +3,7 @@
 //! Parsing refuses unknown fields (a typo is an error, not a silently
 //! ignored setting). Validation then collects every problem at once, each
 //! naming the field and what to do, so an operator fixes a file in one
-//! pass. Key files are checked separately ([`Config::check_key_files`]),
+//! pass. Key files are checked separately ([`Valid::check_key_files`]),
 //! because reading them needs the daemon's privileges.
 
 use std::collections::HashSet;
