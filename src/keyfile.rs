@@ -139,29 +139,17 @@ mod tests {
     use std::fs;
 
     use super::*;
+    use crate::testutil::TempDir;
 
-    /// A fresh directory for one test, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("esptun-keyfile-{name}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).expect("temp dir");
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
+    fn temp_dir(name: &str) -> TempDir {
+        let dir = TempDir::new(&format!("keyfile-{name}"));
+        fs::create_dir_all(&dir.0).expect("temp dir");
+        dir
     }
 
     #[test]
     fn generated_keys_round_trip_with_mode_0600_and_differ() {
-        let dir = TempDir::new("roundtrip");
+        let dir = temp_dir("roundtrip");
         for (size, len) in [(KeySize::Aes128, 20), (KeySize::Aes256, 36)] {
             let material = generate(size).expect("random");
             assert_eq!(material.len(), len);
@@ -181,7 +169,7 @@ mod tests {
 
     #[test]
     fn an_existing_file_is_never_overwritten() {
-        let dir = TempDir::new("exists");
+        let dir = temp_dir("exists");
         let path = dir.0.join("k");
         fs::write(&path, "keep me").expect("write");
         let err = write_new(&path, &[0u8; 20]).expect_err("exists");
@@ -191,7 +179,7 @@ mod tests {
 
     #[test]
     fn exposed_short_long_and_garbled_files_are_refused_with_the_fix() {
-        let dir = TempDir::new("refused");
+        let dir = temp_dir("refused");
         let good = "00112233445566778899aabbccddeeff01020304\n";
         let cases: [(&str, &str, u32, &str); 6] = [
             ("group", good, 0o640, "chmod 600"),

@@ -13,3 +13,6 @@ pub mod hex;
 pub mod keyfile;
 pub mod sa;
 pub mod wire;
+
+#[cfg(test)]
+mod testutil;

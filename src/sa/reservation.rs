@@ -181,23 +181,7 @@ mod tests {
     use super::*;
     use crate::crypto::IcvLen;
     use crate::sa::{InnerAddrs, SaKeys, SeqError};
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("esptun-resv-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
     fn sa(material: &KeyMaterial) -> OutboundSa {
         let selector = crate::sa::tests::selector();
@@ -212,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_restart_never_reuses_a_sequence_number() {
-        let dir = TempDir::new("restart");
+        let dir = TempDir::new("resv-restart");
         let material = KeyMaterial::from_bytes(&[5u8; 20]).expect("material");
         let fp = Fingerprint::new(&material, 0x1001);
         let store = ReservationStore::open(&dir.0).expect("store");
@@ -269,7 +253,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_record_fails_closed() {
-        let dir = TempDir::new("corrupt");
+        let dir = TempDir::new("resv-corrupt");
         let material = KeyMaterial::from_bytes(&[6u8; 20]).expect("material");
         let fp = Fingerprint::new(&material, 0x1001);
         let store = ReservationStore::open(&dir.0).expect("store");
