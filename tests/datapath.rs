@@ -402,6 +402,13 @@ fn sections(file: &str) -> Vec<HashMap<String, String>> {
     out
 }
 
+/// A vector case's `key` and `salt` as RFC 4106 key material.
+fn material(case: &HashMap<String, String>) -> KeyMaterial {
+    let mut bytes = hex(&case["key"]);
+    bytes.extend(hex(&case["salt"]));
+    KeyMaterial::from_bytes(&bytes).expect("material")
+}
+
 fn hex(s: &str) -> Vec<u8> {
     esptun::hex::decode(s).expect("hex")
 }
@@ -413,9 +420,7 @@ fn interop_with_scapy_both_directions_byte_for_byte() {
     let selector = selector();
     for case in &cases {
         let name = &case["name"];
-        let mut material = hex(&case["key"]);
-        material.extend(hex(&case["salt"]));
-        let material = KeyMaterial::from_bytes(&material).expect("material");
+        let material = material(case);
         let spi = u32::from_str_radix(&case["spi"], 16).expect("spi");
         let seq: u64 = case["seq"].parse().expect("seq");
         let inner = hex(&case["inner_packet"]);
@@ -711,9 +716,7 @@ fn published_esp_packets_open_through_our_framing_including_esn() {
     let selector = selector();
     for case in &cases {
         let name = &case["name"];
-        let mut material = hex(&case["key"]);
-        material.extend(hex(&case["salt"]));
-        let material = KeyMaterial::from_bytes(&material).expect("material");
+        let material = material(case);
         let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
         let seq_bytes = hex(&case["seq"]);
         let esn = seq_bytes.len() == 8;
