@@ -10,7 +10,9 @@ pub mod config;
 pub mod crypto;
 pub mod datapath;
 pub mod hex;
+pub mod io;
 pub mod keyfile;
+pub mod lab;
 pub mod sa;
 pub mod wire;
 
