@@ -53,6 +53,14 @@ pub struct Config {
     /// `fallback` (move to soft) or `halt`.
     #[serde(default = "default_on_failure")]
     pub on_selftest_failure: String,
+    /// Firewall mark of the daemon's own outer packets, and the number of
+    /// the routing table that holds its routes into the TUN device: marked
+    /// packets skip that table, so classic transport mode cannot loop.
+    #[serde(default = "default_fwmark")]
+    pub fwmark: u32,
+    /// The Unix control socket `esptun status` talks to; default
+    /// `/run/esptun/<interface>.sock`.
+    pub control_socket: Option<PathBuf>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<Peer>,
 }
@@ -108,6 +116,11 @@ fn default_selftest_interval() -> u64 {
 }
 fn default_on_failure() -> String {
     "fallback".into()
+}
+/// "ES": any value works that no other policy-routing user on the host takes.
+pub const DEFAULT_FWMARK: u32 = 0x4553;
+fn default_fwmark() -> u32 {
+    DEFAULT_FWMARK
 }
 fn default_icv() -> u8 {
     16
@@ -186,6 +199,8 @@ pub struct Valid {
     pub crypto: Mode,
     pub selftest_interval_secs: u64,
     pub on_selftest_failure: FailurePolicy,
+    pub fwmark: u32,
+    pub control_socket: PathBuf,
     pub peers: Vec<ValidPeer>,
 }
 
@@ -319,6 +334,29 @@ impl Config {
                 format!(
                     "{} is out of range: use 1 to 86400 seconds (default 60)",
                     self.selftest_interval_secs
+                ),
+            );
+        }
+        if self.fwmark == 0 || self.fwmark > 0x7fff_ffff {
+            problem(
+                "fwmark",
+                format!(
+                    "{} cannot be used: the mark is also a routing table number, use 1 to 2147483647 (default {DEFAULT_FWMARK}) \
+                     that no other routing policy on this host uses",
+                    self.fwmark
+                ),
+            );
+        }
+        let control_socket = self
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/esptun/{}.sock", self.interface)));
+        if !control_socket.is_absolute() {
+            problem(
+                "control_socket",
+                format!(
+                    "{} is relative: use an absolute path such as /run/esptun/esptun0.sock",
+                    control_socket.display()
                 ),
             );
         }
@@ -476,6 +514,8 @@ impl Config {
             crypto,
             selftest_interval_secs: self.selftest_interval_secs,
             on_selftest_failure: on_failure,
+            fwmark: self.fwmark,
+            control_socket,
             peers,
         })
     }

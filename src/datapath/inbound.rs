@@ -4,8 +4,9 @@
 //! Linux for transport-mode NAT-T, validate the inner checksum.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use super::{Counters, DropReason, PacketBuf, Verdict};
+use super::{Counters, DropContext, DropReason, Flow, PacketBuf, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
 use crate::sa::InboundSa;
@@ -33,8 +34,10 @@ pub struct Inbound {
     pub policy: InnerPolicy,
     /// Whether an IKE daemon takes non-ESP-marker packets ([`Verdict::Ike`]).
     pub ike_handler: bool,
-    pub counters: Counters,
+    /// Shared so that a status reader on another thread sees them live.
+    pub counters: Arc<Counters>,
     sas: Vec<InboundSa>,
+    last_drop: Option<(DropReason, DropContext)>,
 }
 
 impl Inbound {
@@ -58,6 +61,17 @@ impl Inbound {
         self.sas.get_mut(index)
     }
 
+    /// Removes and returns the SA at `index` (later indices shift down).
+    pub fn remove_sa(&mut self, index: usize) -> Option<InboundSa> {
+        (index < self.sas.len()).then(|| self.sas.remove(index))
+    }
+
+    /// The last packet the latest [`Self::process`] dropped, with what was
+    /// known of it (the buffer itself may be half decrypted by then).
+    pub fn last_drop(&self) -> Option<(DropReason, DropContext)> {
+        self.last_drop
+    }
+
     /// Opens a batch in place; on [`Verdict::Deliver`] the buffer holds the
     /// rebuilt, validated IP packet.
     pub fn process(
@@ -68,12 +82,17 @@ impl Inbound {
         verdicts: &mut Vec<Verdict>,
     ) {
         verdicts.clear();
+        self.last_drop = None;
         let provider = selector.active();
         for buf in batch {
-            let verdict = match self.open_one(provider, encap, buf) {
+            let mut context = DropContext::default();
+            let verdict = match self.open_one(provider, encap, buf, &mut context) {
                 Ok(()) => Verdict::Deliver,
                 Err(DropReason::Ike) if self.ike_handler => Verdict::Ike,
-                Err(reason) => self.counters.drop(reason),
+                Err(reason) => {
+                    self.last_drop = Some((reason, context));
+                    self.counters.count_drop(reason)
+                }
             };
             verdicts.push(verdict);
         }
@@ -85,6 +104,7 @@ impl Inbound {
         provider: Option<ProviderId>,
         encap: Encap,
         buf: &mut PacketBuf,
+        context: &mut DropContext,
     ) -> Result<(), DropReason> {
         let data = buf.data();
         if encap == Encap::Udp {
@@ -98,6 +118,7 @@ impl Inbound {
             [a, b, c, d, ..] => u32::from_be_bytes([*a, *b, *c, *d]),
             _ => return Err(DropReason::Truncated),
         };
+        context.spi = Some(spi);
         let sa = self
             .sas
             .iter_mut()
@@ -107,7 +128,9 @@ impl Inbound {
         let packet = EspPacket::new_checked(data, icv).map_err(|_| DropReason::Truncated)?;
 
         // RFC 4303 section 3.4.3: check before decrypting...
+        context.seq = Some(u64::from(packet.seq_low()));
         let seq = sa.replay.infer(packet.seq_low()).map_err(replay_reason)?;
+        context.seq = Some(seq);
         sa.replay.check(seq).map_err(replay_reason)?;
         let key = provider
             .and_then(|p| sa.keys.key(p))
@@ -152,6 +175,7 @@ impl Inbound {
             _ => return Err(DropReason::InnerHeader),
         };
         let segment = &storage[ciphertext_start..payload_end];
+        context.flow = Some(Flow::of_segment(remote, local, next_header, segment));
         let verdict = inner::validate_segment(pseudo, next_header, segment, self.policy)?;
         buf.set_range(header_start, payload_end);
         sa.stats.packets += 1;

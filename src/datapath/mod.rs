@@ -15,10 +15,12 @@
 pub mod inbound;
 pub mod outbound;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::wire::esp;
 use crate::wire::inner::{InnerError, InnerVerdict};
+use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, Ipv6Packet, protocol};
 
 /// Why a packet was not sent or delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -130,7 +132,7 @@ impl DropReason {
         }
     }
 
-    fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 }
@@ -166,6 +168,91 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// The inner flow of a packet, for drop logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// Source and destination port, for TCP, UDP and UDP-Lite.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl Flow {
+    /// The flow of an IP packet, if its header can be read at all.
+    pub fn of_packet(packet: &[u8]) -> Option<Flow> {
+        match packet.first()? >> 4 {
+            4 => {
+                let ip = Ipv4Packet::new_checked(packet).ok()?;
+                let segment = packet.get(ip.header_len()..)?;
+                Some(Self::of_segment(
+                    IpAddr::from(ip.src()),
+                    IpAddr::from(ip.dst()),
+                    ip.protocol(),
+                    segment,
+                ))
+            }
+            6 => {
+                let ip = Ipv6Packet::new_checked(packet).ok()?;
+                let segment = packet.get(IPV6_HEADER_LEN..)?;
+                Some(Self::of_segment(
+                    IpAddr::from(ip.src()),
+                    IpAddr::from(ip.dst()),
+                    ip.next_header(),
+                    segment,
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// The flow of a transport segment between two addresses.
+    pub fn of_segment(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]) -> Flow {
+        let ports = match (protocol, segment) {
+            (protocol::TCP | protocol::UDP | protocol::UDPLITE, [a, b, c, d, ..]) => {
+                Some((u16::from_be_bytes([*a, *b]), u16::from_be_bytes([*c, *d])))
+            }
+            _ => None,
+        };
+        Flow {
+            src,
+            dst,
+            protocol,
+            ports,
+        }
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.protocol {
+            protocol::TCP => "tcp".to_string(),
+            protocol::UDP => "udp".to_string(),
+            protocol::UDPLITE => "udplite".to_string(),
+            protocol::ICMP => "icmp".to_string(),
+            protocol::ICMPV6 => "icmpv6".to_string(),
+            other => format!("proto {other}"),
+        };
+        match self.ports {
+            Some((sp, dp)) => write!(
+                f,
+                "{name} {} -> {}",
+                std::net::SocketAddr::new(self.src, sp),
+                std::net::SocketAddr::new(self.dst, dp)
+            ),
+            None => write!(f, "{name} {} -> {}", self.src, self.dst),
+        }
+    }
+}
+
+/// What was known about a dropped packet when it was dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropContext {
+    pub spi: Option<u32>,
+    pub seq: Option<u64>,
+    pub flow: Option<Flow>,
+}
+
 /// Per-direction counters, readable from another thread.
 #[derive(Debug)]
 pub struct Counters {
@@ -195,7 +282,7 @@ impl Default for Counters {
 }
 
 impl Counters {
-    pub fn drop(&self, reason: DropReason) -> Verdict {
+    pub fn count_drop(&self, reason: DropReason) -> Verdict {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
         Verdict::Drop(reason)
     }
@@ -347,7 +434,7 @@ mod tests {
         }
         let c = Counters::default();
         for r in DropReason::ALL {
-            assert_eq!(c.drop(r), Verdict::Drop(r));
+            assert_eq!(c.count_drop(r), Verdict::Drop(r));
             assert_eq!(c.drops(r), 1);
         }
         assert_eq!(c.total_drops(), DropReason::ALL.len() as u64);

@@ -8,6 +8,7 @@
 //! IP addresses, which the receiver rebuilds from its SA).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::{Counters, DropReason, PacketBuf, Verdict};
@@ -22,7 +23,8 @@ use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, Ipv6Packet};
 #[derive(Debug, Default)]
 pub struct Outbound {
     pub policy: InnerPolicy,
-    pub counters: Counters,
+    /// Shared so that a status reader on another thread sees them live.
+    pub counters: Arc<Counters>,
     /// Looked up by inner remote address. A linear scan: hosts have few
     /// peers, and it beats hashing below a few dozen.
     sas: Vec<OutboundSa>,
@@ -50,6 +52,11 @@ impl Outbound {
         self.sas.get_mut(index)
     }
 
+    /// Removes and returns the SA at `index` (later indices shift down).
+    pub fn remove_sa(&mut self, index: usize) -> Option<OutboundSa> {
+        (index < self.sas.len()).then(|| self.sas.remove(index))
+    }
+
     /// Seals a batch in place; `verdicts` gets one entry per packet (its
     /// capacity is reused, so a steady state allocates nothing).
     pub fn process(
@@ -64,7 +71,7 @@ impl Outbound {
         for buf in batch {
             let verdict = match self.seal_one(provider, buf) {
                 Ok(sa) => Verdict::Send { sa },
-                Err(reason) => self.counters.drop(reason),
+                Err(reason) => self.counters.count_drop(reason),
             };
             verdicts.push(verdict);
         }

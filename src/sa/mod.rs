@@ -240,6 +240,11 @@ impl OutboundSa {
         Ok(seq)
     }
 
+    /// The last sequence number that may be used now.
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling
+    }
+
     /// The last sequence number handed out (0 if none).
     pub fn last_used(&self) -> u64 {
         self.next_seq - 1

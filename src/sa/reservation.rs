@@ -26,6 +26,7 @@ use super::{KeyMaterial, OutboundSa};
 /// Sequence numbers reserved per durable write.
 pub const DEFAULT_BLOCK: u64 = 1 << 20;
 const LABEL: &[u8] = b"esptun sequence reservation v1";
+const FRESH_LABEL: &[u8] = b"esptun fresh key v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReservationError {
@@ -46,6 +47,14 @@ pub enum ReservationError {
          since guessing low would reuse GCM nonces: roll this SA to a new key (esptun genkey)"
     )]
     Corrupt { path: PathBuf },
+    #[error(
+        "no sequence-number record for this outbound key and SPI in {dir}, and the key was not \
+         generated on this host by `esptun genkey`: starting again at sequence number 1 would \
+         reuse every GCM nonce the key was already used with, which reveals plaintext and lets \
+         anyone forge packets. If the key has never carried traffic, declare it fresh with \
+         `esptun declare-fresh`; otherwise generate a new one with `esptun genkey`"
+    )]
+    Unrecorded { dir: PathBuf },
     #[error("cannot record sequence reservation {path}: {source}")]
     Write {
         path: PathBuf,
@@ -77,6 +86,23 @@ impl Fingerprint {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// How an outbound SA got its first reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// A record existed: the SA continues above `after`.
+    Resumed { after: u64 },
+    /// A never-used key (generated here, or declared fresh): starts at 1.
+    Fresh,
+}
+
+fn fresh_name(material: &KeyMaterial) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, material.key().expose());
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(FRESH_LABEL);
+    ctx.update(&*material.salt);
+    format!("fresh-{}", crate::hex::encode(&ctx.sign().as_ref()[..16]))
 }
 
 impl ReservationStore {
@@ -161,6 +187,70 @@ impl ReservationStore {
         Ok(ceiling)
     }
 
+    /// Records that `material` has never been used (it was just generated
+    /// here, or the operator vouches for it), so an SA may start it at 1.
+    pub fn mark_fresh(&self, material: &KeyMaterial) -> Result<(), ReservationError> {
+        let path = self.dir.join(fresh_name(material));
+        let write_err = |source| ReservationError::Write {
+            path: path.clone(),
+            source,
+        };
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(write_err)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err)
+    }
+
+    /// Gives an outbound SA its first block at start: above its record if
+    /// it has one, from 1 if its key is marked fresh (the mark is consumed,
+    /// after the record that replaces it is durable), and otherwise not at
+    /// all: a key with no record may have been used before.
+    pub fn claim(
+        &self,
+        fp: &Fingerprint,
+        material: &KeyMaterial,
+        sa: &mut OutboundSa,
+        block: u64,
+    ) -> Result<Claim, ReservationError> {
+        if let Some(ceiling) = self.load(fp)? {
+            sa.resume_after(ceiling);
+            self.reserve_block(fp, sa, block)?;
+            return Ok(Claim::Resumed { after: ceiling });
+        }
+        let fresh = self.dir.join(fresh_name(material));
+        match std::fs::metadata(&fresh) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ReservationError::Unrecorded {
+                    dir: self.dir.clone(),
+                });
+            }
+            Err(source) => {
+                return Err(ReservationError::Read {
+                    path: fresh,
+                    source,
+                });
+            }
+        }
+        self.reserve_block(fp, sa, block)?;
+        let remove_err = |source| ReservationError::Write {
+            path: fresh.clone(),
+            source,
+        };
+        std::fs::remove_file(&fresh).map_err(remove_err)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(remove_err)?;
+        Ok(Claim::Fresh)
+    }
+
     /// After a restart: everything up to the recorded ceiling may have been
     /// used, so continue above it. Returns whether a record existed.
     pub fn resume(&self, fp: &Fingerprint, sa: &mut OutboundSa) -> Result<bool, ReservationError> {
@@ -192,6 +282,46 @@ mod tests {
         )
         .expect("addrs");
         OutboundSa::new(0x1001, keys, false, addrs).expect("sa")
+    }
+
+    #[test]
+    fn only_recorded_or_fresh_keys_may_start() {
+        let dir = TempDir::new("resv-claim");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[9u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material, 0x1001);
+
+        let mut unknown = sa(&material);
+        let err = store
+            .claim(&fp, &material, &mut unknown, 100)
+            .expect_err("a key with no record is refused");
+        assert!(matches!(err, ReservationError::Unrecorded { .. }), "{err}");
+        assert!(err.to_string().contains("declare-fresh"), "{err}");
+        assert_eq!(unknown.next_seq(), Err(SeqError::ReservationNeeded));
+
+        store.mark_fresh(&material).expect("mark");
+        let mut first = sa(&material);
+        assert_eq!(
+            store.claim(&fp, &material, &mut first, 100).expect("fresh"),
+            Claim::Fresh
+        );
+        assert_eq!(first.next_seq(), Ok(1));
+        assert_eq!(first.next_seq(), Ok(2));
+
+        // The mark is spent: a second start resumes above the record.
+        let mut second = sa(&material);
+        assert_eq!(
+            store
+                .claim(&fp, &material, &mut second, 100)
+                .expect("resume"),
+            Claim::Resumed { after: 100 }
+        );
+        assert_eq!(second.next_seq(), Ok(101));
+        let names: Vec<_> = std::fs::read_dir(&dir.0)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with("fresh-")), "{names:?}");
     }
 
     #[test]
