@@ -8,7 +8,9 @@
 pub mod bench;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
 pub mod datapath;
+pub mod demo;
 pub mod hex;
 pub mod io;
 pub mod keyfile;

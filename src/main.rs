@@ -1,5 +1,6 @@
 //! The `esptun` command line: a thin layer over the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -8,6 +9,8 @@ use clap::{Parser, Subcommand};
 use esptun::bench::{self, BenchConfig, Op};
 use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, ProviderReport, Selector};
 use esptun::crypto::{KeySize, Provider, ProviderId};
+use esptun::daemon::signals::Signals;
+use esptun::daemon::{Daemon, DaemonError, RunOptions};
 
 /// Exit status when no AES-GCM provider may carry traffic.
 const EXIT_SELFTEST_FAILED: u8 = 3;
@@ -16,10 +19,9 @@ const EXIT_SELFTEST_FAILED: u8 = 3;
 #[command(
     name = "esptun",
     version,
-    about = "Userspace IPsec ESP (RFC 4303 transport mode, AES-GCM RFC 4106) that \
-             validates every inner checksum before delivery. The tunnel daemon is not \
-             built yet: these commands generate keys and prove and measure the crypto \
-             and packet core",
+    about = "Userspace IPsec ESP (RFC 4303 transport mode, AES-GCM RFC 4106, NAT-T RFC 3948) \
+             between a TUN device and the network, validating every inner checksum before \
+             delivery. Start with `esptun demo` (root) for a two-namespace lab on this machine",
     after_help = "Exit status: 0 success, 1 error, 2 usage error, \
                   3 crypto self-test failed (no AES-GCM provider may carry traffic)."
 )]
@@ -30,6 +32,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the tunnel daemon (root): boot self-tests, TUN interface up with
+    /// routes, outer sockets, until SIGTERM/SIGINT (clean stop: interface
+    /// and rules removed). SIGHUP reloads SAs, make-before-break.
+    Run {
+        /// The configuration file (see deploy/ for an example pair).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, default_value = "info", value_parser = parse_level)]
+        log_level: tracing::Level,
+    },
+    /// Show a running daemon's counters, SAs, provider and self-test
+    /// history, through its control socket (root).
+    Status {
+        /// The daemon's configuration file (to find its control socket).
+        #[arg(short, long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket path (default /run/esptun/esptun0.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the daemon's JSON as is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a two-host lab on this machine (root): two network namespaces
+    /// joined by veth (198.18.0.0/15, 2001:db8::/32), new keys, an esptun in
+    /// each; send a TCP stream of zeros (every byte checked), UDP and ping
+    /// through the tunnel; print throughput, counters and the provider;
+    /// remove everything, also on Ctrl-C or failure.
+    Demo {
+        /// Outer encapsulation: udp (NAT-T, port 4500) or esp (IP protocol 50).
+        #[arg(long, default_value = "udp", value_parser = ["udp", "esp"])]
+        outer: String,
+        /// Use IPv6 addresses inside and outside.
+        #[arg(long)]
+        ipv6: bool,
+        /// Bytes in the TCP stream of zeros.
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: u64,
+        /// Crypto selection for both endpoints: auto, hardware or soft.
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        crypto: Mode,
+        /// Keep the endpoints' logs (printed on failure in any case).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Declare that a peer's outbound key has never carried traffic, so the
+    /// daemon may start its sequence numbers at 1. Only for keys made
+    /// elsewhere: keys from `esptun genkey` on this host are already
+    /// recorded. Declaring a used key fresh reuses GCM nonces.
+    DeclareFresh {
+        /// The configuration file naming the peer and the state directory.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The peer whose outbound key is fresh.
+        #[arg(long)]
+        peer: String,
+    },
     /// Parse and validate a configuration file and read its key files, then
     /// exit: 0 if the daemon could start with it, 1 with every problem
     /// listed (field and fix) if not.
@@ -50,6 +110,10 @@ enum Command {
         /// Where to write the key (must not exist yet).
         #[arg(short, long)]
         output: std::path::PathBuf,
+        /// The daemon's state directory, where the new key is recorded as
+        /// never used, so that it may start at sequence number 1.
+        #[arg(long, default_value = "/var/lib/esptun")]
+        state_dir: PathBuf,
     },
     /// Run the power-on self-tests of both AES-GCM providers and show which
     /// one `--crypto` selects.
@@ -95,6 +159,11 @@ enum Command {
     },
 }
 
+fn parse_level(s: &str) -> Result<tracing::Level, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a log level: use error, warn, info, debug or trace"))
+}
+
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse()
 }
@@ -132,7 +201,32 @@ fn parse_key_bits(s: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Genkey { bits, output } => genkey(bits, &output),
+        Command::Run { config, log_level } => run(&config, log_level),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(config.as_deref(), socket.as_deref(), json),
+        Command::Demo {
+            outer,
+            ipv6,
+            bytes,
+            crypto,
+            verbose,
+        } => esptun::demo::run(&esptun::demo::DemoOptions {
+            outer_udp: outer == "udp",
+            ipv6,
+            bytes,
+            crypto,
+            verbose,
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("esptun")),
+        }),
+        Command::DeclareFresh { config, peer } => declare_fresh(&config, &peer),
+        Command::Genkey {
+            bits,
+            output,
+            state_dir,
+        } => genkey(bits, &output, &state_dir),
         Command::CheckConfig { config } => check_config(&config),
         Command::Selftest { json, crypto } => selftest(json, crypto),
         Command::Bench {
@@ -191,18 +285,122 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn genkey(bits: u32, output: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn run(config: &std::path::Path, level: tracing::Level) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = Signals::block().context("blocking signals")?;
+    #[allow(unused_mut)]
+    let mut options = RunOptions::default();
+    #[cfg(feature = "fault-injection")]
+    if let Ok(rate) = std::env::var("ESPTUN_FAULT_RATE") {
+        let rate: f64 = rate
+            .parse()
+            .context("ESPTUN_FAULT_RATE must be a number between 0 and 1")?;
+        let seed = std::env::var("ESPTUN_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        options.inject_faults = Some((rate, seed));
+    }
+    let daemon = match Daemon::start(config, &options) {
+        Ok(d) => d,
+        Err(e @ DaemonError::NoProvider(_)) => {
+            tracing::error!("{e}");
+            return Ok(ExitCode::from(EXIT_SELFTEST_FAILED));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    daemon.run_until_stopped(&signals)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(
+    config: Option<&std::path::Path>,
+    socket: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = match (config, socket) {
+        (Some(c), _) => esptun::config::Config::load(c)?.control_socket,
+        (None, Some(s)) => s.to_path_buf(),
+        (None, None) => PathBuf::from("/run/esptun/esptun0.sock"),
+    };
+    let reply = esptun::daemon::control::query(&path, "status")?;
+    if json {
+        print!("{reply}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("the daemon's reply is not JSON")?;
+    print!("{}", esptun::daemon::status::render(&v));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn declare_fresh(config: &std::path::Path, peer: &str) -> anyhow::Result<ExitCode> {
+    let valid = esptun::config::Config::load(config)?;
+    let Some(p) = valid.peers.iter().find(|p| p.name == peer) else {
+        let names: Vec<_> = valid.peers.iter().map(|p| p.name.as_str()).collect();
+        bail!(
+            "no peer {peer:?} in {}: peers are {names:?}",
+            config.display()
+        );
+    };
+    let material = esptun::keyfile::load(&p.outbound.key_file)?;
+    let store = esptun::sa::reservation::ReservationStore::open(&valid.state_dir)?;
+    let fp = esptun::sa::reservation::Fingerprint::new(&material, p.outbound.spi);
+    if let Some(ceiling) = store.load(&fp)? {
+        bail!(
+            "the outbound key of peer {peer} already has a record (sequence numbers up to {ceiling} \
+             reserved): it has been used, so it is not fresh; nothing to do, the daemon resumes above it"
+        );
+    }
+    store.mark_fresh(&material)?;
+    println!(
+        "declared the outbound key of peer {peer} ({}) fresh in {}: the daemon will start it at \
+         sequence number 1, once",
+        p.outbound.key_file.display(),
+        valid.state_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn genkey(
+    bits: u32,
+    output: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
     let size = if bits == 256 {
         KeySize::Aes256
     } else {
         KeySize::Aes128
     };
     let material = esptun::keyfile::generate(size)?;
+    if output.exists() {
+        // Checked here too so that no fresh mark is made for a key that
+        // will not be written.
+        esptun::keyfile::write_new(output, &material)?;
+    }
+    let parsed = esptun::sa::KeyMaterial::from_bytes(&material)?;
+    let store = esptun::sa::reservation::ReservationStore::open(state_dir).with_context(|| {
+        format!(
+            "recording the new key as never used (pass --state-dir with the daemon's state_dir, \
+             or run as root for the default {})",
+            state_dir.display()
+        )
+    })?;
+    // Marked before the key exists: a mark for a key never written is
+    // harmless; a key without its mark would need declare-fresh.
+    store.mark_fresh(&parsed)?;
     esptun::keyfile::write_new(output, &material)?;
     println!(
-        "wrote new AES-{bits}-GCM key material (key + salt) to {} with mode 0600; \
-         use it as this host's outbound key and give a copy, kept private, to the peer as its inbound key",
-        output.display()
+        "wrote new AES-{bits}-GCM key material (key + salt) to {} with mode 0600, recorded as never \
+         used in {}; use it as this host's outbound key and give a copy, kept private, to the peer as \
+         its inbound key",
+        output.display(),
+        state_dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -153,8 +153,29 @@ fn genkey_writes_a_private_key_once_and_never_overwrites() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("out.key");
     let path_str = path.to_str().expect("utf-8 path");
+    let state = dir.join("state");
+    let state_str = state.to_str().expect("utf-8 path");
+    let fresh_marks = || {
+        std::fs::read_dir(&state)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("fresh-"))
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
 
-    let out = esptun(&["genkey", "--bits", "128", "-o", path_str]);
+    let out = esptun(&[
+        "genkey",
+        "--bits",
+        "128",
+        "-o",
+        path_str,
+        "--state-dir",
+        state_str,
+    ]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -168,8 +189,9 @@ fn genkey_writes_a_private_key_once_and_never_overwrites() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains(text.trim()), "the key must not be printed");
     assert!(esptun::keyfile::load(&path).is_ok());
+    assert_eq!(fresh_marks(), 1, "the new key is recorded as never used");
 
-    let again = esptun(&["genkey", "-o", path_str]);
+    let again = esptun(&["genkey", "-o", path_str, "--state-dir", state_str]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
     assert_eq!(
@@ -177,9 +199,16 @@ fn genkey_writes_a_private_key_once_and_never_overwrites() {
         text,
         "unchanged"
     );
+    assert_eq!(fresh_marks(), 1, "no mark for a key that was not written");
 
     let default = dir.join("default.key");
-    let out = esptun(&["genkey", "-o", default.to_str().expect("utf-8")]);
+    let out = esptun(&[
+        "genkey",
+        "-o",
+        default.to_str().expect("utf-8"),
+        "--state-dir",
+        state_str,
+    ]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(&default).expect("key").trim().len(),
@@ -201,9 +230,16 @@ fn check_config_accepts_a_good_setup_and_names_every_problem_otherwise() {
     let dir = std::env::temp_dir().join(format!("esptun-cli-config-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
+    let state = dir.join("state");
     let key = |name: &str| {
         let path = dir.join(name);
-        let out = esptun(&["genkey", "-o", path.to_str().expect("utf-8")]);
+        let out = esptun(&[
+            "genkey",
+            "-o",
+            path.to_str().expect("utf-8"),
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ]);
         assert_eq!(out.status.code(), Some(0));
         path
     };
@@ -253,5 +289,105 @@ fn check_config_accepts_a_good_setup_and_names_every_problem_otherwise() {
     ]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn declare_fresh_marks_only_an_unrecorded_outbound_key_of_a_named_peer() {
+    let dir = std::env::temp_dir().join(format!("esptun-cli-fresh-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // Keys made elsewhere: genkey recorded them in another state directory.
+    let elsewhere = dir.join("elsewhere");
+    for name in ["out.key", "in.key"] {
+        let out = esptun(&[
+            "genkey",
+            "-o",
+            dir.join(name).to_str().expect("utf-8"),
+            "--state-dir",
+            elsewhere.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let state = dir.join("state");
+    let config = dir.join("esptun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[[peer]]\nname = \"b\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.18.0.2\"\n\
+             outbound = {{ spi = 0x1001, key_file = {:?} }}\ninbound = {{ spi = 0x2001, key_file = {:?} }}\n",
+            state,
+            dir.join("out.key"),
+            dir.join("in.key")
+        ),
+    )
+    .expect("config");
+    let config_arg = config.to_str().expect("utf-8");
+
+    let unknown = esptun(&["declare-fresh", "-c", config_arg, "--peer", "zz"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no peer \"zz\""));
+
+    let out = esptun(&["declare-fresh", "-c", config_arg, "--peer", "b"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let marks: Vec<String> = std::fs::read_dir(&state)
+        .expect("state dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert!(marks[0].starts_with("fresh-"), "{marks:?}");
+    let key_hex = std::fs::read_to_string(dir.join("out.key")).expect("key");
+    assert!(
+        !marks[0].contains(key_hex.trim()),
+        "the mark names a keyed hash, not the key"
+    );
+
+    // Once the daemon has a record for it, the key is not fresh any more.
+    let material = esptun::keyfile::load(&dir.join("out.key")).expect("key");
+    let store = esptun::sa::reservation::ReservationStore::open(&state).expect("store");
+    let fp = esptun::sa::reservation::Fingerprint::new(&material, 0x1001);
+    store.store(&fp, 1 << 20).expect("record");
+    let used = esptun(&["declare-fresh", "-c", config_arg, "--peer", "b"]);
+    assert_eq!(used.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&used.stderr).contains("not fresh"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_and_demo_without_root_say_what_to_do() {
+    // As root, drop to nobody with setpriv (util-linux) so the check runs
+    // in CI too, on a copy of the binary that nobody can reach wherever
+    // the checkout lives.
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = std::env::temp_dir().join(format!("esptun-cli-nonroot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let exe = dir.join("esptun");
+    std::fs::copy(env!("CARGO_BIN_EXE_esptun"), &exe).expect("copy the binary");
+    let unprivileged = |args: &[&str]| {
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(args).output().expect("run esptun")
+    };
+    for args in [&["run", "-c", "/nonexistent.toml"][..], &["demo"][..]] {
+        let out = unprivileged(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("needs root"), "{args:?}: {err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

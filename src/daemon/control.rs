@@ -1,0 +1,195 @@
+//! The control socket: a Unix stream socket, root-only by its file mode
+//! (0600, in a 0700 directory), answering one request per connection.
+//! Requests are one line; `status` gets the [`super::status::Status`] as
+//! JSON. Served on its own thread so that a slow client never stalls the
+//! datapath.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Longest request line read; anything longer is refused.
+const MAX_REQUEST: u64 = 256;
+/// Longest reply read by [`query`].
+const MAX_REPLY: u64 = 16 << 20;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "another esptun is already running with control socket {0} (stop it first, or give this \
+         instance its own interface or control_socket)"
+    )]
+    InUse(PathBuf),
+    #[error("cannot create control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot reach the daemon at {path}: {source} (is `esptun run` running with this \
+         configuration? status needs root)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+}
+
+/// The listening socket; the file is removed on drop.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    pub fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
+        let bind_err = |source| ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(bind_err)?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_path_buf()));
+            }
+            // Left by a process that died without cleaning up.
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers the connections waiting now (at most a few, so a flood of
+    /// clients cannot keep the caller here).
+    pub fn serve_pending(&self, status_json: &dyn Fn() -> String) {
+        for _ in 0..16 {
+            let Ok((stream, _)) = self.listener.accept() else {
+                return;
+            };
+            if let Err(e) = answer(stream, status_json) {
+                tracing::debug!("control client: {e}");
+            }
+        }
+    }
+}
+
+fn answer(stream: UnixStream, status_json: &dyn Fn() -> String) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+    let reply = match line.trim() {
+        "status" => status_json(),
+        other => {
+            serde_json::json!({ "error": format!("unknown request {other:?}: try \"status\"") })
+                .to_string()
+        }
+    };
+    (&stream).write_all(reply.as_bytes())?;
+    (&stream).write_all(b"\n")
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Sends `request` to the daemon at `path` and returns its reply.
+pub fn query(path: &Path, request: &str) -> Result<String, ControlError> {
+    let connect_err = |source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(connect_err)?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(connect_err)?;
+    let mut reply = String::new();
+    stream
+        .take(MAX_REPLY)
+        .read_to_string(&mut reply)
+        .map_err(connect_err)?;
+    if reply.trim().is_empty() {
+        return Err(ControlError::Protocol {
+            path: path.to_path_buf(),
+            message: "empty reply".into(),
+        });
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    #[test]
+    fn answers_status_refuses_junk_and_detects_a_second_instance() {
+        let dir = TempDir::new("control");
+        let path = dir.0.join("run").join("t.sock");
+        let socket = ControlSocket::bind(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            ControlSocket::bind(&path),
+            Err(ControlError::InUse(_))
+        ));
+
+        let server = std::thread::scope(|s| {
+            let client = s.spawn(|| (query(&path, "status"), query(&path, "bogus")));
+            for _ in 0..200 {
+                socket.serve_pending(&|| "{\"ok\":true}".to_string());
+                if client.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            client.join().expect("client thread")
+        });
+        assert_eq!(server.0.expect("status").trim(), "{\"ok\":true}");
+        assert!(server.1.expect("reply").contains("unknown request"));
+        drop(socket);
+        assert!(!path.exists(), "removed on drop");
+        assert!(matches!(
+            query(&path, "status"),
+            Err(ControlError::Connect { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced() {
+        let dir = TempDir::new("control-stale");
+        let path = dir.0.join("t.sock");
+        drop(std::fs::create_dir_all(&dir.0));
+        let stale = UnixListener::bind(&path).expect("bind");
+        drop(stale); // the file stays, nobody listens
+        assert!(path.exists());
+        let _socket = ControlSocket::bind(&path).expect("rebind over a stale file");
+    }
+}

@@ -1,0 +1,639 @@
+//! `esptun run`: the TUN device and outer sockets around the datapath.
+//!
+//! Plain threads: one outbound loop (TUN -> ESP -> socket), one inbound
+//! loop (sockets -> ESP -> TUN), one control-socket thread, and the main
+//! thread waiting for signals. The datapath threads own their SAs; the
+//! main thread hands them changes at reload over channels, and they
+//! publish SA state for `status` a few times a second. Both datapath
+//! threads run the long-message self-test at the configured interval
+//! themselves, so the check sees the SIMD state of the threads that carry
+//! traffic.
+
+pub mod control;
+pub mod netcfg;
+pub mod signals;
+pub mod status;
+mod workers;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, ConfigError, Valid, ValidPeer};
+use crate::crypto::Provider;
+use crate::crypto::select::{BootOptions, Selector};
+use crate::datapath::Counters;
+use crate::io::IoSetupError;
+use crate::io::socket::{OuterKind, OuterSocket};
+use crate::io::tun::Tun;
+use crate::keyfile::{self, KeyFileError};
+use crate::sa::reservation::{self, Claim, Fingerprint, ReservationError, ReservationStore};
+use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaError, SaKeys};
+use control::{ControlError, ControlSocket};
+use netcfg::{NetConfig, NetError};
+use signals::{Signal, Signals};
+use status::{InboundSaStatus, IoCounters, OutboundSaStatus, Status};
+
+/// How long an inbound SA replaced by a reload keeps accepting packets,
+/// so packets the peer sealed before it switched still arrive.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(120);
+/// How long a replaced outbound SA keeps sending while waiting for the
+/// first packet on the peer's new SA (proof that the peer has reloaded and
+/// holds our new key as its inbound key).
+pub const SWITCH_AFTER: Duration = Duration::from_secs(60);
+
+/// Why the daemon cannot start (or reload).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "esptun run needs root (CAP_NET_ADMIN for the TUN device, routes and rules; CAP_NET_RAW \
+         for raw ESP): run it as root, or from the systemd unit"
+    )]
+    NotRoot,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "no AES-GCM provider passed its self-tests for crypto = {0}: refusing to carry traffic \
+         (run `esptun selftest` for the details)"
+    )]
+    NoProvider(crate::crypto::select::Mode),
+    #[error("peer {peer}: {source}")]
+    Key { peer: String, source: KeyFileError },
+    #[error("peer {peer}, {direction} SA {spi:#x}: {source}")]
+    Sa {
+        peer: String,
+        direction: &'static str,
+        spi: u32,
+        source: SaError,
+    },
+    #[error("peer {peer}, outbound SA {spi:#x} (key file {key_file}): {source}")]
+    Reservation {
+        peer: String,
+        spi: u32,
+        key_file: PathBuf,
+        source: ReservationError,
+    },
+    #[error(transparent)]
+    State(ReservationError),
+    #[error(transparent)]
+    Io(#[from] IoSetupError),
+    #[error("configuring interface {interface}: {source}")]
+    Net { interface: String, source: NetError },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the {0} thread stopped unexpectedly")]
+    ThreadDied(&'static str),
+}
+
+/// What the outbound thread keeps beside each SA.
+#[derive(Debug, Clone)]
+pub(crate) struct OutMeta {
+    pub peer: String,
+    pub endpoint: SocketAddr,
+    pub fp: Fingerprint,
+}
+
+/// What the inbound thread keeps beside each SA.
+#[derive(Debug, Clone)]
+pub(crate) struct InMeta {
+    pub peer: String,
+    pub fp: Fingerprint,
+    /// Set once the SA has authenticated a packet: the peer is using it.
+    pub seen: Arc<AtomicBool>,
+    /// For an SA replaced by a reload: when it stops accepting.
+    pub retire_at: Option<Instant>,
+}
+
+/// A new outbound SA from a reload.
+pub(crate) struct NewOutbound {
+    pub sa: OutboundSa,
+    pub meta: OutMeta,
+    /// Replaces the peer's current SA once this is set (or after
+    /// [`SWITCH_AFTER`]); `None`: at once.
+    pub switch_when: Option<Arc<AtomicBool>>,
+}
+
+/// SA changes for the outbound thread: each new SA replaces its peer's
+/// current one (every peer has exactly one in use).
+pub(crate) struct OutboundPlan {
+    pub add: Vec<NewOutbound>,
+}
+
+/// SA changes for the inbound thread.
+pub(crate) struct InboundPlan {
+    pub keep: Vec<Fingerprint>,
+    pub add: Vec<(InboundSa, InMeta)>,
+}
+
+/// State shared by all threads.
+pub(crate) struct Shared {
+    pub stop: AtomicBool,
+    pub selector: Selector,
+    pub started: Instant,
+    pub selftest_interval: Duration,
+    pub out_counters: Arc<Counters>,
+    pub in_counters: Arc<Counters>,
+    pub io: IoCounters,
+    pub out_status: Mutex<Vec<OutboundSaStatus>>,
+    pub in_status: Mutex<Vec<InboundSaStatus>>,
+    pub interface: String,
+    pub outer: String,
+}
+
+impl Shared {
+    fn status(&self) -> Status {
+        fn lock<T: Clone>(m: &Mutex<Vec<T>>) -> Vec<T> {
+            m.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+        Status {
+            interface: self.interface.clone(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            outer: self.outer.clone(),
+            provider: self.selector.active(),
+            crypto_mode: self.selector.mode(),
+            on_selftest_failure: self.selector.policy(),
+            providers: self.selector.reports().to_vec(),
+            selftest_history: self.selector.history(),
+            outbound: status::DirectionStatus::of(&self.out_counters),
+            inbound: status::DirectionStatus::of(&self.in_counters),
+            io: status::io_snapshot(&self.io),
+            outbound_sas: lock(&self.out_status),
+            inbound_sas: lock(&self.in_status),
+        }
+    }
+
+    fn status_json(&self) -> String {
+        serde_json::to_string(&self.status())
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string())
+    }
+}
+
+/// Start-up knobs that are not configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Wraps the hardware provider so it corrupts plaintext blocks at this
+    /// rate (feature `fault-injection`; tests only).
+    #[cfg(feature = "fault-injection")]
+    pub inject_faults: Option<(f64, u64)>,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    config_path: PathBuf,
+    config: Valid,
+    shared: Arc<Shared>,
+    store: ReservationStore,
+    out_tx: mpsc::Sender<OutboundPlan>,
+    in_tx: mpsc::Sender<InboundPlan>,
+    /// What the threads hold now, by peer: (outbound fp, inbound fp, the
+    /// inbound SA's `seen` flag).
+    current: Vec<(String, Fingerprint, Fingerprint, Arc<AtomicBool>)>,
+    threads: Vec<(&'static str, JoinHandle<()>)>,
+    net: Option<NetConfig>,
+    _control_path: PathBuf,
+}
+
+/// Loaded, claimed SAs for one peer.
+struct PeerSas {
+    outbound: (OutboundSa, OutMeta),
+    inbound: (InboundSa, InMeta),
+}
+
+fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonError> {
+    keyfile::load(path).map_err(|source| DaemonError::Key {
+        peer: peer.name.clone(),
+        source,
+    })
+}
+
+fn endpoint(peer: &ValidPeer, config: &Valid) -> SocketAddr {
+    // Raw ESP has no ports; the socket ignores this one.
+    let port = if config.outer_udp { config.port } else { 0 };
+    SocketAddr::new(peer.endpoint, port)
+}
+
+fn build_outbound(
+    selector: &Selector,
+    store: &ReservationStore,
+    config: &Valid,
+    peer: &ValidPeer,
+) -> Result<(OutboundSa, OutMeta), DaemonError> {
+    let sa_cfg = &peer.outbound;
+    let material = load_material(peer, &sa_cfg.key_file)?;
+    let sa_err = |source| DaemonError::Sa {
+        peer: peer.name.clone(),
+        direction: "outbound",
+        spi: sa_cfg.spi,
+        source,
+    };
+    let keys = SaKeys::new(selector, &material, sa_cfg.icv).map_err(sa_err)?;
+    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote).map_err(sa_err)?;
+    let mut sa = OutboundSa::new(sa_cfg.spi, keys, sa_cfg.esn, inner).map_err(sa_err)?;
+    let fp = Fingerprint::new(&material, sa_cfg.spi);
+    let claim = store
+        .claim(&fp, &material, &mut sa, reservation::DEFAULT_BLOCK)
+        .map_err(|source| DaemonError::Reservation {
+            peer: peer.name.clone(),
+            spi: sa_cfg.spi,
+            key_file: sa_cfg.key_file.clone(),
+            source,
+        })?;
+    match claim {
+        Claim::Fresh => tracing::info!(
+            peer = %peer.name,
+            spi = format_args!("{:#x}", sa_cfg.spi),
+            "outbound key is fresh: starting at sequence number 1"
+        ),
+        Claim::Resumed { after } => tracing::info!(
+            peer = %peer.name,
+            spi = format_args!("{:#x}", sa_cfg.spi),
+            "resuming above the recorded reservation {after}"
+        ),
+    }
+    let meta = OutMeta {
+        peer: peer.name.clone(),
+        endpoint: endpoint(peer, config),
+        fp,
+    };
+    Ok((sa, meta))
+}
+
+fn build_inbound(
+    selector: &Selector,
+    peer: &ValidPeer,
+) -> Result<(InboundSa, InMeta), DaemonError> {
+    let sa_cfg = &peer.inbound;
+    let material = load_material(peer, &sa_cfg.key_file)?;
+    let sa_err = |source| DaemonError::Sa {
+        peer: peer.name.clone(),
+        direction: "inbound",
+        spi: sa_cfg.spi,
+        source,
+    };
+    let keys = SaKeys::new(selector, &material, sa_cfg.icv).map_err(sa_err)?;
+    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote).map_err(sa_err)?;
+    let sa = InboundSa::new(sa_cfg.spi, keys, sa_cfg.esn, inner, sa_cfg.replay_window)
+        .map_err(sa_err)?;
+    let meta = InMeta {
+        peer: peer.name.clone(),
+        fp: Fingerprint::new(&material, sa_cfg.spi),
+        seen: Arc::new(AtomicBool::new(false)),
+        retire_at: None,
+    };
+    Ok((sa, meta))
+}
+
+fn build_peer(
+    selector: &Selector,
+    store: &ReservationStore,
+    config: &Valid,
+    peer: &ValidPeer,
+) -> Result<PeerSas, DaemonError> {
+    // Inbound first: it needs no reservation, so a bad inbound key file
+    // does not burn a block of the outbound key's sequence space.
+    let inbound = build_inbound(selector, peer)?;
+    let outbound = build_outbound(selector, store, config, peer)?;
+    Ok(PeerSas { outbound, inbound })
+}
+
+fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
+    let kind = if config.outer_udp {
+        OuterKind::Udp { port: config.port }
+    } else {
+        OuterKind::RawEsp
+    };
+    let needs = |v6: bool| config.peers.iter().any(|p| p.endpoint.is_ipv6() == v6);
+    let open = |v6: bool| -> Result<Option<OuterSocket>, DaemonError> {
+        if needs(v6) {
+            Ok(Some(OuterSocket::open(kind, v6, Some(config.fwmark))?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(workers::Sockets {
+        v4: open(false)?,
+        v6: open(true)?,
+        udp: config.outer_udp,
+    })
+}
+
+impl Daemon {
+    /// Boots the providers, loads and claims SAs, opens the sockets,
+    /// brings the interface up and starts the threads. Nothing is left
+    /// behind on error.
+    pub fn start(config_path: &Path, options: &RunOptions) -> Result<Daemon, DaemonError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(DaemonError::NotRoot);
+        }
+        let config = Config::load(config_path)?;
+        let providers = Provider::detect_all();
+        #[cfg(feature = "fault-injection")]
+        let providers = match options.inject_faults {
+            Some((rate, seed)) => providers.map(|p| {
+                if p.id == crate::crypto::ProviderId::Hardware && p.is_available() {
+                    tracing::warn!(
+                        "fault injection: hardware provider corrupts blocks at rate {rate}"
+                    );
+                    crate::crypto::fault::wrap(p, rate, seed).0
+                } else {
+                    p
+                }
+            }),
+            None => providers,
+        };
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = options;
+        let selector = Selector::boot(
+            providers,
+            config.crypto,
+            config.on_selftest_failure,
+            BootOptions::default(),
+        );
+        let Some(active) = selector.active() else {
+            return Err(DaemonError::NoProvider(config.crypto));
+        };
+        for r in selector.reports() {
+            if let Some(why) = &r.disabled {
+                tracing::error!(provider = %r.name, "disabled at boot: {why}");
+            }
+        }
+        tracing::info!(provider = %active, mode = %config.crypto, "boot self-tests passed");
+
+        let store = ReservationStore::open(&config.state_dir).map_err(DaemonError::State)?;
+        let mut peers = Vec::with_capacity(config.peers.len());
+        for peer in &config.peers {
+            peers.push(build_peer(&selector, &store, &config, peer)?);
+        }
+        let sockets = outer_sockets(&config)?;
+        let control = ControlSocket::bind(&config.control_socket)?;
+        let tun = Tun::create(&config.interface)?;
+        let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
+            interface: config.interface.clone(),
+            source,
+        })?;
+
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            selector,
+            started: Instant::now(),
+            selftest_interval: Duration::from_secs(config.selftest_interval_secs),
+            out_counters: Arc::new(Counters::default()),
+            in_counters: Arc::new(Counters::default()),
+            io: IoCounters::default(),
+            out_status: Mutex::new(Vec::new()),
+            in_status: Mutex::new(Vec::new()),
+            interface: tun.name().to_string(),
+            outer: if config.outer_udp {
+                format!("udp/{}", config.port)
+            } else {
+                "esp".into()
+            },
+        });
+
+        let current = peers
+            .iter()
+            .map(|p| {
+                (
+                    p.outbound.1.peer.clone(),
+                    p.outbound.1.fp.clone(),
+                    p.inbound.1.fp.clone(),
+                    p.inbound.1.seen.clone(),
+                )
+            })
+            .collect();
+        let (out_sas, in_sas): (Vec<_>, Vec<_>) =
+            peers.into_iter().map(|p| (p.outbound, p.inbound)).unzip();
+        let tun = Arc::new(tun);
+        let sockets = Arc::new(sockets);
+        let (out_tx, out_rx) = mpsc::channel();
+        let (in_tx, in_rx) = mpsc::channel();
+        let mut daemon = Daemon {
+            config_path: config_path.to_path_buf(),
+            config,
+            shared: shared.clone(),
+            store: store.clone(),
+            out_tx,
+            in_tx,
+            current,
+            threads: Vec::new(),
+            net: Some(net),
+            _control_path: control.path().to_path_buf(),
+        };
+        let outbound = workers::OutboundWorker::new(
+            shared.clone(),
+            tun.clone(),
+            sockets.clone(),
+            store,
+            out_sas,
+            out_rx,
+        );
+        let inbound = workers::InboundWorker::new(shared.clone(), tun, sockets, in_sas, in_rx);
+        daemon.spawn("outbound", move || outbound.run())?;
+        daemon.spawn("inbound", move || inbound.run())?;
+        let control_shared = shared;
+        daemon.spawn("control", move || {
+            while !control_shared.stop.load(Ordering::Relaxed) {
+                control.serve_pending(&|| control_shared.status_json());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })?;
+        tracing::info!(
+            interface = %daemon.shared.interface,
+            mtu = daemon.config.mtu,
+            outer = %daemon.shared.outer,
+            peers = daemon.config.peers.len(),
+            control = %daemon.config.control_socket.display(),
+            "esptun ready"
+        );
+        Ok(daemon)
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), DaemonError> {
+        let handle = std::thread::Builder::new()
+            .name(format!("esptun-{name}"))
+            .spawn(f)
+            .map_err(DaemonError::Thread)?;
+        self.threads.push((name, handle));
+        Ok(())
+    }
+
+    /// The status as `esptun status` would show it.
+    pub fn status(&self) -> Status {
+        self.shared.status()
+    }
+
+    /// Waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop. Returns
+    /// after a clean stop, or with an error if a datapath thread died.
+    pub fn run_until_stopped(mut self, signals: &Signals) -> Result<(), DaemonError> {
+        loop {
+            match signals.wait(Duration::from_millis(500)) {
+                Some(Signal::Stop) => {
+                    tracing::info!("stopping");
+                    return self.stop();
+                }
+                Some(Signal::Reload) => match self.reload() {
+                    Ok(()) => {}
+                    Err(e) => tracing::error!("reload failed, SAs unchanged: {e}"),
+                },
+                None => {}
+            }
+            if let Some((name, _)) = self.threads.iter().find(|(_, h)| h.is_finished()) {
+                let name = *name;
+                self.stop()?;
+                return Err(DaemonError::ThreadDied(name));
+            }
+        }
+    }
+
+    /// Stops the threads, then removes the rules and the interface.
+    pub fn stop(mut self) -> Result<(), DaemonError> {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let mut died = None;
+        for (name, handle) in self.threads.drain(..) {
+            if handle.join().is_err() {
+                died = Some(name);
+            }
+        }
+        drop(self.net.take());
+        tracing::info!("stopped; interface and rules removed");
+        match died {
+            Some(name) => Err(DaemonError::ThreadDied(name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Re-reads the configuration and hands the threads the SA changes:
+    /// new SAs are added before old ones go (make-before-break).
+    ///
+    /// - A new inbound SA is accepted at once; the one it replaces keeps
+    ///   accepting for [`RETIRE_AFTER`].
+    /// - A new outbound SA waits until the peer's new inbound SA (our
+    ///   receiving side of the same roll) authenticates a packet, proof
+    ///   that the peer has reloaded, or [`SWITCH_AFTER`]; if the peer's
+    ///   inbound SA did not change, it replaces the old one at once.
+    pub fn reload(&mut self) -> Result<(), DaemonError> {
+        let new = Config::load(&self.config_path)?;
+        let fixed = |c: &Valid| {
+            (
+                c.interface.clone(),
+                c.mtu,
+                c.outer_udp,
+                c.port,
+                c.state_dir.clone(),
+                c.fwmark,
+                c.control_socket.clone(),
+            )
+        };
+        if fixed(&new) != fixed(&self.config) {
+            tracing::warn!(
+                "reload: interface, mtu, outer, port, state_dir, fwmark and control_socket \
+                 changes need a restart; applying SA changes only"
+            );
+        }
+        let same_endpoints = new.peers.iter().all(|p| {
+            self.config.peers.iter().any(|o| {
+                o.name == p.name
+                    && o.endpoint == p.endpoint
+                    && o.inner_remote == p.inner_remote
+                    && o.inner_local == p.inner_local
+            })
+        });
+        if !same_endpoints || new.peers.len() != self.config.peers.len() {
+            tracing::warn!(
+                "reload: adding, removing or readdressing peers needs a restart; applying key \
+                 and SPI changes of existing peers only"
+            );
+        }
+        let mut out_plan = OutboundPlan { add: Vec::new() };
+        let mut in_plan = InboundPlan {
+            keep: Vec::new(),
+            add: Vec::new(),
+        };
+        let mut next_current = Vec::new();
+        let selector = &self.shared.selector;
+        for peer in &new.peers {
+            let Some(old) = self.current.iter().find(|c| c.0 == peer.name) else {
+                continue;
+            };
+            let Some(old_cfg) = self.config.peers.iter().find(|o| o.name == peer.name) else {
+                continue;
+            };
+            if old_cfg.endpoint != peer.endpoint
+                || old_cfg.inner_remote != peer.inner_remote
+                || old_cfg.inner_local != peer.inner_local
+            {
+                next_current.push(old.clone());
+                in_plan.keep.push(old.2.clone());
+                continue;
+            }
+            let in_material = load_material(peer, &peer.inbound.key_file)?;
+            let in_fp = Fingerprint::new(&in_material, peer.inbound.spi);
+            let (in_fp, seen, inbound_changed) = if in_fp == old.2 {
+                in_plan.keep.push(in_fp.clone());
+                (in_fp, old.3.clone(), false)
+            } else {
+                let (sa, meta) = build_inbound(selector, peer)?;
+                let seen = meta.seen.clone();
+                tracing::info!(peer = %peer.name, spi = format_args!("{:#x}", sa.spi), "reload: new inbound SA");
+                in_plan.add.push((sa, meta));
+                (in_fp, seen, true)
+            };
+            let out_material = load_material(peer, &peer.outbound.key_file)?;
+            let out_fp = Fingerprint::new(&out_material, peer.outbound.spi);
+            if out_fp != old.1 {
+                let (sa, meta) = build_outbound(selector, &self.store, &new, peer)?;
+                tracing::info!(peer = %peer.name, spi = format_args!("{:#x}", sa.spi), "reload: new outbound SA");
+                out_plan.add.push(NewOutbound {
+                    sa,
+                    meta,
+                    switch_when: inbound_changed.then(|| seen.clone()),
+                });
+            }
+            next_current.push((peer.name.clone(), out_fp, in_fp, seen));
+        }
+        // Peers the new file dropped keep running until a restart.
+        for old in &self.current {
+            if !next_current.iter().any(|c| c.0 == old.0) {
+                in_plan.keep.push(old.2.clone());
+                next_current.push(old.clone());
+            }
+        }
+        self.in_tx
+            .send(in_plan)
+            .map_err(|_| DaemonError::ThreadDied("inbound"))?;
+        self.out_tx
+            .send(out_plan)
+            .map_err(|_| DaemonError::ThreadDied("outbound"))?;
+        self.current = next_current;
+        // Keep the addressing we run with, but the new SA settings.
+        for p in &mut self.config.peers {
+            if let Some(n) = new.peers.iter().find(|n| n.name == p.name) {
+                p.outbound = n.outbound.clone();
+                p.inbound = n.inbound.clone();
+            }
+        }
+        tracing::info!("reload applied");
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for (_, handle) in self.threads.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Brings the TUN interface all the way up, and takes down what it added.
+//!
+//! Through iproute2's `ip`, as wg-quick does: addresses, routes and rules
+//! are a handful of one-time operations where a netlink client would be
+//! more code than the datapath it serves. Every change that outlives the
+//! TUN device (policy rules) is undone on drop; addresses and routes on
+//! the device go with it when its file descriptor closes.
+//!
+//! Routing: the routes to the peers' inner addresses live in their own
+//! table, consulted by a rule for every packet *not* carrying the daemon's
+//! firewall mark. The daemon marks its outer sockets, so in classic
+//! transport mode (inner address == outer endpoint) its own ESP packets
+//! take the main table to the wire instead of looping back into the TUN.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::process::Command;
+
+use crate::config::Valid;
+
+/// Where the rules sit: after `local` (0), before `main` (32766).
+pub const RULE_PRIORITY: u32 = 32000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot run `ip` (iproute2): {0}; install iproute2")]
+    Spawn(std::io::Error),
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+/// The interface configuration this daemon made, undone on drop.
+#[derive(Debug)]
+pub struct NetConfig {
+    undo: Vec<Vec<String>>,
+}
+
+fn ip(args: &[String]) -> Result<(), NetError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NetError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn host_prefix(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "-4" } else { "-6" }
+}
+
+impl NetConfig {
+    /// MTU, link up, overlay addresses, routes to every peer's inner
+    /// address, and the policy rules; on error, whatever was done is undone.
+    pub fn apply(config: &Valid, interface: &str) -> Result<NetConfig, NetError> {
+        let mut net = NetConfig { undo: Vec::new() };
+        let mtu = config.mtu.to_string();
+        ip(&args(&["link", "set", "dev", interface, "mtu", &mtu, "up"]))?;
+
+        // Overlay inner addresses are the TUN's own; classic ones already
+        // belong to the outer interface.
+        let overlay: BTreeSet<IpAddr> = config
+            .peers
+            .iter()
+            .filter(|p| p.inner_local != p.local)
+            .map(|p| p.inner_local)
+            .collect();
+        for addr in &overlay {
+            let mut a = args(&[
+                family(*addr),
+                "addr",
+                "add",
+                &host_prefix(*addr),
+                "dev",
+                interface,
+            ]);
+            if addr.is_ipv6() {
+                a.push("nodad".into());
+            }
+            ip(&a)?;
+        }
+
+        let table = config.fwmark.to_string();
+        let mark = format!("{:#x}", config.fwmark);
+        let priority = RULE_PRIORITY.to_string();
+        let families: BTreeSet<&str> = config
+            .peers
+            .iter()
+            .map(|p| family(p.inner_remote))
+            .collect();
+        for fam in families {
+            let rule = |verb: &str| {
+                args(&[
+                    fam, "rule", verb, "not", "fwmark", &mark, "table", &table, "priority",
+                    &priority,
+                ])
+            };
+            // A rule left behind by a killed instance would be duplicated.
+            for _ in 0..16 {
+                if ip(&rule("del")).is_err() {
+                    break;
+                }
+            }
+            ip(&rule("add"))?;
+            net.undo.push(rule("del"));
+        }
+        for peer in &config.peers {
+            ip(&args(&[
+                family(peer.inner_remote),
+                "route",
+                "replace",
+                &host_prefix(peer.inner_remote),
+                "dev",
+                interface,
+                "src",
+                &peer.inner_local.to_string(),
+                "table",
+                &table,
+            ]))?;
+        }
+        Ok(net)
+    }
+}
+
+impl Drop for NetConfig {
+    fn drop(&mut self) {
+        for a in self.undo.drain(..).rev() {
+            if let Err(e) = ip(&a) {
+                tracing::warn!("cleanup: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! The two datapath threads: I/O around [`crate::datapath`] batches.
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use super::status::{InboundSaStatus, IoCounters, OutboundSaStatus};
+use super::{
+    InMeta, InboundPlan, NewOutbound, OutMeta, OutboundPlan, RETIRE_AFTER, SWITCH_AFTER, Shared,
+};
+use crate::crypto::select::Transition;
+use crate::datapath::inbound::{Encap, Inbound};
+use crate::datapath::outbound::Outbound;
+use crate::datapath::{DropContext, DropReason, Flow, PacketBuf, Verdict};
+use crate::io::socket::OuterSocket;
+use crate::io::tun::Tun;
+use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
+use crate::sa::{InboundSa, OutboundSa, hard_limit};
+use crate::wire::inner::InnerPolicy;
+
+/// Packets per batch: enough to amortize a syscall and the provider
+/// lookup, small enough that a batch stays in L2.
+pub const BATCH: usize = 32;
+/// Largest datagram or TUN read accepted; anything larger is truncated by
+/// the kernel and dropped as such.
+const BUF_CAPACITY: usize = 65535;
+/// How long a thread sleeps in poll(2) before it checks for stop, plans,
+/// self-tests and publishing.
+const POLL: Duration = Duration::from_millis(100);
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+/// Top up a reservation when fewer than this many numbers are left, so
+/// the next block is durable long before it is needed.
+const TOP_UP_BELOW: u64 = DEFAULT_BLOCK / 2;
+
+/// The outer sockets, one per address family in use.
+pub(crate) struct Sockets {
+    pub v4: Option<OuterSocket>,
+    pub v6: Option<OuterSocket>,
+    pub udp: bool,
+}
+
+impl Sockets {
+    fn for_addr(&self, addr: &SocketAddr) -> Option<&OuterSocket> {
+        if addr.is_ipv4() {
+            self.v4.as_ref()
+        } else {
+            self.v6.as_ref()
+        }
+    }
+}
+
+/// At most one log line per drop reason per second, saying how many more
+/// were dropped since the last line.
+struct DropLog {
+    direction: &'static str,
+    last: [Option<Instant>; DropReason::ALL.len()],
+    suppressed: [u64; DropReason::ALL.len()],
+}
+
+impl DropLog {
+    fn new(direction: &'static str) -> Self {
+        DropLog {
+            direction,
+            last: [None; DropReason::ALL.len()],
+            suppressed: [0; DropReason::ALL.len()],
+        }
+    }
+
+    /// Counts a drop; returns true if it should be logged now (the caller
+    /// then gathers the context and calls [`Self::log`]).
+    fn due(&mut self, reason: DropReason, now: Instant) -> bool {
+        let i = reason.index();
+        match self.last[i] {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => {
+                self.suppressed[i] += 1;
+                false
+            }
+            _ => {
+                self.last[i] = Some(now);
+                true
+            }
+        }
+    }
+
+    fn log(&mut self, reason: DropReason, context: &DropContext) {
+        let more = std::mem::take(&mut self.suppressed[reason.index()]);
+        let spi = context.spi.map(|s| format!("{s:#010x}"));
+        let flow = context.flow.map(|f| f.to_string());
+        let spi = spi.as_deref().unwrap_or("-");
+        let seq = context
+            .seq
+            .map_or_else(|| "-".to_string(), |s| s.to_string());
+        let flow = flow.as_deref().unwrap_or("-");
+        // Routine noise (the kernel's own IPv6 chatter into the TUN,
+        // keepalives) at debug; everything else says something is wrong.
+        if matches!(reason, DropReason::NoSa | DropReason::Keepalive) {
+            tracing::debug!(
+                direction = self.direction,
+                reason = reason.as_str(),
+                spi,
+                seq,
+                flow,
+                suppressed = more,
+                "dropped"
+            );
+        } else {
+            tracing::warn!(
+                direction = self.direction,
+                reason = reason.as_str(),
+                spi,
+                seq,
+                flow,
+                suppressed = more,
+                "dropped"
+            );
+        }
+    }
+}
+
+/// Runs the long-message self-test when due, on the calling (datapath)
+/// thread.
+fn maybe_selftest(shared: &Shared, next: &mut Instant, thread: &str) {
+    let now = Instant::now();
+    if now < *next {
+        return;
+    }
+    *next = now + shared.selftest_interval;
+    match shared.selector.periodic_check() {
+        Ok(Some(stats)) => tracing::debug!(
+            thread,
+            "periodic long-message self-test passed ({} bytes in {} us)",
+            stats.bytes,
+            stats.micros
+        ),
+        Ok(None) => {}
+        Err((failure, transition)) => {
+            let now_on = match transition {
+                Transition::SwitchedTo(p) => format!("traffic moved to the {p} provider"),
+                Transition::Halted => {
+                    "traffic HALTED by policy (no provider carries traffic)".into()
+                }
+                Transition::Unchanged => "the active provider is unchanged".into(),
+            };
+            tracing::error!(
+                thread,
+                "periodic long-message self-test FAILED: {failure}; {now_on}"
+            );
+        }
+    }
+}
+
+fn count(counter: &std::sync::atomic::AtomicU64) {
+    IoCounters::add(counter, 1);
+}
+
+/// TUN -> ESP -> socket.
+pub(crate) struct OutboundWorker {
+    shared: Arc<Shared>,
+    tun: Arc<Tun>,
+    sockets: Arc<Sockets>,
+    store: ReservationStore,
+    outbound: Outbound,
+    meta: Vec<OutMeta>,
+    pending: Vec<(NewOutbound, Instant)>,
+    plans: Receiver<OutboundPlan>,
+    drop_log: DropLog,
+    last_error_log: Option<Instant>,
+}
+
+impl OutboundWorker {
+    pub fn new(
+        shared: Arc<Shared>,
+        tun: Arc<Tun>,
+        sockets: Arc<Sockets>,
+        store: ReservationStore,
+        sas: Vec<(OutboundSa, OutMeta)>,
+        plans: Receiver<OutboundPlan>,
+    ) -> Self {
+        let mut outbound = Outbound::new(InnerPolicy::default());
+        outbound.counters = shared.out_counters.clone();
+        let mut meta = Vec::new();
+        for (sa, m) in sas {
+            outbound.add_sa(sa);
+            meta.push(m);
+        }
+        OutboundWorker {
+            shared,
+            tun,
+            sockets,
+            store,
+            outbound,
+            meta,
+            pending: Vec::new(),
+            plans,
+            drop_log: DropLog::new("outbound"),
+            last_error_log: None,
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(BUF_CAPACITY)).collect();
+        let mut verdicts = Vec::with_capacity(BATCH);
+        let mut next_check = Instant::now() + self.shared.selftest_interval;
+        let mut next_publish = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            self.apply_plans();
+            maybe_selftest(&self.shared, &mut next_check, "outbound");
+            if Instant::now() >= next_publish {
+                self.publish();
+                next_publish = Instant::now() + PUBLISH_EVERY;
+            }
+            match crate::io::poll_readable(&[self.tun.as_fd()], POLL) {
+                Ok(ready) if ready.is_ready(0) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    self.io_error("poll on the TUN device", &e);
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            }
+            let n = match self.tun.read_batch(&mut bufs) {
+                Ok(n) => n,
+                Err(e) => {
+                    count(&self.shared.io.tun_read_errors);
+                    self.io_error("reading the TUN device", &e);
+                    continue;
+                }
+            };
+            if n == 0 {
+                continue;
+            }
+            self.outbound
+                .process(&self.shared.selector, &mut bufs[..n], &mut verdicts);
+            self.send(&bufs[..n], &verdicts);
+            self.log_drops(&bufs[..n], &verdicts);
+            self.top_up();
+        }
+        self.publish();
+    }
+
+    fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        for v6 in [false, true] {
+            let batch: Vec<(&[u8], SocketAddr)> = bufs
+                .iter()
+                .zip(verdicts)
+                .filter_map(|(buf, v)| match v {
+                    Verdict::Send { sa } => self.meta.get(*sa).map(|m| (buf.data(), m.endpoint)),
+                    _ => None,
+                })
+                .filter(|(_, to)| to.is_ipv6() == v6)
+                .collect();
+            let Some(first) = batch.first() else {
+                continue;
+            };
+            let Some(socket) = self.sockets.for_addr(&first.1) else {
+                IoCounters::add(&self.shared.io.send_errors, batch.len() as u64);
+                continue;
+            };
+            match socket.send_batch(&batch) {
+                Ok(report) => {
+                    if report.failed > 0 {
+                        IoCounters::add(&self.shared.io.send_errors, report.failed as u64);
+                        if let Some(e) = report.last_error {
+                            self.io_error("sending ESP packets", &e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    IoCounters::add(&self.shared.io.send_errors, batch.len() as u64);
+                    self.io_error("sending ESP packets", &e);
+                }
+            }
+        }
+    }
+
+    fn log_drops(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        let now = Instant::now();
+        for (buf, v) in bufs.iter().zip(verdicts) {
+            if let Verdict::Drop(reason) = v
+                && self.drop_log.due(*reason, now)
+            {
+                let flow = Flow::of_packet(buf.data());
+                let spi = flow.and_then(|f| {
+                    self.outbound
+                        .sas()
+                        .iter()
+                        .find(|sa| sa.inner.remote == f.dst)
+                        .map(|sa| sa.spi)
+                });
+                let context = DropContext {
+                    spi,
+                    seq: None,
+                    flow,
+                };
+                self.drop_log.log(*reason, &context);
+            }
+        }
+    }
+
+    /// Makes the next block durable well before the current one runs out.
+    fn top_up(&mut self) {
+        for i in 0..self.outbound.sas().len() {
+            let Some(sa) = self.outbound.sa_mut(i) else {
+                continue;
+            };
+            let limit = hard_limit(sa.esn);
+            if sa.ceiling() >= limit || sa.ceiling().saturating_sub(sa.last_used()) >= TOP_UP_BELOW
+            {
+                continue;
+            }
+            let Some(meta) = self.meta.get(i) else {
+                continue;
+            };
+            if let Err(e) = self.store.reserve_block(&meta.fp, sa, DEFAULT_BLOCK) {
+                count(&self.shared.io.reservation_errors);
+                let spi = sa.spi;
+                let peer = meta.peer.clone();
+                if self.error_log_due() {
+                    tracing::error!(
+                        peer,
+                        spi = format_args!("{spi:#x}"),
+                        "cannot reserve sequence numbers; the SA stops sending when its reservation runs out: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn error_log_due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            self.last_error_log = Some(now);
+        }
+        due
+    }
+
+    fn io_error(&mut self, what: &str, e: &std::io::Error) {
+        if self.error_log_due() {
+            tracing::warn!("outbound: {what}: {e}");
+        }
+    }
+
+    fn replace_peer(&mut self, new: NewOutbound) {
+        for i in (0..self.meta.len()).rev() {
+            if self.meta[i].peer == new.meta.peer {
+                self.outbound.remove_sa(i);
+                self.meta.remove(i);
+            }
+        }
+        tracing::info!(peer = %new.meta.peer, spi = format_args!("{:#x}", new.sa.spi), "outbound SA now in use");
+        self.outbound.add_sa(new.sa);
+        self.meta.push(new.meta);
+    }
+
+    fn apply_plans(&mut self) {
+        while let Ok(plan) = self.plans.try_recv() {
+            for new in plan.add {
+                // A newer plan supersedes a pending switch for the peer.
+                self.pending.retain(|(p, _)| p.meta.peer != new.meta.peer);
+                if new.switch_when.is_some() {
+                    self.pending.push((new, Instant::now()));
+                } else {
+                    self.replace_peer(new);
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let (new, since) = &self.pending[i];
+            let peer_ready = new
+                .switch_when
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::Relaxed));
+            if peer_ready || now.duration_since(*since) >= SWITCH_AFTER {
+                if !peer_ready {
+                    tracing::warn!(peer = %new.meta.peer, "no packet on the peer's new SA after {SWITCH_AFTER:?}: switching outbound anyway");
+                }
+                let (new, _) = self.pending.remove(i);
+                self.replace_peer(new);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let row = |sa: &OutboundSa, m: &OutMeta, state| OutboundSaStatus {
+            peer: m.peer.clone(),
+            spi: sa.spi,
+            endpoint: m.endpoint.to_string(),
+            state,
+            packets: sa.stats.packets,
+            bytes: sa.stats.bytes,
+            seq_used: sa.last_used(),
+            seq_reserved: sa.ceiling(),
+            soft_limit_reached: sa.past_soft_limit(),
+        };
+        let mut rows: Vec<_> = self
+            .outbound
+            .sas()
+            .iter()
+            .zip(&self.meta)
+            .map(|(sa, m)| row(sa, m, "active"))
+            .collect();
+        rows.extend(
+            self.pending
+                .iter()
+                .map(|(p, _)| row(&p.sa, &p.meta, "pending")),
+        );
+        *self
+            .shared
+            .out_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+}
+
+/// Sockets -> ESP -> TUN.
+pub(crate) struct InboundWorker {
+    shared: Arc<Shared>,
+    tun: Arc<Tun>,
+    sockets: Arc<Sockets>,
+    inbound: Inbound,
+    meta: Vec<InMeta>,
+    plans: Receiver<InboundPlan>,
+    drop_log: DropLog,
+    last_error_log: Option<Instant>,
+}
+
+impl InboundWorker {
+    pub fn new(
+        shared: Arc<Shared>,
+        tun: Arc<Tun>,
+        sockets: Arc<Sockets>,
+        sas: Vec<(InboundSa, InMeta)>,
+        plans: Receiver<InboundPlan>,
+    ) -> Self {
+        let mut inbound = Inbound::new(InnerPolicy::default());
+        inbound.counters = shared.in_counters.clone();
+        let mut meta = Vec::new();
+        for (sa, m) in sas {
+            inbound.add_sa(sa);
+            meta.push(m);
+        }
+        InboundWorker {
+            shared,
+            tun,
+            sockets,
+            inbound,
+            meta,
+            plans,
+            drop_log: DropLog::new("inbound"),
+            last_error_log: None,
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(BUF_CAPACITY)).collect();
+        let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
+        let mut verdicts = Vec::with_capacity(BATCH);
+        let mut next_check = Instant::now() + self.shared.selftest_interval;
+        let mut next_publish = Instant::now();
+        let sockets = self.sockets.clone();
+        let socks: Vec<&OuterSocket> = [sockets.v4.as_ref(), sockets.v6.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
+        let encap = if sockets.udp { Encap::Udp } else { Encap::Raw };
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            self.apply_plans();
+            maybe_selftest(&self.shared, &mut next_check, "inbound");
+            if Instant::now() >= next_publish {
+                self.publish();
+                next_publish = Instant::now() + PUBLISH_EVERY;
+            }
+            let ready = match crate::io::poll_readable(&fds, POLL) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    self.io_error("poll on the outer sockets", &e);
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            for (i, socket) in socks.iter().enumerate() {
+                if !ready.is_ready(i) {
+                    continue;
+                }
+                let n = match socket.recv_batch(&mut bufs, &mut from) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        count(&self.shared.io.recv_errors);
+                        self.io_error("receiving ESP packets", &e);
+                        continue;
+                    }
+                };
+                if n == 0 {
+                    continue;
+                }
+                self.inbound
+                    .process(&self.shared.selector, encap, &mut bufs[..n], &mut verdicts);
+                for (buf, v) in bufs[..n].iter().zip(&verdicts) {
+                    if *v == Verdict::Deliver
+                        && let Err(e) = self.tun.write(buf.data())
+                    {
+                        count(&self.shared.io.tun_write_errors);
+                        self.io_error("writing to the TUN device", &e);
+                    }
+                }
+                self.log_drops(&verdicts);
+            }
+            self.note_seen();
+        }
+        self.publish();
+    }
+
+    fn log_drops(&mut self, verdicts: &[Verdict]) {
+        let now = Instant::now();
+        let last = self.inbound.last_drop();
+        for v in verdicts {
+            if let Verdict::Drop(reason) = v
+                && self.drop_log.due(*reason, now)
+            {
+                // The context of the batch's last drop, if it is this kind.
+                let context = last
+                    .filter(|(r, _)| r == reason)
+                    .map(|(_, c)| c)
+                    .unwrap_or_default();
+                self.drop_log.log(*reason, &context);
+            }
+        }
+    }
+
+    /// Marks SAs that have authenticated a packet: the outbound thread
+    /// waits on this before switching to a reloaded SA.
+    fn note_seen(&self) {
+        for (sa, m) in self.inbound.sas().iter().zip(&self.meta) {
+            if sa.stats.packets > 0 && !m.seen.load(Ordering::Relaxed) {
+                m.seen.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn io_error(&mut self, what: &str, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_error_log = Some(now);
+            tracing::warn!("inbound: {what}: {e}");
+        }
+    }
+
+    fn apply_plans(&mut self) {
+        let now = Instant::now();
+        while let Ok(plan) = self.plans.try_recv() {
+            for i in (0..self.meta.len()).rev() {
+                if plan.keep.contains(&self.meta[i].fp) || self.meta[i].retire_at.is_some() {
+                    continue;
+                }
+                let spi = self.inbound.sas()[i].spi;
+                if plan.add.iter().any(|(sa, _)| sa.spi == spi) {
+                    tracing::warn!(peer = %self.meta[i].peer, spi = format_args!("{spi:#x}"), "reload changed the key of an inbound SPI in place: replaced at once (use a new SPI to roll keys without loss)");
+                    self.inbound.remove_sa(i);
+                    self.meta.remove(i);
+                } else {
+                    self.meta[i].retire_at = Some(now + RETIRE_AFTER);
+                }
+            }
+            for (sa, m) in plan.add {
+                tracing::info!(peer = %m.peer, spi = format_args!("{:#x}", sa.spi), "inbound SA accepting");
+                self.inbound.add_sa(sa);
+                self.meta.push(m);
+            }
+        }
+        for i in (0..self.meta.len()).rev() {
+            if self.meta[i].retire_at.is_some_and(|t| now >= t) {
+                let spi = self.inbound.sas()[i].spi;
+                tracing::info!(peer = %self.meta[i].peer, spi = format_args!("{spi:#x}"), "retired inbound SA");
+                self.inbound.remove_sa(i);
+                self.meta.remove(i);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let rows = self
+            .inbound
+            .sas()
+            .iter()
+            .zip(&self.meta)
+            .map(|(sa, m)| InboundSaStatus {
+                peer: m.peer.clone(),
+                spi: sa.spi,
+                state: if m.retire_at.is_some() {
+                    "retiring"
+                } else {
+                    "active"
+                },
+                packets: sa.stats.packets,
+                bytes: sa.stats.bytes,
+                replay_window: sa.replay.size(),
+                replay_top: sa.replay.top(),
+            })
+            .collect();
+        *self
+            .shared
+            .in_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+}

@@ -1,0 +1,704 @@
+//! A two-host tunnel on one machine: [`TunnelLab`] (also the harness of
+//! the end-to-end tests) and `esptun demo`.
+//!
+//! Two network namespaces joined by veth ([`crate::lab::TwoHosts`]), fresh
+//! keys, and a real `esptun run` process in each namespace, driven through
+//! their control sockets. Everything lives in one temporary directory and
+//! the two namespaces, and is removed on drop, or by the demo's signal
+//! handling on Ctrl-C.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::crypto::KeySize;
+use crate::crypto::select::Mode;
+use crate::daemon::control;
+use crate::lab::{self, LabError, TwoHosts};
+use crate::sa::KeyMaterial;
+use crate::sa::reservation::ReservationStore;
+
+/// How long an endpoint may take from spawn to answering `status` (boot
+/// self-tests included, in a debug build on a loaded machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Lab(#[from] LabError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("endpoint {side} did not come up: {why}\n--- its log ---\n{log}")]
+    NotReady {
+        side: &'static str,
+        why: String,
+        log: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// Which of the two endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::A => "a",
+            Side::B => "b",
+        }
+    }
+}
+
+/// The shape of the tunnel.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// A few letters for namespace names.
+    pub tag: String,
+    /// Third octet of 198.18.X.0/24 (and 2001:db8:X::/64).
+    pub subnet: u8,
+    /// NAT-T (UDP 4500) or raw ESP.
+    pub outer_udp: bool,
+    /// IPv6 inside and outside.
+    pub ipv6: bool,
+    /// Inner addresses of their own (198.19.X.1/2) rather than the outer
+    /// ones (classic transport mode).
+    pub overlay: bool,
+    pub crypto: Mode,
+    pub key_bits: u32,
+    pub icv: u8,
+    pub selftest_interval_secs: u64,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            tag: "lab".into(),
+            subnet: 0,
+            outer_udp: true,
+            ipv6: false,
+            overlay: false,
+            crypto: Mode::Auto,
+            key_bits: 256,
+            icv: 16,
+            selftest_interval_secs: 60,
+        }
+    }
+}
+
+/// One `esptun run` in one namespace.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Processes and namespaces to clean up from a signal handler thread.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    pids: Vec<u32>,
+    namespaces: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    /// Stops the endpoints and removes the namespaces and files (for when
+    /// the owner cannot run its destructors: Ctrl-C).
+    pub fn run(&mut self) {
+        for pid in self.pids.drain(..) {
+            terminate(pid);
+        }
+        for ns in self.namespaces.drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        for dir in self.dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn terminate(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) with a pid we spawned and have not reaped; at worst
+    // it fails with ESRCH.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+/// Two hosts, each running esptun, with a tunnel between them.
+pub struct TunnelLab {
+    pub hosts: TwoHosts,
+    pub dir: PathBuf,
+    pub a: Endpoint,
+    pub b: Endpoint,
+    /// Tunnel (inner) addresses: what traffic through the tunnel uses.
+    pub a_inner: IpAddr,
+    pub b_inner: IpAddr,
+    pub options: LabOptions,
+    exe: PathBuf,
+    cleanup: Arc<Mutex<Cleanup>>,
+}
+
+impl TunnelLab {
+    /// Builds the namespaces, keys and configurations; starts nothing.
+    pub fn create(exe: &Path, options: LabOptions) -> Result<TunnelLab, DemoError> {
+        let hosts = TwoHosts::create(&options.tag, options.subnet)?;
+        let dir = std::env::temp_dir().join(format!("esptun-{}", hosts.a.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        let cleanup = Arc::new(Mutex::new(Cleanup {
+            pids: Vec::new(),
+            namespaces: vec![hosts.a.name().to_string(), hosts.b.name().to_string()],
+            dirs: vec![dir.clone()],
+        }));
+        let (a_outer, b_outer): (IpAddr, IpAddr) = if options.ipv6 {
+            (hosts.a_v6.into(), hosts.b_v6.into())
+        } else {
+            (hosts.a_v4.into(), hosts.b_v4.into())
+        };
+        let (a_inner, b_inner): (IpAddr, IpAddr) = match (options.overlay, options.ipv6) {
+            (false, _) => (a_outer, b_outer),
+            (true, false) => (
+                Ipv4Addr::new(198, 19, options.subnet, 1).into(),
+                Ipv4Addr::new(198, 19, options.subnet, 2).into(),
+            ),
+            (true, true) => (
+                Ipv6Addr::new(0x2001, 0xdb8, 0xffff, u16::from(options.subnet), 0, 0, 0, 1).into(),
+                Ipv6Addr::new(0x2001, 0xdb8, 0xffff, u16::from(options.subnet), 0, 0, 0, 2).into(),
+            ),
+        };
+        let endpoint = |side: &str| Endpoint {
+            config: dir.join(format!("{side}.toml")),
+            control: dir.join(format!("{side}.sock")),
+            state_dir: dir.join(format!("state-{side}")),
+            log: dir.join(format!("{side}.log")),
+            child: None,
+        };
+        let lab = TunnelLab {
+            a: endpoint("a"),
+            b: endpoint("b"),
+            hosts,
+            dir,
+            a_inner,
+            b_inner,
+            options,
+            exe: exe.to_path_buf(),
+            cleanup,
+        };
+        lab.write_keys()?;
+        lab.write_config(Side::A, a_outer, b_outer)?;
+        lab.write_config(Side::B, b_outer, a_outer)?;
+        Ok(lab)
+    }
+
+    /// What a signal-handling thread needs to clean up behind this lab.
+    pub fn cleanup_handle(&self) -> Arc<Mutex<Cleanup>> {
+        self.cleanup.clone()
+    }
+
+    pub fn endpoint(&self, side: Side) -> &Endpoint {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+
+    fn endpoint_mut(&mut self, side: Side) -> &mut Endpoint {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    pub fn key_file(&self, from: Side) -> PathBuf {
+        match from {
+            Side::A => self.dir.join("a-to-b.key"),
+            Side::B => self.dir.join("b-to-a.key"),
+        }
+    }
+
+    pub fn spi(from: Side) -> u32 {
+        match from {
+            Side::A => 0xa001,
+            Side::B => 0xb001,
+        }
+    }
+
+    /// New keys, as `esptun genkey` makes them: each recorded as fresh in
+    /// the state directory of the host that sends with it.
+    fn write_keys(&self) -> Result<(), DemoError> {
+        let size = if self.options.key_bits == 128 {
+            KeySize::Aes128
+        } else {
+            KeySize::Aes256
+        };
+        for (from, state) in [(Side::A, &self.a.state_dir), (Side::B, &self.b.state_dir)] {
+            let material =
+                crate::keyfile::generate(size).map_err(|e| DemoError::Other(e.to_string()))?;
+            let parsed =
+                KeyMaterial::from_bytes(&material).map_err(|e| DemoError::Other(e.to_string()))?;
+            ReservationStore::open(state)
+                .and_then(|s| s.mark_fresh(&parsed))
+                .map_err(|e| DemoError::Other(e.to_string()))?;
+            crate::keyfile::write_new(&self.key_file(from), &material)
+                .map_err(|e| DemoError::Other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites one side's configuration, e.g. to test bad inputs.
+    pub fn write_config_text(&self, side: Side, text: &str) -> Result<(), DemoError> {
+        let path = &self.endpoint(side).config;
+        std::fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    /// The configuration a side was created with.
+    pub fn config_text(&self, side: Side, local: IpAddr, remote: IpAddr) -> String {
+        let me = self.endpoint(side);
+        let (peer, out_from, in_from) = match side {
+            Side::A => ("b", Side::A, Side::B),
+            Side::B => ("a", Side::B, Side::A),
+        };
+        let (inner_local, inner_remote) = match side {
+            Side::A => (self.a_inner, self.b_inner),
+            Side::B => (self.b_inner, self.a_inner),
+        };
+        let overlay = if self.options.overlay {
+            format!("inner_local = \"{inner_local}\"\ninner_remote = \"{inner_remote}\"\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "# Written by esptun's lab ({side:?}).\n\
+             interface = \"esptun0\"\n\
+             outer = \"{outer}\"\n\
+             state_dir = \"{state}\"\n\
+             control_socket = \"{control}\"\n\
+             crypto = \"{crypto}\"\n\
+             selftest_interval_secs = {interval}\n\n\
+             [[peer]]\n\
+             name = \"{peer}\"\n\
+             local = \"{local}\"\n\
+             endpoint = \"{remote}\"\n\
+             {overlay}\
+             outbound = {{ spi = {out_spi:#x}, key_file = \"{out_key}\", icv = {icv} }}\n\
+             inbound = {{ spi = {in_spi:#x}, key_file = \"{in_key}\", icv = {icv} }}\n",
+            outer = if self.options.outer_udp { "udp" } else { "esp" },
+            state = me.state_dir.display(),
+            control = me.control.display(),
+            crypto = self.options.crypto,
+            interval = self.options.selftest_interval_secs,
+            out_spi = Self::spi(out_from),
+            out_key = self.key_file(out_from).display(),
+            in_spi = Self::spi(in_from),
+            in_key = self.key_file(in_from).display(),
+            icv = self.options.icv,
+        )
+    }
+
+    fn write_config(&self, side: Side, local: IpAddr, remote: IpAddr) -> Result<(), DemoError> {
+        self.write_config_text(side, &self.config_text(side, local, remote))
+    }
+
+    /// The outer addresses of a side and its peer.
+    pub fn outer(&self, side: Side) -> (IpAddr, IpAddr) {
+        let (a, b): (IpAddr, IpAddr) = if self.options.ipv6 {
+            (self.hosts.a_v6.into(), self.hosts.b_v6.into())
+        } else {
+            (self.hosts.a_v4.into(), self.hosts.b_v4.into())
+        };
+        match side {
+            Side::A => (a, b),
+            Side::B => (b, a),
+        }
+    }
+
+    /// Starts `esptun run` for `side` in its namespace (with extra
+    /// environment, e.g. fault injection) and waits until it answers
+    /// `status`.
+    pub fn start(&mut self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+        self.spawn(side, env)?;
+        self.wait_ready(side)
+    }
+
+    /// Starts `esptun run` for `side` without waiting.
+    pub fn spawn(&mut self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+        let ns = match side {
+            Side::A => &self.hosts.a,
+            Side::B => &self.hosts.b,
+        };
+        let mut cmd = ns.command(&self.exe);
+        let ep = self.endpoint(side);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&ep.log)
+            .map_err(io_err(format!("opening {}", ep.log.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err("duplicating the log file"))?;
+        cmd.args(["run", "--log-level", "debug", "-c"])
+            .arg(&ep.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting {}", self.exe.display())))?;
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pids
+            .push(child.id());
+        self.endpoint_mut(side).child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until `side` answers `status`, or its process exits.
+    pub fn wait_ready(&mut self, side: Side) -> Result<(), DemoError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if control::query(&self.endpoint(side).control, "status").is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.try_exit(side) {
+                return Err(DemoError::NotReady {
+                    side: side.name(),
+                    why: format!("esptun run exited with {status}"),
+                    log: self.log_tail(side),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::NotReady {
+                    side: side.name(),
+                    why: format!("no answer on its control socket within {READY_TIMEOUT:?}"),
+                    log: self.log_tail(side),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_exit(&mut self, side: Side) -> Option<ExitStatus> {
+        let child = self.endpoint_mut(side).child.as_mut()?;
+        child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then waits (SIGKILL after a timeout); the exit status.
+    pub fn stop(&mut self, side: Side) -> Result<ExitStatus, DemoError> {
+        let Some(mut child) = self.endpoint_mut(side).child.take() else {
+            return Err(DemoError::Other(format!(
+                "endpoint {} is not running",
+                side.name()
+            )));
+        };
+        terminate(child.id());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(io_err("waiting for esptun"))? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let status = child.wait().map_err(io_err("waiting for esptun"))?;
+                return Err(DemoError::Other(format!(
+                    "endpoint {} did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed: {status})",
+                    side.name()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`: no cleanup, no final writes.
+    pub fn kill9(&mut self, side: Side) -> Result<ExitStatus, DemoError> {
+        let Some(mut child) = self.endpoint_mut(side).child.take() else {
+            return Err(DemoError::Other(format!(
+                "endpoint {} is not running",
+                side.name()
+            )));
+        };
+        child.kill().map_err(io_err("kill -9"))?;
+        child.wait().map_err(io_err("waiting for esptun"))
+    }
+
+    /// The daemon's status JSON.
+    pub fn status(&self, side: Side) -> Result<serde_json::Value, DemoError> {
+        let reply = control::query(&self.endpoint(side).control, "status")
+            .map_err(|e| DemoError::Other(e.to_string()))?;
+        serde_json::from_str(&reply)
+            .map_err(|e| DemoError::Other(format!("status is not JSON: {e}")))
+    }
+
+    /// The last 8 KiB of a side's log.
+    pub fn log_tail(&self, side: Side) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.endpoint(side).log) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// The whole log of a side.
+    pub fn log(&self, side: Side) -> String {
+        std::fs::read_to_string(&self.endpoint(side).log).unwrap_or_default()
+    }
+
+    /// TCP zeros from a to b through the tunnel.
+    pub fn tcp_zeros(
+        &self,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<lab::TcpZerosReport, DemoError> {
+        Ok(lab::tcp_zeros(
+            &self.hosts.b,
+            &self.hosts.a,
+            SocketAddr::new(self.b_inner, 5001),
+            bytes,
+            timeout,
+        )?)
+    }
+
+    pub fn udp_exchange(&self, count: u32, size: usize) -> Result<lab::UdpReport, DemoError> {
+        Ok(lab::udp_exchange(
+            &self.hosts.b,
+            &self.hosts.a,
+            SocketAddr::new(self.b_inner, 5002),
+            count,
+            size,
+            Duration::from_secs(30),
+        )?)
+    }
+
+    pub fn ping(&self, count: u32) -> Result<lab::PingReport, DemoError> {
+        Ok(lab::ping(
+            &self.hosts.a,
+            self.b_inner,
+            count,
+            Duration::from_secs(20),
+        )?)
+    }
+}
+
+impl Drop for TunnelLab {
+    fn drop(&mut self) {
+        for side in [Side::A, Side::B] {
+            if self.endpoint(side).child.is_some() {
+                let _ = self.stop(side);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The namespaces go with `hosts`.
+    }
+}
+
+/// What `esptun demo` runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub outer_udp: bool,
+    pub ipv6: bool,
+    pub bytes: u64,
+    pub crypto: Mode,
+    pub verbose: bool,
+    pub exe: PathBuf,
+}
+
+/// `esptun demo`: builds the lab, runs the traffic, prints what happened,
+/// removes everything (on Ctrl-C too). Exit 0 only if every check passed.
+pub fn run(options: &DemoOptions) -> anyhow::Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "esptun demo needs root: it creates network namespaces, veth and TUN devices \
+             (run it with sudo; it removes everything it creates)"
+        );
+    }
+    let signals = crate::daemon::signals::Signals::block()?;
+    let registry: Arc<Mutex<Option<Arc<Mutex<Cleanup>>>>> = Arc::new(Mutex::new(None));
+    let worker = {
+        let options = options.clone();
+        let registry = registry.clone();
+        std::thread::Builder::new()
+            .name("esptun-demo".into())
+            .spawn(move || demo(&options, &registry))?
+    };
+    loop {
+        if worker.is_finished() {
+            return match worker.join() {
+                Ok(result) => result,
+                Err(_) => {
+                    anyhow::bail!("the demo thread panicked; everything it created was removed")
+                }
+            };
+        }
+        if signals.wait(Duration::from_millis(200)).is_some() {
+            eprintln!("\nesptun demo: interrupted; stopping the endpoints and removing the lab");
+            if let Some(cleanup) = registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                cleanup.lock().unwrap_or_else(|p| p.into_inner()).run();
+            }
+            return Ok(ExitCode::from(130));
+        }
+    }
+}
+
+fn demo(
+    options: &DemoOptions,
+    registry: &Mutex<Option<Arc<Mutex<Cleanup>>>>,
+) -> anyhow::Result<ExitCode> {
+    let lab_options = LabOptions {
+        tag: "demo".into(),
+        subnet: 0,
+        outer_udp: options.outer_udp,
+        ipv6: options.ipv6,
+        crypto: options.crypto,
+        ..LabOptions::default()
+    };
+    let mut lab = TunnelLab::create(&options.exe, lab_options)?;
+    *registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(lab.cleanup_handle());
+    let (a_outer, b_outer) = lab.outer(Side::A);
+    println!(
+        "esptun demo: namespaces {} ({a_outer}) and {} ({b_outer}) joined by veth; outer {}",
+        lab.hosts.a.name(),
+        lab.hosts.b.name(),
+        if options.outer_udp {
+            "ESP in UDP, port 4500 (NAT-T)"
+        } else {
+            "raw ESP (IP protocol 50)"
+        }
+    );
+    lab.start(Side::A, &[])?;
+    lab.start(Side::B, &[])?;
+    let status = lab.status(Side::A)?;
+    println!(
+        "endpoints up; crypto provider in use: {} (mode {})",
+        status["provider"].as_str().unwrap_or("none"),
+        options.crypto
+    );
+
+    let mut ok = true;
+    let tcp = lab.tcp_zeros(options.bytes, Duration::from_secs(300))?;
+    let tcp_ok = tcp.is_clean();
+    ok &= tcp_ok;
+    println!(
+        "TCP  {} -> {}: {} of {} bytes of zeros in {:.2} s = {:.0} Mbit/s; every byte checked, {} non-zero{}",
+        lab.a_inner,
+        lab.b_inner,
+        tcp.bytes_received,
+        tcp.bytes_sent,
+        tcp.elapsed.as_secs_f64(),
+        tcp.mbit_per_s(),
+        tcp.nonzero_bytes,
+        tcp.interrupted
+            .as_ref()
+            .map(|e| format!(" (INTERRUPTED: {e})"))
+            .unwrap_or_default()
+    );
+    let udp = lab.udp_exchange(100, 1200)?;
+    ok &= udp.is_clean(100);
+    println!(
+        "UDP  {} datagrams of 1200 bytes: {} echoed intact, {} corrupted, {} lost",
+        udp.sent,
+        udp.echoed_ok,
+        udp.mismatched,
+        udp.lost()
+    );
+    let ping = lab.ping(5)?;
+    ok &= ping.received == 5;
+    println!(
+        "ping {}: {}/{} replies",
+        lab.b_inner, ping.received, ping.sent
+    );
+
+    // Let both threads publish their last SA state.
+    std::thread::sleep(Duration::from_millis(400));
+    for side in [Side::A, Side::B] {
+        let s = lab.status(side)?;
+        let dir = |d: &str| {
+            format!(
+                "{} passed, {} dropped",
+                s[d]["passed"].as_u64().unwrap_or(0),
+                s[d]["dropped"].as_u64().unwrap_or(0)
+            )
+        };
+        let drops: Vec<String> = ["outbound", "inbound"]
+            .iter()
+            .flat_map(|d| {
+                s[*d]["drops"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                    .map(move |(r, n)| format!("{d} {r} {n}"))
+            })
+            .collect();
+        println!(
+            "host {}: provider {}, outbound {}, inbound {}{}",
+            side.name(),
+            s["provider"].as_str().unwrap_or("none"),
+            dir("outbound"),
+            dir("inbound"),
+            if drops.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", drops.join(", "))
+            }
+        );
+    }
+    for side in [Side::A, Side::B] {
+        let status = lab.stop(side)?;
+        if !status.success() {
+            ok = false;
+            println!("endpoint {} stopped with {status}", side.name());
+        }
+    }
+    if options.verbose || !ok {
+        for side in [Side::A, Side::B] {
+            println!(
+                "--- log of endpoint {} ---\n{}",
+                side.name(),
+                lab.log_tail(side)
+            );
+        }
+    }
+    drop(lab);
+    println!(
+        "removed the namespaces, interfaces, keys and state; {}",
+        if ok { "demo passed" } else { "demo FAILED" }
+    );
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
