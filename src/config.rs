@@ -58,6 +58,14 @@ pub struct Config {
     /// packets skip that table, so classic transport mode cannot loop.
     #[serde(default = "default_fwmark")]
     pub fwmark: u32,
+    /// After a reload, a replaced outbound SA keeps sending for at most
+    /// this long (less once the peer is seen using its new SA), so that
+    /// both hosts can be reloaded before either sends on a new SPI.
+    #[serde(default = "default_rekey_switch")]
+    pub rekey_switch_secs: u64,
+    /// After a reload, a replaced inbound SA keeps accepting this long.
+    #[serde(default = "default_rekey_retire")]
+    pub rekey_retire_secs: u64,
     /// The Unix control socket `esptun status` talks to; default
     /// `/run/esptun/<interface>.sock`.
     pub control_socket: Option<PathBuf>,
@@ -121,6 +129,12 @@ fn default_on_failure() -> String {
 pub const DEFAULT_FWMARK: u32 = 0x4553;
 fn default_fwmark() -> u32 {
     DEFAULT_FWMARK
+}
+fn default_rekey_switch() -> u64 {
+    30
+}
+fn default_rekey_retire() -> u64 {
+    120
 }
 fn default_icv() -> u8 {
     16
@@ -200,6 +214,8 @@ pub struct Valid {
     pub selftest_interval_secs: u64,
     pub on_selftest_failure: FailurePolicy,
     pub fwmark: u32,
+    pub rekey_switch: std::time::Duration,
+    pub rekey_retire: std::time::Duration,
     pub control_socket: PathBuf,
     pub peers: Vec<ValidPeer>,
 }
@@ -344,6 +360,20 @@ impl Config {
                     "{} cannot be used: the mark is also a routing table number, use 1 to 2147483647 (default {DEFAULT_FWMARK}) \
                      that no other routing policy on this host uses",
                     self.fwmark
+                ),
+            );
+        }
+        if !(1..=3600).contains(&self.rekey_switch_secs)
+            || self.rekey_retire_secs <= self.rekey_switch_secs
+            || self.rekey_retire_secs > 86_400
+        {
+            problem(
+                "rekey_switch_secs",
+                format!(
+                    "{} (with rekey_retire_secs {}) does not work: use 1 to 3600 seconds, and a \
+                     rekey_retire_secs above it (at most 86400), so an old inbound SA outlives the \
+                     switch (defaults 30 and 120)",
+                    self.rekey_switch_secs, self.rekey_retire_secs
                 ),
             );
         }
@@ -515,6 +545,8 @@ impl Config {
             selftest_interval_secs: self.selftest_interval_secs,
             on_selftest_failure: on_failure,
             fwmark: self.fwmark,
+            rekey_switch: std::time::Duration::from_secs(self.rekey_switch_secs),
+            rekey_retire: std::time::Duration::from_secs(self.rekey_retire_secs),
             control_socket,
             peers,
         })

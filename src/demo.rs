@@ -86,6 +86,8 @@ pub struct LabOptions {
     pub key_bits: u32,
     pub icv: u8,
     pub selftest_interval_secs: u64,
+    pub rekey_switch_secs: u64,
+    pub rekey_retire_secs: u64,
 }
 
 impl Default for LabOptions {
@@ -100,6 +102,8 @@ impl Default for LabOptions {
             key_bits: 256,
             icv: 16,
             selftest_interval_secs: 60,
+            rekey_switch_secs: 30,
+            rekey_retire_secs: 120,
         }
     }
 }
@@ -111,7 +115,9 @@ pub struct Endpoint {
     pub control: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
-    child: Option<Child>,
+    /// Behind a lock so that a test can kill or restart an endpoint while
+    /// traffic runs through the lab on another thread.
+    child: Mutex<Option<Child>>,
 }
 
 /// Processes and namespaces to clean up from a signal handler thread.
@@ -197,7 +203,7 @@ impl TunnelLab {
             control: dir.join(format!("{side}.sock")),
             state_dir: dir.join(format!("state-{side}")),
             log: dir.join(format!("{side}.log")),
-            child: None,
+            child: Mutex::new(None),
         };
         let lab = TunnelLab {
             a: endpoint("a"),
@@ -228,11 +234,11 @@ impl TunnelLab {
         }
     }
 
-    fn endpoint_mut(&mut self, side: Side) -> &mut Endpoint {
-        match side {
-            Side::A => &mut self.a,
-            Side::B => &mut self.b,
-        }
+    fn child(&self, side: Side) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.endpoint(side)
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn key_file(&self, from: Side) -> PathBuf {
@@ -300,7 +306,9 @@ impl TunnelLab {
              state_dir = \"{state}\"\n\
              control_socket = \"{control}\"\n\
              crypto = \"{crypto}\"\n\
-             selftest_interval_secs = {interval}\n\n\
+             selftest_interval_secs = {interval}\n\
+             rekey_switch_secs = {switch}\n\
+             rekey_retire_secs = {retire}\n\n\
              [[peer]]\n\
              name = \"{peer}\"\n\
              local = \"{local}\"\n\
@@ -313,6 +321,8 @@ impl TunnelLab {
             control = me.control.display(),
             crypto = self.options.crypto,
             interval = self.options.selftest_interval_secs,
+            switch = self.options.rekey_switch_secs,
+            retire = self.options.rekey_retire_secs,
             out_spi = Self::spi(out_from),
             out_key = self.key_file(out_from).display(),
             in_spi = Self::spi(in_from),
@@ -341,13 +351,13 @@ impl TunnelLab {
     /// Starts `esptun run` for `side` in its namespace (with extra
     /// environment, e.g. fault injection) and waits until it answers
     /// `status`.
-    pub fn start(&mut self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+    pub fn start(&self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
         self.spawn(side, env)?;
         self.wait_ready(side)
     }
 
     /// Starts `esptun run` for `side` without waiting.
-    pub fn spawn(&mut self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+    pub fn spawn(&self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
         let ns = match side {
             Side::A => &self.hosts.a,
             Side::B => &self.hosts.b,
@@ -378,12 +388,12 @@ impl TunnelLab {
             .unwrap_or_else(|p| p.into_inner())
             .pids
             .push(child.id());
-        self.endpoint_mut(side).child = Some(child);
+        *self.child(side) = Some(child);
         Ok(())
     }
 
     /// Waits until `side` answers `status`, or its process exits.
-    pub fn wait_ready(&mut self, side: Side) -> Result<(), DemoError> {
+    pub fn wait_ready(&self, side: Side) -> Result<(), DemoError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if control::query(&self.endpoint(side).control, "status").is_ok() {
@@ -408,14 +418,13 @@ impl TunnelLab {
     }
 
     /// The exit status, if the process has exited.
-    pub fn try_exit(&mut self, side: Side) -> Option<ExitStatus> {
-        let child = self.endpoint_mut(side).child.as_mut()?;
-        child.try_wait().ok().flatten()
+    pub fn try_exit(&self, side: Side) -> Option<ExitStatus> {
+        self.child(side).as_mut()?.try_wait().ok().flatten()
     }
 
     /// SIGTERM, then waits (SIGKILL after a timeout); the exit status.
-    pub fn stop(&mut self, side: Side) -> Result<ExitStatus, DemoError> {
-        let Some(mut child) = self.endpoint_mut(side).child.take() else {
+    pub fn stop(&self, side: Side) -> Result<ExitStatus, DemoError> {
+        let Some(mut child) = self.child(side).take() else {
             return Err(DemoError::Other(format!(
                 "endpoint {} is not running",
                 side.name()
@@ -440,8 +449,8 @@ impl TunnelLab {
     }
 
     /// `kill -9`: no cleanup, no final writes.
-    pub fn kill9(&mut self, side: Side) -> Result<ExitStatus, DemoError> {
-        let Some(mut child) = self.endpoint_mut(side).child.take() else {
+    pub fn kill9(&self, side: Side) -> Result<ExitStatus, DemoError> {
+        let Some(mut child) = self.child(side).take() else {
             return Err(DemoError::Other(format!(
                 "endpoint {} is not running",
                 side.name()
@@ -449,6 +458,23 @@ impl TunnelLab {
         };
         child.kill().map_err(io_err("kill -9"))?;
         child.wait().map_err(io_err("waiting for esptun"))
+    }
+
+    /// Sends SIGHUP: reload SAs from the (rewritten) configuration.
+    pub fn reload(&self, side: Side) -> Result<(), DemoError> {
+        let pid =
+            self.child(side).as_ref().map(Child::id).ok_or_else(|| {
+                DemoError::Other(format!("endpoint {} is not running", side.name()))
+            })?;
+        let pid = libc::pid_t::try_from(pid).map_err(|e| DemoError::Other(e.to_string()))?;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+            return Err(DemoError::Io {
+                what: "sending SIGHUP".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// The daemon's status JSON.
@@ -514,7 +540,7 @@ impl TunnelLab {
 impl Drop for TunnelLab {
     fn drop(&mut self) {
         for side in [Side::A, Side::B] {
-            if self.endpoint(side).child.is_some() {
+            if self.child(side).is_some() {
                 let _ = self.stop(side);
             }
         }
@@ -584,7 +610,7 @@ fn demo(
         crypto: options.crypto,
         ..LabOptions::default()
     };
-    let mut lab = TunnelLab::create(&options.exe, lab_options)?;
+    let lab = TunnelLab::create(&options.exe, lab_options)?;
     *registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(lab.cleanup_handle());
     let (a_outer, b_outer) = lab.outer(Side::A);
     println!(

@@ -38,14 +38,6 @@ use netcfg::{NetConfig, NetError};
 use signals::{Signal, Signals};
 use status::{InboundSaStatus, IoCounters, OutboundSaStatus, Status};
 
-/// How long an inbound SA replaced by a reload keeps accepting packets,
-/// so packets the peer sealed before it switched still arrive.
-pub const RETIRE_AFTER: Duration = Duration::from_secs(120);
-/// How long a replaced outbound SA keeps sending while waiting for the
-/// first packet on the peer's new SA (proof that the peer has reloaded and
-/// holds our new key as its inbound key).
-pub const SWITCH_AFTER: Duration = Duration::from_secs(60);
-
 /// Why the daemon cannot start (or reload).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -115,7 +107,7 @@ pub(crate) struct NewOutbound {
     pub sa: OutboundSa,
     pub meta: OutMeta,
     /// Replaces the peer's current SA once this is set (or after
-    /// [`SWITCH_AFTER`]); `None`: at once.
+    /// `rekey_switch_secs`); `None`: at once.
     pub switch_when: Option<Arc<AtomicBool>>,
 }
 
@@ -137,6 +129,13 @@ pub(crate) struct Shared {
     pub selector: Selector,
     pub started: Instant,
     pub selftest_interval: Duration,
+    /// `rekey_switch_secs`: how long a replaced outbound SA keeps sending
+    /// while waiting for the first packet on the peer's new SA (proof that
+    /// the peer has reloaded and holds our new key as its inbound key).
+    pub rekey_switch: Duration,
+    /// `rekey_retire_secs`: how long a replaced inbound SA keeps accepting,
+    /// so packets the peer sealed before it switched still arrive.
+    pub rekey_retire: Duration,
     pub out_counters: Arc<Counters>,
     pub in_counters: Arc<Counters>,
     pub io: IoCounters,
@@ -178,8 +177,9 @@ impl Shared {
 /// Start-up knobs that are not configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Wraps the hardware provider so it corrupts plaintext blocks at this
-    /// rate (feature `fault-injection`; tests only).
+    /// (rate, seed): wraps the hardware provider so that, once the boot
+    /// self-tests have passed, it corrupts a 16-byte plaintext block before
+    /// sealing at this rate (feature `fault-injection`; tests only).
     #[cfg(feature = "fault-injection")]
     pub inject_faults: Option<(f64, u64)>,
 }
@@ -335,20 +335,20 @@ impl Daemon {
         }
         let config = Config::load(config_path)?;
         let providers = Provider::detect_all();
+        // The field failure: hardware that passes its boot tests and then
+        // corrupts blocks while running. The injector starts clean and is
+        // switched on once the boot self-tests have passed.
         #[cfg(feature = "fault-injection")]
-        let providers = match options.inject_faults {
-            Some((rate, seed)) => providers.map(|p| {
-                if p.id == crate::crypto::ProviderId::Hardware && p.is_available() {
-                    tracing::warn!(
-                        "fault injection: hardware provider corrupts blocks at rate {rate}"
-                    );
-                    crate::crypto::fault::wrap(p, rate, seed).0
-                } else {
-                    p
-                }
-            }),
-            None => providers,
-        };
+        let mut injector = None;
+        #[cfg(feature = "fault-injection")]
+        let providers = providers.map(|p| match options.inject_faults {
+            Some((_, seed)) if p.id == crate::crypto::ProviderId::Hardware && p.is_available() => {
+                let (p, handle) = crate::crypto::fault::wrap(p, 0.0, seed);
+                injector = Some(handle);
+                p
+            }
+            _ => p,
+        });
         #[cfg(not(feature = "fault-injection"))]
         let _ = options;
         let selector = Selector::boot(
@@ -357,6 +357,13 @@ impl Daemon {
             config.on_selftest_failure,
             BootOptions::default(),
         );
+        #[cfg(feature = "fault-injection")]
+        if let (Some(handle), Some((rate, _))) = (&injector, options.inject_faults) {
+            tracing::warn!(
+                "fault injection: the hardware provider now corrupts plaintext blocks at rate {rate}"
+            );
+            handle.set_rate(rate);
+        }
         let Some(active) = selector.active() else {
             return Err(DaemonError::NoProvider(config.crypto));
         };
@@ -367,13 +374,15 @@ impl Daemon {
         }
         tracing::info!(provider = %active, mode = %config.crypto, "boot self-tests passed");
 
+        // Sockets and the control socket first: a port in use or a second
+        // instance is found before any sequence numbers are reserved.
+        let sockets = outer_sockets(&config)?;
+        let control = ControlSocket::bind(&config.control_socket)?;
         let store = ReservationStore::open(&config.state_dir).map_err(DaemonError::State)?;
         let mut peers = Vec::with_capacity(config.peers.len());
         for peer in &config.peers {
             peers.push(build_peer(&selector, &store, &config, peer)?);
         }
-        let sockets = outer_sockets(&config)?;
-        let control = ControlSocket::bind(&config.control_socket)?;
         let tun = Tun::create(&config.interface)?;
         let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
             interface: config.interface.clone(),
@@ -385,6 +394,8 @@ impl Daemon {
             selector,
             started: Instant::now(),
             selftest_interval: Duration::from_secs(config.selftest_interval_secs),
+            rekey_switch: config.rekey_switch,
+            rekey_retire: config.rekey_retire,
             out_counters: Arc::new(Counters::default()),
             in_counters: Arc::new(Counters::default()),
             io: IoCounters::default(),
@@ -518,11 +529,16 @@ impl Daemon {
     /// new SAs are added before old ones go (make-before-break).
     ///
     /// - A new inbound SA is accepted at once; the one it replaces keeps
-    ///   accepting for [`RETIRE_AFTER`].
-    /// - A new outbound SA waits until the peer's new inbound SA (our
-    ///   receiving side of the same roll) authenticates a packet, proof
-    ///   that the peer has reloaded, or [`SWITCH_AFTER`]; if the peer's
-    ///   inbound SA did not change, it replaces the old one at once.
+    ///   accepting for `rekey_retire_secs`.
+    /// - A new outbound SA waits until our new inbound SA for the peer
+    ///   (the other half of the same roll) authenticates a packet, proof
+    ///   that the peer has reloaded, or `rekey_switch_secs`; if our
+    ///   inbound SA for the peer did not change, it replaces the old one
+    ///   at once.
+    ///
+    /// So rolling both directions is one config edit and one SIGHUP per
+    /// host, loss-free if the two reloads are less than
+    /// `rekey_switch_secs` apart.
     pub fn reload(&mut self) -> Result<(), DaemonError> {
         let new = Config::load(&self.config_path)?;
         let fixed = |c: &Valid| {

@@ -8,9 +8,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use super::status::{InboundSaStatus, IoCounters, OutboundSaStatus};
-use super::{
-    InMeta, InboundPlan, NewOutbound, OutMeta, OutboundPlan, RETIRE_AFTER, SWITCH_AFTER, Shared,
-};
+use super::{InMeta, InboundPlan, NewOutbound, OutMeta, OutboundPlan, Shared};
 use crate::crypto::select::Transition;
 use crate::datapath::inbound::{Encap, Inbound};
 use crate::datapath::outbound::Outbound;
@@ -378,9 +376,9 @@ impl OutboundWorker {
                 .switch_when
                 .as_ref()
                 .is_some_and(|f| f.load(Ordering::Relaxed));
-            if peer_ready || now.duration_since(*since) >= SWITCH_AFTER {
+            if peer_ready || now.duration_since(*since) >= self.shared.rekey_switch {
                 if !peer_ready {
-                    tracing::warn!(peer = %new.meta.peer, "no packet on the peer's new SA after {SWITCH_AFTER:?}: switching outbound anyway");
+                    tracing::warn!(peer = %new.meta.peer, "no packet on the peer's new SA after {:?}: switching outbound anyway", self.shared.rekey_switch);
                 }
                 let (new, _) = self.pending.remove(i);
                 self.replace_peer(new);
@@ -572,7 +570,7 @@ impl InboundWorker {
                     self.inbound.remove_sa(i);
                     self.meta.remove(i);
                 } else {
-                    self.meta[i].retire_at = Some(now + RETIRE_AFTER);
+                    self.meta[i].retire_at = Some(now + self.shared.rekey_retire);
                 }
             }
             for (sa, m) in plan.add {

@@ -1,0 +1,698 @@
+//! End to end: two network namespaces joined by veth, a real `esptun run`
+//! in each (real TUN devices, real sockets), traffic through the tunnel.
+//!
+//! Needs root. Without it every test prints that it skipped and why; with
+//! `ESPTUN_REQUIRE_NETNS=1` (CI) it fails instead. Each test builds its own
+//! lab (unique namespace names, its own 198.18.X.0/24) and removes it, also
+//! when an assertion fails. Throughput is printed, never asserted.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use esptun::demo::{LabOptions, Side, TunnelLab};
+
+const MIB: u64 = 1 << 20;
+
+fn lab(test: &str, options: LabOptions) -> Option<TunnelLab> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!(
+                "{test}: needs root (network namespaces, TUN), and ESPTUN_REQUIRE_NETNS=1 is set"
+            );
+        }
+        eprintln!("{test}: skipped: needs root (network namespaces, TUN devices)");
+        return None;
+    }
+    let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));
+    Some(
+        TunnelLab::create(exe, options).unwrap_or_else(|e| panic!("{test}: building the lab: {e}")),
+    )
+}
+
+/// Panics with both endpoints' logs, so a failure in CI can be diagnosed.
+fn fail(lab: &TunnelLab, message: &str) -> ! {
+    panic!(
+        "{message}\n--- log of a ---\n{}\n--- log of b ---\n{}",
+        lab.log_tail(Side::A),
+        lab.log_tail(Side::B)
+    )
+}
+
+fn check(lab: &TunnelLab, ok: bool, message: impl FnOnce() -> String) {
+    if !ok {
+        fail(lab, &message());
+    }
+}
+
+fn status(lab: &TunnelLab, side: Side) -> serde_json::Value {
+    lab.status(side)
+        .unwrap_or_else(|e| fail(lab, &format!("status of {side:?}: {e}")))
+}
+
+fn drops(s: &serde_json::Value, direction: &str, reason: &str) -> u64 {
+    s[direction]["drops"][reason].as_u64().unwrap_or(u64::MAX)
+}
+
+/// Waits (bounded) until both threads have published state for the
+/// traffic just sent.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn start_both(lab: &TunnelLab) {
+    for side in [Side::A, Side::B] {
+        if let Err(e) = lab.start(side, &[]) {
+            fail(lab, &format!("starting {side:?}: {e}"));
+        }
+    }
+}
+
+/// TCP zeros, UDP and ping through the tunnel, with the invariants every
+/// configuration must keep; returns the TCP throughput for the log.
+fn traffic(lab: &TunnelLab, tcp_bytes: u64) {
+    traffic_allowing(lab, tcp_bytes, &[]);
+}
+
+/// [`traffic`], tolerating drops of the `expected` reasons (caused on
+/// purpose by the test).
+fn traffic_allowing(lab: &TunnelLab, tcp_bytes: u64, expected: &[&str]) {
+    let tcp = lab
+        .tcp_zeros(tcp_bytes, Duration::from_secs(600))
+        .unwrap_or_else(|e| fail(lab, &format!("tcp: {e}")));
+    check(
+        lab,
+        tcp.is_clean() && tcp.bytes_received == tcp_bytes,
+        || format!("TCP stream not clean: {tcp:?}"),
+    );
+    eprintln!(
+        "{:?}: TCP {} MiB of zeros, all checked: {:.0} Mbit/s",
+        lab.options,
+        tcp_bytes / MIB,
+        tcp.mbit_per_s()
+    );
+    let udp = lab
+        .udp_exchange(50, 1000)
+        .unwrap_or_else(|e| fail(lab, &format!("udp: {e}")));
+    check(lab, udp.is_clean(50), || format!("UDP not clean: {udp:?}"));
+    let ping = lab
+        .ping(3)
+        .unwrap_or_else(|e| fail(lab, &format!("ping: {e}")));
+    check(lab, ping.received == 3, || format!("ping: {ping:?}"));
+
+    settle();
+    for side in [Side::A, Side::B] {
+        let s = status(lab, side);
+        for direction in ["outbound", "inbound"] {
+            for reason in [
+                "inner_checksum",
+                "icv_failure",
+                "replay",
+                "too_old",
+                "unknown_spi",
+            ] {
+                if expected.contains(&reason) {
+                    continue;
+                }
+                check(lab, drops(&s, direction, reason) == 0, || {
+                    format!("{side:?} {direction} dropped {reason}: {s:#}")
+                });
+            }
+        }
+        let out = &s["outbound_sas"][0];
+        let used = out["seq_used"].as_u64().unwrap_or(0);
+        check(
+            lab,
+            used > 0 && out["seq_reserved"].as_u64().unwrap_or(0) >= used,
+            || format!("{side:?}: sequence numbers used beyond the reservation: {s:#}"),
+        );
+        check(
+            lab,
+            s["inbound_sas"][0]["packets"].as_u64().unwrap_or(0) > 0,
+            || format!("{side:?} received nothing: {s:#}"),
+        );
+        check(lab, s["provider"].is_string(), || {
+            format!("{side:?}: no provider: {s:#}")
+        });
+    }
+}
+
+/// Stops both endpoints and checks that they left nothing behind.
+fn stop_and_check_cleanup(lab: &TunnelLab) {
+    for side in [Side::A, Side::B] {
+        match lab.stop(side) {
+            Ok(status) => check(lab, status.success(), || {
+                format!("{side:?} exited with {status}")
+            }),
+            Err(e) => fail(lab, &format!("stopping {side:?}: {e}")),
+        }
+        let ns = match side {
+            Side::A => &lab.hosts.a,
+            Side::B => &lab.hosts.b,
+        };
+        let links = ns.ip_output(&["link", "show"]).unwrap_or_default();
+        check(lab, !links.contains("esptun0"), || {
+            format!("{side:?}: TUN left behind: {links}")
+        });
+        for family in ["-4", "-6"] {
+            let rules = ns.ip_output(&[family, "rule", "show"]).unwrap_or_default();
+            check(lab, !rules.contains("fwmark"), || {
+                format!("{side:?}: policy rule left behind: {rules}")
+            });
+        }
+        check(lab, !lab.endpoint(side).control.exists(), || {
+            format!("{side:?}: control socket left behind")
+        });
+    }
+}
+
+#[test]
+fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
+    let Some(lab) = lab(
+        "ipv4_nat_t_classic",
+        LabOptions {
+            tag: "v4udp".into(),
+            subnet: 10,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    traffic(&lab, 256 * MIB);
+    stop_and_check_cleanup(&lab);
+}
+
+#[test]
+fn ipv6_raw_esp_overlay_aes128_icv8() {
+    let Some(lab) = lab(
+        "ipv6_raw_esp_overlay",
+        LabOptions {
+            tag: "v6esp".into(),
+            subnet: 11,
+            outer_udp: false,
+            ipv6: true,
+            overlay: true,
+            key_bits: 128,
+            icv: 8,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    traffic(&lab, 32 * MIB);
+    stop_and_check_cleanup(&lab);
+}
+
+#[test]
+fn ipv4_raw_esp_overlay_icv12() {
+    let Some(lab) = lab(
+        "ipv4_raw_esp_overlay",
+        LabOptions {
+            tag: "v4esp".into(),
+            subnet: 12,
+            outer_udp: false,
+            overlay: true,
+            icv: 12,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    traffic(&lab, 32 * MIB);
+    stop_and_check_cleanup(&lab);
+}
+
+#[test]
+fn ipv6_nat_t_classic_soft_provider() {
+    let Some(lab) = lab(
+        "ipv6_nat_t_classic_soft",
+        LabOptions {
+            tag: "v6udp".into(),
+            subnet: 13,
+            ipv6: true,
+            crypto: esptun::crypto::select::Mode::Soft,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    traffic(&lab, 16 * MIB);
+    let s = status(&lab, Side::A);
+    check(&lab, s["provider"] == "soft", || {
+        format!("crypto = soft not honoured: {s:#}")
+    });
+    stop_and_check_cleanup(&lab);
+}
+
+/// The field failure, replayed: the sender's hardware provider passes its
+/// boot tests, then corrupts a 16-byte block (a copy of its neighbour)
+/// before sealing. The receiver must drop those packets as inner-checksum
+/// failures, so the stream still arrives complete and all zero; the
+/// sender's periodic self-test must catch the provider and move traffic to
+/// soft.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn field_failure_replay_corrupt_blocks_never_reach_the_application() {
+    if !esptun::crypto::hardware::provider().is_available() {
+        common::skip_or_fail_without_aesni("field_failure_replay");
+        return;
+    }
+    let Some(lab) = lab(
+        "field_failure_replay",
+        LabOptions {
+            tag: "fault".into(),
+            subnet: 14,
+            selftest_interval_secs: 1,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    if let Err(e) = lab.start(
+        Side::A,
+        &[("ESPTUN_FAULT_RATE", "0.05"), ("ESPTUN_FAULT_SEED", "7")],
+    ) {
+        fail(&lab, &format!("starting a: {e}"));
+    }
+    if let Err(e) = lab.start(Side::B, &[]) {
+        fail(&lab, &format!("starting b: {e}"));
+    }
+    let tcp = lab
+        .tcp_zeros(64 * MIB, Duration::from_secs(600))
+        .unwrap_or_else(|e| fail(&lab, &format!("tcp: {e}")));
+    check(&lab, tcp.is_clean() && tcp.nonzero_bytes == 0, || {
+        format!("a corrupted byte reached the application, or the stream broke: {tcp:?}")
+    });
+
+    // The sender's periodic check (every second) catches it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let a = loop {
+        let a = status(&lab, Side::A);
+        if a["provider"] == "soft" || Instant::now() >= deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    check(&lab, a["provider"] == "soft", || {
+        format!("the periodic self-test did not move traffic to soft: {a:#}")
+    });
+    let hw = &a["providers"][0];
+    check(
+        &lab,
+        hw["disabled"].is_string() && hw["periodic_failures"].as_u64().unwrap_or(0) > 0,
+        || format!("hardware not disabled by a failed periodic check: {a:#}"),
+    );
+    let failed_check = a["selftest_history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["check"] == "long-message" && e["ok"] == false);
+    check(&lab, failed_check, || {
+        format!("no failed long-message check in the history: {a:#}")
+    });
+
+    settle();
+    let b = status(&lab, Side::B);
+    let caught = drops(&b, "inbound", "inner_checksum");
+    check(&lab, caught > 0, || {
+        format!("the receiver caught nothing: {b:#}")
+    });
+    check(&lab, drops(&b, "inbound", "icv_failure") == 0, || {
+        format!("corrupted plaintext sealed correctly must pass the ICV: {b:#}")
+    });
+    eprintln!(
+        "field failure replay: {caught} packets dropped as inner_checksum at the receiver, \
+         0 corrupted bytes delivered, sender moved to soft"
+    );
+
+    // Traffic continues on soft, clean.
+    let before = drops(&status(&lab, Side::B), "inbound", "inner_checksum");
+    let tcp = lab
+        .tcp_zeros(8 * MIB, Duration::from_secs(300))
+        .unwrap_or_else(|e| fail(&lab, &format!("tcp after the switch: {e}")));
+    check(&lab, tcp.is_clean(), || {
+        format!("after the switch: {tcp:?}")
+    });
+    settle();
+    let after = drops(&status(&lab, Side::B), "inbound", "inner_checksum");
+    check(&lab, after == before, || {
+        format!("corruption continued after the switch to soft: {before} -> {after}")
+    });
+    stop_and_check_cleanup(&lab);
+}
+
+/// `kill -9` of the sender mid-stream: after the restart every sequence
+/// number is above anything used before (the durable reservation), the
+/// receiver sees no replay, and the TCP stream resumes and completes.
+#[test]
+fn kill_9_mid_stream_never_reuses_a_sequence_number() {
+    let Some(lab) = lab(
+        "kill_9_restart",
+        LabOptions {
+            tag: "kill9".into(),
+            subnet: 15,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    let (reserved_before, top_before, tcp) = std::thread::scope(|s| {
+        let stream = s.spawn(|| lab.tcp_zeros(128 * MIB, Duration::from_secs(600)));
+        // Bounded wait for the stream to be well under way.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while status(&lab, Side::B)["inbound_sas"][0]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+            < 2000
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let reserved = status(&lab, Side::A)["outbound_sas"][0]["seq_reserved"]
+            .as_u64()
+            .unwrap_or(0);
+        if let Err(e) = lab.kill9(Side::A) {
+            fail(&lab, &format!("kill -9: {e}"));
+        }
+        let top = status(&lab, Side::B)["inbound_sas"][0]["replay_top"]
+            .as_u64()
+            .unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(300));
+        if let Err(e) = lab.start(Side::A, &[]) {
+            fail(&lab, &format!("restart after kill -9: {e}"));
+        }
+        let tcp = stream
+            .join()
+            .unwrap_or_else(|_| fail(&lab, "tcp thread panicked"));
+        (reserved, top, tcp)
+    });
+    let tcp = tcp.unwrap_or_else(|e| fail(&lab, &format!("tcp: {e}")));
+    check(&lab, tcp.is_clean(), || {
+        format!("the stream did not survive the restart: {tcp:?}")
+    });
+    check(&lab, reserved_before > 0 && top_before > 0, || {
+        format!("nothing was sent before the kill: reserved {reserved_before}, top {top_before}")
+    });
+    settle();
+    let a = status(&lab, Side::A);
+    let out = &a["outbound_sas"][0];
+    let (used, packets) = (
+        out["seq_used"].as_u64().unwrap_or(0),
+        out["packets"].as_u64().unwrap_or(0),
+    );
+    // Every number after the restart was taken in order from here.
+    let first_after_restart = used + 1 - packets;
+    check(
+        &lab,
+        packets > 0 && first_after_restart > reserved_before,
+        || {
+            format!(
+                "restarted sender began at {first_after_restart}, not above the durable reservation \
+             {reserved_before} in force before kill -9: {a:#}"
+            )
+        },
+    );
+    let b = status(&lab, Side::B);
+    for reason in ["replay", "too_old", "icv_failure"] {
+        check(&lab, drops(&b, "inbound", reason) == 0, || {
+            format!("receiver saw {reason} after the restart: {b:#}")
+        });
+    }
+    check(
+        &lab,
+        b["inbound_sas"][0]["replay_top"].as_u64().unwrap_or(0) > reserved_before,
+        || format!("receiver's window did not move above {reserved_before}: {b:#}"),
+    );
+    eprintln!(
+        "kill -9: reservation before {reserved_before}, receiver top before {top_before}, \
+         first sequence number after restart {first_after_restart}"
+    );
+    stop_and_check_cleanup(&lab);
+}
+
+/// Runs `esptun run` for side A with `config` and expects it to fail fast.
+fn run_expecting_failure(lab: &TunnelLab, config: &str) -> (Option<i32>, String) {
+    if let Err(e) = lab.write_config_text(Side::A, config) {
+        fail(lab, &format!("writing config: {e}"));
+    }
+    let _ = std::fs::remove_file(&lab.a.log);
+    if let Err(e) = lab.spawn(Side::A, &[]) {
+        fail(lab, &format!("spawn: {e}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = lab.try_exit(Side::A) {
+            let _ = lab.kill9(Side::A); // reaps the handle; already exited
+            return (status.code(), lab.log(Side::A));
+        }
+        if Instant::now() >= deadline {
+            let _ = lab.kill9(Side::A);
+            fail(
+                lab,
+                &format!("esptun run kept running with a bad setup:\n{config}"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn operator_mistakes_are_clear_errors_and_unknown_traffic_is_counted() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(lab) = lab(
+        "operator_mistakes",
+        LabOptions {
+            tag: "bad".into(),
+            subnet: 16,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    let (a_outer, b_outer) = lab.outer(Side::A);
+    let good = lab.config_text(Side::A, a_outer, b_outer);
+    let key = lab.key_file(Side::A);
+    let key_str = key.display().to_string();
+
+    let expect = |config: &str, needles: &[&str]| {
+        let (code, log) = run_expecting_failure(&lab, config);
+        check(&lab, code == Some(1), || {
+            format!("exit {code:?} for:\n{config}\n{log}")
+        });
+        for needle in needles {
+            check(&lab, log.contains(needle), || {
+                format!("{needle:?} not in:\n{log}")
+            });
+        }
+        check(&lab, !log.contains("panicked"), || format!("panic:\n{log}"));
+    };
+
+    expect(&format!("outer = \"tcp\"\n{good}"), &["outer", "\"udp\""]);
+    expect(
+        &good.replace(&key_str, "/nonexistent/a.key"),
+        &["cannot read key file", "/nonexistent/a.key"],
+    );
+
+    let short = lab.dir.join("short.key");
+    std::fs::write(&short, "00112233445566778899aabbccddeeff\n").expect("write");
+    std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    expect(
+        &good.replace(&key_str, &short.display().to_string()),
+        &["16 bytes", "esptun genkey"],
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    expect(&good, &["group or others", "chmod 600"]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+    // A key this state directory has no record of, not declared fresh.
+    let elsewhere = lab.dir.join("state-elsewhere");
+    let state = lab.a.state_dir.display().to_string();
+    expect(
+        &good.replace(&state, &elsewhere.display().to_string()),
+        &["no sequence-number record", "declare-fresh", "reuse"],
+    );
+
+    // UDP port 4500 already taken in a's namespace.
+    let squatter = lab
+        .hosts
+        .a
+        .run(|| UdpSocket::bind("0.0.0.0:4500"))
+        .expect("namespace")
+        .expect("bind 4500");
+    expect(&good, &["already in use", "4500"]);
+    drop(squatter);
+
+    // Back to a good setup: both up, then junk at b's port 4500.
+    if let Err(e) = lab.write_config_text(Side::A, &good) {
+        fail(&lab, &format!("config: {e}"));
+    }
+    start_both(&lab);
+    let target = SocketAddr::new(b_outer, 4500);
+    let sent = lab
+        .hosts
+        .a
+        .run(move || -> std::io::Result<u64> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let mut rng = common::TestRng::from_env("junk");
+            for i in 0..200u32 {
+                // SPI 0x7777xxxx: nobody's; sequence numbers and bodies random.
+                let mut packet = rng.bytes(60 + (i as usize % 200));
+                packet[..4].copy_from_slice(&(0x7777_0000 | i).to_be_bytes());
+                socket.send_to(&packet, target)?;
+            }
+            Ok(200)
+        })
+        .expect("namespace")
+        .expect("send junk");
+    settle();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut b = status(&lab, Side::B);
+    while drops(&b, "inbound", "unknown_spi") < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        b = status(&lab, Side::B);
+    }
+    check(&lab, drops(&b, "inbound", "unknown_spi") == sent, || {
+        format!("{sent} packets with unknown SPIs, counted: {b:#}")
+    });
+    check(&lab, lab.try_exit(Side::B).is_none(), || {
+        "b died on junk".into()
+    });
+    traffic_allowing(&lab, 4 * MIB, &["unknown_spi"]);
+    let log = lab.log(Side::B);
+    check(
+        &lab,
+        log.contains("unknown_spi") && log.contains("suppressed"),
+        || format!("no rate-limited drop log line:\n{log}"),
+    );
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("reason=\"unknown_spi\""))
+        .count();
+    check(&lab, lines < 20, || {
+        format!("{lines} log lines for 200 drops: not rate-limited")
+    });
+    stop_and_check_cleanup(&lab);
+}
+
+/// Rolling both directions to new keys and SPIs with one config edit and
+/// one SIGHUP per host, while UDP flows: nothing is lost, the new SAs carry
+/// the traffic, and the old inbound SAs retire.
+#[test]
+fn sighup_rolls_keys_make_before_break() {
+    let Some(lab) = lab(
+        "sighup_roll",
+        LabOptions {
+            tag: "roll".into(),
+            subnet: 17,
+            rekey_switch_secs: 2,
+            rekey_retire_secs: 5,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    // New keys, made as genkey makes them (recorded fresh by the sender).
+    for (from, state) in [(Side::A, &lab.a.state_dir), (Side::B, &lab.b.state_dir)] {
+        let path = lab.key_file(from).with_extension("key2");
+        let material = esptun::keyfile::generate(esptun::crypto::KeySize::Aes256).expect("key");
+        let parsed = esptun::sa::KeyMaterial::from_bytes(&material).expect("material");
+        esptun::sa::reservation::ReservationStore::open(state)
+            .and_then(|s| s.mark_fresh(&parsed))
+            .expect("mark fresh");
+        esptun::keyfile::write_new(&path, &material).expect("write key");
+    }
+    let rolled = |side: Side| {
+        let (local, remote) = lab.outer(side);
+        let mut text = lab.config_text(side, local, remote);
+        for from in [Side::A, Side::B] {
+            let key = lab.key_file(from);
+            text = text.replace(
+                &key.display().to_string(),
+                &key.with_extension("key2").display().to_string(),
+            );
+        }
+        text.replace("0xa001", "0xa002").replace("0xb001", "0xb002")
+    };
+    let report = std::thread::scope(|s| {
+        let flow = s.spawn(|| {
+            // About 8 s of paced UDP in rounds, across both reloads.
+            let mut total = (0u32, 0u32);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(8) {
+                match lab.udp_exchange(50, 500) {
+                    Ok(r) => {
+                        total.0 += r.sent;
+                        total.1 += r.echoed_ok;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(total)
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        for side in [Side::A, Side::B] {
+            if let Err(e) = lab.write_config_text(side, &rolled(side)) {
+                fail(&lab, &format!("config: {e}"));
+            }
+        }
+        for side in [Side::A, Side::B] {
+            if let Err(e) = lab.reload(side) {
+                fail(&lab, &format!("SIGHUP: {e}"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        flow.join()
+            .unwrap_or_else(|_| fail(&lab, "udp thread panicked"))
+    });
+    let (sent, echoed) = report.unwrap_or_else(|e| fail(&lab, &format!("udp: {e}")));
+    check(&lab, sent > 0 && echoed == sent, || {
+        format!("lost {} of {sent} datagrams during the roll", sent - echoed)
+    });
+    // Retirement is 5 s after each reload; the flow ran 8 s from 1.5 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = status(&lab, Side::A);
+        let b = status(&lab, Side::B);
+        let spis = |s: &serde_json::Value, key: &str| -> Vec<u64> {
+            s[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x["spi"].as_u64())
+                .collect()
+        };
+        let done = spis(&a, "outbound_sas") == [0xa002]
+            && spis(&b, "outbound_sas") == [0xb002]
+            && spis(&a, "inbound_sas") == [0xb002]
+            && spis(&b, "inbound_sas") == [0xa002];
+        if done {
+            check(
+                &lab,
+                b["inbound_sas"][0]["packets"].as_u64().unwrap_or(0) > 0,
+                || format!("the new SA carried nothing: {b:#}"),
+            );
+            break;
+        }
+        if Instant::now() >= deadline {
+            fail(
+                &lab,
+                &format!("the roll did not complete:\na: {a:#}\nb: {b:#}"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("SIGHUP roll: {sent} datagrams, none lost; new SAs 0xa002/0xb002 in use");
+    traffic(&lab, 4 * MIB);
+    stop_and_check_cleanup(&lab);
+}
