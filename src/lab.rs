@@ -1044,16 +1044,9 @@ pub struct PingReport {
     pub last_send_error: Option<String>,
 }
 
-/// RFC 1071 Internet checksum.
+/// RFC 1071 Internet checksum, from the datapath's own implementation.
 fn internet_checksum(data: &[u8]) -> u16 {
-    let sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    // Two folds suffice: inputs here are far below 2^16 words.
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let folded = (folded & 0xffff) + (folded >> 16);
-    !(folded as u16)
+    crate::wire::checksum::finish(crate::wire::checksum::sum(data))
 }
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -1318,21 +1311,23 @@ fn ping_inner(
     Ok(report)
 }
 
+/// Root-only unit tests skip without root (saying why), unless the run
+/// insists on them with `ESPTUN_REQUIRE_NETNS=1`.
+#[cfg(test)]
+pub(crate) fn have_root() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("needs root (network namespaces), and ESPTUN_REQUIRE_NETNS=1 is set");
+    }
+    eprintln!("skipped: needs root (network namespaces)");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Root tests skip without root, unless the run insists on them.
-    fn have_root() -> bool {
-        if is_root() {
-            return true;
-        }
-        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-            panic!("needs root (network namespaces), and ESPTUN_REQUIRE_NETNS=1 is set");
-        }
-        eprintln!("skipped: needs root (network namespaces)");
-        false
-    }
 
     fn netns_names() -> String {
         let out = run_ip(&["netns", "list"]).expect("ip netns list");

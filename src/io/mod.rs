@@ -201,96 +201,31 @@ fn last_errno() -> (io::Error, i32) {
     (e, code)
 }
 
-/// Helpers for tests that need real kernel objects in a private network
-/// namespace.
+/// Tests that need real kernel objects in a private network namespace,
+/// on [`crate::lab::Netns`].
 #[cfg(test)]
 pub(crate) mod testns {
-    use std::fs::File;
-    use std::os::fd::AsRawFd;
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    pub(crate) use crate::lab::have_root;
 
-    /// Whether a root-only test may run: false (after printing why) when
-    /// not root, unless `ESPTUN_REQUIRE_NETNS=1`, which makes it a failure.
-    pub(crate) fn have_root() -> bool {
-        // SAFETY: geteuid(2) has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
-        if euid == 0 {
-            return true;
-        }
-        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-            panic!("ESPTUN_REQUIRE_NETNS=1 but not running as root");
-        }
-        println!("skipped: needs root");
-        false
-    }
-
-    /// Runs `cmd` with `args`, panicking with its stderr on failure.
-    pub(crate) fn run(cmd: &str, args: &[&str]) {
-        let out = Command::new(cmd)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {cmd} {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-    /// A network namespace `e<pid>io<n>` with `lo` up, deleted on drop
-    /// (also when the test panics).
-    pub(crate) struct NetNs {
-        pub(crate) name: String,
-    }
+    /// A network namespace with `lo` up, deleted on drop (also when the
+    /// test panics).
+    pub(crate) struct NetNs(crate::lab::Netns);
 
     impl NetNs {
         pub(crate) fn new() -> NetNs {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let name = format!("e{}io{n}", std::process::id());
-            run("ip", &["netns", "add", &name]);
-            let ns = NetNs { name };
-            ns.ip(&["link", "set", "lo", "up"]);
-            ns
+            let name = crate::lab::unique_prefix("io");
+            NetNs(crate::lab::Netns::create(&name).unwrap_or_else(|e| panic!("{e}")))
         }
 
-        /// `ip -n <ns> args...`
+        /// `ip -n <ns> args...`, panicking with its stderr on failure.
         pub(crate) fn ip(&self, args: &[&str]) {
-            let mut all = vec!["-n", self.name.as_str()];
-            all.extend_from_slice(args);
-            run("ip", &all);
+            self.0.ip(args).unwrap_or_else(|e| panic!("{e}"));
         }
 
-        /// Runs `body` on a fresh thread that has first entered this
-        /// namespace (setns(2) switches only the calling thread), so the
-        /// sockets and TUN it creates live there. Panics propagate.
-        pub(crate) fn run<T: Send + 'static>(
-            &self,
-            body: impl FnOnce() -> T + Send + 'static,
-        ) -> T {
-            let path = format!("/run/netns/{}", self.name);
-            let handle = std::thread::spawn(move || {
-                let f = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                // SAFETY: `f` is an open namespace file for the duration of
-                // the call; setns(2) only changes this thread's namespace.
-                let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                body()
-            });
-            match handle.join() {
-                Ok(v) => v,
-                Err(p) => std::panic::resume_unwind(p),
-            }
-        }
-    }
-
-    impl Drop for NetNs {
-        fn drop(&mut self) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
+        /// Runs `body` on a thread inside this namespace, so the sockets
+        /// and TUN it creates live there; a panic in `body` fails the test.
+        pub(crate) fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
+            self.0.run(body).unwrap_or_else(|e| panic!("{e}"))
         }
     }
 }
