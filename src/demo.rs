@@ -356,6 +356,15 @@ impl TunnelLab {
         self.wait_ready(side)
     }
 
+    /// A reaped child's pid may be reused: Ctrl-C cleanup must not signal it.
+    fn forget_pid(&self, pid: u32) {
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pids
+            .retain(|p| *p != pid);
+    }
+
     /// Starts `esptun run` for `side` without waiting.
     pub fn spawn(&self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
         let ns = match side {
@@ -430,6 +439,7 @@ impl TunnelLab {
                 side.name()
             )));
         };
+        self.forget_pid(child.id());
         terminate(child.id());
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
@@ -456,6 +466,7 @@ impl TunnelLab {
                 side.name()
             )));
         };
+        self.forget_pid(child.id());
         child.kill().map_err(io_err("kill -9"))?;
         child.wait().map_err(io_err("waiting for esptun"))
     }

@@ -350,7 +350,7 @@ fn declare_fresh(config: &std::path::Path, peer: &str) -> anyhow::Result<ExitCod
     };
     let material = esptun::keyfile::load(&p.outbound.key_file)?;
     let store = esptun::sa::reservation::ReservationStore::open(&valid.state_dir)?;
-    let fp = esptun::sa::reservation::Fingerprint::new(&material, p.outbound.spi);
+    let fp = esptun::sa::reservation::Fingerprint::new(&material);
     if let Some(ceiling) = store.load(&fp)? {
         bail!(
             "the outbound key of peer {peer} already has a record (sequence numbers up to {ceiling} \

@@ -350,7 +350,7 @@ fn declare_fresh_marks_only_an_unrecorded_outbound_key_of_a_named_peer() {
     // Once the daemon has a record for it, the key is not fresh any more.
     let material = esptun::keyfile::load(&dir.join("out.key")).expect("key");
     let store = esptun::sa::reservation::ReservationStore::open(&state).expect("store");
-    let fp = esptun::sa::reservation::Fingerprint::new(&material, 0x1001);
+    let fp = esptun::sa::reservation::Fingerprint::new(&material);
     store.store(&fp, 1 << 20).expect("record");
     let used = esptun(&["declare-fresh", "-c", config_arg, "--peer", "b"]);
     assert_eq!(used.status.code(), Some(1));

@@ -513,6 +513,16 @@ fn operator_mistakes_are_clear_errors_and_unknown_traffic_is_counted() {
     expect(&good, &["group or others", "chmod 600"]);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 
+    // The same key material for both directions, under another file name:
+    // both hosts would seal with one key and salt.
+    let copy = lab.dir.join("copy-of-b-to-a.key");
+    std::fs::copy(lab.key_file(Side::B), &copy).expect("copy");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    expect(
+        &good.replace(&key_str, &copy.display().to_string()),
+        &["same key material", "reuse nonces"],
+    );
+
     // A key this state directory has no record of, not declared fresh.
     let elsewhere = lab.dir.join("state-elsewhere");
     let state = lab.a.state_dir.display().to_string();
@@ -693,6 +703,114 @@ fn sighup_rolls_keys_make_before_break() {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("SIGHUP roll: {sent} datagrams, none lost; new SAs 0xa002/0xb002 in use");
+    traffic(&lab, 4 * MIB);
+    stop_and_check_cleanup(&lab);
+}
+
+/// Reloads that would let two SAs draw on one key's nonce space change
+/// nothing: a roll reverted before its switch keeps the running SA (and
+/// cancels the pending one), and a new SPI on the running key is refused.
+#[test]
+fn reloads_never_let_two_sas_share_a_key() {
+    let Some(lab) = lab(
+        "reload_key_sharing",
+        LabOptions {
+            tag: "share".into(),
+            subnet: 18,
+            rekey_switch_secs: 30,
+            rekey_retire_secs: 60,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    let (local, remote) = lab.outer(Side::A);
+    let original = lab.config_text(Side::A, local, remote);
+    let state = &lab.a.state_dir;
+    let new_key = |from: Side, state: &Path| {
+        let path = lab.key_file(from).with_extension("key2");
+        let material = esptun::keyfile::generate(esptun::crypto::KeySize::Aes256).expect("key");
+        let parsed = esptun::sa::KeyMaterial::from_bytes(&material).expect("material");
+        esptun::sa::reservation::ReservationStore::open(state)
+            .and_then(|s| s.mark_fresh(&parsed))
+            .expect("mark fresh");
+        esptun::keyfile::write_new(&path, &material).expect("write key");
+        path
+    };
+    let a2 = new_key(Side::A, state);
+    let b2 = new_key(Side::B, &lab.b.state_dir);
+    let rolled = original
+        .replace(
+            &lab.key_file(Side::A).display().to_string(),
+            &a2.display().to_string(),
+        )
+        .replace(
+            &lab.key_file(Side::B).display().to_string(),
+            &b2.display().to_string(),
+        )
+        .replace("0xa001", "0xa002")
+        .replace("0xb001", "0xb002");
+    let outbound = |s: &serde_json::Value| -> Vec<(u64, String)> {
+        s["outbound_sas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| {
+                (
+                    x["spi"].as_u64().unwrap_or(0),
+                    x["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let wait_for = |what: &str, want: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(&lab, Side::A);
+            if want(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                fail(&lab, &format!("{what}: {s:#}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Roll only a: its new outbound SA waits for b, which never reloads.
+    lab.write_config_text(Side::A, &rolled).expect("config");
+    lab.reload(Side::A).expect("SIGHUP");
+    wait_for("a pending switch to 0xa002", &|s| {
+        outbound(s) == [(0xa001, "active".into()), (0xa002, "pending".into())]
+    });
+    // Reverted before the switch: the running SA stays, the pending goes.
+    lab.write_config_text(Side::A, &original).expect("config");
+    lab.reload(Side::A).expect("SIGHUP");
+    wait_for("the revert to keep 0xa001 alone", &|s| {
+        outbound(s) == [(0xa001, "active".into())]
+    });
+
+    // A new SPI on the key that is still sending: refused, unchanged.
+    lab.write_config_text(Side::A, &original.replace("0xa001", "0xa003"))
+        .expect("config");
+    lab.reload(Side::A).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.log(Side::A).contains("uses the key of the SA") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check(
+        &lab,
+        lab.log(Side::A).contains("uses the key of the SA"),
+        || "a second SA on the running key was not refused".into(),
+    );
+    let s = status(&lab, Side::A);
+    check(&lab, outbound(&s) == [(0xa001, "active".into())], || {
+        format!("changed: {s:#}")
+    });
+
+    // Traffic still flows on the original SAs, with no replay at b.
+    lab.write_config_text(Side::A, &original).expect("config");
     traffic(&lab, 4 * MIB);
     stop_and_check_cleanup(&lab);
 }

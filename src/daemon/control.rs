@@ -4,17 +4,20 @@
 //! JSON. Served on its own thread so that a slow client never stalls the
 //! datapath.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest request line read; anything longer is refused.
-const MAX_REQUEST: u64 = 256;
+const MAX_REQUEST: usize = 256;
 /// Longest reply read by [`query`].
 const MAX_REPLY: u64 = 16 << 20;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The whole request must arrive within this, however it trickles in, so
+/// no client can hold the (single) control thread, or a stop waiting for it.
+const REQUEST_DEADLINE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -96,10 +99,25 @@ impl ControlSocket {
 
 fn answer(stream: UnixStream, status_json: &dyn Fn() -> String) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut request = [0u8; MAX_REQUEST];
+    let mut len = 0;
+    while len < request.len() && !request[..len].contains(&b'\n') {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not complete in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match (&stream).read(&mut request[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&request[..len]);
     let reply = match line.trim() {
         "status" => status_json(),
         other => {
@@ -180,6 +198,23 @@ mod tests {
             query(&path, "status"),
             Err(ControlError::Connect { .. })
         ));
+    }
+
+    #[test]
+    fn a_client_that_trickles_or_stalls_cannot_hold_the_thread() {
+        let dir = TempDir::new("control-slow");
+        let path = dir.0.join("t.sock");
+        let socket = ControlSocket::bind(&path).expect("bind");
+        let _silent = UnixStream::connect(&path).expect("connect");
+        let mut trickle = UnixStream::connect(&path).expect("connect");
+        trickle.write_all(b"sta").expect("write");
+        let started = Instant::now();
+        socket.serve_pending(&|| "{}".to_string());
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "two stalled clients held the thread {took:?}"
+        );
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     State(ReservationError),
+    #[error(
+        "{first} and {second} use the same key material: GCM nonces are salt || sequence \
+         number, so two SAs (or both directions) sharing a key would reuse nonces; give every \
+         SA its own key with `esptun genkey`"
+    )]
+    SharedKey { first: String, second: String },
     #[error(transparent)]
     Io(#[from] IoSetupError),
     #[error("configuring interface {interface}: {source}")]
@@ -88,7 +94,9 @@ pub enum DaemonError {
 pub(crate) struct OutMeta {
     pub peer: String,
     pub endpoint: SocketAddr,
+    /// Names the key's nonce space (and its reservation record).
     pub fp: Fingerprint,
+    pub key_file: PathBuf,
 }
 
 /// What the inbound thread keeps beside each SA.
@@ -102,25 +110,28 @@ pub(crate) struct InMeta {
     pub retire_at: Option<Instant>,
 }
 
-/// A new outbound SA from a reload.
+/// The outbound SA a reload wants for a peer. Not yet claimed: only the
+/// outbound thread, which owns the SAs using them, claims or extends
+/// sequence reservations once the daemon runs, so no two SAs can ever
+/// draw on one key's nonce space.
 pub(crate) struct NewOutbound {
     pub sa: OutboundSa,
     pub meta: OutMeta,
+    pub material: KeyMaterial,
     /// Replaces the peer's current SA once this is set (or after
     /// `rekey_switch_secs`); `None`: at once.
     pub switch_when: Option<Arc<AtomicBool>>,
 }
 
-/// SA changes for the outbound thread: each new SA replaces its peer's
-/// current one (every peer has exactly one in use).
+/// The outbound SA each listed peer should use; the thread reconciles.
 pub(crate) struct OutboundPlan {
-    pub add: Vec<NewOutbound>,
+    pub desired: Vec<NewOutbound>,
 }
 
-/// SA changes for the inbound thread.
+/// The inbound SA each listed peer should use; the thread reconciles
+/// (others of the peer retire).
 pub(crate) struct InboundPlan {
-    pub keep: Vec<Fingerprint>,
-    pub add: Vec<(InboundSa, InMeta)>,
+    pub desired: Vec<(InboundSa, InMeta)>,
 }
 
 /// State shared by all threads.
@@ -189,20 +200,20 @@ pub struct Daemon {
     config_path: PathBuf,
     config: Valid,
     shared: Arc<Shared>,
-    store: ReservationStore,
     out_tx: mpsc::Sender<OutboundPlan>,
     in_tx: mpsc::Sender<InboundPlan>,
-    /// What the threads hold now, by peer: (outbound fp, inbound fp, the
-    /// inbound SA's `seen` flag).
-    current: Vec<(String, Fingerprint, Fingerprint, Arc<AtomicBool>)>,
+    /// The inbound SA last asked for, by peer: (peer, key, SPI).
+    inbound_wanted: Vec<(String, Fingerprint, u32)>,
     threads: Vec<(&'static str, JoinHandle<()>)>,
     net: Option<NetConfig>,
     _control_path: PathBuf,
+    /// Held for the life of the process: one daemon per state directory.
+    _state_lock: std::fs::File,
 }
 
-/// Loaded, claimed SAs for one peer.
+/// One peer's SAs as built from the configuration (outbound not claimed).
 struct PeerSas {
-    outbound: (OutboundSa, OutMeta),
+    outbound: (OutboundSa, OutMeta, KeyMaterial),
     inbound: (InboundSa, InMeta),
 }
 
@@ -219,88 +230,113 @@ fn endpoint(peer: &ValidPeer, config: &Valid) -> SocketAddr {
     SocketAddr::new(peer.endpoint, port)
 }
 
-fn build_outbound(
+/// Builds a peer's SAs, each from one read of its key file. `running`
+/// gives the outer settings (fixed for the life of the process).
+fn build_peer(
     selector: &Selector,
-    store: &ReservationStore,
-    config: &Valid,
+    running: &Valid,
     peer: &ValidPeer,
-) -> Result<(OutboundSa, OutMeta), DaemonError> {
-    let sa_cfg = &peer.outbound;
-    let material = load_material(peer, &sa_cfg.key_file)?;
-    let sa_err = |source| DaemonError::Sa {
-        peer: peer.name.clone(),
-        direction: "outbound",
-        spi: sa_cfg.spi,
-        source,
-    };
-    let keys = SaKeys::new(selector, &material, sa_cfg.icv).map_err(sa_err)?;
-    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote).map_err(sa_err)?;
-    let mut sa = OutboundSa::new(sa_cfg.spi, keys, sa_cfg.esn, inner).map_err(sa_err)?;
-    let fp = Fingerprint::new(&material, sa_cfg.spi);
-    let claim = store
-        .claim(&fp, &material, &mut sa, reservation::DEFAULT_BLOCK)
-        .map_err(|source| DaemonError::Reservation {
+) -> Result<PeerSas, DaemonError> {
+    let sa_err = |direction, spi| {
+        move |source| DaemonError::Sa {
             peer: peer.name.clone(),
-            spi: sa_cfg.spi,
-            key_file: sa_cfg.key_file.clone(),
+            direction,
+            spi,
+            source,
+        }
+    };
+    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote)
+        .map_err(sa_err("outbound", peer.outbound.spi))?;
+
+    let cfg = &peer.inbound;
+    let material = load_material(peer, &cfg.key_file)?;
+    let keys = SaKeys::new(selector, &material, cfg.icv).map_err(sa_err("inbound", cfg.spi))?;
+    let sa = InboundSa::new(cfg.spi, keys, cfg.esn, inner, cfg.replay_window)
+        .map_err(sa_err("inbound", cfg.spi))?;
+    let inbound = (
+        sa,
+        InMeta {
+            peer: peer.name.clone(),
+            fp: Fingerprint::new(&material),
+            seen: Arc::new(AtomicBool::new(false)),
+            retire_at: None,
+        },
+    );
+
+    let cfg = &peer.outbound;
+    let material = load_material(peer, &cfg.key_file)?;
+    let keys = SaKeys::new(selector, &material, cfg.icv).map_err(sa_err("outbound", cfg.spi))?;
+    let sa = OutboundSa::new(cfg.spi, keys, cfg.esn, inner).map_err(sa_err("outbound", cfg.spi))?;
+    let meta = OutMeta {
+        peer: peer.name.clone(),
+        endpoint: endpoint(peer, running),
+        fp: Fingerprint::new(&material),
+        key_file: cfg.key_file.clone(),
+    };
+    Ok(PeerSas {
+        outbound: (sa, meta, material),
+        inbound,
+    })
+}
+
+/// Refuses one key material in two places: two SAs over one key share a
+/// nonce space (the SPI is not in the nonce), and so do the two directions.
+fn check_keys_distinct(peers: &[PeerSas]) -> Result<(), DaemonError> {
+    let mut seen: Vec<(&Fingerprint, String)> = Vec::new();
+    for p in peers {
+        let (out, inb) = (&p.outbound, &p.inbound);
+        for (fp, what) in [
+            (
+                &out.1.fp,
+                format!("peer {} outbound SA {:#x}", out.1.peer, out.0.spi),
+            ),
+            (
+                &inb.1.fp,
+                format!("peer {} inbound SA {:#x}", inb.1.peer, inb.0.spi),
+            ),
+        ] {
+            if let Some((_, first)) = seen.iter().find(|(f, _)| *f == fp) {
+                return Err(DaemonError::SharedKey {
+                    first: first.clone(),
+                    second: what,
+                });
+            }
+            seen.push((fp, what));
+        }
+    }
+    Ok(())
+}
+
+/// Claims an outbound SA's first reservation (see
+/// [`ReservationStore::claim`]), logging how it starts.
+pub(crate) fn claim(
+    store: &ReservationStore,
+    sa: &mut OutboundSa,
+    meta: &OutMeta,
+    material: &KeyMaterial,
+) -> Result<(), DaemonError> {
+    let claim = store
+        .claim(&meta.fp, material, sa, reservation::DEFAULT_BLOCK)
+        .map_err(|source| DaemonError::Reservation {
+            peer: meta.peer.clone(),
+            spi: sa.spi,
+            key_file: meta.key_file.clone(),
             source,
         })?;
+    let spi = format_args!("{:#x}", sa.spi);
     match claim {
         Claim::Fresh => tracing::info!(
-            peer = %peer.name,
-            spi = format_args!("{:#x}", sa_cfg.spi),
+            peer = %meta.peer,
+            spi,
             "outbound key is fresh: starting at sequence number 1"
         ),
         Claim::Resumed { after } => tracing::info!(
-            peer = %peer.name,
-            spi = format_args!("{:#x}", sa_cfg.spi),
+            peer = %meta.peer,
+            spi,
             "resuming above the recorded reservation {after}"
         ),
     }
-    let meta = OutMeta {
-        peer: peer.name.clone(),
-        endpoint: endpoint(peer, config),
-        fp,
-    };
-    Ok((sa, meta))
-}
-
-fn build_inbound(
-    selector: &Selector,
-    peer: &ValidPeer,
-) -> Result<(InboundSa, InMeta), DaemonError> {
-    let sa_cfg = &peer.inbound;
-    let material = load_material(peer, &sa_cfg.key_file)?;
-    let sa_err = |source| DaemonError::Sa {
-        peer: peer.name.clone(),
-        direction: "inbound",
-        spi: sa_cfg.spi,
-        source,
-    };
-    let keys = SaKeys::new(selector, &material, sa_cfg.icv).map_err(sa_err)?;
-    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote).map_err(sa_err)?;
-    let sa = InboundSa::new(sa_cfg.spi, keys, sa_cfg.esn, inner, sa_cfg.replay_window)
-        .map_err(sa_err)?;
-    let meta = InMeta {
-        peer: peer.name.clone(),
-        fp: Fingerprint::new(&material, sa_cfg.spi),
-        seen: Arc::new(AtomicBool::new(false)),
-        retire_at: None,
-    };
-    Ok((sa, meta))
-}
-
-fn build_peer(
-    selector: &Selector,
-    store: &ReservationStore,
-    config: &Valid,
-    peer: &ValidPeer,
-) -> Result<PeerSas, DaemonError> {
-    // Inbound first: it needs no reservation, so a bad inbound key file
-    // does not burn a block of the outbound key's sequence space.
-    let inbound = build_inbound(selector, peer)?;
-    let outbound = build_outbound(selector, store, config, peer)?;
-    Ok(PeerSas { outbound, inbound })
+    Ok(())
 }
 
 fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
@@ -379,9 +415,15 @@ impl Daemon {
         let sockets = outer_sockets(&config)?;
         let control = ControlSocket::bind(&config.control_socket)?;
         let store = ReservationStore::open(&config.state_dir).map_err(DaemonError::State)?;
+        let state_lock = store.lock().map_err(DaemonError::State)?;
         let mut peers = Vec::with_capacity(config.peers.len());
         for peer in &config.peers {
-            peers.push(build_peer(&selector, &store, &config, peer)?);
+            peers.push(build_peer(&selector, &config, peer)?);
+        }
+        check_keys_distinct(&peers)?;
+        for p in &mut peers {
+            let (sa, meta, material) = &mut p.outbound;
+            claim(&store, sa, meta, material)?;
         }
         let tun = Tun::create(&config.interface)?;
         let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
@@ -409,19 +451,20 @@ impl Daemon {
             },
         });
 
-        let current = peers
+        let inbound_wanted = peers
             .iter()
             .map(|p| {
                 (
-                    p.outbound.1.peer.clone(),
-                    p.outbound.1.fp.clone(),
+                    p.inbound.1.peer.clone(),
                     p.inbound.1.fp.clone(),
-                    p.inbound.1.seen.clone(),
+                    p.inbound.0.spi,
                 )
             })
             .collect();
-        let (out_sas, in_sas): (Vec<_>, Vec<_>) =
-            peers.into_iter().map(|p| (p.outbound, p.inbound)).unzip();
+        let (out_sas, in_sas): (Vec<_>, Vec<_>) = peers
+            .into_iter()
+            .map(|p| ((p.outbound.0, p.outbound.1), p.inbound))
+            .unzip();
         let tun = Arc::new(tun);
         let sockets = Arc::new(sockets);
         let (out_tx, out_rx) = mpsc::channel();
@@ -430,13 +473,13 @@ impl Daemon {
             config_path: config_path.to_path_buf(),
             config,
             shared: shared.clone(),
-            store: store.clone(),
             out_tx,
             in_tx,
-            current,
+            inbound_wanted,
             threads: Vec::new(),
             net: Some(net),
             _control_path: control.path().to_path_buf(),
+            _state_lock: state_lock,
         };
         let outbound = workers::OutboundWorker::new(
             shared.clone(),
@@ -525,8 +568,8 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the configuration and hands the threads the SA changes:
-    /// new SAs are added before old ones go (make-before-break).
+    /// Re-reads the configuration and hands the threads the SAs each peer
+    /// should use; they add new SAs before old ones go (make-before-break).
     ///
     /// - A new inbound SA is accepted at once; the one it replaces keeps
     ///   accepting for `rekey_retire_secs`.
@@ -538,7 +581,8 @@ impl Daemon {
     ///
     /// So rolling both directions is one config edit and one SIGHUP per
     /// host, loss-free if the two reloads are less than
-    /// `rekey_switch_secs` apart.
+    /// `rekey_switch_secs` apart. A file the daemon cannot use changes
+    /// nothing.
     pub fn reload(&mut self) -> Result<(), DaemonError> {
         let new = Config::load(&self.config_path)?;
         let fixed = |c: &Valid| {
@@ -550,81 +594,78 @@ impl Daemon {
                 c.state_dir.clone(),
                 c.fwmark,
                 c.control_socket.clone(),
+                c.rekey_switch,
+                c.rekey_retire,
             )
         };
         if fixed(&new) != fixed(&self.config) {
             tracing::warn!(
-                "reload: interface, mtu, outer, port, state_dir, fwmark and control_socket \
-                 changes need a restart; applying SA changes only"
+                "reload: changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
+                 control_socket and rekey_* settings need a restart; applying SA changes only"
             );
         }
-        let same_endpoints = new.peers.iter().all(|p| {
-            self.config.peers.iter().any(|o| {
-                o.name == p.name
-                    && o.endpoint == p.endpoint
-                    && o.inner_remote == p.inner_remote
-                    && o.inner_local == p.inner_local
-            })
-        });
-        if !same_endpoints || new.peers.len() != self.config.peers.len() {
-            tracing::warn!(
-                "reload: adding, removing or readdressing peers needs a restart; applying key \
-                 and SPI changes of existing peers only"
-            );
-        }
-        let mut out_plan = OutboundPlan { add: Vec::new() };
-        let mut in_plan = InboundPlan {
-            keep: Vec::new(),
-            add: Vec::new(),
+        let addressing = |p: &ValidPeer| {
+            (
+                p.name.clone(),
+                p.local,
+                p.endpoint,
+                p.inner_local,
+                p.inner_remote,
+            )
         };
-        let mut next_current = Vec::new();
-        let selector = &self.shared.selector;
+        let mut peers = Vec::new();
         for peer in &new.peers {
-            let Some(old) = self.current.iter().find(|c| c.0 == peer.name) else {
+            let Some(old) = self.config.peers.iter().find(|o| o.name == peer.name) else {
+                tracing::warn!(peer = %peer.name, "reload: a new peer needs a restart; ignored");
                 continue;
             };
-            let Some(old_cfg) = self.config.peers.iter().find(|o| o.name == peer.name) else {
-                continue;
-            };
-            if old_cfg.endpoint != peer.endpoint
-                || old_cfg.inner_remote != peer.inner_remote
-                || old_cfg.inner_local != peer.inner_local
-            {
-                next_current.push(old.clone());
-                in_plan.keep.push(old.2.clone());
+            if addressing(old) != addressing(peer) {
+                tracing::warn!(peer = %peer.name, "reload: changed addresses need a restart; this peer's SAs are unchanged");
                 continue;
             }
-            let in_material = load_material(peer, &peer.inbound.key_file)?;
-            let in_fp = Fingerprint::new(&in_material, peer.inbound.spi);
-            let (in_fp, seen, inbound_changed) = if in_fp == old.2 {
-                in_plan.keep.push(in_fp.clone());
-                (in_fp, old.3.clone(), false)
-            } else {
-                let (sa, meta) = build_inbound(selector, peer)?;
-                let seen = meta.seen.clone();
-                tracing::info!(peer = %peer.name, spi = format_args!("{:#x}", sa.spi), "reload: new inbound SA");
-                in_plan.add.push((sa, meta));
-                (in_fp, seen, true)
-            };
-            let out_material = load_material(peer, &peer.outbound.key_file)?;
-            let out_fp = Fingerprint::new(&out_material, peer.outbound.spi);
-            if out_fp != old.1 {
-                let (sa, meta) = build_outbound(selector, &self.store, &new, peer)?;
-                tracing::info!(peer = %peer.name, spi = format_args!("{:#x}", sa.spi), "reload: new outbound SA");
-                out_plan.add.push(NewOutbound {
-                    sa,
-                    meta,
-                    switch_when: inbound_changed.then(|| seen.clone()),
-                });
+            for (was, now, direction) in [
+                (&old.outbound, &peer.outbound, "outbound"),
+                (&old.inbound, &peer.inbound, "inbound"),
+            ] {
+                if was.spi == now.spi
+                    && was.key_file == now.key_file
+                    && (was.icv != now.icv
+                        || was.esn != now.esn
+                        || was.replay_window != now.replay_window)
+                {
+                    tracing::warn!(peer = %peer.name, direction, "reload: icv, esn and replay_window apply to a new SA only (new SPI and key); unchanged");
+                }
             }
-            next_current.push((peer.name.clone(), out_fp, in_fp, seen));
+            peers.push(build_peer(&self.shared.selector, &self.config, peer)?);
         }
-        // Peers the new file dropped keep running until a restart.
-        for old in &self.current {
-            if !next_current.iter().any(|c| c.0 == old.0) {
-                in_plan.keep.push(old.2.clone());
-                next_current.push(old.clone());
+        for old in &self.config.peers {
+            if !new.peers.iter().any(|p| p.name == old.name) {
+                tracing::warn!(peer = %old.name, "reload: removing a peer needs a restart; it keeps running");
             }
+        }
+        check_keys_distinct(&peers)?;
+
+        let mut out_plan = OutboundPlan {
+            desired: Vec::new(),
+        };
+        let mut in_plan = InboundPlan {
+            desired: Vec::new(),
+        };
+        for p in peers {
+            let (in_sa, in_meta) = p.inbound;
+            let (out_sa, out_meta, material) = p.outbound;
+            let wanted = (in_meta.peer.clone(), in_meta.fp.clone(), in_sa.spi);
+            let inbound_changed = !self.inbound_wanted.contains(&wanted);
+            let switch_when = inbound_changed.then(|| in_meta.seen.clone());
+            self.inbound_wanted.retain(|w| w.0 != wanted.0);
+            self.inbound_wanted.push(wanted);
+            in_plan.desired.push((in_sa, in_meta));
+            out_plan.desired.push(NewOutbound {
+                sa: out_sa,
+                meta: out_meta,
+                material,
+                switch_when,
+            });
         }
         self.in_tx
             .send(in_plan)
@@ -632,15 +673,17 @@ impl Daemon {
         self.out_tx
             .send(out_plan)
             .map_err(|_| DaemonError::ThreadDied("outbound"))?;
-        self.current = next_current;
-        // Keep the addressing we run with, but the new SA settings.
         for p in &mut self.config.peers {
-            if let Some(n) = new.peers.iter().find(|n| n.name == p.name) {
+            if let Some(n) = new
+                .peers
+                .iter()
+                .find(|n| n.name == p.name && addressing(n) == addressing(p))
+            {
                 p.outbound = n.outbound.clone();
                 p.inbound = n.inbound.clone();
             }
         }
-        tracing::info!("reload applied");
+        tracing::info!("reload handed to the datapath threads");
         Ok(())
     }
 }

@@ -27,6 +27,11 @@ pub enum NetError {
     Spawn(std::io::Error),
     #[error("`ip {args}` failed: {stderr}")]
     Failed { args: String, stderr: String },
+    #[error(
+        "routing table {table} already holds routes ({routes}): another esptun with fwmark \
+         {table:#x} is running; give each instance its own fwmark"
+    )]
+    TableInUse { table: u32, routes: String },
 }
 
 /// The interface configuration this daemon made, undone on drop.
@@ -36,12 +41,16 @@ pub struct NetConfig {
 }
 
 fn ip(args: &[String]) -> Result<(), NetError> {
+    ip_output(args).map(drop)
+}
+
+fn ip_output(args: &[String]) -> Result<String, NetError> {
     let out = Command::new("ip")
         .args(args)
         .output()
         .map_err(NetError::Spawn)?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(NetError::Failed {
             args: args.join(" "),
@@ -105,6 +114,20 @@ impl NetConfig {
             .map(|p| family(p.inner_remote))
             .collect();
         for fam in families {
+            // Routes in the table outlive only a live owner (a dead one's
+            // vanished with its TUN device), so they mean a second instance.
+            let routes = match ip_output(&args(&[fam, "route", "show", "table", &table])) {
+                Err(NetError::Failed { stderr, .. }) if stderr.contains("does not exist") => {
+                    String::new()
+                }
+                other => other?,
+            };
+            if !routes.trim().is_empty() {
+                return Err(NetError::TableInUse {
+                    table: config.fwmark,
+                    routes: routes.trim().replace('\n', "; "),
+                });
+            }
             let rule = |verb: &str| {
                 args(&[
                     fam, "rule", verb, "not", "fwmark", &mark, "table", &table, "priority",

@@ -29,6 +29,8 @@ const BUF_CAPACITY: usize = 65535;
 /// self-tests and publishing.
 const POLL: Duration = Duration::from_millis(100);
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+/// Pause after a failed read, so a persistent error cannot spin a thread.
+const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// Top up a reservation when fewer than this many numbers are left, so
 /// the next block is durable long before it is needed.
 const TOP_UP_BELOW: u64 = DEFAULT_BLOCK / 2;
@@ -224,6 +226,8 @@ impl OutboundWorker {
                 Err(e) => {
                     count(&self.shared.io.tun_read_errors);
                     self.io_error("reading the TUN device", &e);
+                    // A persistent error must not spin the thread.
+                    std::thread::sleep(ERROR_BACKOFF);
                     continue;
                 }
             };
@@ -356,11 +360,67 @@ impl OutboundWorker {
         self.meta.push(new.meta);
     }
 
+    /// Reconciles each listed peer with the SA a reload wants for it.
+    /// This thread alone claims reservations once running: it can see
+    /// every SA alive (active or pending), so it never lets two of them
+    /// draw on one key's nonce space.
     fn apply_plans(&mut self) {
         while let Ok(plan) = self.plans.try_recv() {
-            for new in plan.add {
-                // A newer plan supersedes a pending switch for the peer.
-                self.pending.retain(|(p, _)| p.meta.peer != new.meta.peer);
+            for mut new in plan.desired {
+                let peer = new.meta.peer.clone();
+                let same = |fp: &crate::sa::reservation::Fingerprint, spi: u32| {
+                    *fp == new.meta.fp && spi == new.sa.spi
+                };
+                let active_same = self
+                    .meta
+                    .iter()
+                    .zip(self.outbound.sas())
+                    .any(|(m, sa)| m.peer == peer && same(&m.fp, sa.spi));
+                if active_same {
+                    // Unchanged, or reverted before a pending switch.
+                    self.pending.retain(|(p, _)| p.meta.peer != peer);
+                    continue;
+                }
+                if self
+                    .pending
+                    .iter()
+                    .any(|(p, _)| p.meta.peer == peer && same(&p.meta.fp, p.sa.spi))
+                {
+                    continue;
+                }
+                // Any SA that may still send on this key: every active one,
+                // and the pending ones of other peers (this peer's pending
+                // SA is superseded below, unused).
+                let clash = self
+                    .meta
+                    .iter()
+                    .zip(self.outbound.sas())
+                    .map(|(m, sa)| (m, sa.spi))
+                    .chain(
+                        self.pending
+                            .iter()
+                            .filter(|(p, _)| p.meta.peer != peer)
+                            .map(|(p, _)| (&p.meta, p.sa.spi)),
+                    )
+                    .find(|(m, _)| m.fp == new.meta.fp)
+                    .map(|(m, spi)| (m.peer.clone(), spi));
+                if let Some((other, spi)) = clash {
+                    tracing::error!(
+                        peer,
+                        "reload: the new outbound SA {:#x} uses the key of the SA {spi:#x} of peer {other}, \
+                         which is still in use: two SAs on one key would reuse GCM nonces; give every new SA \
+                         a new key (esptun genkey). Unchanged",
+                        new.sa.spi
+                    );
+                    continue;
+                }
+                if let Err(e) = super::claim(&self.store, &mut new.sa, &new.meta, &new.material) {
+                    tracing::error!("reload: {e}; unchanged");
+                    continue;
+                }
+                // A pending SA superseded here is dropped unused; its
+                // reservation record stays, so its key can come back safely.
+                self.pending.retain(|(p, _)| p.meta.peer != peer);
                 if new.switch_when.is_some() {
                     self.pending.push((new, Instant::now()));
                 } else {
@@ -496,6 +556,7 @@ impl InboundWorker {
                     Err(e) => {
                         count(&self.shared.io.recv_errors);
                         self.io_error("receiving ESP packets", &e);
+                        std::thread::sleep(ERROR_BACKOFF);
                         continue;
                     }
                 };
@@ -557,26 +618,44 @@ impl InboundWorker {
         }
     }
 
+    /// Reconciles each listed peer with the inbound SA a reload wants:
+    /// a new SA is accepted at once, the peer's others retire later; an SA
+    /// asked for again while retiring is simply kept.
     fn apply_plans(&mut self) {
         let now = Instant::now();
         while let Ok(plan) = self.plans.try_recv() {
-            for i in (0..self.meta.len()).rev() {
-                if plan.keep.contains(&self.meta[i].fp) || self.meta[i].retire_at.is_some() {
-                    continue;
+            for (sa, m) in plan.desired {
+                let existing = self
+                    .inbound
+                    .sas()
+                    .iter()
+                    .zip(&self.meta)
+                    .position(|(s, meta)| s.spi == sa.spi && meta.fp == m.fp);
+                let keep = match existing {
+                    Some(i) => i,
+                    None => {
+                        // One SPI, one SA: lookup is by SPI.
+                        for i in (0..self.meta.len()).rev() {
+                            if self.inbound.sas()[i].spi == sa.spi {
+                                tracing::warn!(peer = %self.meta[i].peer, spi = format_args!("{:#x}", sa.spi), "reload changed the key of an inbound SPI in place: replaced at once (use a new SPI to roll keys without loss)");
+                                self.inbound.remove_sa(i);
+                                self.meta.remove(i);
+                            }
+                        }
+                        tracing::info!(peer = %m.peer, spi = format_args!("{:#x}", sa.spi), "inbound SA accepting");
+                        self.inbound.add_sa(sa);
+                        self.meta.push(m);
+                        self.meta.len() - 1
+                    }
+                };
+                let peer = self.meta[keep].peer.clone();
+                for (i, meta) in self.meta.iter_mut().enumerate() {
+                    if i == keep {
+                        meta.retire_at = None;
+                    } else if meta.peer == peer && meta.retire_at.is_none() {
+                        meta.retire_at = Some(now + self.shared.rekey_retire);
+                    }
                 }
-                let spi = self.inbound.sas()[i].spi;
-                if plan.add.iter().any(|(sa, _)| sa.spi == spi) {
-                    tracing::warn!(peer = %self.meta[i].peer, spi = format_args!("{spi:#x}"), "reload changed the key of an inbound SPI in place: replaced at once (use a new SPI to roll keys without loss)");
-                    self.inbound.remove_sa(i);
-                    self.meta.remove(i);
-                } else {
-                    self.meta[i].retire_at = Some(now + self.shared.rekey_retire);
-                }
-            }
-            for (sa, m) in plan.add {
-                tracing::info!(peer = %m.peer, spi = format_args!("{:#x}", sa.spi), "inbound SA accepting");
-                self.inbound.add_sa(sa);
-                self.meta.push(m);
             }
         }
         for i in (0..self.meta.len()).rev() {

@@ -8,9 +8,12 @@
 //! so a number is never used twice even if the process died right after
 //! reserving. Reservations come in blocks, so the hot path writes rarely.
 //!
-//! Records are named by a keyed hash of the key material and SPI (HMAC-
-//! SHA-256 keyed with the key itself), never by the key: the state
-//! directory reveals nothing about it. A record that cannot be read or
+//! A record belongs to the key material (key and salt), not to an SA: the
+//! GCM nonce is salt || sequence number (RFC 4106 section 4), with no SPI
+//! in it, so two SPIs over one key share one nonce space. Records are
+//! named by a keyed hash of key and salt (HMAC-SHA-256 keyed with the key
+//! itself), never by the key: the state directory reveals nothing about
+//! it. A record that cannot be read or
 //! parsed is an error, never "no record": failing open here would reuse
 //! nonces.
 
@@ -25,7 +28,7 @@ use super::{KeyMaterial, OutboundSa};
 
 /// Sequence numbers reserved per durable write.
 pub const DEFAULT_BLOCK: u64 = 1 << 20;
-const LABEL: &[u8] = b"esptun sequence reservation v1";
+const LABEL: &[u8] = b"esptun sequence reservation v2";
 const FRESH_LABEL: &[u8] = b"esptun fresh key v1";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,11 @@ pub enum ReservationError {
          `esptun declare-fresh`; otherwise generate a new one with `esptun genkey`"
     )]
     Unrecorded { dir: PathBuf },
+    #[error(
+        "state directory {dir} is in use by another running esptun: two daemons sharing \
+         sequence records could reuse nonces; give each instance its own state_dir"
+    )]
+    InUse { dir: PathBuf },
     #[error("cannot record sequence reservation {path}: {source}")]
     Write {
         path: PathBuf,
@@ -68,17 +76,16 @@ pub struct ReservationStore {
     dir: PathBuf,
 }
 
-/// Names one outbound SA's record without revealing its key.
+/// Names one key's record without revealing the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint(String);
 
 impl Fingerprint {
-    pub fn new(material: &KeyMaterial, spi: u32) -> Self {
+    pub fn new(material: &KeyMaterial) -> Self {
         let key = hmac::Key::new(hmac::HMAC_SHA256, material.key().expose());
         let mut ctx = hmac::Context::with_key(&key);
         ctx.update(LABEL);
         ctx.update(&*material.salt);
-        ctx.update(&spi.to_be_bytes());
         let tag = ctx.sign();
         Fingerprint(crate::hex::encode(&tag.as_ref()[..16]))
     }
@@ -123,6 +130,31 @@ impl ReservationStore {
         Ok(ReservationStore {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Takes the directory for this process (released when the returned
+    /// file closes, also on `kill -9`): one writer per set of records.
+    pub fn lock(&self) -> Result<File, ReservationError> {
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| ReservationError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(ReservationError::InUse {
+                dir: self.dir.clone(),
+            }),
+            Err(std::fs::TryLockError::Error(source)) => {
+                Err(ReservationError::Write { path, source })
+            }
+        }
     }
 
     fn path(&self, fp: &Fingerprint) -> PathBuf {
@@ -219,12 +251,15 @@ impl ReservationStore {
         sa: &mut OutboundSa,
         block: u64,
     ) -> Result<Claim, ReservationError> {
+        let fresh = self.dir.join(fresh_name(material));
         if let Some(ceiling) = self.load(fp)? {
             sa.resume_after(ceiling);
             self.reserve_block(fp, sa, block)?;
+            // A mark left by a crash between recording and removing it
+            // must not outlive the record that supersedes it.
+            self.remove_durably(&fresh)?;
             return Ok(Claim::Resumed { after: ceiling });
         }
-        let fresh = self.dir.join(fresh_name(material));
         match std::fs::metadata(&fresh) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -240,15 +275,23 @@ impl ReservationStore {
             }
         }
         self.reserve_block(fp, sa, block)?;
+        self.remove_durably(&fresh)?;
+        Ok(Claim::Fresh)
+    }
+
+    fn remove_durably(&self, path: &Path) -> Result<(), ReservationError> {
         let remove_err = |source| ReservationError::Write {
-            path: fresh.clone(),
+            path: path.to_path_buf(),
             source,
         };
-        std::fs::remove_file(&fresh).map_err(remove_err)?;
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(remove_err(e)),
+        }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(remove_err)?;
-        Ok(Claim::Fresh)
+            .map_err(remove_err)
     }
 
     /// After a restart: everything up to the recorded ceiling may have been
@@ -274,6 +317,10 @@ mod tests {
     use crate::testutil::TempDir;
 
     fn sa(material: &KeyMaterial) -> OutboundSa {
+        sa_with_spi(material, 0x1001)
+    }
+
+    fn sa_with_spi(material: &KeyMaterial, spi: u32) -> OutboundSa {
         let selector = crate::sa::tests::selector();
         let keys = SaKeys::new(&selector, material, IcvLen::Icv16).expect("keys");
         let addrs = InnerAddrs::new(
@@ -281,7 +328,7 @@ mod tests {
             "198.19.0.2".parse().expect("ip"),
         )
         .expect("addrs");
-        OutboundSa::new(0x1001, keys, false, addrs).expect("sa")
+        OutboundSa::new(spi, keys, false, addrs).expect("sa")
     }
 
     #[test]
@@ -289,7 +336,7 @@ mod tests {
         let dir = TempDir::new("resv-claim");
         let store = ReservationStore::open(&dir.0).expect("store");
         let material = KeyMaterial::from_bytes(&[9u8; 20]).expect("material");
-        let fp = Fingerprint::new(&material, 0x1001);
+        let fp = Fingerprint::new(&material);
 
         let mut unknown = sa(&material);
         let err = store
@@ -328,7 +375,7 @@ mod tests {
     fn a_restart_never_reuses_a_sequence_number() {
         let dir = TempDir::new("resv-restart");
         let material = KeyMaterial::from_bytes(&[5u8; 20]).expect("material");
-        let fp = Fingerprint::new(&material, 0x1001);
+        let fp = Fingerprint::new(&material);
         let store = ReservationStore::open(&dir.0).expect("store");
         let mode = std::fs::metadata(&dir.0)
             .expect("meta")
@@ -371,21 +418,83 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_hide_the_key_and_separate_keys_and_spis() {
+    fn fingerprints_hide_the_key_and_name_the_nonce_space() {
         let a = KeyMaterial::from_bytes(&[0xAB; 20]).expect("material");
         let b = KeyMaterial::from_bytes(&[0xAC; 20]).expect("material");
-        let fa = Fingerprint::new(&a, 0x1001);
+        let mut salted = [0xAB; 20];
+        salted[19] = 0;
+        let c = KeyMaterial::from_bytes(&salted).expect("material");
+        let fa = Fingerprint::new(&a);
         assert!(!fa.as_str().contains("abab"), "{fa:?}");
-        assert_eq!(fa, Fingerprint::new(&a, 0x1001), "stable");
-        assert_ne!(fa, Fingerprint::new(&b, 0x1001));
-        assert_ne!(fa, Fingerprint::new(&a, 0x1002));
+        assert_eq!(fa, Fingerprint::new(&a), "stable");
+        assert_ne!(fa, Fingerprint::new(&b), "another key");
+        assert_ne!(
+            fa,
+            Fingerprint::new(&c),
+            "another salt: another nonce space"
+        );
+    }
+
+    #[test]
+    fn one_process_at_a_time_holds_the_directory() {
+        let dir = TempDir::new("resv-lock");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let held = store.lock().expect("first");
+        let second = ReservationStore::open(&dir.0).expect("store");
+        assert!(matches!(second.lock(), Err(ReservationError::InUse { .. })));
+        drop(held);
+        second.lock().expect("free again once the holder is gone");
+    }
+
+    #[test]
+    fn a_new_spi_on_a_used_key_resumes_its_record() {
+        // The nonce has no SPI in it: a key's record follows the key.
+        let dir = TempDir::new("resv-spi");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[4u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material);
+        store.mark_fresh(&material).expect("mark");
+        let mut first = sa(&material);
+        store.claim(&fp, &material, &mut first, 100).expect("fresh");
+        assert_eq!(first.next_seq(), Ok(1));
+        let mut other_spi = sa_with_spi(&material, 0x2002);
+        assert_eq!(
+            store
+                .claim(&fp, &material, &mut other_spi, 100)
+                .expect("resume"),
+            Claim::Resumed { after: 100 }
+        );
+        assert_eq!(other_spi.next_seq(), Ok(101));
+    }
+
+    #[test]
+    fn a_fresh_mark_left_beside_a_record_is_removed_not_used() {
+        let dir = TempDir::new("resv-leftover");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[3u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material);
+        // As after a crash between writing the record and removing the mark.
+        store.store(&fp, 500).expect("record");
+        store.mark_fresh(&material).expect("mark");
+        let mut sa1 = sa(&material);
+        assert_eq!(
+            store.claim(&fp, &material, &mut sa1, 100).expect("claim"),
+            Claim::Resumed { after: 500 }
+        );
+        assert_eq!(sa1.next_seq(), Ok(501));
+        let left: Vec<_> = std::fs::read_dir(&dir.0)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("fresh-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
     fn a_corrupt_record_fails_closed() {
         let dir = TempDir::new("resv-corrupt");
         let material = KeyMaterial::from_bytes(&[6u8; 20]).expect("material");
-        let fp = Fingerprint::new(&material, 0x1001);
+        let fp = Fingerprint::new(&material);
         let store = ReservationStore::open(&dir.0).expect("store");
         for bad in ["", "ceiling", "ceiling -1\n", "ceiling 12x\n", "garbage"] {
             std::fs::write(dir.0.join(format!("seq-{}", fp.as_str())), bad).expect("write");
