@@ -204,6 +204,14 @@ fn a_flipped_ciphertext_bit_fails_the_icv_and_leaves_the_window_alone() {
     // The forgery did not consume the sequence number.
     assert_eq!(l.open(Encap::Raw, &good).0, Verdict::Deliver);
     assert_eq!(l.inb.counters.drops(DropReason::IcvFailure), 1);
+    let per_sa = l.inb.sa_drops(0).expect("the SA's drop counts");
+    assert_eq!(
+        per_sa[DropReason::IcvFailure.index()],
+        1,
+        "counted on its SA"
+    );
+    assert_eq!(per_sa.iter().sum::<u64>(), 1);
+    assert_eq!(l.inb.sas()[0].stats.packets, 1);
 }
 
 #[test]

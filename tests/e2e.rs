@@ -183,6 +183,41 @@ fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
     };
     start_both(&lab);
     traffic(&lab, 256 * MIB);
+
+    // What an operator types: `esptun status -c FILE`, text and JSON.
+    let status_cmd = |json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"));
+        cmd.args(["status", "-c"]).arg(&lab.a.config);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().expect("esptun status")
+    };
+    let text = status_cmd(false);
+    let shown = String::from_utf8_lossy(&text.stdout);
+    check(&lab, text.status.success(), || {
+        format!("status failed: {}", String::from_utf8_lossy(&text.stderr))
+    });
+    for needle in [
+        "outbound SAs",
+        "0xa001",
+        "inbound SAs",
+        "0xb001",
+        "self-test history",
+        "provider",
+    ] {
+        check(&lab, shown.contains(needle), || {
+            format!("{needle:?} not in:\n{shown}")
+        });
+    }
+    let json = status_cmd(true);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout)
+        .unwrap_or_else(|e| fail(&lab, &format!("status --json is not JSON: {e}")));
+    check(
+        &lab,
+        v["outbound"]["passed"].as_u64().unwrap_or(0) > 0,
+        || format!("{v:#}"),
+    );
     stop_and_check_cleanup(&lab);
 }
 

@@ -24,6 +24,8 @@ pub struct OutboundSaStatus {
     pub seq_used: u64,
     pub seq_reserved: u64,
     pub soft_limit_reached: bool,
+    /// Drops of packets matched to this SA, by reason (non-zero only).
+    pub drops: BTreeMap<&'static str, u64>,
 }
 
 /// One inbound SA as its thread last published it.
@@ -38,6 +40,19 @@ pub struct InboundSaStatus {
     pub replay_window: u32,
     /// Highest authenticated sequence number seen.
     pub replay_top: u64,
+    /// Drops of packets carrying this SA's SPI, by reason (non-zero only).
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// The non-zero entries of one SA's drop counts, by reason name.
+pub fn sa_drops(counts: Option<&crate::datapath::SaDrops>) -> BTreeMap<&'static str, u64> {
+    DropReason::ALL
+        .iter()
+        .filter_map(|r| {
+            let n = counts.map_or(0, |c| c[r.index()]);
+            (n > 0).then(|| (r.as_str(), n))
+        })
+        .collect()
 }
 
 /// Failures at the I/O edge, outside the datapath's drop reasons.
@@ -167,6 +182,22 @@ pub fn render(v: &serde_json::Value) -> String {
             s(&sa["seq_reserved"]),
         );
     }
+    let sa_drops = |sa: &serde_json::Value| {
+        let list: Vec<String> = sa["drops"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, n)| format!("{k} {}", s(n)))
+            .collect();
+        if list.is_empty() {
+            String::new()
+        } else {
+            format!("    dropped: {}\n", list.join(", "))
+        }
+    };
+    for sa in v["outbound_sas"].as_array().into_iter().flatten() {
+        out.push_str(&sa_drops(sa));
+    }
     let _ = writeln!(out, "\ninbound SAs:");
     let _ = writeln!(
         out,
@@ -185,6 +216,7 @@ pub fn render(v: &serde_json::Value) -> String {
             s(&sa["replay_window"]),
             s(&sa["replay_top"]),
         );
+        out.push_str(&sa_drops(sa));
     }
     for dir in ["outbound", "inbound"] {
         let d = &v[dir];

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use super::status::{InboundSaStatus, IoCounters, OutboundSaStatus};
+use std::collections::BTreeMap;
+
+use super::status::{self, InboundSaStatus, IoCounters, OutboundSaStatus};
 use super::{InMeta, InboundPlan, NewOutbound, OutMeta, OutboundPlan, Shared};
 use crate::crypto::select::Transition;
 use crate::datapath::inbound::{Encap, Inbound};
@@ -296,6 +298,7 @@ impl OutboundWorker {
                     spi,
                     seq: None,
                     flow,
+                    sa: None,
                 };
                 self.drop_log.log(*reason, &context);
             }
@@ -449,7 +452,7 @@ impl OutboundWorker {
     }
 
     fn publish(&self) {
-        let row = |sa: &OutboundSa, m: &OutMeta, state| OutboundSaStatus {
+        let row = |sa: &OutboundSa, m: &OutMeta, state, drops| OutboundSaStatus {
             peer: m.peer.clone(),
             spi: sa.spi,
             endpoint: m.endpoint.to_string(),
@@ -459,18 +462,23 @@ impl OutboundWorker {
             seq_used: sa.last_used(),
             seq_reserved: sa.ceiling(),
             soft_limit_reached: sa.past_soft_limit(),
+            drops,
         };
         let mut rows: Vec<_> = self
             .outbound
             .sas()
             .iter()
             .zip(&self.meta)
-            .map(|(sa, m)| row(sa, m, "active"))
+            .enumerate()
+            .map(|(i, (sa, m))| {
+                let drops = status::sa_drops(self.outbound.sa_drops(i));
+                row(sa, m, "active", drops)
+            })
             .collect();
         rows.extend(
             self.pending
                 .iter()
-                .map(|(p, _)| row(&p.sa, &p.meta, "pending")),
+                .map(|(p, _)| row(&p.sa, &p.meta, "pending", BTreeMap::new())),
         );
         *self
             .shared
@@ -674,7 +682,8 @@ impl InboundWorker {
             .sas()
             .iter()
             .zip(&self.meta)
-            .map(|(sa, m)| InboundSaStatus {
+            .enumerate()
+            .map(|(i, (sa, m))| InboundSaStatus {
                 peer: m.peer.clone(),
                 spi: sa.spi,
                 state: if m.retire_at.is_some() {
@@ -686,6 +695,7 @@ impl InboundWorker {
                 bytes: sa.stats.bytes,
                 replay_window: sa.replay.size(),
                 replay_top: sa.replay.top(),
+                drops: status::sa_drops(self.inbound.sa_drops(i)),
             })
             .collect();
         *self

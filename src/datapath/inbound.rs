@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Counters, DropContext, DropReason, Flow, PacketBuf, Verdict};
+use super::{Counters, DropContext, DropReason, Flow, PacketBuf, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
 use crate::sa::InboundSa;
@@ -37,6 +37,8 @@ pub struct Inbound {
     /// Shared so that a status reader on another thread sees them live.
     pub counters: Arc<Counters>,
     sas: Vec<InboundSa>,
+    /// Per SA, beside `sas`: what was dropped after the SA was found.
+    sa_drops: Vec<SaDrops>,
     last_drop: Option<(DropReason, DropContext)>,
 }
 
@@ -50,7 +52,13 @@ impl Inbound {
 
     pub fn add_sa(&mut self, sa: InboundSa) -> usize {
         self.sas.push(sa);
+        self.sa_drops.push([0; DropReason::ALL.len()]);
         self.sas.len() - 1
+    }
+
+    /// Drops, by reason, of packets matched to the SA at `index`.
+    pub fn sa_drops(&self, index: usize) -> Option<&SaDrops> {
+        self.sa_drops.get(index)
     }
 
     pub fn sas(&self) -> &[InboundSa] {
@@ -63,7 +71,11 @@ impl Inbound {
 
     /// Removes and returns the SA at `index` (later indices shift down).
     pub fn remove_sa(&mut self, index: usize) -> Option<InboundSa> {
-        (index < self.sas.len()).then(|| self.sas.remove(index))
+        if index >= self.sas.len() {
+            return None;
+        }
+        self.sa_drops.remove(index);
+        Some(self.sas.remove(index))
     }
 
     /// The last packet the latest [`Self::process`] dropped, with what was
@@ -90,6 +102,9 @@ impl Inbound {
                 Ok(()) => Verdict::Deliver,
                 Err(DropReason::Ike) if self.ike_handler => Verdict::Ike,
                 Err(reason) => {
+                    if let Some(counts) = context.sa.and_then(|i| self.sa_drops.get_mut(i)) {
+                        counts[reason.index()] += 1;
+                    }
                     self.last_drop = Some((reason, context));
                     self.counters.count_drop(reason)
                 }
@@ -119,11 +134,13 @@ impl Inbound {
             _ => return Err(DropReason::Truncated),
         };
         context.spi = Some(spi);
-        let sa = self
+        let index = self
             .sas
-            .iter_mut()
-            .find(|sa| sa.spi == spi)
+            .iter()
+            .position(|sa| sa.spi == spi)
             .ok_or(DropReason::UnknownSpi)?;
+        context.sa = Some(index);
+        let sa = &mut self.sas[index];
         let icv = sa.keys.icv().bytes();
         let packet = EspPacket::new_checked(data, icv).map_err(|_| DropReason::Truncated)?;
 

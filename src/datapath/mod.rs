@@ -251,7 +251,12 @@ pub struct DropContext {
     pub spi: Option<u32>,
     pub seq: Option<u64>,
     pub flow: Option<Flow>,
+    /// The index of the SA the packet was matched to, if it got that far.
+    pub sa: Option<usize>,
 }
+
+/// One SA's drops, by [`DropReason::index`].
+pub type SaDrops = [u64; DropReason::ALL.len()];
 
 /// Per-direction counters, readable from another thread.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Counters, DropReason, PacketBuf, Verdict};
+use super::{Counters, DropReason, PacketBuf, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
 use crate::sa::{OutboundSa, SeqError};
@@ -28,6 +28,8 @@ pub struct Outbound {
     /// Looked up by inner remote address. A linear scan: hosts have few
     /// peers, and it beats hashing below a few dozen.
     sas: Vec<OutboundSa>,
+    /// Per SA, beside `sas`: what was dropped after the SA was found.
+    sa_drops: Vec<SaDrops>,
 }
 
 impl Outbound {
@@ -41,7 +43,13 @@ impl Outbound {
     /// Adds an SA; returns the index [`Verdict::Send`] will name.
     pub fn add_sa(&mut self, sa: OutboundSa) -> usize {
         self.sas.push(sa);
+        self.sa_drops.push([0; DropReason::ALL.len()]);
         self.sas.len() - 1
+    }
+
+    /// Drops, by reason, of packets matched to the SA at `index`.
+    pub fn sa_drops(&self, index: usize) -> Option<&SaDrops> {
+        self.sa_drops.get(index)
     }
 
     pub fn sas(&self) -> &[OutboundSa] {
@@ -54,7 +62,11 @@ impl Outbound {
 
     /// Removes and returns the SA at `index` (later indices shift down).
     pub fn remove_sa(&mut self, index: usize) -> Option<OutboundSa> {
-        (index < self.sas.len()).then(|| self.sas.remove(index))
+        if index >= self.sas.len() {
+            return None;
+        }
+        self.sa_drops.remove(index);
+        Some(self.sas.remove(index))
     }
 
     /// Seals a batch in place; `verdicts` gets one entry per packet (its
@@ -69,9 +81,15 @@ impl Outbound {
         // Once per batch: a provider switch takes effect at batch edges.
         let provider = selector.active();
         for buf in batch {
-            let verdict = match self.seal_one(provider, buf) {
+            let mut matched = None;
+            let verdict = match self.seal_one(provider, buf, &mut matched) {
                 Ok(sa) => Verdict::Send { sa },
-                Err(reason) => self.counters.count_drop(reason),
+                Err(reason) => {
+                    if let Some(counts) = matched.and_then(|i| self.sa_drops.get_mut(i)) {
+                        counts[reason.index()] += 1;
+                    }
+                    self.counters.count_drop(reason)
+                }
             };
             verdicts.push(verdict);
         }
@@ -82,6 +100,7 @@ impl Outbound {
         &mut self,
         provider: Option<ProviderId>,
         buf: &mut PacketBuf,
+        matched: &mut Option<usize>,
     ) -> Result<usize, DropReason> {
         // Corruption between the kernel and the cipher is caught here,
         // before a valid ICV would vouch for it.
@@ -92,6 +111,7 @@ impl Outbound {
             .iter()
             .position(|sa| sa.inner.remote == shape.dst)
             .ok_or(DropReason::NoSa)?;
+        *matched = Some(index);
         let sa = &mut self.sas[index];
         if sa.inner.local != shape.src {
             return Err(DropReason::SourceMismatch);
