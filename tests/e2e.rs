@@ -849,3 +849,69 @@ fn reloads_never_let_two_sas_share_a_key() {
     traffic(&lab, 4 * MIB);
     stop_and_check_cleanup(&lab);
 }
+
+/// `esptun demo` interrupted mid-stream (Ctrl-C) stops its endpoints and
+/// removes its namespaces and files, and says so.
+#[test]
+fn demo_interrupted_removes_everything() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!("demo_interrupted: needs root, and ESPTUN_REQUIRE_NETNS=1 is set");
+        }
+        eprintln!("demo_interrupted: skipped: needs root (network namespaces)");
+        return;
+    }
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["demo", "--bytes", "68719476736"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the demo");
+    let prefix = format!("e{:05}", demo.id() % 100_000);
+    let namespaces = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&prefix) && n.contains("demo"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // Wait until the lab exists and traffic is flowing (bounded).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        seen = namespaces();
+        if seen.len() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = libc::pid_t::try_from(demo.id()).expect("pid");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = demo.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = demo.kill();
+            panic!("the demo did not stop within 30 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = demo.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(seen.len(), 2, "the demo never built its lab: {stderr}");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(namespaces().is_empty(), "left behind: {:?}", namespaces());
+    let dir = std::env::temp_dir().join(format!("esptun-{}", seen[0]));
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
