@@ -66,11 +66,38 @@ pub struct Config {
     /// After a reload, a replaced inbound SA keeps accepting this long.
     #[serde(default = "default_rekey_retire")]
     pub rekey_retire_secs: u64,
+    /// Serve Prometheus metrics over HTTP on this local address (e.g.
+    /// "127.0.0.1:9150"); off when absent.
+    pub metrics_listen: Option<String>,
+    /// Keep decrypted packets dropped for a wrong inner checksum, for
+    /// post-mortems; off when absent.
+    pub drop_capture: Option<DropCaptureConfig>,
     /// The Unix control socket `esptun status` talks to; default
     /// `/run/esptun/<interface>.sock`.
     pub control_socket: Option<PathBuf>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<Peer>,
+}
+
+/// `[drop_capture]`: a size-capped, rotated pcap of inner-checksum drops.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropCaptureConfig {
+    /// The pcap file (mode 0600); rotated to `PATH.1`, `PATH.2`, ...
+    pub path: PathBuf,
+    /// Size at which the file is rotated.
+    #[serde(default = "default_capture_bytes")]
+    pub max_bytes: u64,
+    /// Files kept, the current one included.
+    #[serde(default = "default_capture_files")]
+    pub max_files: u32,
+}
+
+fn default_capture_bytes() -> u64 {
+    16 << 20
+}
+fn default_capture_files() -> u32 {
+    4
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +244,8 @@ pub struct Valid {
     pub rekey_switch: std::time::Duration,
     pub rekey_retire: std::time::Duration,
     pub control_socket: PathBuf,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub drop_capture: Option<DropCaptureConfig>,
     pub peers: Vec<ValidPeer>,
 }
 
@@ -390,6 +419,43 @@ impl Config {
                 ),
             );
         }
+        let metrics_listen = match &self.metrics_listen {
+            None => None,
+            Some(text) => match text.parse::<std::net::SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problem(
+                        "metrics_listen",
+                        format!(
+                            "{text:?} is not an address and port: use e.g. \"127.0.0.1:9150\" (metrics are \
+                             unauthenticated: keep them on a local or management address)"
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(c) = &self.drop_capture {
+            if !c.path.is_absolute() {
+                problem(
+                    "drop_capture.path",
+                    format!(
+                        "{} is relative: use an absolute path such as /var/lib/esptun/drops.pcap",
+                        c.path.display()
+                    ),
+                );
+            }
+            if c.max_bytes < 64 << 10 || c.max_files == 0 || c.max_files > 100 {
+                problem(
+                    "drop_capture",
+                    format!(
+                        "max_bytes {} and max_files {} do not work: use max_bytes of at least 65536 \
+                         and 1 to 100 files (defaults 16 MiB and 4)",
+                        c.max_bytes, c.max_files
+                    ),
+                );
+            }
+        }
         if self.peers.is_empty() {
             problem(
                 "peer",
@@ -548,6 +614,8 @@ impl Config {
             rekey_switch: std::time::Duration::from_secs(self.rekey_switch_secs),
             rekey_retire: std::time::Duration::from_secs(self.rekey_retire_secs),
             control_socket,
+            metrics_listen,
+            drop_capture: self.drop_capture.clone(),
             peers,
         })
     }

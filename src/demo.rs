@@ -27,6 +27,8 @@ use crate::sa::reservation::ReservationStore;
 /// self-tests included, in a debug build on a loaded machine).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where lab endpoints serve metrics, each on its own namespace's loopback.
+pub const METRICS_ADDR: &str = "127.0.0.1:9150";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -88,6 +90,10 @@ pub struct LabOptions {
     pub selftest_interval_secs: u64,
     pub rekey_switch_secs: u64,
     pub rekey_retire_secs: u64,
+    /// Serve metrics on 127.0.0.1:9150 inside each namespace.
+    pub metrics: bool,
+    /// Capture inner-checksum drops to `<dir>/<side>-drops.pcap`.
+    pub drop_capture: bool,
 }
 
 impl Default for LabOptions {
@@ -104,6 +110,8 @@ impl Default for LabOptions {
             selftest_interval_secs: 60,
             rekey_switch_secs: 30,
             rekey_retire_secs: 120,
+            metrics: false,
+            drop_capture: false,
         }
     }
 }
@@ -294,6 +302,16 @@ impl TunnelLab {
             Side::A => (self.a_inner, self.b_inner),
             Side::B => (self.b_inner, self.a_inner),
         };
+        let mut extra = String::new();
+        if self.options.metrics {
+            extra.push_str(&format!("metrics_listen = \"{METRICS_ADDR}\"\n"));
+        }
+        if self.options.drop_capture {
+            extra.push_str(&format!(
+                "\n[drop_capture]\npath = \"{}\"\n",
+                self.drop_capture_path(side).display()
+            ));
+        }
         let overlay = if self.options.overlay {
             format!("inner_local = \"{inner_local}\"\ninner_remote = \"{inner_remote}\"\n")
         } else {
@@ -308,7 +326,8 @@ impl TunnelLab {
              crypto = \"{crypto}\"\n\
              selftest_interval_secs = {interval}\n\
              rekey_switch_secs = {switch}\n\
-             rekey_retire_secs = {retire}\n\n\
+             rekey_retire_secs = {retire}\n\
+             {extra}\n\
              [[peer]]\n\
              name = \"{peer}\"\n\
              local = \"{local}\"\n\
@@ -333,6 +352,34 @@ impl TunnelLab {
 
     fn write_config(&self, side: Side, local: IpAddr, remote: IpAddr) -> Result<(), DemoError> {
         self.write_config_text(side, &self.config_text(side, local, remote))
+    }
+
+    /// Where a side captures inner-checksum drops (with `drop_capture`).
+    pub fn drop_capture_path(&self, side: Side) -> PathBuf {
+        self.dir.join(format!("{}-drops.pcap", side.name()))
+    }
+
+    /// Fetches a side's Prometheus metrics (with `metrics`).
+    pub fn metrics(&self, side: Side) -> Result<String, DemoError> {
+        let ns = match side {
+            Side::A => &self.hosts.a,
+            Side::B => &self.hosts.b,
+        };
+        let reply = ns
+            .run(|| -> std::io::Result<String> {
+                use std::io::Write;
+                let mut s = std::net::TcpStream::connect(METRICS_ADDR)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: esptun\r\n\r\n")?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                Ok(reply)
+            })?
+            .map_err(io_err("scraping metrics"))?;
+        match reply.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(DemoError::Other(format!("metrics reply: {reply}"))),
+        }
     }
 
     /// The outer addresses of a side and its peer.

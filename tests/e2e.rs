@@ -304,20 +304,24 @@ fn field_failure_replay_corrupt_blocks_never_reach_the_application() {
         LabOptions {
             tag: "fault".into(),
             subnet: 14,
-            selftest_interval_secs: 1,
+            selftest_interval_secs: 3,
+            metrics: true,
+            drop_capture: true,
             ..LabOptions::default()
         },
     ) else {
         return;
     };
+    // b first, so that a's first periodic check (3 s after a starts) finds
+    // the stream already flowing through the faulty provider.
+    if let Err(e) = lab.start(Side::B, &[]) {
+        fail(&lab, &format!("starting b: {e}"));
+    }
     if let Err(e) = lab.start(
         Side::A,
         &[("ESPTUN_FAULT_RATE", "0.05"), ("ESPTUN_FAULT_SEED", "7")],
     ) {
         fail(&lab, &format!("starting a: {e}"));
-    }
-    if let Err(e) = lab.start(Side::B, &[]) {
-        fail(&lab, &format!("starting b: {e}"));
     }
     let tcp = lab
         .tcp_zeros(64 * MIB, Duration::from_secs(600))
@@ -326,7 +330,7 @@ fn field_failure_replay_corrupt_blocks_never_reach_the_application() {
         format!("a corrupted byte reached the application, or the stream broke: {tcp:?}")
     });
 
-    // The sender's periodic check (every second) catches it.
+    // The sender's periodic check (every 3 s) catches it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let a = loop {
         let a = status(&lab, Side::A);
@@ -365,6 +369,73 @@ fn field_failure_replay_corrupt_blocks_never_reach_the_application() {
     eprintln!(
         "field failure replay: {caught} packets dropped as inner_checksum at the receiver, \
          0 corrupted bytes delivered, sender moved to soft"
+    );
+
+    // The same facts in the metrics an operator would scrape.
+    let metric = |text: &str, series: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let b_metrics = lab
+        .metrics(Side::B)
+        .unwrap_or_else(|e| fail(&lab, &format!("scrape b: {e}")));
+    check(
+        &lab,
+        metric(
+            &b_metrics,
+            "esptun_drops_total{direction=\"inbound\",reason=\"inner_checksum\"}",
+        ) == Some(caught),
+        || format!("b's metrics disagree with its status ({caught}):\n{b_metrics}"),
+    );
+    let a_metrics = lab
+        .metrics(Side::A)
+        .unwrap_or_else(|e| fail(&lab, &format!("scrape a: {e}")));
+    check(
+        &lab,
+        metric(&a_metrics, "esptun_provider_active{provider=\"soft\"}") == Some(1)
+            && metric(
+                &a_metrics,
+                "esptun_selftest_failures_total{provider=\"hardware\"}",
+            )
+            .is_some_and(|n| n > 0),
+        || format!("a's metrics do not show the switch:\n{a_metrics}"),
+    );
+
+    // The evidence: every dropped packet in b's capture, decrypted, each
+    // with a wrong checksum; and the log line that explains one.
+    let pcap = std::fs::read(lab.drop_capture_path(Side::B))
+        .unwrap_or_else(|e| fail(&lab, &format!("no drop capture: {e}")));
+    let mut records = 0u64;
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let len =
+            u32::from_le_bytes([pcap[at + 8], pcap[at + 9], pcap[at + 10], pcap[at + 11]]) as usize;
+        let packet = &pcap[at + 16..(at + 16 + len).min(pcap.len())];
+        let e = esptun::daemon::capture::explain(packet);
+        check(
+            &lab,
+            e.checksums
+                .is_some_and(|(found, computed)| found != computed),
+            || format!("captured packet {records} does not show a checksum mismatch: {e:?}"),
+        );
+        records += 1;
+        at += 16 + len;
+    }
+    check(&lab, records == caught, || {
+        format!("{records} packets captured, {caught} dropped")
+    });
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(lab.drop_capture_path(Side::B))
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    check(&lab, mode == 0o600, || format!("capture mode {mode:o}"));
+    let log = lab.log(Side::B);
+    check(
+        &lab,
+        log.contains("checksum_found")
+            && log.contains("checksum_computed")
+            && log.contains("repeat"),
+        || format!("no post-mortem log line:\n{log}"),
     );
 
     // Traffic continues on soft, clean.

@@ -9,7 +9,9 @@
 //! themselves, so the check sees the SIMD state of the threads that carry
 //! traffic.
 
+pub mod capture;
 pub mod control;
+pub mod metrics;
 pub mod netcfg;
 pub mod signals;
 pub mod status;
@@ -83,6 +85,10 @@ pub enum DaemonError {
     Net { interface: String, source: NetError },
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("the {0} thread stopped unexpectedly")]
@@ -414,6 +420,15 @@ impl Daemon {
         // instance is found before any sequence numbers are reserved.
         let sockets = outer_sockets(&config)?;
         let control = ControlSocket::bind(&config.control_socket)?;
+        let metrics = config
+            .metrics_listen
+            .map(metrics::MetricsServer::bind)
+            .transpose()?;
+        let drop_capture = config
+            .drop_capture
+            .as_ref()
+            .map(capture::DropCapture::open)
+            .transpose()?;
         let store = ReservationStore::open(&config.state_dir).map_err(DaemonError::State)?;
         let state_lock = store.lock().map_err(DaemonError::State)?;
         let mut peers = Vec::with_capacity(config.peers.len());
@@ -489,13 +504,17 @@ impl Daemon {
             out_sas,
             out_rx,
         );
-        let inbound = workers::InboundWorker::new(shared.clone(), tun, sockets, in_sas, in_rx);
+        let inbound =
+            workers::InboundWorker::new(shared.clone(), tun, sockets, in_sas, in_rx, drop_capture);
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
         let control_shared = shared;
         daemon.spawn("control", move || {
             while !control_shared.stop.load(Ordering::Relaxed) {
                 control.serve_pending(&|| control_shared.status_json());
+                if let Some(m) = &metrics {
+                    m.serve_pending(&|| control_shared.status());
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         })?;

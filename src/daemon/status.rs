@@ -63,6 +63,7 @@ pub struct IoCounters {
     pub send_errors: AtomicU64,
     pub recv_errors: AtomicU64,
     pub reservation_errors: AtomicU64,
+    pub capture_errors: AtomicU64,
 }
 
 impl IoCounters {
@@ -77,6 +78,7 @@ impl IoCounters {
             ("send_errors", &self.send_errors),
             ("recv_errors", &self.recv_errors),
             ("reservation_errors", &self.reservation_errors),
+            ("capture_errors", &self.capture_errors),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))

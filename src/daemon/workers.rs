@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
+use super::capture::{self, DropCapture};
 use super::status::{self, InboundSaStatus, IoCounters, OutboundSaStatus};
 use super::{InMeta, InboundPlan, NewOutbound, OutMeta, OutboundPlan, Shared};
 use crate::crypto::select::Transition;
@@ -87,8 +88,12 @@ impl DropLog {
         }
     }
 
+    fn take_suppressed(&mut self, reason: DropReason) -> u64 {
+        std::mem::take(&mut self.suppressed[reason.index()])
+    }
+
     fn log(&mut self, reason: DropReason, context: &DropContext) {
-        let more = std::mem::take(&mut self.suppressed[reason.index()]);
+        let more = self.take_suppressed(reason);
         let spi = context.spi.map(|s| format!("{s:#010x}"));
         let flow = context.flow.map(|f| f.to_string());
         let spi = spi.as_deref().unwrap_or("-");
@@ -298,7 +303,7 @@ impl OutboundWorker {
                     spi,
                     seq: None,
                     flow,
-                    sa: None,
+                    ..DropContext::default()
                 };
                 self.drop_log.log(*reason, &context);
             }
@@ -498,6 +503,7 @@ pub(crate) struct InboundWorker {
     plans: Receiver<InboundPlan>,
     drop_log: DropLog,
     last_error_log: Option<Instant>,
+    capture: Option<DropCapture>,
 }
 
 impl InboundWorker {
@@ -507,6 +513,7 @@ impl InboundWorker {
         sockets: Arc<Sockets>,
         sas: Vec<(InboundSa, InMeta)>,
         plans: Receiver<InboundPlan>,
+        capture: Option<DropCapture>,
     ) -> Self {
         let mut inbound = Inbound::new(InnerPolicy::default());
         inbound.counters = shared.in_counters.clone();
@@ -524,6 +531,7 @@ impl InboundWorker {
             plans,
             drop_log: DropLog::new("inbound"),
             last_error_log: None,
+            capture,
         }
     }
 
@@ -581,6 +589,7 @@ impl InboundWorker {
                         self.io_error("writing to the TUN device", &e);
                     }
                 }
+                self.post_mortem(&bufs[..n], &verdicts);
                 self.log_drops(&verdicts);
             }
             self.note_seen();
@@ -590,18 +599,63 @@ impl InboundWorker {
 
     fn log_drops(&mut self, verdicts: &[Verdict]) {
         let now = Instant::now();
-        let last = self.inbound.last_drop();
         for v in verdicts {
             if let Verdict::Drop(reason) = v
+                && *reason != DropReason::InnerChecksum
                 && self.drop_log.due(*reason, now)
             {
-                // The context of the batch's last drop, if it is this kind.
-                let context = last
-                    .filter(|(r, _)| r == reason)
-                    .map(|(_, c)| c)
-                    .unwrap_or_default();
+                let context = self.inbound.last_drop(*reason).unwrap_or_default();
                 self.drop_log.log(*reason, &context);
             }
+        }
+    }
+
+    /// Inner-checksum drops: the buffer holds the decrypted packet. It
+    /// goes to the capture file (if configured), and the log line (rate-
+    /// limited) says what an investigation needs first.
+    fn post_mortem(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        let now = Instant::now();
+        let last = self.inbound.last_drop(DropReason::InnerChecksum);
+        for (i, (buf, v)) in bufs.iter().zip(verdicts).enumerate() {
+            if *v != Verdict::Drop(DropReason::InnerChecksum) {
+                continue;
+            }
+            if let Some(capture) = &mut self.capture
+                && let Err(e) = capture.record(buf.data())
+            {
+                count(&self.shared.io.capture_errors);
+                self.io_error(
+                    "writing the drop capture",
+                    &std::io::Error::other(e.to_string()),
+                );
+            }
+            if !self.drop_log.due(DropReason::InnerChecksum, now) {
+                continue;
+            }
+            let context = last.filter(|c| c.packet == i).unwrap_or_default();
+            let e = capture::explain(buf.data());
+            let more = self.drop_log.take_suppressed(DropReason::InnerChecksum);
+            let spi = context
+                .spi
+                .map_or_else(|| "-".into(), |s| format!("{s:#010x}"));
+            let seq = context.seq.map_or_else(|| "-".into(), |s| s.to_string());
+            let flow = e.flow.map_or_else(|| "-".into(), |f| f.to_string());
+            let (found, computed) = e.checksums.map_or_else(
+                || ("-".into(), "-".into()),
+                |(f, c)| (format!("{f:#06x}"), format!("{c:#06x}")),
+            );
+            tracing::warn!(
+                direction = "inbound",
+                reason = "inner_checksum",
+                spi,
+                seq,
+                flow,
+                checksum_found = found,
+                checksum_computed = computed,
+                suppressed = more,
+                "dropped: valid ICV but wrong inner checksum; {}",
+                e.hint()
+            );
         }
     }
 

@@ -39,7 +39,8 @@ pub struct Inbound {
     sas: Vec<InboundSa>,
     /// Per SA, beside `sas`: what was dropped after the SA was found.
     sa_drops: Vec<SaDrops>,
-    last_drop: Option<(DropReason, DropContext)>,
+    /// Per reason, the latest [`Self::process`] call's last drop.
+    last_drops: [Option<DropContext>; DropReason::ALL.len()],
 }
 
 impl Inbound {
@@ -78,10 +79,13 @@ impl Inbound {
         Some(self.sas.remove(index))
     }
 
-    /// The last packet the latest [`Self::process`] dropped, with what was
-    /// known of it (the buffer itself may be half decrypted by then).
-    pub fn last_drop(&self) -> Option<(DropReason, DropContext)> {
-        self.last_drop
+    /// The last packet the latest [`Self::process`] dropped for `reason`,
+    /// with what was known of it. For inner-header and inner-checksum
+    /// drops its buffer holds the rebuilt, decrypted packet (for
+    /// post-mortems); after other drops past decryption it may hold
+    /// half-processed bytes.
+    pub fn last_drop(&self, reason: DropReason) -> Option<DropContext> {
+        self.last_drops[reason.index()]
     }
 
     /// Opens a batch in place; on [`Verdict::Deliver`] the buffer holds the
@@ -94,10 +98,13 @@ impl Inbound {
         verdicts: &mut Vec<Verdict>,
     ) {
         verdicts.clear();
-        self.last_drop = None;
+        self.last_drops = [None; DropReason::ALL.len()];
         let provider = selector.active();
-        for buf in batch {
-            let mut context = DropContext::default();
+        for (packet, buf) in batch.iter_mut().enumerate() {
+            let mut context = DropContext {
+                packet,
+                ..DropContext::default()
+            };
             let verdict = match self.open_one(provider, encap, buf, &mut context) {
                 Ok(()) => Verdict::Deliver,
                 Err(DropReason::Ike) if self.ike_handler => Verdict::Ike,
@@ -105,7 +112,7 @@ impl Inbound {
                     if let Some(counts) = context.sa.and_then(|i| self.sa_drops.get_mut(i)) {
                         counts[reason.index()] += 1;
                     }
-                    self.last_drop = Some((reason, context));
+                    self.last_drops[reason.index()] = Some(context);
                     self.counters.count_drop(reason)
                 }
             };
@@ -193,7 +200,15 @@ impl Inbound {
         };
         let segment = &storage[ciphertext_start..payload_end];
         context.flow = Some(Flow::of_segment(remote, local, next_header, segment));
-        let verdict = inner::validate_segment(pseudo, next_header, segment, self.policy)?;
+        let verdict = match inner::validate_segment(pseudo, next_header, segment, self.policy) {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                // Kept for post-mortems: the decrypted packet as it would
+                // have been delivered.
+                buf.set_range(header_start, payload_end);
+                return Err(DropReason::from(e));
+            }
+        };
         buf.set_range(header_start, payload_end);
         sa.stats.packets += 1;
         sa.stats.bytes += buf.len() as u64;

@@ -253,6 +253,8 @@ pub struct DropContext {
     pub flow: Option<Flow>,
     /// The index of the SA the packet was matched to, if it got that far.
     pub sa: Option<usize>,
+    /// The packet's index in its batch.
+    pub packet: usize,
 }
 
 /// One SA's drops, by [`DropReason::index`].

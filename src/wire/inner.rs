@@ -211,6 +211,27 @@ pub fn validate_segment(
     }
 }
 
+/// For a segment whose checksum did not verify: the checksum it carries
+/// and the one its bytes call for (TCP, UDP, ICMP, ICMPv6), for
+/// post-mortem logs. `None` for other protocols or a short segment.
+pub fn checksum_mismatch(pseudo: Pseudo, proto: u8, segment: &[u8]) -> Option<(u16, u16)> {
+    let (offset, with_pseudo) = match (proto, pseudo) {
+        (protocol::TCP, _) => (16, true),
+        (protocol::UDP, _) => (6, true),
+        (protocol::ICMP, Pseudo::V4(..)) => (2, false),
+        (protocol::ICMPV6, Pseudo::V6(..)) => (2, true),
+        _ => return None,
+    };
+    let found = be16(segment.get(offset..offset + 2)?);
+    let mut total = sum(segment);
+    if with_pseudo {
+        total = combine(pseudo.sum(proto, segment.len()), total);
+    }
+    // Ones'-complement subtraction of the field gives the sum without it.
+    let without = combine(total, !found);
+    Some((found, checksum::finish(without)))
+}
+
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
@@ -306,6 +327,56 @@ pub mod build {
 mod tests {
     use super::build::{ipv4, ipv6};
     use super::*;
+
+    #[test]
+    fn a_mismatch_names_the_checksum_found_and_the_one_the_bytes_need() {
+        let (a4, b4) = ([198, 18, 0, 1], [198, 18, 0, 2]);
+        let (a6, b6) = ([0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&[0x20, 1, 0x0d, 0xb8]);
+            b[15] = 2;
+            b
+        });
+        let cases: [(u8, usize, bool); 6] = [
+            (protocol::TCP, 16, false),
+            (protocol::UDP, 6, false),
+            (protocol::ICMP, 2, false),
+            (protocol::TCP, 16, true),
+            (protocol::UDP, 6, true),
+            (protocol::ICMPV6, 2, true),
+        ];
+        for (proto, at, v6) in cases {
+            let build = |payload: &[u8]| {
+                if v6 {
+                    ipv6(a6, b6, proto, payload)[40..].to_vec()
+                } else {
+                    ipv4(a4, b4, proto, payload)[20..].to_vec()
+                }
+            };
+            let pseudo = if v6 {
+                Pseudo::V6(a6, b6)
+            } else {
+                Pseudo::V4(a4, b4)
+            };
+            let good = build(&[0x11; 64]);
+            let mut corrupt = build(&[0x11; 64]);
+            corrupt[40..56].copy_from_slice(&[0x22; 16]); // one block replaced
+            let needed = build(&corrupt[corrupt.len() - 64..]);
+            let found = u16::from_be_bytes([good[at], good[at + 1]]);
+            let computed = u16::from_be_bytes([needed[at], needed[at + 1]]);
+            assert_ne!(found, computed);
+            assert_eq!(
+                checksum_mismatch(pseudo, proto, &corrupt),
+                Some((found, computed)),
+                "protocol {proto}, v6 {v6}"
+            );
+        }
+        assert_eq!(checksum_mismatch(Pseudo::V4(a4, b4), 99, &[0; 20]), None);
+        assert_eq!(
+            checksum_mismatch(Pseudo::V4(a4, b4), protocol::TCP, &[0; 10]),
+            None
+        );
+    }
 
     const A4: [u8; 4] = [198, 18, 0, 1];
     const B4: [u8; 4] = [198, 19, 0, 2];

@@ -1,0 +1,462 @@
+//! Prometheus metrics: the text exposition format (version 0.0.4) over a
+//! minimal HTTP/1.1 endpoint, rendered from the same [`Status`] snapshot
+//! that `esptun status` shows, so the two can never disagree.
+//!
+//! Served on the control thread: one request per connection, a request
+//! must arrive whole within a deadline, and nothing but `GET /metrics` is
+//! answered. Metrics are unauthenticated; the configuration asks for a
+//! local or management address.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::status::Status;
+use crate::crypto::ProviderId;
+
+const MAX_REQUEST: usize = 4096;
+const REQUEST_DEADLINE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot serve metrics on {addr}: {source} (is metrics_listen an address of this host, and \
+     the port free?)"
+)]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// The listening metrics endpoint.
+#[derive(Debug)]
+pub struct MetricsServer {
+    listener: TcpListener,
+}
+
+impl MetricsServer {
+    pub fn bind(addr: SocketAddr) -> Result<MetricsServer, MetricsError> {
+        let err = |source| MetricsError { addr, source };
+        let listener = TcpListener::bind(addr).map_err(err)?;
+        listener.set_nonblocking(true).map_err(err)?;
+        Ok(MetricsServer { listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Answers the scrapes waiting now (a few at most per call).
+    pub fn serve_pending(&self, status: &dyn Fn() -> Status) {
+        for _ in 0..8 {
+            let Ok((stream, _)) = self.listener.accept() else {
+                return;
+            };
+            if let Err(e) = answer(stream, status) {
+                tracing::debug!("metrics client: {e}");
+            }
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, status: &dyn Fn() -> Status) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut request = [0u8; MAX_REQUEST];
+    let mut len = 0;
+    while len < request.len() && !request[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not complete in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut request[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    let first_line = request[..len]
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let mut words = first_line.split(|&b| b == b' ');
+    let (method, path) = (words.next(), words.next());
+    let (code, content_type, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(&status()),
+        ),
+        (Some(b"GET"), _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Escapes a label value (exposition format: backslash, quote, newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+            .collect();
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+        }
+    }
+}
+
+/// The metrics text for one status snapshot.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let spi = |v: u32| format!("{v:#010x}");
+
+    Family::header(
+        &mut out,
+        "esptun_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
+    Family { out: &mut out }.sample("esptun_uptime_seconds", &[], s.uptime_secs);
+
+    Family::header(
+        &mut out,
+        "esptun_provider_active",
+        "gauge",
+        "1 for the AES-GCM provider carrying traffic, 0 otherwise (all 0: halted).",
+    );
+    for p in [ProviderId::Hardware, ProviderId::Soft] {
+        let active = u64::from(s.provider == Some(p));
+        Family { out: &mut out }.sample(
+            "esptun_provider_active",
+            &[("provider", p.as_str())],
+            active,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_provider_disabled",
+        "gauge",
+        "1 for a provider disabled by a failed self-test (for the life of the process).",
+    );
+    for r in &s.providers {
+        Family { out: &mut out }.sample(
+            "esptun_provider_disabled",
+            &[("provider", r.name.as_str())],
+            u64::from(r.disabled.is_some()),
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_selftest_runs_total",
+        "counter",
+        "Periodic long-message self-tests run on the datapath threads.",
+    );
+    for r in &s.providers {
+        Family { out: &mut out }.sample(
+            "esptun_selftest_runs_total",
+            &[("provider", r.name.as_str())],
+            r.periodic_runs,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_selftest_failures_total",
+        "counter",
+        "Periodic long-message self-tests that failed.",
+    );
+    for r in &s.providers {
+        Family { out: &mut out }.sample(
+            "esptun_selftest_failures_total",
+            &[("provider", r.name.as_str())],
+            r.periodic_failures,
+        );
+    }
+
+    Family::header(
+        &mut out,
+        "esptun_packets_total",
+        "counter",
+        "Packets sent (outbound) or delivered (inbound), by SA.",
+    );
+    for sa in &s.outbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_packets_total",
+            &[("peer", &sa.peer), ("spi", &spi), ("direction", "outbound")],
+            sa.packets,
+        );
+    }
+    for sa in &s.inbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_packets_total",
+            &[("peer", &sa.peer), ("spi", &spi), ("direction", "inbound")],
+            sa.packets,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_bytes_total",
+        "counter",
+        "Inner packet bytes sent or delivered, by SA.",
+    );
+    for sa in &s.outbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_bytes_total",
+            &[("peer", &sa.peer), ("spi", &spi), ("direction", "outbound")],
+            sa.bytes,
+        );
+    }
+    for sa in &s.inbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_bytes_total",
+            &[("peer", &sa.peer), ("spi", &spi), ("direction", "inbound")],
+            sa.bytes,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_drops_total",
+        "counter",
+        "Packets dropped, by direction and reason (inner_checksum: decrypted with a valid ICV but a wrong inner TCP/UDP/ICMP checksum).",
+    );
+    for (direction, d) in [("outbound", &s.outbound), ("inbound", &s.inbound)] {
+        for (reason, n) in &d.drops {
+            Family { out: &mut out }.sample(
+                "esptun_drops_total",
+                &[("direction", direction), ("reason", reason)],
+                *n,
+            );
+        }
+    }
+    Family::header(
+        &mut out,
+        "esptun_sa_drops_total",
+        "counter",
+        "Packets dropped after they were matched to an SA, by SA and reason.",
+    );
+    for sa in &s.outbound_sas {
+        let spi = spi(sa.spi);
+        for (reason, n) in &sa.drops {
+            Family { out: &mut out }.sample(
+                "esptun_sa_drops_total",
+                &[
+                    ("peer", &sa.peer),
+                    ("spi", &spi),
+                    ("direction", "outbound"),
+                    ("reason", reason),
+                ],
+                *n,
+            );
+        }
+    }
+    for sa in &s.inbound_sas {
+        let spi = spi(sa.spi);
+        for (reason, n) in &sa.drops {
+            Family { out: &mut out }.sample(
+                "esptun_sa_drops_total",
+                &[
+                    ("peer", &sa.peer),
+                    ("spi", &spi),
+                    ("direction", "inbound"),
+                    ("reason", reason),
+                ],
+                *n,
+            );
+        }
+    }
+    Family::header(
+        &mut out,
+        "esptun_sequence_used",
+        "gauge",
+        "The last sequence number used by an outbound SA.",
+    );
+    for sa in &s.outbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_sequence_used",
+            &[("peer", &sa.peer), ("spi", &spi)],
+            sa.seq_used,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_sequence_reserved",
+        "gauge",
+        "The durably reserved sequence-number ceiling of an outbound SA.",
+    );
+    for sa in &s.outbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_sequence_reserved",
+            &[("peer", &sa.peer), ("spi", &spi)],
+            sa.seq_reserved,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_replay_top",
+        "gauge",
+        "The highest authenticated sequence number of an inbound SA.",
+    );
+    for sa in &s.inbound_sas {
+        let spi = spi(sa.spi);
+        Family { out: &mut out }.sample(
+            "esptun_replay_top",
+            &[("peer", &sa.peer), ("spi", &spi)],
+            sa.replay_top,
+        );
+    }
+    Family::header(
+        &mut out,
+        "esptun_io_errors_total",
+        "counter",
+        "Failures at the TUN and socket edge, by kind.",
+    );
+    for (kind, n) in &s.io {
+        Family { out: &mut out }.sample("esptun_io_errors_total", &[("kind", kind)], *n);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label("x\ny"), "x\\ny");
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_samples_parse() {
+        let selector = crate::crypto::select::Selector::boot(
+            crate::crypto::Provider::detect_all(),
+            crate::crypto::select::Mode::Auto,
+            crate::crypto::select::FailurePolicy::Fallback,
+            crate::crypto::select::BootOptions::default(),
+        );
+        let counters = crate::datapath::Counters::default();
+        counters.count_drop(crate::datapath::DropReason::InnerChecksum);
+        let status = Status {
+            interface: "esptun0".into(),
+            pid: 1,
+            uptime_secs: 5,
+            outer: "udp/4500".into(),
+            provider: selector.active(),
+            crypto_mode: selector.mode(),
+            on_selftest_failure: selector.policy(),
+            providers: selector.reports().to_vec(),
+            selftest_history: Vec::new(),
+            outbound: super::super::status::DirectionStatus::of(
+                &crate::datapath::Counters::default(),
+            ),
+            inbound: super::super::status::DirectionStatus::of(&counters),
+            io: std::collections::BTreeMap::new(),
+            outbound_sas: vec![super::super::status::OutboundSaStatus {
+                peer: "b\"x".into(),
+                spi: 0xa001,
+                endpoint: "198.18.0.2:4500".into(),
+                state: "active",
+                packets: 3,
+                bytes: 300,
+                seq_used: 3,
+                seq_reserved: 1 << 20,
+                soft_limit_reached: false,
+                drops: Default::default(),
+            }],
+            inbound_sas: Vec::new(),
+        };
+        let text = render(&status);
+        let mut families = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                families.insert(rest.split(' ').next().unwrap_or("").to_string());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').expect("name and value");
+            value.parse::<u64>().expect("integer value");
+            let family = name.split('{').next().unwrap_or("");
+            assert!(
+                families.contains(family),
+                "{family} has no TYPE line before it"
+            );
+        }
+        assert!(
+            text.contains("esptun_drops_total{direction=\"inbound\",reason=\"inner_checksum\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("esptun_sequence_reserved{peer=\"b\\\"x\",spi=\"0x0000a001\"} 1048576"),
+            "{text}"
+        );
+        let active: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("esptun_provider_active{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()))
+            .sum();
+        assert_eq!(active, 1, "exactly one provider carries traffic");
+    }
+
+    #[test]
+    fn the_endpoint_answers_get_metrics_and_refuses_the_rest() {
+        let server = MetricsServer::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let fetch = |request: &'static str| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).expect("connect");
+                c.write_all(request.as_bytes()).expect("send");
+                let mut reply = String::new();
+                c.read_to_string(&mut reply).expect("read");
+                reply
+            })
+        };
+        let status = || -> Status { panic!("not asked for on a refused request") };
+        let bad = fetch("POST /metrics HTTP/1.1\r\n\r\n");
+        let missing = fetch("GET / HTTP/1.1\r\n\r\n");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(bad.is_finished() && missing.is_finished()) && Instant::now() < deadline {
+            server.serve_pending(&status);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(bad.join().expect("client").starts_with("HTTP/1.1 405"));
+        assert!(missing.join().expect("client").starts_with("HTTP/1.1 404"));
+    }
+}
