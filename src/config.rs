@@ -765,12 +765,37 @@ inbound = { spi = 0x2001, key_file = "/k/i2" }
 
     #[test]
     fn the_example_configs_in_deploy_are_valid() {
-        for name in ["host-a.toml", "host-b.toml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("deploy")
-                .join(name);
-            let v = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(v.peers.len(), 1, "{name}");
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        for (name, peers) in [
+            ("host-a.toml", 1),
+            ("host-b.toml", 1),
+            ("mesh/host-a.toml", 2),
+            ("mesh/host-b.toml", 2),
+            ("mesh/host-c.toml", 2),
+        ] {
+            let v = Config::load(&deploy.join(name)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(v.peers.len(), peers, "{name}");
+        }
+        // The mesh is consistent: each outbound SA is its peer's inbound SA.
+        let load = |h: &str| {
+            Config::load(&deploy.join(format!("mesh/host-{h}.toml")))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let hosts = [("a", load("a")), ("b", load("b")), ("c", load("c"))];
+        for (name, host) in &hosts {
+            for peer in &host.peers {
+                let (_, other) = hosts
+                    .iter()
+                    .find(|(n, _)| format!("host-{n}") == peer.name)
+                    .unwrap_or_else(|| panic!("unknown peer {}", peer.name));
+                let back = other
+                    .peers
+                    .iter()
+                    .find(|p| p.name == format!("host-{name}"))
+                    .unwrap_or_else(|| panic!("{} has no peer host-{name}", peer.name));
+                assert_eq!(peer.outbound, back.inbound, "{name} -> {}", peer.name);
+                assert_eq!(peer.endpoint, back.local);
+            }
         }
     }
 }

@@ -314,6 +314,11 @@ fn run(config: &std::path::Path, level: tracing::Level) -> anyhow::Result<ExitCo
         }
         Err(e) => return Err(e.into()),
     };
+    // Only now: self-tests passed, interface up, sockets open.
+    match esptun::daemon::notify::notify("READY=1\nSTATUS=carrying traffic") {
+        Ok(told) => tracing::debug!(told, "service manager notified"),
+        Err(e) => tracing::warn!("telling the service manager we are ready: {e}"),
+    }
     daemon.run_until_stopped(&signals)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -391,3 +391,58 @@ fn run_and_demo_without_root_say_what_to_do() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_systemd_unit_verifies_and_waits_for_readiness() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/esptun.service"),
+    )
+    .expect("deploy/esptun.service");
+    for needle in [
+        "Type=notify",
+        "ExecStartPre=/usr/local/bin/esptun check-config",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "RestartPreventExitStatus=3",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "StateDirectory=esptun",
+    ] {
+        assert!(unit.contains(needle), "{needle} missing from the unit");
+    }
+    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
+        if std::env::var("ESPTUN_REQUIRE_SYSTEMD_ANALYZE").as_deref() == Ok("1") {
+            panic!("systemd-analyze is required (ESPTUN_REQUIRE_SYSTEMD_ANALYZE=1) but missing");
+        }
+        eprintln!("skipped verifying the unit: systemd-analyze is not installed");
+        return;
+    };
+    assert!(probe.status.success());
+    // The same unit, pointing at this build instead of /usr/local/bin.
+    let dir = std::env::temp_dir().join(format!("esptun-unit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("esptun.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/esptun", env!("CARGO_BIN_EXE_esptun")),
+    )
+    .expect("write unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze verify");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{said}");
+    let complaints: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("esptun.service"))
+        .collect();
+    assert!(complaints.is_empty(), "{said}");
+}

@@ -13,6 +13,7 @@ pub mod capture;
 pub mod control;
 pub mod metrics;
 pub mod netcfg;
+pub mod notify;
 pub mod signals;
 pub mod status;
 mod workers;
@@ -554,6 +555,9 @@ impl Daemon {
             match signals.wait(Duration::from_millis(500)) {
                 Some(Signal::Stop) => {
                     tracing::info!("stopping");
+                    if let Err(e) = notify::notify("STOPPING=1") {
+                        tracing::warn!("telling the service manager we stop: {e}");
+                    }
                     return self.stop();
                 }
                 Some(Signal::Reload) => match self.reload() {
