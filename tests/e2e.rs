@@ -181,7 +181,39 @@ fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
     ) else {
         return;
     };
-    start_both(&lab);
+    // a runs as systemd would run it: READY=1 only once it can carry traffic.
+    let manager_path = lab.dir.join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&manager_path).expect("notify socket");
+    manager
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let notify_env = manager_path.display().to_string();
+    if let Err(e) = lab.spawn(Side::A, &[("NOTIFY_SOCKET", &notify_env)]) {
+        fail(&lab, &format!("starting a: {e}"));
+    }
+    let mut buf = [0u8; 256];
+    let n = manager
+        .recv(&mut buf)
+        .unwrap_or_else(|e| fail(&lab, &format!("no READY=1 from a: {e}")));
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    check(&lab, ready.lines().any(|l| l == "READY=1"), || {
+        format!("got {ready:?}")
+    });
+    // By then the interface is up and status answers at once.
+    check(&lab, lab.status(Side::A).is_ok(), || {
+        "READY=1 before status answers".into()
+    });
+    let links = lab
+        .hosts
+        .a
+        .ip_output(&["link", "show", "esptun0"])
+        .unwrap_or_default();
+    check(&lab, links.contains("UP"), || {
+        format!("READY=1 before the interface is up: {links}")
+    });
+    if let Err(e) = lab.start(Side::B, &[]) {
+        fail(&lab, &format!("starting b: {e}"));
+    }
     traffic(&lab, 256 * MIB);
 
     // What an operator types: `esptun status -c FILE`, text and JSON.
@@ -219,6 +251,12 @@ fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
         || format!("{v:#}"),
     );
     stop_and_check_cleanup(&lab);
+    let n = manager
+        .recv(&mut buf)
+        .unwrap_or_else(|e| fail(&lab, &format!("no STOPPING=1 from a: {e}")));
+    check(&lab, &buf[..n] == b"STOPPING=1", || {
+        format!("got {:?}", String::from_utf8_lossy(&buf[..n]))
+    });
 }
 
 #[test]
