@@ -17,6 +17,7 @@ pub mod keyfile;
 pub mod lab;
 pub mod sa;
 pub mod wire;
+pub mod wireshark;
 
 #[cfg(test)]
 mod testutil;

@@ -98,6 +98,24 @@ enum Command {
         #[arg(short, long)]
         config: std::path::PathBuf,
     },
+    /// Print the SAs in the format of Wireshark's ESP SA table (UAT
+    /// `esp_sa`), so that a capture of the wire can be decrypted. THE OUTPUT
+    /// CONTAINS THE SECRET KEYS.
+    ///
+    /// One record per SA and direction, outer addresses, for Wireshark 3.x/4.0:
+    /// `"IPv4","SRC","DST","0xSPI","AES-GCM with 16 octet ICV [RFC4106]","0xKEY+SALT","NULL",""`.
+    /// Use it as the file `~/.config/wireshark/esp_sa` (replaces the ESP SAs
+    /// there; write it with `umask 077`), or pass each line to tshark:
+    /// `tshark -o esp.enable_encryption_decode:TRUE -o "uat:esp_sa:LINE" -r CAPTURE`.
+    /// ESP in UDP is decoded on port 4500; for another port add
+    /// `-d udp.port==PORT,udpencap`. Anyone with this output can decrypt the
+    /// tunnel's traffic and forge packets: keep it private, delete it after
+    /// use, roll the keys if it leaks. Reads the key files (root).
+    WiresharkKeys {
+        /// The configuration file whose SAs to print.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Generate new RFC 4106 key material (a random AES key and 4-byte
     /// salt) into a new file with mode 0600, for one direction of one SA.
     ///
@@ -228,6 +246,7 @@ fn main() -> ExitCode {
             state_dir,
         } => genkey(bits, &output, &state_dir),
         Command::CheckConfig { config } => check_config(&config),
+        Command::WiresharkKeys { config } => wireshark_keys(&config),
         Command::Selftest { json, crypto } => selftest(json, crypto),
         Command::Bench {
             json,
@@ -282,6 +301,27 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         valid.peers.len(),
         valid.crypto
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the SAs as Wireshark `esp_sa` records: secret keys, on purpose,
+/// to stdout only (never through a logger), after a warning on stderr.
+fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+
+    let valid = esptun::config::Config::load(path)?;
+    let records = esptun::wireshark::esp_sa_records(&valid)?;
+    eprintln!(
+        "esptun: WARNING: the output contains the SECRET KEYS of every SA in {}: anyone who has \
+         it can decrypt this tunnel's traffic and forge packets. Keep it private (umask 077), \
+         delete it when done, and roll the keys if it leaks.",
+        path.display()
+    );
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(records.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("writing the records to stdout")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -64,6 +64,13 @@ impl KeyMaterial {
     pub fn key(&self) -> &SecretKey {
         &self.key
     }
+
+    /// The 4-byte salt (the implicit part of the GCM nonce). Secret like
+    /// the key: for tools that must reproduce the key material, such as
+    /// `esptun wireshark-keys`.
+    pub fn salt(&self) -> &[u8; 4] {
+        &self.salt
+    }
 }
 
 impl std::fmt::Debug for KeyMaterial {

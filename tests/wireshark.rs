@@ -1,0 +1,494 @@
+//! `esptun wireshark-keys` against the real thing: capture a tunnel's wire
+//! with dumpcap, then decrypt the capture with tshark using the records the
+//! command prints, and find the inner UDP datagrams in it, in both
+//! directions.
+//!
+//! Needs root (network namespaces) and tshark/dumpcap. Without root the
+//! tests print that they skipped (they fail under `ESPTUN_REQUIRE_NETNS=1`);
+//! without tshark they print that they skipped and how to install it (they
+//! fail under `ESPTUN_REQUIRE_TSHARK=1`, which CI sets after installing it).
+//! Every lab, capture process and file is removed, also on failure.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use esptun::demo::{LabOptions, Side, TunnelLab};
+
+/// UDP payload size through the tunnel: distinctive, so that finding it in
+/// the decrypted capture cannot be a coincidence.
+const PAYLOAD: usize = 1337;
+const DATAGRAMS: u32 = 20;
+/// The echo server's port in `TunnelLab::udp_exchange`.
+const ECHO_PORT: u16 = 5002;
+const CAPTURE_START_TIMEOUT: Duration = Duration::from_secs(30);
+const CAPTURE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Upper bound on a capture, even if nobody stops it.
+const CAPTURE_MAX_SECS: u32 = 120;
+const TSHARK_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.exists())
+}
+
+struct Tools {
+    tshark: PathBuf,
+    dumpcap: PathBuf,
+}
+
+/// Root and tshark/dumpcap, or `None` after printing why the test skips.
+fn prerequisites(test: &str) -> Option<Tools> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!(
+                "{test}: needs root (network namespaces, TUN), and ESPTUN_REQUIRE_NETNS=1 is set"
+            );
+        }
+        eprintln!("{test}: skipped: needs root (network namespaces, TUN devices)");
+        return None;
+    }
+    match (find_tool("tshark"), find_tool("dumpcap")) {
+        (Some(tshark), Some(dumpcap)) => Some(Tools { tshark, dumpcap }),
+        _ => {
+            let why = "tshark and dumpcap are not installed (Debian: echo \
+                       'wireshark-common wireshark-common/install-setuid boolean false' | \
+                       debconf-set-selections; DEBIAN_FRONTEND=noninteractive apt-get install -y tshark)";
+            if std::env::var("ESPTUN_REQUIRE_TSHARK").as_deref() == Ok("1") {
+                panic!("{test}: {why}, and ESPTUN_REQUIRE_TSHARK=1 is set");
+            }
+            eprintln!("{test}: skipped: {why}");
+            None
+        }
+    }
+}
+
+fn lab(test: &str, options: LabOptions) -> TunnelLab {
+    let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));
+    TunnelLab::create(exe, options).unwrap_or_else(|e| panic!("{test}: building the lab: {e}"))
+}
+
+/// Panics with both endpoints' logs.
+fn fail(lab: &TunnelLab, message: &str) -> ! {
+    panic!(
+        "{message}\n--- log of a ---\n{}\n--- log of b ---\n{}",
+        lab.log_tail(Side::A),
+        lab.log_tail(Side::B)
+    )
+}
+
+/// Waits for `child` at most `timeout`, then kills it.
+fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
+    let deadline = Instant::now() + timeout;
+    let step = Duration::from_millis(20);
+    for _ in 0..=(timeout.as_millis() / step.as_millis()) {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(step),
+            Ok(None) => break,
+            Err(e) => return Err(format!("waiting: {e}")),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(format!("did not finish within {timeout:?} (killed)"))
+}
+
+/// Runs `cmd` to completion within `timeout`, stdout and stderr to files in
+/// `dir`; returns (status, stdout, stderr).
+fn run_bounded(
+    mut cmd: Command,
+    dir: &Path,
+    name: &str,
+    timeout: Duration,
+) -> Result<(ExitStatus, String, String), String> {
+    let out_path = dir.join(format!("{name}.out"));
+    let err_path = dir.join(format!("{name}.err"));
+    let file = |p: &Path| File::create(p).map_err(|e| format!("creating {}: {e}", p.display()));
+    cmd.stdin(Stdio::null())
+        .stdout(file(&out_path)?)
+        .stderr(file(&err_path)?);
+    let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
+    let status = wait_bounded(&mut child, timeout).map_err(|e| format!("{name}: {e}"))?;
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    Ok((status, read(&out_path), read(&err_path)))
+}
+
+/// dumpcap on b's veth, stopped (SIGINT, so the file is complete) by
+/// [`Capture::stop`], killed by drop if the test fails first.
+struct Capture {
+    child: Option<Child>,
+    file: PathBuf,
+    log: PathBuf,
+}
+
+impl Capture {
+    fn start(lab: &TunnelLab, dumpcap: &Path, filter: &str) -> Result<Capture, String> {
+        let file = lab.dir.join("wire.pcapng");
+        let log = lab.dir.join("dumpcap.log");
+        let log_file =
+            File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let mut cmd = lab.hosts.b.command(dumpcap);
+        cmd.args(["-q", "-i", &lab.hosts.veth_b, "-f", filter, "-w"])
+            .arg(&file)
+            .args(["-a", &format!("duration:{CAPTURE_MAX_SECS}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().map_err(|e| format!("starting dumpcap: {e}"))?;
+        let mut capture = Capture {
+            child: Some(child),
+            file,
+            log,
+        };
+        // dumpcap says "Capturing on '<if>'" once the filter is attached.
+        let deadline = Instant::now() + CAPTURE_START_TIMEOUT;
+        let step = Duration::from_millis(50);
+        for _ in 0..=(CAPTURE_START_TIMEOUT.as_millis() / step.as_millis()) {
+            let text = std::fs::read_to_string(&capture.log).unwrap_or_default();
+            if text.contains("Capturing on") {
+                return Ok(capture);
+            }
+            if let Some(child) = capture.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                capture.child = None;
+                return Err(format!("dumpcap exited with {status}: {text}"));
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(step);
+        }
+        Err(format!(
+            "dumpcap did not start capturing within {CAPTURE_START_TIMEOUT:?}: {}",
+            std::fs::read_to_string(&capture.log).unwrap_or_default()
+        ))
+    }
+
+    /// SIGINT (dumpcap finishes the file), bounded wait; the capture file.
+    fn stop(mut self) -> Result<PathBuf, String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("dumpcap is not running".into());
+        };
+        // `ip netns exec` execs dumpcap, so the pid is dumpcap's.
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let status =
+            wait_bounded(&mut child, CAPTURE_STOP_TIMEOUT).map_err(|e| format!("dumpcap {e}"))?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        // dumpcap exits 0 after SIGINT; killed by it is acceptable too.
+        if !(status.success() || status.signal() == Some(libc::SIGINT)) {
+            return Err(format!("dumpcap exited with {status}: {log}"));
+        }
+        eprintln!("dumpcap: {}", log.trim());
+        Ok(self.file.clone())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `esptun wireshark-keys -c CONFIG`: the records, after checking the
+/// warning on stderr.
+fn wireshark_keys(lab: &TunnelLab, config: &Path) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "-c"])
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| fail(lab, &format!("running esptun wireshark-keys: {e}")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        fail(
+            lab,
+            &format!("esptun wireshark-keys failed ({}): {stderr}", out.status),
+        );
+    }
+    if !stderr.contains("SECRET KEYS") {
+        fail(lab, &format!("no secret-key warning on stderr: {stderr:?}"));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout.lines().map(str::to_string).collect()
+}
+
+/// Decrypted inner datagrams of the echo exchange found by tshark, per
+/// direction: (a -> b on SPI 0xa001, b -> a on SPI 0xb001).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Found {
+    a_to_b: u32,
+    b_to_a: u32,
+    icv_good: u32,
+    icv_bad: u32,
+    esp_packets: u32,
+}
+
+/// Reads the capture with tshark, `prefs` as `-o` options (and `env`), and
+/// counts the inner UDP datagrams of PAYLOAD bytes to/from the echo port,
+/// by SPI.
+fn decrypt(
+    lab: &TunnelLab,
+    tools: &Tools,
+    capture: &Path,
+    name: &str,
+    prefs: &[String],
+    env: &[(&str, &Path)],
+) -> Found {
+    let mut cmd = Command::new(&tools.tshark);
+    cmd.arg("-n").arg("-r").arg(capture);
+    for p in prefs {
+        cmd.arg("-o").arg(p);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.args([
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "esp.spi",
+        "-e",
+        "udp.srcport",
+        "-e",
+        "udp.dstport",
+        "-e",
+        "data.len",
+        "-e",
+        "esp.icv_good",
+        "-e",
+        "esp.icv_bad",
+    ]);
+    let (status, stdout, stderr) = run_bounded(cmd, &lab.dir, name, TSHARK_TIMEOUT)
+        .unwrap_or_else(|e| fail(lab, &format!("tshark: {e}")));
+    if !status.success() {
+        fail(
+            lab,
+            &format!("tshark {name} exited with {status}: {stderr}"),
+        );
+    }
+    let mut found = Found::default();
+    for line in stdout.lines() {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() != 6 || f[0].is_empty() {
+            continue;
+        }
+        found.esp_packets += 1;
+        let spi = u32::from_str_radix(f[0].trim_start_matches("0x"), 16).unwrap_or(0);
+        // Several UDP layers with NAT-T: outer (4500) and inner.
+        let ports = |s: &str| -> Vec<u16> { s.split(',').filter_map(|p| p.parse().ok()).collect() };
+        let (src, dst) = (ports(f[1]), ports(f[2]));
+        let payload = f[3].split(',').any(|n| n.parse::<usize>() == Ok(PAYLOAD));
+        if payload && spi == 0xa001 && dst.contains(&ECHO_PORT) {
+            found.a_to_b += 1;
+        }
+        if payload && spi == 0xb001 && src.contains(&ECHO_PORT) {
+            found.b_to_a += 1;
+        }
+        let truthy = |s: &str| s == "1" || s.eq_ignore_ascii_case("true");
+        if truthy(f[4]) {
+            found.icv_good += 1;
+        }
+        if truthy(f[5]) {
+            found.icv_bad += 1;
+        }
+    }
+    eprintln!("tshark {name}: {found:?}");
+    found
+}
+
+/// The lab with both endpoints running, traffic through it captured on b's
+/// veth; returns the capture file (inside the lab's directory).
+fn capture_exchange(lab: &TunnelLab, tools: &Tools, filter: &str) -> PathBuf {
+    for side in [Side::A, Side::B] {
+        if let Err(e) = lab.start(side, &[]) {
+            fail(lab, &format!("starting {side:?}: {e}"));
+        }
+    }
+    let capture = Capture::start(lab, &tools.dumpcap, filter)
+        .unwrap_or_else(|e| fail(lab, &format!("capture: {e}")));
+    let udp = lab
+        .udp_exchange(DATAGRAMS, PAYLOAD)
+        .unwrap_or_else(|e| fail(lab, &format!("udp: {e}")));
+    if !udp.is_clean(DATAGRAMS) {
+        fail(lab, &format!("UDP exchange not clean: {udp:?}"));
+    }
+    // Let the last echo reach the capture's buffer before stopping it.
+    std::thread::sleep(Duration::from_millis(300));
+    capture
+        .stop()
+        .unwrap_or_else(|e| fail(lab, &format!("stopping the capture: {e}")))
+}
+
+#[test]
+fn tshark_decrypts_a_nat_t_capture_with_the_printed_records() {
+    let test = "tshark_decrypts_nat_t";
+    let Some(tools) = prerequisites(test) else {
+        return;
+    };
+    let lab = lab(
+        test,
+        LabOptions {
+            tag: "wsudp".into(),
+            subnet: 30,
+            outer_udp: true,
+            ..LabOptions::default()
+        },
+    );
+    let records = wireshark_keys(&lab, &lab.a.config);
+    let (a_outer, b_outer) = lab.outer(Side::A);
+    if records.len() != 2
+        || !records[0].starts_with(&format!(
+            "\"IPv4\",\"{a_outer}\",\"{b_outer}\",\"0x0000a001\""
+        ))
+        || !records[1].starts_with(&format!(
+            "\"IPv4\",\"{b_outer}\",\"{a_outer}\",\"0x0000b001\""
+        ))
+    {
+        fail(&lab, &format!("unexpected records: {records:?}"));
+    }
+    // The peer's configuration describes the same two SAs.
+    let from_b: BTreeSet<String> = wireshark_keys(&lab, &lab.b.config).into_iter().collect();
+    let from_a: BTreeSet<String> = records.iter().cloned().collect();
+    if from_a != from_b {
+        fail(&lab, "a's and b's configurations give different records");
+    }
+
+    let capture = capture_exchange(&lab, &tools, "udp port 4500 or esp");
+
+    // Without keys nothing inside is visible: decryption is what finds it.
+    let blind = decrypt(&lab, &tools, &capture, "blind", &[], &[]);
+    if blind.a_to_b != 0 || blind.b_to_a != 0 {
+        fail(
+            &lab,
+            &format!("inner datagrams visible without keys: {blind:?}"),
+        );
+    }
+    if blind.esp_packets < 2 * DATAGRAMS {
+        fail(
+            &lab,
+            &format!("the capture lacks ESP packets (UDPENCAP on 4500): {blind:?}"),
+        );
+    }
+
+    // The records as `-o uat:esp_sa:RECORD`, one option per record.
+    let mut prefs = vec![
+        "esp.enable_encryption_decode:TRUE".to_string(),
+        "esp.enable_authentication_check:TRUE".to_string(),
+    ];
+    prefs.extend(records.iter().map(|r| format!("uat:esp_sa:{r}")));
+    let found = decrypt(&lab, &tools, &capture, "decrypt", &prefs, &[]);
+    if found.a_to_b != DATAGRAMS || found.b_to_a != DATAGRAMS {
+        fail(
+            &lab,
+            &format!(
+                "tshark should have decrypted {DATAGRAMS} datagrams of {PAYLOAD} bytes each way: {found:?}"
+            ),
+        );
+    }
+    // The SAs use ESN (esptun's default), which Wireshark 4.0 cannot put in
+    // the GCM AAD, so its ICV check disagrees; newer versions may not.
+    eprintln!(
+        "{test}: with ESN, Wireshark's ICV check says good {} / bad {} (4.0 has no ESN in esp_sa)",
+        found.icv_good, found.icv_bad
+    );
+}
+
+#[test]
+fn tshark_decrypts_a_raw_esp_capture_from_the_esp_sa_file_and_checks_icvs() {
+    let test = "tshark_decrypts_raw_esp";
+    let Some(tools) = prerequisites(test) else {
+        return;
+    };
+    let lab = lab(
+        test,
+        LabOptions {
+            tag: "wsesp".into(),
+            subnet: 31,
+            outer_udp: false,
+            key_bits: 128,
+            icv: 12,
+            ..LabOptions::default()
+        },
+    );
+    // Without ESN, so that Wireshark 4.0's ICV check (no ESN in its AAD)
+    // can verify every tag: the strongest check that key, salt, ICV length
+    // and SPI in the records are right.
+    for side in [Side::A, Side::B] {
+        let (local, remote) = lab.outer(side);
+        let text = lab.config_text(side, local, remote);
+        let no_esn = text.replace("icv = 12 }", "icv = 12, esn = false }");
+        if no_esn.matches("esn = false").count() != 2 {
+            fail(&lab, &format!("cannot turn ESN off in:\n{text}"));
+        }
+        lab.write_config_text(side, &no_esn)
+            .unwrap_or_else(|e| fail(&lab, &format!("writing config: {e}")));
+    }
+    let records = wireshark_keys(&lab, &lab.b.config);
+    if records.len() != 2
+        || !records
+            .iter()
+            .all(|r| r.contains("\"AES-GCM with 12 octet ICV [RFC4106]\""))
+    {
+        fail(&lab, &format!("unexpected records: {records:?}"));
+    }
+
+    let capture = capture_exchange(&lab, &tools, "esp or udp port 4500");
+
+    // The records as the `esp_sa` file of a Wireshark profile, as an
+    // operator would install them (~/.config/wireshark/esp_sa).
+    let profile = lab.dir.join("wireshark-profile");
+    std::fs::create_dir_all(&profile)
+        .unwrap_or_else(|e| fail(&lab, &format!("creating {}: {e}", profile.display())));
+    let mut file = String::from("# esptun wireshark-keys output (secret)\n");
+    for r in &records {
+        file.push_str(r);
+        file.push('\n');
+    }
+    for (name, text) in [
+        ("esp_sa", file.as_str()),
+        (
+            "preferences",
+            "esp.enable_encryption_decode: TRUE\nesp.enable_authentication_check: TRUE\n",
+        ),
+    ] {
+        std::fs::write(profile.join(name), text)
+            .unwrap_or_else(|e| fail(&lab, &format!("writing {name}: {e}")));
+    }
+    let found = decrypt(
+        &lab,
+        &tools,
+        &capture,
+        "decrypt-file",
+        &[],
+        &[("WIRESHARK_CONFIG_DIR", profile.as_path())],
+    );
+    if found.a_to_b != DATAGRAMS || found.b_to_a != DATAGRAMS {
+        fail(
+            &lab,
+            &format!(
+                "tshark should have decrypted {DATAGRAMS} datagrams of {PAYLOAD} bytes each way: {found:?}"
+            ),
+        );
+    }
+    if found.icv_bad != 0 || found.icv_good < 2 * DATAGRAMS {
+        fail(
+            &lab,
+            &format!("without ESN every ICV should check out in tshark: {found:?}"),
+        );
+    }
+}
