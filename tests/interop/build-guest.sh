@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Builds the guest for esptun's kernel-interop suite (tests/interop.rs): a
+# Debian kernel and a small initramfs (static busybox, iproute2's real `ip`
+# with its libraries, the kernel modules ESP needs, and nettool), cached in
+# ${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}. Idempotent: a second run
+# with the same inputs does nothing and prints the same paths.
+#
+# Needs root (apt-get). Installs what is missing: qemu-system-x86,
+# busybox-static, kmod (depmod), cpio, gcc.
+#
+# Prints, as its last lines on stdout:
+#   kernel=/path/to/vmlinuz
+#   initrd=/path/to/initrd.gz
+#   kernel_version=6.1.0-NN-amd64
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+cache="${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}"
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+# One builder at a time (parallel test binaries, two CI jobs).
+flock -w 600 9
+
+log() { echo "build-guest: $*" >&2; }
+
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || missing+=(kmod)
+command -v cpio >/dev/null || missing+=(cpio)
+command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+depmod=$(command -v depmod || echo /usr/sbin/depmod)
+
+# The kernel: the version linux-image-amd64 currently depends on.
+pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+if [ -z "$pkg" ]; then
+    # Offline with a cache: reuse the newest kernel already unpacked.
+    pkg=$(ls -1 "$cache" | grep -E '^linux-image-[0-9].*-amd64$' | sort -V | tail -1 || true)
+fi
+[ -n "$pkg" ] || { log "cannot resolve linux-image-amd64's kernel package"; exit 1; }
+kver=${pkg#linux-image-}
+kdir="$cache/$pkg"
+if [ ! -f "$kdir/.unpacked" ]; then
+    log "fetching $pkg"
+    rm -rf "$kdir" "$cache/dl"
+    mkdir -p "$cache/dl"
+    chown _apt "$cache/dl" 2>/dev/null || true
+    (cd "$cache/dl" && apt-get download "$pkg" >&2)
+    dpkg-deb -x "$cache"/dl/"$pkg"_*.deb "$kdir"
+    rm -rf "$cache/dl"
+    touch "$kdir/.unpacked"
+fi
+vmlinuz="$kdir/boot/vmlinuz-$kver"
+[ -f "$vmlinuz" ] || { log "no $vmlinuz in $pkg"; exit 1; }
+if [ ! -f "$kdir/lib/modules/$kver/modules.dep" ]; then
+    "$depmod" -b "$kdir" "$kver"
+fi
+
+# Everything the initramfs is made of decides whether to rebuild it.
+stamp=$( {
+    echo "$pkg"
+    cat "$0" "$here/nettool.c"
+    sha256sum /bin/busybox "$(command -v ip)" 2>/dev/null
+} | sha256sum | cut -c1-16)
+initrd="$cache/initrd-$kver-$stamp.gz"
+nettool="$cache/nettool-$stamp"
+
+if [ ! -f "$initrd" ]; then
+    log "building $initrd"
+    gcc -static -O2 -Wall -o "$nettool.tmp" "$here/nettool.c"
+    mv "$nettool.tmp" "$nettool"
+    root=$(mktemp -d "$cache/root.XXXXXX")
+    trap 'rm -rf "$root"' EXIT
+    mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run,lib,lib64,etc,usr/lib}
+    cp /bin/busybox "$root/bin/busybox"
+    # The kernel's request_module runs /sbin/modprobe.
+    ln -s ../bin/busybox "$root/sbin/modprobe"
+    for applet in sh mount modprobe insmod cat echo sleep stty ls ping kill ps grep sed head tail dmesg seq tr true false wc mkdir; do
+        ln -s busybox "$root/bin/$applet"
+    done
+    # The real iproute2 `ip` (busybox's applet has no xfrm), with its
+    # libraries and the dynamic loader, at the paths ldd reports.
+    ipbin=$(readlink -f "$(command -v ip)")
+    cp "$ipbin" "$root/sbin/ip"
+    ldd "$ipbin" | awk '/=>/ {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
+        [ -f "$lib" ] || continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    cp "$nettool" "$root/bin/nettool"
+    # Modules and their dependencies (modules.dep), uncompressed.
+    # The default RNG first (AES-GCM SAs need it), in dependency order.
+    mods="sha512_generic jitterentropy_rng drbg esp4 esp6 xfrm_user xfrm_algo aesni_intel gcm \
+          ghash_generic ghash_clmulni_intel ctr seqiv virtio_net virtio_pci"
+    mdir="$kdir/lib/modules/$kver"
+    want=()
+    for m in $mods; do
+        line=$(grep -E "(^|/)${m//_/[_-]}\.ko(\.[a-z]+)?:" "$mdir/modules.dep" || true)
+        if [ -z "$line" ]; then
+            if grep -qE "(^|/)${m//_/[_-]}\.ko" "$mdir/modules.builtin" 2>/dev/null; then
+                continue
+            fi
+            log "module $m is neither a module nor built in"; exit 1
+        fi
+        want+=(${line//:/})
+    done
+    printf '%s\n' "${want[@]}" | sort -u | while read -r rel; do
+        mkdir -p "$root/lib/modules/$kver/$(dirname "$rel")"
+        case "$rel" in
+            *.ko.xz) xz -dc "$mdir/$rel" > "$root/lib/modules/$kver/${rel%.xz}" ;;
+            *.ko.zst) zstd -qdc "$mdir/$rel" > "$root/lib/modules/$kver/${rel%.zst}" ;;
+            *.ko.gz) gzip -dc "$mdir/$rel" > "$root/lib/modules/$kver/${rel%.gz}" ;;
+            *) cp "$mdir/$rel" "$root/lib/modules/$kver/$rel" ;;
+        esac
+    done
+    cp "$mdir/modules.builtin" "$mdir/modules.order" "$root/lib/modules/$kver/" 2>/dev/null || true
+    "$depmod" -b "$root" "$kver"
+    echo "$mods" > "$root/etc/modules"
+    cat > "$root/init" <<'INIT'
+#!/bin/sh
+# esptun interop guest. Console (kernel and this script's log): ttyS0.
+# Control channel: ttyS1, one shell command per line; each answer is the
+# command's output followed by the line "@@RC <exit status>".
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp/out
+for m in $(cat /etc/modules); do
+    modprobe "$m" || echo "esptun-guest: modprobe $m failed (jitterentropy_rng may fail under TCG: drbg works without it)"
+done
+/sbin/ip link set lo up
+echo "esptun-guest: modules loaded; control on ttyS1"
+# The control loop must not be PID 1: background commands are reparented
+# to PID 1 when their `sh -c` exits, and their SIGCHLD would interrupt the
+# shell's `read` in the middle of a command line.
+/bin/sh /bin/control &
+while true; do
+    wait
+    sleep 1
+done
+INIT
+    cat > "$root/bin/control" <<'CONTROL'
+#!/bin/sh
+# One descriptor for the whole session: closing the last one would flush
+# input the host already sent.
+exec 3<>/dev/ttyS1
+stty raw -echo <&3
+echo "@@READY" >&3
+while read -r line <&3; do
+    sh -c "$line" > /tmp/cmd.out 2>&1 < /dev/null 3>&-
+    rc=$?
+    cat /tmp/cmd.out >&3
+    echo "@@RC $rc" >&3
+done
+echo "esptun-guest: control channel closed"
+CONTROL
+    chmod 755 "$root/init" "$root/bin/control"
+    (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$initrd.tmp"
+    mv "$initrd.tmp" "$initrd"
+    rm -rf "$root"
+    trap - EXIT
+    # Older initramfs builds of this cache are stale now.
+    find "$cache" -maxdepth 1 \( -name 'initrd-*.gz' -o -name 'nettool-*' \) \
+        ! -name "$(basename "$initrd")" ! -name "$(basename "$nettool")" -delete
+fi
+
+echo "kernel=$vmlinuz"
+echo "initrd=$initrd"
+echo "kernel_version=$kver"
