@@ -94,8 +94,10 @@ if [ ! -f "$initrd" ]; then
     done
     cp "$nettool" "$root/bin/nettool"
     # Modules and their dependencies (modules.dep), uncompressed.
-    # The default RNG first (AES-GCM SAs need it), in dependency order.
-    mods="sha512_generic jitterentropy_rng drbg esp4 esp6 xfrm_user xfrm_algo aesni_intel gcm \
+    # The default RNG first (AES-GCM SAs need it), in dependency order:
+    # jitterentropy_rng allocates "sha3-256-generic" at load, a dependency
+    # modules.dep cannot list.
+    mods="sha512_generic sha3_generic jitterentropy_rng drbg esp4 esp6 xfrm_user xfrm_algo aesni_intel gcm \
           ghash_generic ghash_clmulni_intel ctr seqiv virtio_net virtio_pci"
     mdir="$kdir/lib/modules/$kver"
     want=()
@@ -132,7 +134,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp/out
 for m in $(cat /etc/modules); do
-    modprobe "$m" || echo "esptun-guest: modprobe $m failed (jitterentropy_rng may fail under TCG: drbg works without it)"
+    modprobe "$m" || echo "esptun-guest: modprobe $m failed"
 done
 /sbin/ip link set lo up
 echo "esptun-guest: modules loaded; control on ttyS1"
