@@ -37,7 +37,13 @@ fi
 depmod=$(command -v depmod || echo /usr/sbin/depmod)
 
 # The kernel: the version linux-image-amd64 currently depends on.
-pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+pkg=$(resolve)
+if [ -z "$pkg" ]; then
+    # A fresh machine may have no package lists yet.
+    apt-get update -qq >&2 || true
+    pkg=$(resolve)
+fi
 if [ -z "$pkg" ]; then
     # Offline with a cache: reuse the newest kernel already unpacked.
     pkg=$(ls -1 "$cache" | grep -E '^linux-image-[0-9].*-amd64$' | sort -V | tail -1 || true)
