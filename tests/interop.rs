@@ -30,11 +30,12 @@
 //! also on failure; a failure prints the guest's console, `ip -s xfrm state`
 //! and `/proc/net/xfrm_stat`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{
-    IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
 };
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -45,11 +46,13 @@ use esptun::crypto::{IcvLen, KeySize, soft};
 use esptun::lab::{self, Netns};
 use esptun::sa::KeyMaterial;
 use esptun::sa::reservation::ReservationStore;
-use esptun::wire::checksum::{combine, finish, pseudo_header_v4, sum};
+use esptun::wire::checksum::{combine, finish, is_valid, pseudo_header_v4, pseudo_header_v6, sum};
 use esptun::wire::esp;
 
 const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 1);
 const GUEST: Ipv4Addr = Ipv4Addr::new(198, 18, 50, 2);
+const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 1);
+const GUEST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x50, 0, 0, 0, 0, 2);
 const SPI_OUT: u32 = 0xa001; // host -> guest
 const SPI_IN: u32 = 0xb001; // guest -> host
 /// Distinctive UDP payload size, so tshark's finds cannot be a coincidence.
@@ -356,7 +359,8 @@ impl Guest {
             "cat /proc/net/xfrm_stat",
             "/sbin/ip -s xfrm state",
             "/sbin/ip xfrm policy",
-            "grep -A1 '^Udp:' /proc/net/snmp",
+            "grep -E '^(Udp|Tcp):' /proc/net/snmp",
+            "grep -E '^(Udp6|Icmp6In)' /proc/net/snmp6",
             "/sbin/ip -s link show eth0",
             "tail -n 5 /tmp/out/*",
         ] {
@@ -389,15 +393,35 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// One interop case.
 #[derive(Debug, Clone, Copy)]
 struct Case {
+    v6: bool,
     natt: bool,
     key_bits: u32,
     esn: bool,
 }
 
 impl Case {
+    /// The host side's address (the TAP) in this case's family.
+    fn host(&self) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(HOST6)
+        } else {
+            IpAddr::V4(HOST)
+        }
+    }
+
+    /// The guest's address in this case's family.
+    fn guest(&self) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(GUEST6)
+        } else {
+            IpAddr::V4(GUEST)
+        }
+    }
+
     fn name(&self) -> String {
         format!(
-            "{} AES-{} {}",
+            "{} {} AES-{} {}",
+            if self.v6 { "IPv6" } else { "IPv4" },
             if self.natt { "NAT-T" } else { "raw ESP" },
             self.key_bits,
             if self.esn { "ESN" } else { "32-bit seq" }
@@ -480,11 +504,13 @@ impl Host {
              \n\
              [[peer]]\n\
              name = \"kernel\"\n\
-             local = \"{HOST}\"\n\
-             endpoint = \"{GUEST}\"\n\
+             local = \"{local}\"\n\
+             endpoint = \"{endpoint}\"\n\
              outbound = {{ spi = {SPI_OUT:#x}, key_file = \"{out_key}\", icv = 16, esn = {esn} }}\n\
              inbound = {{ spi = {SPI_IN:#x}, key_file = \"{in_key}\", icv = 16, esn = {esn} }}\n",
             outer = if case.natt { "udp" } else { "esp" },
+            local = case.host(),
+            endpoint = case.guest(),
             state = state.display(),
             control = dir.join("esptun.sock").display(),
             out_key = dir.join("out.key").display(),
@@ -573,10 +599,10 @@ fn udp_payload(i: u32, size: usize) -> Vec<u8> {
 }
 
 /// Host -> guest UDP, echoed back by the guest: (sent, echoed intact).
-fn udp_echo(ns: &Netns, count: u32) -> Result<(u32, u32), String> {
+fn udp_echo(ns: &Netns, host: IpAddr, guest: IpAddr, count: u32) -> Result<(u32, u32), String> {
     ns.run(move || -> Result<(u32, u32), String> {
-        let sock = UdpSocket::bind(SocketAddrV4::new(HOST, 0)).map_err(|e| e.to_string())?;
-        sock.connect(SocketAddrV4::new(GUEST, 5002))
+        let sock = UdpSocket::bind(SocketAddr::new(host, 0)).map_err(|e| e.to_string())?;
+        sock.connect(SocketAddr::new(guest, 5002))
             .map_err(|e| e.to_string())?;
         sock.set_read_timeout(Some(Duration::from_millis(1500)))
             .map_err(|e| e.to_string())?;
@@ -607,9 +633,15 @@ fn udp_echo(ns: &Netns, count: u32) -> Result<(u32, u32), String> {
 
 /// Receives UDP on the host side until `count` arrived or timeout:
 /// (received intact, corrupted).
-fn udp_sink(ns: &Netns, port: u16, count: u32, timeout: Duration) -> Receiver<(u32, u32)> {
+fn udp_sink(
+    ns: &Netns,
+    host: IpAddr,
+    port: u16,
+    count: u32,
+    timeout: Duration,
+) -> Receiver<(u32, u32)> {
     let sock = ns
-        .run(move || UdpSocket::bind(SocketAddrV4::new(HOST, port)))
+        .run(move || UdpSocket::bind(SocketAddr::new(host, port)))
         .expect("thread in namespace")
         .expect("binding the host's UDP sink");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -637,9 +669,9 @@ fn udp_sink(ns: &Netns, port: u16, count: u32, timeout: Duration) -> Receiver<(u
 type Receiver<T> = std::sync::mpsc::Receiver<T>;
 
 /// Host -> guest: TCP zeros to the guest's sink.
-fn tcp_send_zeros(ns: &Netns, bytes: u64) -> Result<Duration, String> {
+fn tcp_send_zeros(ns: &Netns, guest: IpAddr, bytes: u64) -> Result<Duration, String> {
     ns.run(move || -> Result<Duration, String> {
-        let addr = SocketAddr::new(IpAddr::V4(GUEST), 5001);
+        let addr = SocketAddr::new(guest, 5001);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut stream = loop {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
@@ -674,9 +706,9 @@ fn tcp_send_zeros(ns: &Netns, bytes: u64) -> Result<Duration, String> {
 }
 
 /// Guest -> host: a TCP listener counting bytes and non-zero bytes.
-fn tcp_sink(ns: &Netns) -> Receiver<Result<(u64, u64), String>> {
+fn tcp_sink(ns: &Netns, host: IpAddr) -> Receiver<Result<(u64, u64), String>> {
     let listener = ns
-        .run(|| TcpListener::bind(SocketAddrV4::new(HOST, 5004)))
+        .run(move || TcpListener::bind(SocketAddr::new(host, 5004)))
         .expect("thread in namespace")
         .expect("binding the host's TCP sink");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -714,20 +746,71 @@ fn tcp_sink(ns: &Netns) -> Receiver<Result<(u64, u64), String>> {
     rx
 }
 
+const UDP: u8 = 17;
+const TCP: u8 = 6;
+/// The closed port the crafted TCP segments go to: any valid segment there
+/// is answered with a reset (RFC 9293 3.10.7.1), so the receiving stack's
+/// `OutRsts` tells that it accepted the segment.
+const CLOSED_TCP_PORT: u16 = 7002;
+
+/// The pseudo-header sum of a transport segment of `len` bytes.
+fn pseudo_header(src: IpAddr, dst: IpAddr, protocol: u8, len: usize) -> u16 {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo_header_v4(s.octets(), d.octets(), protocol, len as u16)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo_header_v6(&s.octets(), &d.octets(), protocol, len as u32)
+        }
+        _ => panic!("mixed address families {src} {dst}"),
+    }
+}
+
+/// Whether `segment`'s checksum (UDP or TCP) is right.
+fn checksum_ok(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]) -> bool {
+    is_valid(combine(
+        pseudo_header(src, dst, protocol, segment.len()),
+        sum(segment),
+    ))
+}
+
+/// Fills in the checksum field at `at` of `segment`.
+fn set_checksum(src: IpAddr, dst: IpAddr, protocol: u8, segment: &mut [u8], at: usize) {
+    segment[at..at + 2].fill(0);
+    let pseudo = pseudo_header(src, dst, protocol, segment.len());
+    let mut c = finish(combine(pseudo, sum(segment)));
+    if c == 0 && protocol == UDP {
+        c = 0xffff;
+    }
+    segment[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
 /// An inner UDP segment (header with a correct checksum, then payload).
-fn udp_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+fn udp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let len = 8 + payload.len();
     let mut s = vec![0u8; len];
     s[0..2].copy_from_slice(&sport.to_be_bytes());
     s[2..4].copy_from_slice(&dport.to_be_bytes());
     s[4..6].copy_from_slice(&(len as u16).to_be_bytes());
     s[8..].copy_from_slice(payload);
-    let pseudo = pseudo_header_v4(src.octets(), dst.octets(), 17, len as u16);
-    let mut c = finish(combine(pseudo, sum(&s)));
-    if c == 0 {
-        c = 0xffff;
-    }
-    s[6..8].copy_from_slice(&c.to_be_bytes());
+    set_checksum(src, dst, UDP, &mut s, 6);
+    s
+}
+
+/// An inner TCP segment: 20-byte header (ACK|PSH, no options) with a
+/// correct checksum, then payload. Sent to a closed port, a receiver whose
+/// TCP accepts it answers with a reset.
+fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut s = vec![0u8; 20 + payload.len()];
+    s[0..2].copy_from_slice(&sport.to_be_bytes());
+    s[2..4].copy_from_slice(&dport.to_be_bytes());
+    s[4..8].copy_from_slice(&0x4553_5054u32.to_be_bytes()); // seq "ESPT"
+    s[8..12].copy_from_slice(&0x0000_0001u32.to_be_bytes()); // ack
+    s[12] = 5 << 4; // data offset: 5 words
+    s[13] = 0x18; // ACK | PSH
+    s[14..16].copy_from_slice(&1024u16.to_be_bytes()); // window
+    s[20..].copy_from_slice(payload);
+    set_checksum(src, dst, TCP, &mut s, 16);
     s
 }
 
@@ -739,28 +822,29 @@ fn crafted_payload() -> Vec<u8> {
         .collect()
 }
 
-/// An ESP packet (SPI onwards) carrying `segment` (UDP), sealed with
-/// `key`: with `corrupt`, plaintext block 2 (bytes 32..48 of the ESP
-/// payload) is replaced by block 1 before sealing, as the field hardware
-/// did, so the ICV is valid over wrong data. Returns the packet and the UDP
-/// payload the receiver's application would get.
+/// An ESP packet (SPI onwards) carrying `segment` (next header
+/// `protocol`), sealed with `key`: with `corrupt`, plaintext block 2 (bytes
+/// 32..48 of the ESP payload) is replaced by block 1 before sealing, as the
+/// field hardware did, so the ICV is valid over wrong data. Returns the
+/// packet and the segment as sealed (what a receiver decrypts).
 fn craft(
     key: &KeyMaterial,
     spi: u32,
     seq: u64,
     esn: bool,
+    protocol: u8,
     segment: &[u8],
     corrupt: bool,
 ) -> (Vec<u8>, Vec<u8>) {
     let pad = esp::pad_len(segment.len());
     let mut plaintext = segment.to_vec();
     plaintext.resize(segment.len() + pad + esp::TRAILER_LEN, 0);
-    esp::emit_trailer(&mut plaintext[segment.len()..], 17);
+    esp::emit_trailer(&mut plaintext[segment.len()..], protocol);
     if corrupt {
         let (head, tail) = plaintext.split_at_mut(32);
         tail[..16].copy_from_slice(&head[16..32]);
     }
-    let delivered = plaintext[8..segment.len()].to_vec();
+    let sealed = plaintext[..segment.len()].to_vec();
     let mut header = [0u8; esp::HEADER_LEN + esp::IV_LEN];
     esp::emit_header(&mut header, spi, seq);
     let nonce = esp::nonce(*key.salt(), seq.to_be_bytes());
@@ -775,24 +859,210 @@ fn craft(
     let mut packet = header.to_vec();
     packet.extend_from_slice(&plaintext);
     packet.extend_from_slice(&tag);
-    (packet, delivered)
+    (packet, sealed)
 }
 
-/// What the guest's kernel did with one crafted packet.
-fn guest_udp_counters(guest: &mut Guest) -> Result<(u64, u64), String> {
-    let (_, out) = guest.run("grep '^Udp:' /proc/net/snmp", CMD_TIMEOUT)?;
-    let mut lines = out.lines();
-    let names: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
-    let values: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
-    let get = |k: &str| -> u64 {
-        names
-            .iter()
-            .position(|n| *n == k)
-            .and_then(|i| values.get(i))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    Ok((get("InDatagrams"), get("InCsumErrors")))
+/// A control packet and its corrupted twin, checked: the control's inner
+/// checksum is right, the twin's is wrong (sequence numbers `seq` and
+/// `seq + 1`). Returns (control, corrupted): each the packet and the
+/// segment as sealed.
+type Crafted = (Vec<u8>, Vec<u8>);
+
+fn craft_pair(
+    key: &KeyMaterial,
+    spi: u32,
+    seq: u64,
+    esn: bool,
+    protocol: u8,
+    (src, dst): (IpAddr, IpAddr),
+    segment: &[u8],
+) -> (Crafted, Crafted) {
+    let good = craft(key, spi, seq, esn, protocol, segment, false);
+    let bad = craft(key, spi, seq + 1, esn, protocol, segment, true);
+    assert!(checksum_ok(src, dst, protocol, &good.1), "control checksum");
+    assert!(
+        !checksum_ok(src, dst, protocol, &bad.1),
+        "the replaced block must break the inner checksum"
+    );
+    (good, bad)
+}
+
+/// `/proc/net/snmp` ("Tcp:InSegs") and `/proc/net/snmp6` ("Udp6InDatagrams")
+/// as one map.
+fn parse_snmp(text: &str) -> HashMap<String, u64> {
+    let mut map = HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let words: Vec<&str> = lines[i].split_whitespace().collect();
+        match words.as_slice() {
+            [proto, names @ ..] if proto.ends_with(':') && i + 1 < lines.len() => {
+                let values: Vec<&str> = lines[i + 1].split_whitespace().skip(1).collect();
+                for (n, v) in names.iter().zip(values) {
+                    if let Ok(v) = v.parse() {
+                        map.insert(format!("{proto}{n}"), v);
+                    }
+                }
+                i += 2;
+            }
+            [name, value] => {
+                if let Ok(v) = value.parse() {
+                    map.insert((*name).to_string(), v);
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    map
+}
+
+type Counters = HashMap<String, u64>;
+
+fn get(c: &Counters, key: &str) -> u64 {
+    c.get(key).copied().unwrap_or(u64::MAX)
+}
+
+/// The guest kernel's UDP/TCP counters (IPv4 and IPv6).
+fn guest_counters(guest: &mut Guest) -> Result<Counters, String> {
+    let (_, out) = guest.run("cat /proc/net/snmp /proc/net/snmp6", CMD_TIMEOUT)?;
+    Ok(parse_snmp(&out))
+}
+
+/// The host namespace kernel's counters, and esptun's inner_checksum drops
+/// when it runs.
+fn host_counters(host: &Host, index: usize) -> Result<Counters, String> {
+    let out = host
+        .ns
+        .command("cat")
+        .args(["/proc/net/snmp", "/proc/net/snmp6"])
+        .output()
+        .map_err(|e| format!("reading the namespace's snmp counters: {e}"))?;
+    let mut c = parse_snmp(&String::from_utf8_lossy(&out.stdout));
+    if host.esptun.is_some() {
+        let drops = host.status(index)?["inbound"]["drops"]["inner_checksum"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        c.insert("esptun:inner_checksum".into(), drops);
+    }
+    Ok(c)
+}
+
+/// Reads counters until one of `watch` moved from `before` or `timeout`
+/// passed, then once more after a short settle (a reset is sent after the
+/// segment was counted).
+fn settle(
+    mut read: impl FnMut() -> Result<Counters, String>,
+    before: &Counters,
+    watch: &[&str],
+    timeout: Duration,
+) -> Result<Counters, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = read()?;
+        if watch.iter().any(|k| get(&now, k) != get(before, k)) || Instant::now() >= deadline {
+            std::thread::sleep(Duration::from_millis(300));
+            return read();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What a receiving TCP stack did with one crafted segment to a closed
+/// port: (accepted, description). Accepted: counted in InSegs, not in
+/// InCsumErrors, and answered with a reset.
+fn tcp_verdict(before: &Counters, after: &Counters) -> (bool, String) {
+    let d = |k: &str| get(after, k).wrapping_sub(get(before, k));
+    let (segs, csum, rsts) = (d("Tcp:InSegs"), d("Tcp:InCsumErrors"), d("Tcp:OutRsts"));
+    (
+        segs >= 1 && csum == 0 && rsts >= 1,
+        format!("InSegs +{segs}, InCsumErrors +{csum}, OutRsts +{rsts}"),
+    )
+}
+
+fn udp_keys(v6: bool) -> (&'static str, &'static str) {
+    if v6 {
+        ("Udp6InDatagrams", "Udp6InCsumErrors")
+    } else {
+        ("Udp:InDatagrams", "Udp:InCsumErrors")
+    }
+}
+
+/// Sends one ESP packet (SPI onwards) from the host namespace to the guest
+/// (esptun stopped): ESP-in-UDP from port 4500, or raw ESP.
+fn send_to_guest(host: &Host, case: Case, packet: &[u8]) -> Result<(), String> {
+    let packet = packet.to_vec();
+    let (from, to) = (case.host(), case.guest());
+    host.ns
+        .run(move || -> std::io::Result<()> {
+            if case.natt {
+                let s = UdpSocket::bind(SocketAddr::new(from, 4500))?;
+                s.send_to(&packet, SocketAddr::new(to, 4500))?;
+                return Ok(());
+            }
+            let family = if to.is_ipv6() {
+                libc::AF_INET6
+            } else {
+                libc::AF_INET
+            };
+            // SAFETY: socket(2) with constant arguments.
+            let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_ESP) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let len = match to {
+                IpAddr::V4(a) => {
+                    let sin = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: 0,
+                        sin_addr: libc::in_addr {
+                            s_addr: u32::from(a).to_be(),
+                        },
+                        sin_zero: [0; 8],
+                    };
+                    // SAFETY: sockaddr_storage is larger than sockaddr_in.
+                    unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+                    std::mem::size_of::<libc::sockaddr_in>()
+                }
+                IpAddr::V6(a) => {
+                    let sin6 = libc::sockaddr_in6 {
+                        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                        sin6_port: 0,
+                        sin6_flowinfo: 0,
+                        sin6_addr: libc::in6_addr {
+                            s6_addr: a.octets(),
+                        },
+                        sin6_scope_id: 0,
+                    };
+                    // SAFETY: sockaddr_storage is larger than sockaddr_in6.
+                    unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+                    std::mem::size_of::<libc::sockaddr_in6>()
+                }
+            };
+            // SAFETY: the buffer and address are valid for the call; fd is
+            // ours and closed right after.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const ss).cast(),
+                    len as libc::socklen_t,
+                )
+            };
+            let err = std::io::Error::last_os_error();
+            // SAFETY: fd is ours.
+            unsafe { libc::close(fd) };
+            if n < 0 {
+                return Err(err);
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("sending the crafted packet: {e}"))
 }
 
 /// Sends crafted ESP from the host namespace to the guest (esptun
@@ -800,54 +1070,12 @@ fn guest_udp_counters(guest: &mut Guest) -> Result<(u64, u64), String> {
 fn crafted_to_guest(
     host: &Host,
     guest: &mut Guest,
-    natt: bool,
+    case: Case,
     packet: &[u8],
 ) -> Result<Option<Vec<u8>>, String> {
     guest.spawn("recv", "nettool udp-recv 7000 3000")?;
     guest.wait_output("recv", "listening", CMD_TIMEOUT)?;
-    let packet = packet.to_vec();
-    host.ns
-        .run(move || -> std::io::Result<()> {
-            if natt {
-                let s = UdpSocket::bind(SocketAddrV4::new(HOST, 4500))?;
-                s.send_to(&packet, SocketAddrV4::new(GUEST, 4500))?;
-            } else {
-                // SAFETY: socket(2) with constant arguments.
-                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ESP) };
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let to = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(GUEST).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: the buffer and address are valid for the call;
-                // fd is ours and closed right after.
-                let n = unsafe {
-                    libc::sendto(
-                        fd,
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        0,
-                        (&raw const to).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                };
-                let err = std::io::Error::last_os_error();
-                // SAFETY: fd is ours.
-                unsafe { libc::close(fd) };
-                if n < 0 {
-                    return Err(err);
-                }
-            }
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("sending the crafted packet: {e}"))?;
+    send_to_guest(host, case, packet)?;
     let out = guest.wait_output("recv", "received=", Duration::from_secs(10))?;
     if out.contains("received=0") {
         return Ok(None);
@@ -859,25 +1087,34 @@ fn crafted_to_guest(
     Ok(Some(unhex(payload)))
 }
 
-/// The guest sends crafted ESP-in-UDP (from port 4501, bypassing its own
-/// policies) to esptun; reports what the host's UDP application received.
-fn crafted_to_esptun(
-    host: &Host,
-    guest: &mut Guest,
-    packet: &[u8],
-) -> Result<Option<Vec<u8>>, String> {
-    let sock = host
-        .ns
-        .run(|| UdpSocket::bind(SocketAddrV4::new(HOST, 7000)))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+/// The guest sends one crafted ESP-in-UDP packet from port 4501 (bypassing
+/// its own policies) to esptun.
+fn guest_send_crafted(guest: &mut Guest, to: IpAddr, packet: &[u8]) -> Result<(), String> {
     let (rc, out) = guest.run(
-        &format!("nettool send-hex {HOST} 4500 4501 {}", hex(packet)),
+        &format!("nettool send-hex {to} 4500 4501 {}", hex(packet)),
         CMD_TIMEOUT,
     )?;
     if rc != 0 {
         return Err(format!("guest send-hex: {rc} {out}"));
     }
+    Ok(())
+}
+
+/// The guest sends crafted ESP-in-UDP to esptun; reports what the host's
+/// UDP application received.
+fn crafted_to_esptun(
+    host: &Host,
+    guest: &mut Guest,
+    case: Case,
+    packet: &[u8],
+) -> Result<Option<Vec<u8>>, String> {
+    let to = case.host();
+    let sock = host
+        .ns
+        .run(move || UdpSocket::bind(SocketAddr::new(to, 7000)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    guest_send_crafted(guest, to, packet)?;
     sock.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 2048];
@@ -917,6 +1154,7 @@ fn tshark_decode(
         "data.len",
         "tcp.len",
         "icmp.type",
+        "icmpv6.type",
         "esp.icv_good",
         "esp.icv_bad",
     ] {
@@ -929,7 +1167,7 @@ fn tshark_decode(
     let (mut out_d, mut in_d) = (Decoded::default(), Decoded::default());
     for line in out.lines() {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() != 6 {
+        if f.len() != 7 {
             continue;
         }
         let spi = u32::from_str_radix(f[0].trim_start_matches("0x"), 16).unwrap_or(0);
@@ -948,13 +1186,13 @@ fn tshark_decode(
         {
             d.tcp_segments += 1;
         }
-        if !f[3].is_empty() {
+        if !f[3].is_empty() || !f[4].is_empty() {
             d.icmp += 1;
         }
-        if f[4].split(',').any(|v| v == "1" || v == "True") {
+        if f[5].split(',').any(|v| v == "1" || v == "True") {
             d.icv_good += 1;
         }
-        if f[5].split(',').any(|v| v == "1" || v == "True") {
+        if f[6].split(',').any(|v| v == "1" || v == "True") {
             d.icv_bad += 1;
         }
     }
@@ -1028,13 +1266,23 @@ struct Outcome {
     detail: String,
 }
 
+/// One row of the difference table.
+#[derive(Debug)]
+struct Row {
+    who: &'static str,
+    /// "UDP" (measured at the application) or "TCP" (measured at the
+    /// receiving TCP stack).
+    proto: &'static str,
+    /// Whether the corrupted packet is expected to get through.
+    corrupt_expected: bool,
+    outcome: Outcome,
+}
+
 /// What one case measured, for the summary.
 #[derive(Debug, Default)]
 struct Report {
     lines: Vec<String>,
-    kernel: Option<Outcome>,
-    esptun: Option<Outcome>,
-    kernel_raw: Option<Outcome>,
+    rows: Vec<Row>,
 }
 
 /// Fields drop in order: the guest (qemu) first, then the host side
@@ -1057,10 +1305,11 @@ impl Suite {
     /// The guest's SAs and policies for `case`, with the keys esptun uses.
     fn guest_xfrm(&mut self, case: Case, keys: &Keys) -> Result<(), String> {
         self.guest_sh("/sbin/ip xfrm state flush && /sbin/ip xfrm policy flush")?;
-        let encap = if case.natt {
-            " encap espinudp 4500 4500 0.0.0.0"
-        } else {
-            ""
+        let (host, guest) = (case.host(), case.guest());
+        let encap = match (case.natt, case.v6) {
+            (false, _) => "",
+            (true, false) => " encap espinudp 4500 4500 0.0.0.0",
+            (true, true) => " encap espinudp 4500 4500 ::",
         };
         let esn = if case.esn {
             " flag esn replay-window 128"
@@ -1070,23 +1319,38 @@ impl Suite {
         let aead = |k: &str| format!("aead 'rfc4106(gcm(aes))' 0x{k} 128");
         // Guest -> host: the guest's outbound (esptun's inbound key).
         self.guest_sh(&format!(
-            "/sbin/ip xfrm state add src {GUEST} dst {HOST} proto esp spi {SPI_IN:#x} reqid 1 \
+            "/sbin/ip xfrm state add src {guest} dst {host} proto esp spi {SPI_IN:#x} reqid 1 \
              mode transport{esn} {}{encap}",
             aead(&keys.inb_hex)
         ))?;
         self.guest_sh(&format!(
-            "/sbin/ip xfrm state add src {HOST} dst {GUEST} proto esp spi {SPI_OUT:#x} reqid 1 \
+            "/sbin/ip xfrm state add src {host} dst {guest} proto esp spi {SPI_OUT:#x} reqid 1 \
              mode transport{esn} {}{encap}",
             aead(&keys.out_hex)
         ))?;
         self.guest_sh(&format!(
-            "/sbin/ip xfrm policy add src {GUEST} dst {HOST} dir out \
-             tmpl src {GUEST} dst {HOST} proto esp reqid 1 mode transport"
+            "/sbin/ip xfrm policy add src {guest} dst {host} dir out priority 10 \
+             tmpl src {guest} dst {host} proto esp reqid 1 mode transport"
         ))?;
         self.guest_sh(&format!(
-            "/sbin/ip xfrm policy add src {HOST} dst {GUEST} dir in \
-             tmpl src {HOST} dst {GUEST} proto esp reqid 1 mode transport"
+            "/sbin/ip xfrm policy add src {host} dst {guest} dir in priority 10 \
+             tmpl src {host} dst {guest} proto esp reqid 1 mode transport"
         ))?;
+        if case.v6 {
+            // Neighbour solicitations and advertisements (ICMPv6, protocol
+            // 58: the guest has no /etc/protocols) stay in the clear
+            // (the unicast ones match the selectors above): the host's
+            // kernel sends its own on the TAP, outside esptun, and IKE
+            // daemons install the same bypass.
+            for ty in [135, 136] {
+                for dir in ["out", "in"] {
+                    self.guest_sh(&format!(
+                        "/sbin/ip xfrm policy add src ::/0 dst ::/0 proto 58 type {ty} \
+                         dir {dir} priority 1"
+                    ))?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1103,12 +1367,14 @@ impl Suite {
         };
 
         // ICMP echo, both ways.
-        let ping = lab::ping(&self.host.ns, IpAddr::V4(GUEST), 5, Duration::from_secs(20))
+        let (host, guest) = (case.host(), case.guest());
+        let ping = lab::ping(&self.host.ns, guest, 5, Duration::from_secs(20))
             .map_err(|e| e.to_string())?;
         if ping.received != 5 {
             return Err(format!("host -> guest ping: {ping:?}"));
         }
-        let out = self.guest_sh(&format!("ping -c 3 -W 3 {HOST}"))?;
+        let ping_cmd = if case.v6 { "ping6" } else { "ping" };
+        let out = self.guest_sh(&format!("{ping_cmd} -c 3 -W 3 {host}"))?;
         if !out.contains("3 packets received") {
             return Err(format!("guest -> host ping: {out}"));
         }
@@ -1121,15 +1387,21 @@ impl Suite {
         self.guest
             .spawn("echo", &format!("nettool udp-echo 5002 {UDP_COUNT} 60000"))?;
         self.guest.wait_output("echo", "listening", CMD_TIMEOUT)?;
-        let (sent, echoed) = udp_echo(&self.host.ns, UDP_COUNT)?;
+        let (sent, echoed) = udp_echo(&self.host.ns, host, guest, UDP_COUNT)?;
         if echoed != UDP_COUNT {
             return Err(format!(
                 "UDP echo: {echoed} of {UDP_COUNT} datagrams came back intact ({sent} sent)"
             ));
         }
-        let sink = udp_sink(&self.host.ns, 5003, UDP_COUNT, Duration::from_secs(30));
+        let sink = udp_sink(
+            &self.host.ns,
+            host,
+            5003,
+            UDP_COUNT,
+            Duration::from_secs(30),
+        );
         self.guest_sh(&format!(
-            "nettool udp-send {HOST} 5003 {UDP_COUNT} {UDP_SIZE}"
+            "nettool udp-send {host} 5003 {UDP_COUNT} {UDP_SIZE}"
         ))?;
         let (got, bad) = sink
             .recv_timeout(Duration::from_secs(40))
@@ -1150,16 +1422,16 @@ impl Suite {
             &format!("nettool tcp-sink 5001 {}", TRAFFIC_TIMEOUT.as_millis()),
         )?;
         self.guest.wait_output("sink", "listening", CMD_TIMEOUT)?;
-        let took = tcp_send_zeros(&self.host.ns, TCP_BYTES)?;
+        let took = tcp_send_zeros(&self.host.ns, guest, TCP_BYTES)?;
         let out = self.guest.wait_output("sink", "bytes=", TRAFFIC_TIMEOUT)?;
         if !out.contains(&format!("bytes={TCP_BYTES} nonzero=0 ")) || !out.contains("eof=1") {
             return Err(format!("host -> guest TCP: guest's sink says {out:?}"));
         }
-        let rx = tcp_sink(&self.host.ns);
+        let rx = tcp_sink(&self.host.ns, host);
         let started = Instant::now();
         let (rc, out) = self.guest.run(
             &format!(
-                "nettool tcp-zeros {HOST} 5004 {TCP_BYTES} {}",
+                "nettool tcp-zeros {host} 5004 {TCP_BYTES} {}",
                 TRAFFIC_TIMEOUT.as_millis()
             ),
             TRAFFIC_TIMEOUT + Duration::from_secs(10),
@@ -1262,38 +1534,101 @@ impl Suite {
             ));
         }
 
-        // The difference that matters.
+        // The difference that matters, for UDP (measured at the receiving
+        // application) and TCP (measured at the receiving TCP stack: a
+        // segment to a closed port is counted in InSegs, and answered with
+        // a reset if its checksum is accepted, or counted in InCsumErrors).
         let payload = crafted_payload();
+        let tcp_watch = ["Tcp:InSegs", "Tcp:InCsumErrors", "esptun:inner_checksum"];
+        let settle_time = Duration::from_secs(3);
         if case.natt {
             // To esptun: sealed with the guest's outbound key, sent by the guest.
-            let seg = udp_segment(GUEST, HOST, 7001, 7000, &payload);
-            let before = self.host.status(index)?["inbound"]["drops"]["inner_checksum"]
-                .as_u64()
-                .unwrap_or(u64::MAX);
-            let (good, good_payload) = craft(&keys.inb, SPI_IN, CRAFTED_SEQ, case.esn, &seg, false);
-            let (bad, bad_payload) =
-                craft(&keys.inb, SPI_IN, CRAFTED_SEQ + 1, case.esn, &seg, true);
-            let control = crafted_to_esptun(&self.host, &mut self.guest, &good)?;
-            let corrupt = crafted_to_esptun(&self.host, &mut self.guest, &bad)?;
+            let seg = udp_segment(guest, host, 7001, 7000, &payload);
+            let ((good, good_seg), (bad, bad_seg)) = craft_pair(
+                &keys.inb,
+                SPI_IN,
+                CRAFTED_SEQ,
+                case.esn,
+                UDP,
+                (guest, host),
+                &seg,
+            );
+            let before = host_counters(&self.host, index)?;
+            let control = crafted_to_esptun(&self.host, &mut self.guest, case, &good)?;
+            let corrupt = crafted_to_esptun(&self.host, &mut self.guest, case, &bad)?;
             std::thread::sleep(Duration::from_millis(500));
-            let after = self.host.status(index)?["inbound"]["drops"]["inner_checksum"]
-                .as_u64()
-                .unwrap_or(u64::MAX);
-            report.esptun = Some(Outcome {
-                control_delivered: control.as_deref() == Some(&good_payload[..]),
-                corrupt_delivered: corrupt.is_some(),
-                detail: format!(
-                    "inner_checksum drops {before} -> {after}{}",
-                    if corrupt.as_deref() == Some(&bad_payload[..]) {
-                        " (delivered the corrupted payload!)"
-                    } else {
-                        ""
-                    }
-                ),
+            let after = host_counters(&self.host, index)?;
+            let key = "esptun:inner_checksum";
+            let (b, a) = (get(&before, key), get(&after, key));
+            report.rows.push(Row {
+                who: "esptun",
+                proto: "UDP",
+                corrupt_expected: false,
+                outcome: Outcome {
+                    control_delivered: control.as_deref() == Some(&good_seg[8..]),
+                    corrupt_delivered: corrupt.is_some(),
+                    detail: format!(
+                        "inner_checksum drops {b} -> {a}{}",
+                        if corrupt.as_deref() == Some(&bad_seg[8..]) {
+                            " (delivered the corrupted payload!)"
+                        } else {
+                            ""
+                        }
+                    ),
+                },
             });
-            if after != before + 1 {
+            if a != b.wrapping_add(1) {
                 return Err(format!(
-                    "esptun's inner_checksum counter went {before} -> {after}, expected +1"
+                    "esptun's inner_checksum counter went {b} -> {a} for UDP, expected +1"
+                ));
+            }
+
+            // TCP, to a closed port in the host namespace: esptun decides
+            // whether the namespace's kernel sees the segment at all.
+            let seg = tcp_segment(guest, host, 7001, CLOSED_TCP_PORT, &payload);
+            let ((good, _), (bad, _)) = craft_pair(
+                &keys.inb,
+                SPI_IN,
+                CRAFTED_SEQ + 2,
+                case.esn,
+                TCP,
+                (guest, host),
+                &seg,
+            );
+            let before = host_counters(&self.host, index)?;
+            guest_send_crafted(&mut self.guest, host, &good)?;
+            let mid = settle(
+                || host_counters(&self.host, index),
+                &before,
+                &tcp_watch,
+                settle_time,
+            )?;
+            guest_send_crafted(&mut self.guest, host, &bad)?;
+            let after = settle(
+                || host_counters(&self.host, index),
+                &mid,
+                &tcp_watch,
+                settle_time,
+            )?;
+            let (control_ok, control_detail) = tcp_verdict(&before, &mid);
+            let (corrupt_ok, corrupt_detail) = tcp_verdict(&mid, &after);
+            let (b, a) = (get(&mid, key), get(&after, key));
+            report.rows.push(Row {
+                who: "esptun",
+                proto: "TCP",
+                corrupt_expected: false,
+                outcome: Outcome {
+                    control_delivered: control_ok,
+                    corrupt_delivered: corrupt_ok,
+                    detail: format!(
+                        "inner_checksum drops {b} -> {a}; host TCP: control {control_detail}, \
+                         corrupted {corrupt_detail}"
+                    ),
+                },
+            });
+            if a != b.wrapping_add(1) {
+                return Err(format!(
+                    "esptun's inner_checksum counter went {b} -> {a} for TCP, expected +1"
                 ));
             }
         }
@@ -1303,29 +1638,77 @@ impl Suite {
         }
         // To the kernel: sealed with esptun's outbound key, sent from the
         // host namespace with esptun stopped.
-        let seg = udp_segment(HOST, GUEST, 7001, 7000, &crafted_payload());
-        let (good, good_payload) = craft(&keys.out, SPI_OUT, CRAFTED_SEQ, case.esn, &seg, false);
-        let (bad, bad_payload) = craft(&keys.out, SPI_OUT, CRAFTED_SEQ + 1, case.esn, &seg, true);
-        let (_, csum_before) = guest_udp_counters(&mut self.guest)?;
-        let control = crafted_to_guest(&self.host, &mut self.guest, case.natt, &good)?;
-        let corrupt = crafted_to_guest(&self.host, &mut self.guest, case.natt, &bad)?;
-        let (_, csum_after) = guest_udp_counters(&mut self.guest)?;
-        let outcome = Outcome {
-            control_delivered: control.as_deref() == Some(&good_payload[..]),
-            corrupt_delivered: corrupt.as_deref() == Some(&bad_payload[..]),
-            detail: format!(
-                "UDP InCsumErrors {csum_before} -> {csum_after}{}",
-                match &corrupt {
-                    Some(p) if p[..] != bad_payload[..] => " (delivered other bytes!)",
-                    _ => "",
-                }
-            ),
-        };
-        if case.natt {
-            report.kernel = Some(outcome);
-        } else {
-            report.kernel_raw = Some(outcome);
-        }
+        let seg = udp_segment(host, guest, 7001, 7000, &payload);
+        let ((good, good_seg), (bad, bad_seg)) = craft_pair(
+            &keys.out,
+            SPI_OUT,
+            CRAFTED_SEQ,
+            case.esn,
+            UDP,
+            (host, guest),
+            &seg,
+        );
+        let (_, csum_key) = udp_keys(case.v6);
+        let before = guest_counters(&mut self.guest)?;
+        let control = crafted_to_guest(&self.host, &mut self.guest, case, &good)?;
+        let corrupt = crafted_to_guest(&self.host, &mut self.guest, case, &bad)?;
+        let after = guest_counters(&mut self.guest)?;
+        report.rows.push(Row {
+            who: "Linux kernel",
+            proto: "UDP",
+            corrupt_expected: case.natt,
+            outcome: Outcome {
+                control_delivered: control.as_deref() == Some(&good_seg[8..]),
+                corrupt_delivered: corrupt.as_deref() == Some(&bad_seg[8..]),
+                detail: format!(
+                    "{csum_key} {} -> {}{}",
+                    get(&before, csum_key),
+                    get(&after, csum_key),
+                    match &corrupt {
+                        Some(p) if p[..] != bad_seg[8..] => " (delivered other bytes!)",
+                        _ => "",
+                    }
+                ),
+            },
+        });
+        // TCP, to a closed port of the guest.
+        let seg = tcp_segment(host, guest, 7001, CLOSED_TCP_PORT, &payload);
+        let ((good, _), (bad, _)) = craft_pair(
+            &keys.out,
+            SPI_OUT,
+            CRAFTED_SEQ + 2,
+            case.esn,
+            TCP,
+            (host, guest),
+            &seg,
+        );
+        let before = guest_counters(&mut self.guest)?;
+        send_to_guest(&self.host, case, &good)?;
+        let mid = settle(
+            || guest_counters(&mut self.guest),
+            &before,
+            &tcp_watch,
+            settle_time,
+        )?;
+        send_to_guest(&self.host, case, &bad)?;
+        let after = settle(
+            || guest_counters(&mut self.guest),
+            &mid,
+            &tcp_watch,
+            settle_time,
+        )?;
+        let (control_ok, control_detail) = tcp_verdict(&before, &mid);
+        let (corrupt_ok, corrupt_detail) = tcp_verdict(&mid, &after);
+        report.rows.push(Row {
+            who: "Linux kernel",
+            proto: "TCP",
+            corrupt_expected: case.natt,
+            outcome: Outcome {
+                control_delivered: control_ok,
+                corrupt_delivered: corrupt_ok,
+                detail: format!("guest TCP: control {control_detail}, corrupted {corrupt_detail}"),
+            },
+        });
         Ok(report)
     }
 }
@@ -1384,6 +1767,7 @@ fn linux_kernel_esp_interop() {
     for args in [
         vec!["tuntap", "add", "mode", "tap", "name", "tap0"],
         vec!["addr", "add", "198.18.50.1/24", "dev", "tap0"],
+        vec!["addr", "add", "2001:db8:50::1/64", "dev", "tap0", "nodad"],
         vec!["link", "set", "tap0", "up"],
     ] {
         host.ns.ip(&args).expect("TAP in the namespace");
@@ -1398,19 +1782,22 @@ fn linux_kernel_esp_interop() {
         tshark: tshark_tools(),
     };
     let setup = (|| -> Result<(), String> {
-        suite.guest_sh("/sbin/ip link set eth0 up && /sbin/ip addr add 198.18.50.2/24 dev eth0")?;
+        suite.guest_sh(
+            "/sbin/ip link set eth0 up && /sbin/ip addr add 198.18.50.2/24 dev eth0 && \
+             /sbin/ip -6 addr add 2001:db8:50::2/64 dev eth0 nodad",
+        )?;
         suite.guest.spawn("natt", "nettool natt-socket 4500")?;
         suite.guest.wait_output("natt", "ready", CMD_TIMEOUT)?;
+        // ESP-in-UDP over IPv6: an AF_INET6 socket with UDP_ENCAP (5.8+).
+        suite.guest.spawn("natt6", "nettool natt-socket 4500 6")?;
+        suite.guest.wait_output("natt6", "ready", CMD_TIMEOUT)?;
         // The plain path first, so a failure later is about ESP.
-        let p = lab::ping(
-            &suite.host.ns,
-            IpAddr::V4(GUEST),
-            3,
-            Duration::from_secs(30),
-        )
-        .map_err(|e| e.to_string())?;
-        if p.received == 0 {
-            return Err(format!("the guest does not answer plain ping: {p:?}"));
+        for to in [IpAddr::V4(GUEST), IpAddr::V6(GUEST6)] {
+            let p = lab::ping(&suite.host.ns, to, 3, Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            if p.received == 0 {
+                return Err(format!("the guest does not answer plain ping {to}: {p:?}"));
+            }
         }
         Ok(())
     })();
@@ -1419,27 +1806,19 @@ fn linux_kernel_esp_interop() {
         panic!("{test}: guest setup: {e}\n{diag}");
     }
 
+    let case = |v6, natt, key_bits, esn| Case {
+        v6,
+        natt,
+        key_bits,
+        esn,
+    };
     let cases = [
-        Case {
-            natt: false,
-            key_bits: 128,
-            esn: true,
-        },
-        Case {
-            natt: false,
-            key_bits: 256,
-            esn: false,
-        },
-        Case {
-            natt: true,
-            key_bits: 128,
-            esn: false,
-        },
-        Case {
-            natt: true,
-            key_bits: 256,
-            esn: true,
-        },
+        case(false, false, 128, true),
+        case(false, false, 256, false),
+        case(false, true, 128, false),
+        case(false, true, 256, true),
+        case(true, false, 256, true),
+        case(true, true, 128, false),
     ];
     let mut summary = String::new();
     let mut outcomes = Vec::new();
@@ -1472,35 +1851,44 @@ fn linux_kernel_esp_interop() {
 
     // The difference, side by side.
     let mut table = String::from(
-        "\ncorrupted block (valid ICV, wrong inner UDP checksum) vs. a valid control packet:\n",
+        "\ncorrupted block (valid ICV, wrong inner checksum) vs. a valid control packet\n\
+         (UDP: what the application received; TCP: what the receiving TCP stack did with a\n\
+         segment to a closed port, from its counters; an accepted one is answered with a reset):\n",
     );
     let mut failures = Vec::new();
     for (case, report) in &outcomes {
-        for (who, outcome, corrupt_should_arrive) in [
-            ("Linux kernel", &report.kernel, true),
-            ("Linux kernel", &report.kernel_raw, false),
-            ("esptun", &report.esptun, false),
-        ] {
-            let Some(o) = outcome else { continue };
+        for row in &report.rows {
+            let o = &row.outcome;
+            let (ok, not, through) = if row.proto == "TCP" {
+                (
+                    "accepted",
+                    "NOT accepted",
+                    "ACCEPTED by TCP (no checksum error)",
+                )
+            } else {
+                ("delivered", "NOT delivered", "DELIVERED to the application")
+            };
             let _ = writeln!(
                 table,
-                "  {:<26} -> {:<12}: control {}, corrupted {} ({})",
+                "  {:<31} {} -> {:<12}: control {}, corrupted {} ({})",
                 case.name(),
-                who,
-                if o.control_delivered {
-                    "delivered"
-                } else {
-                    "NOT delivered"
-                },
+                row.proto,
+                row.who,
+                if o.control_delivered { ok } else { not },
                 if o.corrupt_delivered {
-                    "DELIVERED to the application"
+                    through
                 } else {
                     "dropped"
                 },
                 o.detail
             );
-            if !o.control_delivered || o.corrupt_delivered != corrupt_should_arrive {
-                failures.push(format!("{} -> {who}: {o:?}", case.name()));
+            if !o.control_delivered || o.corrupt_delivered != row.corrupt_expected {
+                failures.push(format!(
+                    "{} {} -> {}: {o:?}",
+                    case.name(),
+                    row.proto,
+                    row.who
+                ));
             }
         }
     }

@@ -86,7 +86,7 @@ if [ ! -f "$initrd" ]; then
     cp /bin/busybox "$root/bin/busybox"
     # The kernel's request_module runs /sbin/modprobe.
     ln -s ../bin/busybox "$root/sbin/modprobe"
-    for applet in sh mount modprobe insmod cat echo sleep stty ls ping kill ps grep sed head tail dmesg seq tr true false wc mkdir; do
+    for applet in sh mount modprobe insmod cat echo sleep stty ls ping ping6 kill ps grep sed head tail dmesg seq tr true false wc mkdir; do
         ln -s busybox "$root/bin/$applet"
     done
     # The real iproute2 `ip` (busybox's applet has no xfrm), with its

@@ -2,13 +2,15 @@
  * nettool: the guest side of esptun's kernel-interop suite (tests/interop.rs).
  * Built statically by tests/interop/build-guest.sh and put in the guest's
  * initramfs. Every mode is bounded by a timeout; results go to stdout as
- * `key=value` words the test parses.
+ * `key=value` words the test parses. Addresses (DST) are IPv4 or IPv6;
+ * listeners are dual-stack IPv6 sockets, so they serve both families.
  *
- *   nettool natt-socket PORT
+ *   nettool natt-socket PORT [6]
  *       Holds a UDP socket on PORT with UDP_ENCAP_ESPINUDP and a per-socket
  *       bypass policy in both directions, as IKE daemons do, so that the
- *       kernel decapsulates ESP-in-UDP (RFC 3948) arriving on PORT. Runs
- *       until killed.
+ *       kernel decapsulates ESP-in-UDP (RFC 3948) arriving on PORT. With
+ *       `6`, an IPv6-only socket (AF_INET6; Linux 5.8 and later), which can
+ *       sit next to the IPv4 one on the same port. Runs until killed.
  *   nettool udp-echo PORT COUNT TIMEOUT_MS
  *       Echoes up to COUNT datagrams back to their sender.
  *   nettool udp-recv PORT TIMEOUT_MS
@@ -76,51 +78,86 @@ static int wait_readable(int fd, long long deadline) {
     return 0;
 }
 
-static void bypass(int fd) {
+static void bypass(int fd, int family) {
     struct xfrm_userpolicy_info pol;
     memset(&pol, 0, sizeof pol);
     pol.action = XFRM_POLICY_ALLOW;
-    pol.sel.family = AF_INET;
+    pol.sel.family = (unsigned short)family;
     pol.lft.soft_byte_limit = XFRM_INF;
     pol.lft.hard_byte_limit = XFRM_INF;
     pol.lft.soft_packet_limit = XFRM_INF;
     pol.lft.hard_packet_limit = XFRM_INF;
+    int level = family == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IP;
+    int opt = family == AF_INET6 ? IPV6_XFRM_POLICY : IP_XFRM_POLICY;
     pol.dir = XFRM_POLICY_IN;
-    if (setsockopt(fd, IPPROTO_IP, IP_XFRM_POLICY, &pol, sizeof pol) < 0)
-        die("IP_XFRM_POLICY in");
+    if (setsockopt(fd, level, opt, &pol, sizeof pol) < 0)
+        die("XFRM_POLICY in");
     pol.dir = XFRM_POLICY_OUT;
-    if (setsockopt(fd, IPPROTO_IP, IP_XFRM_POLICY, &pol, sizeof pol) < 0)
-        die("IP_XFRM_POLICY out");
+    if (setsockopt(fd, level, opt, &pol, sizeof pol) < 0)
+        die("XFRM_POLICY out");
 }
 
-static int udp_bound(int port) {
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+/* A socket of `family` bound to PORT on the wildcard address. An AF_INET6
+ * socket is dual-stack unless v6only. */
+static int bound(int family, int type, int port, int v6only) {
+    int fd = socket(family, type, 0);
     if (fd < 0)
         die("socket");
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0)
-        die("bind");
+    if (family == AF_INET6) {
+        if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only) < 0)
+            die("IPV6_V6ONLY");
+        struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0)
+            die("bind");
+    } else {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0)
+            die("bind");
+    }
     return fd;
 }
 
-static struct sockaddr_in addr(const char *ip, int port) {
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) {
+/* Listeners: dual-stack, so IPv4 and IPv6 peers reach the same socket. */
+static int udp_bound(int port) { return bound(AF_INET6, SOCK_DGRAM, port, 0); }
+
+struct addr {
+    struct sockaddr_storage ss;
+    socklen_t len;
+    int family;
+};
+
+static struct addr addr(const char *ip, int port) {
+    struct addr a;
+    memset(&a, 0, sizeof a);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&a.ss;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&a.ss;
+    if (inet_pton(AF_INET, ip, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons(port);
+        a.len = sizeof *v4;
+        a.family = AF_INET;
+    } else if (inet_pton(AF_INET6, ip, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons(port);
+        a.len = sizeof *v6;
+        a.family = AF_INET6;
+    } else {
         printf("error=bad address %s\n", ip);
         exit(2);
     }
     return a;
 }
 
-static noreturn void natt_socket(int port) {
-    int fd = udp_bound(port);
-    bypass(fd);
+static noreturn void natt_socket(int port, int v6) {
+    int family = v6 ? AF_INET6 : AF_INET;
+    int fd = bound(family, SOCK_DGRAM, port, 1);
+    bypass(fd, family);
     int encap = UDP_ENCAP_ESPINUDP;
     if (setsockopt(fd, IPPROTO_UDP, UDP_ENCAP, &encap, sizeof encap) < 0)
         die("UDP_ENCAP");
-    printf("natt-socket port=%d ready\n", port);
+    printf("natt-socket port=%d family=%s ready\n", port, v6 ? "ipv6" : "ipv4");
     fflush(stdout);
     /* Nothing is read here: ESP is consumed by the kernel. */
     for (;;)
@@ -135,7 +172,7 @@ static int udp_echo(int port, int count, int timeout_ms) {
     int echoed = 0;
     static unsigned char buf[65536];
     while (echoed < count && wait_readable(fd, deadline)) {
-        struct sockaddr_in from;
+        struct sockaddr_storage from;
         socklen_t len = sizeof from;
         ssize_t n = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &len);
         if (n < 0)
@@ -168,10 +205,10 @@ static int udp_recv(int port, int timeout_ms) {
 }
 
 static int udp_send(const char *dst, int port, int count, int size) {
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    struct addr a = addr(dst, port);
+    int fd = socket(a.family, SOCK_DGRAM, 0);
     if (fd < 0)
         die("socket");
-    struct sockaddr_in a = addr(dst, port);
     static unsigned char buf[65536];
     if (size < 4 || size > (int)sizeof buf) {
         printf("error=bad size\n");
@@ -182,7 +219,7 @@ static int udp_send(const char *dst, int port, int count, int size) {
         memset(buf, 0x5a, (size_t)size);
         uint32_t be = htonl((uint32_t)i);
         memcpy(buf, &be, 4);
-        if (sendto(fd, buf, (size_t)size, 0, (struct sockaddr *)&a, sizeof a) == size)
+        if (sendto(fd, buf, (size_t)size, 0, (struct sockaddr *)&a.ss, a.len) == size)
             sent++;
         usleep(2000);
     }
@@ -203,10 +240,10 @@ static int send_hex(const char *dst, int port, int srcport, const char *hex) {
         }
         buf[i] = (unsigned char)v;
     }
-    int fd = udp_bound(srcport);
-    bypass(fd);
-    struct sockaddr_in a = addr(dst, port);
-    ssize_t w = sendto(fd, buf, n, 0, (struct sockaddr *)&a, sizeof a);
+    struct addr a = addr(dst, port);
+    int fd = bound(a.family, SOCK_DGRAM, srcport, 1);
+    bypass(fd, a.family);
+    ssize_t w = sendto(fd, buf, n, 0, (struct sockaddr *)&a.ss, a.len);
     if (w != (ssize_t)n)
         die("sendto");
     printf("sent=1 len=%zu\n", n);
@@ -214,14 +251,7 @@ static int send_hex(const char *dst, int port, int srcport, const char *hex) {
 }
 
 static int tcp_sink(int port, int timeout_ms) {
-    int lfd = socket(AF_INET, SOCK_STREAM, 0);
-    if (lfd < 0)
-        die("socket");
-    int one = 1;
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0)
-        die("bind");
+    int lfd = bound(AF_INET6, SOCK_STREAM, port, 0);
     if (listen(lfd, 1) < 0)
         die("listen");
     printf("listening port=%d\n", port);
@@ -259,17 +289,17 @@ static int tcp_sink(int port, int timeout_ms) {
 }
 
 static int tcp_zeros(const char *dst, int port, long long total, int timeout_ms) {
-    struct sockaddr_in a = addr(dst, port);
+    struct addr a = addr(dst, port);
     long long deadline = now_ms() + timeout_ms;
     int fd = -1;
     /* The host's listener may be a moment late: retry refusals briefly. */
     for (int i = 0; i < 50; i++) {
-        fd = socket(AF_INET, SOCK_STREAM, 0);
+        fd = socket(a.family, SOCK_STREAM, 0);
         if (fd < 0)
             die("socket");
         struct timeval tv = {.tv_sec = 5};
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-        if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
+        if (connect(fd, (struct sockaddr *)&a.ss, a.len) == 0)
             break;
         close(fd);
         fd = -1;
@@ -306,7 +336,7 @@ static int tcp_zeros(const char *dst, int port, long long total, int timeout_ms)
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 3 && !strcmp(argv[1], "natt-socket"))
-        natt_socket(atoi(argv[2]));
+        natt_socket(atoi(argv[2]), argc >= 4 && !strcmp(argv[3], "6"));
     if (argc >= 5 && !strcmp(argv[1], "udp-echo"))
         return udp_echo(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
     if (argc >= 4 && !strcmp(argv[1], "udp-recv"))
