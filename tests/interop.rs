@@ -5,25 +5,42 @@
 //! `dpkg-deb -x`) and builds an initramfs (static busybox, iproute2's `ip`
 //! with its libraries, the ESP/AES-GCM/RNG/virtio modules, `nettool`), cached
 //! in `${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}`. The test creates
-//! one network namespace with a TAP device (198.18.50.1/24) that qemu opens
-//! from inside it; the guest is 198.18.50.2 behind virtio-net. The guest is
+//! one network namespace with a TAP device (198.18.50.1/24 and
+//! 2001:db8:50::1/64, `nodad`) that qemu opens from inside it; the guest is
+//! 198.18.50.2 and 2001:db8:50::2 (`nodad`) behind virtio-net. The guest is
 //! driven over its second serial port (a Unix socket here), off the network
 //! under test; its first serial port is the console, kept in a file.
 //!
-//! For each case (raw ESP and NAT-T, AES-128 and AES-256, with and without
-//! ESN) the guest gets `ip xfrm` states and policies in transport mode with
-//! the keys esptun uses, and both ends exchange ICMP echo, UDP and a TCP
-//! stream of zeros in both directions (checked byte by byte). dumpcap
-//! captures the TAP, and tshark decrypts both directions with the records of
-//! `esptun wireshark-keys`: an independent decoder of the wire format.
+//! For each case (IPv4: raw ESP and NAT-T, AES-128 and AES-256, with and
+//! without ESN; IPv6: raw ESP AES-256 ESN and NAT-T AES-128) the guest gets
+//! `ip xfrm` states and policies in transport mode with the keys esptun
+//! uses, and both ends exchange ICMP (ICMPv6) echo, UDP and a TCP stream of
+//! zeros in both directions (checked byte by byte). dumpcap captures the
+//! TAP, and tshark decrypts both directions with the records of `esptun
+//! wireshark-keys`: an independent decoder of the wire format. ESP-in-UDP
+//! over IPv6 (Linux 5.8 and later) needs its own AF_INET6 socket with
+//! `UDP_ENCAP_ESPINUDP` in the guest (`nettool natt-socket 4500 6`, IPv6-only
+//! next to the IPv4 one) and `encap espinudp 4500 4500 ::`. The IPv6 cases
+//! add bypass policies for neighbour solicitations and advertisements
+//! (ICMPv6 135/136): the unicast ones match the host-to-guest selectors, and
+//! the host's kernel sends its own in the clear on the TAP.
 //!
-//! Then the difference: a packet whose inner UDP checksum is wrong because
-//! one 16-byte plaintext block was replaced by its neighbour before an
-//! otherwise valid seal. Sent to the kernel over NAT-T it is delivered to
-//! the application; sent to esptun it is dropped and counted as
-//! `inner_checksum`. A valid packet crafted the same way is delivered by
-//! both (the control). Over raw ESP the kernel checks the checksum and drops
-//! it, shown for contrast.
+//! Then the difference: a packet whose inner UDP or TCP checksum is wrong
+//! because one 16-byte plaintext block was replaced by its neighbour before
+//! an otherwise valid seal, next to a valid control packet crafted the same
+//! way. UDP is measured at the receiving application: sent to the kernel
+//! over NAT-T the corrupted datagram is delivered; sent to esptun it is
+//! dropped and counted as `inner_checksum`. TCP is measured at the receiving
+//! TCP stack, the same way on both sides: a segment (ACK|PSH, 64 bytes) to a
+//! closed port, and the receiving kernel's `Tcp:` counters (`InSegs`,
+//! `InCsumErrors`, `OutRsts`): an accepted segment is answered with a
+//! reset, a rejected one is counted in `InCsumErrors`. The guest's kernel
+//! over NAT-T accepts the corrupted segment (no checksum error, a reset);
+//! behind esptun the host namespace's kernel never sees it (`InSegs` +0) and
+//! esptun counts `inner_checksum`. (Data on an established connection is
+//! not used: it would need a handshake crafted around a stopped esptun, and
+//! the counters show the checksum decision itself.) Over raw ESP the kernel checks both checksums
+//! and drops the corrupted packet, shown for contrast.
 //!
 //! Needs root; without it prints that it skipped (fails under
 //! `ESPTUN_REQUIRE_NETNS=1`). Everything (qemu, namespace, files) is removed
