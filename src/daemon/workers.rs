@@ -45,16 +45,6 @@ pub(crate) struct Sockets {
     pub udp: bool,
 }
 
-impl Sockets {
-    fn for_addr(&self, addr: &SocketAddr) -> Option<&OuterSocket> {
-        if addr.is_ipv4() {
-            self.v4.as_ref()
-        } else {
-            self.v6.as_ref()
-        }
-    }
-}
-
 /// At most one log line per drop reason per second, saying how many more
 /// were dropped since the last line.
 struct DropLog {
@@ -250,25 +240,35 @@ impl OutboundWorker {
         self.publish();
     }
 
+    /// One `sendmmsg` per address family, straight from the batch.
     fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
         for v6 in [false, true] {
-            let batch: Vec<(&[u8], SocketAddr)> = bufs
-                .iter()
-                .zip(verdicts)
-                .filter_map(|(buf, v)| match v {
-                    Verdict::Send { sa } => self.meta.get(*sa).map(|m| (buf.data(), m.endpoint)),
-                    _ => None,
-                })
-                .filter(|(_, to)| to.is_ipv6() == v6)
-                .collect();
-            let Some(first) = batch.first() else {
-                continue;
+            let meta = &self.meta;
+            let packets = || {
+                bufs.iter()
+                    .zip(verdicts)
+                    .filter_map(|(buf, v)| match v {
+                        Verdict::Send { sa } => meta.get(*sa).map(|m| (buf.data(), m.endpoint)),
+                        _ => None,
+                    })
+                    .filter(move |(_, to)| to.is_ipv6() == v6)
             };
-            let Some(socket) = self.sockets.for_addr(&first.1) else {
-                IoCounters::add(&self.shared.io.send_errors, batch.len() as u64);
+            let count = packets().count() as u64;
+            if count == 0 {
                 continue;
+            }
+            let socket = if v6 {
+                &self.sockets.v6
+            } else {
+                &self.sockets.v4
             };
-            match socket.send_batch(&batch) {
+            let result = match socket {
+                Some(socket) => socket.send_iter(packets()),
+                None => Err(std::io::Error::other(
+                    "no outer socket of this address family",
+                )),
+            };
+            match result {
                 Ok(report) => {
                     if report.failed > 0 {
                         IoCounters::add(&self.shared.io.send_errors, report.failed as u64);
@@ -278,7 +278,7 @@ impl OutboundWorker {
                     }
                 }
                 Err(e) => {
-                    IoCounters::add(&self.shared.io.send_errors, batch.len() as u64);
+                    IoCounters::add(&self.shared.io.send_errors, count);
                     self.io_error("sending ESP packets", &e);
                 }
             }

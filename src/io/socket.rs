@@ -417,18 +417,33 @@ impl OuterSocket {
     /// report, not returned as errors. `Err` is only for errors that would
     /// fail every packet (a bad socket).
     pub fn send_batch(&self, packets: &[(&[u8], SocketAddr)]) -> io::Result<SendReport> {
+        self.send_iter(packets.iter().copied())
+    }
+
+    /// [`Self::send_batch`] over any sequence of packets, so a caller can
+    /// send straight from its batch without building a list first.
+    pub fn send_iter<'a>(
+        &self,
+        packets: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
+    ) -> io::Result<SendReport> {
         let mut report = SendReport::default();
         let deadline = Instant::now() + SEND_WAIT_BUDGET;
         let mut waits = 0;
-        for chunk in packets.chunks(MAX_BATCH) {
-            self.send_chunk(chunk, &mut report, deadline, &mut waits)?;
+        let mut packets = packets.into_iter().peekable();
+        while packets.peek().is_some() {
+            self.send_chunk(
+                packets.by_ref().take(MAX_BATCH),
+                &mut report,
+                deadline,
+                &mut waits,
+            )?;
         }
         Ok(report)
     }
 
-    fn send_chunk(
+    fn send_chunk<'a>(
         &self,
-        packets: &[(&[u8], SocketAddr)],
+        packets: impl Iterator<Item = (&'a [u8], SocketAddr)>,
         report: &mut SendReport,
         deadline: Instant,
         waits: &mut u32,
@@ -439,7 +454,7 @@ impl OuterSocket {
         // Packets to the other family never reach the kernel (the IPv6
         // socket is IPV6_V6ONLY); the rest are packed into `msgs[..m]`.
         let mut m = 0;
-        for &(packet, dst) in packets {
+        for (packet, dst) in packets {
             if dst.is_ipv4() != (self.family == Family::V4) {
                 report.fail(
                     1,
