@@ -113,242 +113,184 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl Family<'_> {
-    fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+/// Appends one metric family: HELP and TYPE, then its samples.
+fn family<'a>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+            continue;
+        }
         let labels: Vec<String> = labels
             .iter()
             .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
             .collect();
-        if labels.is_empty() {
-            let _ = writeln!(self.out, "{name} {value}");
-        } else {
-            let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
-        }
+        let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
     }
+}
+
+fn sa<'a>(peer: &'a str, spi: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![("peer", peer), ("spi", spi)]
+}
+
+fn sa_dir<'a>(peer: &'a str, spi: &'a str, direction: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![("peer", peer), ("spi", spi), ("direction", direction)]
 }
 
 /// The metrics text for one status snapshot.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
-    let spi = |v: u32| format!("{v:#010x}");
+    // Each SA's SPI label, formatted once.
+    let spis_out: Vec<String> = s
+        .outbound_sas
+        .iter()
+        .map(|sa| format!("{:#010x}", sa.spi))
+        .collect();
+    let spis_in: Vec<String> = s
+        .inbound_sas
+        .iter()
+        .map(|sa| format!("{:#010x}", sa.spi))
+        .collect();
+    let outbound = || s.outbound_sas.iter().zip(&spis_out);
+    let inbound = || s.inbound_sas.iter().zip(&spis_in);
+    let providers = [ProviderId::Hardware, ProviderId::Soft];
 
-    Family::header(
+    family(
         &mut out,
         "esptun_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",
+        [(vec![], s.uptime_secs)],
     );
-    Family { out: &mut out }.sample("esptun_uptime_seconds", &[], s.uptime_secs);
-
-    Family::header(
+    family(
         &mut out,
         "esptun_provider_active",
         "gauge",
         "1 for the AES-GCM provider carrying traffic, 0 otherwise (all 0: halted).",
+        providers.map(|p| {
+            (
+                vec![("provider", p.as_str())],
+                u64::from(s.provider == Some(p)),
+            )
+        }),
     );
-    for p in [ProviderId::Hardware, ProviderId::Soft] {
-        let active = u64::from(s.provider == Some(p));
-        Family { out: &mut out }.sample(
-            "esptun_provider_active",
-            &[("provider", p.as_str())],
-            active,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_provider_disabled",
         "gauge",
         "1 for a provider disabled by a failed self-test (for the life of the process).",
+        s.providers.iter().map(|r| {
+            (
+                vec![("provider", r.name.as_str())],
+                u64::from(r.disabled.is_some()),
+            )
+        }),
     );
-    for r in &s.providers {
-        Family { out: &mut out }.sample(
-            "esptun_provider_disabled",
-            &[("provider", r.name.as_str())],
-            u64::from(r.disabled.is_some()),
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_selftest_runs_total",
         "counter",
         "Periodic long-message self-tests run on the datapath threads.",
+        s.providers
+            .iter()
+            .map(|r| (vec![("provider", r.name.as_str())], r.periodic_runs)),
     );
-    for r in &s.providers {
-        Family { out: &mut out }.sample(
-            "esptun_selftest_runs_total",
-            &[("provider", r.name.as_str())],
-            r.periodic_runs,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_selftest_failures_total",
         "counter",
         "Periodic long-message self-tests that failed.",
+        s.providers
+            .iter()
+            .map(|r| (vec![("provider", r.name.as_str())], r.periodic_failures)),
     );
-    for r in &s.providers {
-        Family { out: &mut out }.sample(
-            "esptun_selftest_failures_total",
-            &[("provider", r.name.as_str())],
-            r.periodic_failures,
-        );
-    }
-
-    Family::header(
+    family(
         &mut out,
         "esptun_packets_total",
         "counter",
         "Packets sent (outbound) or delivered (inbound), by SA.",
+        outbound()
+            .map(|(x, spi)| (sa_dir(&x.peer, spi, "outbound"), x.packets))
+            .chain(inbound().map(|(x, spi)| (sa_dir(&x.peer, spi, "inbound"), x.packets))),
     );
-    for sa in &s.outbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_packets_total",
-            &[("peer", &sa.peer), ("spi", &spi), ("direction", "outbound")],
-            sa.packets,
-        );
-    }
-    for sa in &s.inbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_packets_total",
-            &[("peer", &sa.peer), ("spi", &spi), ("direction", "inbound")],
-            sa.packets,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_bytes_total",
         "counter",
         "Inner packet bytes sent or delivered, by SA.",
+        outbound()
+            .map(|(x, spi)| (sa_dir(&x.peer, spi, "outbound"), x.bytes))
+            .chain(inbound().map(|(x, spi)| (sa_dir(&x.peer, spi, "inbound"), x.bytes))),
     );
-    for sa in &s.outbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_bytes_total",
-            &[("peer", &sa.peer), ("spi", &spi), ("direction", "outbound")],
-            sa.bytes,
-        );
-    }
-    for sa in &s.inbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_bytes_total",
-            &[("peer", &sa.peer), ("spi", &spi), ("direction", "inbound")],
-            sa.bytes,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_drops_total",
         "counter",
         "Packets dropped, by direction and reason (inner_checksum: decrypted with a valid ICV but a wrong inner TCP/UDP/ICMP checksum).",
+        [("outbound", &s.outbound), ("inbound", &s.inbound)]
+            .into_iter()
+            .flat_map(|(direction, d)| {
+                d.drops.iter().map(move |(reason, n)| {
+                    (vec![("direction", direction), ("reason", *reason)], *n)
+                })
+            }),
     );
-    for (direction, d) in [("outbound", &s.outbound), ("inbound", &s.inbound)] {
-        for (reason, n) in &d.drops {
-            Family { out: &mut out }.sample(
-                "esptun_drops_total",
-                &[("direction", direction), ("reason", reason)],
-                *n,
-            );
-        }
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_sa_drops_total",
         "counter",
         "Packets dropped after they were matched to an SA, by SA and reason.",
+        outbound()
+            .flat_map(|(x, spi)| {
+                x.drops.iter().map(move |(reason, n)| {
+                    let mut labels = sa_dir(&x.peer, spi, "outbound");
+                    labels.push(("reason", reason));
+                    (labels, *n)
+                })
+            })
+            .chain(inbound().flat_map(|(x, spi)| {
+                x.drops.iter().map(move |(reason, n)| {
+                    let mut labels = sa_dir(&x.peer, spi, "inbound");
+                    labels.push(("reason", reason));
+                    (labels, *n)
+                })
+            })),
     );
-    for sa in &s.outbound_sas {
-        let spi = spi(sa.spi);
-        for (reason, n) in &sa.drops {
-            Family { out: &mut out }.sample(
-                "esptun_sa_drops_total",
-                &[
-                    ("peer", &sa.peer),
-                    ("spi", &spi),
-                    ("direction", "outbound"),
-                    ("reason", reason),
-                ],
-                *n,
-            );
-        }
-    }
-    for sa in &s.inbound_sas {
-        let spi = spi(sa.spi);
-        for (reason, n) in &sa.drops {
-            Family { out: &mut out }.sample(
-                "esptun_sa_drops_total",
-                &[
-                    ("peer", &sa.peer),
-                    ("spi", &spi),
-                    ("direction", "inbound"),
-                    ("reason", reason),
-                ],
-                *n,
-            );
-        }
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_sequence_used",
         "gauge",
         "The last sequence number used by an outbound SA.",
+        outbound().map(|(x, spi)| (sa(&x.peer, spi), x.seq_used)),
     );
-    for sa in &s.outbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_sequence_used",
-            &[("peer", &sa.peer), ("spi", &spi)],
-            sa.seq_used,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_sequence_reserved",
         "gauge",
         "The durably reserved sequence-number ceiling of an outbound SA.",
+        outbound().map(|(x, spi)| (sa(&x.peer, spi), x.seq_reserved)),
     );
-    for sa in &s.outbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_sequence_reserved",
-            &[("peer", &sa.peer), ("spi", &spi)],
-            sa.seq_reserved,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_replay_top",
         "gauge",
         "The highest authenticated sequence number of an inbound SA.",
+        inbound().map(|(x, spi)| (sa(&x.peer, spi), x.replay_top)),
     );
-    for sa in &s.inbound_sas {
-        let spi = spi(sa.spi);
-        Family { out: &mut out }.sample(
-            "esptun_replay_top",
-            &[("peer", &sa.peer), ("spi", &spi)],
-            sa.replay_top,
-        );
-    }
-    Family::header(
+    family(
         &mut out,
         "esptun_io_errors_total",
         "counter",
         "Failures at the TUN and socket edge, by kind.",
+        s.io.iter().map(|(kind, n)| (vec![("kind", *kind)], *n)),
     );
-    for (kind, n) in &s.io {
-        Family { out: &mut out }.sample("esptun_io_errors_total", &[("kind", kind)], *n);
-    }
     out
 }
 
