@@ -15,8 +15,7 @@ const MAX_REQUEST: usize = 256;
 /// Longest reply read by [`query`].
 const MAX_REPLY: u64 = 16 << 20;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// The whole request must arrive within this, however it trickles in, so
-/// no client can hold the (single) control thread, or a stop waiting for it.
+/// The whole request must arrive within this (see [`read_request`]).
 const REQUEST_DEADLINE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
@@ -100,23 +99,13 @@ impl ControlSocket {
 fn answer(stream: UnixStream, status_json: &dyn Fn() -> String) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut request = [0u8; MAX_REQUEST];
-    let mut len = 0;
-    while len < request.len() && !request[..len].contains(&b'\n') {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "request not complete in time",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        match (&stream).read(&mut request[len..])? {
-            0 => break,
-            n => len += n,
-        }
-    }
+    let len = read_request(
+        &stream,
+        |t| stream.set_read_timeout(Some(t)),
+        &mut request,
+        |r| r.contains(&b'\n'),
+    )?;
     let line = String::from_utf8_lossy(&request[..len]);
     let reply = match line.trim() {
         "status" => status_json(),
@@ -127,6 +116,39 @@ fn answer(stream: UnixStream, status_json: &dyn Fn() -> String) -> std::io::Resu
     };
     (&stream).write_all(reply.as_bytes())?;
     (&stream).write_all(b"\n")
+}
+
+/// Reads a request into `buf` until `complete` says it is whole, the
+/// buffer is full or the client closes, all within [`REQUEST_DEADLINE`]
+/// however slowly it trickles in: no client can hold the (single) control
+/// thread, or a stop waiting for it. Shared with the metrics endpoint.
+pub(super) fn read_request<S>(
+    stream: S,
+    set_read_timeout: impl Fn(Duration) -> std::io::Result<()>,
+    buf: &mut [u8],
+    complete: impl Fn(&[u8]) -> bool,
+) -> std::io::Result<usize>
+where
+    S: Read,
+{
+    let mut stream = stream;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut len = 0;
+    while len < buf.len() && !complete(&buf[..len]) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not complete in time",
+            ));
+        }
+        set_read_timeout(left)?;
+        match stream.read(&mut buf[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    Ok(len)
 }
 
 impl Drop for ControlSocket {

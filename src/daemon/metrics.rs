@@ -8,15 +8,14 @@
 //! local or management address.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::status::Status;
 use crate::crypto::ProviderId;
 
 const MAX_REQUEST: usize = 4096;
-const REQUEST_DEADLINE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -62,23 +61,13 @@ impl MetricsServer {
 fn answer(mut stream: TcpStream, status: &dyn Fn() -> Status) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut request = [0u8; MAX_REQUEST];
-    let mut len = 0;
-    while len < request.len() && !request[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "request not complete in time",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut request[len..])? {
-            0 => break,
-            n => len += n,
-        }
-    }
+    let len = super::control::read_request(
+        &stream,
+        |t| stream.set_read_timeout(Some(t)),
+        &mut request,
+        |r| r.windows(4).any(|w| w == b"\r\n\r\n"),
+    )?;
     let first_line = request[..len]
         .split(|&b| b == b'\r' || b == b'\n')
         .next()
@@ -297,6 +286,8 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use std::time::Instant;
 
     #[test]
     fn labels_are_escaped() {

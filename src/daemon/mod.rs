@@ -180,7 +180,7 @@ impl Shared {
             selftest_history: self.selector.history(),
             outbound: status::DirectionStatus::of(&self.out_counters),
             inbound: status::DirectionStatus::of(&self.in_counters),
-            io: status::io_snapshot(&self.io),
+            io: self.io.snapshot(),
             outbound_sas: lock(&self.out_status),
             inbound_sas: lock(&self.in_status),
         }
@@ -213,7 +213,6 @@ pub struct Daemon {
     inbound_wanted: Vec<(String, Fingerprint, u32)>,
     threads: Vec<(&'static str, JoinHandle<()>)>,
     net: Option<NetConfig>,
-    _control_path: PathBuf,
     /// Held for the life of the process: one daemon per state directory.
     _state_lock: std::fs::File,
 }
@@ -494,7 +493,6 @@ impl Daemon {
             inbound_wanted,
             threads: Vec::new(),
             net: Some(net),
-            _control_path: control.path().to_path_buf(),
             _state_lock: state_lock,
         };
         let outbound = workers::OutboundWorker::new(

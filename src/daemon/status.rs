@@ -71,7 +71,7 @@ impl IoCounters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+    pub(super) fn snapshot(&self) -> BTreeMap<&'static str, u64> {
         [
             ("tun_read_errors", &self.tun_read_errors),
             ("tun_write_errors", &self.tun_write_errors),
@@ -134,10 +134,6 @@ pub struct Status {
     pub io: BTreeMap<&'static str, u64>,
     pub outbound_sas: Vec<OutboundSaStatus>,
     pub inbound_sas: Vec<InboundSaStatus>,
-}
-
-pub(super) fn io_snapshot(io: &IoCounters) -> BTreeMap<&'static str, u64> {
-    io.snapshot()
 }
 
 /// The human-readable form of a status reply (the JSON, so that the
