@@ -178,6 +178,16 @@ pub struct TunnelLab {
 impl TunnelLab {
     /// Builds the namespaces, keys and configurations; starts nothing.
     pub fn create(exe: &Path, options: LabOptions) -> Result<TunnelLab, DemoError> {
+        Self::create_with_cleanup(exe, options, Arc::default())
+    }
+
+    /// [`Self::create`], recording what it makes in `cleanup` (which a
+    /// signal-handling thread may hold) as soon as it exists.
+    pub fn create_with_cleanup(
+        exe: &Path,
+        options: LabOptions,
+        cleanup: Arc<Mutex<Cleanup>>,
+    ) -> Result<TunnelLab, DemoError> {
         let hosts = TwoHosts::create(&options.tag, options.subnet)?;
         let dir = std::env::temp_dir().join(format!("esptun-{}", hosts.a.name()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -185,11 +195,12 @@ impl TunnelLab {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(format!("creating {}", dir.display())))?;
-        let cleanup = Arc::new(Mutex::new(Cleanup {
-            pids: Vec::new(),
-            namespaces: vec![hosts.a.name().to_string(), hosts.b.name().to_string()],
-            dirs: vec![dir.clone()],
-        }));
+        {
+            let mut c = cleanup.lock().unwrap_or_else(|p| p.into_inner());
+            c.namespaces
+                .extend([hosts.a.name().to_string(), hosts.b.name().to_string()]);
+            c.dirs.push(dir.clone());
+        }
         let (a_outer, b_outer): (IpAddr, IpAddr) = if options.ipv6 {
             (hosts.a_v6.into(), hosts.b_v6.into())
         } else {
@@ -228,11 +239,6 @@ impl TunnelLab {
         lab.write_config(Side::A, a_outer, b_outer)?;
         lab.write_config(Side::B, b_outer, a_outer)?;
         Ok(lab)
-    }
-
-    /// What a signal-handling thread needs to clean up behind this lab.
-    pub fn cleanup_handle(&self) -> Arc<Mutex<Cleanup>> {
-        self.cleanup.clone()
     }
 
     pub fn endpoint(&self, side: Side) -> &Endpoint {
@@ -629,7 +635,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<ExitCode> {
         );
     }
     let signals = crate::daemon::signals::Signals::block()?;
-    let registry: Arc<Mutex<Option<Arc<Mutex<Cleanup>>>>> = Arc::new(Mutex::new(None));
+    let registry: Arc<Mutex<Cleanup>> = Arc::default();
     let worker = {
         let options = options.clone();
         let registry = registry.clone();
@@ -648,18 +654,13 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<ExitCode> {
         }
         if signals.wait(Duration::from_millis(200)).is_some() {
             eprintln!("\nesptun demo: interrupted; stopping the endpoints and removing the lab");
-            if let Some(cleanup) = registry.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                cleanup.lock().unwrap_or_else(|p| p.into_inner()).run();
-            }
+            registry.lock().unwrap_or_else(|p| p.into_inner()).run();
             return Ok(ExitCode::from(130));
         }
     }
 }
 
-fn demo(
-    options: &DemoOptions,
-    registry: &Mutex<Option<Arc<Mutex<Cleanup>>>>,
-) -> anyhow::Result<ExitCode> {
+fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result<ExitCode> {
     let lab_options = LabOptions {
         tag: "demo".into(),
         subnet: 0,
@@ -668,8 +669,7 @@ fn demo(
         crypto: options.crypto,
         ..LabOptions::default()
     };
-    let lab = TunnelLab::create(&options.exe, lab_options)?;
-    *registry.lock().unwrap_or_else(|p| p.into_inner()) = Some(lab.cleanup_handle());
+    let lab = TunnelLab::create_with_cleanup(&options.exe, lab_options, registry.clone())?;
     let (a_outer, b_outer) = lab.outer(Side::A);
     println!(
         "esptun demo: namespaces {} ({a_outer}) and {} ({b_outer}) joined by veth; outer {}",
