@@ -17,14 +17,7 @@ use esptun::demo::{LabOptions, Side, TunnelLab};
 const MIB: u64 = 1 << 20;
 
 fn lab(test: &str, options: LabOptions) -> Option<TunnelLab> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-            panic!(
-                "{test}: needs root (network namespaces, TUN), and ESPTUN_REQUIRE_NETNS=1 is set"
-            );
-        }
-        eprintln!("{test}: skipped: needs root (network namespaces, TUN devices)");
+    if !common::require_root(test, "network namespaces, TUN devices") {
         return None;
     }
     let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));
@@ -963,12 +956,7 @@ fn reloads_never_let_two_sas_share_a_key() {
 /// removes its namespaces and files, and says so.
 #[test]
 fn demo_interrupted_removes_everything() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-            panic!("demo_interrupted: needs root, and ESPTUN_REQUIRE_NETNS=1 is set");
-        }
-        eprintln!("demo_interrupted: skipped: needs root (network namespaces)");
+    if !common::require_root("demo_interrupted", "network namespaces") {
         return;
     }
     let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))

@@ -47,6 +47,10 @@
 //! also on failure; a failure prints the guest's console, `ip -s xfrm state`
 //! and `/proc/net/xfrm_stat`.
 
+mod common;
+
+use common::{run_bounded, wait_bounded};
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -90,54 +94,6 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         .iter()
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.exists())
-}
-
-fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-        panic!("{test}: needs root (namespaces, TAP, qemu), and ESPTUN_REQUIRE_NETNS=1 is set");
-    }
-    eprintln!("{test}: skipped: needs root (network namespace, TAP device, qemu guest)");
-    false
-}
-
-/// Waits for `child` at most `timeout`, then kills it.
-fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + timeout;
-    let step = Duration::from_millis(20);
-    for _ in 0..=(timeout.as_millis() / step.as_millis()) {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(step),
-            Ok(None) => break,
-            Err(e) => return Err(format!("waiting: {e}")),
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Err(format!("did not finish within {timeout:?} (killed)"))
-}
-
-/// Runs `cmd` within `timeout`, output to files in `dir`.
-fn run_bounded(
-    mut cmd: Command,
-    dir: &Path,
-    name: &str,
-    timeout: Duration,
-) -> Result<(ExitStatus, String, String), String> {
-    let out_path = dir.join(format!("{name}.out"));
-    let err_path = dir.join(format!("{name}.err"));
-    let file = |p: &Path| File::create(p).map_err(|e| format!("creating {}: {e}", p.display()));
-    cmd.stdin(Stdio::null())
-        .stdout(file(&out_path)?)
-        .stderr(file(&err_path)?);
-    let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
-    let status = wait_bounded(&mut child, timeout).map_err(|e| format!("{name}: {e}"))?;
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    Ok((status, read(&out_path), read(&err_path)))
 }
 
 struct GuestImage {
@@ -1766,7 +1722,7 @@ fn tshark_tools() -> Option<(PathBuf, PathBuf)> {
 #[test]
 fn linux_kernel_esp_interop() {
     let test = "linux_kernel_esp_interop";
-    if !require_root(test) {
+    if !common::require_root(test, "network namespace, TAP device, qemu guest") {
         return;
     }
     let started = Instant::now();

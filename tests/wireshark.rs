@@ -9,11 +9,15 @@
 //! fail under `ESPTUN_REQUIRE_TSHARK=1`, which CI sets after installing it).
 //! Every lab, capture process and file is removed, also on failure.
 
+mod common;
+
+use common::{run_bounded, wait_bounded};
+
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use esptun::demo::{LabOptions, Side, TunnelLab};
@@ -44,14 +48,7 @@ struct Tools {
 
 /// Root and tshark/dumpcap, or `None` after printing why the test skips.
 fn prerequisites(test: &str) -> Option<Tools> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-            panic!(
-                "{test}: needs root (network namespaces, TUN), and ESPTUN_REQUIRE_NETNS=1 is set"
-            );
-        }
-        eprintln!("{test}: skipped: needs root (network namespaces, TUN devices)");
+    if !common::require_root(test, "network namespaces, TUN devices") {
         return None;
     }
     match (find_tool("tshark"), find_tool("dumpcap")) {
@@ -81,43 +78,6 @@ fn fail(lab: &TunnelLab, message: &str) -> ! {
         lab.log_tail(Side::A),
         lab.log_tail(Side::B)
     )
-}
-
-/// Waits for `child` at most `timeout`, then kills it.
-fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + timeout;
-    let step = Duration::from_millis(20);
-    for _ in 0..=(timeout.as_millis() / step.as_millis()) {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(step),
-            Ok(None) => break,
-            Err(e) => return Err(format!("waiting: {e}")),
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Err(format!("did not finish within {timeout:?} (killed)"))
-}
-
-/// Runs `cmd` to completion within `timeout`, stdout and stderr to files in
-/// `dir`; returns (status, stdout, stderr).
-fn run_bounded(
-    mut cmd: Command,
-    dir: &Path,
-    name: &str,
-    timeout: Duration,
-) -> Result<(ExitStatus, String, String), String> {
-    let out_path = dir.join(format!("{name}.out"));
-    let err_path = dir.join(format!("{name}.err"));
-    let file = |p: &Path| File::create(p).map_err(|e| format!("creating {}: {e}", p.display()));
-    cmd.stdin(Stdio::null())
-        .stdout(file(&out_path)?)
-        .stderr(file(&err_path)?);
-    let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
-    let status = wait_bounded(&mut child, timeout).map_err(|e| format!("{name}: {e}"))?;
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    Ok((status, read(&out_path), read(&err_path)))
 }
 
 /// dumpcap on b's veth, stopped (SIGINT, so the file is complete) by

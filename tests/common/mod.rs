@@ -1,6 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
 use esptun::crypto::{Provider, ProviderId, hardware, soft};
 
 /// splitmix64: a seeded, reproducible generator for test inputs. The seed
@@ -63,4 +68,56 @@ pub fn hardware_or_stand_in() -> Provider {
         id: ProviderId::Hardware,
         ..soft::provider()
     }
+}
+
+/// Whether a root-only test may run: without root it prints that `test`
+/// skipped and why (`needs`: what root is for), unless
+/// `ESPTUN_REQUIRE_NETNS=1` (CI), which makes it a failure.
+pub fn require_root(test: &str, needs: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("{test}: needs root ({needs}), and ESPTUN_REQUIRE_NETNS=1 is set");
+    }
+    eprintln!("{test}: skipped: needs root ({needs})");
+    false
+}
+
+/// Waits for `child` at most `timeout`, then kills it.
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
+    let deadline = Instant::now() + timeout;
+    let step = Duration::from_millis(20);
+    for _ in 0..=(timeout.as_millis() / step.as_millis()) {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(step),
+            Ok(None) => break,
+            Err(e) => return Err(format!("waiting: {e}")),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(format!("did not finish within {timeout:?} (killed)"))
+}
+
+/// Runs `cmd` to completion within `timeout`, stdout and stderr to files in
+/// `dir`; returns (status, stdout, stderr).
+pub fn run_bounded(
+    mut cmd: Command,
+    dir: &Path,
+    name: &str,
+    timeout: Duration,
+) -> Result<(ExitStatus, String, String), String> {
+    let out_path = dir.join(format!("{name}.out"));
+    let err_path = dir.join(format!("{name}.err"));
+    let file = |p: &Path| File::create(p).map_err(|e| format!("creating {}: {e}", p.display()));
+    cmd.stdin(Stdio::null())
+        .stdout(file(&out_path)?)
+        .stderr(file(&err_path)?);
+    let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
+    let status = wait_bounded(&mut child, timeout).map_err(|e| format!("{name}: {e}"))?;
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    Ok((status, read(&out_path), read(&err_path)))
 }
