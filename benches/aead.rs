@@ -6,10 +6,10 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use esptun::bench::{
+use esptun::crypto::{IcvLen, KeySize, MAX_ICV_LEN, Provider};
+use esptun::tools::bench::{
     DEFAULT_SIZES, ProviderSubject, RingDirect, RustCryptoDirect, Subject, bench_key,
 };
-use esptun::crypto::{IcvLen, KeySize, MAX_ICV_LEN, Provider};
 
 fn subjects() -> Vec<(String, Box<dyn Subject>)> {
     let key = bench_key(KeySize::Aes128);

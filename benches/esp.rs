@@ -8,9 +8,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use esptun::bench::esp::DatapathRig;
-use esptun::bench::{ProviderSubject, Subject, bench_key};
 use esptun::crypto::{IcvLen, KeySize, MAX_ICV_LEN, Provider, ProviderId};
+use esptun::tools::bench::esp::DatapathRig;
+use esptun::tools::bench::{ProviderSubject, Subject, bench_key};
 
 const SIZES: [usize; 4] = [64, 576, 1400, 9000];
 

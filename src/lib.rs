@@ -5,19 +5,18 @@
 //! Dependencies point one way: `datapath -> {sa, wire, crypto}`; `crypto`
 //! knows nothing of packets or sockets.
 
-pub mod bench;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod datapath;
-pub mod demo;
 pub mod hex;
 pub mod io;
 pub mod keyfile;
 pub mod lab;
+pub mod packet;
 pub mod sa;
+pub mod tools;
 pub mod wire;
-pub mod wireshark;
 
 #[cfg(test)]
 mod testutil;

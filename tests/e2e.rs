@@ -12,7 +12,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use esptun::demo::{LabOptions, Side, TunnelLab};
+use esptun::lab::demo::{LabOptions, Side, TunnelLab};
 
 const MIB: u64 = 1 << 20;
 

@@ -95,7 +95,8 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     use esptun::crypto::IcvLen;
     use esptun::datapath::inbound::{Encap, Inbound};
     use esptun::datapath::outbound::Outbound;
-    use esptun::datapath::{DropReason, PacketBuf, Verdict};
+    use esptun::datapath::{DropReason, Verdict};
+    use esptun::packet::PacketBuf;
     use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
     use esptun::wire::inner::{InnerPolicy, build};
     use esptun::wire::ip::protocol;

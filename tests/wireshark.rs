@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use esptun::demo::{LabOptions, Side, TunnelLab};
+use esptun::lab::demo::{LabOptions, Side, TunnelLab};
 
 /// UDP payload size through the tunnel: distinctive, so that finding it in
 /// the decrypted capture cannot be a coincidence.

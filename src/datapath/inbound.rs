@@ -6,9 +6,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Counters, DropContext, DropReason, Flow, PacketBuf, SaDrops, Verdict};
+use super::{Counters, DropContext, DropReason, Flow, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
+use crate::packet::PacketBuf;
 use crate::sa::InboundSa;
 use crate::sa::replay::ReplayError;
 use crate::wire::esp::{self, EspPacket, UdpPayload};

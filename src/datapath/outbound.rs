@@ -11,9 +11,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Counters, DropReason, PacketBuf, SaDrops, Verdict};
+use super::{Counters, DropReason, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
+use crate::packet::PacketBuf;
 use crate::sa::{OutboundSa, SeqError};
 use crate::wire::esp;
 use crate::wire::inner::{self, InnerPolicy};

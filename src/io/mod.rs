@@ -4,7 +4,7 @@
 //! This is the only module with `unsafe`: each block wraps one system call
 //! (or one plain-data initialisation for one) and says why it is sound.
 //! Everything here moves whole packets between the kernel and
-//! [`crate::datapath::PacketBuf`]s; nothing here parses beyond what the
+//! [`crate::packet::PacketBuf`]s; nothing here parses beyond what the
 //! kernel forces on us (the IPv4 header a raw socket prepends).
 //!
 //! Errors on the packet path are plain [`std::io::Error`]s. Failures while

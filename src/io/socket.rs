@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::{IoSetupError, last_errno, poll_raw};
-use crate::datapath::PacketBuf;
+use crate::packet::PacketBuf;
 use crate::wire::ip::protocol;
 
 /// The most datagrams one recvmmsg/sendmmsg call handles; the per-call

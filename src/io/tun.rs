@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::{IoSetupError, last_errno};
-use crate::datapath::PacketBuf;
+use crate::packet::PacketBuf;
 
 /// Longest interface name: IFNAMSIZ (16) less the terminating NUL
 /// (include/uapi/linux/if.h).

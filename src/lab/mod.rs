@@ -15,6 +15,8 @@
 //! that: they bind the server socket inside the server namespace before the
 //! client starts, so the client never races the server's `bind`.
 
+pub mod demo;
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};

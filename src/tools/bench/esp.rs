@@ -20,9 +20,10 @@ use super::{
 };
 use crate::crypto::select::{BootOptions, FailurePolicy, Mode, Selector};
 use crate::crypto::{IcvLen, KeySize, Provider, ProviderId};
+use crate::datapath::Verdict;
 use crate::datapath::inbound::{Encap, Inbound};
 use crate::datapath::outbound::Outbound;
-use crate::datapath::{PacketBuf, Verdict};
+use crate::packet::PacketBuf;
 use crate::sa::replay::ReplayWindow;
 use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
 use crate::wire::esp;

@@ -1,0 +1,676 @@
+//! The `esptun` command line: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, ProviderReport, Selector};
+use esptun::crypto::{KeySize, Provider, ProviderId};
+use esptun::daemon::signals::Signals;
+use esptun::daemon::{Daemon, DaemonError, RunOptions};
+use esptun::tools::bench::{self, BenchConfig, Op};
+
+/// Exit status when no AES-GCM provider may carry traffic.
+const EXIT_SELFTEST_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "esptun",
+    version,
+    about = "Userspace IPsec ESP (RFC 4303 transport mode, AES-GCM RFC 4106, NAT-T RFC 3948) \
+             between a TUN device and the network, validating every inner checksum before \
+             delivery. Start with `esptun demo` (root) for a two-namespace lab on this machine",
+    after_help = "Exit status: 0 success, 1 error, 2 usage error, \
+                  3 crypto self-test failed (no AES-GCM provider may carry traffic)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the tunnel daemon (root): boot self-tests, TUN interface up with
+    /// routes, outer sockets, until SIGTERM/SIGINT (clean stop: interface
+    /// and rules removed). SIGHUP reloads SAs, make-before-break.
+    Run {
+        /// The configuration file (see deploy/ for an example pair).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, default_value = "info", value_parser = parse_level)]
+        log_level: tracing::Level,
+    },
+    /// Show a running daemon's counters, SAs, provider and self-test
+    /// history, through its control socket (root).
+    Status {
+        /// The daemon's configuration file (to find its control socket).
+        #[arg(short, long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket path (default /run/esptun/esptun0.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the daemon's JSON as is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a two-host lab on this machine (root): two network namespaces
+    /// joined by veth (198.18.0.0/15, 2001:db8::/32), new keys, an esptun in
+    /// each; send a TCP stream of zeros (every byte checked), UDP and ping
+    /// through the tunnel; print throughput, counters and the provider;
+    /// remove everything, also on Ctrl-C or failure.
+    Demo {
+        /// Outer encapsulation: udp (NAT-T, port 4500) or esp (IP protocol 50).
+        #[arg(long, default_value = "udp", value_parser = ["udp", "esp"])]
+        outer: String,
+        /// Use IPv6 addresses inside and outside.
+        #[arg(long)]
+        ipv6: bool,
+        /// Bytes in the TCP stream of zeros.
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: u64,
+        /// Crypto selection for both endpoints: auto, hardware or soft.
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        crypto: Mode,
+        /// Keep the endpoints' logs (printed on failure in any case).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Declare that a peer's outbound key has never carried traffic, so the
+    /// daemon may start its sequence numbers at 1. Only for keys made
+    /// elsewhere: keys from `esptun genkey` on this host are already
+    /// recorded. Declaring a used key fresh reuses GCM nonces.
+    DeclareFresh {
+        /// The configuration file naming the peer and the state directory.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The peer whose outbound key is fresh.
+        #[arg(long)]
+        peer: String,
+    },
+    /// Parse and validate a configuration file and read its key files, then
+    /// exit: 0 if the daemon could start with it, 1 with every problem
+    /// listed (field and fix) if not.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(short, long)]
+        config: std::path::PathBuf,
+    },
+    /// Print the SAs in the format of Wireshark's ESP SA table (UAT
+    /// `esp_sa`), so that a capture of the wire can be decrypted. THE OUTPUT
+    /// CONTAINS THE SECRET KEYS.
+    ///
+    /// One record per SA and direction, outer addresses, for Wireshark 3.x/4.0:
+    /// `"IPv4","SRC","DST","0xSPI","AES-GCM with 16 octet ICV [RFC4106]","0xKEY+SALT","NULL",""`.
+    /// Use it as the file `~/.config/wireshark/esp_sa` (replaces the ESP SAs
+    /// there; write it with `umask 077`), or pass each line to tshark:
+    /// `tshark -o esp.enable_encryption_decode:TRUE -o "uat:esp_sa:LINE" -r CAPTURE`.
+    /// ESP in UDP is decoded on port 4500; for another port add
+    /// `-d udp.port==PORT,udpencap`. Anyone with this output can decrypt the
+    /// tunnel's traffic and forge packets: keep it private, delete it after
+    /// use, roll the keys if it leaks. Reads the key files (root).
+    WiresharkKeys {
+        /// The configuration file whose SAs to print.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Generate new RFC 4106 key material (a random AES key and 4-byte
+    /// salt) into a new file with mode 0600, for one direction of one SA.
+    ///
+    /// Each host generates its own outbound keys; the peer uses the same
+    /// file as its inbound key. An existing file is never overwritten.
+    Genkey {
+        /// AES key size: 128 or 256.
+        #[arg(long, default_value_t = 256, value_parser = parse_key_bits)]
+        bits: u32,
+        /// Where to write the key (must not exist yet).
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// The daemon's state directory, where the new key is recorded as
+        /// never used, so that it may start at sequence number 1.
+        #[arg(long, default_value = "/var/lib/esptun")]
+        state_dir: PathBuf,
+    },
+    /// Run the power-on self-tests of both AES-GCM providers and show which
+    /// one `--crypto` selects.
+    ///
+    /// Every available provider runs every compiled-in known-answer vector;
+    /// the hardware provider also runs the SIMD register-preservation check
+    /// and the 1 MiB long-message comparison with the soft provider. Exits 0
+    /// only if the selected provider passed everything, else 3.
+    Selftest {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Provider selection: auto (hardware if it passes, else soft),
+        /// hardware, or soft.
+        #[arg(long, default_value = "auto", value_parser = parse_mode)]
+        crypto: Mode,
+    },
+    /// Measure AES-GCM seal and open throughput of each provider with the
+    /// hardware/software speedup per size, whole packets through the ESP
+    /// pipelines, and the inner checksum.
+    Bench {
+        /// Print JSON (one object per measurement) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds of measuring per implementation, cell and round, in
+        /// alternating 25 ms slices; the fastest slice is reported.
+        #[arg(long, default_value_t = 0.25, value_parser = parse_seconds)]
+        seconds: f64,
+        /// Message sizes in bytes, comma-separated (1 to 1048576).
+        #[arg(long, value_delimiter = ',', default_values_t = bench::DEFAULT_SIZES, value_parser = parse_size)]
+        sizes: Vec<usize>,
+        /// AES key size: 128 or 256.
+        #[arg(long, default_value_t = 128, value_parser = parse_key_bits)]
+        key_bits: u32,
+        /// Rounds per cell (total time per implementation and cell is
+        /// rounds x seconds).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
+        /// Also measure ring and RustCrypto called directly, to show the
+        /// cost of esptun's provider seam.
+        #[arg(long)]
+        baseline: bool,
+    },
+}
+
+fn parse_level(s: &str) -> Result<tracing::Level, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a log level: use error, warn, info, debug or trace"))
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v > 0.0 && v <= 60.0 {
+        Ok(v)
+    } else {
+        Err("must be more than 0 and at most 60".into())
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size in bytes"))?;
+    if (1..=bench::MAX_SIZE).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("sizes must be 1 to {}", bench::MAX_SIZE))
+    }
+}
+
+fn parse_key_bits(s: &str) -> Result<u32, String> {
+    match s {
+        "128" => Ok(128),
+        "256" => Ok(256),
+        _ => Err("key size must be 128 or 256".into()),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, log_level } => run(&config, log_level),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(config.as_deref(), socket.as_deref(), json),
+        Command::Demo {
+            outer,
+            ipv6,
+            bytes,
+            crypto,
+            verbose,
+        } => esptun::lab::demo::run(&esptun::lab::demo::DemoOptions {
+            outer_udp: outer == "udp",
+            ipv6,
+            bytes,
+            crypto,
+            verbose,
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("esptun")),
+        }),
+        Command::DeclareFresh { config, peer } => declare_fresh(&config, &peer),
+        Command::Genkey {
+            bits,
+            output,
+            state_dir,
+        } => genkey(bits, &output, &state_dir),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::WiresharkKeys { config } => wireshark_keys(&config),
+        Command::Selftest { json, crypto } => selftest(json, crypto),
+        Command::Bench {
+            json,
+            seconds,
+            sizes,
+            key_bits,
+            rounds,
+            baseline,
+        } => {
+            let config = BenchConfig {
+                seconds,
+                sizes,
+                key_size: if key_bits == 256 {
+                    KeySize::Aes256
+                } else {
+                    KeySize::Aes128
+                },
+                rounds,
+                baseline,
+            };
+            run_bench(json, &config).map(|()| ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("esptun: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, each cause once: library errors already name
+/// their source in their message, so a cause whose text is already shown
+/// is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let valid = esptun::config::Config::load(path)?;
+    if let Err(errors) = valid.check_key_files() {
+        bail!(
+            "config {} is valid, but its keys are not usable:\n  - {}",
+            path.display(),
+            errors.join("\n  - ")
+        );
+    }
+    println!(
+        "config {} is valid: interface {} (MTU {}), {} outer, {} peer(s), crypto {}",
+        path.display(),
+        valid.interface,
+        valid.mtu,
+        if valid.outer_udp {
+            "UDP (NAT-T)"
+        } else {
+            "raw ESP"
+        },
+        valid.peers.len(),
+        valid.crypto
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the SAs as Wireshark `esp_sa` records: secret keys, on purpose,
+/// to stdout only (never through a logger), after a warning on stderr.
+fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+
+    let valid = esptun::config::Config::load(path)?;
+    let records = esptun::tools::wireshark::esp_sa_records(&valid)?;
+    eprintln!(
+        "esptun: WARNING: the output contains the SECRET KEYS of every SA in {}: anyone who has \
+         it can decrypt this tunnel's traffic and forge packets. Keep it private (umask 077), \
+         delete it when done, and roll the keys if it leaks.",
+        path.display()
+    );
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(records.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("writing the records to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(config: &std::path::Path, level: tracing::Level) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = Signals::block().context("blocking signals")?;
+    #[allow(unused_mut)]
+    let mut options = RunOptions::default();
+    #[cfg(feature = "fault-injection")]
+    if let Ok(rate) = std::env::var("ESPTUN_FAULT_RATE") {
+        let rate: f64 = rate
+            .parse()
+            .context("ESPTUN_FAULT_RATE must be a number between 0 and 1")?;
+        let seed = std::env::var("ESPTUN_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        options.inject_faults = Some((rate, seed));
+    }
+    let daemon = match Daemon::start(config, &options) {
+        Ok(d) => d,
+        Err(e @ DaemonError::NoProvider(_)) => {
+            tracing::error!("{e}");
+            return Ok(ExitCode::from(EXIT_SELFTEST_FAILED));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Only now: self-tests passed, interface up, sockets open.
+    match esptun::daemon::notify::notify("READY=1\nSTATUS=carrying traffic") {
+        Ok(told) => tracing::debug!(told, "service manager notified"),
+        Err(e) => tracing::warn!("telling the service manager we are ready: {e}"),
+    }
+    daemon.run_until_stopped(&signals)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(
+    config: Option<&std::path::Path>,
+    socket: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = match (config, socket) {
+        (Some(c), _) => esptun::config::Config::load(c)?.control_socket,
+        (None, Some(s)) => s.to_path_buf(),
+        (None, None) => PathBuf::from("/run/esptun/esptun0.sock"),
+    };
+    let reply = esptun::daemon::control::query(&path, "status")?;
+    if json {
+        print!("{reply}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("the daemon's reply is not JSON")?;
+    print!("{}", esptun::daemon::status::render(&v));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn declare_fresh(config: &std::path::Path, peer: &str) -> anyhow::Result<ExitCode> {
+    let valid = esptun::config::Config::load(config)?;
+    let Some(p) = valid.peers.iter().find(|p| p.name == peer) else {
+        let names: Vec<_> = valid.peers.iter().map(|p| p.name.as_str()).collect();
+        bail!(
+            "no peer {peer:?} in {}: peers are {names:?}",
+            config.display()
+        );
+    };
+    let material = esptun::keyfile::load(&p.outbound.key_file)?;
+    let store = esptun::sa::reservation::ReservationStore::open(&valid.state_dir)?;
+    let fp = esptun::sa::reservation::Fingerprint::new(&material);
+    if let Some(ceiling) = store.load(&fp)? {
+        bail!(
+            "the outbound key of peer {peer} already has a record (sequence numbers up to {ceiling} \
+             reserved): it has been used, so it is not fresh; nothing to do, the daemon resumes above it"
+        );
+    }
+    store.mark_fresh(&material)?;
+    println!(
+        "declared the outbound key of peer {peer} ({}) fresh in {}: the daemon will start it at \
+         sequence number 1, once",
+        p.outbound.key_file.display(),
+        valid.state_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn genkey(
+    bits: u32,
+    output: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let size = if bits == 256 {
+        KeySize::Aes256
+    } else {
+        KeySize::Aes128
+    };
+    let material = esptun::keyfile::generate(size)?;
+    if output.exists() {
+        // Checked here too so that no fresh mark is made for a key that
+        // will not be written.
+        esptun::keyfile::write_new(output, &material)?;
+    }
+    let parsed = esptun::sa::KeyMaterial::from_bytes(&material)?;
+    let store = esptun::sa::reservation::ReservationStore::open(state_dir).with_context(|| {
+        format!(
+            "recording the new key as never used (pass --state-dir with the daemon's state_dir, \
+             or run as root for the default {})",
+            state_dir.display()
+        )
+    })?;
+    // Marked before the key exists: a mark for a key never written is
+    // harmless; a key without its mark would need declare-fresh.
+    store.mark_fresh(&parsed)?;
+    esptun::keyfile::write_new(output, &material)?;
+    println!(
+        "wrote new AES-{bits}-GCM key material (key + salt) to {} with mode 0600, recorded as never \
+         used in {}; use it as this host's outbound key and give a copy, kept private, to the peer as \
+         its inbound key",
+        output.display(),
+        state_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn selftest(json: bool, mode: Mode) -> anyhow::Result<ExitCode> {
+    let selector = Selector::boot(
+        Provider::detect_all(),
+        mode,
+        FailurePolicy::Fallback,
+        BootOptions::default(),
+    );
+    let reports = selector.reports();
+    let selected = selector.active();
+    if json {
+        let out = serde_json::json!({
+            "mode": mode,
+            "selected": selected,
+            "providers": reports,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).context("serializing the report")?
+        );
+    } else {
+        print_selftest_table(&reports, mode, selected);
+    }
+    Ok(match selected {
+        Some(_) => ExitCode::SUCCESS,
+        None => {
+            eprintln!(
+                "esptun: no AES-GCM provider passed its self-tests for --crypto {mode}; \
+                 refusing to carry traffic (see the reasons above; try --crypto auto)"
+            );
+            ExitCode::from(EXIT_SELFTEST_FAILED)
+        }
+    })
+}
+
+fn print_selftest_table(reports: &[ProviderReport], mode: Mode, selected: Option<ProviderId>) {
+    println!(
+        "{:<9} {:<17} {:<9} {:<10} {:>11} {:<6}",
+        "provider", "implementation", "kind", "available", "vectors", "simd"
+    );
+    for r in reports {
+        let kind = if r.hardware { "hardware" } else { "software" };
+        let vectors = if r.available {
+            format!("{}/{}", r.kat_passed, r.kat_passed + r.kat_failed)
+        } else {
+            "-".into()
+        };
+        let simd = match r.simd_ok {
+            Some(true) => "ok",
+            Some(false) => "FAILED",
+            None => "-",
+        };
+        println!(
+            "{:<9} {:<17} {:<9} {:<10} {:>11} {:<6}",
+            r.name.as_str(),
+            r.implementation,
+            kind,
+            if r.available { "yes" } else { "no" },
+            vectors,
+            simd
+        );
+    }
+    for r in reports {
+        if let Some(why) = &r.unavailable_reason {
+            println!("  {}: unavailable: {why}", r.name);
+        }
+        for failure in &r.kat_failures {
+            println!("  {}: vector failed: {failure}", r.name);
+        }
+        if let Some(check) = &r.register_check {
+            println!("  {}: register check: {}", r.name, check.summary());
+        }
+        if let Some(detail) = &r.long_message_detail {
+            println!("  {}: long-message check: {detail}", r.name);
+        }
+        if let Some(why) = &r.disabled {
+            println!("  {}: DISABLED: {why}", r.name);
+        }
+    }
+    match selected {
+        Some(id) => println!("selected ({mode}): {id}"),
+        None => println!("selected ({mode}): none"),
+    }
+}
+
+fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
+    let providers = Provider::detect_all();
+    for p in &providers {
+        if let Err(why) = &p.availability {
+            eprintln!("esptun: not benchmarking {}: {why}", p.id);
+        }
+    }
+    if providers.iter().all(|p| !p.is_available()) {
+        bail!("no provider is available to benchmark");
+    }
+    let results = bench::run(&providers, config).map_err(anyhow::Error::msg)?;
+    let checksums = bench::run_checksum(config).map_err(anyhow::Error::msg)?;
+    let datapath = bench::esp::run(config).map_err(anyhow::Error::msg)?;
+    if json {
+        let datapath: Vec<_> = datapath
+            .iter()
+            .flat_map(bench::esp::DatapathRow::results)
+            .collect();
+        for r in results.iter().chain(&checksums).chain(&datapath) {
+            println!(
+                "{}",
+                serde_json::to_string(r).context("serializing a result")?
+            );
+        }
+        return Ok(());
+    }
+    let names: Vec<String> = {
+        let mut seen: Vec<String> = Vec::new();
+        for r in &results {
+            if !seen.contains(&r.provider) {
+                seen.push(r.provider.clone());
+            }
+        }
+        seen
+    };
+    let implementation = |name: &str| {
+        providers
+            .iter()
+            .find(|p| p.id.as_str() == name)
+            .map_or(String::new(), |p| format!(" ({})", p.name))
+    };
+    println!(
+        "AES-{}-GCM, 16-byte ICV, MB/s = 10^6 bytes/s, fastest 25 ms slice of {} x {} s per cell",
+        config.key_size.bits(),
+        config.rounds,
+        config.seconds
+    );
+    print!("{:>7} {:<5}", "size", "op");
+    for n in &names {
+        print!(" {:>26}", format!("{n}{}", implementation(n)));
+    }
+    print!(" {:>9}", "hw/soft");
+    if config.baseline {
+        print!(" {:>12} {:>14}", "hw/ring", "soft/rcrypto");
+    }
+    println!();
+    for &size in &config.sizes {
+        for op in [Op::Seal, Op::Open] {
+            print!("{size:>7} {:<5}", op.as_str());
+            for n in &names {
+                let v = results
+                    .iter()
+                    .find(|r| &r.provider == n && r.op == op && r.size == size)
+                    .map_or(0.0, |r| r.mb_per_s);
+                print!(" {v:>26.1}");
+            }
+            let show = |x: Option<f64>, width: usize| match x {
+                Some(x) => format!("{:>width$}", format!("{x:.2}x")),
+                None => format!("{:>width$}", "-"),
+            };
+            print!(
+                " {}",
+                show(bench::ratio(&results, "hardware", "soft", op, size), 9)
+            );
+            if config.baseline {
+                print!(
+                    " {} {}",
+                    show(
+                        bench::ratio(&results, "hardware", "ring-direct", op, size),
+                        12
+                    ),
+                    show(
+                        bench::ratio(&results, "soft", "rustcrypto-direct", op, size),
+                        14
+                    )
+                );
+            }
+            println!();
+        }
+    }
+    print_datapath_table(&datapath);
+    println!("\ninner checksum (RFC 1071 sum, wire::checksum), GB/s:");
+    for r in &checksums {
+        println!("{:>7} {:>8.1}", r.size, r.mb_per_s / 1000.0);
+    }
+    Ok(())
+}
+
+/// Whole packets through the pipelines, as MB/s of inner packet bytes and
+/// as a share of raw seal/open measured alongside.
+fn print_datapath_table(rows: &[bench::esp::DatapathRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\ndatapath, IPv4/UDP packets of SIZE bytes, inner checksum validated both ways; \
+         share = of raw seal/open with the same key, measured in the same slices:"
+    );
+    println!(
+        "{:>7} {:<9} {:>10} {:>7} {:>10} {:>7}",
+        "size", "provider", "outbound", "share", "inbound", "share"
+    );
+    for r in rows {
+        let (out, inb) = r.shares();
+        println!(
+            "{:>7} {:<9} {:>10.1} {:>6.0}% {:>10.1} {:>6.0}%",
+            r.size,
+            r.provider.as_str(),
+            r.outbound_mb_per_s,
+            100.0 * out,
+            r.inbound_mb_per_s,
+            100.0 * inb
+        );
+    }
+}
