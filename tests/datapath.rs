@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use common::TestRng;
 use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, Selector};
@@ -16,6 +16,8 @@ use esptun::datapath::outbound::Outbound;
 use esptun::datapath::{Counters, DropReason, Verdict};
 use esptun::packet::PacketBuf;
 use esptun::sa::replay::ReplayWindow;
+use esptun::sa::reservation::Fingerprint;
+use esptun::sa::table::{SaId, SaMeta};
 use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
 use esptun::wire::esp;
 use esptun::wire::inner::InnerPolicy;
@@ -42,6 +44,25 @@ struct Link {
     selector: Selector,
     out: Outbound,
     inb: Inbound,
+    /// Host A's outbound SA and host B's inbound SA.
+    out_sa: SaId,
+    in_sa: SaId,
+}
+
+/// Where host A sends host B's packets.
+const ENDPOINT: ([u8; 4], u16) = ([198, 19, 0, 2], 4500);
+
+fn endpoint() -> SocketAddr {
+    SocketAddr::from(ENDPOINT)
+}
+
+/// Metadata of an SA in use on the key `material`.
+fn meta(material: &KeyMaterial) -> SaMeta {
+    SaMeta::active("b", endpoint(), Fingerprint::new(material))
+}
+
+fn sent() -> Verdict {
+    Verdict::Send { to: endpoint() }
 }
 
 struct LinkSpec {
@@ -75,24 +96,37 @@ fn link_with(selector: Selector, spec: LinkSpec) -> Link {
     };
     let mut out = Outbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, spec.icv).expect("keys");
-    out.add_sa(
-        OutboundSa::new(SPI, keys, spec.esn, InnerAddrs::new(a, b).expect("addrs")).expect("sa"),
-    );
+    let out_sa = out
+        .add_sa(
+            OutboundSa::new(SPI, keys, spec.esn, InnerAddrs::new(a, b).expect("addrs"))
+                .expect("sa"),
+            meta(&material),
+        )
+        .expect("table");
     // Keys made for this test never outlive it: grant every number.
-    out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
+    out.sa_mut(out_sa).expect("sa").set_ceiling(u64::MAX);
     let mut inb = Inbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, spec.icv).expect("keys");
-    inb.add_sa(
-        InboundSa::new(
-            SPI,
-            keys,
-            spec.esn,
-            InnerAddrs::new(b, a).expect("addrs"),
-            spec.window,
+    let in_sa = inb
+        .add_sa(
+            InboundSa::new(
+                SPI,
+                keys,
+                spec.esn,
+                InnerAddrs::new(b, a).expect("addrs"),
+                spec.window,
+            )
+            .expect("sa"),
+            meta(&material),
         )
-        .expect("sa"),
-    );
-    Link { selector, out, inb }
+        .expect("table");
+    Link {
+        selector,
+        out,
+        inb,
+        out_sa,
+        in_sa,
+    }
 }
 
 fn link(spec: LinkSpec) -> Link {
@@ -167,7 +201,7 @@ fn round_trip_every_protocol_version_icv_key_size_and_esn() {
                     let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
                     let plain = packet(v6, proto, &payload);
                     let (v, wire) = l.seal(&plain);
-                    assert_eq!(v, Verdict::Send { sa: 0 });
+                    assert_eq!(v, sent());
                     assert_eq!(wire[..4], SPI.to_be_bytes());
                     assert_eq!(
                         (wire.len() - 16 - icv.bytes()) % 4,
@@ -205,14 +239,19 @@ fn a_flipped_ciphertext_bit_fails_the_icv_and_leaves_the_window_alone() {
     // The forgery did not consume the sequence number.
     assert_eq!(l.open(Encap::Raw, &good).0, Verdict::Deliver);
     assert_eq!(l.inb.counters.drops(DropReason::IcvFailure), 1);
-    let per_sa = l.inb.sa_drops(0).expect("the SA's drop counts");
+    let per_sa = &l
+        .inb
+        .sas
+        .get(l.in_sa)
+        .expect("the SA's drop counts")
+        .counters;
     assert_eq!(
         per_sa[DropReason::IcvFailure.index()],
         1,
         "counted on its SA"
     );
     assert_eq!(per_sa.iter().sum::<u64>(), 1);
-    assert_eq!(l.inb.sas()[0].stats.packets, 1);
+    assert_eq!(l.inb.sas.get(l.in_sa).expect("sa").sa.stats.packets, 1);
 }
 
 #[test]
@@ -249,9 +288,9 @@ fn esn_traffic_crosses_the_2_32_boundary() {
     });
     // An SA that has been running for 2^32 packets on both sides.
     let start = (1u64 << 32) - 3;
-    l.out.sa_mut(0).expect("sa").resume_after(start - 1);
+    l.out.sa_mut(l.out_sa).expect("sa").resume_after(start - 1);
     l.inb
-        .sa_mut(0)
+        .sa_mut(l.in_sa)
         .expect("sa")
         .replay
         .update(start - 1)
@@ -259,20 +298,24 @@ fn esn_traffic_crosses_the_2_32_boundary() {
     let plain = packet(false, protocol::TCP, &[0u8; 64]);
     for i in 0..8 {
         let (v, wire) = l.seal(&plain);
-        assert_eq!(v, Verdict::Send { sa: 0 });
+        assert_eq!(v, sent());
         let (v, got) = l.open(Encap::Udp, &wire);
         assert_eq!(v, Verdict::Deliver, "packet {i} across 2^32");
         assert_same_inner(&plain, &got);
     }
-    assert_eq!(l.inb.sas()[0].replay.top(), (1u64 << 32) + 4);
+    assert_eq!(
+        l.inb.sas.get(l.in_sa).expect("sa").sa.replay.top(),
+        (1u64 << 32) + 4
+    );
     // Without ESN the same sender would have had to stop at 2^32 - 1.
     let mut short = link(LinkSpec::default());
+    let id = short.out_sa;
     short
         .out
-        .sa_mut(0)
+        .sa_mut(id)
         .expect("sa")
         .resume_after(u64::from(u32::MAX) - 1);
-    assert_eq!(short.seal(&plain).0, Verdict::Send { sa: 0 });
+    assert_eq!(short.seal(&plain).0, sent());
     assert_eq!(
         short.seal(&plain).0,
         Verdict::Drop(DropReason::SequenceExhausted)
@@ -324,7 +367,7 @@ fn outbound_refusals_are_typed_and_counted_once() {
     for ((_, reason), v) in cases.iter().zip(&verdicts) {
         assert_eq!(*v, Verdict::Drop(*reason));
     }
-    assert_eq!(verdicts[cases.len()], Verdict::Send { sa: 0 });
+    assert_eq!(verdicts[cases.len()], sent());
     assert_eq!(l.out.counters.total_drops(), cases.len() as u64);
     assert_eq!(l.out.counters.drops(DropReason::InnerHeader), 2);
     // One by one: each refusal moves its own counter by one and no other.
@@ -334,7 +377,7 @@ fn outbound_refusals_are_typed_and_counted_once() {
         assert_one_drop(&before, &l.out.counters, *reason);
     }
 
-    l.out.sa_mut(0).expect("sa").set_ceiling(1);
+    l.out.sa_mut(l.out_sa).expect("sa").set_ceiling(1);
     assert_eq!(
         l.seal(&good).0,
         Verdict::Drop(DropReason::SequenceReservation)
@@ -386,7 +429,7 @@ fn a_provider_switch_mid_stream_needs_no_rekey() {
         .fail(ProviderId::Hardware, "test: pretend it failed".into());
     assert_eq!(l.selector.active(), Some(ProviderId::Soft));
     let (v, after) = l.seal(&plain);
-    assert_eq!(v, Verdict::Send { sa: 0 });
+    assert_eq!(v, sent());
     // Sealed by hardware, opened by soft: the SA needed no new keys.
     for wire in [before, after] {
         assert_eq!(l.open(Encap::Udp, &wire).0, Verdict::Deliver);
@@ -465,7 +508,9 @@ fn interop_with_scapy_both_directions_byte_for_byte() {
                 64,
             )
             .expect("sa"),
-        );
+            meta(&material),
+        )
+        .expect("table");
         let mut batch = [buf(&wire[esp_start..])];
         let mut verdicts = Vec::new();
         let encap = if case["encap"] == "udp" {
@@ -481,16 +526,19 @@ fn interop_with_scapy_both_directions_byte_for_byte() {
         // number seals to exactly scapy's ESP bytes.
         let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
         let mut out = Outbound::new(InnerPolicy::default());
-        out.add_sa(
-            OutboundSa::new(spi, keys, false, InnerAddrs::new(src, dst).expect("addrs"))
-                .expect("sa"),
-        );
+        let id = out
+            .add_sa(
+                OutboundSa::new(spi, keys, false, InnerAddrs::new(src, dst).expect("addrs"))
+                    .expect("sa"),
+                meta(&material),
+            )
+            .expect("table");
         // Keys made for this test never outlive it: grant every number.
-        out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
-        out.sa_mut(0).expect("sa").resume_after(seq - 1);
+        out.sa_mut(id).expect("sa").set_ceiling(u64::MAX);
+        out.sa_mut(id).expect("sa").resume_after(seq - 1);
         let mut batch = [buf(&inner)];
         out.process(&selector, &mut batch, &mut verdicts);
-        assert_eq!(verdicts[0], Verdict::Send { sa: 0 }, "{name}");
+        assert_eq!(verdicts[0], sent(), "{name}");
         assert_eq!(
             batch[0].data(),
             &wire[esp_start..],
@@ -625,7 +673,7 @@ fn random_garbage_never_panics() {
 /// Seals `plaintext` (payload, padding and trailer, as given) with the
 /// link's outbound key at `seq`, bypassing the outbound pipeline.
 fn seal_raw(l: &Link, seq: u64, plaintext: &[u8]) -> Vec<u8> {
-    let sa = &l.out.sas()[0];
+    let sa = &l.out.sas.get(l.out_sa).expect("sa").sa;
     let key = sa
         .keys
         .key(l.selector.active().expect("provider"))
@@ -697,9 +745,9 @@ fn ike_goes_to_the_handler_only_when_there_is_one() {
 fn the_soft_limit_is_reported_once() {
     let mut l = link(LinkSpec::default());
     let plain = packet(false, protocol::UDP, b"x");
-    l.out.sa_mut(0).expect("sa").set_soft_limit(3);
+    l.out.sa_mut(l.out_sa).expect("sa").set_soft_limit(3);
     for seq in 1..=5u64 {
-        assert_eq!(l.seal(&plain).0, Verdict::Send { sa: 0 });
+        assert_eq!(l.seal(&plain).0, sent());
         let expected = u64::from(seq >= 3);
         assert_eq!(
             l.out

@@ -97,9 +97,12 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     use esptun::datapath::outbound::Outbound;
     use esptun::datapath::{DropReason, Verdict};
     use esptun::packet::PacketBuf;
+    use esptun::sa::reservation::Fingerprint;
+    use esptun::sa::table::SaMeta;
     use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
     use esptun::wire::inner::{InnerPolicy, build};
     use esptun::wire::ip::protocol;
+    use std::net::SocketAddr;
 
     let (sender, injector) = boot(0.0, FailurePolicy::Fallback);
     let receiver = Selector::boot(
@@ -113,12 +116,28 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     let addrs = |l: [u8; 4], r: [u8; 4]| InnerAddrs::new(l.into(), r.into()).expect("addrs");
     let mut out = Outbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&sender, &material, IcvLen::Icv16).expect("keys");
-    out.add_sa(OutboundSa::new(0x2000, keys, false, addrs(a, b)).expect("sa"));
+    let meta = || {
+        SaMeta::active(
+            "b",
+            SocketAddr::from((b, 4500)),
+            Fingerprint::new(&material),
+        )
+    };
+    let id = out
+        .add_sa(
+            OutboundSa::new(0x2000, keys, false, addrs(a, b)).expect("sa"),
+            meta(),
+        )
+        .expect("table");
     // Keys made for this test never outlive it: grant every number.
-    out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
+    out.sa_mut(id).expect("sa").set_ceiling(u64::MAX);
     let mut inb = Inbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&receiver, &material, IcvLen::Icv16).expect("keys");
-    inb.add_sa(InboundSa::new(0x2000, keys, false, addrs(b, a), 64).expect("sa"));
+    inb.add_sa(
+        InboundSa::new(0x2000, keys, false, addrs(b, a), 64).expect("sa"),
+        meta(),
+    )
+    .expect("table");
 
     // Non-zero TCP payload: a block copied over its neighbour must change
     // the bytes (in a stream of zeros it would be invisible, and harmless).

@@ -7,6 +7,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::net::SocketAddr;
 
 use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, Selector};
 use esptun::crypto::{IcvLen, Provider};
@@ -14,6 +15,8 @@ use esptun::datapath::inbound::{Encap, Inbound};
 use esptun::datapath::outbound::Outbound;
 use esptun::datapath::{DropReason, Verdict};
 use esptun::packet::PacketBuf;
+use esptun::sa::reservation::Fingerprint;
+use esptun::sa::table::SaMeta;
 use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
 use esptun::wire::inner::{InnerPolicy, build};
 use esptun::wire::ip::protocol;
@@ -68,12 +71,28 @@ fn sealing_and_opening_batches_allocates_nothing() {
     let addrs = |l: [u8; 4], r: [u8; 4]| InnerAddrs::new(l.into(), r.into()).expect("addrs");
     let mut out = Outbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
-    out.add_sa(OutboundSa::new(0x3000, keys, true, addrs(a, b)).expect("sa"));
+    let meta = || {
+        SaMeta::active(
+            "b",
+            SocketAddr::from((b, 4500)),
+            Fingerprint::new(&material),
+        )
+    };
+    let id = out
+        .add_sa(
+            OutboundSa::new(0x3000, keys, true, addrs(a, b)).expect("sa"),
+            meta(),
+        )
+        .expect("table");
     // Keys made for this test never outlive it: grant every number.
-    out.sa_mut(0).expect("sa").set_ceiling(u64::MAX);
+    out.sa_mut(id).expect("sa").set_ceiling(u64::MAX);
     let mut inb = Inbound::new(InnerPolicy::default());
     let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
-    inb.add_sa(InboundSa::new(0x3000, keys, true, addrs(b, a), 4096).expect("sa"));
+    inb.add_sa(
+        InboundSa::new(0x3000, keys, true, addrs(b, a), 4096).expect("sa"),
+        meta(),
+    )
+    .expect("table");
 
     let good = build::ipv4(a, b, protocol::TCP, &[0u8; 1400]);
     let mut bad_checksum = good.clone();

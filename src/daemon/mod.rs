@@ -11,14 +11,17 @@
 
 pub mod capture;
 pub mod control;
+mod inbound;
 pub mod metrics;
 pub mod netcfg;
 pub mod notify;
+mod outbound;
+mod sas;
+mod shared;
 pub mod signals;
 pub mod status;
 mod workers;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -30,16 +33,23 @@ use crate::config::{Config, ConfigError, Valid, ValidPeer};
 use crate::crypto::Provider;
 use crate::crypto::select::{BootOptions, Selector};
 use crate::datapath::Counters;
+use crate::datapath::inbound::Inbound;
+use crate::datapath::outbound::Outbound;
 use crate::io::IoSetupError;
 use crate::io::socket::{OuterKind, OuterSocket};
 use crate::io::tun::Tun;
-use crate::keyfile::{self, KeyFileError};
-use crate::sa::reservation::{self, Claim, Fingerprint, ReservationError, ReservationStore};
-use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaError, SaKeys};
+use crate::keyfile::KeyFileError;
+use crate::sa::SaError;
+use crate::sa::keymgr::KeyManager;
+use crate::sa::lifecycle::{Refusal, Timing};
+use crate::sa::reservation::{ReservationError, ReservationStore};
+use crate::wire::inner::InnerPolicy;
 use control::{ControlError, ControlSocket};
 use netcfg::{NetConfig, NetError};
+use sas::SaManager;
+use shared::Shared;
 use signals::{Signal, Signals};
-use status::{InboundSaStatus, IoCounters, OutboundSaStatus, Status};
+use status::{IoCounters, Status};
 
 /// Why the daemon cannot start (or reload).
 #[derive(Debug, thiserror::Error)]
@@ -94,102 +104,8 @@ pub enum DaemonError {
     Thread(std::io::Error),
     #[error("the {0} thread stopped unexpectedly")]
     ThreadDied(&'static str),
-}
-
-/// What the outbound thread keeps beside each SA.
-#[derive(Debug, Clone)]
-pub(crate) struct OutMeta {
-    pub peer: String,
-    pub endpoint: SocketAddr,
-    /// Names the key's nonce space (and its reservation record).
-    pub fp: Fingerprint,
-    pub key_file: PathBuf,
-}
-
-/// What the inbound thread keeps beside each SA.
-#[derive(Debug, Clone)]
-pub(crate) struct InMeta {
-    pub peer: String,
-    pub fp: Fingerprint,
-    /// Set once the SA has authenticated a packet: the peer is using it.
-    pub seen: Arc<AtomicBool>,
-    /// For an SA replaced by a reload: when it stops accepting.
-    pub retire_at: Option<Instant>,
-}
-
-/// The outbound SA a reload wants for a peer. Not yet claimed: only the
-/// outbound thread, which owns the SAs using them, claims or extends
-/// sequence reservations once the daemon runs, so no two SAs can ever
-/// draw on one key's nonce space.
-pub(crate) struct NewOutbound {
-    pub sa: OutboundSa,
-    pub meta: OutMeta,
-    pub material: KeyMaterial,
-    /// Replaces the peer's current SA once this is set (or after
-    /// `rekey_switch_secs`); `None`: at once.
-    pub switch_when: Option<Arc<AtomicBool>>,
-}
-
-/// The outbound SA each listed peer should use; the thread reconciles.
-pub(crate) struct OutboundPlan {
-    pub desired: Vec<NewOutbound>,
-}
-
-/// The inbound SA each listed peer should use; the thread reconciles
-/// (others of the peer retire).
-pub(crate) struct InboundPlan {
-    pub desired: Vec<(InboundSa, InMeta)>,
-}
-
-/// State shared by all threads.
-pub(crate) struct Shared {
-    pub stop: AtomicBool,
-    pub selector: Selector,
-    pub started: Instant,
-    pub selftest_interval: Duration,
-    /// `rekey_switch_secs`: how long a replaced outbound SA keeps sending
-    /// while waiting for the first packet on the peer's new SA (proof that
-    /// the peer has reloaded and holds our new key as its inbound key).
-    pub rekey_switch: Duration,
-    /// `rekey_retire_secs`: how long a replaced inbound SA keeps accepting,
-    /// so packets the peer sealed before it switched still arrive.
-    pub rekey_retire: Duration,
-    pub out_counters: Arc<Counters>,
-    pub in_counters: Arc<Counters>,
-    pub io: IoCounters,
-    pub out_status: Mutex<Vec<OutboundSaStatus>>,
-    pub in_status: Mutex<Vec<InboundSaStatus>>,
-    pub interface: String,
-    pub outer: String,
-}
-
-impl Shared {
-    fn status(&self) -> Status {
-        fn lock<T: Clone>(m: &Mutex<Vec<T>>) -> Vec<T> {
-            m.lock().unwrap_or_else(|p| p.into_inner()).clone()
-        }
-        Status {
-            interface: self.interface.clone(),
-            pid: std::process::id(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            outer: self.outer.clone(),
-            provider: self.selector.active(),
-            crypto_mode: self.selector.mode(),
-            on_selftest_failure: self.selector.policy(),
-            providers: self.selector.reports().to_vec(),
-            selftest_history: self.selector.history(),
-            outbound: status::DirectionStatus::of(&self.out_counters),
-            inbound: status::DirectionStatus::of(&self.in_counters),
-            io: self.io.snapshot(),
-            outbound_sas: lock(&self.out_status),
-            inbound_sas: lock(&self.in_status),
-        }
-    }
-
-    fn status_json(&self) -> String {
-        serde_json::to_string(&self.status())
-            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string())
-    }
+    #[error("peer {peer}: {refusal}")]
+    Refused { peer: String, refusal: Refusal },
 }
 
 /// Start-up knobs that are not configuration.
@@ -207,142 +123,12 @@ pub struct Daemon {
     config_path: PathBuf,
     config: Valid,
     shared: Arc<Shared>,
-    out_tx: mpsc::Sender<OutboundPlan>,
-    in_tx: mpsc::Sender<InboundPlan>,
-    /// The inbound SA last asked for, by peer: (peer, key, SPI).
-    inbound_wanted: Vec<(String, Fingerprint, u32)>,
+    /// Decides which SA does what; the datapath threads apply.
+    sas: SaManager,
     threads: Vec<(&'static str, JoinHandle<()>)>,
     net: Option<NetConfig>,
     /// Held for the life of the process: one daemon per state directory.
     _state_lock: std::fs::File,
-}
-
-/// One peer's SAs as built from the configuration (outbound not claimed).
-struct PeerSas {
-    outbound: (OutboundSa, OutMeta, KeyMaterial),
-    inbound: (InboundSa, InMeta),
-}
-
-fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonError> {
-    keyfile::load(path).map_err(|source| DaemonError::Key {
-        peer: peer.name.clone(),
-        source,
-    })
-}
-
-fn endpoint(peer: &ValidPeer, config: &Valid) -> SocketAddr {
-    // Raw ESP has no ports; the socket ignores this one.
-    let port = if config.outer_udp { config.port } else { 0 };
-    SocketAddr::new(peer.endpoint, port)
-}
-
-/// Builds a peer's SAs, each from one read of its key file. `running`
-/// gives the outer settings (fixed for the life of the process).
-fn build_peer(
-    selector: &Selector,
-    running: &Valid,
-    peer: &ValidPeer,
-) -> Result<PeerSas, DaemonError> {
-    let sa_err = |direction, spi| {
-        move |source| DaemonError::Sa {
-            peer: peer.name.clone(),
-            direction,
-            spi,
-            source,
-        }
-    };
-    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote)
-        .map_err(sa_err("outbound", peer.outbound.spi))?;
-
-    let cfg = &peer.inbound;
-    let material = load_material(peer, &cfg.key_file)?;
-    let keys = SaKeys::new(selector, &material, cfg.icv).map_err(sa_err("inbound", cfg.spi))?;
-    let sa = InboundSa::new(cfg.spi, keys, cfg.esn, inner, cfg.replay_window)
-        .map_err(sa_err("inbound", cfg.spi))?;
-    let inbound = (
-        sa,
-        InMeta {
-            peer: peer.name.clone(),
-            fp: Fingerprint::new(&material),
-            seen: Arc::new(AtomicBool::new(false)),
-            retire_at: None,
-        },
-    );
-
-    let cfg = &peer.outbound;
-    let material = load_material(peer, &cfg.key_file)?;
-    let keys = SaKeys::new(selector, &material, cfg.icv).map_err(sa_err("outbound", cfg.spi))?;
-    let sa = OutboundSa::new(cfg.spi, keys, cfg.esn, inner).map_err(sa_err("outbound", cfg.spi))?;
-    let meta = OutMeta {
-        peer: peer.name.clone(),
-        endpoint: endpoint(peer, running),
-        fp: Fingerprint::new(&material),
-        key_file: cfg.key_file.clone(),
-    };
-    Ok(PeerSas {
-        outbound: (sa, meta, material),
-        inbound,
-    })
-}
-
-/// Refuses one key material in two places: two SAs over one key share a
-/// nonce space (the SPI is not in the nonce), and so do the two directions.
-fn check_keys_distinct(peers: &[PeerSas]) -> Result<(), DaemonError> {
-    let mut seen: Vec<(&Fingerprint, String)> = Vec::new();
-    for p in peers {
-        let (out, inb) = (&p.outbound, &p.inbound);
-        for (fp, what) in [
-            (
-                &out.1.fp,
-                format!("peer {} outbound SA {:#x}", out.1.peer, out.0.spi),
-            ),
-            (
-                &inb.1.fp,
-                format!("peer {} inbound SA {:#x}", inb.1.peer, inb.0.spi),
-            ),
-        ] {
-            if let Some((_, first)) = seen.iter().find(|(f, _)| *f == fp) {
-                return Err(DaemonError::SharedKey {
-                    first: first.clone(),
-                    second: what,
-                });
-            }
-            seen.push((fp, what));
-        }
-    }
-    Ok(())
-}
-
-/// Claims an outbound SA's first reservation (see
-/// [`ReservationStore::claim`]), logging how it starts.
-pub(crate) fn claim(
-    store: &ReservationStore,
-    sa: &mut OutboundSa,
-    meta: &OutMeta,
-    material: &KeyMaterial,
-) -> Result<(), DaemonError> {
-    let claim = store
-        .claim(&meta.fp, material, sa, reservation::DEFAULT_BLOCK)
-        .map_err(|source| DaemonError::Reservation {
-            peer: meta.peer.clone(),
-            spi: sa.spi,
-            key_file: meta.key_file.clone(),
-            source,
-        })?;
-    let spi = format_args!("{:#x}", sa.spi);
-    match claim {
-        Claim::Fresh => tracing::info!(
-            peer = %meta.peer,
-            spi,
-            "outbound key is fresh: starting at sequence number 1"
-        ),
-        Claim::Resumed { after } => tracing::info!(
-            peer = %meta.peer,
-            spi,
-            "resuming above the recorded reservation {after}"
-        ),
-    }
-    Ok(())
 }
 
 fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
@@ -433,26 +219,28 @@ impl Daemon {
         let state_lock = store.lock().map_err(DaemonError::State)?;
         let mut peers = Vec::with_capacity(config.peers.len());
         for peer in &config.peers {
-            peers.push(build_peer(&selector, &config, peer)?);
+            peers.push(sas::build_peer(&selector, &config, peer)?);
         }
-        check_keys_distinct(&peers)?;
-        for p in &mut peers {
-            let (sa, meta, material) = &mut p.outbound;
-            claim(&store, sa, meta, material)?;
-        }
+        sas::check_keys_distinct(&peers)?;
         let tun = Tun::create(&config.interface)?;
         let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
             interface: config.interface.clone(),
             source,
         })?;
+        // Sequence numbers are reserved once the interface and sockets are
+        // up: a start that fails before this point burns none. No thread
+        // runs yet, so nothing else can draw on these keys.
+        for p in &mut peers {
+            if let Some(new) = &mut p.outbound {
+                sas::claim(&store, &p.peer, new)?;
+            }
+        }
 
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             selector,
             started: Instant::now(),
             selftest_interval: Duration::from_secs(config.selftest_interval_secs),
-            rekey_switch: config.rekey_switch,
-            rekey_retire: config.rekey_retire,
             out_counters: Arc::new(Counters::default()),
             in_counters: Arc::new(Counters::default()),
             io: IoCounters::default(),
@@ -466,45 +254,52 @@ impl Daemon {
             },
         });
 
-        let inbound_wanted = peers
-            .iter()
-            .map(|p| {
-                (
-                    p.inbound.1.peer.clone(),
-                    p.inbound.1.fp.clone(),
-                    p.inbound.0.spi,
-                )
-            })
-            .collect();
-        let (out_sas, in_sas): (Vec<_>, Vec<_>) = peers
-            .into_iter()
-            .map(|p| ((p.outbound.0, p.outbound.1), p.inbound))
-            .unzip();
-        let tun = Arc::new(tun);
-        let sockets = Arc::new(sockets);
         let (out_tx, out_rx) = mpsc::channel();
         let (in_tx, in_rx) = mpsc::channel();
+        let (events_tx, events_rx) = mpsc::channel();
+        let timing = Timing {
+            switch_after: config.rekey_switch,
+            retire_after: config.rekey_retire,
+        };
+        let mut manager = SaManager::new(timing, out_tx, in_tx, events_rx);
+        // The first commands wait in the channels: each thread applies them
+        // before it reads its first packet.
+        if let Some((peer, refusal)) = manager.install(peers, Instant::now()).into_iter().next() {
+            return Err(DaemonError::Refused { peer, refusal });
+        }
+        let tun = Arc::new(tun);
+        let sockets = Arc::new(sockets);
         let mut daemon = Daemon {
             config_path: config_path.to_path_buf(),
             config,
             shared: shared.clone(),
-            out_tx,
-            in_tx,
-            inbound_wanted,
+            sas: manager,
             threads: Vec::new(),
             net: Some(net),
             _state_lock: state_lock,
         };
-        let outbound = workers::OutboundWorker::new(
+        let mut pipeline = Outbound::new(InnerPolicy::default());
+        pipeline.counters = shared.out_counters.clone();
+        let outbound = outbound::OutboundWorker::new(
             shared.clone(),
             tun.clone(),
             sockets.clone(),
             store,
-            out_sas,
+            pipeline,
             out_rx,
+            events_tx.clone(),
         );
-        let inbound =
-            workers::InboundWorker::new(shared.clone(), tun, sockets, in_sas, in_rx, drop_capture);
+        let mut pipeline = Inbound::new(InnerPolicy::default());
+        pipeline.counters = shared.in_counters.clone();
+        let inbound = inbound::InboundWorker::new(
+            shared.clone(),
+            tun,
+            sockets,
+            pipeline,
+            in_rx,
+            events_tx,
+            drop_capture,
+        );
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
         let control_shared = shared;
@@ -550,7 +345,9 @@ impl Daemon {
     /// after a clean stop, or with an error if a datapath thread died.
     pub fn run_until_stopped(mut self, signals: &Signals) -> Result<(), DaemonError> {
         loop {
-            match signals.wait(Duration::from_millis(500)) {
+            // Also the key manager's clock: pending switches and
+            // retirements happen at most this late.
+            match signals.wait(Duration::from_millis(100)) {
                 Some(Signal::Stop) => {
                     tracing::info!("stopping");
                     if let Err(e) = notify::notify("STOPPING=1") {
@@ -564,6 +361,7 @@ impl Daemon {
                 },
                 None => {}
             }
+            self.sas.expire(Instant::now());
             if let Some((name, _)) = self.threads.iter().find(|(_, h)| h.is_finished()) {
                 let name = *name;
                 self.stop()?;
@@ -657,43 +455,16 @@ impl Daemon {
                     tracing::warn!(peer = %peer.name, direction, "reload: icv, esn and replay_window apply to a new SA only (new SPI and key); unchanged");
                 }
             }
-            peers.push(build_peer(&self.shared.selector, &self.config, peer)?);
+            peers.push(sas::build_peer(&self.shared.selector, &self.config, peer)?);
         }
         for old in &self.config.peers {
             if !new.peers.iter().any(|p| p.name == old.name) {
                 tracing::warn!(peer = %old.name, "reload: removing a peer needs a restart; it keeps running");
             }
         }
-        check_keys_distinct(&peers)?;
-
-        let mut out_plan = OutboundPlan {
-            desired: Vec::new(),
-        };
-        let mut in_plan = InboundPlan {
-            desired: Vec::new(),
-        };
-        for p in peers {
-            let (in_sa, in_meta) = p.inbound;
-            let (out_sa, out_meta, material) = p.outbound;
-            let wanted = (in_meta.peer.clone(), in_meta.fp.clone(), in_sa.spi);
-            let inbound_changed = !self.inbound_wanted.contains(&wanted);
-            let switch_when = inbound_changed.then(|| in_meta.seen.clone());
-            self.inbound_wanted.retain(|w| w.0 != wanted.0);
-            self.inbound_wanted.push(wanted);
-            in_plan.desired.push((in_sa, in_meta));
-            out_plan.desired.push(NewOutbound {
-                sa: out_sa,
-                meta: out_meta,
-                material,
-                switch_when,
-            });
-        }
-        self.in_tx
-            .send(in_plan)
-            .map_err(|_| DaemonError::ThreadDied("inbound"))?;
-        self.out_tx
-            .send(out_plan)
-            .map_err(|_| DaemonError::ThreadDied("outbound"))?;
+        sas::check_keys_distinct(&peers)?;
+        // Refusals are logged by the key manager; the rest is applied.
+        self.sas.install(peers, Instant::now());
         for p in &mut self.config.peers {
             if let Some(n) = new
                 .peers
@@ -704,7 +475,7 @@ impl Daemon {
                 p.inbound = n.inbound.clone();
             }
         }
-        tracing::info!("reload handed to the datapath threads");
+        tracing::info!("reload handed to the key manager");
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use crate::crypto::select::Selector;
 use crate::packet::PacketBuf;
 use crate::sa::InboundSa;
 use crate::sa::replay::ReplayError;
+use crate::sa::table::{SaId, SaMeta, SaTable, TableError};
 use crate::wire::esp::{self, EspPacket, UdpPayload};
 use crate::wire::inner::{self, InnerPolicy, Pseudo};
 use crate::wire::ip::{self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, protocol};
@@ -37,9 +38,9 @@ pub struct Inbound {
     pub ike_handler: bool,
     /// Shared so that a status reader on another thread sees them live.
     pub counters: Arc<Counters>,
-    sas: Vec<InboundSa>,
-    /// Per SA, beside `sas`: what was dropped after the SA was found.
-    sa_drops: Vec<SaDrops>,
+    /// Looked up by SPI (active and retiring SAs alike); each entry counts
+    /// what was dropped after it was found.
+    pub sas: SaTable<InboundSa, SaDrops>,
     /// Per reason, the latest [`Self::process`] call's last drop.
     last_drops: [Option<DropContext>; DropReason::ALL.len()],
 }
@@ -52,32 +53,16 @@ impl Inbound {
         }
     }
 
-    pub fn add_sa(&mut self, sa: InboundSa) -> usize {
-        self.sas.push(sa);
-        self.sa_drops.push([0; DropReason::ALL.len()]);
-        self.sas.len() - 1
+    /// Adds an SA under the next free id (for tools and tests; the daemon
+    /// names its SAs itself through [`Self::sas`]).
+    pub fn add_sa(&mut self, sa: InboundSa, meta: SaMeta) -> Result<SaId, TableError> {
+        let id = SaId(self.sas.iter().map(|e| e.id.0).max().unwrap_or(0) + 1);
+        self.sas.insert(id, sa, meta)?;
+        Ok(id)
     }
 
-    /// Drops, by reason, of packets matched to the SA at `index`.
-    pub fn sa_drops(&self, index: usize) -> Option<&SaDrops> {
-        self.sa_drops.get(index)
-    }
-
-    pub fn sas(&self) -> &[InboundSa] {
-        &self.sas
-    }
-
-    pub fn sa_mut(&mut self, index: usize) -> Option<&mut InboundSa> {
-        self.sas.get_mut(index)
-    }
-
-    /// Removes and returns the SA at `index` (later indices shift down).
-    pub fn remove_sa(&mut self, index: usize) -> Option<InboundSa> {
-        if index >= self.sas.len() {
-            return None;
-        }
-        self.sa_drops.remove(index);
-        Some(self.sas.remove(index))
+    pub fn sa_mut(&mut self, id: SaId) -> Option<&mut InboundSa> {
+        self.sas.get_mut(id).map(|e| &mut e.sa)
     }
 
     /// The last packet the latest [`Self::process`] dropped for `reason`,
@@ -110,8 +95,8 @@ impl Inbound {
                 Ok(()) => Verdict::Deliver,
                 Err(DropReason::Ike) if self.ike_handler => Verdict::Ike,
                 Err(reason) => {
-                    if let Some(counts) = context.sa.and_then(|i| self.sa_drops.get_mut(i)) {
-                        counts[reason.index()] += 1;
+                    if let Some(entry) = context.sa.and_then(|id| self.sas.get_mut(id)) {
+                        entry.counters[reason.index()] += 1;
                     }
                     self.last_drops[reason.index()] = Some(context);
                     self.counters.count_drop(reason)
@@ -142,13 +127,12 @@ impl Inbound {
             _ => return Err(DropReason::Truncated),
         };
         context.spi = Some(spi);
-        let index = self
+        let entry = self
             .sas
-            .iter()
-            .position(|sa| sa.spi == spi)
+            .find_mut(|e| e.sa.spi == spi)
             .ok_or(DropReason::UnknownSpi)?;
-        context.sa = Some(index);
-        let sa = &mut self.sas[index];
+        context.sa = Some(entry.id);
+        let sa = &mut entry.sa;
         let icv = sa.keys.icv().bytes();
         let packet = EspPacket::new_checked(data, icv).map_err(|_| DropReason::Truncated)?;
 
@@ -200,10 +184,11 @@ impl Inbound {
             _ => return Err(DropReason::InnerHeader),
         };
         let segment = &storage[ciphertext_start..payload_end];
-        context.flow = Some(Flow::of_segment(remote, local, next_header, segment));
         let verdict = match inner::validate_segment(pseudo, next_header, segment, self.policy) {
             Ok(verdict) => verdict,
             Err(e) => {
+                // Flows are worked out for dropped packets only.
+                context.flow = Some(Flow::of_segment(remote, local, next_header, segment));
                 // Kept for post-mortems: the decrypted packet as it would
                 // have been delivered.
                 buf.set_range(header_start, payload_end);

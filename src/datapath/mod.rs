@@ -15,9 +15,10 @@
 pub mod inbound;
 pub mod outbound;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::sa::table::SaId;
 use crate::wire::inner::{InnerError, InnerVerdict};
 use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, Ipv6Packet, protocol};
 
@@ -153,10 +154,10 @@ impl From<InnerError> for DropReason {
 /// What to do with one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Outbound: send the buffer's bytes (the ESP packet) to the peer of
-    /// the outbound SA at this index.
+    /// Outbound: send the buffer's bytes (the ESP packet) to `to`, the
+    /// endpoint of the SA that sealed it (for raw ESP the port is unused).
     Send {
-        sa: usize,
+        to: SocketAddr,
     },
     /// Inbound: write the buffer's bytes (the rebuilt IP packet) to TUN.
     Deliver,
@@ -250,8 +251,8 @@ pub struct DropContext {
     pub spi: Option<u32>,
     pub seq: Option<u64>,
     pub flow: Option<Flow>,
-    /// The index of the SA the packet was matched to, if it got that far.
-    pub sa: Option<usize>,
+    /// The SA the packet was matched to, if it got that far.
+    pub sa: Option<SaId>,
     /// The packet's index in its batch.
     pub packet: usize,
 }

@@ -7,7 +7,7 @@
 //! ports 4500 by default; RFC 4303 section 3.1.1: transport mode keeps the
 //! IP addresses, which the receiver rebuilds from its SA).
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,10 +15,10 @@ use super::{Counters, DropReason, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
 use crate::packet::PacketBuf;
+use crate::sa::table::{SaId, SaMeta, SaState, SaTable, TableError};
 use crate::sa::{OutboundSa, SeqError};
 use crate::wire::esp;
 use crate::wire::inner::{self, InnerPolicy};
-use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, Ipv6Packet};
 
 /// The outbound pipeline and its SAs.
 #[derive(Debug, Default)]
@@ -26,11 +26,9 @@ pub struct Outbound {
     pub policy: InnerPolicy,
     /// Shared so that a status reader on another thread sees them live.
     pub counters: Arc<Counters>,
-    /// Looked up by inner remote address. A linear scan: hosts have few
-    /// peers, and it beats hashing below a few dozen.
-    sas: Vec<OutboundSa>,
-    /// Per SA, beside `sas`: what was dropped after the SA was found.
-    sa_drops: Vec<SaDrops>,
+    /// Looked up by inner remote address among the active SAs; each
+    /// entry counts what was dropped after it was found.
+    pub sas: SaTable<OutboundSa, SaDrops>,
 }
 
 impl Outbound {
@@ -41,33 +39,16 @@ impl Outbound {
         }
     }
 
-    /// Adds an SA; returns the index [`Verdict::Send`] will name.
-    pub fn add_sa(&mut self, sa: OutboundSa) -> usize {
-        self.sas.push(sa);
-        self.sa_drops.push([0; DropReason::ALL.len()]);
-        self.sas.len() - 1
+    /// Adds an SA under the next free id (for tools and tests; the daemon
+    /// names its SAs itself through [`Self::sas`]).
+    pub fn add_sa(&mut self, sa: OutboundSa, meta: SaMeta) -> Result<SaId, TableError> {
+        let id = SaId(self.sas.iter().map(|e| e.id.0).max().unwrap_or(0) + 1);
+        self.sas.insert(id, sa, meta)?;
+        Ok(id)
     }
 
-    /// Drops, by reason, of packets matched to the SA at `index`.
-    pub fn sa_drops(&self, index: usize) -> Option<&SaDrops> {
-        self.sa_drops.get(index)
-    }
-
-    pub fn sas(&self) -> &[OutboundSa] {
-        &self.sas
-    }
-
-    pub fn sa_mut(&mut self, index: usize) -> Option<&mut OutboundSa> {
-        self.sas.get_mut(index)
-    }
-
-    /// Removes and returns the SA at `index` (later indices shift down).
-    pub fn remove_sa(&mut self, index: usize) -> Option<OutboundSa> {
-        if index >= self.sas.len() {
-            return None;
-        }
-        self.sa_drops.remove(index);
-        Some(self.sas.remove(index))
+    pub fn sa_mut(&mut self, id: SaId) -> Option<&mut OutboundSa> {
+        self.sas.get_mut(id).map(|e| &mut e.sa)
     }
 
     /// Seals a batch in place; `verdicts` gets one entry per packet (its
@@ -84,10 +65,10 @@ impl Outbound {
         for buf in batch {
             let mut matched = None;
             let verdict = match self.seal_one(provider, buf, &mut matched) {
-                Ok(sa) => Verdict::Send { sa },
+                Ok(to) => Verdict::Send { to },
                 Err(reason) => {
-                    if let Some(counts) = matched.and_then(|i| self.sa_drops.get_mut(i)) {
-                        counts[reason.index()] += 1;
+                    if let Some(entry) = matched.and_then(|id| self.sas.get_mut(id)) {
+                        entry.counters[reason.index()] += 1;
                     }
                     self.counters.count_drop(reason)
                 }
@@ -101,19 +82,18 @@ impl Outbound {
         &mut self,
         provider: Option<ProviderId>,
         buf: &mut PacketBuf,
-        matched: &mut Option<usize>,
-    ) -> Result<usize, DropReason> {
+        matched: &mut Option<SaId>,
+    ) -> Result<SocketAddr, DropReason> {
         // Corruption between the kernel and the cipher is caught here,
         // before a valid ICV would vouch for it.
-        let inner = inner::validate(buf.data(), self.policy)?;
-        let shape = Shape::of(buf.data());
-        let index = self
+        let shape = inner::validate(buf.data(), self.policy)?;
+        let entry = self
             .sas
-            .iter()
-            .position(|sa| sa.inner.remote == shape.dst)
+            .find_mut(|e| e.meta.state == SaState::Active && e.sa.inner.remote == shape.dst)
             .ok_or(DropReason::NoSa)?;
-        *matched = Some(index);
-        let sa = &mut self.sas[index];
+        *matched = Some(entry.id);
+        let to = entry.meta.endpoint;
+        let sa = &mut entry.sa;
         if sa.inner.local != shape.src {
             return Err(DropReason::SourceMismatch);
         }
@@ -166,41 +146,7 @@ impl Outbound {
         }
         sa.stats.packets += 1;
         sa.stats.bytes += shape.total_len as u64;
-        self.counters.exception(inner);
-        Ok(index)
-    }
-}
-
-/// What outbound needs from an inner IP header that `inner::validate`
-/// already accepted (so the unchecked views cannot panic).
-struct Shape {
-    header_len: usize,
-    total_len: usize,
-    protocol: u8,
-    src: IpAddr,
-    dst: IpAddr,
-}
-
-impl Shape {
-    fn of(packet: &[u8]) -> Shape {
-        if packet[0] >> 4 == 4 {
-            let ip = Ipv4Packet::new_unchecked(packet);
-            Shape {
-                header_len: ip.header_len(),
-                total_len: usize::from(ip.total_len()),
-                protocol: ip.protocol(),
-                src: IpAddr::from(ip.src()),
-                dst: IpAddr::from(ip.dst()),
-            }
-        } else {
-            let ip = Ipv6Packet::new_unchecked(packet);
-            Shape {
-                header_len: IPV6_HEADER_LEN,
-                total_len: IPV6_HEADER_LEN + usize::from(ip.payload_len()),
-                protocol: ip.next_header(),
-                src: IpAddr::from(ip.src()),
-                dst: IpAddr::from(ip.dst()),
-            }
-        }
+        self.counters.exception(shape.verdict);
+        Ok(to)
     }
 }

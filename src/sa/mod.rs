@@ -11,8 +11,11 @@
 //! - An SA holds one key object per provider that passed its self-tests,
 //!   so a switch of provider needs no rekeying.
 
+pub mod keymgr;
+pub mod lifecycle;
 pub mod replay;
 pub mod reservation;
+pub mod table;
 
 use std::net::IpAddr;
 

@@ -9,7 +9,9 @@
 //! checksum is [`InnerPolicy`], not scattered `if`s.
 
 use super::checksum::{self, combine, pseudo_header_v4, pseudo_header_v6, sum};
-use super::ip::{IpError, Ipv4Packet, Ipv6Packet, protocol, version};
+use std::net::IpAddr;
+
+use super::ip::{IPV6_HEADER_LEN, IpError, Ipv4Packet, Ipv6Packet, protocol, version};
 
 /// Which packets without a verifiable checksum may pass (each counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,30 +91,60 @@ impl Pseudo {
 /// Validates the transport checksum of one whole IP packet. The IP header
 /// itself must already be trustworthy (outbound: the kernel wrote it;
 /// inbound: esptun rebuilt it), but its lengths are still checked.
-pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<InnerVerdict, InnerError> {
+pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<Validated, InnerError> {
     match version(packet)? {
         4 => {
             let ip = Ipv4Packet::new_checked(packet)?;
             if ip.is_fragment() {
                 return Err(InnerError::Fragment);
             }
-            validate_segment(
+            let verdict = validate_segment(
                 Pseudo::V4(ip.src(), ip.dst()),
                 ip.protocol(),
                 ip.payload(),
                 policy,
-            )
+            )?;
+            Ok(Validated {
+                verdict,
+                header_len: ip.header_len(),
+                total_len: usize::from(ip.total_len()),
+                protocol: ip.protocol(),
+                src: IpAddr::from(ip.src()),
+                dst: IpAddr::from(ip.dst()),
+            })
         }
         _ => {
             let ip = Ipv6Packet::new_checked(packet)?;
-            validate_segment(
+            let verdict = validate_segment(
                 Pseudo::V6(ip.src(), ip.dst()),
                 ip.next_header(),
                 ip.payload(),
                 policy,
-            )
+            )?;
+            Ok(Validated {
+                verdict,
+                header_len: IPV6_HEADER_LEN,
+                total_len: IPV6_HEADER_LEN + usize::from(ip.payload_len()),
+                protocol: ip.next_header(),
+                src: IpAddr::from(ip.src()),
+                dst: IpAddr::from(ip.dst()),
+            })
         }
     }
+}
+
+/// A packet [`validate`] accepted, with what the pipelines need of its IP
+/// header, so that it is parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validated {
+    pub verdict: InnerVerdict,
+    pub header_len: usize,
+    /// The IP header's length field: header and payload.
+    pub total_len: usize,
+    /// The transport protocol (ESP's next header).
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
 }
 
 /// Validates a transport segment whose IP header the caller built itself
@@ -409,7 +441,7 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
             for p in all_packets(&payload) {
                 assert_eq!(
-                    validate(&p, InnerPolicy::default()),
+                    validate(&p, InnerPolicy::default()).map(|v| v.verdict),
                     Ok(InnerVerdict::Verified)
                 );
             }
@@ -453,7 +485,7 @@ mod tests {
         let mut v4 = ipv4(A4, B4, protocol::UDP, b"hello");
         v4[26..28].copy_from_slice(&[0, 0]);
         assert_eq!(
-            validate(&v4, InnerPolicy::default()),
+            validate(&v4, InnerPolicy::default()).map(|v| v.verdict),
             Ok(InnerVerdict::Udp4ZeroChecksum)
         );
         let strict = InnerPolicy {
@@ -503,7 +535,10 @@ mod tests {
             allow_unverifiable_protocols: true,
             ..p
         };
-        assert_eq!(validate(&gre, open), Ok(InnerVerdict::Unverifiable));
+        assert_eq!(
+            validate(&gre, open).map(|v| v.verdict),
+            Ok(InnerVerdict::Unverifiable)
+        );
         // ICMPv6 inside IPv4 is not ICMP: no checksum rule applies.
         assert_eq!(
             validate(&ipv4(A4, B4, protocol::ICMPV6, b"x"), p),
@@ -531,12 +566,12 @@ mod tests {
             ..InnerPolicy::default()
         };
         assert_eq!(
-            validate(&p, partial),
+            validate(&p, partial).map(|v| v.verdict),
             Ok(InnerVerdict::UdpLitePartialCoverage)
         );
         p[40] ^= 0xFF; // uncovered payload byte
         assert_eq!(
-            validate(&p, partial),
+            validate(&p, partial).map(|v| v.verdict),
             Ok(InnerVerdict::UdpLitePartialCoverage)
         );
         p[22] ^= 0xFF; // covered header byte

@@ -12,6 +12,7 @@
 //! same alternating slices, so the share of raw throughput each direction
 //! reaches is a ratio of measurements taken side by side.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -25,6 +26,8 @@ use crate::datapath::inbound::{Encap, Inbound};
 use crate::datapath::outbound::Outbound;
 use crate::packet::PacketBuf;
 use crate::sa::replay::ReplayWindow;
+use crate::sa::reservation::Fingerprint;
+use crate::sa::table::{SaId, SaMeta};
 use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
 use crate::wire::esp;
 use crate::wire::inner::{InnerPolicy, build};
@@ -44,6 +47,7 @@ pub struct DatapathRig {
     selector: Selector,
     out: Outbound,
     inb: Inbound,
+    inbound_sa: SaId,
     plain: Vec<u8>,
     sealed: Vec<Vec<u8>>,
     batch: Vec<PacketBuf>,
@@ -88,11 +92,19 @@ impl DatapathRig {
             OutboundSa::new(SPI, keys()?, false, addrs(A, B)?).map_err(|e| e.to_string())?;
         // A benchmark key lives only in this process: no restart can reuse it.
         sa.set_ceiling(u64::MAX);
-        out.add_sa(sa);
+        let meta = || {
+            let endpoint = SocketAddr::from((B, 4500));
+            SaMeta::active("bench", endpoint, Fingerprint::new(&material))
+        };
+        out.add_sa(sa, meta()).map_err(|e| e.to_string())?;
         let mut inb = Inbound::new(InnerPolicy::default());
-        inb.add_sa(
-            InboundSa::new(SPI, keys()?, false, addrs(B, A)?, WINDOW).map_err(|e| e.to_string())?,
-        );
+        let inbound_sa = inb
+            .add_sa(
+                InboundSa::new(SPI, keys()?, false, addrs(B, A)?, WINDOW)
+                    .map_err(|e| e.to_string())?,
+                meta(),
+            )
+            .map_err(|e| e.to_string())?;
 
         let payload: Vec<u8> = (0..size - MIN_PACKET).map(|i| (i * 31 + 7) as u8).collect();
         let plain = build::ipv4(A, B, protocol::UDP, &payload);
@@ -113,6 +125,7 @@ impl DatapathRig {
             selector,
             out,
             inb,
+            inbound_sa,
             plain,
             sealed: Vec::new(),
             batch,
@@ -153,7 +166,7 @@ impl DatapathRig {
                 return Err("benchmark buffer too small".into());
             }
         }
-        if let Some(sa) = self.inb.sa_mut(0) {
+        if let Some(sa) = self.inb.sa_mut(self.inbound_sa) {
             sa.replay = ReplayWindow::new(WINDOW, false).map_err(|e| e.to_string())?;
         }
         let start = Instant::now();

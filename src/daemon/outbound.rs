@@ -1,0 +1,275 @@
+//! The outbound thread: TUN -> [`Outbound`] -> outer socket, and the
+//! outbound SA table's commands from the key manager ([`super::sas`]).
+//!
+//! This thread alone claims and extends sequence reservations once the
+//! daemon runs: it applies every removal the manager sent before an
+//! install, so a key is claimed only when no SA in its table can still
+//! draw on it.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use super::sas::{OutboundCommands, SaCommand, SaEvent};
+use super::shared::Shared;
+use super::status::{self, IoCounters, OutboundSaStatus};
+use super::workers::{
+    BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets,
+    TOP_UP_BELOW, count, maybe_selftest,
+};
+use crate::datapath::outbound::Outbound;
+use crate::datapath::{DropContext, Flow, Verdict};
+use crate::io::tun::Tun;
+use crate::packet::PacketBuf;
+use crate::sa::hard_limit;
+use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
+use crate::sa::table::SaState;
+
+/// TUN -> ESP -> socket.
+pub(crate) struct OutboundWorker {
+    shared: Arc<Shared>,
+    tun: Arc<Tun>,
+    sockets: Arc<Sockets>,
+    store: ReservationStore,
+    outbound: Outbound,
+    commands: Receiver<OutboundCommands>,
+    events: Sender<SaEvent>,
+    drop_log: DropLog,
+    errors: ErrorLog,
+}
+
+impl OutboundWorker {
+    pub fn new(
+        shared: Arc<Shared>,
+        tun: Arc<Tun>,
+        sockets: Arc<Sockets>,
+        store: ReservationStore,
+        outbound: Outbound,
+        commands: Receiver<OutboundCommands>,
+        events: Sender<SaEvent>,
+    ) -> Self {
+        OutboundWorker {
+            shared,
+            tun,
+            sockets,
+            store,
+            outbound,
+            commands,
+            events,
+            drop_log: DropLog::new("outbound"),
+            errors: ErrorLog::new("outbound"),
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(BUF_CAPACITY)).collect();
+        let mut verdicts = Vec::with_capacity(BATCH);
+        let mut next_check = Instant::now() + self.shared.selftest_interval;
+        let mut next_publish = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            self.apply_commands();
+            maybe_selftest(&self.shared, &mut next_check, "outbound");
+            if Instant::now() >= next_publish {
+                self.publish();
+                next_publish = Instant::now() + PUBLISH_EVERY;
+            }
+            match crate::io::poll_readable(&[self.tun.as_fd()], POLL) {
+                Ok(ready) if ready.is_ready(0) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    self.errors.io("poll on the TUN device", &e);
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            }
+            let n = match self.tun.read_batch(&mut bufs) {
+                Ok(n) => n,
+                Err(e) => {
+                    count(&self.shared.io.tun_read_errors);
+                    self.errors.io("reading the TUN device", &e);
+                    // A persistent error must not spin the thread.
+                    std::thread::sleep(ERROR_BACKOFF);
+                    continue;
+                }
+            };
+            if n == 0 {
+                continue;
+            }
+            self.outbound
+                .process(&self.shared.selector, &mut bufs[..n], &mut verdicts);
+            self.send(&bufs[..n], &verdicts);
+            self.log_drops(&bufs[..n], &verdicts);
+            self.top_up();
+        }
+        self.publish();
+    }
+
+    /// One `sendmmsg` per address family, straight from the batch.
+    fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        for v6 in [false, true] {
+            let packets = || {
+                bufs.iter().zip(verdicts).filter_map(|(buf, v)| match v {
+                    Verdict::Send { to } if to.is_ipv6() == v6 => Some((buf.data(), *to)),
+                    _ => None,
+                })
+            };
+            let count = packets().count() as u64;
+            if count == 0 {
+                continue;
+            }
+            let socket = if v6 {
+                &self.sockets.v6
+            } else {
+                &self.sockets.v4
+            };
+            let result = match socket {
+                Some(socket) => socket.send_iter(packets()),
+                None => Err(std::io::Error::other(
+                    "no outer socket of this address family",
+                )),
+            };
+            match result {
+                Ok(report) => {
+                    if report.failed > 0 {
+                        IoCounters::add(&self.shared.io.send_errors, report.failed as u64);
+                        if let Some(e) = report.last_error {
+                            self.errors.io("sending ESP packets", &e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    IoCounters::add(&self.shared.io.send_errors, count);
+                    self.errors.io("sending ESP packets", &e);
+                }
+            }
+        }
+    }
+
+    fn log_drops(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        let now = Instant::now();
+        for (buf, v) in bufs.iter().zip(verdicts) {
+            if let Verdict::Drop(reason) = v
+                && self.drop_log.due(*reason, now)
+            {
+                // Flows are worked out for logged drops only.
+                let flow = Flow::of_packet(buf.data());
+                let spi = flow.and_then(|f| {
+                    self.outbound
+                        .sas
+                        .iter()
+                        .find(|e| e.meta.state == SaState::Active && e.sa.inner.remote == f.dst)
+                        .map(|e| e.sa.spi)
+                });
+                let context = DropContext {
+                    spi,
+                    flow,
+                    ..DropContext::default()
+                };
+                self.drop_log.log(*reason, &context);
+            }
+        }
+    }
+
+    /// Makes the next block durable well before the current one runs out.
+    fn top_up(&mut self) {
+        for entry in self.outbound.sas.iter_mut() {
+            let sa = &mut entry.sa;
+            let limit = hard_limit(sa.esn);
+            if sa.ceiling() >= limit || sa.ceiling().saturating_sub(sa.last_used()) >= TOP_UP_BELOW
+            {
+                continue;
+            }
+            if let Err(e) = self.store.reserve_block(&entry.meta.fp, sa, DEFAULT_BLOCK) {
+                count(&self.shared.io.reservation_errors);
+                if self.errors.due() {
+                    tracing::error!(
+                        peer = %entry.meta.peer,
+                        spi = format_args!("{:#x}", sa.spi),
+                        "cannot reserve sequence numbers; the SA stops sending when its reservation runs out: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Applies the key manager's commands, in order.
+    fn apply_commands(&mut self) {
+        while let Ok(commands) = self.commands.try_recv() {
+            for command in commands {
+                match command {
+                    SaCommand::Install { id, mut new, meta } => {
+                        if !new.claimed
+                            && let Err(e) = super::sas::claim(&self.store, &meta.peer, &mut new)
+                        {
+                            tracing::error!("reload: {e}; unchanged");
+                            let _ = self.events.send(SaEvent::InstallFailed { id });
+                            continue;
+                        }
+                        let (peer, spi, state) = (meta.peer.clone(), new.sa.spi, meta.state);
+                        if let Err(e) = self.outbound.sas.insert(id, new.sa, meta) {
+                            // The manager never asks for this; the table
+                            // refuses it all the same.
+                            tracing::error!(peer, "outbound SA {spi:#x} not installed: {e}");
+                            let _ = self.events.send(SaEvent::InstallFailed { id });
+                            continue;
+                        }
+                        if state == SaState::Active {
+                            tracing::info!(
+                                peer,
+                                spi = format_args!("{spi:#x}"),
+                                "outbound SA now in use"
+                            );
+                        }
+                    }
+                    SaCommand::SetState { id, state } => {
+                        if let Some(entry) = self.outbound.sas.get_mut(id) {
+                            entry.meta.state = state;
+                            if state == SaState::Active {
+                                tracing::info!(
+                                    peer = %entry.meta.peer,
+                                    spi = format_args!("{:#x}", entry.sa.spi),
+                                    "outbound SA now in use"
+                                );
+                            }
+                        }
+                    }
+                    SaCommand::SetEndpoint { id, endpoint } => {
+                        if let Some(entry) = self.outbound.sas.get_mut(id) {
+                            entry.meta.endpoint = endpoint;
+                        }
+                    }
+                    SaCommand::Remove { id } => {
+                        self.outbound.sas.remove(id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let rows = self
+            .outbound
+            .sas
+            .iter()
+            .map(|e| OutboundSaStatus {
+                peer: e.meta.peer.clone(),
+                spi: e.sa.spi,
+                endpoint: e.meta.endpoint.to_string(),
+                state: e.meta.state.as_str(),
+                packets: e.sa.stats.packets,
+                bytes: e.sa.stats.bytes,
+                seq_used: e.sa.last_used(),
+                seq_reserved: e.sa.ceiling(),
+                soft_limit_reached: e.sa.past_soft_limit(),
+                drops: status::sa_drops(Some(&e.counters)),
+            })
+            .collect();
+        *self
+            .shared
+            .out_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+}

@@ -1,0 +1,414 @@
+//! The daemon's key manager: SAs built from the configuration, the
+//! lifecycle's decisions ([`crate::sa::lifecycle`]) turned into commands
+//! for the two datapath threads, which own the SA tables.
+//!
+//! The manager keeps the lifecycle's picture of both tables (no keys) and
+//! is the only one that decides. The threads apply commands in order, each
+//! batch at a batch edge; the outbound thread alone claims and extends
+//! sequence reservations, after it has applied every removal sent before,
+//! so no two SAs can ever draw on one key's nonce space.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use super::DaemonError;
+use crate::config::{Valid, ValidPeer};
+use crate::crypto::select::Selector;
+use crate::keyfile;
+use crate::sa::keymgr::{KeyManager, NewInbound, NewOutbound, PeerSas};
+use crate::sa::lifecycle::{
+    self, Action, Refusal, RemoveReason, SaView, Timing, WantedPeer, WantedSa,
+};
+use crate::sa::reservation::{self, Claim, Fingerprint, ReservationStore};
+use crate::sa::table::{Direction, SaId, SaIds, SaMeta, SaState};
+use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
+
+/// A change to one thread's SA table.
+pub(crate) enum SaCommand<New> {
+    Install { id: SaId, new: New, meta: SaMeta },
+    SetState { id: SaId, state: SaState },
+    SetEndpoint { id: SaId, endpoint: SocketAddr },
+    Remove { id: SaId },
+}
+
+/// What a datapath thread tells the manager.
+#[derive(Debug)]
+pub(crate) enum SaEvent {
+    /// The SA could not be installed (its reservation could not be
+    /// claimed); it is not in the table.
+    InstallFailed { id: SaId },
+    /// The inbound SA authenticated its first packet: the peer uses it.
+    Seen { id: SaId },
+}
+
+pub(crate) type OutboundCommands = Vec<SaCommand<NewOutbound>>;
+pub(crate) type InboundCommands = Vec<SaCommand<InboundSa>>;
+
+/// Drives [`lifecycle::plan`] and hands its actions to the threads.
+pub(crate) struct SaManager {
+    timing: Timing,
+    views: Vec<SaView>,
+    ids: SaIds,
+    out_tx: Sender<OutboundCommands>,
+    in_tx: Sender<InboundCommands>,
+    events: Receiver<SaEvent>,
+}
+
+impl SaManager {
+    pub fn new(
+        timing: Timing,
+        out_tx: Sender<OutboundCommands>,
+        in_tx: Sender<InboundCommands>,
+        events: Receiver<SaEvent>,
+    ) -> Self {
+        SaManager {
+            timing,
+            views: Vec::new(),
+            ids: SaIds::default(),
+            out_tx,
+            in_tx,
+            events,
+        }
+    }
+
+    fn take_events(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                SaEvent::InstallFailed { id } => self.views.retain(|v| v.id != id),
+                SaEvent::Seen { id } => {
+                    if let Some(v) = self.views.iter_mut().find(|v| v.id == id) {
+                        v.seen = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(
+        &mut self,
+        wanted: &[WantedPeer],
+        peers: Vec<PeerSas>,
+        now: Instant,
+    ) -> Vec<(String, Refusal)> {
+        self.take_events();
+        let actions = lifecycle::plan(wanted, &self.views, now, self.timing);
+        self.dispatch(&actions, wanted, peers)
+    }
+
+    /// Applies `actions`: to the views here, and as commands to the
+    /// threads (the inbound batch first, so a new inbound SA accepts
+    /// before anything switches).
+    fn dispatch(
+        &mut self,
+        actions: &[Action],
+        wanted: &[WantedPeer],
+        mut peers: Vec<PeerSas>,
+    ) -> Vec<(String, Refusal)> {
+        let mut out: OutboundCommands = Vec::new();
+        let mut inb: InboundCommands = Vec::new();
+        let mut refused = Vec::new();
+        for action in actions {
+            let direction = |id: SaId| self.views.iter().find(|v| v.id == id).map(|v| v.direction);
+            match action {
+                Action::Install {
+                    peer,
+                    direction,
+                    state,
+                    ..
+                } => {
+                    let Some(id) = lifecycle::apply(&mut self.views, action, wanted, &mut self.ids)
+                    else {
+                        continue;
+                    };
+                    let Some(view) = self.views.iter().find(|v| v.id == id) else {
+                        continue;
+                    };
+                    let meta = SaMeta {
+                        peer: peer.clone(),
+                        endpoint: view.endpoint,
+                        fp: view.fp.clone(),
+                        state: *state,
+                    };
+                    let Some(p) = peers.iter_mut().find(|p| &p.peer == peer) else {
+                        continue;
+                    };
+                    match direction {
+                        Direction::Outbound => {
+                            if let Some(new) = p.outbound.take() {
+                                out.push(SaCommand::Install { id, new, meta });
+                            }
+                        }
+                        Direction::Inbound => {
+                            if let Some(new) = p.inbound.take() {
+                                let spi = format_args!("{:#x}", new.sa.spi);
+                                tracing::info!(peer = %peer, spi, "inbound SA accepting");
+                                inb.push(SaCommand::Install {
+                                    id,
+                                    new: new.sa,
+                                    meta,
+                                });
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Action::Switch {
+                    peer,
+                    from,
+                    to,
+                    forced,
+                } => {
+                    if *forced {
+                        tracing::warn!(
+                            peer = %peer,
+                            "no packet on the peer's new SA after {:?}: switching outbound anyway",
+                            self.timing.switch_after
+                        );
+                    }
+                    if let Some(from) = from {
+                        out.push(SaCommand::Remove { id: *from });
+                    }
+                    out.push(SaCommand::SetState {
+                        id: *to,
+                        state: SaState::Active,
+                    });
+                }
+                Action::Retire { id, at } => inb.push(SaCommand::SetState {
+                    id: *id,
+                    state: SaState::Retiring { at: *at },
+                }),
+                Action::Reactivate { id } => inb.push(SaCommand::SetState {
+                    id: *id,
+                    state: SaState::Active,
+                }),
+                Action::Remove { id, reason } => {
+                    let Some(view) = self.views.iter().find(|v| v.id == *id) else {
+                        continue;
+                    };
+                    let spi = format_args!("{:#x}", view.spi);
+                    match reason {
+                        RemoveReason::Retired => {
+                            tracing::info!(peer = %view.peer, spi, "retired inbound SA")
+                        }
+                        RemoveReason::KeyChangedInPlace => tracing::warn!(
+                            peer = %view.peer,
+                            spi,
+                            "reload changed the key of an inbound SPI in place: replaced at once \
+                             (use a new SPI to roll keys without loss)"
+                        ),
+                        RemoveReason::Cancelled => {
+                            tracing::info!(peer = %view.peer, spi, "pending outbound SA cancelled")
+                        }
+                        RemoveReason::Replaced | RemoveReason::Deleted => {
+                            tracing::info!(peer = %view.peer, spi, direction = %view.direction, "SA removed")
+                        }
+                    }
+                    match direction(*id) {
+                        Some(Direction::Outbound) => out.push(SaCommand::Remove { id: *id }),
+                        Some(Direction::Inbound) => inb.push(SaCommand::Remove { id: *id }),
+                        None => {}
+                    }
+                }
+                Action::SetEndpoint { id, endpoint } => match direction(*id) {
+                    Some(Direction::Outbound) => out.push(SaCommand::SetEndpoint {
+                        id: *id,
+                        endpoint: *endpoint,
+                    }),
+                    Some(Direction::Inbound) => inb.push(SaCommand::SetEndpoint {
+                        id: *id,
+                        endpoint: *endpoint,
+                    }),
+                    None => {}
+                },
+                Action::Refuse { peer, refusal } => {
+                    tracing::error!(peer = %peer, "{refusal}. Unchanged");
+                    refused.push((peer.clone(), refusal.clone()));
+                }
+            }
+            lifecycle::apply(&mut self.views, action, wanted, &mut self.ids);
+        }
+        // A send fails only if the thread is gone, which the main loop
+        // notices and reports.
+        if !inb.is_empty() {
+            let _ = self.in_tx.send(inb);
+        }
+        if !out.is_empty() {
+            let _ = self.out_tx.send(out);
+        }
+        refused
+    }
+}
+
+impl KeyManager for SaManager {
+    fn install(&mut self, peers: Vec<PeerSas>, now: Instant) -> Vec<(String, Refusal)> {
+        let wanted: Vec<WantedPeer> = peers
+            .iter()
+            .map(|p| WantedPeer {
+                peer: p.peer.clone(),
+                endpoint: p.endpoint,
+                outbound: p.outbound.as_ref().map(|o| WantedSa {
+                    spi: o.sa.spi,
+                    fp: o.fingerprint(),
+                }),
+                inbound: p.inbound.as_ref().map(|i| WantedSa {
+                    spi: i.sa.spi,
+                    fp: i.fp.clone(),
+                }),
+            })
+            .collect();
+        self.run(&wanted, peers, now)
+    }
+
+    fn delete(&mut self, peer: &str, direction: Direction, spi: u32, now: Instant) {
+        let actions: Vec<_> = self
+            .views
+            .iter()
+            .filter(|v| v.peer == peer && v.direction == direction && v.spi == spi)
+            .map(|v| Action::Remove {
+                id: v.id,
+                reason: RemoveReason::Deleted,
+            })
+            .collect();
+        self.dispatch(&actions, &[], Vec::new());
+        self.expire(now);
+    }
+
+    fn update_endpoint(&mut self, peer: &str, endpoint: SocketAddr, now: Instant) {
+        let actions: Vec<_> = self
+            .views
+            .iter()
+            .filter(|v| v.peer == peer && v.endpoint != endpoint)
+            .map(|v| Action::SetEndpoint { id: v.id, endpoint })
+            .collect();
+        self.dispatch(&actions, &[], Vec::new());
+        self.expire(now);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        self.run(&[], Vec::new(), now);
+    }
+}
+
+fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonError> {
+    keyfile::load(path).map_err(|source| DaemonError::Key {
+        peer: peer.name.clone(),
+        source,
+    })
+}
+
+/// The peer's outer address (raw ESP has no ports; the socket ignores
+/// this one).
+pub(crate) fn endpoint(peer: &ValidPeer, config: &Valid) -> SocketAddr {
+    let port = if config.outer_udp { config.port } else { 0 };
+    SocketAddr::new(peer.endpoint, port)
+}
+
+/// Builds a peer's SAs, each from one read of its key file. `running`
+/// gives the outer settings (fixed for the life of the process).
+pub(crate) fn build_peer(
+    selector: &Selector,
+    running: &Valid,
+    peer: &ValidPeer,
+) -> Result<PeerSas, DaemonError> {
+    let sa_err = |direction, spi| {
+        move |source| DaemonError::Sa {
+            peer: peer.name.clone(),
+            direction,
+            spi,
+            source,
+        }
+    };
+    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote)
+        .map_err(sa_err("outbound", peer.outbound.spi))?;
+
+    let cfg = &peer.inbound;
+    let material = load_material(peer, &cfg.key_file)?;
+    let keys = SaKeys::new(selector, &material, cfg.icv).map_err(sa_err("inbound", cfg.spi))?;
+    let sa = InboundSa::new(cfg.spi, keys, cfg.esn, inner, cfg.replay_window)
+        .map_err(sa_err("inbound", cfg.spi))?;
+    let inbound = NewInbound {
+        sa,
+        fp: Fingerprint::new(&material),
+    };
+
+    let cfg = &peer.outbound;
+    let material = load_material(peer, &cfg.key_file)?;
+    let keys = SaKeys::new(selector, &material, cfg.icv).map_err(sa_err("outbound", cfg.spi))?;
+    let sa = OutboundSa::new(cfg.spi, keys, cfg.esn, inner).map_err(sa_err("outbound", cfg.spi))?;
+    Ok(PeerSas {
+        peer: peer.name.clone(),
+        endpoint: endpoint(peer, running),
+        outbound: Some(NewOutbound {
+            sa,
+            material,
+            key_file: Some(cfg.key_file.clone()),
+            claimed: false,
+        }),
+        inbound: Some(inbound),
+    })
+}
+
+/// Refuses one key material in two places of one configuration: two SAs
+/// over one key share a nonce space (the SPI is not in the nonce), and so
+/// do the two directions.
+pub(crate) fn check_keys_distinct(peers: &[PeerSas]) -> Result<(), DaemonError> {
+    let mut seen: Vec<(Fingerprint, String)> = Vec::new();
+    for p in peers {
+        let out = p.outbound.as_ref().map(|o| {
+            (
+                o.fingerprint(),
+                format!("peer {} outbound SA {:#x}", p.peer, o.sa.spi),
+            )
+        });
+        let inb = p.inbound.as_ref().map(|i| {
+            (
+                i.fp.clone(),
+                format!("peer {} inbound SA {:#x}", p.peer, i.sa.spi),
+            )
+        });
+        for (fp, what) in out.into_iter().chain(inb) {
+            if let Some((_, first)) = seen.iter().find(|(f, _)| *f == fp) {
+                return Err(DaemonError::SharedKey {
+                    first: first.clone(),
+                    second: what,
+                });
+            }
+            seen.push((fp, what));
+        }
+    }
+    Ok(())
+}
+
+/// Claims an outbound SA's first reservation (see
+/// [`ReservationStore::claim`]), logging how it starts.
+pub(crate) fn claim(
+    store: &ReservationStore,
+    peer: &str,
+    new: &mut NewOutbound,
+) -> Result<(), DaemonError> {
+    let fp = new.fingerprint();
+    let spi = new.sa.spi;
+    let claim = store
+        .claim(&fp, &new.material, &mut new.sa, reservation::DEFAULT_BLOCK)
+        .map_err(|source| DaemonError::Reservation {
+            peer: peer.to_string(),
+            spi,
+            key_file: new.key_file.clone().unwrap_or_default(),
+            source,
+        })?;
+    new.claimed = true;
+    let spi = format_args!("{spi:#x}");
+    match claim {
+        Claim::Fresh => tracing::info!(
+            peer,
+            spi,
+            "outbound key is fresh: starting at sequence number 1"
+        ),
+        Claim::Resumed { after } => {
+            tracing::info!(peer, spi, "resuming above the recorded reservation {after}")
+        }
+    }
+    Ok(())
+}
