@@ -46,6 +46,7 @@ impl TestRng {
 /// For tests that need AES-NI: reports why they skip, or fails when
 /// `ESPTUN_REQUIRE_AESNI=1` (set by CI on machines whose CPU has AES-NI, so
 /// a broken detection cannot turn the hardware tests into silent skips).
+#[track_caller]
 pub fn skip_or_fail_without_aesni(test: &str) {
     let why = hardware::provider().availability.err().unwrap_or_default();
     skip_unless_required(
@@ -74,6 +75,7 @@ pub fn hardware_or_stand_in() -> Provider {
 /// Whether a root-only test may run: without root it reports that `test`
 /// skipped and why (`needs`: what root is for), unless
 /// `ESPTUN_REQUIRE_NETNS=1` (CI), which makes it a failure.
+#[track_caller]
 pub fn require_root(test: &str, needs: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
@@ -98,6 +100,7 @@ pub fn skip(test: &str, why: &str) {
 
 /// [`skip`], unless the environment variable `required` is `1` (CI sets
 /// it where the prerequisite is installed), which makes the skip a failure.
+#[track_caller]
 pub fn skip_unless_required(test: &str, required: &str, why: &str) {
     if std::env::var(required).as_deref() == Ok("1") {
         panic!("{test}: {why}, and {required}=1 is set");
