@@ -9,7 +9,8 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use esptun::lab::demo::{LabOptions, Side, TunnelLab};
@@ -162,38 +163,193 @@ fn stop_and_check_cleanup(lab: &TunnelLab) {
     }
 }
 
+/// A check some configuration cases add to the common [`traffic`] ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Extra {
+    /// `a` runs as systemd would run it: READY=1 only once it can carry
+    /// traffic (interface up, status answering), STOPPING=1 on the way out.
+    SystemdNotify,
+    /// What an operator types: `esptun status -c FILE`, text and JSON.
+    StatusCommand,
+    /// The provider `a` reports in its status.
+    Provider(&'static str),
+}
+
+/// One configuration of the tunnel: its lab, how much TCP goes through it,
+/// and what it checks beyond the invariants of [`traffic`].
+struct ConfigCase {
+    /// The name in the lab's messages and skips.
+    name: &'static str,
+    tag: &'static str,
+    subnet: u8,
+    outer_udp: bool,
+    ipv6: bool,
+    overlay: bool,
+    key_bits: u32,
+    icv: u8,
+    crypto: esptun::crypto::select::Mode,
+    tcp_mib: u64,
+    extras: &'static [Extra],
+}
+
+/// The defaults of [`LabOptions`]: NAT-T, IPv4, classic transport mode,
+/// AES-256, ICV 16, provider chosen automatically.
+const BASE: ConfigCase = ConfigCase {
+    name: "",
+    tag: "",
+    subnet: 0,
+    outer_udp: true,
+    ipv6: false,
+    overlay: false,
+    key_bits: 256,
+    icv: 16,
+    crypto: esptun::crypto::select::Mode::Auto,
+    tcp_mib: 32,
+    extras: &[],
+};
+
+const CONFIGURATIONS: &[ConfigCase] = &[
+    ConfigCase {
+        name: "ipv4_nat_t_classic",
+        tag: "v4udp",
+        subnet: 10,
+        tcp_mib: 256,
+        extras: &[Extra::SystemdNotify, Extra::StatusCommand],
+        ..BASE
+    },
+    ConfigCase {
+        name: "ipv6_raw_esp_overlay",
+        tag: "v6esp",
+        subnet: 11,
+        outer_udp: false,
+        ipv6: true,
+        overlay: true,
+        key_bits: 128,
+        icv: 8,
+        ..BASE
+    },
+    ConfigCase {
+        name: "ipv4_raw_esp_overlay",
+        tag: "v4esp",
+        subnet: 12,
+        outer_udp: false,
+        overlay: true,
+        icv: 12,
+        ..BASE
+    },
+    ConfigCase {
+        name: "ipv6_nat_t_classic_soft",
+        tag: "v6udp",
+        subnet: 13,
+        ipv6: true,
+        crypto: esptun::crypto::select::Mode::Soft,
+        tcp_mib: 16,
+        extras: &[Extra::Provider("soft")],
+        ..BASE
+    },
+];
+
 #[test]
 fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
+    run_configuration("ipv4_nat_t_classic");
+}
+
+#[test]
+fn ipv6_raw_esp_overlay_aes128_icv8() {
+    run_configuration("ipv6_raw_esp_overlay");
+}
+
+#[test]
+fn ipv4_raw_esp_overlay_icv12() {
+    run_configuration("ipv4_raw_esp_overlay");
+}
+
+#[test]
+fn ipv6_nat_t_classic_soft_provider() {
+    run_configuration("ipv6_nat_t_classic_soft");
+}
+
+/// Both endpoints up, [`traffic`] with every invariant, the case's extra
+/// checks, then a clean stop.
+fn run_configuration(name: &str) {
+    let case = CONFIGURATIONS
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no configuration case {name:?}"));
     let Some(lab) = lab(
-        "ipv4_nat_t_classic",
+        case.name,
         LabOptions {
-            tag: "v4udp".into(),
-            subnet: 10,
+            tag: case.tag.into(),
+            subnet: case.subnet,
+            outer_udp: case.outer_udp,
+            ipv6: case.ipv6,
+            overlay: case.overlay,
+            key_bits: case.key_bits,
+            icv: case.icv,
+            crypto: case.crypto,
             ..LabOptions::default()
         },
     ) else {
         return;
     };
-    // a runs as systemd would run it: READY=1 only once it can carry traffic.
+    let manager = if case.extras.contains(&Extra::SystemdNotify) {
+        Some(start_a_notifying(&lab))
+    } else {
+        if let Err(e) = lab.start(Side::A, &[]) {
+            fail(&lab, &format!("starting A: {e}"));
+        }
+        None
+    };
+    if let Err(e) = lab.start(Side::B, &[]) {
+        fail(&lab, &format!("starting B: {e}"));
+    }
+    traffic(&lab, case.tcp_mib * MIB);
+    for extra in case.extras {
+        match extra {
+            Extra::SystemdNotify => {}
+            Extra::StatusCommand => check_status_command(&lab),
+            Extra::Provider(want) => {
+                let s = status(&lab, Side::A);
+                check(&lab, s["provider"] == *want, || {
+                    format!("crypto = {want} not honoured: {s:#}")
+                });
+            }
+        }
+    }
+    stop_and_check_cleanup(&lab);
+    if let Some(manager) = manager {
+        let mut buf = [0u8; 256];
+        let n = manager
+            .recv(&mut buf)
+            .unwrap_or_else(|e| fail(&lab, &format!("no STOPPING=1 from a: {e}")));
+        check(&lab, &buf[..n] == b"STOPPING=1", || {
+            format!("got {:?}", String::from_utf8_lossy(&buf[..n]))
+        });
+    }
+}
+
+/// Starts `a` as systemd would (`NOTIFY_SOCKET`) and checks that READY=1
+/// comes only once it can carry traffic; returns the manager's socket.
+fn start_a_notifying(lab: &TunnelLab) -> UnixDatagram {
     let manager_path = lab.dir.join("notify.sock");
-    let manager = std::os::unix::net::UnixDatagram::bind(&manager_path).expect("notify socket");
+    let manager = UnixDatagram::bind(&manager_path).expect("notify socket");
     manager
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let notify_env = manager_path.display().to_string();
     if let Err(e) = lab.spawn(Side::A, &[("NOTIFY_SOCKET", &notify_env)]) {
-        fail(&lab, &format!("starting a: {e}"));
+        fail(lab, &format!("starting a: {e}"));
     }
     let mut buf = [0u8; 256];
     let n = manager
         .recv(&mut buf)
-        .unwrap_or_else(|e| fail(&lab, &format!("no READY=1 from a: {e}")));
+        .unwrap_or_else(|e| fail(lab, &format!("no READY=1 from a: {e}")));
     let ready = String::from_utf8_lossy(&buf[..n]).to_string();
-    check(&lab, ready.lines().any(|l| l == "READY=1"), || {
+    check(lab, ready.lines().any(|l| l == "READY=1"), || {
         format!("got {ready:?}")
     });
     // By then the interface is up and status answers at once.
-    check(&lab, lab.status(Side::A).is_ok(), || {
+    check(lab, lab.status(Side::A).is_ok(), || {
         "READY=1 before status answers".into()
     });
     let links = lab
@@ -201,15 +357,14 @@ fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
         .a
         .ip_output(&["link", "show", "esptun0"])
         .unwrap_or_default();
-    check(&lab, links.contains("UP"), || {
+    check(lab, links.contains("UP"), || {
         format!("READY=1 before the interface is up: {links}")
     });
-    if let Err(e) = lab.start(Side::B, &[]) {
-        fail(&lab, &format!("starting b: {e}"));
-    }
-    traffic(&lab, 256 * MIB);
+    manager
+}
 
-    // What an operator types: `esptun status -c FILE`, text and JSON.
+/// What an operator types: `esptun status -c FILE`, text and JSON.
+fn check_status_command(lab: &TunnelLab) {
     let status_cmd = |json: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"));
         cmd.args(["status", "-c"]).arg(&lab.a.config);
@@ -220,7 +375,7 @@ fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
     };
     let text = status_cmd(false);
     let shown = String::from_utf8_lossy(&text.stdout);
-    check(&lab, text.status.success(), || {
+    check(lab, text.status.success(), || {
         format!("status failed: {}", String::from_utf8_lossy(&text.stderr))
     });
     for needle in [
@@ -231,90 +386,18 @@ fn ipv4_nat_t_classic_256_mib_of_zeros_udp_and_ping() {
         "self-test history",
         "provider",
     ] {
-        check(&lab, shown.contains(needle), || {
+        check(lab, shown.contains(needle), || {
             format!("{needle:?} not in:\n{shown}")
         });
     }
     let json = status_cmd(true);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout)
-        .unwrap_or_else(|e| fail(&lab, &format!("status --json is not JSON: {e}")));
+        .unwrap_or_else(|e| fail(lab, &format!("status --json is not JSON: {e}")));
     check(
-        &lab,
+        lab,
         v["outbound"]["passed"].as_u64().unwrap_or(0) > 0,
         || format!("{v:#}"),
     );
-    stop_and_check_cleanup(&lab);
-    let n = manager
-        .recv(&mut buf)
-        .unwrap_or_else(|e| fail(&lab, &format!("no STOPPING=1 from a: {e}")));
-    check(&lab, &buf[..n] == b"STOPPING=1", || {
-        format!("got {:?}", String::from_utf8_lossy(&buf[..n]))
-    });
-}
-
-#[test]
-fn ipv6_raw_esp_overlay_aes128_icv8() {
-    let Some(lab) = lab(
-        "ipv6_raw_esp_overlay",
-        LabOptions {
-            tag: "v6esp".into(),
-            subnet: 11,
-            outer_udp: false,
-            ipv6: true,
-            overlay: true,
-            key_bits: 128,
-            icv: 8,
-            ..LabOptions::default()
-        },
-    ) else {
-        return;
-    };
-    start_both(&lab);
-    traffic(&lab, 32 * MIB);
-    stop_and_check_cleanup(&lab);
-}
-
-#[test]
-fn ipv4_raw_esp_overlay_icv12() {
-    let Some(lab) = lab(
-        "ipv4_raw_esp_overlay",
-        LabOptions {
-            tag: "v4esp".into(),
-            subnet: 12,
-            outer_udp: false,
-            overlay: true,
-            icv: 12,
-            ..LabOptions::default()
-        },
-    ) else {
-        return;
-    };
-    start_both(&lab);
-    traffic(&lab, 32 * MIB);
-    stop_and_check_cleanup(&lab);
-}
-
-#[test]
-fn ipv6_nat_t_classic_soft_provider() {
-    let Some(lab) = lab(
-        "ipv6_nat_t_classic_soft",
-        LabOptions {
-            tag: "v6udp".into(),
-            subnet: 13,
-            ipv6: true,
-            crypto: esptun::crypto::select::Mode::Soft,
-            ..LabOptions::default()
-        },
-    ) else {
-        return;
-    };
-    start_both(&lab);
-    traffic(&lab, 16 * MIB);
-    let s = status(&lab, Side::A);
-    check(&lab, s["provider"] == "soft", || {
-        format!("crypto = soft not honoured: {s:#}")
-    });
-    stop_and_check_cleanup(&lab);
 }
 
 /// The field failure, replayed: the sender's hardware provider passes its
@@ -730,6 +813,20 @@ fn operator_mistakes_are_clear_errors_and_unknown_traffic_is_counted() {
     stop_and_check_cleanup(&lab);
 }
 
+/// A second key for `from`'s outbound SA (the key file with extension
+/// `key2`), made as genkey makes it: recorded fresh in the sender's
+/// `state` directory.
+fn new_key(lab: &TunnelLab, from: Side, state: &Path) -> PathBuf {
+    let path = lab.key_file(from).with_extension("key2");
+    let material = esptun::keyfile::generate(esptun::crypto::KeySize::Aes256).expect("key");
+    let parsed = esptun::sa::KeyMaterial::from_bytes(&material).expect("material");
+    esptun::sa::reservation::ReservationStore::open(state)
+        .and_then(|s| s.mark_fresh(&parsed))
+        .expect("mark fresh");
+    esptun::keyfile::write_new(&path, &material).expect("write key");
+    path
+}
+
 /// Rolling both directions to new keys and SPIs with one config edit and
 /// one SIGHUP per host, while UDP flows: nothing is lost, the new SAs carry
 /// the traffic, and the old inbound SAs retire.
@@ -750,13 +847,7 @@ fn sighup_rolls_keys_make_before_break() {
     start_both(&lab);
     // New keys, made as genkey makes them (recorded fresh by the sender).
     for (from, state) in [(Side::A, &lab.a.state_dir), (Side::B, &lab.b.state_dir)] {
-        let path = lab.key_file(from).with_extension("key2");
-        let material = esptun::keyfile::generate(esptun::crypto::KeySize::Aes256).expect("key");
-        let parsed = esptun::sa::KeyMaterial::from_bytes(&material).expect("material");
-        esptun::sa::reservation::ReservationStore::open(state)
-            .and_then(|s| s.mark_fresh(&parsed))
-            .expect("mark fresh");
-        esptun::keyfile::write_new(&path, &material).expect("write key");
+        new_key(&lab, from, state);
     }
     let rolled = |side: Side| {
         let (local, remote) = lab.outer(side);
@@ -865,18 +956,8 @@ fn reloads_never_let_two_sas_share_a_key() {
     let (local, remote) = lab.outer(Side::A);
     let original = lab.config_text(Side::A, local, remote);
     let state = &lab.a.state_dir;
-    let new_key = |from: Side, state: &Path| {
-        let path = lab.key_file(from).with_extension("key2");
-        let material = esptun::keyfile::generate(esptun::crypto::KeySize::Aes256).expect("key");
-        let parsed = esptun::sa::KeyMaterial::from_bytes(&material).expect("material");
-        esptun::sa::reservation::ReservationStore::open(state)
-            .and_then(|s| s.mark_fresh(&parsed))
-            .expect("mark fresh");
-        esptun::keyfile::write_new(&path, &material).expect("write key");
-        path
-    };
-    let a2 = new_key(Side::A, state);
-    let b2 = new_key(Side::B, &lab.b.state_dir);
+    let a2 = new_key(&lab, Side::A, state);
+    let b2 = new_key(&lab, Side::B, &lab.b.state_dir);
     let rolled = original
         .replace(
             &lab.key_file(Side::A).display().to_string(),

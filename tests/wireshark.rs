@@ -57,10 +57,7 @@ fn prerequisites(test: &str) -> Option<Tools> {
             let why = "tshark and dumpcap are not installed (Debian: echo \
                        'wireshark-common wireshark-common/install-setuid boolean false' | \
                        debconf-set-selections; DEBIAN_FRONTEND=noninteractive apt-get install -y tshark)";
-            if std::env::var("ESPTUN_REQUIRE_TSHARK").as_deref() == Ok("1") {
-                panic!("{test}: {why}, and ESPTUN_REQUIRE_TSHARK=1 is set");
-            }
-            eprintln!("{test}: skipped: {why}");
+            common::skip_unless_required(test, "ESPTUN_REQUIRE_TSHARK", why);
             None
         }
     }

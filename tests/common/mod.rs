@@ -43,15 +43,17 @@ impl TestRng {
     }
 }
 
-/// For tests that need AES-NI: prints why they skip, or fails when
+/// For tests that need AES-NI: reports why they skip, or fails when
 /// `ESPTUN_REQUIRE_AESNI=1` (set by CI on machines whose CPU has AES-NI, so
 /// a broken detection cannot turn the hardware tests into silent skips).
+#[track_caller]
 pub fn skip_or_fail_without_aesni(test: &str) {
     let why = hardware::provider().availability.err().unwrap_or_default();
-    if std::env::var("ESPTUN_REQUIRE_AESNI").as_deref() == Ok("1") {
-        panic!("{test}: ESPTUN_REQUIRE_AESNI=1 but the hardware provider is unavailable: {why}");
-    }
-    eprintln!("{test}: skipped: the hardware provider is unavailable: {why}");
+    skip_unless_required(
+        test,
+        "ESPTUN_REQUIRE_AESNI",
+        &format!("the hardware provider is unavailable: {why}"),
+    );
 }
 
 /// The hardware provider, or, on a CPU without AES-NI, the soft algorithm
@@ -70,19 +72,40 @@ pub fn hardware_or_stand_in() -> Provider {
     }
 }
 
-/// Whether a root-only test may run: without root it prints that `test`
+/// Whether a root-only test may run: without root it reports that `test`
 /// skipped and why (`needs`: what root is for), unless
 /// `ESPTUN_REQUIRE_NETNS=1` (CI), which makes it a failure.
+#[track_caller]
 pub fn require_root(test: &str, needs: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
-        panic!("{test}: needs root ({needs}), and ESPTUN_REQUIRE_NETNS=1 is set");
-    }
-    eprintln!("{test}: skipped: needs root ({needs})");
+    skip_unless_required(
+        test,
+        "ESPTUN_REQUIRE_NETNS",
+        &format!("needs root ({needs})"),
+    );
     false
+}
+
+/// Reports that `test` (or a part of it) skipped and why, as
+/// `SKIPPED <test>: <why>`, straight to the process's stderr: libtest
+/// captures only what goes through the `print!`/`eprint!` macros, so this
+/// line shows in `cargo test` output even when the test passes.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
+}
+
+/// [`skip`], unless the environment variable `required` is `1` (CI sets
+/// it where the prerequisite is installed), which makes the skip a failure.
+#[track_caller]
+pub fn skip_unless_required(test: &str, required: &str, why: &str) {
+    if std::env::var(required).as_deref() == Ok("1") {
+        panic!("{test}: {why}, and {required}=1 is set");
+    }
+    skip(test, why);
 }
 
 /// Waits for `child` at most `timeout`, then kills it.

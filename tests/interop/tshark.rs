@@ -1,0 +1,185 @@
+//! The independent decoder: dumpcap captures the TAP, tshark decrypts it
+//! with the records of `esptun wireshark-keys`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use esptun::lab::Netns;
+
+use crate::common::{run_bounded, wait_bounded};
+use crate::{SPI_IN, SPI_OUT, UDP_SIZE};
+
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.exists())
+}
+
+/// Counts tshark's decryption of the capture, per SPI.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Decoded {
+    pub esp: u32,
+    pub udp: u32,
+    pub tcp_segments: u32,
+    pub icmp: u32,
+    pub icv_good: u32,
+    pub icv_bad: u32,
+}
+
+pub fn tshark_decode(
+    tshark: &Path,
+    capture: &Path,
+    records: &[String],
+    dir: &Path,
+) -> Result<(Decoded, Decoded), String> {
+    let mut cmd = Command::new(tshark);
+    cmd.arg("-n").arg("-r").arg(capture);
+    cmd.args(["-o", "esp.enable_encryption_decode:TRUE"]);
+    cmd.args(["-o", "esp.enable_authentication_check:TRUE"]);
+    for r in records {
+        cmd.arg("-o").arg(format!("uat:esp_sa:{r}"));
+    }
+    cmd.args(["-Y", "esp", "-T", "fields", "-E", "separator=|"]);
+    for f in [
+        "esp.spi",
+        "data.len",
+        "tcp.len",
+        "icmp.type",
+        "icmpv6.type",
+        "esp.icv_good",
+        "esp.icv_bad",
+    ] {
+        cmd.args(["-e", f]);
+    }
+    let (status, out, err) = run_bounded(cmd, dir, "tshark", Duration::from_secs(120))?;
+    if !status.success() {
+        return Err(format!("tshark exited with {status}: {err}"));
+    }
+    let (mut out_d, mut in_d) = (Decoded::default(), Decoded::default());
+    for line in out.lines() {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() != 7 {
+            continue;
+        }
+        let spi = u32::from_str_radix(f[0].trim_start_matches("0x"), 16).unwrap_or(0);
+        let d = match spi {
+            SPI_OUT => &mut out_d,
+            SPI_IN => &mut in_d,
+            _ => continue,
+        };
+        d.esp += 1;
+        if f[1].split(',').any(|n| n.parse::<usize>() == Ok(UDP_SIZE)) {
+            d.udp += 1;
+        }
+        if f[2]
+            .split(',')
+            .any(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+        {
+            d.tcp_segments += 1;
+        }
+        if !f[3].is_empty() || !f[4].is_empty() {
+            d.icmp += 1;
+        }
+        if f[5].split(',').any(|v| v == "1" || v == "True") {
+            d.icv_good += 1;
+        }
+        if f[6].split(',').any(|v| v == "1" || v == "True") {
+            d.icv_bad += 1;
+        }
+    }
+    Ok((out_d, in_d))
+}
+
+/// dumpcap on the TAP inside the namespace.
+pub struct Capture {
+    pub child: Option<Child>,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    pub fn start(ns: &Netns, dumpcap: &Path, dir: &Path) -> Result<Capture, String> {
+        let file = dir.join("wire.pcapng");
+        let log = dir.join("dumpcap.log");
+        let child = ns
+            .command(dumpcap)
+            .args(["-q", "-i", "tap0", "-f", "esp or udp port 4500", "-w"])
+            .arg(&file)
+            .args(["-a", "duration:600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("starting dumpcap: {e}"))?;
+        let capture = Capture {
+            child: Some(child),
+            file,
+        };
+        for _ in 0..300 {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("Capturing on")
+            {
+                return Ok(capture);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "dumpcap did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ))
+    }
+
+    pub fn stop(mut self) -> Result<PathBuf, String> {
+        let mut child = self.child.take().ok_or("dumpcap is not running")?;
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        wait_bounded(&mut child, Duration::from_secs(15))?;
+        Ok(self.file.clone())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wireshark_keys(config: &Path) -> Result<Vec<String>, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "-c"])
+        .arg(config)
+        .output()
+        .map_err(|e| format!("esptun wireshark-keys: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "esptun wireshark-keys: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// tshark and dumpcap, or `None` after reporting that `test` skips the
+/// independent decoder (a failure under `ESPTUN_REQUIRE_TSHARK=1`).
+pub fn tshark_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
+    match (find_tool("tshark"), find_tool("dumpcap")) {
+        (Some(t), Some(d)) => Some((t, d)),
+        _ => {
+            let why = "tshark/dumpcap are not installed: the independent decoder is skipped \
+                       (Debian: apt-get install tshark)";
+            crate::common::skip_unless_required(test, "ESPTUN_REQUIRE_TSHARK", why);
+            None
+        }
+    }
+}
