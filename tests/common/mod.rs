@@ -74,8 +74,7 @@ pub fn hardware_or_stand_in() -> Provider {
 /// skipped and why (`needs`: what root is for), unless
 /// `ESPTUN_REQUIRE_NETNS=1` (CI), which makes it a failure.
 pub fn require_root(test: &str, needs: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         return true;
     }
     if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
