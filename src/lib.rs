@@ -4,6 +4,11 @@
 //!
 //! Dependencies point one way: `datapath -> {sa, wire, crypto}`; `crypto`
 //! knows nothing of packets or sockets.
+//!
+//! `unsafe` is denied everywhere but where it is allowed by name: the OS
+//! edge (`io`), the SIMD register check (`crypto::simd_state`) and the
+//! checksum's AVX2 loop (`wire::checksum`'s `simd`).
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod crypto;

@@ -12,6 +12,7 @@
 //! was never switched out says so instead of passing silently.
 //!
 //! The inline assembly and the scheduler calls are the only `unsafe` here.
+#![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

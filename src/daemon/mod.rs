@@ -157,8 +157,7 @@ impl Daemon {
     /// brings the interface up and starts the threads. Nothing is left
     /// behind on error.
     pub fn start(config_path: &Path, options: &RunOptions) -> Result<Daemon, DaemonError> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             return Err(DaemonError::NotRoot);
         }
         let config = Config::load(config_path)?;

@@ -1,8 +1,12 @@
 //! The OS edge: the TUN device ([`tun::Tun`]), the outer sockets
 //! ([`socket::OuterSocket`]) and readiness waiting ([`poll_readable`]).
 //!
-//! This is the only module with `unsafe`: each block wraps one system call
+//! This is the only module with `unsafe` (besides the SIMD code in
+//! `crypto::simd_state` and `wire::checksum`), allowed per submodule where
+//! a system call has no safe wrapper (the TUN ioctl and reads, the
+//! mmsg batches, raw socket options): each block wraps one system call
 //! (or one plain-data initialisation for one) and says why it is sound.
+//! Waiting (poll(2)) goes through nix's safe wrapper.
 //! Everything here moves whole packets between the kernel and
 //! [`crate::packet::PacketBuf`]s; nothing here parses beyond what the
 //! kernel forces on us (the IPv4 header a raw socket prepends).
@@ -12,12 +16,16 @@
 //! messages say what to do.
 
 pub mod socket;
+#[allow(unsafe_code)]
 pub mod tun;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// A setup failure an operator can act on. Each message names the likely
 /// cause and the fix.
@@ -145,24 +153,24 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Re
             format!("poll_readable takes at most {MAX_POLL_FDS} fds"),
         ));
     }
-    let mut pollfds = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; MAX_POLL_FDS];
-    for (p, fd) in pollfds.iter_mut().zip(fds) {
-        p.fd = fd.as_raw_fd();
-        p.events = libc::POLLIN;
-    }
-    let n = poll_raw(&mut pollfds[..fds.len()], timeout)?;
+    // Unused slots repeat the first fd; only `..fds.len()` is polled.
+    let Some(&first) = fds.first() else {
+        poll_fds(&mut [], timeout)?;
+        return Ok(Ready(0));
+    };
+    let mut pollfds: [PollFd<'_>; MAX_POLL_FDS] = std::array::from_fn(|i| {
+        PollFd::new(fds.get(i).copied().unwrap_or(first), PollFlags::POLLIN)
+    });
+    let n = poll_fds(&mut pollfds[..fds.len()], timeout)?;
     let mut ready = 0u8;
     if n > 0 {
         for (i, p) in pollfds[..fds.len()].iter().enumerate() {
+            let revents = p.revents().unwrap_or(PollFlags::empty());
             // POLLNVAL: the fd is not open, a bug in the caller.
-            if p.revents & libc::POLLNVAL != 0 {
+            if revents.contains(PollFlags::POLLNVAL) {
                 return Err(io::Error::from_raw_os_error(libc::EBADF));
             }
-            if p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
+            if revents.intersects(PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP) {
                 ready |= 1 << i;
             }
         }
@@ -171,21 +179,14 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Re
 }
 
 /// poll(2) over `pollfds`; EINTR is 0 ("nothing ready").
-pub(crate) fn poll_raw(pollfds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
-    let ms = timeout_ms(timeout);
-    // SAFETY: `pollfds` is a valid, exclusively borrowed array of
-    // `pollfds.len()` pollfd structs, which poll(2) reads and writes only
-    // within that length (the length is at most MAX_POLL_FDS, far below
-    // nfds_t's range).
-    let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            return Ok(0);
-        }
-        return Err(e);
+pub(crate) fn poll_fds(pollfds: &mut [PollFd<'_>], timeout: Duration) -> io::Result<usize> {
+    // timeout_ms is never negative, the only value PollTimeout refuses.
+    let timeout = PollTimeout::try_from(timeout_ms(timeout)).unwrap_or(PollTimeout::MAX);
+    match poll(pollfds, timeout) {
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
+        Err(Errno::EINTR) => Ok(0),
+        Err(e) => Err(e.into()),
     }
-    Ok(rc as usize)
 }
 
 /// Milliseconds for poll(2), rounded up, capped at `c_int::MAX`.

@@ -16,6 +16,9 @@ use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal as NixSignal, kill};
+use nix::unistd::Pid;
+
 use crate::crypto::KeySize;
 use crate::crypto::select::Mode;
 use crate::daemon::control;
@@ -156,9 +159,9 @@ fn terminate(pid: u32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
-    // SAFETY: kill(2) with a pid we spawned and have not reaped; at worst
-    // it fails with ESRCH.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // A pid we spawned and have not reaped; at worst kill(2) fails with
+    // ESRCH, and there is nothing to do about that here.
+    let _ = kill(Pid::from_raw(pid), NixSignal::SIGTERM);
 }
 
 /// Two hosts, each running esptun, with a tunnel between them.
@@ -531,14 +534,11 @@ impl TunnelLab {
                 DemoError::Other(format!("endpoint {} is not running", side.name()))
             })?;
         let pid = libc::pid_t::try_from(pid).map_err(|e| DemoError::Other(e.to_string()))?;
-        // SAFETY: kill(2) on a child we spawned and have not reaped.
-        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-            return Err(DemoError::Io {
-                what: "sending SIGHUP".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        // A child we spawned and have not reaped.
+        kill(Pid::from_raw(pid), NixSignal::SIGHUP).map_err(|errno| DemoError::Io {
+            what: "sending SIGHUP".into(),
+            source: errno.into(),
+        })
     }
 
     /// The daemon's status JSON.
@@ -627,8 +627,7 @@ pub struct DemoOptions {
 /// `esptun demo`: builds the lab, runs the traffic, prints what happened,
 /// removes everything (on Ctrl-C too). Exit 0 only if every check passed.
 pub fn run(options: &DemoOptions) -> anyhow::Result<ExitCode> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "esptun demo needs root: it creates network namespaces, veth and TUN devices \
              (run it with sudo; it removes everything it creates)"

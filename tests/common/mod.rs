@@ -77,8 +77,7 @@ pub fn hardware_or_stand_in() -> Provider {
 /// `ESPTUN_REQUIRE_NETNS=1` (CI), which makes it a failure.
 #[track_caller]
 pub fn require_root(test: &str, needs: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         return true;
     }
     skip_unless_required(
