@@ -19,3 +19,13 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Says that the running unit test skipped and why, as `SKIPPED <test>:
+/// <why>` on the real stderr: libtest captures print!/eprintln! of passing
+/// tests (which would hide the skip), but not a write to the handle.
+pub(crate) fn skipped(why: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("(unnamed test)");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}

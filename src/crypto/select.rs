@@ -633,7 +633,7 @@ mod tests {
                     "hardware provider not selected: {:?}",
                     s.reports()[0]
                 );
-                eprintln!("skipped: hardware provider not selected on this machine");
+                crate::testutil::skipped("the hardware provider is not selected on this machine");
                 return;
             };
             assert_eq!(s.fail(ProviderId::Hardware, "test".into()), want);

@@ -147,8 +147,6 @@ fn wait_readable(fd: BorrowedFd<'_>, wait: Duration) -> io::Result<bool> {
 /// them with `ESPTUN_REQUIRE_NETNS=1`, which makes a skip a failure.
 #[cfg(test)]
 pub(crate) fn have_root() -> bool {
-    use std::io::Write;
-
     const WHY: &str = "needs root (network namespaces)";
     if is_root() {
         return true;
@@ -156,12 +154,7 @@ pub(crate) fn have_root() -> bool {
     if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
         panic!("{WHY}, and ESPTUN_REQUIRE_NETNS=1 is set");
     }
-    // libtest runs each test on a thread named after it, and captures
-    // print!/eprintln! of passing tests, which would hide the skip; a
-    // write to the stderr handle itself bypasses that capture.
-    let thread = std::thread::current();
-    let test = thread.name().unwrap_or("(unnamed test)");
-    let _ = writeln!(io::stderr(), "SKIPPED {test}: {WHY}");
+    crate::testutil::skipped(WHY);
     false
 }
 
