@@ -4,13 +4,34 @@
 //! ([`crate::io`]), which fills them, and by the pipelines
 //! ([`crate::datapath`]), which transform them; neither knows the other.
 
+use std::net::SocketAddr;
+
 use crate::wire::esp;
 
+/// Room for a virtio-net header (`struct virtio_net_hdr_v1`, 12 bytes) in
+/// front of a packet, so a TUN device opened with `IFF_VNET_HDR` can read
+/// and write it without a copy.
+pub const VNET_HDR_ROOM: usize = 12;
+
 /// Bytes in front of the data: inbound rebuilds a 40-byte IPv6 header
-/// where a 16-byte ESP header and IV were.
+/// where a 16-byte ESP header and IV were (24 more bytes), and a
+/// virtio-net header may precede that.
 pub const HEADROOM: usize = 64;
+const _: () = assert!(HEADROOM >= 40 - (esp::HEADER_LEN + esp::IV_LEN) + VNET_HDR_ROOM);
 /// Bytes behind the data: outbound appends padding, trailer and ICV.
 pub const TAILROOM: usize = esp::MAX_TAIL;
+
+/// What travels with a packet besides its bytes (the length is the
+/// buffer's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PacketMeta {
+    /// The outer peer: the source of a received datagram, as the socket
+    /// reported it.
+    pub peer: Option<SocketAddr>,
+    /// For a GSO/GRO train: the size of each segment but the last; 0 for a
+    /// single packet.
+    pub segment_size: u16,
+}
 
 /// One packet buffer with headroom and tailroom, allocated once and reused
 /// for every packet (after the `sk_buff`'s push/pull).
@@ -19,6 +40,7 @@ pub struct PacketBuf {
     storage: Box<[u8]>,
     start: usize,
     end: usize,
+    pub meta: PacketMeta,
 }
 
 impl std::fmt::Debug for PacketBuf {
@@ -34,6 +56,7 @@ impl PacketBuf {
             storage: vec![0u8; HEADROOM + capacity + TAILROOM].into_boxed_slice(),
             start: HEADROOM,
             end: HEADROOM,
+            meta: PacketMeta::default(),
         }
     }
 
@@ -47,10 +70,12 @@ impl PacketBuf {
         &mut self.storage[HEADROOM..end]
     }
 
-    /// Marks the first `len` bytes of the read area as the packet.
+    /// Marks the first `len` bytes of the read area as the packet, with
+    /// no metadata yet.
     pub fn set_len(&mut self, len: usize) {
         self.start = HEADROOM;
         self.end = HEADROOM + len.min(self.capacity());
+        self.meta = PacketMeta::default();
     }
 
     /// Copies `data` in as the packet; false if it does not fit.
@@ -104,6 +129,50 @@ impl PacketBuf {
     }
 }
 
+/// A batch of packet buffers, allocated once: the I/O edge fills a prefix
+/// of it ([`Self::slots`], then [`Self::set_len`]), the pipelines work on
+/// [`Self::packets_mut`], one verdict per packet.
+pub struct Batch {
+    bufs: Vec<PacketBuf>,
+    len: usize,
+}
+
+impl Batch {
+    /// `count` buffers for packets of up to `capacity` bytes each.
+    pub fn new(count: usize, capacity: usize) -> Self {
+        Batch {
+            bufs: (0..count).map(|_| PacketBuf::new(capacity)).collect(),
+            len: 0,
+        }
+    }
+
+    /// Every buffer, for a read to fill from the start.
+    pub fn slots(&mut self) -> &mut [PacketBuf] {
+        &mut self.bufs
+    }
+
+    /// How many buffers, from the start, hold packets.
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.bufs.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn packets(&self) -> &[PacketBuf] {
+        &self.bufs[..self.len]
+    }
+
+    pub fn packets_mut(&mut self) -> &mut [PacketBuf] {
+        &mut self.bufs[..self.len]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +188,27 @@ mod tests {
         assert!(b.prepend(HEADROOM));
         assert_eq!(b.len(), 100 + HEADROOM);
         assert!(!b.prepend(1), "no headroom left");
+    }
+
+    #[test]
+    fn a_batch_shows_only_what_was_filled_and_refilling_clears_metadata() {
+        let mut batch = Batch::new(4, 100);
+        assert!(batch.is_empty());
+        for (i, slot) in batch.slots().iter_mut().take(2).enumerate() {
+            assert!(slot.fill(&[i as u8; 10]));
+            slot.meta.peer = Some(SocketAddr::from(([198, 18, 0, 2], 4500)));
+        }
+        batch.set_len(2);
+        assert_eq!(batch.packets().len(), 2);
+        assert_eq!(batch.packets()[1].data(), [1u8; 10]);
+        batch.set_len(99);
+        assert_eq!(batch.len(), 4, "clamped to the buffers there are");
+        let slot = &mut batch.slots()[0];
+        slot.set_len(3);
+        assert_eq!(
+            slot.meta,
+            PacketMeta::default(),
+            "a new packet, no old peer"
+        );
     }
 }

@@ -2,7 +2,6 @@
 //! of inner-checksum drops, and the inbound SA table's commands from the
 //! key manager ([`super::sas`]).
 
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +20,7 @@ use crate::datapath::inbound::{Encap, Inbound};
 use crate::datapath::{DropReason, Verdict};
 use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
-use crate::packet::PacketBuf;
+use crate::packet::{Batch, PacketBuf};
 use crate::sa::table::SaId;
 
 /// Sockets -> ESP -> TUN.
@@ -64,8 +63,7 @@ impl InboundWorker {
     }
 
     pub fn run(mut self) {
-        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(BUF_CAPACITY)).collect();
-        let mut from: Vec<Option<SocketAddr>> = vec![None; BATCH];
+        let mut batch = Batch::new(BATCH, BUF_CAPACITY);
         let mut verdicts = Vec::with_capacity(BATCH);
         let mut next_check = Instant::now() + self.shared.selftest_interval;
         let mut next_publish = Instant::now();
@@ -95,7 +93,7 @@ impl InboundWorker {
                 if !ready.is_ready(i) {
                     continue;
                 }
-                let n = match socket.recv_batch(&mut bufs, &mut from) {
+                let n = match socket.recv_batch(batch.slots()) {
                     Ok(n) => n,
                     Err(e) => {
                         count(&self.shared.io.recv_errors);
@@ -104,12 +102,17 @@ impl InboundWorker {
                         continue;
                     }
                 };
+                batch.set_len(n);
                 if n == 0 {
                     continue;
                 }
-                self.inbound
-                    .process(&self.shared.selector, encap, &mut bufs[..n], &mut verdicts);
-                for (buf, v) in bufs[..n].iter().zip(&verdicts) {
+                self.inbound.process(
+                    &self.shared.selector,
+                    encap,
+                    batch.packets_mut(),
+                    &mut verdicts,
+                );
+                for (buf, v) in batch.packets().iter().zip(&verdicts) {
                     if *v == Verdict::Deliver
                         && let Err(e) = self.tun.write(buf.data())
                     {
@@ -117,7 +120,7 @@ impl InboundWorker {
                         self.errors.io("writing to the TUN device", &e);
                     }
                 }
-                self.post_mortem(&bufs[..n], &verdicts);
+                self.post_mortem(batch.packets(), &verdicts);
                 self.log_drops(&verdicts);
             }
             self.note_seen();

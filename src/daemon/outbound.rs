@@ -22,7 +22,7 @@ use super::workers::{
 use crate::datapath::outbound::Outbound;
 use crate::datapath::{DropContext, Flow, Verdict};
 use crate::io::tun::Tun;
-use crate::packet::PacketBuf;
+use crate::packet::{Batch, PacketBuf};
 use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::table::SaState;
@@ -64,7 +64,7 @@ impl OutboundWorker {
     }
 
     pub fn run(mut self) {
-        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new(BUF_CAPACITY)).collect();
+        let mut batch = Batch::new(BATCH, BUF_CAPACITY);
         let mut verdicts = Vec::with_capacity(BATCH);
         let mut next_check = Instant::now() + self.shared.selftest_interval;
         let mut next_publish = Instant::now();
@@ -84,7 +84,7 @@ impl OutboundWorker {
                     continue;
                 }
             }
-            let n = match self.tun.read_batch(&mut bufs) {
+            let n = match self.tun.read_batch(batch.slots()) {
                 Ok(n) => n,
                 Err(e) => {
                     count(&self.shared.io.tun_read_errors);
@@ -94,13 +94,14 @@ impl OutboundWorker {
                     continue;
                 }
             };
+            batch.set_len(n);
             if n == 0 {
                 continue;
             }
             self.outbound
-                .process(&self.shared.selector, &mut bufs[..n], &mut verdicts);
-            self.send(&bufs[..n], &verdicts);
-            self.log_drops(&bufs[..n], &verdicts);
+                .process(&self.shared.selector, batch.packets_mut(), &mut verdicts);
+            self.send(batch.packets(), &verdicts);
+            self.log_drops(batch.packets(), &verdicts);
             self.top_up();
         }
         self.publish();

@@ -30,9 +30,9 @@ fn empty_msgs() -> [libc::mmsghdr; MAX_BATCH] {
 
 impl OuterSocket {
     /// Receives queued datagrams without waiting, one per buffer, into
-    /// the first `min(bufs.len(), from.len(), MAX_BATCH)` buffers' read
-    /// areas, with one recvmmsg(2); returns how many (0 when the queue is
-    /// empty), and `from[i]` is datagram `i`'s source (port 0 for raw
+    /// the first `min(bufs.len(), MAX_BATCH)` buffers' read areas, with
+    /// one recvmmsg(2); returns how many (0 when the queue is empty). Each
+    /// buffer's `meta.peer` is its datagram's source (port 0 for raw
     /// sockets).
     ///
     /// A datagram that cannot be used as received leaves its buffer at
@@ -42,12 +42,8 @@ impl OuterSocket {
     /// socket a datagram fits when its ESP part does and its IPv4 header
     /// has no options (almost always); with options, it must fit within
     /// the buffer plus 20 bytes.
-    pub fn recv_batch(
-        &self,
-        bufs: &mut [PacketBuf],
-        from: &mut [Option<SocketAddr>],
-    ) -> io::Result<usize> {
-        let count = bufs.len().min(from.len()).min(MAX_BATCH);
+    pub fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        let count = bufs.len().min(MAX_BATCH);
         if count == 0 {
             return Ok(0);
         }
@@ -128,7 +124,6 @@ impl OuterSocket {
 
         for i in 0..received {
             let m = &msgs[i];
-            from[i] = names[i].get(m.msg_hdr.msg_namelen);
             let len = m.msg_len as usize;
             // recvmmsg(2)/recvmsg(2): MSG_TRUNC in msg_flags means the
             // datagram was longer than the buffers and the rest is lost.
@@ -140,6 +135,7 @@ impl OuterSocket {
             } else {
                 bufs[i].set_len(len);
             }
+            bufs[i].meta.peer = names[i].get(m.msg_hdr.msg_namelen);
         }
         Ok(received)
     }

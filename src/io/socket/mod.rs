@@ -273,7 +273,6 @@ mod tests {
         keep: impl Fn(&[u8]) -> bool,
     ) -> Vec<(Vec<u8>, Option<SocketAddr>)> {
         let mut bufs: Vec<PacketBuf> = (0..16).map(|_| PacketBuf::new(capacity)).collect();
-        let mut from = vec![None; 16];
         let mut got = Vec::new();
         while got.len() < want {
             let r = poll_readable(&[sock.as_fd()], Duration::from_secs(2)).expect("poll");
@@ -282,10 +281,10 @@ mod tests {
                 "only {} of {want} datagrams arrived",
                 got.len()
             );
-            let n = sock.recv_batch(&mut bufs, &mut from).expect("recv_batch");
-            for i in 0..n {
-                if keep(bufs[i].data()) {
-                    got.push((bufs[i].data().to_vec(), from[i]));
+            let n = sock.recv_batch(&mut bufs).expect("recv_batch");
+            for buf in &bufs[..n] {
+                if keep(buf.data()) {
+                    got.push((buf.data().to_vec(), buf.meta.peer));
                 }
             }
         }
