@@ -8,6 +8,7 @@
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod fsperm;
 pub mod datapath;
 pub mod hex;
 pub mod io;
