@@ -82,7 +82,9 @@ impl std::fmt::Debug for KeyMaterial {
 /// The keys of one SA, one per usable provider.
 pub struct SaKeys {
     keys: [Option<Box<dyn AeadKey>>; 2],
-    salt: [u8; 4],
+    /// Secret like the key (RFC 4106 section 8.1), so cleared on drop; an
+    /// inline array, so copying it into a nonce allocates nothing.
+    salt: Zeroizing<[u8; 4]>,
     icv: IcvLen,
 }
 
@@ -106,7 +108,7 @@ impl SaKeys {
         }
         Ok(SaKeys {
             keys,
-            salt: *material.salt,
+            salt: material.salt.clone(),
             icv,
         })
     }
@@ -116,7 +118,7 @@ impl SaKeys {
     }
 
     pub fn salt(&self) -> [u8; 4] {
-        self.salt
+        *self.salt
     }
 
     pub fn icv(&self) -> IcvLen {
