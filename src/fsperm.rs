@@ -42,13 +42,17 @@ pub enum Unsafe {
     },
     #[error(
         "{path} has mode {mode:04o}: group or others can write it, so another account could \
-         change or replace what it holds; `chmod go-w {path}` (a directory we keep files in: \
-         `chmod 700 {path}`)"
+         change or replace what it holds; `chmod go-w {path}`"
     )]
     Writable { path: PathBuf, mode: u32 },
     #[error(
+        "{path} has mode {mode:04o}: group or others can write it, so another account could \
+         add, change or replace the files in it; `chmod 700 {path}`"
+    )]
+    WritableDir { path: PathBuf, mode: u32 },
+    #[error(
         "{path} is a directory anyone can add to (mode {mode:04o}); it may only be an ancestor, \
-         never hold esptun's files itself: use a directory of its own, `mkdir -m 700`"
+         never hold esptun's files itself: use a directory of its own (`mkdir -m 700 DIR`)"
     )]
     SharedDir { path: PathBuf, mode: u32 },
     #[error("{path} is {kind}, not {want}: remove it or point the configuration elsewhere")]
@@ -153,7 +157,7 @@ pub fn check_dir_chain(dir: &Path) -> Result<(), DirError> {
         return Err(if mode & S_ISVTX != 0 {
             Unsafe::SharedDir { path: real, mode }
         } else {
-            Unsafe::Writable { path: real, mode }
+            Unsafe::WritableDir { path: real, mode }
         }
         .into());
     }
@@ -252,11 +256,15 @@ mod tests {
         check_dir_chain(&inner).expect("0700 under 0755 under sticky /tmp");
 
         chmod(&inner, 0o777);
-        let err = check_dir_chain(&inner).expect_err("world-writable").to_string();
+        let err = check_dir_chain(&inner)
+            .expect_err("world-writable")
+            .to_string();
         assert!(err.contains("chmod 700") && err.contains("0777"), "{err}");
 
         chmod(&inner, 0o1777);
-        let err = check_dir_chain(&inner).expect_err("sticky itself").to_string();
+        let err = check_dir_chain(&inner)
+            .expect_err("sticky itself")
+            .to_string();
         assert!(err.contains("only be an ancestor"), "{err}");
 
         // A writable ancestor lets another account swap the directory.

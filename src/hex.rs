@@ -87,11 +87,20 @@ mod tests {
         let mut out = [0u8; 4];
         assert_eq!(decode_into(b"0aFf", &mut out), Ok(2));
         assert_eq!(out, [0x0a, 0xff, 0, 0]);
-        assert_eq!(decode_into(b"0011223344", &mut out), Err(HexError::TooLong(5, 4)));
-        assert_eq!(decode_into(b"0g", &mut out), Err(HexError::InvalidDigit('g', 1)));
+        assert_eq!(
+            decode_into(b"0011223344", &mut out),
+            Err(HexError::TooLong(5, 4))
+        );
+        assert_eq!(
+            decode_into(b"0g", &mut out),
+            Err(HexError::InvalidDigit('g', 1))
+        );
         let mut text = [0u8; 6];
         assert_eq!(encode_into(&[0xde, 0xad, 0x01], &mut text), Ok(6));
         assert_eq!(&text, b"dead01");
-        assert_eq!(encode_into(&[0; 4], &mut text), Err(HexError::TooLong(8, 6)));
+        assert_eq!(
+            encode_into(&[0; 4], &mut text),
+            Err(HexError::TooLong(8, 6))
+        );
     }
 }

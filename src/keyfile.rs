@@ -306,7 +306,10 @@ mod tests {
             started.elapsed() < std::time::Duration::from_secs(2),
             "blocked"
         );
-        assert!(err.contains("FIFO") && err.contains("not a regular file"), "{err}");
+        assert!(
+            err.contains("FIFO") && err.contains("not a regular file"),
+            "{err}"
+        );
 
         let link = dir.0.join("link");
         std::os::unix::fs::symlink(&good, &link).expect("link");

@@ -8,8 +8,8 @@
 pub mod config;
 pub mod crypto;
 pub mod daemon;
-pub mod fsperm;
 pub mod datapath;
+pub mod fsperm;
 pub mod hex;
 pub mod io;
 pub mod keyfile;

@@ -383,7 +383,10 @@ mod tests {
         let mut c = DropCapture::open(&config).expect("open");
         let packet = build::ipv4([198, 18, 0, 2], [198, 18, 0, 1], protocol::UDP, &[1; 8]);
         assert!(c.record(&packet).expect("record"));
-        let mode = std::fs::metadata(&config.path).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(&config.path)
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -409,7 +412,9 @@ mod tests {
         std::fs::remove_file(&config.path).expect("unlink");
 
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        let err = DropCapture::open(&config).expect_err("shared dir").to_string();
+        let err = DropCapture::open(&config)
+            .expect_err("shared dir")
+            .to_string();
         assert!(err.contains("chmod go-w"), "{err}");
     }
 

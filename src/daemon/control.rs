@@ -181,9 +181,7 @@ where
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         match std::fs::symlink_metadata(&self.path) {
-            Ok(meta)
-                if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == self.bound =>
-            {
+            Ok(meta) if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == self.bound => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
                     tracing::warn!(path = %self.path.display(), "removing the control socket: {e}");
                 }

@@ -59,12 +59,12 @@ pub enum ReservationError {
         "state directory {dir} cannot be trusted with sequence records (whoever can change them \
          can make esptun reuse GCM nonces): {source}"
     )]
-    UnsafeDir { dir: PathBuf, source: DirError },
+    UnsafeDir { dir: PathBuf, source: Box<DirError> },
     #[error(
         "refusing a file in the state directory (whoever can change sequence records can make \
          esptun reuse GCM nonces): {0}"
     )]
-    UnsafeFile(Unsafe),
+    UnsafeFile(Box<Unsafe>),
     #[error("cannot read sequence reservation {path}: {source}")]
     Read {
         path: PathBuf,
@@ -151,7 +151,7 @@ impl ReservationStore {
             .map_err(dir_err)?;
         fsperm::check_dir_chain(dir).map_err(|source| ReservationError::UnsafeDir {
             dir: dir.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(ReservationStore {
             dir: dir.to_path_buf(),
@@ -229,10 +229,10 @@ impl ReservationStore {
         // refused, never written through.
         match std::fs::symlink_metadata(&tmp) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(ReservationError::UnsafeFile(Unsafe::Symlink { path: tmp }));
+                return Err(unsafe_file(Unsafe::Symlink { path: tmp }));
             }
             Ok(meta) => {
-                fsperm::check_file(&tmp, &meta, false).map_err(ReservationError::UnsafeFile)?;
+                fsperm::check_file(&tmp, &meta, false).map_err(unsafe_file)?;
                 std::fs::remove_file(&tmp).map_err(write_err)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -384,12 +384,16 @@ fn checked(path: &Path, file: &File) -> Result<(), ReservationError> {
         path: path.to_path_buf(),
         source,
     })?;
-    fsperm::check_file(path, &meta, false).map_err(ReservationError::UnsafeFile)
+    fsperm::check_file(path, &meta, false).map_err(unsafe_file)
+}
+
+fn unsafe_file(problem: Unsafe) -> ReservationError {
+    ReservationError::UnsafeFile(Box::new(problem))
 }
 
 fn open_err(path: &Path, source: std::io::Error, reading: bool) -> ReservationError {
     match fsperm::symlink_error(path, &source) {
-        Some(link) => ReservationError::UnsafeFile(link),
+        Some(link) => unsafe_file(link),
         None if reading => ReservationError::Read {
             path: path.to_path_buf(),
             source,
@@ -623,7 +627,10 @@ mod tests {
         for mode in [0o777, 0o770, 0o1777] {
             std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(mode)).expect("chmod");
             let err = ReservationStore::open(&dir.0).expect_err("lax").to_string();
-            assert!(err.contains("mkdir -m 700") || err.contains("chmod 700"), "{err}");
+            assert!(
+                err.contains("mkdir -m 700") || err.contains("chmod 700"),
+                "{err}"
+            );
             assert!(err.contains(&dir.0.display().to_string()), "{err}");
         }
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -642,7 +649,10 @@ mod tests {
         let rec = record(&dir, &fp);
         std::os::unix::fs::symlink(&target, &rec).expect("link");
         let err = store.load(&fp).expect_err("link at record").to_string();
-        assert!(err.contains("symbolic link") && err.contains("rm "), "{err}");
+        assert!(
+            err.contains("symbolic link") && err.contains("rm "),
+            "{err}"
+        );
         std::fs::remove_file(&rec).expect("unlink");
 
         let tmp = dir.0.join(format!("seq-{}.tmp", fp.as_str()));
@@ -656,7 +666,7 @@ mod tests {
         std::os::unix::fs::symlink(&target, &mark).expect("link");
         assert!(matches!(
             store.mark_fresh(&material),
-            Err(ReservationError::UnsafeFile(Unsafe::Symlink { .. }))
+            Err(ReservationError::UnsafeFile(e)) if matches!(*e, Unsafe::Symlink { .. })
         ));
         let err = store
             .claim(&fp, &material, &mut sa(&material), 10)
@@ -719,12 +729,17 @@ mod tests {
         let tmp = dir.0.join(format!("seq-{}.tmp", fp.as_str()));
         std::fs::write(&tmp, "x").expect("tmp");
         std::os::unix::fs::chown(&tmp, Some(4242), None).expect("chown");
-        let err = store.store(&fp, 2000).expect_err("foreign temp").to_string();
+        let err = store
+            .store(&fp, 2000)
+            .expect_err("foreign temp")
+            .to_string();
         assert!(err.contains("uid 4242"), "{err}");
         assert_eq!(std::fs::read(&tmp).expect("tmp"), b"x", "left alone");
 
         std::os::unix::fs::chown(&dir.0, Some(4242), Some(4242)).expect("chown");
-        let err = ReservationStore::open(&dir.0).expect_err("foreign dir").to_string();
+        let err = ReservationStore::open(&dir.0)
+            .expect_err("foreign dir")
+            .to_string();
         assert!(err.contains("uid 4242") && err.contains("chown"), "{err}");
     }
 }
