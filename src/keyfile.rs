@@ -7,23 +7,33 @@
 //!   an instant.
 //! - A key file that group or others can read, write or execute is refused:
 //!   its key may already be known elsewhere.
+//! - A key file must be a regular file owned by the effective user or
+//!   root: opened without following a link or blocking on a FIFO
+//!   (O_NOFOLLOW | O_NONBLOCK) and checked on the descriptor, so a FIFO at
+//!   the path cannot hang `check-config` or a reload.
 //! - Key bytes pass only through zeroizing buffers and never into errors.
+//!   The buffers are sized once and never grow: growing a `String` or
+//!   `Vec` frees the old allocation without clearing it, leaving a copy
+//!   of the key in the heap.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::crypto::KeySize;
+use crate::fsperm::{self, Unsafe};
 use crate::sa::KeyMaterial;
 
 /// The salt RFC 4106 section 8.1 appends to the key.
 const SALT_LEN: usize = 4;
 /// Longest file read: 36 bytes of hex plus whitespace and a comment's room.
 const MAX_FILE_LEN: u64 = 4096;
+/// The longest key material: an AES-256 key and its salt.
+const MAX_MATERIAL: usize = 32 + SALT_LEN;
 
 /// What went wrong with a key file; every message names the file and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +58,13 @@ pub enum KeyFileError {
         "key file {path} is not hex (one line of 40 or 72 hex digits): create one with `esptun genkey`"
     )]
     NotHex { path: PathBuf },
+    #[error(
+        "key file {path} is a directory, not a file: set key_file to the key file itself \
+         (create one with `esptun genkey -o FILE`)"
+    )]
+    Directory { path: PathBuf },
+    #[error("key file refused: {0}")]
+    Unsafe(Unsafe),
     #[error("key file {path} is larger than {MAX_FILE_LEN} bytes: it is not a key file")]
     TooLarge { path: PathBuf },
     #[error(
@@ -88,9 +105,14 @@ pub fn write_new(path: &Path, material: &[u8]) -> Result<(), KeyFileError> {
                 source,
             },
         })?;
-    let mut text = Zeroizing::new(crate::hex::encode(material));
-    text.push('\n');
-    file.write_all(text.as_bytes())
+    // Sized for the hex and the newline at once, never grown (see above).
+    let mut text = Zeroizing::new(vec![0u8; material.len() * 2 + 1]);
+    let len = crate::hex::encode_into(material, &mut text).map_err(|e| KeyFileError::Create {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    text[len] = b'\n';
+    file.write_all(&text)
         .and_then(|()| file.sync_all())
         .map_err(|source| KeyFileError::Create {
             path: path.to_path_buf(),
@@ -104,39 +126,89 @@ pub fn load(path: &Path) -> Result<KeyMaterial, KeyFileError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(read_err)?;
+    // O_NONBLOCK: opening a FIFO for reading would wait for a writer.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match fsperm::symlink_error(path, &e) {
+            Some(link) => KeyFileError::Unsafe(link),
+            None => read_err(e),
+        })?;
     let meta = file.metadata().map_err(read_err)?;
-    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_dir() {
+        return Err(KeyFileError::Directory {
+            path: path.to_path_buf(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(KeyFileError::Unsafe(Unsafe::Type {
+            path: path.to_path_buf(),
+            kind: fsperm::kind(&meta),
+            want: "a regular file",
+        }));
+    }
+    fsperm::check_owner(path, &meta, true).map_err(KeyFileError::Unsafe)?;
+    let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(KeyFileError::Permissions {
             path: path.to_path_buf(),
             mode,
         });
     }
-    if meta.len() > MAX_FILE_LEN {
-        return Err(KeyFileError::TooLarge {
-            path: path.to_path_buf(),
-        });
-    }
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_FILE_LEN)
-        .read_to_string(&mut text)
-        .map_err(read_err)?;
-    let digits: Zeroizing<String> = Zeroizing::new(text.split_whitespace().collect());
-    let bytes = Zeroizing::new(
-        crate::hex::decode(&digits).map_err(|_| KeyFileError::NotHex {
-            path: path.to_path_buf(),
-        })?,
-    );
-    KeyMaterial::from_bytes(&bytes).map_err(|_| KeyFileError::Length {
+    let too_large = || KeyFileError::TooLarge {
         path: path.to_path_buf(),
-        got: bytes.len(),
-    })
+    };
+    if meta.len() > MAX_FILE_LEN {
+        return Err(too_large());
+    }
+    // One byte more than allowed, to notice a file that grew meanwhile.
+    let mut text = Zeroizing::new(vec![0u8; MAX_FILE_LEN as usize + 1]);
+    let mut len = 0;
+    let mut reader = file.take(MAX_FILE_LEN + 1);
+    loop {
+        match reader.read(&mut text[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    if len as u64 > MAX_FILE_LEN {
+        return Err(too_large());
+    }
+    // Whitespace out, in place: the digits stay in the one buffer.
+    let mut digits = 0;
+    for i in 0..len {
+        let c = text[i];
+        if !c.is_ascii_whitespace() {
+            text[digits] = c;
+            digits += 1;
+        }
+    }
+    let not_hex = || KeyFileError::NotHex {
+        path: path.to_path_buf(),
+    };
+    if !text[..digits].iter().all(u8::is_ascii_hexdigit) || digits % 2 != 0 {
+        return Err(not_hex());
+    }
+    let got = digits / 2;
+    let length = || KeyFileError::Length {
+        path: path.to_path_buf(),
+        got,
+    };
+    if got > MAX_MATERIAL {
+        return Err(length());
+    }
+    let mut bytes = Zeroizing::new([0u8; MAX_MATERIAL]);
+    let n = crate::hex::decode_into(&text[..digits], &mut bytes[..]).map_err(|_| not_hex())?;
+    KeyMaterial::from_bytes(&bytes[..n]).map_err(|_| length())
 }
 
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
     use crate::testutil::TempDir;
@@ -213,5 +285,65 @@ mod tests {
         fs::write(&spaced, "0011223344556677 8899aabbccddeeff\n01020304\n").expect("write");
         fs::set_permissions(&spaced, fs::Permissions::from_mode(0o600)).expect("chmod");
         assert!(load(&spaced).is_ok());
+    }
+
+    // Hardening: only a regular file of ours (or root's) is read, and
+    // nothing at the path can make the read block.
+
+    #[test]
+    fn hardening_a_fifo_link_or_directory_is_refused_at_once_with_its_own_message() {
+        let dir = temp_dir("special");
+        let good = dir.0.join("good");
+        write_new(&good, &[0x11; 20]).expect("write");
+
+        let fifo = dir.0.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: c_path is a valid NUL-terminated string for the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        let err = load(&fifo).expect_err("fifo").to_string();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "blocked"
+        );
+        assert!(
+            err.contains("FIFO") && err.contains("not a regular file"),
+            "{err}"
+        );
+
+        let link = dir.0.join("link");
+        std::os::unix::fs::symlink(&good, &link).expect("link");
+        let err = load(&link).expect_err("link").to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+
+        let sub = dir.0.join("sub");
+        fs::create_dir(&sub).expect("mkdir");
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let err = load(&sub).expect_err("dir").to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        assert!(!err.contains("chmod"), "{err}");
+
+        let big = dir.0.join("big");
+        fs::write(&big, "0".repeat(5000)).expect("write");
+        fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(matches!(load(&big), Err(KeyFileError::TooLarge { .. })));
+        assert!(load(&good).is_ok());
+    }
+
+    #[test]
+    fn hardening_a_key_file_of_another_account_is_refused_root_only() {
+        if !crate::fsperm::root_or_skip(
+            "keyfile::hardening_a_key_file_of_another_account_is_refused_root_only",
+        ) {
+            return;
+        }
+        let dir = temp_dir("foreign");
+        let path = dir.0.join("k");
+        write_new(&path, &[0x22; 36]).expect("write");
+        std::os::unix::fs::chown(&path, Some(4242), Some(4242)).expect("chown");
+        let err = load(&path).expect_err("foreign").to_string();
+        assert!(err.contains("uid 4242") && err.contains("chown"), "{err}");
+        std::os::unix::fs::chown(&path, Some(0), Some(0)).expect("chown");
+        assert!(load(&path).is_ok(), "root-owned keys are fine");
     }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod datapath;
+pub mod fsperm;
 pub mod hex;
 pub mod io;
 pub mod keyfile;

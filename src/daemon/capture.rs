@@ -5,15 +5,22 @@
 //! 16-byte blocks repeat their neighbour (the corruption seen in the field,
 //! where a block of plaintext was replaced by a copy of the one before it
 //! before an otherwise valid seal).
+//!
+//! Decrypted traffic is as secret as the keys: the capture is opened
+//! without following a link or blocking on a FIFO at its name, must be a
+//! regular file of ours (one of ours that others could read is narrowed
+//! to 0600 on the descriptor; anything else is refused), in a directory
+//! no other account can use to swap it ([`crate::fsperm`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::DropCaptureConfig;
 use crate::datapath::Flow;
+use crate::fsperm::{self, DirError, Unsafe};
 use crate::wire::inner::{Pseudo, checksum_mismatch};
 use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, Ipv6Packet};
 
@@ -30,10 +37,16 @@ const FILE_HEADER: u64 = 24;
 const MAX_PER_SECOND: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
-#[error("drop capture {path}: {source} (check drop_capture.path: its directory must exist)")]
-pub struct CaptureError {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum CaptureError {
+    #[error("drop capture {path}: {source} (check drop_capture.path: its directory must exist)")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("drop capture refused (it receives decrypted traffic): {0}")]
+    Unsafe(Unsafe),
+    #[error("drop capture directory refused (it receives decrypted traffic): {0}")]
+    Dir(DirError),
 }
 
 /// The open capture file and its rotation state.
@@ -60,26 +73,20 @@ impl DropCapture {
     /// Starts a new file; an existing one (from an earlier run) is rotated
     /// away, not overwritten: it may be the evidence.
     pub fn open(config: &DropCaptureConfig) -> Result<DropCapture, CaptureError> {
-        let err = |source| CaptureError {
-            path: config.path.clone(),
-            source,
-        };
+        fsperm::check_parent_of(&config.path).map_err(CaptureError::Dir)?;
+        let (file, len) = new_file(&config.path)?;
         let mut capture = DropCapture {
             path: config.path.clone(),
             max_bytes: config.max_bytes,
             max_files: config.max_files.max(1),
-            file: new_file(&config.path).map_err(err)?,
+            file,
             size: FILE_HEADER,
             window: Instant::now(),
             in_window: 0,
             skipped: 0,
         };
-        if std::fs::metadata(&config.path)
-            .map(|m| m.len())
-            .unwrap_or(0)
-            > FILE_HEADER
-        {
-            capture.rotate().map_err(err)?;
+        if len > FILE_HEADER {
+            capture.rotate()?;
         }
         Ok(capture)
     }
@@ -100,10 +107,7 @@ impl DropCapture {
         let len = packet.len().min(SNAPLEN as usize);
         let needed = RECORD_HEADER + len as u64;
         if self.size + needed > self.max_bytes {
-            self.rotate().map_err(|source| CaptureError {
-                path: self.path.clone(),
-                source,
-            })?;
+            self.rotate()?;
         }
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -116,7 +120,7 @@ impl DropCapture {
         record.extend_from_slice(&packet[..len]);
         self.file
             .write_all(&record)
-            .map_err(|source| CaptureError {
+            .map_err(|source| CaptureError::Io {
                 path: self.path.clone(),
                 source,
             })?;
@@ -125,7 +129,18 @@ impl DropCapture {
     }
 
     /// PATH -> PATH.1 -> ... -> PATH.(max_files - 1); the oldest goes.
-    fn rotate(&mut self) -> std::io::Result<()> {
+    fn rotate(&mut self) -> Result<(), CaptureError> {
+        self.shift().map_err(|source| CaptureError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.file = new_file(&self.path)?.0;
+        self.size = FILE_HEADER;
+        Ok(())
+    }
+
+    /// Renames (never follows) the files one step down the line.
+    fn shift(&self) -> std::io::Result<()> {
         if self.max_files > 1 {
             for n in (1..self.max_files - 1).rev() {
                 let from = rotated(&self.path, n);
@@ -137,21 +152,61 @@ impl DropCapture {
         } else {
             std::fs::remove_file(&self.path)?;
         }
-        self.file = new_file(&self.path)?;
-        self.size = FILE_HEADER;
         Ok(())
     }
 }
 
 /// Opens (creating, mode 0600: decrypted traffic is as secret as the
-/// keys) a capture file, writing the pcap header if it is empty.
-fn new_file(path: &Path) -> std::io::Result<File> {
+/// keys) a capture file, writing the pcap header if it is empty; returns
+/// the file and its length before.
+fn new_file(path: &Path) -> Result<(File, u64), CaptureError> {
+    let io_err = |source| CaptureError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_regular = |meta: &std::fs::Metadata| {
+        CaptureError::Unsafe(Unsafe::Type {
+            path: path.to_path_buf(),
+            kind: fsperm::kind(meta),
+            want: "a regular file",
+        })
+    };
+    // Looked at first too, for the message: opening a FIFO for writing
+    // without a reader fails with ENXIO, which says nothing useful. The
+    // descriptor is what is checked below.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.is_file()
+        && !meta.file_type().is_symlink()
+    {
+        return Err(not_regular(&meta));
+    }
     let mut file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .open(path)?;
-    if file.metadata()?.len() == 0 {
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match fsperm::symlink_error(path, &e) {
+            Some(link) => CaptureError::Unsafe(link),
+            None => io_err(e),
+        })?;
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    fsperm::check_owner(path, &meta, false).map_err(CaptureError::Unsafe)?;
+    if meta.mode() & 0o077 != 0 {
+        // Ours, so ours to narrow: on the descriptor (fchmod), not the
+        // path, so it is this file that stops being readable.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err)?;
+        tracing::warn!(
+            path = %path.display(),
+            "drop capture had mode {:04o}; narrowed to 0600",
+            meta.mode() & 0o7777
+        );
+    }
+    if meta.len() == 0 {
         let mut header = Vec::with_capacity(FILE_HEADER as usize);
         header.extend_from_slice(&MAGIC.to_le_bytes());
         header.extend_from_slice(&2u16.to_le_bytes());
@@ -160,9 +215,9 @@ fn new_file(path: &Path) -> std::io::Result<File> {
         header.extend_from_slice(&0u32.to_le_bytes()); // sigfigs
         header.extend_from_slice(&SNAPLEN.to_le_bytes());
         header.extend_from_slice(&LINKTYPE_RAW.to_le_bytes());
-        file.write_all(&header)?;
+        file.write_all(&header).map_err(io_err)?;
     }
-    Ok(file)
+    Ok((file, meta.len()))
 }
 
 /// What a decrypted, dropped packet says about itself.
@@ -303,5 +358,79 @@ mod tests {
                 .len(),
             24 + 4 * 216
         );
+    }
+
+    // Hardening: decrypted packets go only into a private regular file of
+    // ours.
+
+    fn capture_config(dir: &TempDir) -> DropCaptureConfig {
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        DropCaptureConfig {
+            path: dir.0.join("drops.pcap"),
+            max_bytes: 1 << 20,
+            max_files: 2,
+        }
+    }
+
+    #[test]
+    fn hardening_an_existing_readable_capture_is_narrowed_to_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("capture-mode");
+        let config = capture_config(&dir);
+        std::fs::write(&config.path, "").expect("write");
+        std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let mut c = DropCapture::open(&config).expect("open");
+        let packet = build::ipv4([198, 18, 0, 2], [198, 18, 0, 1], protocol::UDP, &[1; 8]);
+        assert!(c.record(&packet).expect("record"));
+        let mode = std::fs::metadata(&config.path)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn hardening_a_link_fifo_or_shared_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("capture-link");
+        let config = capture_config(&dir);
+        let victim = dir.0.join("victim");
+        std::fs::write(&victim, "keep").expect("victim");
+        std::os::unix::fs::symlink(&victim, &config.path).expect("link");
+        let err = DropCapture::open(&config).expect_err("link").to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"keep");
+        std::fs::remove_file(&config.path).expect("unlink");
+
+        let c_path =
+            std::ffi::CString::new(config.path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: c_path is a valid NUL-terminated string for the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let err = DropCapture::open(&config).expect_err("fifo").to_string();
+        assert!(err.contains("FIFO"), "{err}");
+        std::fs::remove_file(&config.path).expect("unlink");
+
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = DropCapture::open(&config)
+            .expect_err("shared dir")
+            .to_string();
+        assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    #[test]
+    fn hardening_a_capture_of_another_account_is_refused_root_only() {
+        if !crate::fsperm::root_or_skip(
+            "daemon::capture::hardening_a_capture_of_another_account_is_refused_root_only",
+        ) {
+            return;
+        }
+        let dir = TempDir::new("capture-foreign");
+        let config = capture_config(&dir);
+        std::fs::write(&config.path, "theirs").expect("write");
+        std::os::unix::fs::chown(&config.path, Some(4242), Some(4242)).expect("chown");
+        let err = DropCapture::open(&config).expect_err("foreign").to_string();
+        assert!(err.contains("uid 4242"), "{err}");
+        assert_eq!(std::fs::read(&config.path).expect("read"), b"theirs");
     }
 }

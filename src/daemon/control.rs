@@ -3,9 +3,14 @@
 //! Requests are one line; `status` gets the [`super::status::Status`] as
 //! JSON. Served on its own thread so that a slow client never stalls the
 //! datapath.
+//!
+//! Only ever a socket is removed at the path: a stale one at start, and at
+//! exit only the one this process bound (same device and inode). Anything
+//! else there (say `control_socket` mistyped as the configuration file) is
+//! refused, never deleted.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +30,12 @@ pub enum ControlError {
          instance its own interface or control_socket)"
     )]
     InUse(PathBuf),
+    #[error(
+        "control socket path {path} exists and is {kind}, not a socket: refusing to delete it; \
+         set control_socket to a path of its own (such as /run/esptun/NAME.sock), or remove \
+         {path} yourself if it is a leftover"
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot create control socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -42,11 +53,14 @@ pub enum ControlError {
     Protocol { path: PathBuf, message: String },
 }
 
-/// The listening socket; the file is removed on drop.
+/// The listening socket; the file is removed on drop if it is still the
+/// one bound.
 #[derive(Debug)]
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// (st_dev, st_ino) of the socket file bound, recorded at bind.
+    bound: (u64, u64),
 }
 
 impl ControlSocket {
@@ -62,19 +76,32 @@ impl ControlSocket {
                 .create(dir)
                 .map_err(bind_err)?;
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.to_path_buf()));
+        // lstat: a link at the path is looked at, not followed.
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse(path.to_path_buf()));
+                }
+                // Left by a process that died without cleaning up.
+                std::fs::remove_file(path).map_err(bind_err)?;
             }
-            // Left by a process that died without cleaning up.
-            std::fs::remove_file(path).map_err(bind_err)?;
+            Ok(meta) => {
+                return Err(ControlError::NotASocket {
+                    path: path.to_path_buf(),
+                    kind: crate::fsperm::kind(&meta),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
+        let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
+            bound: (meta.dev(), meta.ino()),
         })
     }
 
@@ -153,7 +180,18 @@ where
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == self.bound => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), "removing the control socket: {e}");
+                }
+            }
+            Ok(_) => tracing::warn!(
+                path = %self.path.display(),
+                "not removing the control socket path: something else replaced our socket there"
+            ),
+            Err(_) => {}
+        }
     }
 }
 
@@ -248,5 +286,54 @@ mod tests {
         drop(stale); // the file stays, nobody listens
         assert!(path.exists());
         let _socket = ControlSocket::bind(&path).expect("rebind over a stale file");
+    }
+
+    // Hardening: the control socket path never deletes anything but our
+    // own socket.
+
+    #[test]
+    fn hardening_a_regular_file_at_the_path_is_refused_and_kept() {
+        let dir = TempDir::new("control-file");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let path = dir.0.join("esptun.toml");
+        std::fs::write(&path, "precious = true\n").expect("write");
+        let err = ControlSocket::bind(&path).expect_err("a regular file");
+        assert!(matches!(err, ControlError::NotASocket { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&path.display().to_string()) && text.contains("a regular file"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&path).expect("kept"), b"precious = true\n");
+
+        // A link is not followed, nor removed.
+        let link = dir.0.join("link.sock");
+        std::os::unix::fs::symlink(&path, &link).expect("link");
+        assert!(matches!(
+            ControlSocket::bind(&link),
+            Err(ControlError::NotASocket { .. })
+        ));
+        assert!(link.symlink_metadata().is_ok());
+        assert_eq!(std::fs::read(&path).expect("kept"), b"precious = true\n");
+    }
+
+    #[test]
+    fn hardening_at_exit_only_the_socket_we_bound_is_removed() {
+        let dir = TempDir::new("control-exit");
+        let path = dir.0.join("t.sock");
+        let socket = ControlSocket::bind(&path).expect("bind");
+        // Replaced meanwhile by a file, then by another socket: neither is
+        // ours to delete.
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::write(&path, "not ours").expect("write");
+        drop(socket);
+        assert_eq!(std::fs::read(&path).expect("kept"), b"not ours");
+        std::fs::remove_file(&path).expect("unlink");
+
+        let socket = ControlSocket::bind(&path).expect("bind");
+        std::fs::remove_file(&path).expect("unlink");
+        let _other = UnixListener::bind(&path).expect("another socket");
+        drop(socket);
+        assert!(path.symlink_metadata().is_ok(), "another's socket kept");
     }
 }

@@ -85,7 +85,9 @@ impl std::fmt::Debug for KeyMaterial {
 /// The keys of one SA, one per usable provider.
 pub struct SaKeys {
     keys: [Option<Box<dyn AeadKey>>; 2],
-    salt: [u8; 4],
+    /// Secret like the key (RFC 4106 section 8.1), so cleared on drop; an
+    /// inline array, so copying it into a nonce allocates nothing.
+    salt: Zeroizing<[u8; 4]>,
     icv: IcvLen,
 }
 
@@ -109,7 +111,7 @@ impl SaKeys {
         }
         Ok(SaKeys {
             keys,
-            salt: *material.salt,
+            salt: material.salt.clone(),
             icv,
         })
     }
@@ -119,7 +121,7 @@ impl SaKeys {
     }
 
     pub fn salt(&self) -> [u8; 4] {
-        self.salt
+        *self.salt
     }
 
     pub fn icv(&self) -> IcvLen {

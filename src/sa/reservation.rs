@@ -16,20 +16,35 @@
 //! it. A record that cannot be read or
 //! parsed is an error, never "no record": failing open here would reuse
 //! nonces.
+//!
+//! Whoever can change a record can make the daemon reuse nonces (a
+//! record rewritten to `ceiling 0` restarts the key at 1), so the store
+//! trusts only what no other account can touch: the directory must pass
+//! [`crate::fsperm::check_dir_chain`] (ours, not group/other-writable,
+//! under ancestors nobody else can use to swap it), and every file in it
+//! is opened without following links (O_NOFOLLOW) or blocking on a FIFO
+//! (O_NONBLOCK), then checked on the descriptor: a regular file, ours,
+//! not group/other-writable. Temporary records are created with O_EXCL.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::hmac;
 
 use super::{KeyMaterial, OutboundSa};
+use crate::fsperm::{self, DirError, Unsafe};
 
 /// Sequence numbers reserved per durable write.
 pub const DEFAULT_BLOCK: u64 = 1 << 20;
 const LABEL: &[u8] = b"esptun sequence reservation v2";
 const FRESH_LABEL: &[u8] = b"esptun fresh key v1";
+/// Longest record read: "ceiling " and 20 digits fit many times over.
+const MAX_RECORD: usize = 64;
+/// Every file in the state directory: never follow a link planted at its
+/// name, never block opening a FIFO planted there.
+const NO_LINK_NO_BLOCK: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReservationError {
@@ -40,6 +55,16 @@ pub enum ReservationError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state directory {dir} cannot be trusted with sequence records (whoever can change them \
+         can make esptun reuse GCM nonces): {source}"
+    )]
+    UnsafeDir { dir: PathBuf, source: Box<DirError> },
+    #[error(
+        "refusing a file in the state directory (whoever can change sequence records can make \
+         esptun reuse GCM nonces): {0}"
+    )]
+    UnsafeFile(Box<Unsafe>),
     #[error("cannot read sequence reservation {path}: {source}")]
     Read {
         path: PathBuf,
@@ -124,9 +149,10 @@ impl ReservationStore {
             .mode(0o700)
             .create(dir)
             .map_err(dir_err)?;
-        if !std::fs::metadata(dir).map_err(dir_err)?.is_dir() {
-            return Err(dir_err(std::io::Error::other("not a directory")));
-        }
+        fsperm::check_dir_chain(dir).map_err(|source| ReservationError::UnsafeDir {
+            dir: dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
         Ok(ReservationStore {
             dir: dir.to_path_buf(),
         })
@@ -141,11 +167,10 @@ impl ReservationStore {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(NO_LINK_NO_BLOCK)
             .open(&path)
-            .map_err(|source| ReservationError::Write {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| open_err(&path, source, false))?;
+        checked(&path, &file)?;
         match file.try_lock() {
             Ok(()) => Ok(file),
             Err(std::fs::TryLockError::WouldBlock) => Err(ReservationError::InUse {
@@ -164,12 +189,28 @@ impl ReservationStore {
     /// The recorded ceiling, or `None` if this key and SPI have no record.
     pub fn load(&self, fp: &Fingerprint) -> Result<Option<u64>, ReservationError> {
         let path = self.path(fp);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(ReservationError::Read { path, source }),
+        let Some(file) = open_existing(&path)? else {
+            return Ok(None);
         };
-        text.strip_prefix("ceiling ")
+        // A fixed buffer and a cap: a record is a short line, and a huge
+        // file is corrupt, not something to read into memory.
+        let mut buf = [0u8; MAX_RECORD + 1];
+        let mut len = 0;
+        let mut reader = file.take(MAX_RECORD as u64 + 1);
+        loop {
+            match reader.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(ReservationError::Read { path, source }),
+            }
+        }
+        if len > MAX_RECORD {
+            return Err(ReservationError::Corrupt { path });
+        }
+        std::str::from_utf8(&buf[..len])
+            .ok()
+            .and_then(|text| text.strip_prefix("ceiling "))
             .and_then(|rest| rest.trim_end().parse::<u64>().ok())
             .map(Some)
             .ok_or(ReservationError::Corrupt { path })
@@ -183,13 +224,28 @@ impl ReservationStore {
             path: path.clone(),
             source,
         };
+        // A temporary file left by a crash is ours to remove; anything
+        // else at its name (a link, a FIFO, another account's file) is
+        // refused, never written through.
+        match std::fs::symlink_metadata(&tmp) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(unsafe_file(Unsafe::Symlink { path: tmp }));
+            }
+            Ok(meta) => {
+                fsperm::check_file(&tmp, &meta, false).map_err(unsafe_file)?;
+                std::fs::remove_file(&tmp).map_err(write_err)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(write_err(e)),
+        }
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(NO_LINK_NO_BLOCK)
             .open(&tmp)
-            .map_err(write_err)?;
+            .map_err(|source| open_err(&tmp, source, false))?;
+        checked(&tmp, &file)?;
         file.write_all(format!("ceiling {ceiling}\n").as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(write_err)?;
@@ -227,14 +283,18 @@ impl ReservationStore {
             path: path.clone(),
             source,
         };
-        OpenOptions::new()
+        // No truncation needed: a mark is empty; an existing one is
+        // checked like any record before it counts.
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
+            .custom_flags(NO_LINK_NO_BLOCK)
             .open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(write_err)?;
+            .map_err(|source| open_err(&path, source, false))?;
+        checked(&path, &file)?;
+        file.sync_all().map_err(write_err)?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(write_err)
@@ -260,19 +320,12 @@ impl ReservationStore {
             self.remove_durably(&fresh)?;
             return Ok(Claim::Resumed { after: ceiling });
         }
-        match std::fs::metadata(&fresh) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ReservationError::Unrecorded {
-                    dir: self.dir.clone(),
-                });
-            }
-            Err(source) => {
-                return Err(ReservationError::Read {
-                    path: fresh,
-                    source,
-                });
-            }
+        // The mark lets a key start at 1: it counts only if it is a
+        // regular file of ours, like a record.
+        if open_existing(&fresh)?.is_none() {
+            return Err(ReservationError::Unrecorded {
+                dir: self.dir.clone(),
+            });
         }
         self.reserve_block(fp, sa, block)?;
         self.remove_durably(&fresh)?;
@@ -304,6 +357,51 @@ impl ReservationStore {
             }
             None => false,
         })
+    }
+}
+
+/// Opens an existing file of the state directory for reading, or `None`
+/// if there is none.
+fn open_existing(path: &Path) -> Result<Option<File>, ReservationError> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(NO_LINK_NO_BLOCK)
+        .open(path)
+    {
+        Ok(file) => {
+            checked(path, &file)?;
+            Ok(Some(file))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(open_err(path, source, true)),
+    }
+}
+
+/// The opened file is a regular file of ours that others cannot write
+/// (checked on the descriptor, not by looking the path up again).
+fn checked(path: &Path, file: &File) -> Result<(), ReservationError> {
+    let meta = file.metadata().map_err(|source| ReservationError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    fsperm::check_file(path, &meta, false).map_err(unsafe_file)
+}
+
+fn unsafe_file(problem: Unsafe) -> ReservationError {
+    ReservationError::UnsafeFile(Box::new(problem))
+}
+
+fn open_err(path: &Path, source: std::io::Error, reading: bool) -> ReservationError {
+    match fsperm::symlink_error(path, &source) {
+        Some(link) => unsafe_file(link),
+        None if reading => ReservationError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+        None => ReservationError::Write {
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 
@@ -513,5 +611,135 @@ mod tests {
         )
         .expect("tmp");
         assert_eq!(store.load(&fp).expect("load"), Some(42));
+    }
+
+    // Hardening: the state directory and its files are trusted only when
+    // no other account can change them (a rewritten record reuses nonces).
+
+    fn record(dir: &TempDir, fp: &Fingerprint) -> PathBuf {
+        dir.0.join(format!("seq-{}", fp.as_str()))
+    }
+
+    #[test]
+    fn hardening_a_lax_or_shared_state_dir_is_refused_with_the_fix() {
+        let dir = TempDir::new("resv-lax");
+        ReservationStore::open(&dir.0).expect("created 0700");
+        for mode in [0o777, 0o770, 0o1777] {
+            std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = ReservationStore::open(&dir.0).expect_err("lax").to_string();
+            assert!(
+                err.contains("mkdir -m 700") || err.contains("chmod 700"),
+                "{err}"
+            );
+            assert!(err.contains(&dir.0.display().to_string()), "{err}");
+        }
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        ReservationStore::open(&dir.0).expect("0755 is not writable by others");
+    }
+
+    #[test]
+    fn hardening_links_at_record_temp_and_mark_names_are_refused_not_followed() {
+        let dir = TempDir::new("resv-links");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[8u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material);
+        let target = dir.0.join("victim");
+        std::fs::write(&target, "ceiling 0\n").expect("victim");
+
+        let rec = record(&dir, &fp);
+        std::os::unix::fs::symlink(&target, &rec).expect("link");
+        let err = store.load(&fp).expect_err("link at record").to_string();
+        assert!(
+            err.contains("symbolic link") && err.contains("rm "),
+            "{err}"
+        );
+        std::fs::remove_file(&rec).expect("unlink");
+
+        let tmp = dir.0.join(format!("seq-{}.tmp", fp.as_str()));
+        std::os::unix::fs::symlink(&target, &tmp).expect("link");
+        let err = store.store(&fp, 77).expect_err("link at temp").to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&target).expect("victim"), b"ceiling 0\n");
+        std::fs::remove_file(&tmp).expect("unlink");
+
+        let mark = dir.0.join(fresh_name(&material));
+        std::os::unix::fs::symlink(&target, &mark).expect("link");
+        assert!(matches!(
+            store.mark_fresh(&material),
+            Err(ReservationError::UnsafeFile(e)) if matches!(*e, Unsafe::Symlink { .. })
+        ));
+        let err = store
+            .claim(&fp, &material, &mut sa(&material), 10)
+            .expect_err("a link is no fresh mark");
+        assert!(matches!(err, ReservationError::UnsafeFile(_)), "{err}");
+        assert_eq!(std::fs::read(&target).expect("victim"), b"ceiling 0\n");
+    }
+
+    #[test]
+    fn hardening_a_fifo_or_writable_record_is_refused_without_blocking() {
+        let dir = TempDir::new("resv-fifo");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[7u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material);
+        let rec = record(&dir, &fp);
+        let c_path = std::ffi::CString::new(rec.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: c_path is a valid NUL-terminated string for the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        let err = store.load(&fp).expect_err("fifo").to_string();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert!(err.contains("FIFO"), "{err}");
+        std::fs::remove_file(&rec).expect("unlink");
+
+        store.store(&fp, 9).expect("store");
+        std::fs::set_permissions(&rec, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let err = store.load(&fp).expect_err("writable").to_string();
+        assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    #[test]
+    fn hardening_a_stale_temp_of_ours_is_replaced() {
+        let dir = TempDir::new("resv-stale");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[2u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material);
+        let tmp = dir.0.join(format!("seq-{}.tmp", fp.as_str()));
+        std::fs::write(&tmp, "ceiling 1 and garbage from a crash").expect("tmp");
+        store.store(&fp, 31).expect("store over a stale temp");
+        assert_eq!(store.load(&fp).expect("load"), Some(31));
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn hardening_foreign_owned_dir_and_records_are_refused_root_only() {
+        if !crate::fsperm::root_or_skip(
+            "sa::reservation::hardening_foreign_owned_dir_and_records_are_refused_root_only",
+        ) {
+            return;
+        }
+        let dir = TempDir::new("resv-foreign");
+        let store = ReservationStore::open(&dir.0).expect("store");
+        let material = KeyMaterial::from_bytes(&[1u8; 20]).expect("material");
+        let fp = Fingerprint::new(&material);
+        store.store(&fp, 1000).expect("store");
+        let rec = record(&dir, &fp);
+        std::os::unix::fs::chown(&rec, Some(4242), Some(4242)).expect("chown");
+        let err = store.load(&fp).expect_err("foreign record").to_string();
+        assert!(err.contains("uid 4242") && err.contains("chown"), "{err}");
+        let tmp = dir.0.join(format!("seq-{}.tmp", fp.as_str()));
+        std::fs::write(&tmp, "x").expect("tmp");
+        std::os::unix::fs::chown(&tmp, Some(4242), None).expect("chown");
+        let err = store
+            .store(&fp, 2000)
+            .expect_err("foreign temp")
+            .to_string();
+        assert!(err.contains("uid 4242"), "{err}");
+        assert_eq!(std::fs::read(&tmp).expect("tmp"), b"x", "left alone");
+
+        std::os::unix::fs::chown(&dir.0, Some(4242), Some(4242)).expect("chown");
+        let err = ReservationStore::open(&dir.0)
+            .expect_err("foreign dir")
+            .to_string();
+        assert!(err.contains("uid 4242") && err.contains("chown"), "{err}");
     }
 }

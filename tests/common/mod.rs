@@ -143,3 +143,20 @@ pub fn run_bounded(
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     Ok((status, read(&out_path), read(&err_path)))
 }
+
+/// For root-only tests (chown to another uid, namespaces): whether to run.
+/// Without root it writes `SKIPPED <test>: needs root (<needs>)` to the
+/// real stderr (not the captured test output), or panics when
+/// `ESPTUN_REQUIRE_NETNS=1`, so a skip is never silent.
+pub fn root_or_skipped(test: &str, needs: &str) -> bool {
+    use std::io::Write;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("ESPTUN_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("{test}: needs root ({needs}), and ESPTUN_REQUIRE_NETNS=1 is set");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root ({needs})");
+    false
+}
