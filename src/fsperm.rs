@@ -23,8 +23,7 @@ const S_ISVTX: u32 = 0o1000;
 
 /// The effective user id, which owns what the process creates.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// Why a path is not trusted; the message names the path and the fix.

@@ -297,9 +297,8 @@ mod tests {
         write_new(&good, &[0x11; 20]).expect("write");
 
         let fifo = dir.0.join("fifo");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: c_path is a valid NUL-terminated string for the call.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
         let started = std::time::Instant::now();
         let err = load(&fifo).expect_err("fifo").to_string();
         assert!(

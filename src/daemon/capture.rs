@@ -403,10 +403,11 @@ mod tests {
         assert_eq!(std::fs::read(&victim).expect("victim"), b"keep");
         std::fs::remove_file(&config.path).expect("unlink");
 
-        let c_path =
-            std::ffi::CString::new(config.path.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: c_path is a valid NUL-terminated string for the call.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(
+            &config.path,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .expect("mkfifo");
         let err = DropCapture::open(&config).expect_err("fifo").to_string();
         assert!(err.contains("FIFO"), "{err}");
         std::fs::remove_file(&config.path).expect("unlink");

@@ -682,9 +682,7 @@ mod tests {
         let material = KeyMaterial::from_bytes(&[7u8; 20]).expect("material");
         let fp = Fingerprint::new(&material);
         let rec = record(&dir, &fp);
-        let c_path = std::ffi::CString::new(rec.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: c_path is a valid NUL-terminated string for the call.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&rec, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
         let started = std::time::Instant::now();
         let err = store.load(&fp).expect_err("fifo").to_string();
         assert!(started.elapsed() < std::time::Duration::from_secs(2));

@@ -97,8 +97,10 @@ pub fn esp_sa_record(
     key.push_str(&Zeroizing::new(crate::hex::encode(material.key().expose())));
     key.push_str(&Zeroizing::new(crate::hex::encode(material.salt())));
     // Every field is quoted; none can contain a quote, backslash or
-    // non-printable byte that UAT would need escaped.
-    let mut record = Zeroizing::new(String::with_capacity(160));
+    // non-printable byte that UAT would need escaped. Sized for the longest
+    // record (two full IPv6 addresses), so the string never grows and
+    // leaves no copy of the key behind in freed memory.
+    let mut record = Zeroizing::new(String::with_capacity(512));
     let _ = write!(
         *record,
         "\"{protocol}\",\"{src}\",\"{dst}\",\"0x{spi:08x}\",\"{}\",\"{}\",\"NULL\",\"\"",
