@@ -54,6 +54,9 @@ pub(crate) struct SaManager {
     out_tx: Sender<OutboundCommands>,
     in_tx: Sender<InboundCommands>,
     events: Receiver<SaEvent>,
+    /// Outbound switches made on the timeout: (peer, our new inbound SA,
+    /// when to warn if the peer still has not used it).
+    unconfirmed: Vec<(String, SaId, Instant)>,
 }
 
 impl SaManager {
@@ -70,6 +73,7 @@ impl SaManager {
             out_tx,
             in_tx,
             events,
+            unconfirmed: Vec::new(),
         }
     }
 
@@ -94,7 +98,37 @@ impl SaManager {
     ) -> Vec<(String, Refusal)> {
         self.take_events();
         let actions = lifecycle::plan(wanted, &self.views, now, self.timing);
-        self.dispatch(&actions, wanted, peers)
+        let refused = self.dispatch(&actions, wanted, peers, now);
+        self.check_unconfirmed(now);
+        refused
+    }
+
+    /// A switch on the timeout is the normal end of a symmetric roll (each
+    /// side waits for the other); it is a problem only if the peer then
+    /// still does not use our new inbound SA, because then it has not
+    /// reloaded and cannot open what we now send.
+    fn check_unconfirmed(&mut self, now: Instant) {
+        let views = &self.views;
+        self.unconfirmed.retain(|(peer, inbound, warn_at)| {
+            let Some(view) = views.iter().find(|v| v.id == *inbound) else {
+                return false;
+            };
+            if view.seen {
+                tracing::info!(peer = %peer, "the peer uses the new keys");
+                return false;
+            }
+            if now < *warn_at {
+                return true;
+            }
+            tracing::warn!(
+                peer = %peer,
+                spi = format_args!("{:#x}", view.spi),
+                "the peer has sent nothing on our new inbound SA since we switched to the new \
+                 outbound SA: it may not have reloaded, and cannot open what we send; reload it \
+                 with the matching configuration"
+            );
+            false
+        });
     }
 
     /// Applies `actions`: to the views here, and as commands to the
@@ -105,6 +139,7 @@ impl SaManager {
         actions: &[Action],
         wanted: &[WantedPeer],
         mut peers: Vec<PeerSas>,
+        now: Instant,
     ) -> Vec<(String, Refusal)> {
         let mut out: OutboundCommands = Vec::new();
         let mut inb: InboundCommands = Vec::new();
@@ -161,11 +196,30 @@ impl SaManager {
                     forced,
                 } => {
                     if *forced {
-                        tracing::warn!(
+                        tracing::info!(
                             peer = %peer,
-                            "no packet on the peer's new SA after {:?}: switching outbound anyway",
+                            "no packet on our new inbound SA after {:?} (normal when both hosts \
+                             rolled): switching outbound",
                             self.timing.switch_after
                         );
+                        let awaited = self.views.iter().find(|v| v.id == *to).and_then(|v| match v
+                            .state
+                        {
+                            SaState::Pending { awaiting, .. } => awaiting,
+                            _ => None,
+                        });
+                        let inbound = self.views.iter().find(|v| {
+                            v.direction == Direction::Inbound
+                                && &v.peer == peer
+                                && Some(v.spi) == awaited
+                        });
+                        if let Some(inbound) = inbound {
+                            self.unconfirmed.push((
+                                peer.clone(),
+                                inbound.id,
+                                now + self.timing.switch_after,
+                            ));
+                        }
                     }
                     if let Some(from) = from {
                         out.push(SaCommand::Remove { id: *from });
@@ -271,7 +325,7 @@ impl KeyManager for SaManager {
                 reason: RemoveReason::Deleted,
             })
             .collect();
-        self.dispatch(&actions, &[], Vec::new());
+        self.dispatch(&actions, &[], Vec::new(), now);
         self.expire(now);
     }
 
@@ -282,7 +336,7 @@ impl KeyManager for SaManager {
             .filter(|v| v.peer == peer && v.endpoint != endpoint)
             .map(|v| Action::SetEndpoint { id: v.id, endpoint })
             .collect();
-        self.dispatch(&actions, &[], Vec::new());
+        self.dispatch(&actions, &[], Vec::new(), now);
         self.expire(now);
     }
 
