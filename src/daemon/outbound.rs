@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::sas::{OutboundCommands, SaCommand, SaEvent};
 use super::shared::Shared;
@@ -25,7 +25,7 @@ use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
 use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
-use crate::sa::table::SaState;
+use crate::sa::table::{SaId, SaState};
 
 /// TUN -> ESP -> socket.
 pub(crate) struct OutboundWorker {
@@ -38,7 +38,15 @@ pub(crate) struct OutboundWorker {
     events: Sender<SaEvent>,
     drop_log: DropLog,
     errors: ErrorLog,
+    /// SAs whose last reservation top-up failed (a full or read-only
+    /// disk): when to try again, and the current back-off.
+    top_up_retry: Vec<(SaId, Instant, Duration)>,
 }
+
+/// Back-off after a failed top-up: doubles from the first to the last,
+/// so a full disk costs a few writes a minute, not one per batch.
+const TOP_UP_RETRY_FIRST: Duration = Duration::from_millis(100);
+const TOP_UP_RETRY_MAX: Duration = Duration::from_secs(10);
 
 impl OutboundWorker {
     pub fn new(
@@ -60,6 +68,7 @@ impl OutboundWorker {
             events,
             drop_log: DropLog::new("outbound"),
             errors: ErrorLog::new("outbound"),
+            top_up_retry: Vec::new(),
         }
     }
 
@@ -173,8 +182,10 @@ impl OutboundWorker {
         }
     }
 
-    /// Makes the next block durable well before the current one runs out.
+    /// Makes the next block durable well before the current one runs out;
+    /// after a failure, tries that SA again only after a back-off.
     fn top_up(&mut self) {
+        let now = Instant::now();
         for entry in self.outbound.sas.iter_mut() {
             let sa = &mut entry.sa;
             let limit = hard_limit(sa.esn);
@@ -182,14 +193,44 @@ impl OutboundWorker {
             {
                 continue;
             }
-            if let Err(e) = self.store.reserve_block(&entry.meta.fp, sa, DEFAULT_BLOCK) {
-                count(&self.shared.io.reservation_errors);
-                if self.errors.due() {
-                    tracing::error!(
-                        peer = %entry.meta.peer,
-                        spi = format_args!("{:#x}", sa.spi),
-                        "cannot reserve sequence numbers; the SA stops sending when its reservation runs out: {e}"
-                    );
+            let retry = self
+                .top_up_retry
+                .iter()
+                .position(|(id, _, _)| *id == entry.id);
+            if let Some(i) = retry
+                && now < self.top_up_retry[i].1
+            {
+                continue;
+            }
+            match self.store.reserve_block(&entry.meta.fp, sa, DEFAULT_BLOCK) {
+                Ok(_) => {
+                    if let Some(i) = retry {
+                        self.top_up_retry.swap_remove(i);
+                        tracing::info!(
+                            peer = %entry.meta.peer,
+                            spi = format_args!("{:#x}", sa.spi),
+                            "sequence numbers reserved again"
+                        );
+                    }
+                }
+                Err(e) => {
+                    count(&self.shared.io.reservation_errors);
+                    let backoff = match retry {
+                        Some(i) => (self.top_up_retry[i].2 * 2).min(TOP_UP_RETRY_MAX),
+                        None => TOP_UP_RETRY_FIRST,
+                    };
+                    match retry {
+                        Some(i) => self.top_up_retry[i] = (entry.id, now + backoff, backoff),
+                        None => self.top_up_retry.push((entry.id, now + backoff, backoff)),
+                    }
+                    if self.errors.due() {
+                        tracing::error!(
+                            peer = %entry.meta.peer,
+                            spi = format_args!("{:#x}", sa.spi),
+                            "cannot reserve sequence numbers (next try in {backoff:?}); the SA stops \
+                             sending when its reservation runs out: {e}"
+                        );
+                    }
                 }
             }
         }
