@@ -259,7 +259,7 @@ fn ipv6_raw_esp_overlay_aes128_icv8() {
         LabOptions {
             tag: "v6esp".into(),
             subnet: 11,
-            outer_udp: false,
+            encap: esptun::wire::outer::Encap::RawEsp,
             ipv6: true,
             overlay: true,
             key_bits: 128,
@@ -281,7 +281,7 @@ fn ipv4_raw_esp_overlay_icv12() {
         LabOptions {
             tag: "v4esp".into(),
             subnet: 12,
-            outer_udp: false,
+            encap: esptun::wire::outer::Encap::RawEsp,
             overlay: true,
             icv: 12,
             ..LabOptions::default()

@@ -309,7 +309,7 @@ mod tests {
             interface: "esptun0".into(),
             pid: 1,
             uptime_secs: 5,
-            outer: "udp/4500".into(),
+            outer: crate::wire::outer::Encap::NATT,
             provider: selector.active(),
             crypto_mode: selector.mode(),
             on_selftest_failure: selector.policy(),

@@ -31,11 +31,13 @@ use crate::crypto::Provider;
 use crate::crypto::select::{BootOptions, Selector};
 use crate::datapath::Counters;
 use crate::io::IoSetupError;
-use crate::io::socket::{OuterKind, OuterSocket};
+use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
 use crate::keyfile::{self, KeyFileError};
 use crate::sa::reservation::{self, Claim, Fingerprint, ReservationError, ReservationStore};
 use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaError, SaKeys};
+use crate::wire::inner::InnerPolicy;
+use crate::wire::outer::Encap;
 use control::{ControlError, ControlSocket};
 use netcfg::{NetConfig, NetError};
 use signals::{Signal, Signals};
@@ -160,7 +162,9 @@ pub(crate) struct Shared {
     pub out_status: Mutex<Vec<OutboundSaStatus>>,
     pub in_status: Mutex<Vec<InboundSaStatus>>,
     pub interface: String,
-    pub outer: String,
+    pub outer: Encap,
+    /// `[inner]`: the checksum policy both pipelines apply.
+    pub inner: InnerPolicy,
 }
 
 impl Shared {
@@ -172,7 +176,7 @@ impl Shared {
             interface: self.interface.clone(),
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
-            outer: self.outer.clone(),
+            outer: self.outer,
             provider: self.selector.active(),
             crypto_mode: self.selector.mode(),
             on_selftest_failure: self.selector.policy(),
@@ -232,7 +236,7 @@ fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonErr
 
 fn endpoint(peer: &ValidPeer, config: &Valid) -> SocketAddr {
     // Raw ESP has no ports; the socket ignores this one.
-    let port = if config.outer_udp { config.port } else { 0 };
+    let port = config.outer.encap.port().unwrap_or(0);
     SocketAddr::new(peer.endpoint, port)
 }
 
@@ -346,15 +350,15 @@ pub(crate) fn claim(
 }
 
 fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
-    let kind = if config.outer_udp {
-        OuterKind::Udp { port: config.port }
-    } else {
-        OuterKind::RawEsp
-    };
+    let encap = config.outer.encap;
     let needs = |v6: bool| config.peers.iter().any(|p| p.endpoint.is_ipv6() == v6);
     let open = |v6: bool| -> Result<Option<OuterSocket>, DaemonError> {
         if needs(v6) {
-            Ok(Some(OuterSocket::open(kind, v6, Some(config.fwmark))?))
+            Ok(Some(OuterSocket::open(
+                encap,
+                v6,
+                Some(config.outer.fwmark),
+            )?))
         } else {
             Ok(None)
         }
@@ -362,7 +366,7 @@ fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
     Ok(workers::Sockets {
         v4: open(false)?,
         v6: open(true)?,
-        udp: config.outer_udp,
+        encap,
     })
 }
 
@@ -395,8 +399,8 @@ impl Daemon {
         let _ = options;
         let selector = Selector::boot(
             providers,
-            config.crypto,
-            config.on_selftest_failure,
+            config.crypto.mode,
+            config.crypto.on_selftest_failure,
             BootOptions::default(),
         );
         #[cfg(feature = "fault-injection")]
@@ -407,29 +411,32 @@ impl Daemon {
             handle.set_rate(rate);
         }
         let Some(active) = selector.active() else {
-            return Err(DaemonError::NoProvider(config.crypto));
+            return Err(DaemonError::NoProvider(config.crypto.mode));
         };
         for r in selector.reports() {
             if let Some(why) = &r.disabled {
                 tracing::error!(provider = %r.name, "disabled at boot: {why}");
             }
         }
-        tracing::info!(provider = %active, mode = %config.crypto, "boot self-tests passed");
+        tracing::info!(provider = %active, mode = %config.crypto.mode, "boot self-tests passed");
 
         // Sockets and the control socket first: a port in use or a second
         // instance is found before any sequence numbers are reserved.
         let sockets = outer_sockets(&config)?;
-        let control = ControlSocket::bind(&config.control_socket)?;
+        let control = ControlSocket::bind(&config.operations.control_socket)?;
         let metrics = config
+            .operations
             .metrics_listen
             .map(metrics::MetricsServer::bind)
             .transpose()?;
         let drop_capture = config
+            .operations
             .drop_capture
             .as_ref()
             .map(capture::DropCapture::open)
             .transpose()?;
-        let store = ReservationStore::open(&config.state_dir).map_err(DaemonError::State)?;
+        let store =
+            ReservationStore::open(&config.operations.state_dir).map_err(DaemonError::State)?;
         let state_lock = store.lock().map_err(DaemonError::State)?;
         let mut peers = Vec::with_capacity(config.peers.len());
         for peer in &config.peers {
@@ -440,9 +447,9 @@ impl Daemon {
             let (sa, meta, material) = &mut p.outbound;
             claim(&store, sa, meta, material)?;
         }
-        let tun = Tun::create(&config.interface)?;
+        let tun = Tun::create(&config.interface.name)?;
         let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
-            interface: config.interface.clone(),
+            interface: config.interface.name.clone(),
             source,
         })?;
 
@@ -450,20 +457,17 @@ impl Daemon {
             stop: AtomicBool::new(false),
             selector,
             started: Instant::now(),
-            selftest_interval: Duration::from_secs(config.selftest_interval_secs),
-            rekey_switch: config.rekey_switch,
-            rekey_retire: config.rekey_retire,
+            selftest_interval: config.crypto.selftest_interval,
+            rekey_switch: config.rekey.switch,
+            rekey_retire: config.rekey.retire,
             out_counters: Arc::new(Counters::default()),
             in_counters: Arc::new(Counters::default()),
             io: IoCounters::default(),
             out_status: Mutex::new(Vec::new()),
             in_status: Mutex::new(Vec::new()),
             interface: tun.name().to_string(),
-            outer: if config.outer_udp {
-                format!("udp/{}", config.port)
-            } else {
-                "esp".into()
-            },
+            outer: config.outer.encap,
+            inner: config.inner,
         });
 
         let inbound_wanted = peers
@@ -519,10 +523,10 @@ impl Daemon {
         })?;
         tracing::info!(
             interface = %daemon.shared.interface,
-            mtu = daemon.config.mtu,
+            mtu = daemon.config.interface.mtu,
             outer = %daemon.shared.outer,
             peers = daemon.config.peers.len(),
-            control = %daemon.config.control_socket.display(),
+            control = %daemon.config.operations.control_socket.display(),
             "esptun ready"
         );
         Ok(daemon)
@@ -609,20 +613,18 @@ impl Daemon {
         let fixed = |c: &Valid| {
             (
                 c.interface.clone(),
-                c.mtu,
-                c.outer_udp,
-                c.port,
-                c.state_dir.clone(),
-                c.fwmark,
-                c.control_socket.clone(),
-                c.rekey_switch,
-                c.rekey_retire,
+                c.outer.encap,
+                c.outer.fwmark,
+                c.operations.state_dir.clone(),
+                c.operations.control_socket.clone(),
+                c.rekey,
+                c.inner,
             )
         };
         if fixed(&new) != fixed(&self.config) {
             tracing::warn!(
                 "reload: changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
-                 control_socket and rekey_* settings need a restart; applying SA changes only"
+                 control_socket, rekey_* and [inner] settings need a restart; applying SA changes only"
             );
         }
         let addressing = |p: &ValidPeer| {

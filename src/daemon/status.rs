@@ -122,7 +122,8 @@ pub struct Status {
     pub interface: String,
     pub pid: u32,
     pub uptime_secs: u64,
-    pub outer: String,
+    /// `udp/PORT` or `esp`.
+    pub outer: crate::wire::outer::Encap,
     /// The provider carrying traffic now (`null`: halted).
     pub provider: Option<crate::crypto::ProviderId>,
     pub crypto_mode: crate::crypto::select::Mode,

@@ -21,7 +21,6 @@ use crate::io::tun::Tun;
 use crate::packet::PacketBuf;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::{InboundSa, OutboundSa, hard_limit};
-use crate::wire::inner::InnerPolicy;
 
 /// Packets per batch: enough to amortize a syscall and the provider
 /// lookup, small enough that a batch stays in L2.
@@ -43,7 +42,8 @@ const TOP_UP_BELOW: u64 = DEFAULT_BLOCK / 2;
 pub(crate) struct Sockets {
     pub v4: Option<OuterSocket>,
     pub v6: Option<OuterSocket>,
-    pub udp: bool,
+    /// How ESP is carried on them (the same for both).
+    pub encap: Encap,
 }
 
 /// At most one log line per drop reason per second, saying how many more
@@ -177,7 +177,7 @@ impl OutboundWorker {
         sas: Vec<(OutboundSa, OutMeta)>,
         plans: Receiver<OutboundPlan>,
     ) -> Self {
-        let mut outbound = Outbound::new(InnerPolicy::default());
+        let mut outbound = Outbound::new(shared.inner);
         outbound.counters = shared.out_counters.clone();
         let mut meta = Vec::new();
         for (sa, m) in sas {
@@ -516,7 +516,7 @@ impl InboundWorker {
         plans: Receiver<InboundPlan>,
         capture: Option<DropCapture>,
     ) -> Self {
-        let mut inbound = Inbound::new(InnerPolicy::default());
+        let mut inbound = Inbound::new(shared.inner);
         inbound.counters = shared.in_counters.clone();
         let mut meta = Vec::new();
         for (sa, m) in sas {
@@ -548,7 +548,7 @@ impl InboundWorker {
             .flatten()
             .collect();
         let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
-        let encap = if sockets.udp { Encap::Udp } else { Encap::Raw };
+        let encap = sockets.encap;
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.apply_plans();
             maybe_selftest(&self.shared, &mut next_check, "inbound");
