@@ -12,6 +12,8 @@ use esptun::daemon::signals::Signals;
 use esptun::daemon::{Daemon, DaemonError, RunOptions};
 use esptun::tools::bench::{self, BenchConfig, Op};
 
+mod print;
+
 /// Exit status when no AES-GCM provider may carry traffic.
 const EXIT_SELFTEST_FAILED: u8 = 3;
 
@@ -400,9 +402,9 @@ fn status(
         print!("{reply}");
         return Ok(ExitCode::SUCCESS);
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).context("the daemon's reply is not JSON")?;
-    print!("{}", esptun::daemon::status::render(&v));
+    let v: esptun::daemon::status::Status = serde_json::from_str(&reply)
+        .context("the daemon's reply is not a status this esptun can read")?;
+    print!("{}", print::status(&v));
     Ok(ExitCode::SUCCESS)
 }
 
