@@ -10,7 +10,7 @@
 //! is what passed validation, grouped by concern: the TUN interface, the
 //! outer path, crypto, key rolls, operations, the inner-checksum policy
 //! and the peers. Each group is validated by its own function in
-//! [`validate`].
+//! `validate.rs`, every problem going to one list.
 //!
 //! The optional `[inner]` table sets the inner-checksum policy
 //! ([`InnerPolicy`]); each key defaults to the built-in policy:

@@ -1,6 +1,6 @@
 //! The configuration file as written: serde structures mirroring the TOML,
 //! with its defaults. Nothing here is checked beyond types; that is
-//! [`super::validate`]'s job.
+//! `validate.rs`'s job.
 
 use std::path::PathBuf;
 

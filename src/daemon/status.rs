@@ -22,7 +22,7 @@ pub const SA_STATES: [&str; 3] = ["active", "pending", "retiring"];
 
 /// One of [`SA_STATES`]. A named type rather than `&'static str` in the
 /// fields: serde borrows a field spelled `&str` from the input, which a
-/// `'static` one cannot be; this one is read back through [`sa_state`].
+/// `'static` one cannot be; this one is read back by `sa_state`.
 pub type SaState = &'static str;
 
 /// Reads an SA state back as one of [`SA_STATES`].
