@@ -23,7 +23,7 @@ use esptun::wire::esp;
 use esptun::wire::inner::InnerPolicy;
 use esptun::wire::inner::build::{ipv4, ipv6};
 use esptun::wire::ip::protocol;
-use esptun::wire::outer::{self, Encapsulation, NATT_PORT, Outer, OuterError};
+use esptun::wire::outer::{self, NATT_PORT, Outer, OuterError, UdpPorts};
 
 const A4: [u8; 4] = [198, 18, 0, 1];
 const B4: [u8; 4] = [198, 19, 0, 2];
@@ -208,7 +208,11 @@ fn round_trip_every_protocol_version_icv_key_size_and_esn() {
                         0,
                         "RFC 4303 2.4 alignment"
                     );
-                    let encap = if len % 2 == 0 { Encap::Udp } else { Encap::Raw };
+                    let encap = if len % 2 == 0 {
+                        Encap::NATT
+                    } else {
+                        Encap::RawEsp
+                    };
                     let (v, got) = l.open(encap, &wire);
                     assert_eq!(
                         v,
@@ -233,11 +237,11 @@ fn a_flipped_ciphertext_bit_fails_the_icv_and_leaves_the_window_alone() {
     let good = wire.clone();
     wire[20] ^= 0x01;
     assert_eq!(
-        l.open(Encap::Raw, &wire).0,
+        l.open(Encap::RawEsp, &wire).0,
         Verdict::Drop(DropReason::IcvFailure)
     );
     // The forgery did not consume the sequence number.
-    assert_eq!(l.open(Encap::Raw, &good).0, Verdict::Deliver);
+    assert_eq!(l.open(Encap::RawEsp, &good).0, Verdict::Deliver);
     assert_eq!(l.inb.counters.drops(DropReason::IcvFailure), 1);
     let per_sa = &l
         .inb
@@ -265,17 +269,17 @@ fn replays_and_packets_older_than_the_window_are_refused() {
     // Out of order inside the window, then the duplicate, then too old.
     for i in [1usize, 0, 39, 20, 10] {
         assert_eq!(
-            l.open(Encap::Raw, &sealed[i]).0,
+            l.open(Encap::RawEsp, &sealed[i]).0,
             Verdict::Deliver,
             "packet {i}"
         );
     }
     assert_eq!(
-        l.open(Encap::Raw, &sealed[20]).0,
+        l.open(Encap::RawEsp, &sealed[20]).0,
         Verdict::Drop(DropReason::Replay)
     );
     assert_eq!(
-        l.open(Encap::Raw, &sealed[5]).0,
+        l.open(Encap::RawEsp, &sealed[5]).0,
         Verdict::Drop(DropReason::TooOld)
     );
 }
@@ -299,7 +303,7 @@ fn esn_traffic_crosses_the_2_32_boundary() {
     for i in 0..8 {
         let (v, wire) = l.seal(&plain);
         assert_eq!(v, sent());
-        let (v, got) = l.open(Encap::Udp, &wire);
+        let (v, got) = l.open(Encap::NATT, &wire);
         assert_eq!(v, Verdict::Deliver, "packet {i} across 2^32");
         assert_same_inner(&plain, &got);
     }
@@ -391,16 +395,16 @@ fn inbound_refusals_are_typed_and_counted_once() {
     let mut unknown = wire.clone();
     unknown[3] ^= 0x40;
     let cases: Vec<(Encap, Vec<u8>, DropReason)> = vec![
-        (Encap::Udp, vec![0xFF], DropReason::Keepalive),
-        (Encap::Udp, vec![0, 0, 0, 0, 1, 2, 3], DropReason::Ike),
+        (Encap::NATT, vec![0xFF], DropReason::Keepalive),
+        (Encap::NATT, vec![0, 0, 0, 0, 1, 2, 3], DropReason::Ike),
         (
-            Encap::Raw,
+            Encap::RawEsp,
             vec![0, 0, 0, 0, 1, 2, 3, 4],
             DropReason::UnknownSpi,
         ),
-        (Encap::Raw, vec![0xFF], DropReason::Truncated),
-        (Encap::Raw, unknown, DropReason::UnknownSpi),
-        (Encap::Raw, wire[..30].to_vec(), DropReason::Truncated),
+        (Encap::RawEsp, vec![0xFF], DropReason::Truncated),
+        (Encap::RawEsp, unknown, DropReason::UnknownSpi),
+        (Encap::RawEsp, wire[..30].to_vec(), DropReason::Truncated),
     ];
     for (encap, bytes, reason) in &cases {
         let before = snapshot(&l.inb.counters);
@@ -412,7 +416,7 @@ fn inbound_refusals_are_typed_and_counted_once() {
         assert_one_drop(&before, &l.inb.counters, *reason);
     }
     assert_eq!(l.inb.counters.total_drops(), cases.len() as u64);
-    assert_eq!(l.open(Encap::Udp, &wire).0, Verdict::Deliver);
+    assert_eq!(l.open(Encap::NATT, &wire).0, Verdict::Deliver);
 }
 
 #[test]
@@ -432,7 +436,7 @@ fn a_provider_switch_mid_stream_needs_no_rekey() {
     assert_eq!(v, sent());
     // Sealed by hardware, opened by soft: the SA needed no new keys.
     for wire in [before, after] {
-        assert_eq!(l.open(Encap::Udp, &wire).0, Verdict::Deliver);
+        assert_eq!(l.open(Encap::NATT, &wire).0, Verdict::Deliver);
     }
 }
 
@@ -514,9 +518,9 @@ fn interop_with_scapy_both_directions_byte_for_byte() {
         let mut batch = [buf(&wire[esp_start..])];
         let mut verdicts = Vec::new();
         let encap = if case["encap"] == "udp" {
-            Encap::Udp
+            Encap::NATT
         } else {
-            Encap::Raw
+            Encap::RawEsp
         };
         inb.process(&selector, encap, &mut batch, &mut verdicts);
         assert_eq!(verdicts[0], Verdict::Deliver, "{name}");
@@ -547,15 +551,11 @@ fn interop_with_scapy_both_directions_byte_for_byte() {
 
         // The whole wire packet: esptun's outer framing carries the same
         // addresses, encapsulation and payload as scapy's.
-        let encap = if case["encap"] == "udp" {
-            Encapsulation::Udp {
-                src_port: NATT_PORT,
-                dst_port: NATT_PORT,
-            }
-        } else {
-            Encapsulation::Esp
-        };
-        let frame = Outer { src, dst, encap };
+        let udp = (case["encap"] == "udp").then_some(UdpPorts {
+            src: NATT_PORT,
+            dst: NATT_PORT,
+        });
+        let frame = Outer { src, dst, udp };
         assert!(batch[0].prepend(frame.header_len()));
         outer::emit(batch[0].data_mut(), &frame).expect("frame");
         let ours = outer::parse(batch[0].data()).expect("our framing parses");
@@ -609,9 +609,9 @@ fn random_mutations_never_panic_and_never_deliver_other_bytes() {
             }
         }
         let encap = if round % 2 == 0 {
-            Encap::Udp
+            Encap::NATT
         } else {
-            Encap::Raw
+            Encap::RawEsp
         };
         let (v, got) = l.open(encap, &wire);
         if v == Verdict::Deliver {
@@ -656,9 +656,9 @@ fn random_garbage_never_panics() {
             bytes[..4].copy_from_slice(&SPI.to_be_bytes());
         }
         let encap = if round % 2 == 0 {
-            Encap::Udp
+            Encap::NATT
         } else {
-            Encap::Raw
+            Encap::RawEsp
         };
         assert!(matches!(l.open(encap, &bytes).0, Verdict::Drop(_)));
         if len > 0 {
@@ -698,7 +698,7 @@ fn authentic_packets_with_bad_padding_or_no_next_header_are_not_delivered() {
     let mut plain = payload.to_vec();
     plain.extend_from_slice(&[0, protocol::UDP]);
     assert_eq!(
-        l.open(Encap::Raw, &seal_raw(&l, 1, &plain)).0,
+        l.open(Encap::RawEsp, &seal_raw(&l, 1, &plain)).0,
         Verdict::Deliver
     );
 
@@ -706,7 +706,7 @@ fn authentic_packets_with_bad_padding_or_no_next_header_are_not_delivered() {
     let mut dummy = payload.to_vec();
     dummy.extend_from_slice(&[0, protocol::NO_NEXT_HEADER]);
     assert_eq!(
-        l.open(Encap::Raw, &seal_raw(&l, 2, &dummy)).0,
+        l.open(Encap::RawEsp, &seal_raw(&l, 2, &dummy)).0,
         Verdict::Drop(DropReason::DummyPacket)
     );
 
@@ -714,12 +714,12 @@ fn authentic_packets_with_bad_padding_or_no_next_header_are_not_delivered() {
     let mut bad = payload.to_vec();
     bad.extend_from_slice(&[1, 3, 2, protocol::UDP]);
     assert_eq!(
-        l.open(Encap::Raw, &seal_raw(&l, 3, &bad)).0,
+        l.open(Encap::RawEsp, &seal_raw(&l, 3, &bad)).0,
         Verdict::Drop(DropReason::BadPadding)
     );
     // A pad length longer than the plaintext.
     assert_eq!(
-        l.open(Encap::Raw, &seal_raw(&l, 4, &[200, 17])).0,
+        l.open(Encap::RawEsp, &seal_raw(&l, 4, &[200, 17])).0,
         Verdict::Drop(DropReason::BadPadding)
     );
     assert_eq!(l.inb.counters.total_drops(), 3);
@@ -729,14 +729,14 @@ fn authentic_packets_with_bad_padding_or_no_next_header_are_not_delivered() {
 fn ike_goes_to_the_handler_only_when_there_is_one() {
     let mut l = link(LinkSpec::default());
     let ike = [0u8, 0, 0, 0, 0x21, 0x20, 0x22, 0x08];
-    assert_eq!(l.open(Encap::Udp, &ike).0, Verdict::Drop(DropReason::Ike));
+    assert_eq!(l.open(Encap::NATT, &ike).0, Verdict::Drop(DropReason::Ike));
     l.inb.ike_handler = true;
-    let (v, bytes) = l.open(Encap::Udp, &ike);
+    let (v, bytes) = l.open(Encap::NATT, &ike);
     assert_eq!(v, Verdict::Ike);
     assert_eq!(bytes, ike, "handed over unchanged, marker included");
     // Over raw ESP there is no marker: SPI 0 is simply unknown.
     assert_eq!(
-        l.open(Encap::Raw, &ike).0,
+        l.open(Encap::RawEsp, &ike).0,
         Verdict::Drop(DropReason::UnknownSpi)
     );
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use esptun::lab::demo::{LabOptions, Side, TunnelLab};
+use esptun::wire::outer::Encap;
 
 const MIB: u64 = 1 << 20;
 
@@ -182,7 +183,7 @@ struct ConfigCase {
     name: &'static str,
     tag: &'static str,
     subnet: u8,
-    outer_udp: bool,
+    encap: Encap,
     ipv6: bool,
     overlay: bool,
     key_bits: u32,
@@ -198,7 +199,7 @@ const BASE: ConfigCase = ConfigCase {
     name: "",
     tag: "",
     subnet: 0,
-    outer_udp: true,
+    encap: Encap::NATT,
     ipv6: false,
     overlay: false,
     key_bits: 256,
@@ -221,7 +222,7 @@ const CONFIGURATIONS: &[ConfigCase] = &[
         name: "ipv6_raw_esp_overlay",
         tag: "v6esp",
         subnet: 11,
-        outer_udp: false,
+        encap: Encap::RawEsp,
         ipv6: true,
         overlay: true,
         key_bits: 128,
@@ -232,7 +233,7 @@ const CONFIGURATIONS: &[ConfigCase] = &[
         name: "ipv4_raw_esp_overlay",
         tag: "v4esp",
         subnet: 12,
-        outer_udp: false,
+        encap: Encap::RawEsp,
         overlay: true,
         icv: 12,
         ..BASE
@@ -281,7 +282,7 @@ fn run_configuration(name: &str) {
         LabOptions {
             tag: case.tag.into(),
             subnet: case.subnet,
-            outer_udp: case.outer_udp,
+            encap: case.encap,
             ipv6: case.ipv6,
             overlay: case.overlay,
             key_bits: case.key_bits,

@@ -158,7 +158,7 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
         "{verdicts:?}"
     );
     assert_eq!(injector.injected(), 8, "every seal was corrupted");
-    inb.process(&receiver, Encap::Udp, &mut batch, &mut verdicts);
+    inb.process(&receiver, Encap::NATT, &mut batch, &mut verdicts);
     assert_eq!(verdicts, vec![Verdict::Drop(DropReason::InnerChecksum); 8]);
     assert_eq!(inb.counters.drops(DropReason::InnerChecksum), 8);
     assert_eq!(

@@ -120,12 +120,12 @@ fn sealing_and_opening_batches_allocates_nothing() {
         // makes the first a replay in the main batch.
         assert!(extra[0].fill(batch[4].data()) && extra[1].fill(batch[0].data()));
         extra[0].data_mut()[30] ^= 1;
-        inb.process(&selector, Encap::Udp, &mut extra, &mut verdicts);
+        inb.process(&selector, Encap::NATT, &mut extra, &mut verdicts);
         assert_eq!(
             verdicts,
             [Verdict::Drop(DropReason::IcvFailure), Verdict::Deliver]
         );
-        inb.process(&selector, Encap::Udp, &mut batch, &mut verdicts);
+        inb.process(&selector, Encap::NATT, &mut batch, &mut verdicts);
         assert_eq!(verdicts[0], Verdict::Drop(DropReason::Replay));
         assert_eq!(verdicts[4], Verdict::Deliver);
         count[1] += 2;

@@ -302,7 +302,7 @@ fn tshark_decrypts_a_nat_t_capture_with_the_printed_records() {
         LabOptions {
             tag: "wsudp".into(),
             subnet: 30,
-            outer_udp: true,
+            encap: esptun::wire::outer::Encap::NATT,
             ..LabOptions::default()
         },
     );
@@ -376,7 +376,7 @@ fn tshark_decrypts_a_raw_esp_capture_from_the_esp_sa_file_and_checks_icvs() {
         LabOptions {
             tag: "wsesp".into(),
             subnet: 31,
-            outer_udp: false,
+            encap: esptun::wire::outer::Encap::RawEsp,
             key_bits: 128,
             icv: 12,
             ..LabOptions::default()

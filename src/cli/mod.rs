@@ -12,6 +12,8 @@ use esptun::daemon::signals::Signals;
 use esptun::daemon::{Daemon, DaemonError, RunOptions};
 use esptun::tools::bench::{self, BenchConfig, Op};
 
+mod print;
+
 /// Exit status when no AES-GCM provider may carry traffic.
 const EXIT_SELFTEST_FAILED: u8 = 3;
 
@@ -63,8 +65,15 @@ enum Command {
     /// remove everything, also on Ctrl-C or failure.
     Demo {
         /// Outer encapsulation: udp (NAT-T, port 4500) or esp (IP protocol 50).
-        #[arg(long, default_value = "udp", value_parser = ["udp", "esp"])]
-        outer: String,
+        #[arg(
+            long,
+            default_value = "udp",
+            value_parser = clap::builder::TypedValueParser::try_map(
+                clap::builder::PossibleValuesParser::new(["udp", "esp"]),
+                |s| s.parse::<esptun::wire::outer::Encap>(),
+            ),
+        )]
+        outer: esptun::wire::outer::Encap,
         /// Use IPv6 addresses inside and outside.
         #[arg(long)]
         ipv6: bool,
@@ -232,7 +241,7 @@ pub fn main() -> ExitCode {
             crypto,
             verbose,
         } => esptun::lab::demo::run(&esptun::lab::demo::DemoOptions {
-            outer_udp: outer == "udp",
+            encap: outer,
             ipv6,
             bytes,
             crypto,
@@ -306,15 +315,15 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     println!(
         "config {} is valid: interface {} (MTU {}), {} outer, {} peer(s), crypto {}",
         path.display(),
-        valid.interface,
-        valid.mtu,
-        if valid.outer_udp {
+        valid.interface.name,
+        valid.interface.mtu,
+        if valid.outer.encap.is_udp() {
             "UDP (NAT-T)"
         } else {
             "raw ESP"
         },
         valid.peers.len(),
-        valid.crypto
+        valid.crypto.mode
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -384,7 +393,7 @@ fn status(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let path = match (config, socket) {
-        (Some(c), _) => esptun::config::Config::load(c)?.control_socket,
+        (Some(c), _) => esptun::config::Config::load(c)?.operations.control_socket,
         (None, Some(s)) => s.to_path_buf(),
         (None, None) => PathBuf::from("/run/esptun/esptun0.sock"),
     };
@@ -393,9 +402,9 @@ fn status(
         print!("{reply}");
         return Ok(ExitCode::SUCCESS);
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).context("the daemon's reply is not JSON")?;
-    print!("{}", esptun::daemon::status::render(&v));
+    let v: esptun::daemon::status::Status = serde_json::from_str(&reply)
+        .context("the daemon's reply is not a status this esptun can read")?;
+    print!("{}", print::status(&v));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -409,7 +418,7 @@ fn declare_fresh(config: &std::path::Path, peer: &str) -> anyhow::Result<ExitCod
         );
     };
     let material = esptun::keyfile::load(&p.outbound.key_file)?;
-    let store = esptun::sa::reservation::ReservationStore::open(&valid.state_dir)?;
+    let store = esptun::sa::reservation::ReservationStore::open(&valid.operations.state_dir)?;
     let fp = esptun::sa::reservation::Fingerprint::new(&material);
     if let Some(ceiling) = store.load(&fp)? {
         bail!(
@@ -422,7 +431,7 @@ fn declare_fresh(config: &std::path::Path, peer: &str) -> anyhow::Result<ExitCod
         "declared the outbound key of peer {peer} ({}) fresh in {}: the daemon will start it at \
          sequence number 1, once",
         p.outbound.key_file.display(),
-        valid.state_dir.display()
+        valid.operations.state_dir.display()
     );
     Ok(ExitCode::SUCCESS)
 }

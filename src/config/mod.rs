@@ -3,172 +3,44 @@
 //! Parsing refuses unknown fields (a typo is an error, not a silently
 //! ignored setting). Validation then collects every problem at once, each
 //! naming the field and what to do, so an operator fixes a file in one
-//! pass. Key files are checked separately ([`Valid::check_key_files`]),
+//! pass. Key files are checked separately ([`Config::check_key_files`]),
 //! because reading them needs the daemon's privileges.
+//!
+//! Two layers: [`raw`] mirrors the file (serde, defaults), and [`Config`]
+//! is what passed validation, grouped by concern: the TUN interface, the
+//! outer path, crypto, key rolls, operations, the inner-checksum policy
+//! and the peers. Each group is validated by its own function in
+//! `validate.rs`, every problem going to one list.
+//!
+//! The optional `[inner]` table sets the inner-checksum policy
+//! ([`InnerPolicy`]); each key defaults to the built-in policy:
+//!
+//! ```toml
+//! [inner]
+//! allow_udp4_zero_checksum = true         # IPv4 UDP "no checksum" (RFC 768), counted
+//! allow_unverifiable_protocols = false    # protocols without a checksum esptun knows
+//! allow_udplite_partial_coverage = false  # UDP-Lite covering part of the datagram
+//! ```
 
-use std::collections::HashSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-
-use serde::Deserialize;
+use std::time::Duration;
 
 use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
 use crate::keyfile;
-use crate::sa::replay::{DEFAULT_WINDOW, MAX_WINDOW};
+use crate::wire::inner::InnerPolicy;
+use crate::wire::outer::Encap;
 
-/// Bytes transport-mode ESP adds to an inner packet at most: UDP (8), ESP
-/// header (8), IV (8), padding (3), trailer (2), ICV (16). The IP header is
-/// reused, so it adds nothing.
-pub const WORST_CASE_OVERHEAD: u16 = 8 + 8 + 8 + 3 + 2 + 16;
+pub mod raw;
+mod validate;
 
-/// The file as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// TUN interface name.
-    #[serde(default = "default_interface")]
-    pub interface: String,
-    /// MTU of the path between the hosts, from which the TUN MTU is derived.
-    #[serde(default = "default_outer_mtu")]
-    pub outer_mtu: u16,
-    /// TUN MTU; default `outer_mtu` minus [`WORST_CASE_OVERHEAD`].
-    pub mtu: Option<u16>,
-    /// `udp` (NAT-T, RFC 3948) or `esp` (IP protocol 50).
-    #[serde(default = "default_outer")]
-    pub outer: String,
-    /// Local UDP port for `outer = "udp"`.
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// Where sequence-number reservations are kept.
-    #[serde(default = "default_state_dir")]
-    pub state_dir: PathBuf,
-    /// `auto`, `hardware` or `soft`.
-    #[serde(default = "default_crypto")]
-    pub crypto: String,
-    /// Seconds between long-message self-tests on the datapath threads.
-    #[serde(default = "default_selftest_interval")]
-    pub selftest_interval_secs: u64,
-    /// `fallback` (move to soft) or `halt`.
-    #[serde(default = "default_on_failure")]
-    pub on_selftest_failure: String,
-    /// Firewall mark of the daemon's own outer packets, and the number of
-    /// the routing table that holds its routes into the TUN device: marked
-    /// packets skip that table, so classic transport mode cannot loop.
-    #[serde(default = "default_fwmark")]
-    pub fwmark: u32,
-    /// After a reload, a replaced outbound SA keeps sending for at most
-    /// this long (less once the peer is seen using its new SA), so that
-    /// both hosts can be reloaded before either sends on a new SPI.
-    #[serde(default = "default_rekey_switch")]
-    pub rekey_switch_secs: u64,
-    /// After a reload, a replaced inbound SA keeps accepting this long.
-    #[serde(default = "default_rekey_retire")]
-    pub rekey_retire_secs: u64,
-    /// Serve Prometheus metrics over HTTP on this local address (e.g.
-    /// "127.0.0.1:9150"); off when absent.
-    pub metrics_listen: Option<String>,
-    /// Keep decrypted packets dropped for a wrong inner checksum, for
-    /// post-mortems; off when absent.
-    pub drop_capture: Option<DropCaptureConfig>,
-    /// The Unix control socket `esptun status` talks to; default
-    /// `/run/esptun/<interface>.sock`.
-    pub control_socket: Option<PathBuf>,
-    #[serde(default, rename = "peer")]
-    pub peers: Vec<Peer>,
-}
+pub use raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig};
 
-/// `[drop_capture]`: a size-capped, rotated pcap of inner-checksum drops.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DropCaptureConfig {
-    /// The pcap file (mode 0600); rotated to `PATH.1`, `PATH.2`, ...
-    pub path: PathBuf,
-    /// Size at which the file is rotated.
-    #[serde(default = "default_capture_bytes")]
-    pub max_bytes: u64,
-    /// Files kept, the current one included.
-    #[serde(default = "default_capture_files")]
-    pub max_files: u32,
-}
-
-fn default_capture_bytes() -> u64 {
-    16 << 20
-}
-fn default_capture_files() -> u32 {
-    4
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Peer {
-    pub name: String,
-    /// This host's outer address toward the peer.
-    pub local: String,
-    /// The peer's outer address.
-    pub endpoint: String,
-    /// Inner addresses; default the outer ones (classic transport mode).
-    pub inner_local: Option<String>,
-    pub inner_remote: Option<String>,
-    pub outbound: SaConfig,
-    pub inbound: SaConfig,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SaConfig {
-    pub spi: u32,
-    pub key_file: PathBuf,
-    #[serde(default = "default_icv")]
-    pub icv: u8,
-    #[serde(default = "default_true")]
-    pub esn: bool,
-    /// Inbound only.
-    pub replay_window: Option<u32>,
-}
-
-fn default_interface() -> String {
-    "esptun0".into()
-}
-fn default_outer_mtu() -> u16 {
-    1500
-}
-fn default_outer() -> String {
-    "udp".into()
-}
-fn default_port() -> u16 {
-    crate::wire::outer::NATT_PORT
-}
-fn default_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/esptun")
-}
-fn default_crypto() -> String {
-    "auto".into()
-}
-fn default_selftest_interval() -> u64 {
-    60
-}
-fn default_on_failure() -> String {
-    "fallback".into()
-}
-/// "ES": any value works that no other policy-routing user on the host takes.
-pub const DEFAULT_FWMARK: u32 = 0x4553;
-fn default_fwmark() -> u32 {
-    DEFAULT_FWMARK
-}
-fn default_rekey_switch() -> u64 {
-    30
-}
-fn default_rekey_retire() -> u64 {
-    120
-}
-fn default_icv() -> u8 {
-    16
-}
-fn default_true() -> bool {
-    true
-}
+/// The worst-case ESP overhead of NAT-T (the default outer mode): what the
+/// default TUN MTU leaves below an outer MTU. See [`Encap::overhead`].
+pub const WORST_CASE_OVERHEAD: u16 = Encap::NATT.overhead() as u16;
 
 /// One problem in a configuration: where, what, and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,20 +80,77 @@ fn list(problems: &[Problem]) -> String {
         .join("\n")
 }
 
+/// A configuration that passed validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub interface: InterfaceConfig,
+    pub outer: OuterConfig,
+    pub crypto: CryptoConfig,
+    pub rekey: RekeyConfig,
+    pub operations: OperationsConfig,
+    /// `[inner]`: which packets without a verifiable inner checksum pass.
+    pub inner: InnerPolicy,
+    pub peers: Vec<Peer>,
+}
+
+/// The TUN device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    pub name: String,
+    /// Given, or derived: `outer_mtu` minus [`Encap::overhead`].
+    pub mtu: u16,
+}
+
+/// The path between the hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OuterConfig {
+    /// `outer` and `port`.
+    pub encap: Encap,
+    pub outer_mtu: u16,
+    /// Mark of the daemon's own outer packets and its routing table number.
+    pub fwmark: u32,
+}
+
+/// Provider selection and self-tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoConfig {
+    pub mode: Mode,
+    pub on_selftest_failure: FailurePolicy,
+    /// Between long-message self-tests on the datapath threads.
+    pub selftest_interval: Duration,
+}
+
+/// Key rolls by reload (`rekey_switch_secs`, `rekey_retire_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RekeyConfig {
+    pub switch: Duration,
+    pub retire: Duration,
+}
+
+/// Where the daemon keeps state and how it is observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationsConfig {
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub drop_capture: Option<DropCaptureConfig>,
+}
+
 /// A validated peer, with parsed values.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidPeer {
+pub struct Peer {
     pub name: String,
     pub local: IpAddr,
     pub endpoint: IpAddr,
     pub inner_local: IpAddr,
     pub inner_remote: IpAddr,
-    pub outbound: ValidSa,
-    pub inbound: ValidSa,
+    pub outbound: Sa,
+    pub inbound: Sa,
 }
 
+/// A validated SA of a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidSa {
+pub struct Sa {
     pub spi: u32,
     pub key_file: PathBuf,
     pub icv: IcvLen,
@@ -229,29 +158,14 @@ pub struct ValidSa {
     pub replay_window: u32,
 }
 
-/// A configuration that passed validation.
-#[derive(Debug, Clone)]
-pub struct Valid {
-    pub interface: String,
-    pub mtu: u16,
-    pub outer_udp: bool,
-    pub port: u16,
-    pub state_dir: PathBuf,
-    pub crypto: Mode,
-    pub selftest_interval_secs: u64,
-    pub on_selftest_failure: FailurePolicy,
-    pub fwmark: u32,
-    pub rekey_switch: std::time::Duration,
-    pub rekey_retire: std::time::Duration,
-    pub control_socket: PathBuf,
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    pub drop_capture: Option<DropCaptureConfig>,
-    pub peers: Vec<ValidPeer>,
-}
+/// Earlier names of the validated types.
+pub type Valid = Config;
+pub type ValidPeer = Peer;
+pub type ValidSa = Sa;
 
 impl Config {
     /// Reads, parses and validates `path` (key files not yet read).
-    pub fn load(path: &Path) -> Result<Valid, ConfigError> {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -270,358 +184,17 @@ impl Config {
     }
 
     /// Parses and validates configuration text.
-    pub fn parse(text: &str) -> Result<Valid, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::new(),
             message: e.to_string(),
         })?;
-        config.validate().map_err(|problems| ConfigError::Invalid {
+        validate::config(&raw).map_err(|problems| ConfigError::Invalid {
             path: PathBuf::new(),
             problems,
         })
     }
 
-    fn validate(&self) -> Result<Valid, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut problem = |field: &str, message: String| {
-            problems.push(Problem {
-                field: field.to_string(),
-                message,
-            })
-        };
-
-        // IFNAMSIZ is 16 including the terminating NUL.
-        let name_ok = !self.interface.is_empty()
-            && self.interface.len() <= 15
-            && self.interface != "."
-            && self.interface != ".."
-            && self
-                .interface
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !name_ok {
-            problem(
-                "interface",
-                format!(
-                    "{:?} is not a usable interface name: use 1 to 15 letters, digits, '-', '_' or '.'",
-                    self.interface
-                ),
-            );
-        }
-        let outer_udp = match self.outer.as_str() {
-            "udp" => true,
-            "esp" => false,
-            other => {
-                problem(
-                    "outer",
-                    format!(
-                        "{other:?} is not an outer mode: use \"udp\" (NAT-T, port 4500) or \"esp\" (IP protocol 50)"
-                    ),
-                );
-                true
-            }
-        };
-        if self.outer_mtu < 576 + WORST_CASE_OVERHEAD {
-            problem(
-                "outer_mtu",
-                format!(
-                    "{} is too small: IPv4 needs at least 576 bytes inside the tunnel, so use {} or more",
-                    self.outer_mtu,
-                    576 + WORST_CASE_OVERHEAD
-                ),
-            );
-        }
-        let mtu = self
-            .mtu
-            .unwrap_or(self.outer_mtu.saturating_sub(WORST_CASE_OVERHEAD));
-        if let Some(m) = self.mtu
-            && (m < 576 || m > self.outer_mtu.saturating_sub(WORST_CASE_OVERHEAD))
-        {
-            problem(
-                "mtu",
-                format!(
-                    "{m} does not fit: use 576 to {} (outer_mtu {} minus {WORST_CASE_OVERHEAD} bytes of ESP overhead), or leave it out to derive it",
-                    self.outer_mtu.saturating_sub(WORST_CASE_OVERHEAD),
-                    self.outer_mtu
-                ),
-            );
-        }
-        if outer_udp && self.port == 0 {
-            problem(
-                "port",
-                "0 is not a port: use 4500 (the NAT-T port) unless the peers agree on another"
-                    .into(),
-            );
-        }
-        if !self.state_dir.is_absolute() {
-            problem(
-                "state_dir",
-                format!(
-                    "{} is relative: use an absolute path such as /var/lib/esptun",
-                    self.state_dir.display()
-                ),
-            );
-        }
-        let crypto = self.crypto.parse::<Mode>().unwrap_or_else(|e| {
-            problem("crypto", e);
-            Mode::Auto
-        });
-        let on_failure = self
-            .on_selftest_failure
-            .parse::<FailurePolicy>()
-            .unwrap_or_else(|e| {
-                problem("on_selftest_failure", e);
-                FailurePolicy::Fallback
-            });
-        if !(1..=86_400).contains(&self.selftest_interval_secs) {
-            problem(
-                "selftest_interval_secs",
-                format!(
-                    "{} is out of range: use 1 to 86400 seconds (default 60)",
-                    self.selftest_interval_secs
-                ),
-            );
-        }
-        if self.fwmark == 0 || self.fwmark > 0x7fff_ffff {
-            problem(
-                "fwmark",
-                format!(
-                    "{} cannot be used: the mark is also a routing table number, use 1 to 2147483647 (default {DEFAULT_FWMARK}) \
-                     that no other routing policy on this host uses",
-                    self.fwmark
-                ),
-            );
-        }
-        if !(1..=3600).contains(&self.rekey_switch_secs)
-            || self.rekey_retire_secs <= self.rekey_switch_secs
-            || self.rekey_retire_secs > 86_400
-        {
-            problem(
-                "rekey_switch_secs",
-                format!(
-                    "{} (with rekey_retire_secs {}) does not work: use 1 to 3600 seconds, and a \
-                     rekey_retire_secs above it (at most 86400), so an old inbound SA outlives the \
-                     switch (defaults 30 and 120)",
-                    self.rekey_switch_secs, self.rekey_retire_secs
-                ),
-            );
-        }
-        let control_socket = self
-            .control_socket
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("/run/esptun/{}.sock", self.interface)));
-        if !control_socket.is_absolute() {
-            problem(
-                "control_socket",
-                format!(
-                    "{} is relative: use an absolute path such as /run/esptun/esptun0.sock",
-                    control_socket.display()
-                ),
-            );
-        }
-        let metrics_listen = match &self.metrics_listen {
-            None => None,
-            Some(text) => match text.parse::<std::net::SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    problem(
-                        "metrics_listen",
-                        format!(
-                            "{text:?} is not an address and port: use e.g. \"127.0.0.1:9150\" (metrics are \
-                             unauthenticated: keep them on a local or management address)"
-                        ),
-                    );
-                    None
-                }
-            },
-        };
-        if let Some(c) = &self.drop_capture {
-            if !c.path.is_absolute() {
-                problem(
-                    "drop_capture.path",
-                    format!(
-                        "{} is relative: use an absolute path such as /var/lib/esptun/drops.pcap",
-                        c.path.display()
-                    ),
-                );
-            }
-            if c.max_bytes < 64 << 10 || c.max_files == 0 || c.max_files > 100 {
-                problem(
-                    "drop_capture",
-                    format!(
-                        "max_bytes {} and max_files {} do not work: use max_bytes of at least 65536 \
-                         and 1 to 100 files (defaults 16 MiB and 4)",
-                        c.max_bytes, c.max_files
-                    ),
-                );
-            }
-        }
-        if self.peers.is_empty() {
-            problem(
-                "peer",
-                "no [[peer]] sections: add at least one peer with its addresses and SAs".into(),
-            );
-        }
-
-        let mut names = HashSet::new();
-        let mut inbound_spis = HashSet::new();
-        let mut outbound_spis = HashSet::new();
-        let mut inner_remotes = HashSet::new();
-        let mut peers = Vec::new();
-        for (i, p) in self.peers.iter().enumerate() {
-            let at = |f: &str| format!("peer[{i}] ({}).{f}", p.name);
-            if p.name.is_empty() || !names.insert(p.name.clone()) {
-                problem(&at("name"), "must be present and unique among peers".into());
-            }
-            let mut addr = |field: &str, value: &str| -> Option<IpAddr> {
-                value
-                    .parse::<IpAddr>()
-                    .map_err(|_| {
-                        problem(
-                            &at(field),
-                            format!("{value:?} is not an IP address (write it without a port)"),
-                        )
-                    })
-                    .ok()
-            };
-            let local = addr("local", &p.local);
-            let endpoint = addr("endpoint", &p.endpoint);
-            let inner_local = match &p.inner_local {
-                Some(v) => addr("inner_local", v),
-                None => local,
-            };
-            let inner_remote = match &p.inner_remote {
-                Some(v) => addr("inner_remote", v),
-                None => endpoint,
-            };
-            if let (Some(l), Some(e)) = (local, endpoint) {
-                if l.is_ipv4() != e.is_ipv4() {
-                    problem(
-                        &at("endpoint"),
-                        "local and endpoint must both be IPv4 or both IPv6".into(),
-                    );
-                }
-                if let (Some(il), Some(ir)) = (inner_local, inner_remote) {
-                    if il.is_ipv4() != l.is_ipv4() || ir.is_ipv4() != l.is_ipv4() {
-                        problem(&at("inner_local"), "transport mode keeps the IP header: inner addresses must be the same IP version as the outer ones".into());
-                    }
-                    if !inner_remotes.insert(ir) {
-                        problem(
-                            &at("inner_remote"),
-                            format!(
-                                "{ir} is already another peer's inner address: each peer needs its own"
-                            ),
-                        );
-                    }
-                }
-            }
-            let mut sa = |dir: &str, c: &SaConfig, spis: &mut HashSet<u32>| -> Option<ValidSa> {
-                let field = |f: &str| at(&format!("{dir}.{f}"));
-                let mut ok = true;
-                if c.spi < 256 {
-                    problem(
-                        &field("spi"),
-                        format!(
-                            "{} is reserved (RFC 4303 section 2.1, IANA): use 256 to 4294967295",
-                            c.spi
-                        ),
-                    );
-                    ok = false;
-                } else if !spis.insert(c.spi) {
-                    problem(
-                        &field("spi"),
-                        format!(
-                            "{:#x} is used by another {dir} SA: every {dir} SPI must be unique",
-                            c.spi
-                        ),
-                    );
-                    ok = false;
-                }
-                let icv = IcvLen::from_bytes(usize::from(c.icv))
-                    .map_err(|_| {
-                        problem(&field("icv"), format!("{} is not an ICV length: use 16 (default), 12 or 8 (RFC 4106 section 6)", c.icv));
-                    })
-                    .ok();
-                let window = c.replay_window.unwrap_or(DEFAULT_WINDOW);
-                if dir == "outbound" && c.replay_window.is_some() {
-                    problem(
-                        &field("replay_window"),
-                        "only inbound SAs have a replay window: remove it here".into(),
-                    );
-                    ok = false;
-                } else if !(1..=MAX_WINDOW).contains(&window) {
-                    problem(
-                        &field("replay_window"),
-                        format!(
-                            "{window} is out of range: use 1 to {MAX_WINDOW} packets (default {DEFAULT_WINDOW})"
-                        ),
-                    );
-                    ok = false;
-                }
-                Some(ValidSa {
-                    spi: c.spi,
-                    key_file: c.key_file.clone(),
-                    icv: icv?,
-                    esn: c.esn,
-                    replay_window: window,
-                })
-                .filter(|_| ok)
-            };
-            let outbound = sa("outbound", &p.outbound, &mut outbound_spis);
-            let inbound = sa("inbound", &p.inbound, &mut inbound_spis);
-            if p.outbound.key_file == p.inbound.key_file {
-                problem(&at("inbound.key_file"), "is the outbound key file too: each direction needs its own key (one per host, see esptun genkey)".into());
-            }
-            if let (
-                Some(local),
-                Some(endpoint),
-                Some(inner_local),
-                Some(inner_remote),
-                Some(outbound),
-                Some(inbound),
-            ) = (
-                local,
-                endpoint,
-                inner_local,
-                inner_remote,
-                outbound,
-                inbound,
-            ) {
-                peers.push(ValidPeer {
-                    name: p.name.clone(),
-                    local,
-                    endpoint,
-                    inner_local,
-                    inner_remote,
-                    outbound,
-                    inbound,
-                });
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        Ok(Valid {
-            interface: self.interface.clone(),
-            mtu,
-            outer_udp,
-            port: self.port,
-            state_dir: self.state_dir.clone(),
-            crypto,
-            selftest_interval_secs: self.selftest_interval_secs,
-            on_selftest_failure: on_failure,
-            fwmark: self.fwmark,
-            rekey_switch: std::time::Duration::from_secs(self.rekey_switch_secs),
-            rekey_retire: std::time::Duration::from_secs(self.rekey_retire_secs),
-            control_socket,
-            metrics_listen,
-            drop_capture: self.drop_capture.clone(),
-            peers,
-        })
-    }
-}
-
-impl Valid {
     /// Reads every key file (permissions, length, hex), reporting all
     /// problems together.
     pub fn check_key_files(&self) -> Result<(), Vec<String>> {
@@ -642,6 +215,7 @@ impl Valid {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sa::replay::DEFAULT_WINDOW;
 
     const MINIMAL: &str = r#"
 [[peer]]
@@ -662,17 +236,64 @@ inbound = { spi = 0x2001, key_file = "/etc/esptun/b-to-a.key" }
     #[test]
     fn a_minimal_file_gets_the_documented_defaults() {
         let v = Config::parse(MINIMAL).expect("valid");
-        assert_eq!(v.interface, "esptun0");
-        assert_eq!(v.mtu, 1500 - WORST_CASE_OVERHEAD);
-        assert!(v.outer_udp);
-        assert_eq!(v.port, 4500);
-        assert_eq!(v.crypto, Mode::Auto);
-        assert_eq!(v.on_selftest_failure, FailurePolicy::Fallback);
+        assert_eq!(v.interface.name, "esptun0");
+        assert_eq!(v.interface.mtu, 1500 - WORST_CASE_OVERHEAD);
+        assert!(v.outer.encap.is_udp());
+        assert_eq!(v.outer.encap.port(), Some(4500));
+        assert_eq!(v.crypto.mode, Mode::Auto);
+        assert_eq!(v.crypto.on_selftest_failure, FailurePolicy::Fallback);
+        assert_eq!(v.inner, InnerPolicy::default());
         let p = &v.peers[0];
         assert_eq!(p.inner_local, p.local, "classic transport mode by default");
         assert_eq!(p.inner_remote, p.endpoint);
         assert_eq!((p.outbound.icv, p.outbound.esn), (IcvLen::Icv16, true));
         assert_eq!(p.inbound.replay_window, DEFAULT_WINDOW);
+    }
+
+    #[test]
+    fn the_derived_mtu_counts_a_udp_header_only_for_nat_t() {
+        // 1500 - (8 SPI/seq + 8 IV + 3 pad + 2 trailer + 16 ICV) - 8 UDP.
+        let udp = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(udp.interface.mtu, 1455);
+        let esp = Config::parse(&format!("outer = \"esp\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(esp.outer.encap, Encap::RawEsp);
+        assert_eq!(esp.interface.mtu, 1463);
+        // The limits move with it.
+        let fits = Config::parse(&format!("outer = \"esp\"\nmtu = 1463\n{MINIMAL}"));
+        assert!(fits.is_ok(), "{fits:?}");
+        let found = problems(&format!("mtu = 1463\n{MINIMAL}"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].message.contains("576 to 1455"), "{}", found[0]);
+        let found = problems(&format!("outer = \"esp\"\nouter_mtu = 612\n{MINIMAL}"));
+        assert!(found[0].message.contains("use 613 or more"), "{}", found[0]);
+    }
+
+    #[test]
+    fn the_inner_table_sets_the_checksum_policy_over_its_defaults() {
+        let v = Config::parse(&format!(
+            "[inner]\nallow_unverifiable_protocols = true\n{MINIMAL}"
+        ))
+        .expect("valid");
+        assert_eq!(
+            v.inner,
+            InnerPolicy {
+                allow_unverifiable_protocols: true,
+                ..InnerPolicy::default()
+            }
+        );
+        let v = Config::parse(&format!(
+            "[inner]\nallow_udp4_zero_checksum = false\nallow_udplite_partial_coverage = true\n{MINIMAL}"
+        ))
+        .expect("valid");
+        assert!(!v.inner.allow_udp4_zero_checksum);
+        assert!(v.inner.allow_udplite_partial_coverage);
+        assert!(!v.inner.allow_unverifiable_protocols);
+        let err = Config::parse(&format!("[inner]\nallow_everything = true\n{MINIMAL}"))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("allow_everything"), "{err}");
+        let err = Config::parse(&format!("[inner]\nallow_udp4_zero_checksum = 1\n{MINIMAL}"))
+            .expect_err("not a bool");
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub trait AeadAlgorithm: Send + Sync {
 
 /// Which slot a provider fills. There are exactly two: the fast one we must
 /// keep proving, and the portable one we fall back to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderId {
     Hardware,

@@ -20,7 +20,7 @@ use super::vectors;
 use super::{Provider, ProviderId};
 
 /// How the provider is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Hardware when available and every self-test passed, else soft.
@@ -62,7 +62,7 @@ impl fmt::Display for Mode {
 }
 
 /// What to do when the provider carrying traffic fails a self-test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailurePolicy {
     /// Move traffic to `soft` (if it passed its self-tests).

@@ -16,7 +16,7 @@ use super::workers::{
     BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets, count,
     maybe_selftest,
 };
-use crate::datapath::inbound::{Encap, Inbound};
+use crate::datapath::inbound::Inbound;
 use crate::datapath::{DropReason, Verdict};
 use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
@@ -73,7 +73,7 @@ impl InboundWorker {
             .flatten()
             .collect();
         let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
-        let encap = if sockets.udp { Encap::Udp } else { Encap::Raw };
+        let encap = sockets.encap;
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.apply_commands();
             maybe_selftest(&self.shared, &mut next_check, "inbound");

@@ -227,7 +227,10 @@ pub fn render(s: &Status) -> String {
             .into_iter()
             .flat_map(|(direction, d)| {
                 d.drops.iter().map(move |(reason, n)| {
-                    (vec![("direction", direction), ("reason", *reason)], *n)
+                    (
+                        vec![("direction", direction), ("reason", reason.as_ref())],
+                        *n,
+                    )
                 })
             }),
     );
@@ -240,14 +243,14 @@ pub fn render(s: &Status) -> String {
             .flat_map(|(x, spi)| {
                 x.drops.iter().map(move |(reason, n)| {
                     let mut labels = sa_dir(&x.peer, spi, "outbound");
-                    labels.push(("reason", reason));
+                    labels.push(("reason", reason.as_ref()));
                     (labels, *n)
                 })
             })
             .chain(inbound().flat_map(|(x, spi)| {
                 x.drops.iter().map(move |(reason, n)| {
                     let mut labels = sa_dir(&x.peer, spi, "inbound");
-                    labels.push(("reason", reason));
+                    labels.push(("reason", reason.as_ref()));
                     (labels, *n)
                 })
             })),
@@ -278,7 +281,8 @@ pub fn render(s: &Status) -> String {
         "esptun_io_errors_total",
         "counter",
         "Failures at the TUN and socket edge, by kind.",
-        s.io.iter().map(|(kind, n)| (vec![("kind", *kind)], *n)),
+        s.io.iter()
+            .map(|(kind, n)| (vec![("kind", kind.as_ref())], *n)),
     );
     out
 }
@@ -309,11 +313,11 @@ mod tests {
             interface: "esptun0".into(),
             pid: 1,
             uptime_secs: 5,
-            outer: "udp/4500".into(),
+            outer: crate::wire::outer::Encap::NATT,
             provider: selector.active(),
             crypto_mode: selector.mode(),
             on_selftest_failure: selector.policy(),
-            providers: selector.reports().to_vec(),
+            providers: selector.reports().iter().map(Into::into).collect(),
             selftest_history: Vec::new(),
             outbound: super::super::status::DirectionStatus::of(
                 &crate::datapath::Counters::default(),

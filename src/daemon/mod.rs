@@ -36,14 +36,13 @@ use crate::datapath::Counters;
 use crate::datapath::inbound::Inbound;
 use crate::datapath::outbound::Outbound;
 use crate::io::IoSetupError;
-use crate::io::socket::{OuterKind, OuterSocket};
+use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
 use crate::keyfile::KeyFileError;
 use crate::sa::SaError;
 use crate::sa::keymgr::KeyManager;
 use crate::sa::lifecycle::{Refusal, Timing};
 use crate::sa::reservation::{ReservationError, ReservationStore};
-use crate::wire::inner::InnerPolicy;
 use control::{ControlError, ControlSocket};
 use netcfg::{NetConfig, NetError};
 use sas::SaManager;
@@ -132,15 +131,15 @@ pub struct Daemon {
 }
 
 fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
-    let kind = if config.outer_udp {
-        OuterKind::Udp { port: config.port }
-    } else {
-        OuterKind::RawEsp
-    };
+    let encap = config.outer.encap;
     let needs = |v6: bool| config.peers.iter().any(|p| p.endpoint.is_ipv6() == v6);
     let open = |v6: bool| -> Result<Option<OuterSocket>, DaemonError> {
         if needs(v6) {
-            Ok(Some(OuterSocket::open(kind, v6, Some(config.fwmark))?))
+            Ok(Some(OuterSocket::open(
+                encap,
+                v6,
+                Some(config.outer.fwmark),
+            )?))
         } else {
             Ok(None)
         }
@@ -148,7 +147,7 @@ fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
     Ok(workers::Sockets {
         v4: open(false)?,
         v6: open(true)?,
-        udp: config.outer_udp,
+        encap,
     })
 }
 
@@ -180,8 +179,8 @@ impl Daemon {
         let _ = options;
         let selector = Selector::boot(
             providers,
-            config.crypto,
-            config.on_selftest_failure,
+            config.crypto.mode,
+            config.crypto.on_selftest_failure,
             BootOptions::default(),
         );
         #[cfg(feature = "fault-injection")]
@@ -192,38 +191,41 @@ impl Daemon {
             handle.set_rate(rate);
         }
         let Some(active) = selector.active() else {
-            return Err(DaemonError::NoProvider(config.crypto));
+            return Err(DaemonError::NoProvider(config.crypto.mode));
         };
         for r in selector.reports() {
             if let Some(why) = &r.disabled {
                 tracing::error!(provider = %r.name, "disabled at boot: {why}");
             }
         }
-        tracing::info!(provider = %active, mode = %config.crypto, "boot self-tests passed");
+        tracing::info!(provider = %active, mode = %config.crypto.mode, "boot self-tests passed");
 
         // Sockets and the control socket first: a port in use or a second
         // instance is found before any sequence numbers are reserved.
         let sockets = outer_sockets(&config)?;
-        let control = ControlSocket::bind(&config.control_socket)?;
+        let control = ControlSocket::bind(&config.operations.control_socket)?;
         let metrics = config
+            .operations
             .metrics_listen
             .map(metrics::MetricsServer::bind)
             .transpose()?;
         let drop_capture = config
+            .operations
             .drop_capture
             .as_ref()
             .map(capture::DropCapture::open)
             .transpose()?;
-        let store = ReservationStore::open(&config.state_dir).map_err(DaemonError::State)?;
+        let store =
+            ReservationStore::open(&config.operations.state_dir).map_err(DaemonError::State)?;
         let state_lock = store.lock().map_err(DaemonError::State)?;
         let mut peers = Vec::with_capacity(config.peers.len());
         for peer in &config.peers {
             peers.push(sas::build_peer(&selector, &config, peer)?);
         }
         sas::check_keys_distinct(&peers)?;
-        let tun = Tun::create(&config.interface)?;
+        let tun = Tun::create(&config.interface.name)?;
         let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
-            interface: config.interface.clone(),
+            interface: config.interface.name.clone(),
             source,
         })?;
         // Sequence numbers are reserved once the interface and sockets are
@@ -239,26 +241,23 @@ impl Daemon {
             stop: AtomicBool::new(false),
             selector,
             started: Instant::now(),
-            selftest_interval: Duration::from_secs(config.selftest_interval_secs),
+            selftest_interval: config.crypto.selftest_interval,
             out_counters: Arc::new(Counters::default()),
             in_counters: Arc::new(Counters::default()),
             io: IoCounters::default(),
             out_status: Mutex::new(Vec::new()),
             in_status: Mutex::new(Vec::new()),
             interface: tun.name().to_string(),
-            outer: if config.outer_udp {
-                format!("udp/{}", config.port)
-            } else {
-                "esp".into()
-            },
+            outer: config.outer.encap,
+            inner: config.inner,
         });
 
         let (out_tx, out_rx) = mpsc::channel();
         let (in_tx, in_rx) = mpsc::channel();
         let (events_tx, events_rx) = mpsc::channel();
         let timing = Timing {
-            switch_after: config.rekey_switch,
-            retire_after: config.rekey_retire,
+            switch_after: config.rekey.switch,
+            retire_after: config.rekey.retire,
         };
         let mut manager = SaManager::new(timing, out_tx, in_tx, events_rx);
         // The first commands wait in the channels: each thread applies them
@@ -277,7 +276,7 @@ impl Daemon {
             net: Some(net),
             _state_lock: state_lock,
         };
-        let mut pipeline = Outbound::new(InnerPolicy::default());
+        let mut pipeline = Outbound::new(shared.inner);
         pipeline.counters = shared.out_counters.clone();
         let outbound = outbound::OutboundWorker::new(
             shared.clone(),
@@ -288,7 +287,7 @@ impl Daemon {
             out_rx,
             events_tx.clone(),
         );
-        let mut pipeline = Inbound::new(InnerPolicy::default());
+        let mut pipeline = Inbound::new(shared.inner);
         pipeline.counters = shared.in_counters.clone();
         let inbound = inbound::InboundWorker::new(
             shared.clone(),
@@ -313,10 +312,10 @@ impl Daemon {
         })?;
         tracing::info!(
             interface = %daemon.shared.interface,
-            mtu = daemon.config.mtu,
+            mtu = daemon.config.interface.mtu,
             outer = %daemon.shared.outer,
             peers = daemon.config.peers.len(),
-            control = %daemon.config.control_socket.display(),
+            control = %daemon.config.operations.control_socket.display(),
             "esptun ready"
         );
         Ok(daemon)
@@ -406,20 +405,18 @@ impl Daemon {
         let fixed = |c: &Valid| {
             (
                 c.interface.clone(),
-                c.mtu,
-                c.outer_udp,
-                c.port,
-                c.state_dir.clone(),
-                c.fwmark,
-                c.control_socket.clone(),
-                c.rekey_switch,
-                c.rekey_retire,
+                c.outer.encap,
+                c.outer.fwmark,
+                c.operations.state_dir.clone(),
+                c.operations.control_socket.clone(),
+                c.rekey,
+                c.inner,
             )
         };
         if fixed(&new) != fixed(&self.config) {
             tracing::warn!(
                 "reload: changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
-                 control_socket and rekey_* settings need a restart; applying SA changes only"
+                 control_socket, rekey_* and [inner] settings need a restart; applying SA changes only"
             );
         }
         let addressing = |p: &ValidPeer| {

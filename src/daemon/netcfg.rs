@@ -79,7 +79,7 @@ impl NetConfig {
     /// address, and the policy rules; on error, whatever was done is undone.
     pub fn apply(config: &Valid, interface: &str) -> Result<NetConfig, NetError> {
         let mut net = NetConfig { undo: Vec::new() };
-        let mtu = config.mtu.to_string();
+        let mtu = config.interface.mtu.to_string();
         ip(&args(&["link", "set", "dev", interface, "mtu", &mtu, "up"]))?;
 
         // Overlay inner addresses are the TUN's own; classic ones already
@@ -105,8 +105,8 @@ impl NetConfig {
             ip(&a)?;
         }
 
-        let table = config.fwmark.to_string();
-        let mark = format!("{:#x}", config.fwmark);
+        let table = config.outer.fwmark.to_string();
+        let mark = format!("{:#x}", config.outer.fwmark);
         let priority = RULE_PRIORITY.to_string();
         let families: BTreeSet<&str> = config
             .peers
@@ -124,7 +124,7 @@ impl NetConfig {
             };
             if !routes.trim().is_empty() {
                 return Err(NetError::TableInUse {
-                    table: config.fwmark,
+                    table: config.outer.fwmark,
                     routes: routes.trim().replace('\n', "; "),
                 });
             }

@@ -355,7 +355,7 @@ fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonErr
 /// The peer's outer address (raw ESP has no ports; the socket ignores
 /// this one).
 pub(crate) fn endpoint(peer: &ValidPeer, config: &Valid) -> SocketAddr {
-    let port = if config.outer_udp { config.port } else { 0 };
+    let port = config.outer.encap.port().unwrap_or(0);
     SocketAddr::new(peer.endpoint, port)
 }
 

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use super::status::{self, InboundSaStatus, IoCounters, OutboundSaStatus, Status};
 use crate::crypto::select::Selector;
 use crate::datapath::Counters;
+use crate::wire::inner::InnerPolicy;
+use crate::wire::outer::Encap;
 use std::sync::Arc;
 
 /// State shared by all threads.
@@ -23,7 +25,9 @@ pub(crate) struct Shared {
     pub out_status: Mutex<Vec<OutboundSaStatus>>,
     pub in_status: Mutex<Vec<InboundSaStatus>>,
     pub interface: String,
-    pub outer: String,
+    pub outer: Encap,
+    /// `[inner]`: the checksum policy both pipelines apply.
+    pub inner: InnerPolicy,
 }
 
 impl Shared {
@@ -35,12 +39,12 @@ impl Shared {
             interface: self.interface.clone(),
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
-            outer: self.outer.clone(),
+            outer: self.outer,
             provider: self.selector.active(),
             crypto_mode: self.selector.mode(),
             on_selftest_failure: self.selector.policy(),
-            providers: self.selector.reports().to_vec(),
-            selftest_history: self.selector.history(),
+            providers: self.selector.reports().iter().map(Into::into).collect(),
+            selftest_history: self.selector.history().iter().map(Into::into).collect(),
             outbound: status::DirectionStatus::of(&self.out_counters),
             inbound: status::DirectionStatus::of(&self.in_counters),
             io: self.io.snapshot(),

@@ -1,23 +1,49 @@
 //! What `esptun status` shows: a snapshot assembled from the datapath
 //! threads' live counters and their periodically published SA state.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::crypto::select::{ProviderReport, SelfTestEvent};
+use crate::crypto::ProviderId;
+use crate::crypto::select::{FailurePolicy, Mode, ProviderReport, SelfTestEvent};
+use crate::crypto::simd_state::{LevelReport, RegisterCheckReport};
 use crate::datapath::{Counters, DropReason};
+use crate::wire::outer::Encap;
+
+/// Counts by name (a drop reason, an I/O failure kind). The daemon's names
+/// are static; a client reading them back owns them.
+pub type Counts = BTreeMap<Cow<'static, str>, u64>;
+
+/// The states an SA is published in.
+pub const SA_STATES: [&str; 3] = ["active", "pending", "retiring"];
+
+/// One of [`SA_STATES`]. A named type rather than `&'static str` in the
+/// fields: serde borrows a field spelled `&str` from the input, which a
+/// `'static` one cannot be; this one is read back by `sa_state`.
+pub type SaState = &'static str;
+
+/// Reads an SA state back as one of [`SA_STATES`].
+fn sa_state<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SaState, D::Error> {
+    let text = Cow::<str>::deserialize(d)?;
+    SA_STATES
+        .into_iter()
+        .find(|s| *s == text)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown SA state {text:?}")))
+}
 
 /// One outbound SA as its thread last published it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboundSaStatus {
     pub peer: String,
     pub spi: u32,
     pub endpoint: String,
     /// `active`, or `pending` while a reload waits for the peer (see
     /// [`super::Reload`]).
-    pub state: &'static str,
+    #[serde(deserialize_with = "sa_state")]
+    pub state: SaState,
     pub packets: u64,
     pub bytes: u64,
     /// The last sequence number used, and the durably reserved ceiling.
@@ -25,32 +51,33 @@ pub struct OutboundSaStatus {
     pub seq_reserved: u64,
     pub soft_limit_reached: bool,
     /// Drops of packets matched to this SA, by reason (non-zero only).
-    pub drops: BTreeMap<&'static str, u64>,
+    pub drops: Counts,
 }
 
 /// One inbound SA as its thread last published it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundSaStatus {
     pub peer: String,
     pub spi: u32,
     /// `active`, or `retiring` after a reload replaced it.
-    pub state: &'static str,
+    #[serde(deserialize_with = "sa_state")]
+    pub state: SaState,
     pub packets: u64,
     pub bytes: u64,
     pub replay_window: u32,
     /// Highest authenticated sequence number seen.
     pub replay_top: u64,
     /// Drops of packets carrying this SA's SPI, by reason (non-zero only).
-    pub drops: BTreeMap<&'static str, u64>,
+    pub drops: Counts,
 }
 
 /// The non-zero entries of one SA's drop counts, by reason name.
-pub fn sa_drops(counts: Option<&crate::datapath::SaDrops>) -> BTreeMap<&'static str, u64> {
+pub fn sa_drops(counts: Option<&crate::datapath::SaDrops>) -> Counts {
     DropReason::ALL
         .iter()
         .filter_map(|r| {
             let n = counts.map_or(0, |c| c[r.index()]);
-            (n > 0).then(|| (r.as_str(), n))
+            (n > 0).then(|| (Cow::Borrowed(r.as_str()), n))
         })
         .collect()
 }
@@ -71,7 +98,7 @@ impl IoCounters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(super) fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+    pub(super) fn snapshot(&self) -> Counts {
         [
             ("tun_read_errors", &self.tun_read_errors),
             ("tun_write_errors", &self.tun_write_errors),
@@ -81,18 +108,18 @@ impl IoCounters {
             ("capture_errors", &self.capture_errors),
         ]
         .into_iter()
-        .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
+        .map(|(k, v)| (Cow::Borrowed(k), v.load(Ordering::Relaxed)))
         .collect()
     }
 }
 
 /// One direction's pipeline counters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectionStatus {
     pub passed: u64,
     pub dropped: u64,
     /// Every reason, zeros included, so scripts need no special cases.
-    pub drops: BTreeMap<&'static str, u64>,
+    pub drops: Counts,
     pub udp4_zero_checksum: u64,
     pub unverifiable_protocol: u64,
     pub udplite_partial_coverage: u64,
@@ -106,7 +133,7 @@ impl DirectionStatus {
             dropped: c.total_drops(),
             drops: DropReason::ALL
                 .iter()
-                .map(|&r| (r.as_str(), c.drops(r)))
+                .map(|&r| (Cow::Borrowed(r.as_str()), c.drops(r)))
                 .collect(),
             udp4_zero_checksum: c.udp4_zero_checksum.load(Ordering::Relaxed),
             unverifiable_protocol: c.unverifiable_protocol.load(Ordering::Relaxed),
@@ -116,159 +143,220 @@ impl DirectionStatus {
     }
 }
 
-/// The whole answer to a status request.
-#[derive(Debug, Clone, Serialize)]
+/// The whole answer to a status request: what the daemon serialises and
+/// `esptun status` reads back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub interface: String,
     pub pid: u32,
     pub uptime_secs: u64,
-    pub outer: String,
+    /// `udp/PORT` or `esp`.
+    pub outer: Encap,
     /// The provider carrying traffic now (`null`: halted).
-    pub provider: Option<crate::crypto::ProviderId>,
-    pub crypto_mode: crate::crypto::select::Mode,
-    pub on_selftest_failure: crate::crypto::select::FailurePolicy,
-    pub providers: Vec<ProviderReport>,
-    pub selftest_history: Vec<SelfTestEvent>,
+    pub provider: Option<ProviderId>,
+    pub crypto_mode: Mode,
+    pub on_selftest_failure: FailurePolicy,
+    pub providers: Vec<ProviderStatus>,
+    pub selftest_history: Vec<SelfTestStatus>,
     pub outbound: DirectionStatus,
     pub inbound: DirectionStatus,
-    pub io: BTreeMap<&'static str, u64>,
+    pub io: Counts,
     pub outbound_sas: Vec<OutboundSaStatus>,
     pub inbound_sas: Vec<InboundSaStatus>,
 }
 
-/// The human-readable form of a status reply (the JSON, so that the
-/// client needs no more than what the daemon sent).
-pub fn render(v: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    let _ = writeln!(
-        out,
-        "esptun on {} (pid {}), up {} s, outer {}, provider {} (mode {}, on failure {})",
-        s(&v["interface"]),
-        s(&v["pid"]),
-        s(&v["uptime_secs"]),
-        s(&v["outer"]),
-        match &v["provider"] {
-            serde_json::Value::Null => "NONE: traffic halted".to_string(),
-            p => s(p),
-        },
-        s(&v["crypto_mode"]),
-        s(&v["on_selftest_failure"]),
-    );
-    let _ = writeln!(out, "\noutbound SAs:");
-    let _ = writeln!(
-        out,
-        "  {:<12} {:>10} {:<8} {:<24} {:>12} {:>14} {:>14} {:>14}",
-        "peer", "spi", "state", "endpoint", "packets", "bytes", "seq used", "seq reserved"
-    );
-    for sa in v["outbound_sas"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "  {:<12} {:>#10x} {:<8} {:<24} {:>12} {:>14} {:>14} {:>14}",
-            s(&sa["peer"]),
-            sa["spi"].as_u64().unwrap_or(0),
-            s(&sa["state"]),
-            s(&sa["endpoint"]),
-            s(&sa["packets"]),
-            s(&sa["bytes"]),
-            s(&sa["seq_used"]),
-            s(&sa["seq_reserved"]),
-        );
-    }
-    let sa_drops = |sa: &serde_json::Value| {
-        let list: Vec<String> = sa["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, n)| format!("{k} {}", s(n)))
-            .collect();
-        if list.is_empty() {
-            String::new()
-        } else {
-            format!("    dropped: {}\n", list.join(", "))
-        }
-    };
-    for sa in v["outbound_sas"].as_array().into_iter().flatten() {
-        out.push_str(&sa_drops(sa));
-    }
-    let _ = writeln!(out, "\ninbound SAs:");
-    let _ = writeln!(
-        out,
-        "  {:<12} {:>10} {:<8} {:>12} {:>14} {:>8} {:>14}",
-        "peer", "spi", "state", "packets", "bytes", "window", "highest seq"
-    );
-    for sa in v["inbound_sas"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "  {:<12} {:>#10x} {:<8} {:>12} {:>14} {:>8} {:>14}",
-            s(&sa["peer"]),
-            sa["spi"].as_u64().unwrap_or(0),
-            s(&sa["state"]),
-            s(&sa["packets"]),
-            s(&sa["bytes"]),
-            s(&sa["replay_window"]),
-            s(&sa["replay_top"]),
-        );
-        out.push_str(&sa_drops(sa));
-    }
-    for dir in ["outbound", "inbound"] {
-        let d = &v[dir];
-        let _ = writeln!(
-            out,
-            "\n{dir}: {} passed, {} dropped",
-            s(&d["passed"]),
-            s(&d["dropped"])
-        );
-        for (reason, n) in d["drops"].as_object().into_iter().flatten() {
-            if n.as_u64().unwrap_or(0) > 0 {
-                let _ = writeln!(out, "  {reason:<24} {}", s(n));
-            }
+/// A provider's [`ProviderReport`] as `status` carries it: the same fields
+/// in the same order (so the JSON is the report's), with owned text so a
+/// client can read it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderStatus {
+    pub name: ProviderId,
+    pub implementation: String,
+    pub hardware: bool,
+    pub available: bool,
+    pub unavailable_reason: Option<String>,
+    pub kat_passed: u32,
+    pub kat_failed: u32,
+    pub kat_failures: Vec<String>,
+    pub simd_ok: Option<bool>,
+    pub register_check: Option<RegisterCheckStatus>,
+    pub long_message_ok: Option<bool>,
+    pub long_message_detail: Option<String>,
+    pub disabled: Option<String>,
+    pub periodic_runs: u64,
+    pub periodic_failures: u64,
+}
+
+impl From<&ProviderReport> for ProviderStatus {
+    fn from(r: &ProviderReport) -> Self {
+        ProviderStatus {
+            name: r.name,
+            implementation: r.implementation.to_string(),
+            hardware: r.hardware,
+            available: r.available,
+            unavailable_reason: r.unavailable_reason.clone(),
+            kat_passed: r.kat_passed,
+            kat_failed: r.kat_failed,
+            kat_failures: r.kat_failures.clone(),
+            simd_ok: r.simd_ok,
+            register_check: r.register_check.as_ref().map(RegisterCheckStatus::from),
+            long_message_ok: r.long_message_ok,
+            long_message_detail: r.long_message_detail.clone(),
+            disabled: r.disabled.clone(),
+            periodic_runs: r.periodic_runs,
+            periodic_failures: r.periodic_failures,
         }
     }
-    let io: Vec<String> = v["io"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-        .map(|(k, n)| format!("{k} {}", s(n)))
-        .collect();
-    if !io.is_empty() {
-        let _ = writeln!(out, "\nI/O errors: {}", io.join(", "));
+}
+
+/// [`RegisterCheckReport`] with owned text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterCheckStatus {
+    pub pinned_cpu: Option<usize>,
+    pub aes_partner_seals: u64,
+    pub levels: Vec<LevelStatus>,
+}
+
+impl From<&RegisterCheckReport> for RegisterCheckStatus {
+    fn from(r: &RegisterCheckReport) -> Self {
+        RegisterCheckStatus {
+            pinned_cpu: r.pinned_cpu,
+            aes_partner_seals: r.aes_partner_seals,
+            levels: r.levels.iter().map(LevelStatus::from).collect(),
+        }
     }
-    let _ = writeln!(out, "\nproviders:");
-    for p in v["providers"].as_array().into_iter().flatten() {
-        let state = if let Some(why) = p["disabled"].as_str() {
-            format!("DISABLED: {why}")
-        } else if p["available"] == true {
-            "ok".into()
-        } else {
-            "unavailable".into()
+}
+
+/// [`LevelReport`] with owned text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LevelStatus {
+    pub level: String,
+    pub registers: usize,
+    pub context_switches: u64,
+    pub corrupted_registers: Vec<usize>,
+}
+
+impl From<&LevelReport> for LevelStatus {
+    fn from(l: &LevelReport) -> Self {
+        LevelStatus {
+            level: l.level.to_string(),
+            registers: l.registers,
+            context_switches: l.context_switches,
+            corrupted_registers: l.corrupted_registers.clone(),
+        }
+    }
+}
+
+/// A [`SelfTestEvent`] with owned text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfTestStatus {
+    pub unix_ms: u64,
+    pub provider: ProviderId,
+    pub check: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl From<&SelfTestEvent> for SelfTestStatus {
+    fn from(e: &SelfTestEvent) -> Self {
+        SelfTestStatus {
+            unix_ms: e.unix_ms,
+            provider: e.provider,
+            check: e.check.to_string(),
+            ok: e.ok,
+            detail: e.detail.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::select::{BootOptions, Selector};
+
+    #[test]
+    fn provider_and_history_views_serialise_exactly_as_the_crypto_reports() {
+        let selector = Selector::boot(
+            crate::crypto::Provider::detect_all(),
+            Mode::Auto,
+            FailurePolicy::Fallback,
+            BootOptions::default(),
+        );
+        for report in selector.reports() {
+            let view = ProviderStatus::from(&report);
+            let json = serde_json::to_string(&view).expect("json");
+            assert_eq!(json, serde_json::to_string(&report).expect("json"));
+            assert_eq!(
+                serde_json::from_str::<ProviderStatus>(&json).expect("back"),
+                view
+            );
+        }
+        let mut history = selector.history();
+        history.push(SelfTestEvent {
+            unix_ms: 7,
+            provider: ProviderId::Soft,
+            check: "long-message",
+            ok: false,
+            detail: "block 3 differs".into(),
+        });
+        for event in &history {
+            let view = SelfTestStatus::from(event);
+            let json = serde_json::to_string(&view).expect("json");
+            assert_eq!(json, serde_json::to_string(event).expect("json"));
+            assert_eq!(
+                serde_json::from_str::<SelfTestStatus>(&json).expect("back"),
+                view
+            );
+        }
+    }
+
+    #[test]
+    fn a_status_reads_back_as_it_was_sent() {
+        let counters = Counters::default();
+        counters.count_drop(DropReason::InnerChecksum);
+        let row = OutboundSaStatus {
+            peer: "b".into(),
+            spi: 0xa001,
+            endpoint: "198.19.0.2:4500".into(),
+            state: "pending",
+            packets: 1,
+            bytes: 2,
+            seq_used: 3,
+            seq_reserved: 4,
+            soft_limit_reached: true,
+            drops: sa_drops(Some(&[1; DropReason::ALL.len()])),
         };
-        let _ = writeln!(
-            out,
-            "  {:<9} periodic checks {} run, {} failed; {state}",
-            s(&p["name"]),
-            s(&p["periodic_runs"]),
-            s(&p["periodic_failures"]),
-        );
+        let status = Status {
+            interface: "esptun0".into(),
+            pid: 9,
+            uptime_secs: 1,
+            outer: Encap::RawEsp,
+            provider: None,
+            crypto_mode: Mode::Hardware,
+            on_selftest_failure: FailurePolicy::Halt,
+            providers: Vec::new(),
+            selftest_history: Vec::new(),
+            outbound: DirectionStatus::of(&counters),
+            inbound: DirectionStatus::of(&Counters::default()),
+            io: IoCounters::default().snapshot(),
+            outbound_sas: vec![row],
+            inbound_sas: vec![InboundSaStatus {
+                peer: "b".into(),
+                spi: 0xb001,
+                state: "retiring",
+                packets: 5,
+                bytes: 6,
+                replay_window: 64,
+                replay_top: 5,
+                drops: Counts::new(),
+            }],
+        };
+        let json = serde_json::to_string(&status).expect("json");
+        assert!(json.contains(r#""outer":"esp""#), "{json}");
+        let back: Status = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back, status);
+        let bad = json.replace(r#""state":"pending""#, r#""state":"sleeping""#);
+        let err = serde_json::from_str::<Status>(&bad).expect_err("unknown state");
+        assert!(err.to_string().contains("sleeping"), "{err}");
     }
-    let history = v["selftest_history"].as_array().map_or(&[][..], |h| &h[..]);
-    let _ = writeln!(out, "\nself-test history (last {}):", history.len().min(8));
-    for e in history.iter().rev().take(8) {
-        let _ = writeln!(
-            out,
-            "  {} {} {} {}: {}",
-            s(&e["unix_ms"]),
-            s(&e["provider"]),
-            s(&e["check"]),
-            if e["ok"] == true { "ok" } else { "FAILED" },
-            s(&e["detail"]),
-        );
-    }
-    out
 }

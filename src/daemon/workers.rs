@@ -9,6 +9,7 @@ use crate::crypto::select::Transition;
 use crate::datapath::{DropContext, DropReason};
 use crate::io::socket::OuterSocket;
 use crate::sa::reservation::DEFAULT_BLOCK;
+use crate::wire::outer::Encap;
 
 /// Packets per batch: enough to amortize a syscall and the provider
 /// lookup, small enough that a batch stays in L2.
@@ -30,7 +31,8 @@ pub(crate) const TOP_UP_BELOW: u64 = DEFAULT_BLOCK / 2;
 pub(crate) struct Sockets {
     pub v4: Option<OuterSocket>,
     pub v6: Option<OuterSocket>,
-    pub udp: bool,
+    /// How ESP is carried on them (the same for both).
+    pub encap: Encap,
 }
 
 /// At most one log line per drop reason per second, saying how many more

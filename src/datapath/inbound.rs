@@ -16,15 +16,10 @@ use crate::sa::table::{SaId, SaMeta, SaTable, TableError};
 use crate::wire::esp::{self, EspPacket, UdpPayload};
 use crate::wire::inner::{self, InnerPolicy, Pseudo};
 use crate::wire::ip::{self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, protocol};
-
-/// How the ESP bytes arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encap {
-    /// UDP payload on the NAT-T port: may also be a keepalive or IKE.
-    Udp,
-    /// IP protocol 50, outer header already removed.
-    Raw,
-}
+/// How the ESP bytes arrived: only UDP (where the payload may also be a
+/// keepalive or IKE) versus raw ESP (outer header already removed) matters
+/// here.
+pub use crate::wire::outer::Encap;
 
 /// Hop limit of rebuilt headers: the outer packet's is not visible to a
 /// UDP socket without extra control messages, and the packet has arrived.
@@ -115,7 +110,7 @@ impl Inbound {
         context: &mut DropContext,
     ) -> Result<(), DropReason> {
         let data = buf.data();
-        if encap == Encap::Udp {
+        if encap.is_udp() {
             match esp::classify_udp_payload(data) {
                 UdpPayload::Keepalive => return Err(DropReason::Keepalive),
                 UdpPayload::Ike => return Err(DropReason::Ike),

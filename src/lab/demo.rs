@@ -25,6 +25,7 @@ use crate::daemon::control;
 use crate::lab::{self, LabError, TwoHosts};
 use crate::sa::KeyMaterial;
 use crate::sa::reservation::ReservationStore;
+use crate::wire::outer::Encap;
 
 /// How long an endpoint may take from spawn to answering `status` (boot
 /// self-tests included, in a debug build on a loaded machine).
@@ -80,8 +81,8 @@ pub struct LabOptions {
     pub tag: String,
     /// Third octet of 198.18.X.0/24 (and 2001:db8:X::/64).
     pub subnet: u8,
-    /// NAT-T (UDP 4500) or raw ESP.
-    pub outer_udp: bool,
+    /// NAT-T (UDP, port 4500 in the lab) or raw ESP.
+    pub encap: Encap,
     /// IPv6 inside and outside.
     pub ipv6: bool,
     /// Inner addresses of their own (198.19.X.1/2) rather than the outer
@@ -104,7 +105,7 @@ impl Default for LabOptions {
         LabOptions {
             tag: "lab".into(),
             subnet: 0,
-            outer_udp: true,
+            encap: Encap::NATT,
             ipv6: false,
             overlay: false,
             crypto: Mode::Auto,
@@ -312,6 +313,11 @@ impl TunnelLab {
             Side::B => (self.b_inner, self.a_inner),
         };
         let mut extra = String::new();
+        if let Encap::Udp { port } = self.options.encap
+            && port != crate::wire::outer::NATT_PORT
+        {
+            extra.push_str(&format!("port = {port}\n"));
+        }
         if self.options.metrics {
             extra.push_str(&format!("metrics_listen = \"{METRICS_ADDR}\"\n"));
         }
@@ -344,7 +350,7 @@ impl TunnelLab {
              {overlay}\
              outbound = {{ spi = {out_spi:#x}, key_file = \"{out_key}\", icv = {icv} }}\n\
              inbound = {{ spi = {in_spi:#x}, key_file = \"{in_key}\", icv = {icv} }}\n",
-            outer = if self.options.outer_udp { "udp" } else { "esp" },
+            outer = self.options.encap.mode(),
             state = me.state_dir.display(),
             control = me.control.display(),
             crypto = self.options.crypto,
@@ -616,7 +622,7 @@ impl Drop for TunnelLab {
 /// What `esptun demo` runs.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    pub outer_udp: bool,
+    pub encap: Encap,
     pub ipv6: bool,
     pub bytes: u64,
     pub crypto: Mode,
@@ -663,7 +669,7 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
     let lab_options = LabOptions {
         tag: "demo".into(),
         subnet: 0,
-        outer_udp: options.outer_udp,
+        encap: options.encap,
         ipv6: options.ipv6,
         crypto: options.crypto,
         ..LabOptions::default()
@@ -674,10 +680,9 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
         "esptun demo: namespaces {} ({a_outer}) and {} ({b_outer}) joined by veth; outer {}",
         lab.hosts.a.name(),
         lab.hosts.b.name(),
-        if options.outer_udp {
-            "ESP in UDP, port 4500 (NAT-T)"
-        } else {
-            "raw ESP (IP protocol 50)"
+        match options.encap {
+            Encap::Udp { port } => format!("ESP in UDP, port {port} (NAT-T)"),
+            Encap::RawEsp => "raw ESP (IP protocol 50)".to_string(),
         }
     );
     lab.start(Side::A, &[])?;

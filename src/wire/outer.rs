@@ -6,10 +6,13 @@
 //! the paths that see whole packets: raw IPv4 sockets (which deliver the IP
 //! header), captures, and tests against other implementations.
 
+use std::fmt;
 use std::net::IpAddr;
 use std::ops::Range;
+use std::str::FromStr;
 
 use super::checksum::{self, combine, pseudo_header_v6, sum};
+use super::esp;
 use super::ip::{
     self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, IpError, Ipv4Packet, Ipv6Packet, protocol, version,
 };
@@ -20,13 +23,103 @@ pub const UDP_HEADER_LEN: usize = 8;
 /// Hop limit of packets esptun frames itself.
 const TTL: u8 = 64;
 
-/// How ESP is carried.
+/// How ESP is carried between the hosts: the one setting that the
+/// configuration (`outer`, `port`), the outer sockets, the inbound pipeline
+/// and `esptun status` share.
+///
+/// Its text form is `udp/PORT` or `esp` (what `esptun status` shows);
+/// [`FromStr`] also takes a bare `udp` for the NAT-T port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encap {
+    /// ESP in UDP (RFC 3948) on this local port (4500 by convention). The
+    /// payload may also be a NAT-keepalive or an IKE message.
+    Udp { port: u16 },
+    /// ESP directly over IP, protocol 50: no ports, no keepalives.
+    RawEsp,
+}
+
+impl Encap {
+    /// UDP on the NAT-T port.
+    pub const NATT: Encap = Encap::Udp { port: NATT_PORT };
+
+    /// The configuration's word for it: `udp` or `esp`.
+    pub const fn mode(self) -> &'static str {
+        match self {
+            Encap::Udp { .. } => "udp",
+            Encap::RawEsp => "esp",
+        }
+    }
+
+    pub const fn is_udp(self) -> bool {
+        matches!(self, Encap::Udp { .. })
+    }
+
+    /// The local UDP port, `None` for raw ESP.
+    pub const fn port(self) -> Option<u16> {
+        match self {
+            Encap::Udp { port } => Some(port),
+            Encap::RawEsp => None,
+        }
+    }
+
+    /// Bytes transport-mode ESP adds to an inner packet at most: the ESP
+    /// header and IV (RFC 4106 section 3.1), padding, trailer and the
+    /// largest ICV ([`esp::MAX_TAIL`]), and the UDP header of RFC 3948
+    /// only when there is one. The IP header is reused (transport mode),
+    /// so it adds nothing.
+    pub const fn overhead(self) -> usize {
+        let esp = esp::HEADER_LEN + esp::IV_LEN + esp::MAX_TAIL;
+        match self {
+            Encap::Udp { .. } => esp + UDP_HEADER_LEN,
+            Encap::RawEsp => esp,
+        }
+    }
+}
+
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Encap::Udp { port } => write!(f, "udp/{port}"),
+            Encap::RawEsp => f.write_str("esp"),
+        }
+    }
+}
+
+impl FromStr for Encap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            None if s == "esp" => Ok(Encap::RawEsp),
+            None if s == "udp" => Ok(Encap::NATT),
+            Some(("udp", port)) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => Ok(Encap::Udp { port }),
+                _ => Err(format!("{port:?} is not a UDP port: use 1 to 65535")),
+            },
+            _ => Err(format!(
+                "{s:?} is not an outer mode: use \"udp\" (NAT-T, port 4500) or \"esp\" (IP protocol 50)"
+            )),
+        }
+    }
+}
+
+impl serde::Serialize for Encap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Encap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The UDP ports of one packet's RFC 3948 header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encapsulation {
-    /// IP protocol 50.
-    Esp,
-    /// UDP (RFC 3948), usually 4500 to 4500.
-    Udp { src_port: u16, dst_port: u16 },
+pub struct UdpPorts {
+    pub src: u16,
+    pub dst: u16,
 }
 
 /// The outer addresses and encapsulation of one packet.
@@ -34,7 +127,18 @@ pub enum Encapsulation {
 pub struct Outer {
     pub src: IpAddr,
     pub dst: IpAddr,
-    pub encap: Encapsulation,
+    /// The UDP header's ports; `None` for raw ESP (protocol 50).
+    pub udp: Option<UdpPorts>,
+}
+
+impl Outer {
+    /// How this packet is carried, as seen from its sender.
+    pub fn encap(&self) -> Encap {
+        match self.udp {
+            Some(ports) => Encap::Udp { port: ports.src },
+            None => Encap::RawEsp,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -65,9 +169,9 @@ impl Outer {
         } else {
             IPV6_HEADER_LEN
         };
-        match self.encap {
-            Encapsulation::Esp => ip,
-            Encapsulation::Udp { .. } => ip + UDP_HEADER_LEN,
+        match self.udp {
+            None => ip,
+            Some(_) => ip + UDP_HEADER_LEN,
         }
     }
 }
@@ -84,11 +188,15 @@ pub fn emit(packet: &mut [u8], outer: &Outer) -> Result<(), OuterError> {
     if packet.len() < header_len {
         return Err(OuterError::TooLong);
     }
-    let (ip_len, proto) = match outer.encap {
-        Encapsulation::Esp => (header_len, protocol::ESP),
-        Encapsulation::Udp { .. } => (header_len - UDP_HEADER_LEN, protocol::UDP),
+    let (ip_len, proto) = match outer.udp {
+        None => (header_len, protocol::ESP),
+        Some(_) => (header_len - UDP_HEADER_LEN, protocol::UDP),
     };
-    if let Encapsulation::Udp { src_port, dst_port } = outer.encap {
+    if let Some(UdpPorts {
+        src: src_port,
+        dst: dst_port,
+    }) = outer.udp
+    {
         let udp_len = u16::try_from(packet.len() - ip_len).map_err(|_| OuterError::TooLong)?;
         let udp = &mut packet[ip_len..ip_len + UDP_HEADER_LEN];
         udp[0..2].copy_from_slice(&src_port.to_be_bytes());
@@ -167,7 +275,7 @@ pub fn parse(packet: &[u8]) -> Result<Parsed, OuterError> {
             outer: Outer {
                 src,
                 dst,
-                encap: Encapsulation::Esp,
+                udp: None,
             },
             payload: start..end,
         }),
@@ -205,10 +313,10 @@ pub fn parse(packet: &[u8]) -> Result<Parsed, OuterError> {
                 outer: Outer {
                     src,
                     dst,
-                    encap: Encapsulation::Udp {
-                        src_port: be16(&udp[0..2]),
-                        dst_port: be16(&udp[2..4]),
-                    },
+                    udp: Some(UdpPorts {
+                        src: be16(&udp[0..2]),
+                        dst: be16(&udp[2..4]),
+                    }),
                 },
                 payload: start + UDP_HEADER_LEN..end,
             })
@@ -244,14 +352,14 @@ mod tests {
             "2001:db8::2".parse().expect("ip"),
         );
         for (src, dst) in [v4, v6] {
-            for encap in [
-                Encapsulation::Esp,
-                Encapsulation::Udp {
-                    src_port: NATT_PORT,
-                    dst_port: 40500,
-                },
+            for udp in [
+                None,
+                Some(UdpPorts {
+                    src: NATT_PORT,
+                    dst: 40500,
+                }),
             ] {
-                let outer = Outer { src, dst, encap };
+                let outer = Outer { src, dst, udp };
                 let p = frame(&outer, &esp);
                 let parsed = parse(&p).expect("parses");
                 assert_eq!(parsed.outer, outer);
@@ -263,15 +371,15 @@ mod tests {
     #[test]
     fn natt_udp_checksum_is_zero_over_ipv4_and_valid_over_ipv6() {
         let esp = [1u8, 2, 3, 4, 5, 6, 7, 8];
-        let udp = Encapsulation::Udp {
-            src_port: NATT_PORT,
-            dst_port: NATT_PORT,
-        };
+        let udp = Some(UdpPorts {
+            src: NATT_PORT,
+            dst: NATT_PORT,
+        });
         let v4 = frame(
             &Outer {
                 src: "198.18.0.1".parse().expect("ip"),
                 dst: "198.19.0.2".parse().expect("ip"),
-                encap: udp,
+                udp,
             },
             &esp,
         );
@@ -281,7 +389,7 @@ mod tests {
             &Outer {
                 src: "2001:db8::1".parse().expect("ip"),
                 dst: "2001:db8::2".parse().expect("ip"),
-                encap: udp,
+                udp,
             },
             &esp,
         );
@@ -299,7 +407,7 @@ mod tests {
         let outer = Outer {
             src: "198.18.0.1".parse().expect("ip"),
             dst: "198.19.0.2".parse().expect("ip"),
-            encap: Encapsulation::Esp,
+            udp: None,
         };
         let p = frame(&outer, &[9; 40]);
         for len in 0..20 {
@@ -325,5 +433,42 @@ mod tests {
             emit(&mut [0u8; 60], &mixed).err(),
             Some(OuterError::MixedFamilies)
         );
+    }
+
+    #[test]
+    fn encap_text_round_trips_and_overhead_counts_udp_only_when_present() {
+        for (text, encap) in [
+            ("udp/4500", Encap::NATT),
+            ("udp/40500", Encap::Udp { port: 40500 }),
+            ("esp", Encap::RawEsp),
+        ] {
+            assert_eq!(text.parse::<Encap>(), Ok(encap));
+            assert_eq!(encap.to_string(), text);
+            let json = serde_json::to_string(&encap).expect("json");
+            assert_eq!(json, format!("{text:?}"));
+            assert_eq!(serde_json::from_str::<Encap>(&json).expect("back"), encap);
+        }
+        assert_eq!("udp".parse::<Encap>(), Ok(Encap::NATT));
+        for bad in ["tcp", "udp/0", "udp/x", "esp/50", ""] {
+            assert!(bad.parse::<Encap>().is_err(), "{bad:?}");
+        }
+        // 8 (SPI, seq) + 8 (IV) + 3 (pad) + 2 (trailer) + 16 (ICV), and the
+        // UDP header for NAT-T.
+        assert_eq!(Encap::RawEsp.overhead(), 37);
+        assert_eq!(Encap::NATT.overhead(), 45);
+        let outer = Outer {
+            src: "198.18.0.1".parse().expect("ip"),
+            dst: "198.19.0.2".parse().expect("ip"),
+            udp: None,
+        };
+        assert_eq!(outer.encap(), Encap::RawEsp);
+        let natt = Outer {
+            udp: Some(UdpPorts {
+                src: 4501,
+                dst: NATT_PORT,
+            }),
+            ..outer
+        };
+        assert_eq!(natt.encap(), Encap::Udp { port: 4501 });
     }
 }

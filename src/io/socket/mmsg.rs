@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags};
 
 use super::addr::{EMPTY_ADDR, RawAddr};
-use super::{Family, MAX_BATCH, OuterKind, OuterSocket, SEND_MAX_WAITS, SendReport};
+use super::{Encap, Family, MAX_BATCH, OuterSocket, SEND_MAX_WAITS, SendReport};
 use crate::io::{last_errno, poll_fds};
 use crate::packet::PacketBuf;
 use crate::wire::ip::{self, IPV4_HEADER_LEN, Ipv4Packet};
@@ -50,7 +50,7 @@ impl OuterSocket {
         // Raw IPv4: the first 20 bytes (the header without options) go to
         // a scratch array, the rest straight into the buffer, so that the
         // usual header needs no copying to strip.
-        let strip_v4 = self.family == Family::V4 && self.kind == OuterKind::RawEsp;
+        let strip_v4 = self.family == Family::V4 && self.kind == Encap::RawEsp;
         let mut headers = [[0u8; IPV4_HEADER_LEN]; MAX_BATCH];
         let mut iovs = [[EMPTY_IOVEC; 2]; MAX_BATCH];
         let mut names = [EMPTY_ADDR; MAX_BATCH];
@@ -165,8 +165,8 @@ impl OuterSocket {
                 continue;
             }
             let port = match self.kind {
-                OuterKind::Udp { .. } => dst.port(),
-                OuterKind::RawEsp => 0,
+                Encap::Udp { .. } => dst.port(),
+                Encap::RawEsp => 0,
             };
             let (addr, addr_len) = RawAddr::new(dst, port);
             names[m] = addr;

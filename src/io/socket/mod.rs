@@ -40,6 +40,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::IoSetupError;
 use crate::wire::ip::protocol;
+use crate::wire::outer::Encap;
 use options::{set_buffer_sizes, set_int_option};
 
 /// The most datagrams one recvmmsg/sendmmsg call handles; the per-call
@@ -56,15 +57,6 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const SEND_WAIT_BUDGET: Duration = Duration::from_millis(10);
 const SEND_MAX_WAITS: u32 = 4;
 
-/// What the outer packets are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OuterKind {
-    /// ESP in UDP (RFC 3948) on this local port (4500 by convention).
-    Udp { port: u16 },
-    /// ESP directly over IP, protocol 50.
-    RawEsp,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     V4,
@@ -76,7 +68,7 @@ pub enum Family {
 pub struct OuterSocket {
     sock: Socket,
     family: Family,
-    kind: OuterKind,
+    kind: Encap,
 }
 
 /// The outcome of [`OuterSocket::send_batch`]: `sent + failed` is the
@@ -104,25 +96,21 @@ impl OuterSocket {
     /// protocol-50 packets). `fwmark` sets SO_MARK on everything sent, so
     /// that policy routing can keep the daemon's own outer packets out of
     /// its TUN routes.
-    pub fn open(
-        kind: OuterKind,
-        v6: bool,
-        fwmark: Option<u32>,
-    ) -> Result<OuterSocket, IoSetupError> {
+    pub fn open(kind: Encap, v6: bool, fwmark: Option<u32>) -> Result<OuterSocket, IoSetupError> {
         let (domain, family) = if v6 {
             (Domain::IPV6, Family::V6)
         } else {
             (Domain::IPV4, Family::V4)
         };
         let (ty, proto) = match kind {
-            OuterKind::Udp { .. } => (Type::DGRAM, Protocol::UDP),
-            OuterKind::RawEsp => (Type::RAW, Protocol::from(i32::from(protocol::ESP))),
+            Encap::Udp { .. } => (Type::DGRAM, Protocol::UDP),
+            Encap::RawEsp => (Type::RAW, Protocol::from(i32::from(protocol::ESP))),
         };
         // Non-blocking and close-on-exec atomically, at creation.
         let sock =
             Socket::new(domain, ty.nonblocking().cloexec(), Some(proto)).map_err(|e| {
                 match (e.raw_os_error(), kind) {
-                    (Some(libc::EPERM | libc::EACCES), OuterKind::RawEsp) => {
+                    (Some(libc::EPERM | libc::EACCES), Encap::RawEsp) => {
                         IoSetupError::RawNeedsCapNetRaw(e)
                     }
                     (Some(libc::EAFNOSUPPORT), _) if v6 => IoSetupError::Ipv6Unavailable(e),
@@ -150,7 +138,7 @@ impl OuterSocket {
         }
         set_buffer_sizes(&sock);
 
-        if let OuterKind::Udp { port } = kind {
+        if let Encap::Udp { port } = kind {
             if v6 {
                 // Only IPv6: the IPv4 socket binds the same port next to it
                 // (ipv6(7), IPV6_V6ONLY), and peers' addresses stay in their
@@ -188,7 +176,7 @@ impl OuterSocket {
         self.family
     }
 
-    pub fn kind(&self) -> OuterKind {
+    pub fn kind(&self) -> Encap {
         self.kind
     }
 
@@ -305,8 +293,8 @@ mod tests {
 
     fn udp_pair(v6: bool) {
         let (a, b) = (
-            OuterSocket::open(OuterKind::Udp { port: 4500 }, v6, None).expect("open a"),
-            OuterSocket::open(OuterKind::Udp { port: 4501 }, v6, None).expect("open b"),
+            OuterSocket::open(Encap::Udp { port: 4500 }, v6, None).expect("open a"),
+            OuterSocket::open(Encap::Udp { port: 4501 }, v6, None).expect("open b"),
         );
         assert_eq!(a.family(), if v6 { Family::V6 } else { Family::V4 });
         let wildcard = a.local_addr().expect("local_addr");
@@ -340,9 +328,9 @@ mod tests {
     }
 
     fn raw_pair(v6: bool) {
-        let a = OuterSocket::open(OuterKind::RawEsp, v6, None).expect("open a");
-        let b = OuterSocket::open(OuterKind::RawEsp, v6, None).expect("open b");
-        assert_eq!(a.kind(), OuterKind::RawEsp);
+        let a = OuterSocket::open(Encap::RawEsp, v6, None).expect("open a");
+        let b = OuterSocket::open(Encap::RawEsp, v6, None).expect("open b");
+        assert_eq!(a.kind(), Encap::RawEsp);
         // The port is ignored (an IPv6 raw socket would refuse 4500).
         let dst = SocketAddr::new(loopback(v6), 4500);
         let pkts = packets(0xE5);
@@ -376,13 +364,13 @@ mod tests {
         }
     }
 
-    fn oversize(kind: OuterKind, v6: bool) {
+    fn oversize(kind: Encap, v6: bool) {
         let a = OuterSocket::open(kind, v6, None).expect("open a");
         let b = match kind {
-            OuterKind::Udp { .. } => {
-                OuterSocket::open(OuterKind::Udp { port: 4501 }, v6, None).expect("open b")
+            Encap::Udp { .. } => {
+                OuterSocket::open(Encap::Udp { port: 4501 }, v6, None).expect("open b")
             }
-            OuterKind::RawEsp => OuterSocket::open(kind, v6, None).expect("open b"),
+            Encap::RawEsp => OuterSocket::open(kind, v6, None).expect("open b"),
         };
         let dst = SocketAddr::new(loopback(v6), 4501);
         let big = vec![0xB1u8; 500];
@@ -403,10 +391,10 @@ mod tests {
         }
         let ns = NetNs::new();
         ns.run(|| {
-            oversize(OuterKind::Udp { port: 4500 }, false);
-            oversize(OuterKind::Udp { port: 4502 }, true);
-            oversize(OuterKind::RawEsp, false);
-            oversize(OuterKind::RawEsp, true);
+            oversize(Encap::Udp { port: 4500 }, false);
+            oversize(Encap::Udp { port: 4502 }, true);
+            oversize(Encap::RawEsp, false);
+            oversize(Encap::RawEsp, true);
         });
     }
 
@@ -416,10 +404,10 @@ mod tests {
             return;
         }
         NetNs::new().run(|| {
-            let _v4 = OuterSocket::open(OuterKind::Udp { port: 4500 }, false, None).expect("v4");
+            let _v4 = OuterSocket::open(Encap::Udp { port: 4500 }, false, None).expect("v4");
             // IPV6_V6ONLY: the IPv6 socket shares the port number.
-            let _v6 = OuterSocket::open(OuterKind::Udp { port: 4500 }, true, None).expect("v6");
-            let e = OuterSocket::open(OuterKind::Udp { port: 4500 }, false, None)
+            let _v6 = OuterSocket::open(Encap::Udp { port: 4500 }, true, None).expect("v6");
+            let e = OuterSocket::open(Encap::Udp { port: 4500 }, false, None)
                 .expect_err("second v4 bind");
             assert!(matches!(e, IoSetupError::PortInUse { .. }), "{e:?}");
             let msg = e.to_string();
@@ -429,7 +417,7 @@ mod tests {
                     && msg.contains("`port`"),
                 "{msg}"
             );
-            let e = OuterSocket::open(OuterKind::Udp { port: 4500 }, true, None)
+            let e = OuterSocket::open(Encap::Udp { port: 4500 }, true, None)
                 .expect_err("second v6 bind");
             assert!(e.to_string().contains("on :: is already in use"), "{e}");
         });
@@ -441,8 +429,8 @@ mod tests {
             return;
         }
         NetNs::new().run(|| {
-            let a = OuterSocket::open(OuterKind::Udp { port: 4500 }, false, None).expect("a");
-            let b = OuterSocket::open(OuterKind::Udp { port: 4501 }, false, None).expect("b");
+            let a = OuterSocket::open(Encap::Udp { port: 4500 }, false, None).expect("a");
+            let b = OuterSocket::open(Encap::Udp { port: 4501 }, false, None).expect("b");
             let good: SocketAddr = "127.0.0.1:4501".parse().expect("addr");
             // No route to anything but loopback in the namespace.
             let unroutable: SocketAddr = "198.18.0.1:4500".parse().expect("addr");
@@ -477,7 +465,7 @@ mod tests {
             let spy = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)).expect("spy");
             spy.set_read_timeout(Some(Duration::from_secs(2)))
                 .expect("timeout");
-            let a = OuterSocket::open(OuterKind::Udp { port: 4500 }, false, None).expect("a");
+            let a = OuterSocket::open(Encap::Udp { port: 4500 }, false, None).expect("a");
             let dst: SocketAddr = "127.0.0.1:4501".parse().expect("addr");
             let report = a.send_batch(&[(b"esp", dst)]).expect("send");
             assert_eq!(report.sent, 1);
@@ -496,7 +484,7 @@ mod tests {
             return;
         }
         NetNs::new().run(|| {
-            let s = OuterSocket::open(OuterKind::RawEsp, false, Some(0x4500)).expect("open");
+            let s = OuterSocket::open(Encap::RawEsp, false, Some(0x4500)).expect("open");
             assert_eq!(s.sock.mark().expect("SO_MARK"), 0x4500);
             assert_eq!(
                 s.local_addr().expect("addr").port(),

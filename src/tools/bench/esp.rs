@@ -172,7 +172,7 @@ impl DatapathRig {
         let start = Instant::now();
         self.inb.process(
             &self.selector,
-            Encap::Udp,
+            Encap::NATT,
             &mut self.batch,
             &mut self.verdicts,
         );
