@@ -85,6 +85,9 @@ struct Capture {
     log: PathBuf,
 }
 
+/// How long to let dumpcap settle after it says it is capturing.
+const CAPTURE_SETTLE: Duration = Duration::from_millis(500);
+
 impl Capture {
     fn start(lab: &TunnelLab, dumpcap: &Path, filter: &str) -> Result<Capture, String> {
         let file = lab.dir.join("wire.pcapng");
@@ -110,6 +113,10 @@ impl Capture {
         for _ in 0..=(CAPTURE_START_TIMEOUT.as_millis() / step.as_millis()) {
             let text = std::fs::read_to_string(&capture.log).unwrap_or_default();
             if text.contains("Capturing on") {
+                // The message comes as the interface is opened; on a busy
+                // machine the first packets after it were seen to miss
+                // the capture (39 of 40). A short settle costs nothing.
+                std::thread::sleep(CAPTURE_SETTLE);
                 return Ok(capture);
             }
             if let Some(child) = capture.child.as_mut()

@@ -122,6 +122,10 @@ impl Capture {
                 .unwrap_or_default()
                 .contains("Capturing on")
             {
+                // The message comes as the interface is opened; on a busy
+                // machine the first packets after it can still miss the
+                // capture. A short settle costs nothing.
+                std::thread::sleep(Duration::from_millis(500));
                 return Ok(capture);
             }
             std::thread::sleep(Duration::from_millis(50));
