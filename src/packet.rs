@@ -8,9 +8,13 @@ use std::net::SocketAddr;
 
 use crate::wire::esp;
 
-/// Room for a virtio-net header (`struct virtio_net_hdr_v1`, 12 bytes) in
-/// front of a packet, so a TUN device opened with `IFF_VNET_HDR` can read
-/// and write it without a copy.
+/// The virtio-net header a TUN device opened with `IFF_VNET_HDR` puts in
+/// front of every packet (`struct virtio_net_hdr`, 10 bytes, the size
+/// TUNSETVNETHDRSZ defaults to); see [`crate::wire::vnet`] once parsed.
+pub const VNET_HDR_LEN: usize = 10;
+
+/// Room for a virtio-net header in front of a packet, so that one can be
+/// put there for a single write without moving the packet.
 pub const VNET_HDR_ROOM: usize = 12;
 
 /// Bytes in front of the data: inbound rebuilds a 40-byte IPv6 header
@@ -31,6 +35,9 @@ pub struct PacketMeta {
     /// For a GSO/GRO train: the size of each segment but the last; 0 for a
     /// single packet.
     pub segment_size: u16,
+    /// The virtio-net header read with the packet from a TUN device opened
+    /// with `IFF_VNET_HDR` (all zero otherwise).
+    pub vnet: [u8; VNET_HDR_LEN],
 }
 
 /// One packet buffer with headroom and tailroom, allocated once and reused
