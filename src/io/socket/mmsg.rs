@@ -5,6 +5,7 @@ use std::io;
 use std::mem::size_of;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags};
@@ -54,6 +55,7 @@ impl OuterSocket {
         let mut headers = [[0u8; IPV4_HEADER_LEN]; MAX_BATCH];
         let mut iovs = [[EMPTY_IOVEC; 2]; MAX_BATCH];
         let mut names = [EMPTY_ADDR; MAX_BATCH];
+        let mut controls = [Control::EMPTY; MAX_BATCH];
         let mut msgs = empty_msgs();
         for i in 0..count {
             let area = bufs[i].read_area();
@@ -79,6 +81,8 @@ impl OuterSocket {
             h.msg_namelen = size_of::<RawAddr>() as libc::socklen_t;
             h.msg_iov = iovs[i].as_mut_ptr();
             h.msg_iovlen = n_iov;
+            h.msg_control = controls[i].0.as_mut_ptr().cast();
+            h.msg_controllen = size_of::<Control>() as _;
         }
 
         let mut soft_errors = 0;
@@ -136,6 +140,13 @@ impl OuterSocket {
                 bufs[i].set_len(len);
             }
             bufs[i].meta.peer = names[i].get(m.msg_hdr.msg_namelen);
+            let found = read_control(&m.msg_hdr);
+            if self.gro {
+                bufs[i].meta.segment_size = found.gro_segment.unwrap_or(0);
+            }
+            if let Some(n) = found.rx_overflows {
+                self.rx_overflows.fetch_max(u64::from(n), Ordering::Relaxed);
+            }
         }
         Ok(received)
     }
@@ -147,12 +158,13 @@ impl OuterSocket {
         deadline: Instant,
         waits: &mut u32,
     ) -> io::Result<()> {
+        // One iovec and one address per packet; a message covers one
+        // packet, or with GSO a train of consecutive ones.
         let mut iovs = [EMPTY_IOVEC; MAX_BATCH];
-        let mut names = [EMPTY_ADDR; MAX_BATCH];
-        let mut msgs = empty_msgs();
+        let mut dsts = [None::<SocketAddr>; MAX_BATCH];
+        let mut n = 0;
         // Packets to the other family never reach the kernel (the IPv6
-        // socket is IPV6_V6ONLY); the rest are packed into `msgs[..m]`.
-        let mut m = 0;
+        // socket is IPV6_V6ONLY).
         for (packet, dst) in packets {
             if dst.is_ipv4() != (self.family == Family::V4) {
                 report.fail(
@@ -164,73 +176,114 @@ impl OuterSocket {
                 );
                 continue;
             }
-            let port = match self.kind {
-                Encap::Udp { .. } => dst.port(),
-                Encap::RawEsp => 0,
-            };
-            let (addr, addr_len) = RawAddr::new(dst, port);
-            names[m] = addr;
-            iovs[m] = libc::iovec {
+            iovs[n] = libc::iovec {
                 // sendmmsg only reads through this pointer.
                 iov_base: packet.as_ptr().cast_mut().cast(),
                 iov_len: packet.len(),
             };
-            let h = &mut msgs[m].msg_hdr;
-            h.msg_name = (&mut names[m] as *mut RawAddr).cast();
-            h.msg_namelen = addr_len;
-            h.msg_iov = &mut iovs[m];
-            h.msg_iovlen = 1;
-            m += 1;
+            dsts[n] = Some(dst);
+            n += 1;
         }
 
-        let mut next = 0;
-        while next < m {
-            // SAFETY: `msgs[next..m]` are initialised headers whose name
-            // and iovec pointers point at live memory of the stated
-            // lengths (`names` and `iovs` on this stack frame, the
-            // caller's packet slices), which outlives the call;
-            // sendmmsg(2) reads them and writes only each msg_len.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    self.sock.as_raw_fd(),
-                    msgs[next..].as_mut_ptr(),
-                    (m - next) as libc::c_uint,
-                    libc::MSG_DONTWAIT as _,
-                )
-            };
-            if rc > 0 {
-                // sendmmsg(2): an error after the first message ends the
-                // call with the count so far; the next call, starting at
-                // the failed message, meets it again.
-                report.sent += rc as usize;
-                next += rc as usize;
-                continue;
+        let mut first = 0;
+        while first < n {
+            let gso = self.gso.load(Ordering::Relaxed);
+            let mut names = [EMPTY_ADDR; MAX_BATCH];
+            let mut controls = [Control::EMPTY; MAX_BATCH];
+            let mut trains = [(0usize, 0usize); MAX_BATCH];
+            let mut msgs = empty_msgs();
+            let m = group_trains(&iovs[first..n], &dsts[first..n], gso, &mut trains);
+            for (k, &(start, count)) in trains[..m].iter().enumerate() {
+                let Some(dst) = dsts[first + start] else {
+                    continue;
+                };
+                let port = match self.kind {
+                    Encap::Udp { .. } => dst.port(),
+                    Encap::RawEsp => 0,
+                };
+                let (addr, addr_len) = RawAddr::new(dst, port);
+                names[k] = addr;
+                let h = &mut msgs[k].msg_hdr;
+                h.msg_name = (&mut names[k] as *mut RawAddr).cast();
+                h.msg_namelen = addr_len;
+                h.msg_iov = &mut iovs[first + start];
+                h.msg_iovlen = count as _;
+                if count > 1 {
+                    let size = iovs[first + start].iov_len as u16;
+                    controls[k].put_segment_size(h, size);
+                }
             }
-            let (e, code) = if rc == 0 {
-                (io::Error::from(io::ErrorKind::WriteZero), 0)
-            } else {
-                last_errno()
-            };
-            match code {
-                libc::EINTR => continue,
-                libc::EAGAIN | libc::ENOBUFS | 0 => {
-                    let now = Instant::now();
-                    if *waits >= SEND_MAX_WAITS || now >= deadline {
-                        report.fail(m - next, e);
-                        return Ok(());
+
+            let mut next = 0;
+            let mut gso_refused = false;
+            while next < m {
+                // SAFETY: `msgs[next..m]` are initialised headers whose
+                // name, iovec and control pointers point at live memory of
+                // the stated lengths (`names`, `iovs`, `controls` on this
+                // stack frame, the caller's packet slices), which outlives
+                // the call; sendmmsg(2) reads them and writes only each
+                // msg_len.
+                let rc = unsafe {
+                    libc::sendmmsg(
+                        self.sock.as_raw_fd(),
+                        msgs[next..].as_mut_ptr(),
+                        (m - next) as libc::c_uint,
+                        libc::MSG_DONTWAIT as _,
+                    )
+                };
+                if rc > 0 {
+                    // sendmmsg(2): an error after the first message ends
+                    // the call with the count so far; the next call,
+                    // starting at the failed message, meets it again.
+                    let done = rc as usize;
+                    report.sent += trains[next..next + done].iter().map(|t| t.1).sum::<usize>();
+                    next += done;
+                    continue;
+                }
+                let (e, code) = if rc == 0 {
+                    (io::Error::from(io::ErrorKind::WriteZero), 0)
+                } else {
+                    last_errno()
+                };
+                let train = trains[next].1;
+                match code {
+                    libc::EINTR => continue,
+                    libc::EAGAIN | libc::ENOBUFS | 0 => {
+                        let now = Instant::now();
+                        if *waits >= SEND_MAX_WAITS || now >= deadline {
+                            let left = trains[next..m].iter().map(|t| t.1).sum();
+                            report.fail(left, e);
+                            return Ok(());
+                        }
+                        *waits += 1;
+                        self.wait_writable(code, deadline - now);
                     }
-                    *waits += 1;
-                    self.wait_writable(code, deadline - now);
+                    // A device or kernel that cannot segment (udp(7):
+                    // EIO without checksum offload, EINVAL on some point
+                    // releases): GSO off for good, the rest resent plain.
+                    libc::EIO | libc::EINVAL if train > 1 => {
+                        self.gso.store(false, Ordering::Relaxed);
+                        self.gso_refused.fetch_add(1, Ordering::Relaxed);
+                        gso_refused = true;
+                        break;
+                    }
+                    // The socket itself is unusable: every packet would fail.
+                    libc::EBADF | libc::ENOTSOCK | libc::EFAULT | libc::EOPNOTSUPP => {
+                        return Err(e);
+                    }
+                    // Anything else concerns this message (EHOSTUNREACH,
+                    // ENETUNREACH, ECONNREFUSED, EMSGSIZE, EPERM from a
+                    // firewall, EINVAL for a bad address...): skip it.
+                    _ => {
+                        report.fail(train, e);
+                        next += 1;
+                    }
                 }
-                // The socket itself is unusable: every packet would fail.
-                libc::EBADF | libc::ENOTSOCK | libc::EFAULT | libc::EOPNOTSUPP => return Err(e),
-                // Anything else concerns this packet (EHOSTUNREACH,
-                // ENETUNREACH, ECONNREFUSED, EMSGSIZE, EPERM from a
-                // firewall, EINVAL for a bad address...): skip it.
-                _ => {
-                    report.fail(1, e);
-                    next += 1;
-                }
+            }
+            first += trains[..next].iter().map(|t| t.1).sum::<usize>();
+            if !gso_refused {
+                // Every message was sent or failed.
+                first = n;
             }
         }
         Ok(())
@@ -250,6 +303,118 @@ impl OuterSocket {
             std::thread::sleep(slice);
         }
     }
+}
+
+/// Most segments in one UDP GSO train (UDP_MAX_SEGMENTS in the kernel).
+const MAX_TRAIN: usize = 64;
+/// Most bytes in one train: a UDP datagram's payload limit, less room
+/// for an IPv6 header.
+const MAX_TRAIN_BYTES: usize = 65_535 - 40 - 8;
+
+/// Groups consecutive packets into messages, as (first, count) in
+/// `trains`; returns how many. Without `gso` every packet is its own
+/// message. With it, packets to the same destination of the same size
+/// share a train, which a shorter packet ends (it is the train's last
+/// segment, as udp(7) allows); limits: [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`].
+fn group_trains(
+    iovs: &[libc::iovec],
+    dsts: &[Option<SocketAddr>],
+    gso: bool,
+    trains: &mut [(usize, usize)],
+) -> usize {
+    let mut m = 0;
+    let mut i = 0;
+    while i < iovs.len() && m < trains.len() {
+        let size = iovs[i].iov_len;
+        let mut count = 1;
+        let mut bytes = size;
+        while gso
+            && i + count < iovs.len()
+            && count < MAX_TRAIN
+            && dsts[i + count] == dsts[i]
+            && iovs[i + count].iov_len <= size
+            && iovs[i + count].iov_len > 0
+            && bytes + iovs[i + count].iov_len <= MAX_TRAIN_BYTES
+        {
+            bytes += iovs[i + count].iov_len;
+            count += 1;
+            if iovs[i + count - 1].iov_len < size {
+                break;
+            }
+        }
+        trains[m] = (i, count);
+        m += 1;
+        i += count;
+    }
+    m
+}
+
+/// A message's control buffer: room for a UDP_SEGMENT (u16), or on
+/// receive for UDP_GRO (int) and SO_RXQ_OVFL (u32), each
+/// CMSG_SPACE(4) = 24 bytes on 64-bit; aligned as a cmsghdr.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
+impl Control {
+    const EMPTY: Control = Control([0; 64]);
+
+    /// Attaches this buffer to `h` with one UDP_SEGMENT message.
+    fn put_segment_size(&mut self, h: &mut libc::msghdr, size: u16) {
+        h.msg_control = self.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a length.
+        h.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+        // SAFETY: `h` points at this buffer, which is cmsghdr-aligned and
+        // at least CMSG_SPACE(2) bytes long, so the first header and its
+        // data lie within it; CMSG_FIRSTHDR is non-null for that length.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(h);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+        }
+    }
+}
+
+/// What the control messages of a received datagram said.
+#[derive(Debug, Default)]
+struct Received {
+    /// UDP_GRO: the datagram is a train of segments of this size.
+    gro_segment: Option<u16>,
+    /// SO_RXQ_OVFL: the socket's drop count so far.
+    rx_overflows: Option<u32>,
+}
+
+fn read_control(h: &libc::msghdr) -> Received {
+    let mut found = Received::default();
+    if h.msg_control.is_null() || h.msg_controllen < size_of::<libc::cmsghdr>() {
+        return found;
+    }
+    // SAFETY: the kernel filled `msg_controllen` bytes of the control
+    // buffer `h` points at with well-formed cmsghdrs; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR stay within that length and return null at its end,
+    // and each data read is checked against the message's own length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            let len = (*c).cmsg_len as usize;
+            let data_len = len.saturating_sub(libc::CMSG_LEN(0) as usize);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::SOL_UDP, libc::UDP_GRO) if data_len >= size_of::<libc::c_int>() => {
+                    let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    found.gro_segment = u16::try_from(v).ok().filter(|&v| v > 0);
+                }
+                (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) if data_len >= size_of::<u32>() => {
+                    found.rx_overflows =
+                        Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    found
 }
 
 /// Strips the IPv4 header a raw IPv4 socket delivers (raw(7)): the first
@@ -281,6 +446,45 @@ fn strip_ipv4_header(header: &[u8; IPV4_HEADER_LEN], area: &mut [u8], len: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trains_are_equal_sized_packets_to_one_peer_ended_by_a_short_one() {
+        let a: SocketAddr = "198.18.0.2:4500".parse().expect("addr");
+        let b: SocketAddr = "198.18.0.3:4500".parse().expect("addr");
+        let iov = |len| libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: len,
+        };
+        let cases: &[(&[(usize, SocketAddr)], &[(usize, usize)])] = &[
+            // Three full, one short: one train.
+            (&[(1400, a), (1400, a), (1400, a), (900, a)], &[(0, 4)]),
+            // A short one ends the train; the next starts a new one.
+            (&[(1400, a), (900, a), (1400, a)], &[(0, 2), (2, 1)]),
+            // A longer one cannot join.
+            (&[(900, a), (1400, a)], &[(0, 1), (1, 1)]),
+            // Another peer starts another train.
+            (&[(1400, a), (1400, b), (1400, b)], &[(0, 1), (1, 2)]),
+        ];
+        for (packets, want) in cases {
+            let iovs: Vec<_> = packets.iter().map(|(len, _)| iov(*len)).collect();
+            let dsts: Vec<_> = packets.iter().map(|(_, d)| Some(*d)).collect();
+            let mut trains = [(0, 0); MAX_BATCH];
+            let m = group_trains(&iovs, &dsts, true, &mut trains);
+            assert_eq!(&trains[..m], *want, "{packets:?}");
+            let m = group_trains(&iovs, &dsts, false, &mut trains);
+            assert_eq!(m, packets.len(), "without GSO one message per packet");
+        }
+        // At most MAX_TRAIN segments and MAX_TRAIN_BYTES bytes per train.
+        let iovs = vec![iov(100); 150];
+        let dsts = vec![Some(a); 150];
+        let mut trains = [(0, 0); MAX_BATCH];
+        let m = group_trains(&iovs, &dsts, true, &mut trains);
+        assert_eq!(&trains[..m], &[(0, 64), (64, 64), (128, 22)]);
+        let iovs = vec![iov(1500); 60];
+        let dsts = vec![Some(a); 60];
+        let m = group_trains(&iovs, &dsts, true, &mut trains);
+        assert_eq!(&trains[..m], &[(0, 43), (43, 17)], "65,487 bytes at most");
+    }
 
     #[test]
     fn ipv4_header_strip() {

@@ -34,6 +34,7 @@ mod options;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -69,6 +70,24 @@ pub struct OuterSocket {
     sock: Socket,
     family: Family,
     kind: Encap,
+    /// UDP GSO: equal-size packets to one peer leave as one UDP_SEGMENT
+    /// train. Cleared for good when the kernel refuses a train.
+    gso: AtomicBool,
+    /// UDP GRO: the kernel may hand over a train of equal-size datagrams
+    /// as one buffer, with its segment size in a control message.
+    gro: bool,
+    /// The kernel's count of datagrams dropped for a full receive buffer
+    /// (SO_RXQ_OVFL), as last reported.
+    rx_overflows: AtomicU64,
+    /// Trains the kernel refused, after which GSO was turned off.
+    gso_refused: AtomicU64,
+}
+
+/// Offloads an outer socket can be asked for (UDP only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketOffloads {
+    pub gso: bool,
+    pub gro: bool,
 }
 
 /// The outcome of [`OuterSocket::send_batch`]: `sent + failed` is the
@@ -169,7 +188,61 @@ impl OuterSocket {
                     },
                 })?;
         }
-        Ok(OuterSocket { sock, family, kind })
+        // Best effort: without it the kernel's receive-buffer drops are
+        // just not seen.
+        let _ = set_int_option(&sock, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
+        Ok(OuterSocket {
+            sock,
+            family,
+            kind,
+            gso: AtomicBool::new(false),
+            gro: false,
+            rx_overflows: AtomicU64::new(0),
+            gso_refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Turns on what of `want` the kernel supports (UDP sockets only) and
+    /// returns what is on. GSO needs the UDP checksum: the kernel refuses
+    /// UDP_SEGMENT on a SO_NO_CHECK socket, so an IPv4 socket then sends
+    /// computed checksums. RFC 3948 section 2.1 says the checksum SHOULD
+    /// be zero and receivers MUST NOT depend on it, so a computed one
+    /// interoperates.
+    pub fn enable_offloads(&mut self, want: SocketOffloads) -> SocketOffloads {
+        if !matches!(self.kind, Encap::Udp { .. }) {
+            return SocketOffloads::default();
+        }
+        let mut on = SocketOffloads::default();
+        if want.gso {
+            let checksum_on = self.family == Family::V6
+                || set_int_option(&self.sock, libc::SOL_SOCKET, libc::SO_NO_CHECK, 0).is_ok();
+            on.gso = checksum_on;
+            self.gso.store(on.gso, Ordering::Relaxed);
+        }
+        if want.gro {
+            on.gro = set_int_option(&self.sock, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
+            self.gro = on.gro;
+        }
+        on
+    }
+
+    /// The offloads in use now (GSO goes off if the kernel refuses it).
+    pub fn offloads(&self) -> SocketOffloads {
+        SocketOffloads {
+            gso: self.gso.load(Ordering::Relaxed),
+            gro: self.gro,
+        }
+    }
+
+    /// Datagrams the kernel dropped because the receive buffer was full,
+    /// since the socket opened (SO_RXQ_OVFL; as of the last receive).
+    pub fn rx_overflows(&self) -> u64 {
+        self.rx_overflows.load(Ordering::Relaxed)
+    }
+
+    /// Trains the kernel refused, which turned GSO off (0 or 1).
+    pub fn gso_refused(&self) -> u64 {
+        self.gso_refused.load(Ordering::Relaxed)
     }
 
     pub fn family(&self) -> Family {
@@ -310,6 +383,76 @@ mod tests {
         for (i, (data, from)) in got.iter().enumerate() {
             assert_eq!(data, &pkts[i], "packet {i}");
             assert_eq!(*from, Some(src), "packet {i}");
+        }
+    }
+
+    /// Trains of equal-size packets sent with GSO arrive as the same
+    /// datagrams at a plain socket, and as trains with their segment size
+    /// at a GRO socket (whose split gives the same datagrams).
+    fn gso_trains(v6: bool) {
+        let mut a = OuterSocket::open(Encap::Udp { port: 4500 }, v6, None).expect("open a");
+        let on = a.enable_offloads(SocketOffloads {
+            gso: true,
+            gro: false,
+        });
+        assert!(on.gso, "GSO refused on this kernel");
+        let plain = OuterSocket::open(Encap::Udp { port: 4501 }, v6, None).expect("open b");
+        let mut gro = OuterSocket::open(Encap::Udp { port: 4502 }, v6, None).expect("open c");
+        assert!(
+            gro.enable_offloads(SocketOffloads {
+                gso: false,
+                gro: true
+            })
+            .gro
+        );
+        // 5 x 1400 and a short 700, then 3 x 1400 and 2 x 900: two trains
+        // and two more.
+        let sizes = [
+            1400, 1400, 1400, 1400, 1400, 700, 1400, 1400, 1400, 900, 900,
+        ];
+        let pkts: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8 + 1; n])
+            .collect();
+        for port in [4501, 4502] {
+            let dst = SocketAddr::new(loopback(v6), port);
+            let batch: Vec<(&[u8], SocketAddr)> =
+                pkts.iter().map(|p| (p.as_slice(), dst)).collect();
+            let report = a.send_batch(&batch).expect("send_batch");
+            assert_eq!((report.sent, report.failed), (sizes.len(), 0), "{report:?}");
+        }
+        let got = receive(&plain, 2048, sizes.len(), |_| true);
+        for (i, (data, _)) in got.iter().enumerate() {
+            assert_eq!(data, &pkts[i], "plain receiver, packet {i}");
+        }
+        // The GRO socket may merge what arrived together: split by size.
+        let mut bufs: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new(65535)).collect();
+        let mut split = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while split.len() < sizes.len() && Instant::now() < deadline {
+            let _ = poll_readable(&[gro.as_fd()], Duration::from_millis(200));
+            let n = gro.recv_batch(&mut bufs).expect("recv");
+            for b in &bufs[..n] {
+                let seg = usize::from(b.meta.segment_size);
+                if seg == 0 {
+                    split.push(b.data().to_vec());
+                } else {
+                    split.extend(b.data().chunks(seg).map(<[u8]>::to_vec));
+                }
+            }
+        }
+        assert_eq!(split, pkts, "GRO receiver, split by segment size");
+        assert_eq!(a.gso_refused(), 0);
+    }
+
+    #[test]
+    fn gso_trains_on_loopback_v4_and_v6() {
+        if have_root() {
+            NetNs::new().run(|| {
+                gso_trains(false);
+                gso_trains(true);
+            });
         }
     }
 
