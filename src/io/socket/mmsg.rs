@@ -455,7 +455,9 @@ mod tests {
             iov_base: std::ptr::null_mut(),
             iov_len: len,
         };
-        let cases: &[(&[(usize, SocketAddr)], &[(usize, usize)])] = &[
+        // (packet sizes and peers, expected (first, count) messages)
+        type Case<'a> = (&'a [(usize, SocketAddr)], &'a [(usize, usize)]);
+        let cases: &[Case] = &[
             // Three full, one short: one train.
             (&[(1400, a), (1400, a), (1400, a), (900, a)], &[(0, 4)]),
             // A short one ends the train; the next starts a new one.
