@@ -13,10 +13,10 @@ use super::sas::{InboundCommands, SaCommand, SaEvent};
 use super::shared::Shared;
 use super::status::{self, InboundSaStatus};
 use super::workers::{
-    BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets, count,
+    BATCH, BUF_CAPACITY, RX_BATCH, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets, count,
     maybe_selftest,
 };
-use crate::datapath::inbound::Inbound;
+use crate::datapath::inbound::{Encap, Inbound};
 use crate::datapath::{DropReason, Verdict};
 use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
@@ -63,6 +63,9 @@ impl InboundWorker {
     }
 
     pub fn run(mut self) {
+        // Received datagrams (a GRO train fills one buffer), and the ESP
+        // packets split out of them, which the pipeline works on.
+        let mut rx = Batch::new(RX_BATCH, BUF_CAPACITY);
         let mut batch = Batch::new(BATCH, BUF_CAPACITY);
         let mut verdicts = Vec::with_capacity(BATCH);
         let mut next_check = Instant::now() + self.shared.selftest_interval;
@@ -93,7 +96,7 @@ impl InboundWorker {
                 if !ready.is_ready(i) {
                     continue;
                 }
-                let n = match socket.recv_batch(batch.slots()) {
+                let n = match socket.recv_batch(rx.slots()) {
                     Ok(n) => n,
                     Err(e) => {
                         count(&self.shared.io.recv_errors);
@@ -102,30 +105,72 @@ impl InboundWorker {
                         continue;
                     }
                 };
-                batch.set_len(n);
-                if n == 0 {
-                    continue;
-                }
-                self.inbound.process(
-                    &self.shared.selector,
-                    encap,
-                    batch.packets_mut(),
-                    &mut verdicts,
-                );
-                for (buf, v) in batch.packets().iter().zip(&verdicts) {
-                    if *v == Verdict::Deliver
-                        && let Err(e) = self.tun.write(buf.data())
-                    {
-                        count(&self.shared.io.tun_write_errors);
-                        self.errors.io("writing to the TUN device", &e);
+                rx.set_len(n);
+                let mut filled = 0;
+                for slot in rx.packets_mut() {
+                    let segment = usize::from(slot.meta.segment_size);
+                    if segment == 0 || slot.len() <= segment {
+                        // One datagram: handed over, not copied.
+                        std::mem::swap(slot, &mut batch.slots()[filled]);
+                        filled += 1;
+                    } else {
+                        // A GRO train: its ESP packets, in order.
+                        let peer = slot.meta.peer;
+                        for chunk in slot.data().chunks(segment) {
+                            if filled == BATCH {
+                                batch.set_len(filled);
+                                self.open_and_deliver(encap, &mut batch, &mut verdicts);
+                                filled = 0;
+                            }
+                            let out = &mut batch.slots()[filled];
+                            // A chunk is at most `segment` bytes, which
+                            // fit: the train came in a buffer this size.
+                            out.fill(chunk);
+                            out.meta.peer = peer;
+                            filled += 1;
+                        }
+                    }
+                    if filled == BATCH {
+                        batch.set_len(filled);
+                        self.open_and_deliver(encap, &mut batch, &mut verdicts);
+                        filled = 0;
                     }
                 }
-                self.post_mortem(batch.packets(), &verdicts);
-                self.log_drops(&verdicts);
+                batch.set_len(filled);
+                if filled > 0 {
+                    self.open_and_deliver(encap, &mut batch, &mut verdicts);
+                }
             }
             self.note_seen();
+            self.note_kernel_drops(&socks);
         }
         self.publish();
+    }
+
+    /// Opens a batch, writes what is delivered to TUN, and reports drops.
+    fn open_and_deliver(&mut self, encap: Encap, batch: &mut Batch, verdicts: &mut Vec<Verdict>) {
+        self.inbound
+            .process(&self.shared.selector, encap, batch.packets_mut(), verdicts);
+        for (buf, v) in batch.packets().iter().zip(verdicts.iter()) {
+            if *v == Verdict::Deliver
+                && let Err(e) = self.tun.write(buf.data())
+            {
+                count(&self.shared.io.tun_write_errors);
+                self.errors.io("writing to the TUN device", &e);
+            }
+        }
+        self.post_mortem(batch.packets(), verdicts);
+        self.log_drops(verdicts);
+    }
+
+    /// What the kernel dropped before esptun could see it: datagrams
+    /// refused for a full socket receive buffer (SO_RXQ_OVFL).
+    fn note_kernel_drops(&self, socks: &[&OuterSocket]) {
+        let total = socks.iter().map(|s| s.rx_overflows()).sum();
+        self.shared
+            .io
+            .socket_rx_overflows
+            .store(total, Ordering::Relaxed);
     }
 
     fn log_drops(&mut self, verdicts: &[Verdict]) {

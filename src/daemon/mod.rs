@@ -36,7 +36,7 @@ use crate::datapath::Counters;
 use crate::datapath::inbound::Inbound;
 use crate::datapath::outbound::Outbound;
 use crate::io::IoSetupError;
-use crate::io::socket::OuterSocket;
+use crate::io::socket::{OuterSocket, SocketOffloads};
 use crate::io::tun::Tun;
 use crate::keyfile::KeyFileError;
 use crate::sa::SaError;
@@ -135,11 +135,13 @@ fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
     let needs = |v6: bool| config.peers.iter().any(|p| p.endpoint.is_ipv6() == v6);
     let open = |v6: bool| -> Result<Option<OuterSocket>, DaemonError> {
         if needs(v6) {
-            Ok(Some(OuterSocket::open(
-                encap,
-                v6,
-                Some(config.outer.fwmark),
-            )?))
+            let mut socket = OuterSocket::open(encap, v6, Some(config.outer.fwmark))?;
+            let on = socket.enable_offloads(SocketOffloads {
+                gso: true,
+                gro: true,
+            });
+            tracing::debug!(v6, gso = on.gso, gro = on.gro, "outer socket offloads");
+            Ok(Some(socket))
         } else {
             Ok(None)
         }

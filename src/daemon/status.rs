@@ -91,6 +91,9 @@ pub struct IoCounters {
     pub recv_errors: AtomicU64,
     pub reservation_errors: AtomicU64,
     pub capture_errors: AtomicU64,
+    /// Datagrams the kernel dropped at a full outer socket receive buffer
+    /// (SO_RXQ_OVFL), before esptun could see them.
+    pub socket_rx_overflows: AtomicU64,
 }
 
 impl IoCounters {
@@ -106,6 +109,7 @@ impl IoCounters {
             ("recv_errors", &self.recv_errors),
             ("reservation_errors", &self.reservation_errors),
             ("capture_errors", &self.capture_errors),
+            ("socket_rx_overflows", &self.socket_rx_overflows),
         ]
         .into_iter()
         .map(|(k, v)| (Cow::Borrowed(k), v.load(Ordering::Relaxed)))
