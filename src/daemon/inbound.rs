@@ -205,9 +205,14 @@ impl InboundWorker {
         }
     }
 
-    /// Applies the key manager's commands, in order.
+    /// Applies the key manager's commands, in order. A change is
+    /// published before the key manager hears of it, so that once
+    /// `esptun reload` reports, `status` shows what it reported.
     fn apply_commands(&mut self) {
+        let mut any = false;
+        let mut events = Vec::new();
         while let Ok(commands) = self.commands.try_recv() {
+            any = true;
             for command in commands {
                 match command {
                     SaCommand::Install { id, new, meta } => {
@@ -215,9 +220,9 @@ impl InboundWorker {
                         if let Err(e) = self.inbound.sas.insert(id, new, meta) {
                             tracing::error!(peer, "inbound SA {spi:#x} not installed: {e}");
                             let reason = format!("inbound SA {spi:#x} not installed: {e}");
-                            let _ = self.events.send(SaEvent::InstallFailed { id, reason });
+                            events.push(SaEvent::InstallFailed { id, reason });
                         } else {
-                            let _ = self.events.send(SaEvent::Installed { id });
+                            events.push(SaEvent::Installed { id });
                         }
                     }
                     SaCommand::SetState { id, state } => {
@@ -236,6 +241,12 @@ impl InboundWorker {
                     }
                 }
             }
+        }
+        if any {
+            self.publish();
+        }
+        for event in events {
+            let _ = self.events.send(event);
         }
     }
 

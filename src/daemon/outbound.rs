@@ -239,9 +239,14 @@ impl OutboundWorker {
         }
     }
 
-    /// Applies the key manager's commands, in order.
+    /// Applies the key manager's commands, in order. A change is
+    /// published before the key manager hears of it, so that once
+    /// `esptun reload` reports, `status` shows what it reported.
     fn apply_commands(&mut self) {
+        let mut any = false;
+        let mut events = Vec::new();
         while let Ok(commands) = self.commands.try_recv() {
+            any = true;
             for command in commands {
                 match command {
                     SaCommand::Install { id, mut new, meta } => {
@@ -250,7 +255,7 @@ impl OutboundWorker {
                         {
                             tracing::error!("reload: {e}; unchanged");
                             let reason = e.to_string();
-                            let _ = self.events.send(SaEvent::InstallFailed { id, reason });
+                            events.push(SaEvent::InstallFailed { id, reason });
                             continue;
                         }
                         let (peer, spi, state) = (meta.peer.clone(), new.sa.spi, meta.state);
@@ -259,10 +264,10 @@ impl OutboundWorker {
                             // refuses it all the same.
                             tracing::error!(peer, "outbound SA {spi:#x} not installed: {e}");
                             let reason = format!("outbound SA {spi:#x} not installed: {e}");
-                            let _ = self.events.send(SaEvent::InstallFailed { id, reason });
+                            events.push(SaEvent::InstallFailed { id, reason });
                             continue;
                         }
-                        let _ = self.events.send(SaEvent::Installed { id });
+                        events.push(SaEvent::Installed { id });
                         if state == SaState::Active {
                             tracing::info!(
                                 peer,
@@ -293,6 +298,12 @@ impl OutboundWorker {
                     }
                 }
             }
+        }
+        if any {
+            self.publish();
+        }
+        for event in events {
+            let _ = self.events.send(event);
         }
     }
 
