@@ -381,7 +381,7 @@ impl Server {
             if let Err(e) = self.turn(backend, TICK) {
                 // poll(2) fails only on a bug or no memory: say so now and
                 // then, and do not spin.
-                if errors % 100 == 0 {
+                if errors.is_multiple_of(100) {
                     tracing::error!("control thread: poll: {e}");
                 }
                 errors = errors.wrapping_add(1);
