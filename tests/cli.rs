@@ -403,7 +403,7 @@ fn the_systemd_unit_verifies_and_waits_for_readiness() {
     for needle in [
         "Type=notify",
         "ExecStartPre=/usr/local/bin/esptun check-config",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/local/bin/esptun reload -c /etc/esptun/esptun.toml",
         "RestartPreventExitStatus=3",
         "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
         "ProtectSystem=strict",

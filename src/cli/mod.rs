@@ -58,6 +58,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running daemon to reload its configuration file (SA changes:
+    /// key rolls) and wait for the datapath's answer. Exit status 0 when
+    /// the new configuration is in effect, 1 when it was refused in whole
+    /// or in part (the reasons are printed; what was refused keeps
+    /// running as before). What SIGHUP does, with the outcome.
+    Reload {
+        /// The daemon's configuration file (to find its control socket).
+        #[arg(short, long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The control socket path (default /run/esptun/esptun0.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the daemon's JSON outcome as is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a two-host lab on this machine (root): two network namespaces
     /// joined by veth (198.18.0.0/15, 2001:db8::/32), new keys, an esptun in
     /// each; send a TCP stream of zeros (every byte checked), UDP and ping
@@ -234,6 +250,11 @@ pub fn main() -> ExitCode {
             socket,
             json,
         } => status(config.as_deref(), socket.as_deref(), json),
+        Command::Reload {
+            config,
+            socket,
+            json,
+        } => reload(config.as_deref(), socket.as_deref(), json),
         Command::Demo {
             outer,
             ipv6,
@@ -387,16 +408,57 @@ fn run(config: &std::path::Path, level: tracing::Level) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// The control socket of `status` and `reload`.
+fn control_path(
+    config: Option<&std::path::Path>,
+    socket: Option<&std::path::Path>,
+) -> anyhow::Result<PathBuf> {
+    Ok(match (config, socket) {
+        (Some(c), _) => esptun::config::Config::load(c)?.operations.control_socket,
+        (None, Some(s)) => s.to_path_buf(),
+        (None, None) => PathBuf::from("/run/esptun/esptun0.sock"),
+    })
+}
+
+fn reload(
+    config: Option<&std::path::Path>,
+    socket: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // A file that does not load is refused here, before the daemon is
+    // asked: it would refuse it for the same reason.
+    let path = control_path(config, socket)
+        .context("the daemon was not asked to reload (it keeps its running configuration)")?;
+    let reply = esptun::daemon::control::query_within(
+        &path,
+        "reload",
+        esptun::daemon::control::RELOAD_CLIENT_TIMEOUT,
+    )?;
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(&reply)
+        && let Some(e) = o.get("error").and_then(|e| e.as_str())
+    {
+        anyhow::bail!("the daemon did not reload: {e}");
+    }
+    let v: esptun::daemon::status::ReloadOutcome = serde_json::from_str(&reply)
+        .context("the daemon's reply is not a reload outcome this esptun can read")?;
+    if json {
+        print!("{reply}");
+    } else {
+        print!("{}", print::reload(&v));
+    }
+    Ok(if v.applied {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn status(
     config: Option<&std::path::Path>,
     socket: Option<&std::path::Path>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let path = match (config, socket) {
-        (Some(c), _) => esptun::config::Config::load(c)?.operations.control_socket,
-        (None, Some(s)) => s.to_path_buf(),
-        (None, None) => PathBuf::from("/run/esptun/esptun0.sock"),
-    };
+    let path = control_path(config, socket)?;
     let reply = esptun::daemon::control::query(&path, "status")?;
     if json {
         print!("{reply}");

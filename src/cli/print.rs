@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use esptun::crypto::select::FailurePolicy;
-use esptun::daemon::status::{Counts, Status};
+use esptun::daemon::status::{Counts, ReloadOutcome, Status};
 
 /// `esptun status` without `--json`: the typed reply as tables.
 pub fn status(v: &Status) -> String {
@@ -25,13 +25,92 @@ pub fn status(v: &Status) -> String {
     out
 }
 
+/// `esptun reload`: what the daemon did with the file.
+pub fn reload(v: &ReloadOutcome) -> String {
+    let mut out = String::new();
+    if v.applied {
+        out.push_str("reload applied: the running SAs follow the configuration\n");
+    } else {
+        out.push_str(
+            "reload REFUSED (in whole or in part); what is refused keeps running as before:\n",
+        );
+        for why in &v.refused {
+            let _ = writeln!(out, "  {why}");
+        }
+    }
+    out
+}
+
+/// A span of seconds as `2h 3m 4s` (days above a day; zero units
+/// left out, `0s` for none).
+pub fn human_duration(secs: u64) -> String {
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs / 3_600 % 24, "h"),
+        (secs / 60 % 60, "m"),
+        (secs % 60, "s"),
+    ];
+    let text: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if text.is_empty() {
+        "0s".into()
+    } else {
+        text.join(" ")
+    }
+}
+
+/// `0.4s ago` below ten seconds, `2m 5s ago` above.
+pub fn ago(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{}.{}s ago", ms / 1000, ms % 1000 / 100)
+    } else {
+        format!("{} ago", human_duration(ms / 1000))
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC, to the second.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = secs / 86_400;
+    let rest = secs % 86_400;
+    // Days to a proleptic Gregorian date (H. Hinnant's civil_from_days).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// An SA's last packet: `0.4s ago`, `never`, or `-` from a daemon that
+/// does not say.
+fn last_packet(ms_ago: Option<u64>, packets: u64) -> String {
+    match (ms_ago, packets) {
+        (Some(ms), _) => ago(ms),
+        (None, 0) => "never".into(),
+        (None, _) => "-".into(),
+    }
+}
+
 fn header(out: &mut String, v: &Status) {
     let _ = writeln!(
         out,
-        "esptun on {} (pid {}), up {} s, outer {}, provider {} (mode {}, on failure {})",
+        "esptun on {} (pid {}), up {}, outer {}, provider {} (mode {}, on failure {})",
         v.interface,
         v.pid,
-        v.uptime_secs,
+        human_duration(v.uptime_secs),
         v.outer,
         v.provider.map_or("NONE: traffic halted", |p| p.as_str()),
         v.crypto_mode,
@@ -65,13 +144,13 @@ fn outbound_sas(out: &mut String, v: &Status) {
     let _ = writeln!(out, "\noutbound SAs:");
     let _ = writeln!(
         out,
-        "  {:<12} {:>10} {:<8} {:<24} {:>12} {:>14} {:>14} {:>14}",
+        "  {:<12} {:>10} {:<8} {:<24} {:>12} {:>14} {:>14} {:>14}  last packet",
         "peer", "spi", "state", "endpoint", "packets", "bytes", "seq used", "seq reserved"
     );
     for sa in &v.outbound_sas {
         let _ = writeln!(
             out,
-            "  {:<12} {:>#10x} {:<8} {:<24} {:>12} {:>14} {:>14} {:>14}",
+            "  {:<12} {:>#10x} {:<8} {:<24} {:>12} {:>14} {:>14} {:>14}  {}",
             sa.peer,
             sa.spi,
             sa.state,
@@ -80,6 +159,7 @@ fn outbound_sas(out: &mut String, v: &Status) {
             sa.bytes,
             sa.seq_used,
             sa.seq_reserved,
+            last_packet(sa.last_packet_ms_ago, sa.packets),
         );
     }
     for sa in &v.outbound_sas {
@@ -91,14 +171,21 @@ fn inbound_sas(out: &mut String, v: &Status) {
     let _ = writeln!(out, "\ninbound SAs:");
     let _ = writeln!(
         out,
-        "  {:<12} {:>10} {:<8} {:>12} {:>14} {:>8} {:>14}",
+        "  {:<12} {:>10} {:<8} {:>12} {:>14} {:>8} {:>14}  last packet",
         "peer", "spi", "state", "packets", "bytes", "window", "highest seq"
     );
     for sa in &v.inbound_sas {
         let _ = writeln!(
             out,
-            "  {:<12} {:>#10x} {:<8} {:>12} {:>14} {:>8} {:>14}",
-            sa.peer, sa.spi, sa.state, sa.packets, sa.bytes, sa.replay_window, sa.replay_top,
+            "  {:<12} {:>#10x} {:<8} {:>12} {:>14} {:>8} {:>14}  {}",
+            sa.peer,
+            sa.spi,
+            sa.state,
+            sa.packets,
+            sa.bytes,
+            sa.replay_window,
+            sa.replay_top,
+            last_packet(sa.last_packet_ms_ago, sa.packets),
         );
         out.push_str(&sa_drops(&sa.drops));
     }
@@ -125,10 +212,18 @@ fn providers(out: &mut String, v: &Status) {
     let history = &v.selftest_history;
     let _ = writeln!(out, "\nself-test history (last {}):", history.len().min(8));
     for e in history.iter().rev().take(8) {
+        let when = match v.now_unix_ms {
+            Some(now) => format!(
+                "{} ({})",
+                rfc3339(e.unix_ms),
+                ago(now.saturating_sub(e.unix_ms))
+            ),
+            None => rfc3339(e.unix_ms),
+        };
         let _ = writeln!(
             out,
             "  {} {} {} {}: {}",
-            e.unix_ms,
+            when,
             e.provider.as_str(),
             e.check,
             if e.ok { "ok" } else { "FAILED" },
@@ -166,17 +261,17 @@ mod tests {
 {"peer":"host-c","spi":40962,"endpoint":"198.19.0.3:4500","state":"pending","packets":0,"bytes":0,"seq_used":0,"seq_reserved":0,"soft_limit_reached":false,"drops":{}}],
 "inbound_sas":[{"peer":"host-b","spi":45057,"state":"retiring","packets":5,"bytes":500,"replay_window":4096,"replay_top":5,"drops":{"replay":3,"icv":1}}]}"#;
 
-    const EXPECTED: &str = r#"esptun on esptun0 (pid 4242), up 77 s, outer udp/4500, provider hardware (mode auto, on failure fallback)
+    const EXPECTED: &str = r#"esptun on esptun0 (pid 4242), up 1m 17s, outer udp/4500, provider hardware (mode auto, on failure fallback)
 
 outbound SAs:
-  peer                spi state    endpoint                      packets          bytes       seq used   seq reserved
-  host-b           0xa001 active   198.19.0.2:4500                    10           1000             10        1048576
-  host-c           0xa002 pending  198.19.0.3:4500                     0              0              0              0
+  peer                spi state    endpoint                      packets          bytes       seq used   seq reserved  last packet
+  host-b           0xa001 active   198.19.0.2:4500                    10           1000             10        1048576  -
+  host-c           0xa002 pending  198.19.0.3:4500                     0              0              0              0  never
     dropped: inner_checksum 2
 
 inbound SAs:
-  peer                spi state         packets          bytes   window    highest seq
-  host-b           0xb001 retiring            5            500     4096              5
+  peer                spi state         packets          bytes   window    highest seq  last packet
+  host-b           0xb001 retiring            5            500     4096              5  -
     dropped: icv 1, replay 3
 
 outbound: 100 passed, 3 dropped
@@ -193,14 +288,14 @@ providers:
   soft      periodic checks 0 run, 0 failed; unavailable
 
 self-test history (last 8):
-  10 hardware kat ok: j
-  9 soft kat FAILED: i
-  8 hardware kat ok: h
-  7 hardware kat ok: g
-  6 hardware kat ok: f
-  5 hardware kat ok: e
-  4 hardware simd ok: d
-  3 hardware long FAILED: c
+  1970-01-01T00:00:00Z hardware kat ok: j
+  1970-01-01T00:00:00Z soft kat FAILED: i
+  1970-01-01T00:00:00Z hardware kat ok: h
+  1970-01-01T00:00:00Z hardware kat ok: g
+  1970-01-01T00:00:00Z hardware kat ok: f
+  1970-01-01T00:00:00Z hardware kat ok: e
+  1970-01-01T00:00:00Z hardware simd ok: d
+  1970-01-01T00:00:00Z hardware long FAILED: c
 "#;
 
     #[test]
@@ -215,5 +310,66 @@ self-test history (last 8):
             serde_json::from_str(&serde_json::to_string(&v).expect("json")).expect("value");
         let original: serde_json::Value = serde_json::from_str(REPLY).expect("value");
         assert_eq!(again, original);
+    }
+
+    #[test]
+    fn times_read_as_people_write_them() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(7384), "2h 3m 4s");
+        assert_eq!(human_duration(90_061), "1d 1h 1m 1s");
+        assert_eq!(ago(400), "0.4s ago");
+        assert_eq!(ago(12_345), "12s ago");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000_999), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn a_newer_daemon_shows_ages_and_relative_times() {
+        let reply = REPLY
+            .replacen(
+                r#""drops":{"inner_checksum":2}}"#,
+                r#""drops":{"inner_checksum":2},"last_packet_ms_ago":400}"#,
+                1,
+            )
+            .replacen(
+                r#""io":"#,
+                r#""now_unix_ms":12010,"sas_age_ms":50,"io":"#,
+                1,
+            );
+        let v: Status = serde_json::from_str(&reply).expect("a status");
+        assert_eq!(v.now_unix_ms, Some(12_010));
+        let text = status(&v);
+        assert!(
+            text.contains("1048576  0.4s ago\n") && text.contains("0  never\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  1970-01-01T00:00:00Z (12s ago) hardware kat ok: j\n"),
+            "{text}"
+        );
+        // And the JSON keeps the new fields through a typed round trip.
+        let again = serde_json::to_string(&v).expect("json");
+        assert!(again.contains(r#""last_packet_ms_ago":400"#), "{again}");
+    }
+
+    #[test]
+    fn a_refused_reload_lists_its_reasons() {
+        let text = reload(&ReloadOutcome {
+            applied: false,
+            refused: vec!["peer b: the new outbound SA 0xa003 uses the key of the SA".into()],
+        });
+        assert!(text.starts_with("reload REFUSED"), "{text}");
+        assert!(
+            text.contains("  peer b: the new outbound SA 0xa003"),
+            "{text}"
+        );
+        assert!(
+            reload(&ReloadOutcome {
+                applied: true,
+                refused: Vec::new()
+            })
+            .starts_with("reload applied")
+        );
     }
 }

@@ -1,8 +1,17 @@
 //! The control socket: a Unix stream socket, root-only by its file mode
 //! (0600, in a 0700 directory), answering one request per connection.
-//! Requests are one line; `status` gets the [`super::status::Status`] as
-//! JSON. Served on its own thread so that a slow client never stalls the
-//! datapath.
+//! Requests are one line: `status` gets the [`super::status::Status`] as
+//! JSON, `reload` the [`super::status::ReloadOutcome`] once the main
+//! thread has reloaded.
+//!
+//! [`Server`] serves this socket and the metrics endpoint on the control
+//! thread (never the datapath's): one `poll` loop over both listeners and
+//! every client, all non-blocking, so a slow or silent client costs a
+//! slot and never delays another. Each listener holds at most
+//! [`MAX_CLIENTS`]; a request must arrive whole within
+//! [`REQUEST_DEADLINE`] and its reply be written within
+//! [`REPLY_DEADLINE`]; the loop sees the stop flag at least every
+//! [`TICK`].
 //!
 //! Only ever a socket is removed at the path: a stale one at start, and at
 //! exit only the one this process bound (same device and inode). Anything
@@ -10,18 +19,46 @@
 //! refused, never deleted.
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags};
+
+use super::metrics::MetricsServer;
+use super::status::ReloadOutcome;
 
 /// Longest request line read; anything longer is refused.
 const MAX_REQUEST: usize = 256;
 /// Longest reply read by [`query`].
 const MAX_REPLY: u64 = 16 << 20;
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// The whole request must arrive within this (see [`read_request`]).
-const REQUEST_DEADLINE: Duration = Duration::from_millis(500);
+/// How long [`query`] waits for a reply.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `esptun reload` waits: the main thread's reload, including
+/// up to [`RELOAD_SETTLE`] for the datapath to take the new SAs.
+pub const RELOAD_CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the datapath threads get to confirm a reload's SAs.
+pub const RELOAD_SETTLE: Duration = Duration::from_secs(2);
+/// The whole request must arrive within this of the connection.
+pub const REQUEST_DEADLINE: Duration = Duration::from_millis(500);
+/// The whole reply must be written within this.
+pub const REPLY_DEADLINE: Duration = Duration::from_millis(500);
+/// How long a `reload` may keep its client waiting for the main thread.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+/// Clients each listener serves at once. Beyond it the one that has
+/// waited longest without sending its whole request is closed (and
+/// counted): a flood of idle connections cannot lock out the operator.
+pub const MAX_CLIENTS: usize = 64;
+/// The loop's longest sleep: a stop is seen within this.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Connections taken from one listener per turn, so a flood of connects
+/// cannot keep the loop from its other clients.
+const ACCEPTS_PER_TURN: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -108,74 +145,6 @@ impl ControlSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// Answers the connections waiting now (at most a few, so a flood of
-    /// clients cannot keep the caller here).
-    pub fn serve_pending(&self, status_json: &dyn Fn() -> String) {
-        for _ in 0..16 {
-            let Ok((stream, _)) = self.listener.accept() else {
-                return;
-            };
-            if let Err(e) = answer(stream, status_json) {
-                tracing::debug!("control client: {e}");
-            }
-        }
-    }
-}
-
-fn answer(stream: UnixStream, status_json: &dyn Fn() -> String) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut request = [0u8; MAX_REQUEST];
-    let len = read_request(
-        &stream,
-        |t| stream.set_read_timeout(Some(t)),
-        &mut request,
-        |r| r.contains(&b'\n'),
-    )?;
-    let line = String::from_utf8_lossy(&request[..len]);
-    let reply = match line.trim() {
-        "status" => status_json(),
-        other => {
-            serde_json::json!({ "error": format!("unknown request {other:?}: try \"status\"") })
-                .to_string()
-        }
-    };
-    (&stream).write_all(reply.as_bytes())?;
-    (&stream).write_all(b"\n")
-}
-
-/// Reads a request into `buf` until `complete` says it is whole, the
-/// buffer is full or the client closes, all within [`REQUEST_DEADLINE`]
-/// however slowly it trickles in: no client can hold the (single) control
-/// thread, or a stop waiting for it. Shared with the metrics endpoint.
-pub(super) fn read_request<S>(
-    stream: S,
-    set_read_timeout: impl Fn(Duration) -> std::io::Result<()>,
-    buf: &mut [u8],
-    complete: impl Fn(&[u8]) -> bool,
-) -> std::io::Result<usize>
-where
-    S: Read,
-{
-    let mut stream = stream;
-    let deadline = Instant::now() + REQUEST_DEADLINE;
-    let mut len = 0;
-    while len < buf.len() && !complete(&buf[..len]) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "request not complete in time",
-            ));
-        }
-        set_read_timeout(left)?;
-        match stream.read(&mut buf[len..])? {
-            0 => break,
-            n => len += n,
-        }
-    }
-    Ok(len)
 }
 
 impl Drop for ControlSocket {
@@ -195,15 +164,363 @@ impl Drop for ControlSocket {
     }
 }
 
+/// What the control thread answers with.
+pub(crate) trait Backend {
+    /// The `status` reply (JSON).
+    fn status_json(&self) -> String;
+    /// The metrics text for a scrape.
+    fn metrics(&self) -> String;
+    /// Hands a reload to the main thread; its outcome arrives on the
+    /// receiver (dropped unanswered if the daemon stops first).
+    fn reload(&self) -> Receiver<ReloadOutcome>;
+    /// A client was closed because its listener was full.
+    fn refused(&self);
+}
+
+/// Which listener a client came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Control,
+    Metrics,
+}
+
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Unix(s) => s.as_fd(),
+            Conn::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Reading the request.
+    Reading,
+    /// A reload runs on the main thread.
+    Waiting(Receiver<ReloadOutcome>),
+    /// Writing the reply; `sent` bytes are out.
+    Writing { reply: Vec<u8>, sent: usize },
+}
+
+#[derive(Debug)]
+struct Client {
+    kind: Kind,
+    conn: Conn,
+    request: Vec<u8>,
+    phase: Phase,
+    /// When the current phase must be over.
+    deadline: Instant,
+}
+
+impl Client {
+    fn max_request(&self) -> usize {
+        match self.kind {
+            Kind::Control => MAX_REQUEST,
+            Kind::Metrics => super::metrics::MAX_REQUEST,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        match self.kind {
+            Kind::Control => self.request.contains(&b'\n'),
+            Kind::Metrics => self.request.windows(4).any(|w| w == b"\r\n\r\n"),
+        }
+    }
+
+    /// Moves the client on as far as it can go without blocking; false
+    /// when it is done with (answered, gone or out of time).
+    fn progress(&mut self, readable: bool, backend: &dyn Backend, now: Instant) -> bool {
+        if let Phase::Reading = self.phase {
+            if !readable {
+                return now < self.deadline;
+            }
+            let mut chunk = [0u8; 1024];
+            let mut closed = false;
+            loop {
+                let room = self.max_request() - self.request.len();
+                if room == 0 || self.complete() {
+                    break;
+                }
+                let want = room.min(chunk.len());
+                match self.conn.read(&mut chunk[..want]) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => self.request.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!("control client: {e}");
+                        return false;
+                    }
+                }
+            }
+            let full = self.request.len() >= self.max_request();
+            if !(self.complete() || full || closed) {
+                return now < self.deadline;
+            }
+            if self.request.is_empty() {
+                return false;
+            }
+            self.phase = self.answer(backend);
+            self.deadline = match self.phase {
+                Phase::Waiting(_) => now + RELOAD_DEADLINE,
+                _ => now + REPLY_DEADLINE,
+            };
+        }
+        if let Phase::Waiting(rx) = &self.phase {
+            let reply = match rx.try_recv() {
+                Ok(outcome) => {
+                    serde_json::to_string(&outcome).unwrap_or_else(|e| error_json(&e.to_string()))
+                }
+                Err(TryRecvError::Empty) if now < self.deadline => return true,
+                Err(TryRecvError::Empty) => error_json(&format!(
+                    "the reload did not finish within {RELOAD_DEADLINE:?}; see the daemon's log"
+                )),
+                Err(TryRecvError::Disconnected) => {
+                    error_json("the daemon stopped before the reload finished")
+                }
+            };
+            self.phase = Phase::Writing {
+                reply: line(reply),
+                sent: 0,
+            };
+            self.deadline = now + REPLY_DEADLINE;
+        }
+        if let Phase::Writing { reply, sent } = &mut self.phase {
+            // Non-blocking: a write that cannot go now waits for POLLOUT.
+            while *sent < reply.len() {
+                match self.conn.write(&reply[*sent..]) {
+                    Ok(0) => return false,
+                    Ok(n) => *sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return now < self.deadline;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!("control client: {e}");
+                        return false;
+                    }
+                }
+            }
+            return false;
+        }
+        now < self.deadline
+    }
+
+    fn answer(&self, backend: &dyn Backend) -> Phase {
+        let reply = match self.kind {
+            Kind::Metrics => super::metrics::respond(&self.request, &|| backend.metrics()),
+            Kind::Control => {
+                let text = String::from_utf8_lossy(&self.request);
+                let request = text.lines().next().unwrap_or("").trim();
+                match request {
+                    "status" => line(backend.status_json()),
+                    "reload" => return Phase::Waiting(backend.reload()),
+                    other => line(error_json(&format!(
+                        "unknown request {other:?}: try \"status\" or \"reload\""
+                    ))),
+                }
+            }
+        };
+        Phase::Writing { reply, sent: 0 }
+    }
+}
+
+fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+fn line(mut text: String) -> Vec<u8> {
+    text.push('\n');
+    text.into_bytes()
+}
+
+/// The control socket and the metrics endpoint, served by one loop.
+pub(crate) struct Server {
+    control: ControlSocket,
+    metrics: Option<MetricsServer>,
+    clients: Vec<Client>,
+}
+
+impl Server {
+    pub fn new(control: ControlSocket, metrics: Option<MetricsServer>) -> Self {
+        Server {
+            control,
+            metrics,
+            clients: Vec::new(),
+        }
+    }
+
+    /// Serves until `stop` is set (seen within [`TICK`]).
+    pub fn run(&mut self, stop: &AtomicBool, backend: &dyn Backend) {
+        let mut errors = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.turn(backend, TICK) {
+                // poll(2) fails only on a bug or no memory: say so now and
+                // then, and do not spin.
+                if errors.is_multiple_of(100) {
+                    tracing::error!("control thread: poll: {e}");
+                }
+                errors = errors.wrapping_add(1);
+                std::thread::sleep(TICK);
+            }
+        }
+    }
+
+    /// One round: waits (at most `wait`) for a listener or a client,
+    /// then moves every client on and takes new ones.
+    pub fn turn(&mut self, backend: &dyn Backend, wait: Duration) -> std::io::Result<()> {
+        let now = Instant::now();
+        let mut wait = wait;
+        for c in &self.clients {
+            wait = wait.min(c.deadline.saturating_duration_since(now));
+            if let Phase::Waiting(_) = c.phase {
+                // The reply comes on a channel, not a socket.
+                wait = wait.min(Duration::from_millis(10));
+            }
+        }
+        let listeners = 1 + usize::from(self.metrics.is_some());
+        let revents: Vec<PollFlags> = {
+            let mut fds = Vec::with_capacity(listeners + self.clients.len());
+            fds.push(PollFd::new(
+                self.control.listener.as_fd(),
+                PollFlags::POLLIN,
+            ));
+            if let Some(m) = &self.metrics {
+                fds.push(PollFd::new(m.listener().as_fd(), PollFlags::POLLIN));
+            }
+            for c in &self.clients {
+                let events = match c.phase {
+                    Phase::Reading => PollFlags::POLLIN,
+                    Phase::Writing { .. } => PollFlags::POLLOUT,
+                    Phase::Waiting(_) => PollFlags::empty(),
+                };
+                fds.push(PollFd::new(c.conn.fd(), events));
+            }
+            crate::io::poll_fds(&mut fds, wait)?;
+            fds.iter()
+                .map(|p| p.revents().unwrap_or(PollFlags::empty()))
+                .collect()
+        };
+        let now = Instant::now();
+        let mut i = 0;
+        let mut clients = std::mem::take(&mut self.clients);
+        clients.retain_mut(|c| {
+            let ready = revents
+                .get(listeners + i)
+                .copied()
+                .unwrap_or(PollFlags::empty());
+            i += 1;
+            let readable =
+                ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
+            c.progress(readable, backend, now)
+        });
+        self.clients = clients;
+        if revents.first().is_some_and(|r| !r.is_empty()) {
+            self.accept(Kind::Control, backend, now);
+        }
+        if listeners > 1 && revents.get(1).is_some_and(|r| !r.is_empty()) {
+            self.accept(Kind::Metrics, backend, now);
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, kind: Kind, backend: &dyn Backend, now: Instant) {
+        for _ in 0..ACCEPTS_PER_TURN {
+            let conn = match kind {
+                Kind::Control => self.control.listener.accept().map(|(s, _)| Conn::Unix(s)),
+                Kind::Metrics => match &self.metrics {
+                    Some(m) => m.listener().accept().map(|(s, _)| Conn::Tcp(s)),
+                    None => return,
+                },
+            };
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::debug!("accepting a control client: {e}");
+                    }
+                    return;
+                }
+            };
+            let nonblocking = match &conn {
+                Conn::Unix(s) => s.set_nonblocking(true),
+                Conn::Tcp(s) => s.set_nonblocking(true),
+            };
+            if let Err(e) = nonblocking {
+                tracing::debug!("control client: {e}");
+                continue;
+            }
+            if self.clients.iter().filter(|c| c.kind == kind).count() >= MAX_CLIENTS {
+                // Full: the client that has sent the least for longest
+                // goes; if every slot is mid-answer, the newcomer does.
+                let oldest = self
+                    .clients
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.kind == kind && matches!(c.phase, Phase::Reading))
+                    .min_by_key(|(_, c)| c.deadline)
+                    .map(|(i, _)| i);
+                backend.refused();
+                match oldest {
+                    Some(i) => drop(self.clients.swap_remove(i)),
+                    None => continue,
+                }
+            }
+            self.clients.push(Client {
+                kind,
+                conn,
+                request: Vec::new(),
+                phase: Phase::Reading,
+                deadline: now + REQUEST_DEADLINE,
+            });
+        }
+    }
+
+    #[cfg(test)]
+    fn clients(&self) -> usize {
+        self.clients.len()
+    }
+}
+
 /// Sends `request` to the daemon at `path` and returns its reply.
 pub fn query(path: &Path, request: &str) -> Result<String, ControlError> {
+    query_within(path, request, CLIENT_TIMEOUT)
+}
+
+/// [`query`], waiting up to `timeout` for the reply.
+pub fn query_within(path: &Path, request: &str, timeout: Duration) -> Result<String, ControlError> {
     let connect_err = |source| ControlError::Connect {
         path: path.to_path_buf(),
         source,
     };
     let mut stream = UnixStream::connect(path).map_err(connect_err)?;
     stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(connect_err)?;
     stream
         .write_all(format!("{request}\n").as_bytes())
@@ -226,6 +543,49 @@ pub fn query(path: &Path, request: &str) -> Result<String, ControlError> {
 mod tests {
     use super::*;
     use crate::testutil::TempDir;
+    use std::io::Read;
+
+    use std::sync::atomic::AtomicU64;
+
+    struct Fake {
+        refused: AtomicU64,
+    }
+
+    impl Backend for Fake {
+        fn status_json(&self) -> String {
+            "{\"ok\":true}".to_string()
+        }
+        fn metrics(&self) -> String {
+            "esptun_uptime_seconds 1\n".to_string()
+        }
+        fn reload(&self) -> Receiver<ReloadOutcome> {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _ = tx.send(ReloadOutcome {
+                applied: true,
+                refused: Vec::new(),
+            });
+            rx
+        }
+        fn refused(&self) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn fake() -> Fake {
+        Fake {
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Turns the server until `done` (at most 5 s).
+    fn serve_until(server: &mut Server, backend: &Fake, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() && Instant::now() < deadline {
+            server
+                .turn(backend, Duration::from_millis(10))
+                .expect("turn");
+        }
+    }
 
     #[test]
     fn answers_status_refuses_junk_and_detects_a_second_instance() {
@@ -239,20 +599,23 @@ mod tests {
             Err(ControlError::InUse(_))
         ));
 
-        let server = std::thread::scope(|s| {
-            let client = s.spawn(|| (query(&path, "status"), query(&path, "bogus")));
-            for _ in 0..200 {
-                socket.serve_pending(&|| "{\"ok\":true}".to_string());
-                if client.is_finished() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        let mut server = Server::new(socket, None);
+        let backend = fake();
+        let replies = std::thread::scope(|s| {
+            let client = s.spawn(|| {
+                (
+                    query(&path, "status"),
+                    query(&path, "bogus"),
+                    query(&path, "reload"),
+                )
+            });
+            serve_until(&mut server, &backend, || client.is_finished());
             client.join().expect("client thread")
         });
-        assert_eq!(server.0.expect("status").trim(), "{\"ok\":true}");
-        assert!(server.1.expect("reply").contains("unknown request"));
-        drop(socket);
+        assert_eq!(replies.0.expect("status").trim(), "{\"ok\":true}");
+        assert!(replies.1.expect("reply").contains("unknown request"));
+        assert!(replies.2.expect("reload").contains("\"applied\":true"));
+        drop(server);
         assert!(!path.exists(), "removed on drop");
         assert!(matches!(
             query(&path, "status"),
@@ -261,19 +624,123 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_trickles_or_stalls_cannot_hold_the_thread() {
+    fn a_client_that_trickles_or_stalls_delays_no_other_and_is_closed() {
         let dir = TempDir::new("control-slow");
         let path = dir.0.join("t.sock");
-        let socket = ControlSocket::bind(&path).expect("bind");
+        let mut server = Server::new(ControlSocket::bind(&path).expect("bind"), None);
+        let backend = fake();
         let _silent = UnixStream::connect(&path).expect("connect");
         let mut trickle = UnixStream::connect(&path).expect("connect");
         trickle.write_all(b"sta").expect("write");
+        server.turn(&backend, Duration::ZERO).expect("turn");
         let started = Instant::now();
-        socket.serve_pending(&|| "{}".to_string());
+        let reply = std::thread::scope(|s| {
+            let client = s.spawn(|| query(&path, "status"));
+            serve_until(&mut server, &backend, || client.is_finished());
+            client.join().expect("client thread")
+        });
         let took = started.elapsed();
+        assert_eq!(reply.expect("status").trim(), "{\"ok\":true}");
         assert!(
-            took < Duration::from_secs(2),
-            "two stalled clients held the thread {took:?}"
+            took < REQUEST_DEADLINE,
+            "two stalled clients delayed another {took:?}"
+        );
+        // Past their deadline both are closed: reads see the end.
+        serve_until(&mut server, &backend, || server_idle(&started));
+        let mut buf = [0u8; 8];
+        trickle
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        assert_eq!(trickle.read(&mut buf).expect("closed"), 0);
+        assert_eq!(server.clients(), 0);
+    }
+
+    fn server_idle(started: &Instant) -> bool {
+        started.elapsed() > REQUEST_DEADLINE + Duration::from_millis(200)
+    }
+
+    #[test]
+    fn a_full_listener_still_answers_and_counts_what_it_closes() {
+        let dir = TempDir::new("control-full");
+        let path = dir.0.join("t.sock");
+        let mut server = Server::new(ControlSocket::bind(&path).expect("bind"), None);
+        let backend = fake();
+        let idle: Vec<UnixStream> = (0..MAX_CLIENTS + 10)
+            .map(|_| UnixStream::connect(&path).expect("connect"))
+            .collect();
+        serve_until(&mut server, &backend, || {
+            backend.refused.load(Ordering::Relaxed) >= 10
+        });
+        assert_eq!(server.clients(), MAX_CLIENTS);
+        let reply = std::thread::scope(|s| {
+            let client = s.spawn(|| query(&path, "status"));
+            serve_until(&mut server, &backend, || client.is_finished());
+            client.join().expect("client thread")
+        });
+        assert_eq!(reply.expect("status").trim(), "{\"ok\":true}");
+        assert!(server.clients() <= MAX_CLIENTS);
+        assert_eq!(backend.refused.load(Ordering::Relaxed), 11);
+        drop(idle);
+    }
+
+    #[test]
+    fn the_metrics_endpoint_answers_get_metrics_and_refuses_the_rest() {
+        let dir = TempDir::new("control-metrics");
+        let metrics = MetricsServer::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = metrics.local_addr().expect("addr");
+        let mut server = Server::new(
+            ControlSocket::bind(&dir.0.join("t.sock")).expect("bind"),
+            Some(metrics),
+        );
+        let backend = fake();
+        let fetch = |request: &'static str| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).expect("connect");
+                c.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                c.write_all(request.as_bytes()).expect("send");
+                let mut reply = String::new();
+                c.read_to_string(&mut reply).expect("read");
+                reply
+            })
+        };
+        // One that never sends anything is no obstacle.
+        let _idle = TcpStream::connect(addr).expect("connect");
+        let bad = fetch("POST /metrics HTTP/1.1\r\n\r\n");
+        let missing = fetch("GET / HTTP/1.1\r\n\r\n");
+        let good = fetch("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        serve_until(&mut server, &backend, || {
+            bad.is_finished() && missing.is_finished() && good.is_finished()
+        });
+        assert!(bad.join().expect("client").starts_with("HTTP/1.1 405"));
+        assert!(missing.join().expect("client").starts_with("HTTP/1.1 404"));
+        let good = good.join().expect("client");
+        assert!(
+            good.starts_with("HTTP/1.1 200") && good.ends_with("esptun_uptime_seconds 1\n"),
+            "{good}"
+        );
+    }
+
+    #[test]
+    fn run_stops_within_a_tick_of_the_flag() {
+        let dir = TempDir::new("control-stop");
+        let path = dir.0.join("t.sock");
+        let mut server = Server::new(ControlSocket::bind(&path).expect("bind"), None);
+        let _idle = UnixStream::connect(&path).expect("connect");
+        let stop = AtomicBool::new(false);
+        let took = std::thread::scope(|s| {
+            let runner = s.spawn(|| server.run(&stop, &fake()));
+            std::thread::sleep(Duration::from_millis(50));
+            let asked = Instant::now();
+            stop.store(true, Ordering::Relaxed);
+            while !runner.is_finished() && asked.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            asked.elapsed()
+        });
+        assert!(
+            took < TICK + Duration::from_millis(100),
+            "stop took {took:?}"
         );
     }
 

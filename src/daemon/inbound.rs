@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::capture::{self, DropCapture};
 use super::sas::{InboundCommands, SaCommand, SaEvent};
-use super::shared::Shared;
+use super::shared::{Activity, Shared};
 use super::status::{self, InboundSaStatus};
 use super::workers::{
     BATCH, BUF_CAPACITY, RX_BATCH, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets, count,
@@ -36,6 +36,8 @@ pub(crate) struct InboundWorker {
     drop_log: DropLog,
     errors: ErrorLog,
     capture: Option<DropCapture>,
+    /// When each SA last delivered, for `status`.
+    activity: Activity,
 }
 
 impl InboundWorker {
@@ -59,6 +61,7 @@ impl InboundWorker {
             drop_log: DropLog::new("inbound"),
             errors: ErrorLog::new("inbound"),
             capture,
+            activity: Activity::default(),
         }
     }
 
@@ -247,16 +250,24 @@ impl InboundWorker {
         }
     }
 
-    /// Applies the key manager's commands, in order.
+    /// Applies the key manager's commands, in order. A change is
+    /// published before the key manager hears of it, so that once
+    /// `esptun reload` reports, `status` shows what it reported.
     fn apply_commands(&mut self) {
+        let mut any = false;
+        let mut events = Vec::new();
         while let Ok(commands) = self.commands.try_recv() {
+            any = true;
             for command in commands {
                 match command {
                     SaCommand::Install { id, new, meta } => {
                         let (peer, spi) = (meta.peer.clone(), new.spi);
                         if let Err(e) = self.inbound.sas.insert(id, new, meta) {
                             tracing::error!(peer, "inbound SA {spi:#x} not installed: {e}");
-                            let _ = self.events.send(SaEvent::InstallFailed { id });
+                            let reason = format!("inbound SA {spi:#x} not installed: {e}");
+                            events.push(SaEvent::InstallFailed { id, reason });
+                        } else {
+                            events.push(SaEvent::Installed { id });
                         }
                     }
                     SaCommand::SetState { id, state } => {
@@ -276,12 +287,22 @@ impl InboundWorker {
                 }
             }
         }
+        if any {
+            self.publish();
+        }
+        for event in events {
+            let _ = self.events.send(event);
+        }
     }
 
-    fn publish(&self) {
-        let rows = self
-            .inbound
-            .sas
+    /// Publishes the rows with this direction's totals (see
+    /// [`Shared::publish`]): both are read here, between two batches.
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let activity = &mut self.activity;
+        let sas = &self.inbound.sas;
+        activity.retain(|id| sas.get(id).is_some());
+        let rows = sas
             .iter()
             .map(|e| InboundSaStatus {
                 peer: e.meta.peer.clone(),
@@ -292,12 +313,9 @@ impl InboundWorker {
                 replay_window: e.sa.replay.size(),
                 replay_top: e.sa.replay.top(),
                 drops: status::sa_drops(Some(&e.counters)),
+                last_packet_ms_ago: activity.note(e.id, e.sa.stats.packets, now),
             })
             .collect();
-        *self
-            .shared
-            .in_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = rows;
+        Shared::publish(&self.shared.in_status, rows, &self.shared.in_counters);
     }
 }

@@ -2,20 +2,20 @@
 //! minimal HTTP/1.1 endpoint, rendered from the same [`Status`] snapshot
 //! that `esptun status` shows, so the two can never disagree.
 //!
-//! Served on the control thread: one request per connection, a request
-//! must arrive whole within a deadline, and nothing but `GET /metrics` is
-//! answered. Metrics are unauthenticated; the configuration asks for a
-//! local or management address.
+//! Served on the control thread by [`super::control::Server`], with the
+//! control socket: one request per connection, a request must arrive
+//! whole within a deadline, and nothing but `GET /metrics` is answered.
+//! Metrics are unauthenticated: the daemon warns at start unless
+//! `metrics_listen` is a loopback address.
 
 use std::fmt::Write as _;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener};
 
 use super::status::Status;
 use crate::crypto::ProviderId;
 
-const MAX_REQUEST: usize = 4096;
+/// Longest request (line and headers) read.
+pub(super) const MAX_REQUEST: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -45,30 +45,15 @@ impl MetricsServer {
         self.listener.local_addr()
     }
 
-    /// Answers the scrapes waiting now (a few at most per call).
-    pub fn serve_pending(&self, status: &dyn Fn() -> Status) {
-        for _ in 0..8 {
-            let Ok((stream, _)) = self.listener.accept() else {
-                return;
-            };
-            if let Err(e) = answer(stream, status) {
-                tracing::debug!("metrics client: {e}");
-            }
-        }
+    pub(super) fn listener(&self) -> &TcpListener {
+        &self.listener
     }
 }
 
-fn answer(mut stream: TcpStream, status: &dyn Fn() -> Status) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut request = [0u8; MAX_REQUEST];
-    let len = super::control::read_request(
-        &stream,
-        |t| stream.set_read_timeout(Some(t)),
-        &mut request,
-        |r| r.windows(4).any(|w| w == b"\r\n\r\n"),
-    )?;
-    let first_line = request[..len]
+/// The HTTP reply to one request (`render` is called for `GET /metrics`
+/// only).
+pub(super) fn respond(request: &[u8], render: &dyn Fn() -> String) -> Vec<u8> {
+    let first_line = request
         .split(|&b| b == b'\r' || b == b'\n')
         .next()
         .unwrap_or(&[]);
@@ -78,7 +63,7 @@ fn answer(mut stream: TcpStream, status: &dyn Fn() -> Status) -> std::io::Result
         (Some(b"GET"), Some(b"/metrics")) => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render(&status()),
+            render(),
         ),
         (Some(b"GET"), _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
         _ => (
@@ -87,11 +72,11 @@ fn answer(mut stream: TcpStream, status: &dyn Fn() -> Status) -> std::io::Result
             "GET only\n".to_string(),
         ),
     };
-    write!(
-        stream,
+    format!(
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+    .into_bytes()
 }
 
 /// Escapes a label value (exposition format: backslash, quote, newline).
@@ -290,8 +275,6 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
-    use std::time::Instant;
 
     #[test]
     fn labels_are_escaped() {
@@ -335,8 +318,11 @@ mod tests {
                 seq_reserved: 1 << 20,
                 soft_limit_reached: false,
                 drops: Default::default(),
+                last_packet_ms_ago: None,
             }],
             inbound_sas: Vec::new(),
+            now_unix_ms: None,
+            sas_age_ms: None,
         };
         let text = render(&status);
         let mut families = std::collections::HashSet::new();
@@ -373,27 +359,19 @@ mod tests {
     }
 
     #[test]
-    fn the_endpoint_answers_get_metrics_and_refuses_the_rest() {
-        let server = MetricsServer::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let fetch = |request: &'static str| {
-            std::thread::spawn(move || {
-                let mut c = TcpStream::connect(addr).expect("connect");
-                c.write_all(request.as_bytes()).expect("send");
-                let mut reply = String::new();
-                c.read_to_string(&mut reply).expect("read");
-                reply
-            })
-        };
-        let status = || -> Status { panic!("not asked for on a refused request") };
-        let bad = fetch("POST /metrics HTTP/1.1\r\n\r\n");
-        let missing = fetch("GET / HTTP/1.1\r\n\r\n");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !(bad.is_finished() && missing.is_finished()) && Instant::now() < deadline {
-            server.serve_pending(&status);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(bad.join().expect("client").starts_with("HTTP/1.1 405"));
-        assert!(missing.join().expect("client").starts_with("HTTP/1.1 404"));
+    fn only_get_metrics_renders() {
+        let render = || -> String { panic!("not asked for on a refused request") };
+        let reply = |r: &[u8]| String::from_utf8(respond(r, &render)).expect("text");
+        assert!(reply(b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(reply(b"GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        let ok = String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\n\r\n", &|| {
+            "x 1\n".to_string()
+        }))
+        .expect("text");
+        assert!(
+            ok.starts_with("HTTP/1.1 200") && ok.ends_with("\r\n\r\nx 1\n"),
+            "{ok}"
+        );
+        assert!(ok.contains("Content-Length: 4\r\n"), "{ok}");
     }
 }

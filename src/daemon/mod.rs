@@ -48,6 +48,7 @@ use netcfg::{NetConfig, NetError};
 use sas::SaManager;
 use shared::Shared;
 use signals::{Signal, Signals};
+use status::ReloadOutcome;
 use status::{IoCounters, Status};
 
 /// Why the daemon cannot start (or reload).
@@ -126,6 +127,10 @@ pub struct Daemon {
     sas: SaManager,
     threads: Vec<(&'static str, JoinHandle<()>)>,
     net: Option<NetConfig>,
+    /// `reload` requests from the control thread, each with where to send
+    /// the outcome: the reload runs here, on the thread that owns the key
+    /// manager.
+    reloads: mpsc::Receiver<mpsc::Sender<ReloadOutcome>>,
     /// Held for the life of the process: one daemon per state directory.
     _state_lock: std::fs::File,
 }
@@ -211,6 +216,16 @@ impl Daemon {
             .metrics_listen
             .map(metrics::MetricsServer::bind)
             .transpose()?;
+        if let Some(addr) = config.operations.metrics_listen
+            && !addr.ip().is_loopback()
+        {
+            tracing::warn!(
+                %addr,
+                "metrics_listen is not a loopback address: the metrics endpoint has no \
+                 authentication, so anyone who can reach {addr} reads the daemon's counters; \
+                 firewall it to your monitoring hosts"
+            );
+        }
         let drop_capture = config
             .operations
             .drop_capture
@@ -247,8 +262,8 @@ impl Daemon {
             out_counters: Arc::new(Counters::default()),
             in_counters: Arc::new(Counters::default()),
             io: IoCounters::default(),
-            out_status: Mutex::new(Vec::new()),
-            in_status: Mutex::new(Vec::new()),
+            out_status: Mutex::new(shared::Published::default()),
+            in_status: Mutex::new(shared::Published::default()),
             interface: tun.name().to_string(),
             outer: config.outer.encap,
             inner: config.inner,
@@ -269,6 +284,7 @@ impl Daemon {
         }
         let tun = Arc::new(tun);
         let sockets = Arc::new(sockets);
+        let (reload_tx, reloads) = mpsc::channel();
         let mut daemon = Daemon {
             config_path: config_path.to_path_buf(),
             config,
@@ -276,6 +292,7 @@ impl Daemon {
             sas: manager,
             threads: Vec::new(),
             net: Some(net),
+            reloads,
             _state_lock: state_lock,
         };
         let mut pipeline = Outbound::new(shared.inner);
@@ -302,15 +319,13 @@ impl Daemon {
         );
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
-        let control_shared = shared;
+        let backend = ControlBackend {
+            shared,
+            reloads: reload_tx,
+        };
+        let mut server = control::Server::new(control, metrics);
         daemon.spawn("control", move || {
-            while !control_shared.stop.load(Ordering::Relaxed) {
-                control.serve_pending(&|| control_shared.status_json());
-                if let Some(m) = &metrics {
-                    m.serve_pending(&|| control_shared.status());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            server.run(&backend.shared.stop, &backend);
         })?;
         tracing::info!(
             interface = %daemon.shared.interface,
@@ -355,11 +370,15 @@ impl Daemon {
                     }
                     return self.stop();
                 }
-                Some(Signal::Reload) => match self.reload() {
-                    Ok(()) => {}
-                    Err(e) => tracing::error!("reload failed, SAs unchanged: {e}"),
-                },
+                Some(Signal::Reload) => {
+                    self.reload();
+                }
                 None => {}
+            }
+            // `esptun reload`: the same reload, its outcome sent back.
+            while let Ok(reply) = self.reloads.try_recv() {
+                let outcome = self.reload();
+                let _ = reply.send(outcome);
             }
             self.sas.expire(Instant::now());
             if let Some((name, _)) = self.threads.iter().find(|(_, h)| h.is_finished()) {
@@ -402,7 +421,33 @@ impl Daemon {
     /// host, loss-free if the two reloads are less than
     /// `rekey_switch_secs` apart. A file the daemon cannot use changes
     /// nothing.
-    pub fn reload(&mut self) -> Result<(), DaemonError> {
+    ///
+    /// The outcome says what was not applied and why; `applied` only if
+    /// nothing was refused, in whole or in part. The stored configuration
+    /// takes exactly the SAs the key manager now holds, so the next
+    /// reload compares against what runs.
+    pub fn reload(&mut self) -> ReloadOutcome {
+        let mut refused = Vec::new();
+        let result = self.try_reload(&mut refused);
+        if let Err(e) = result {
+            tracing::error!("reload failed, SAs unchanged: {e}");
+            refused.insert(0, format!("{e}; nothing was changed"));
+        }
+        let outcome = ReloadOutcome {
+            applied: refused.is_empty(),
+            refused,
+        };
+        if outcome.applied {
+            tracing::info!("reload applied");
+        } else {
+            tracing::error!("reload not (fully) applied: {}", outcome.refused.join("; "));
+        }
+        outcome
+    }
+
+    /// [`Self::reload`]'s work: `Err` when nothing could be applied;
+    /// what was refused in part goes to `refused`.
+    fn try_reload(&mut self, refused: &mut Vec<String>) -> Result<(), DaemonError> {
         let new = Config::load(&self.config_path)?;
         let fixed = |c: &Valid| {
             (
@@ -416,10 +461,11 @@ impl Daemon {
             )
         };
         if fixed(&new) != fixed(&self.config) {
-            tracing::warn!(
-                "reload: changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
-                 control_socket, rekey_* and [inner] settings need a restart; applying SA changes only"
-            );
+            let text = "changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
+                        control_socket, rekey_* and [inner] settings need a restart: not applied \
+                        (SA changes are)";
+            tracing::warn!("reload: {text}");
+            refused.push(text.to_string());
         }
         let addressing = |p: &ValidPeer| {
             (
@@ -434,10 +480,18 @@ impl Daemon {
         for peer in &new.peers {
             let Some(old) = self.config.peers.iter().find(|o| o.name == peer.name) else {
                 tracing::warn!(peer = %peer.name, "reload: a new peer needs a restart; ignored");
+                refused.push(format!(
+                    "peer {}: a new peer needs a restart; not applied",
+                    peer.name
+                ));
                 continue;
             };
             if addressing(old) != addressing(peer) {
                 tracing::warn!(peer = %peer.name, "reload: changed addresses need a restart; this peer's SAs are unchanged");
+                refused.push(format!(
+                    "peer {}: changed addresses need a restart; this peer's SAs are unchanged",
+                    peer.name
+                ));
                 continue;
             }
             for (was, now, direction) in [
@@ -451,6 +505,11 @@ impl Daemon {
                         || was.replay_window != now.replay_window)
                 {
                     tracing::warn!(peer = %peer.name, direction, "reload: icv, esn and replay_window apply to a new SA only (new SPI and key); unchanged");
+                    refused.push(format!(
+                        "peer {}, {direction} SA {:#x}: icv, esn and replay_window apply to a \
+                         new SA only (new SPI and key); unchanged",
+                        peer.name, now.spi
+                    ));
                 }
             }
             peers.push(sas::build_peer(&self.shared.selector, &self.config, peer)?);
@@ -458,23 +517,93 @@ impl Daemon {
         for old in &self.config.peers {
             if !new.peers.iter().any(|p| p.name == old.name) {
                 tracing::warn!(peer = %old.name, "reload: removing a peer needs a restart; it keeps running");
+                refused.push(format!(
+                    "peer {}: removing a peer needs a restart; it keeps running",
+                    old.name
+                ));
             }
         }
         sas::check_keys_distinct(&peers)?;
+        // What each peer asks for, to see afterwards what the key manager
+        // holds: (peer, outbound (spi, key), inbound (spi, key)).
+        let wanted: Vec<_> = peers
+            .iter()
+            .map(|p| {
+                (
+                    p.peer.clone(),
+                    p.outbound.as_ref().map(|o| (o.sa.spi, o.fingerprint())),
+                    p.inbound.as_ref().map(|i| (i.sa.spi, i.fp.clone())),
+                )
+            })
+            .collect();
+        self.sas.begin();
         // Refusals are logged by the key manager; the rest is applied.
-        self.sas.install(peers, Instant::now());
+        for (peer, refusal) in self.sas.install(peers, Instant::now()) {
+            refused.push(format!("peer {peer}: {refusal}; unchanged"));
+        }
+        // An outbound SA whose reservation cannot be claimed is refused by
+        // its thread, after the fact: wait for the threads' word.
+        refused.extend(self.sas.settle(control::RELOAD_SETTLE));
         for p in &mut self.config.peers {
-            if let Some(n) = new
+            let Some(n) = new
                 .peers
                 .iter()
                 .find(|n| n.name == p.name && addressing(n) == addressing(p))
+            else {
+                continue;
+            };
+            let Some((_, out, inb)) = wanted.iter().find(|(name, _, _)| *name == p.name) else {
+                continue;
+            };
+            // A direction's settings are taken only when its SA is what
+            // the key manager now holds (active, or pending a switch) and
+            // is a new one (icv, esn and replay_window never change in
+            // place).
+            let held = |direction, want: &Option<(u32, crate::sa::reservation::Fingerprint)>| {
+                want.as_ref()
+                    .is_some_and(|(spi, fp)| self.sas.holds(&p.name, direction, *spi, fp))
+            };
+            let changed = |was: &crate::config::ValidSa, now: &crate::config::ValidSa| {
+                was.spi != now.spi || was.key_file != now.key_file
+            };
+            if changed(&p.outbound, &n.outbound) && held(crate::sa::table::Direction::Outbound, out)
             {
                 p.outbound = n.outbound.clone();
+            }
+            if changed(&p.inbound, &n.inbound) && held(crate::sa::table::Direction::Inbound, inb) {
                 p.inbound = n.inbound.clone();
             }
         }
-        tracing::info!("reload handed to the key manager");
         Ok(())
+    }
+}
+
+/// What the control thread answers with: the shared status, and reloads
+/// handed to the main thread.
+struct ControlBackend {
+    shared: Arc<Shared>,
+    reloads: mpsc::Sender<mpsc::Sender<ReloadOutcome>>,
+}
+
+impl control::Backend for ControlBackend {
+    fn status_json(&self) -> String {
+        self.shared.status_json()
+    }
+
+    fn metrics(&self) -> String {
+        metrics::render(&self.shared.status())
+    }
+
+    fn reload(&self) -> mpsc::Receiver<ReloadOutcome> {
+        let (tx, rx) = mpsc::channel();
+        // A failed send (the main thread is gone: stopping) drops `tx`,
+        // which the control thread reports.
+        let _ = self.reloads.send(tx);
+        rx
+    }
+
+    fn refused(&self) {
+        status::IoCounters::add(&self.shared.io.connections_refused, 1);
     }
 }
 

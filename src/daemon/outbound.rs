@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use super::sas::{OutboundCommands, SaCommand, SaEvent};
-use super::shared::Shared;
+use super::shared::{Activity, Shared};
 use super::status::{self, IoCounters, OutboundSaStatus};
 use super::workers::{
     BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets,
@@ -41,6 +41,8 @@ pub(crate) struct OutboundWorker {
     /// SAs whose last reservation top-up failed (a full or read-only
     /// disk): when to try again, and the current back-off.
     top_up_retry: Vec<(SaId, Instant, Duration)>,
+    /// When each SA last sent, for `status`.
+    activity: Activity,
 }
 
 /// Back-off after a failed top-up: doubles from the first to the last,
@@ -69,6 +71,7 @@ impl OutboundWorker {
             drop_log: DropLog::new("outbound"),
             errors: ErrorLog::new("outbound"),
             top_up_retry: Vec::new(),
+            activity: Activity::default(),
         }
     }
 
@@ -236,9 +239,14 @@ impl OutboundWorker {
         }
     }
 
-    /// Applies the key manager's commands, in order.
+    /// Applies the key manager's commands, in order. A change is
+    /// published before the key manager hears of it, so that once
+    /// `esptun reload` reports, `status` shows what it reported.
     fn apply_commands(&mut self) {
+        let mut any = false;
+        let mut events = Vec::new();
         while let Ok(commands) = self.commands.try_recv() {
+            any = true;
             for command in commands {
                 match command {
                     SaCommand::Install { id, mut new, meta } => {
@@ -246,7 +254,8 @@ impl OutboundWorker {
                             && let Err(e) = super::sas::claim(&self.store, &meta.peer, &mut new)
                         {
                             tracing::error!("reload: {e}; unchanged");
-                            let _ = self.events.send(SaEvent::InstallFailed { id });
+                            let reason = e.to_string();
+                            events.push(SaEvent::InstallFailed { id, reason });
                             continue;
                         }
                         let (peer, spi, state) = (meta.peer.clone(), new.sa.spi, meta.state);
@@ -254,9 +263,11 @@ impl OutboundWorker {
                             // The manager never asks for this; the table
                             // refuses it all the same.
                             tracing::error!(peer, "outbound SA {spi:#x} not installed: {e}");
-                            let _ = self.events.send(SaEvent::InstallFailed { id });
+                            let reason = format!("outbound SA {spi:#x} not installed: {e}");
+                            events.push(SaEvent::InstallFailed { id, reason });
                             continue;
                         }
+                        events.push(SaEvent::Installed { id });
                         if state == SaState::Active {
                             tracing::info!(
                                 peer,
@@ -288,12 +299,22 @@ impl OutboundWorker {
                 }
             }
         }
+        if any {
+            self.publish();
+        }
+        for event in events {
+            let _ = self.events.send(event);
+        }
     }
 
-    fn publish(&self) {
-        let rows = self
-            .outbound
-            .sas
+    /// Publishes the rows with this direction's totals (see
+    /// [`Shared::publish`]): both are read here, between two batches.
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let activity = &mut self.activity;
+        let sas = &self.outbound.sas;
+        activity.retain(|id| sas.get(id).is_some());
+        let rows = sas
             .iter()
             .map(|e| OutboundSaStatus {
                 peer: e.meta.peer.clone(),
@@ -306,12 +327,9 @@ impl OutboundWorker {
                 seq_reserved: e.sa.ceiling(),
                 soft_limit_reached: e.sa.past_soft_limit(),
                 drops: status::sa_drops(Some(&e.counters)),
+                last_packet_ms_ago: activity.note(e.id, e.sa.stats.packets, now),
             })
             .collect();
-        *self
-            .shared
-            .out_status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = rows;
+        Shared::publish(&self.shared.out_status, rows, &self.shared.out_counters);
     }
 }

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::DaemonError;
 use crate::config::{Valid, ValidPeer};
@@ -37,8 +37,10 @@ pub(crate) enum SaCommand<New> {
 #[derive(Debug)]
 pub(crate) enum SaEvent {
     /// The SA could not be installed (its reservation could not be
-    /// claimed); it is not in the table.
-    InstallFailed { id: SaId },
+    /// claimed); it is not in the table. `reason` is for the operator.
+    InstallFailed { id: SaId, reason: String },
+    /// The SA is in the thread's table.
+    Installed { id: SaId },
     /// The inbound SA authenticated its first packet: the peer uses it.
     Seen { id: SaId },
 }
@@ -57,6 +59,11 @@ pub(crate) struct SaManager {
     /// Outbound switches made on the timeout: (peer, our new inbound SA,
     /// when to warn if the peer still has not used it).
     unconfirmed: Vec<(String, SaId, Instant)>,
+    /// Installs sent since [`SaManager::begin`] that no thread has
+    /// confirmed yet: (id, what to call it in a report).
+    awaiting: Vec<(SaId, String)>,
+    /// Installs sent since [`SaManager::begin`] that a thread refused.
+    failed: Vec<String>,
 }
 
 impl SaManager {
@@ -74,20 +81,69 @@ impl SaManager {
             in_tx,
             events,
             unconfirmed: Vec::new(),
+            awaiting: Vec::new(),
+            failed: Vec::new(),
         }
     }
 
     fn take_events(&mut self) {
         while let Ok(event) = self.events.try_recv() {
-            match event {
-                SaEvent::InstallFailed { id } => self.views.retain(|v| v.id != id),
-                SaEvent::Seen { id } => {
-                    if let Some(v) = self.views.iter_mut().find(|v| v.id == id) {
-                        v.seen = true;
-                    }
+            self.handle(event);
+        }
+    }
+
+    fn handle(&mut self, event: SaEvent) {
+        match event {
+            SaEvent::InstallFailed { id, reason } => {
+                self.views.retain(|v| v.id != id);
+                if let Some(i) = self.awaiting.iter().position(|(a, _)| *a == id) {
+                    let (_, what) = self.awaiting.swap_remove(i);
+                    self.failed.push(format!("{what}: {reason}"));
+                }
+            }
+            SaEvent::Installed { id } => self.awaiting.retain(|(a, _)| *a != id),
+            SaEvent::Seen { id } => {
+                if let Some(v) = self.views.iter_mut().find(|v| v.id == id) {
+                    v.seen = true;
                 }
             }
         }
+    }
+
+    /// Starts a change whose installs [`Self::settle`] will wait for.
+    pub fn begin(&mut self) {
+        self.take_events();
+        self.awaiting.clear();
+        self.failed.clear();
+    }
+
+    /// Waits (at most `timeout`) until the threads have applied every
+    /// install sent since [`Self::begin`]; what they refused, and what
+    /// they did not confirm in time.
+    pub fn settle(&mut self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        self.take_events();
+        while !self.awaiting.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) => self.handle(event),
+                Err(_) => break,
+            }
+        }
+        let mut report = std::mem::take(&mut self.failed);
+        for (_, what) in self.awaiting.drain(..) {
+            report.push(format!(
+                "{what}: the datapath did not confirm the install within {timeout:?}"
+            ));
+        }
+        report
+    }
+
+    /// Whether the table holds (or is about to hold, pending) this SA.
+    pub fn holds(&self, peer: &str, direction: Direction, spi: u32, fp: &Fingerprint) -> bool {
+        self.views
+            .iter()
+            .any(|v| v.peer == peer && v.direction == direction && v.spi == spi && v.fp == *fp)
     }
 
     fn run(
@@ -169,9 +225,11 @@ impl SaManager {
                     let Some(p) = peers.iter_mut().find(|p| &p.peer == peer) else {
                         continue;
                     };
+                    let what = format!("peer {peer}, {direction} SA {:#x}", view.spi);
                     match direction {
                         Direction::Outbound => {
                             if let Some(new) = p.outbound.take() {
+                                self.awaiting.push((id, what));
                                 out.push(SaCommand::Install { id, new, meta });
                             }
                         }
@@ -179,6 +237,7 @@ impl SaManager {
                             if let Some(new) = p.inbound.take() {
                                 let spi = format_args!("{:#x}", new.sa.spi);
                                 tracing::info!(peer = %peer, spi, "inbound SA accepting");
+                                self.awaiting.push((id, what));
                                 inb.push(SaCommand::Install {
                                     id,
                                     new: new.sa,

@@ -52,6 +52,10 @@ pub struct OutboundSaStatus {
     pub soft_limit_reached: bool,
     /// Drops of packets matched to this SA, by reason (non-zero only).
     pub drops: Counts,
+    /// Milliseconds since the SA last sent a packet, as of the request
+    /// (to within one publication, 200 ms); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_packet_ms_ago: Option<u64>,
 }
 
 /// One inbound SA as its thread last published it.
@@ -69,6 +73,10 @@ pub struct InboundSaStatus {
     pub replay_top: u64,
     /// Drops of packets carrying this SA's SPI, by reason (non-zero only).
     pub drops: Counts,
+    /// Milliseconds since the SA last delivered a packet, as of the
+    /// request (to within one publication, 200 ms); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_packet_ms_ago: Option<u64>,
 }
 
 /// The non-zero entries of one SA's drop counts, by reason name.
@@ -94,6 +102,9 @@ pub struct IoCounters {
     /// Datagrams the kernel dropped at a full outer socket receive buffer
     /// (SO_RXQ_OVFL), before esptun could see them.
     pub socket_rx_overflows: AtomicU64,
+    /// Control or metrics connections closed at once because the listener
+    /// already had its maximum of clients.
+    pub connections_refused: AtomicU64,
 }
 
 impl IoCounters {
@@ -110,6 +121,7 @@ impl IoCounters {
             ("reservation_errors", &self.reservation_errors),
             ("capture_errors", &self.capture_errors),
             ("socket_rx_overflows", &self.socket_rx_overflows),
+            ("connections_refused", &self.connections_refused),
         ]
         .into_iter()
         .map(|(k, v)| (Cow::Borrowed(k), v.load(Ordering::Relaxed)))
@@ -167,6 +179,27 @@ pub struct Status {
     pub io: Counts,
     pub outbound_sas: Vec<OutboundSaStatus>,
     pub inbound_sas: Vec<InboundSaStatus>,
+    /// The daemon's wall clock when it answered, in milliseconds since the
+    /// Unix epoch: the reference for `selftest_history[].unix_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now_unix_ms: Option<u64>,
+    /// How old the SA rows are, in milliseconds. `outbound`/`inbound` are
+    /// taken in the same publication as the rows, so the per-SA counts
+    /// and the totals always describe the same moment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sas_age_ms: Option<u64>,
+}
+
+/// The answer to a `reload` request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// True when everything the new file asks for is in effect (or on its
+    /// way: a pending outbound SA waits for the peer as in any roll).
+    pub applied: bool,
+    /// What was not applied, and why (configuration errors, the key
+    /// manager's refusals, SAs the datapath could not install, settings
+    /// that need a restart). Empty when `applied`.
+    pub refused: Vec<String>,
 }
 
 /// A provider's [`ProviderReport`] as `status` carries it: the same fields
@@ -329,6 +362,7 @@ mod tests {
             seq_reserved: 4,
             soft_limit_reached: true,
             drops: sa_drops(Some(&[1; DropReason::ALL.len()])),
+            last_packet_ms_ago: Some(400),
         };
         let status = Status {
             interface: "esptun0".into(),
@@ -353,10 +387,17 @@ mod tests {
                 replay_window: 64,
                 replay_top: 5,
                 drops: Counts::new(),
+                last_packet_ms_ago: None,
             }],
+            now_unix_ms: Some(1_700_000_000_000),
+            sas_age_ms: Some(120),
         };
         let json = serde_json::to_string(&status).expect("json");
         assert!(json.contains(r#""outer":"esp""#), "{json}");
+        // New fields are named with their unit; "never" is their absence.
+        assert!(json.contains(r#""last_packet_ms_ago":400"#), "{json}");
+        assert_eq!(json.matches("last_packet_ms_ago").count(), 1, "{json}");
+        assert!(json.contains(r#""now_unix_ms":1700000000000"#), "{json}");
         let back: Status = serde_json::from_str(&json).expect("reads back");
         assert_eq!(back, status);
         let bad = json.replace(r#""state":"pending""#, r#""state":"sleeping""#);
