@@ -304,14 +304,9 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let valid = esptun::config::Config::load(path)?;
-    if let Err(errors) = valid.check_key_files() {
-        bail!(
-            "config {} is valid, but its keys are not usable:\n  - {}",
-            path.display(),
-            errors.join("\n  - ")
-        );
-    }
+    // The checks `esptun run` makes before it changes the system, and no
+    // more: no privilege is needed beyond reading the key files.
+    let valid = esptun::config::Config::load_checked(path)?;
     println!(
         "config {} is valid: interface {} (MTU {}), {} outer, {} peer(s), crypto {}",
         path.display(),
@@ -397,7 +392,26 @@ fn status(
         (None, Some(s)) => s.to_path_buf(),
         (None, None) => PathBuf::from("/run/esptun/esptun0.sock"),
     };
-    let reply = esptun::daemon::control::query(&path, "status")?;
+    let asked = std::time::Instant::now();
+    let reply = match esptun::daemon::control::query(&path, "status") {
+        Ok(reply) => reply,
+        // A connection the daemon accepted (or queued) but did not answer:
+        // say so, rather than "Resource temporarily unavailable".
+        Err(esptun::daemon::control::ControlError::Connect { path, source })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            bail!(
+                "the daemon at {} did not answer within {} ms (busy or hung?): try again, and \
+                 if it persists look at its log (journalctl -u esptun)",
+                path.display(),
+                asked.elapsed().as_millis()
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
         print!("{reply}");
         return Ok(ExitCode::SUCCESS);
@@ -455,8 +469,9 @@ fn genkey(
     let parsed = esptun::sa::KeyMaterial::from_bytes(&material)?;
     let store = esptun::sa::reservation::ReservationStore::open(state_dir).with_context(|| {
         format!(
-            "recording the new key as never used (pass --state-dir with the daemon's state_dir, \
-             or run as root for the default {})",
+            "recording the new key as never used in {}: the records must belong to the user the \
+             daemon runs as, so run genkey as that user (e.g. `sudo -u esptun esptun genkey -o \
+             FILE`, into a directory it may write), or pass --state-dir with the daemon's state_dir",
             state_dir.display()
         )
     })?;
