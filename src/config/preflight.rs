@@ -18,8 +18,9 @@ use crate::keyfile::{self, KeyFileError};
 use crate::sa::reservation::Fingerprint;
 
 /// Added to a permission error: who may read what the daemon reads.
-const AS_DAEMON_USER: &str = "run esptun check-config as root or as the daemon's user \
-     (e.g. `sudo -u esptun esptun check-config -c FILE`)";
+const AS_DAEMON_USER: &str = "run esptun check-config as the daemon's user (e.g. `runuser \
+     -u esptun -- esptun check-config -c FILE`, as the systemd unit's ExecStartPre= does), or \
+     as root if root owns the key files";
 
 impl Config {
     /// Every check `esptun run` makes before it changes the system; `Err`
