@@ -90,7 +90,7 @@ fn state_dir_problem(dir: &Path) -> Option<String> {
             if let Err(e) = crate::fsperm::check_dir_chain(dir) {
                 return problem(e.to_string());
             }
-            writable(dir).err().and_then(|why| problem(why))
+            writable(dir).err().and_then(problem)
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
             // The deepest ancestor that exists is where creation starts.
