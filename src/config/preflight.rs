@@ -57,9 +57,10 @@ impl Config {
                         let fp = Fingerprint::new(&material);
                         if let Some((_, first)) = seen.iter().find(|(f, _)| *f == fp) {
                             problems.push(format!(
-                                "{first} and {what} use the same key material: two SAs (or \
-                                 both directions) over one key would reuse GCM nonces; give \
-                                 every SA its own key with `esptun genkey`"
+                                "{first} and {what} use the same key material: GCM nonces \
+                                 are salt || sequence number, so two SAs (or both directions) \
+                                 sharing a key would reuse nonces; give every SA its own key \
+                                 with `esptun genkey`"
                             ));
                         } else {
                             seen.push((fp, what));
