@@ -409,6 +409,10 @@ fn the_systemd_unit_verifies_and_waits_for_readiness() {
         "ProtectSystem=strict",
         "PrivateTmp=yes",
         "StateDirectory=esptun",
+        "User=esptun",
+        "Group=esptun",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+        "RuntimeDirectory=esptun",
     ] {
         assert!(unit.contains(needle), "{needle} missing from the unit");
     }
@@ -448,4 +452,231 @@ fn the_systemd_unit_verifies_and_waits_for_readiness() {
         .filter(|l| l.contains("esptun.service"))
         .collect();
     assert!(complaints.is_empty(), "{said}");
+}
+
+/// A temporary directory with two fresh keys and a config writer.
+struct ConfigLab {
+    dir: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+impl ConfigLab {
+    fn new(tag: &str) -> ConfigLab {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("esptun-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let state = dir.join("state");
+        ConfigLab { dir, state }
+    }
+
+    fn key(&self, name: &str) -> std::path::PathBuf {
+        let path = self.dir.join(name);
+        let out = esptun(&[
+            "genkey",
+            "-o",
+            path.to_str().expect("utf-8"),
+            "--state-dir",
+            self.state.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        path
+    }
+
+    /// A peer table; `n` keeps SPIs and addresses apart.
+    fn peer(n: u8, out: &std::path::Path, inb: &std::path::Path) -> String {
+        format!(
+            "[[peer]]\nname = \"p{n}\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.19.0.{n}\"\n\
+             outbound = {{ spi = {}, key_file = {out:?} }}\ninbound = {{ spi = {}, key_file = {inb:?} }}\n",
+            0x1000 + u32::from(n),
+            0x2000 + u32::from(n)
+        )
+    }
+
+    fn check(&self, text: &str) -> (Option<i32>, String) {
+        let config = self.dir.join("esptun.toml");
+        std::fs::write(&config, text).expect("config");
+        let out = esptun(&["check-config", "-c", config.to_str().expect("utf-8")]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for ConfigLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn check_config_refuses_what_run_refuses() {
+    let lab = ConfigLab::new("parity");
+    let state = format!("state_dir = {:?}\n", lab.state);
+    let (k1, k2, k3, k4) = (lab.key("1"), lab.key("2"), lab.key("3"), lab.key("4"));
+    let good = format!(
+        "{state}{}{}",
+        ConfigLab::peer(2, &k1, &k2),
+        ConfigLab::peer(3, &k3, &k4)
+    );
+    let (code, err) = lab.check(&good);
+    assert_eq!(code, Some(0), "{err}");
+
+    // The same key file in two peers.
+    let (code, err) = lab.check(&format!(
+        "{state}{}{}",
+        ConfigLab::peer(2, &k1, &k2),
+        ConfigLab::peer(3, &k1, &k4)
+    ));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("peer[1] (p3).outbound.key_file"), "{err}");
+
+    // One peer's inbound key is another's outbound key, as a copy.
+    let copy = lab.dir.join("copy-of-1");
+    std::fs::copy(&k1, &copy).expect("copy");
+    let (code, err) = lab.check(&format!(
+        "{state}{}{}",
+        ConfigLab::peer(2, &k1, &k2),
+        ConfigLab::peer(3, &k3, &copy)
+    ));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("use the same key material") && err.contains("copy-of-1"),
+        "{err}"
+    );
+
+    // A state directory that cannot be created: below a file.
+    let (code, err) =
+        lab.check(&good.replace(&state, &format!("state_dir = {:?}\n", k1.join("state"))));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("state_dir") && err.contains("cannot be created"),
+        "{err}"
+    );
+
+    // One others can write.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let (code, err) = lab.check(&good);
+        std::fs::set_permissions(&lab.state, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        assert_eq!(code, Some(1));
+        assert!(
+            err.contains("state_dir") && err.contains("chmod 700"),
+            "{err}"
+        );
+    }
+
+    // An IPv6 peer on a TUN MTU below 1280.
+    let v6 = ConfigLab::peer(2, &k1, &k2)
+        .replace("198.18.0.1", "2001:db8::1")
+        .replace("198.19.0.2", "2001:db8::2");
+    let (code, err) = lab.check(&format!("{state}outer_mtu = 1300\n{v6}"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("outer_mtu") && err.contains("1280"), "{err}");
+    let (code, err) = lab.check(&format!("{state}outer_mtu = 1325\n{v6}"));
+    assert_eq!(code, Some(0), "{err}");
+
+    // `run` refuses the same, with the same words, before it touches the
+    // system (in a namespace of its own all the same).
+    if !common::root_or_skipped("check_config_refuses_what_run_refuses (run)", "netns") {
+        return;
+    }
+    let ns = esptun::lab::Netns::create(&format!("e{}cli", std::process::id())).expect("namespace");
+    let config = lab.dir.join("esptun.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{state}{}{}",
+            ConfigLab::peer(2, &k1, &k2),
+            ConfigLab::peer(3, &k3, &copy)
+        ),
+    )
+    .expect("config");
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_esptun"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("use the same key material"), "{err}");
+    let links = ns.ip_output(&["link", "show"]).expect("ip link");
+    assert!(!links.contains("esptun0"), "{links}");
+}
+
+#[test]
+fn config_mistakes_get_errors_that_say_what_to_do() {
+    let lab = ConfigLab::new("hints");
+    let state = format!("state_dir = {:?}\n", lab.state);
+    let (k1, k2) = (lab.key("1"), lab.key("2"));
+    let peer = ConfigLab::peer(2, &k1, &k2);
+
+    // A top-level key after the peer table.
+    let (code, err) = lab.check(&format!("{state}{peer}fwmark = 0x4554\n"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("unknown field `fwmark`") && err.contains("top-level setting"),
+        "{err}"
+    );
+    // The firewall mark in hex, as the documentation writes it.
+    let (code, err) = lab.check(&format!("{state}fwmark = 0\n{peer}"));
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("fwmark: 0x0 cannot be used") && err.contains("0x4553"),
+        "{err}"
+    );
+    // A key file that is a directory.
+    let dir_key = lab.dir.join("keys.d");
+    std::fs::create_dir(&dir_key).expect("mkdir");
+    let (code, err) = lab.check(&format!("{state}{}", ConfigLab::peer(2, &k1, &dir_key)));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("keys.d is a directory, not a file"), "{err}");
+
+    // check-config needs no privilege, but it reads the key files: a user
+    // who cannot is told whom to run it as.
+    if !common::root_or_skipped("config_mistakes_get_errors (non-root)", "setpriv") {
+        return;
+    }
+    let config = lab.dir.join("esptun.toml");
+    std::fs::write(&config, format!("{state}{peer}")).expect("config");
+    let exe = lab.dir.join("esptun");
+    std::fs::copy(env!("CARGO_BIN_EXE_esptun"), &exe).expect("copy the binary");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args(["check-config", "-c"])
+        .arg(&config)
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("Permission denied") && err.contains("as the daemon's user"),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_against_a_daemon_that_does_not_answer_says_it_timed_out() {
+    let dir = std::env::temp_dir().join(format!("esptun-cli-busy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("busy.sock");
+    // Listening, never accepting: the connection waits in the backlog.
+    let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let out = esptun(&["status", "--socket", path.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("did not answer within") && err.contains("busy or hung"),
+        "{err}"
+    );
+    assert!(!err.contains("temporarily unavailable"), "{err}");
 }

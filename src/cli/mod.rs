@@ -325,14 +325,9 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let valid = esptun::config::Config::load(path)?;
-    if let Err(errors) = valid.check_key_files() {
-        bail!(
-            "config {} is valid, but its keys are not usable:\n  - {}",
-            path.display(),
-            errors.join("\n  - ")
-        );
-    }
+    // The checks `esptun run` makes before it changes the system, and no
+    // more: no privilege is needed beyond reading the key files.
+    let valid = esptun::config::Config::load_checked(path)?;
     println!(
         "config {} is valid: interface {} (MTU {}), {} outer, {} peer(s), crypto {}",
         path.display(),
@@ -420,6 +415,31 @@ fn control_path(
     })
 }
 
+/// A connection the daemon accepted (or queued) but did not answer is
+/// said so, rather than as "Resource temporarily unavailable".
+fn unanswered(
+    path: &std::path::Path,
+    asked: std::time::Instant,
+    e: esptun::daemon::control::ControlError,
+) -> anyhow::Error {
+    match e {
+        esptun::daemon::control::ControlError::Connect { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            anyhow::anyhow!(
+                "the daemon at {} did not answer within {} ms (busy or hung?): try again, and \
+                 if it persists look at its log (journalctl -u esptun)",
+                path.display(),
+                asked.elapsed().as_millis()
+            )
+        }
+        e => e.into(),
+    }
+}
+
 fn reload(
     config: Option<&std::path::Path>,
     socket: Option<&std::path::Path>,
@@ -429,11 +449,13 @@ fn reload(
     // asked: it would refuse it for the same reason.
     let path = control_path(config, socket)
         .context("the daemon was not asked to reload (it keeps its running configuration)")?;
+    let asked = std::time::Instant::now();
     let reply = esptun::daemon::control::query_within(
         &path,
         "reload",
         esptun::daemon::control::RELOAD_CLIENT_TIMEOUT,
-    )?;
+    )
+    .map_err(|e| unanswered(&path, asked, e))?;
     if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(&reply)
         && let Some(e) = o.get("error").and_then(|e| e.as_str())
     {
@@ -459,7 +481,9 @@ fn status(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let path = control_path(config, socket)?;
-    let reply = esptun::daemon::control::query(&path, "status")?;
+    let asked = std::time::Instant::now();
+    let reply = esptun::daemon::control::query(&path, "status")
+        .map_err(|e| unanswered(&path, asked, e))?;
     if json {
         print!("{reply}");
         return Ok(ExitCode::SUCCESS);
@@ -517,8 +541,9 @@ fn genkey(
     let parsed = esptun::sa::KeyMaterial::from_bytes(&material)?;
     let store = esptun::sa::reservation::ReservationStore::open(state_dir).with_context(|| {
         format!(
-            "recording the new key as never used (pass --state-dir with the daemon's state_dir, \
-             or run as root for the default {})",
+            "recording the new key as never used in {}: the records must belong to the user the \
+             daemon runs as, so run genkey as that user (e.g. `sudo -u esptun esptun genkey -o \
+             FILE`, into a directory it may write), or pass --state-dir with the daemon's state_dir",
             state_dir.display()
         )
     })?;

@@ -3,8 +3,10 @@
 //! Parsing refuses unknown fields (a typo is an error, not a silently
 //! ignored setting). Validation then collects every problem at once, each
 //! naming the field and what to do, so an operator fixes a file in one
-//! pass. Key files are checked separately ([`Config::check_key_files`]),
-//! because reading them needs the daemon's privileges.
+//! pass. What the file names (key files, the state directory) is checked
+//! separately ([`Config::preflight`]), because reading key files needs the
+//! daemon's user; `esptun check-config` and `esptun run` both run it
+//! ([`Config::load_checked`]) before anything on the system changes.
 //!
 //! Two layers: [`raw`] mirrors the file (serde, defaults), and [`Config`]
 //! is what passed validation, grouped by concern: the TUN interface, the
@@ -33,6 +35,7 @@ use crate::keyfile;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::outer::Encap;
 
+mod preflight;
 pub mod raw;
 mod validate;
 
@@ -70,6 +73,16 @@ pub enum ConfigError {
         path: PathBuf,
         problems: Vec<Problem>,
     },
+    /// Valid, but what it names cannot be used: key files, the state
+    /// directory ([`Config::preflight`]).
+    #[error(
+        "config {path} is valid, but esptun run would refuse it ({} problem(s)):\n  - {}",
+        problems.len(), problems.join("\n  - ")
+    )]
+    Unusable {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 fn list(problems: &[Problem]) -> String {
@@ -78,6 +91,24 @@ fn list(problems: &[Problem]) -> String {
         .map(|p| format!("  - {p}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A top-level key written after a table header belongs to that table
+/// (TOML), so `fwmark = 1` below a `[[peer]]` is an unknown field of the
+/// peer: say where it belongs.
+fn with_hint(message: String) -> String {
+    let key = message
+        .split("unknown field `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next());
+    match key {
+        Some(key) if raw::TOP_LEVEL_KEYS.contains(&key) => format!(
+            "{message}\nhint: `{key}` is a top-level setting, but TOML puts every key after a \
+             table header ([[peer]], [inner], [drop_capture]) into that table: move `{key} = ...` \
+             above the first table header"
+        ),
+        _ => message,
+    }
 }
 
 /// A configuration that passed validation.
@@ -187,12 +218,26 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message: with_hint(e.to_string()),
         })?;
         validate::config(&raw).map_err(|problems| ConfigError::Invalid {
             path: PathBuf::new(),
             problems,
         })
+    }
+
+    /// [`Config::load`], then [`Config::preflight`]: every check
+    /// `esptun run` makes before it changes anything on the system, the
+    /// same for `esptun check-config` and `esptun run`.
+    pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
+        let config = Self::load(path)?;
+        config
+            .preflight()
+            .map_err(|problems| ConfigError::Unusable {
+                path: path.to_path_buf(),
+                problems,
+            })?;
+        Ok(config)
     }
 
     /// Reads every key file (permissions, length, hex), reporting all
@@ -303,6 +348,86 @@ inbound = { spi = 0x2001, key_file = "/etc/esptun/b-to-a.key" }
         assert!(
             text.contains("intrface") && text.contains("line 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_top_level_key_after_a_peer_table_gets_a_hint() {
+        let err = Config::parse(&format!("{MINIMAL}fwmark = 0x4554\n")).expect_err("in the peer");
+        let text = err.to_string();
+        assert!(
+            text.contains("unknown field `fwmark`") && text.contains("top-level setting"),
+            "{text}"
+        );
+        // A plain typo gets no such hint.
+        let err = Config::parse(&format!("{MINIMAL}fwmrk = 1\n")).expect_err("typo");
+        assert!(!err.to_string().contains("hint"), "{err}");
+        // The list is the file's: serde names the known keys of an unknown one.
+        let err = Config::parse("zzz = 1\n").expect_err("unknown").to_string();
+        let listed = err
+            .split("expected one of")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{err}"));
+        let known: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+        let mut ours = raw::TOP_LEVEL_KEYS.to_vec();
+        let mut theirs = known.clone();
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        assert_eq!(ours, theirs, "{err}");
+    }
+
+    #[test]
+    fn an_ipv6_peer_needs_a_tun_mtu_of_1280() {
+        let v6 = MINIMAL
+            .replace("198.18.0.1", "2001:db8::1")
+            .replace("198.19.0.2", "2001:db8::2");
+        let found = problems(&format!("outer_mtu = 1300\n{v6}"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "outer_mtu");
+        assert!(
+            found[0].message.contains("1280")
+                && found[0].message.contains("use an outer_mtu of 1325"),
+            "{}",
+            found[0]
+        );
+        let found = problems(&format!("mtu = 1279\n{v6}"));
+        assert_eq!(found[0].field, "mtu", "{found:?}");
+        assert!(Config::parse(&format!("outer_mtu = 1325\n{v6}")).is_ok());
+        // IPv4 keeps its 576.
+        assert!(Config::parse(&format!("outer_mtu = 1300\n{MINIMAL}")).is_ok());
+    }
+
+    #[test]
+    fn one_key_file_in_two_peers_is_refused() {
+        let second = MINIMAL
+            .replace("name = \"b\"", "name = \"c\"")
+            .replace("198.19.0.2", "198.19.0.3")
+            .replace("0x1001", "0x1002")
+            .replace("0x2001", "0x2002")
+            .replace("b-to-a.key", "c-to-a.key");
+        let found = problems(&format!("{MINIMAL}{second}"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "peer[1] (c).outbound.key_file");
+        assert!(
+            found[0].message.contains("peer[0] (b).outbound.key_file"),
+            "{}",
+            found[0]
+        );
+        // Peer c's inbound key is peer b's outbound key.
+        let crossed = second
+            .replace("a-to-b.key", "a-to-c.key")
+            .replace("c-to-a.key", "a-to-b.key");
+        let found = problems(&format!("{MINIMAL}{crossed}"));
+        assert_eq!(found[0].field, "peer[1] (c).inbound.key_file", "{found:?}");
+    }
+
+    #[test]
+    fn a_bad_fwmark_is_shown_in_hex() {
+        let found = problems(&format!("fwmark = 0x80000000\n{MINIMAL}"));
+        assert!(
+            found[0].message.starts_with("0x80000000 ") && found[0].message.contains("0x4553"),
+            "{}",
+            found[0]
         );
     }
 

@@ -141,6 +141,27 @@ pub struct RawSa {
     pub replay_window: Option<u32>,
 }
 
+/// The keys of [`RawConfig`], which belong above the first table header.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "interface",
+    "outer_mtu",
+    "mtu",
+    "outer",
+    "port",
+    "state_dir",
+    "crypto",
+    "selftest_interval_secs",
+    "on_selftest_failure",
+    "fwmark",
+    "rekey_switch_secs",
+    "rekey_retire_secs",
+    "metrics_listen",
+    "drop_capture",
+    "control_socket",
+    "inner",
+    "peer",
+];
+
 /// "ES": any value works that no other policy-routing user on the host takes.
 pub const DEFAULT_FWMARK: u32 = 0x4553;
 

@@ -20,6 +20,9 @@ use crate::wire::outer::Encap;
 
 /// The smallest MTU IPv4 requires of a link (RFC 791), inside the tunnel.
 const MIN_INNER_MTU: u16 = 576;
+/// The smallest MTU IPv6 requires of a link (RFC 8200 section 5): below
+/// it Linux disables IPv6 on the interface.
+const MIN_INNER_MTU_V6: u16 = 1280;
 
 /// The problems found so far.
 #[derive(Debug, Default)]
@@ -44,6 +47,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let operations = operations(raw, &mut p);
     let inner = raw.inner.policy();
     let peers = peers(&raw.peers, &mut p);
+    ipv6_mtu(raw, &interface, outer.encap, &peers, &mut p);
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -93,8 +97,8 @@ fn outer(raw: &RawConfig, p: &mut Problems) -> OuterConfig {
         p.add(
             "fwmark",
             format!(
-                "{} cannot be used: the mark is also a routing table number, use 1 to 2147483647 (default {DEFAULT_FWMARK}) \
-                 that no other routing policy on this host uses",
+                "{:#x} cannot be used: the mark is also a routing table number, use 0x1 to 0x7fffffff \
+                 (default {DEFAULT_FWMARK:#x}) that no other routing policy on this host uses",
                 raw.fwmark
             ),
         );
@@ -110,6 +114,44 @@ fn outer(raw: &RawConfig, p: &mut Problems) -> OuterConfig {
 fn overhead(encap: Encap) -> u16 {
     // At most 45 bytes: always fits.
     u16::try_from(encap.overhead()).unwrap_or(u16::MAX)
+}
+
+/// An IPv6 peer needs a TUN MTU of at least 1280 (RFC 8200 section 5):
+/// Linux turns IPv6 off on a smaller link, and the routes would fail.
+fn ipv6_mtu(
+    raw: &RawConfig,
+    interface: &InterfaceConfig,
+    encap: Encap,
+    peers: &[Peer],
+    p: &mut Problems,
+) {
+    if interface.mtu >= MIN_INNER_MTU_V6 {
+        return;
+    }
+    let Some(v6) = peers.iter().find(|peer| peer.inner_remote.is_ipv6()) else {
+        return;
+    };
+    let least_outer = MIN_INNER_MTU_V6 + overhead(encap);
+    let (field, fix) = match raw.mtu {
+        Some(_) => (
+            "mtu",
+            format!(
+                "use mtu = {MIN_INNER_MTU_V6} or more (with an outer_mtu of at least {least_outer})"
+            ),
+        ),
+        None => (
+            "outer_mtu",
+            format!("use an outer_mtu of {least_outer} or more"),
+        ),
+    };
+    p.add(
+        field,
+        format!(
+            "the TUN MTU would be {}, below the {MIN_INNER_MTU_V6} bytes IPv6 needs on a link \
+             (RFC 8200 section 5), and peer {} is IPv6: {fix}",
+            interface.mtu, v6.name
+        ),
+    );
 }
 
 /// `interface` and `mtu`, which depends on the outer mode's overhead.
@@ -275,6 +317,8 @@ struct Seen {
     inbound_spis: HashSet<u32>,
     outbound_spis: HashSet<u32>,
     inner_remotes: HashSet<IpAddr>,
+    /// Key file paths and where they were first used.
+    key_files: Vec<(PathBuf, String)>,
 }
 
 /// Every `[[peer]]`; only the peers without a problem are returned.
@@ -305,6 +349,22 @@ fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Pe
             &at("inbound.key_file"),
             "is the outbound key file too: each direction needs its own key (one per host, see esptun genkey)",
         );
+    } else {
+        // One key in two SAs of different peers shares its nonce space
+        // just as much (the SPI is not in the GCM nonce).
+        for (dir, sa) in [("outbound", &raw.outbound), ("inbound", &raw.inbound)] {
+            let here = at(&format!("{dir}.key_file"));
+            match seen.key_files.iter().find(|(k, _)| *k == sa.key_file) {
+                Some((_, first)) => p.add(
+                    &here,
+                    format!(
+                        "{} is {first} too: every SA needs its own key (see esptun genkey)",
+                        sa.key_file.display()
+                    ),
+                ),
+                None => seen.key_files.push((sa.key_file.clone(), here)),
+            }
+        }
     }
     let [local, endpoint, inner_local, inner_remote] = addresses?;
     Some(Peer {

@@ -9,6 +9,7 @@
 //! themselves, so the check sees the SIMD state of the threads that carry
 //! traffic.
 
+pub mod caps;
 pub mod capture;
 pub mod control;
 mod inbound;
@@ -43,6 +44,7 @@ use crate::sa::SaError;
 use crate::sa::keymgr::KeyManager;
 use crate::sa::lifecycle::{Refusal, Timing};
 use crate::sa::reservation::{ReservationError, ReservationStore};
+use caps::Capability;
 use control::{ControlError, ControlSocket};
 use netcfg::{NetConfig, NetError};
 use sas::SaManager;
@@ -55,10 +57,27 @@ use status::{IoCounters, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(
-        "esptun run needs root (CAP_NET_ADMIN for the TUN device, routes and rules; CAP_NET_RAW \
-         for raw ESP): run it as root, or from the systemd unit"
+        "esptun run needs root or {} (for {}), which this process (uid {uid}) does not have: \
+         {HOW_TO_GRANT}", cap.name(), cap.purpose()
     )]
-    NotRoot,
+    MissingCapability { cap: Capability, uid: u32 },
+    #[error(
+        "esptun run holds {} but not as an ambient capability (uid {uid}): the `ip` (iproute2) \
+         it runs to configure the interface would not inherit it; {HOW_TO_GRANT}", cap.name()
+    )]
+    CapabilityNotAmbient { cap: Capability, uid: u32 },
+    #[error(
+        "esptun run needs root or CAP_NET_ADMIN, and this process's capabilities cannot be \
+         read (uid {uid}): {source}"
+    )]
+    Capabilities { uid: u32, source: std::io::Error },
+    #[error(
+        "{TUN_DEVICE} (mode {mode:04o}, owner uid {owner}) cannot be opened for reading and \
+         writing by this process (uid {uid}): a non-root daemon needs that. Most distributions \
+         ship it mode 0666 (creating an interface still needs CAP_NET_ADMIN): `chmod 666 \
+         {TUN_DEVICE}`, or a udev rule KERNEL==\"tun\", MODE=\"0666\""
+    )]
+    TunDevice { uid: u32, mode: u32, owner: u32 },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(
@@ -106,6 +125,57 @@ pub enum DaemonError {
     ThreadDied(&'static str),
     #[error("peer {peer}: {refusal}")]
     Refused { peer: String, refusal: Refusal },
+}
+
+/// How to give a non-root daemon what it needs: capabilities(7).
+const HOW_TO_GRANT: &str = "run it as root; or from the systemd unit (deploy/esptun.service: \
+     User=esptun with AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW); or under `setpriv \
+     --inh-caps=+net_admin,+net_raw --ambient-caps=+net_admin,+net_raw` (or `capsh \
+     --addamb=cap_net_admin,cap_net_raw`). A non-root daemon needs them ambient, because the \
+     `ip` child it runs keeps only ambient capabilities";
+
+/// Refuses to go on without `needed` (see [`caps`]): a clear message now
+/// rather than EPERM from some later system call.
+fn require(needed: &[Capability]) -> Result<(), DaemonError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let sets = match caps::CapSets::current() {
+        Ok(sets) => sets,
+        // Root without /proc: nothing to tell, the system calls decide.
+        Err(_) if uid == 0 => return Ok(()),
+        Err(source) => return Err(DaemonError::Capabilities { uid, source }),
+    };
+    caps::check(uid, &sets, needed, true).map_err(|lacking| match lacking {
+        caps::Lacking::Missing(cap) => DaemonError::MissingCapability { cap, uid },
+        caps::Lacking::NotAmbient(cap) => DaemonError::CapabilityNotAmbient { cap, uid },
+    })
+}
+
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// A non-root daemon must be able to open the TUN clone device itself
+/// (root passes by CAP_DAC_OVERRIDE); otherwise the open fails with EACCES
+/// and looks like a missing capability.
+fn require_tun_device() -> Result<(), DaemonError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid == 0 {
+        return Ok(());
+    }
+    let access = nix::unistd::faccessat(
+        nix::fcntl::AT_FDCWD,
+        TUN_DEVICE,
+        nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+        nix::fcntl::AtFlags::AT_EACCESS,
+    );
+    match (access, std::fs::metadata(TUN_DEVICE)) {
+        (Err(nix::errno::Errno::EACCES), Ok(meta)) => Err(DaemonError::TunDevice {
+            uid,
+            mode: meta.mode() & 0o7777,
+            owner: meta.uid(),
+        }),
+        // Missing or fine: opening it says what is wrong, if anything.
+        _ => Ok(()),
+    }
 }
 
 /// Start-up knobs that are not configuration.
@@ -163,10 +233,16 @@ impl Daemon {
     /// brings the interface up and starts the threads. Nothing is left
     /// behind on error.
     pub fn start(config_path: &Path, options: &RunOptions) -> Result<Daemon, DaemonError> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(DaemonError::NotRoot);
+        // Capabilities, not the user id: a dedicated user holding exactly
+        // these may run the tunnel (deploy/esptun.service).
+        require(&[Capability::NetAdmin])?;
+        require_tun_device()?;
+        // Every check that needs no system change, the ones check-config
+        // makes, before anything is touched.
+        let config = Config::load_checked(config_path)?;
+        if !config.outer.encap.is_udp() {
+            require(&[Capability::NetRaw])?;
         }
-        let config = Config::load(config_path)?;
         let providers = Provider::detect_all();
         // The field failure: hardware that passes its boot tests and then
         // corrupts blocks while running. The injector starts clean and is

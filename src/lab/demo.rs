@@ -429,11 +429,30 @@ impl TunnelLab {
 
     /// Starts `esptun run` for `side` without waiting.
     pub fn spawn(&self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+        self.spawn_under(side, env, &[])
+    }
+
+    /// [`Self::spawn`] under a wrapper command, e.g. `setpriv` to run the
+    /// daemon as another user with only some capabilities: the wrapper's
+    /// program and arguments come before the esptun binary.
+    pub fn spawn_under(
+        &self,
+        side: Side,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Result<(), DemoError> {
         let ns = match side {
             Side::A => &self.hosts.a,
             Side::B => &self.hosts.b,
         };
-        let mut cmd = ns.command(&self.exe);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(args).arg(&self.exe);
+                cmd
+            }
+            None => ns.command(&self.exe),
+        };
         let ep = self.endpoint(side);
         let log = File::options()
             .create(true)
