@@ -83,9 +83,39 @@ enum Command {
         /// Crypto selection for both endpoints: auto, hardware or soft.
         #[arg(long, default_value = "auto", value_parser = parse_mode)]
         crypto: Mode,
+        /// AES key size of the demo's keys: 128 or 256.
+        #[arg(long, default_value_t = 256, value_parser = parse_key_bits)]
+        bits: u32,
+        /// Replay the field failure: the sending endpoint corrupts its
+        /// cipher input (one 16-byte plaintext block replaced by its
+        /// neighbour before sealing, in 5% of packets). The receiver must
+        /// drop those packets (inner_checksum), TCP resends them, the
+        /// stream arrives intact, and the sender's periodic self-test
+        /// (every 2 s here) moves it to the soft provider. Needs the
+        /// hardware provider and --crypto auto.
+        #[arg(long)]
+        corrupt: bool,
+        /// Print the summary as one JSON object (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
         /// Keep the endpoints' logs (printed on failure in any case).
         #[arg(long)]
         verbose: bool,
+    },
+    /// The lab's fault-injecting endpoint, started by `esptun demo
+    /// --corrupt`: `esptun run` with a hardware provider that corrupts
+    /// plaintext blocks. Refuses to run outside a namespace the lab made.
+    #[command(hide = true)]
+    DemoEndpoint {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long, default_value = "info", value_parser = parse_level)]
+        log_level: tracing::Level,
+        /// Share of seals to corrupt, 0 to 1.
+        #[arg(long, value_parser = parse_fault_rate)]
+        fault_rate: f64,
+        #[arg(long, default_value_t = 1)]
+        fault_seed: u64,
     },
     /// Declare that a peer's outbound key has never carried traffic, so the
     /// daemon may start its sequence numbers at 1. Only for keys made
@@ -217,6 +247,13 @@ fn parse_size(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_fault_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a rate between 0 and 1")),
+    }
+}
+
 fn parse_key_bits(s: &str) -> Result<u32, String> {
     match s {
         "128" => Ok(128),
@@ -228,7 +265,13 @@ fn parse_key_bits(s: &str) -> Result<u32, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, log_level } => run(&config, log_level),
+        Command::Run { config, log_level } => run(&config, log_level, &RunOptions::default()),
+        Command::DemoEndpoint {
+            config,
+            log_level,
+            fault_rate,
+            fault_seed,
+        } => demo_endpoint(&config, log_level, fault_rate, fault_seed),
         Command::Status {
             config,
             socket,
@@ -239,12 +282,18 @@ pub fn main() -> ExitCode {
             ipv6,
             bytes,
             crypto,
+            bits,
+            corrupt,
+            json,
             verbose,
         } => esptun::lab::demo::run(&esptun::lab::demo::DemoOptions {
             encap: outer,
             ipv6,
             bytes,
             crypto,
+            key_bits: bits,
+            corrupt,
+            json,
             verbose,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("esptun")),
         }),
@@ -349,7 +398,33 @@ fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(config: &std::path::Path, level: tracing::Level) -> anyhow::Result<ExitCode> {
+/// `esptun demo-endpoint`: `run` with fault injection, only inside a
+/// namespace the lab created, so that no deployment can corrupt its own
+/// traffic by a flag or an environment variable.
+fn demo_endpoint(
+    config: &std::path::Path,
+    level: tracing::Level,
+    rate: f64,
+    seed: u64,
+) -> anyhow::Result<ExitCode> {
+    if let Err(why) = esptun::lab::lab_namespace() {
+        bail!(
+            "demo-endpoint injects faults into its own encryption and is only for the \
+             namespaces `esptun demo --corrupt` creates; this process is in {why}. \
+             To run a tunnel, use `esptun run`"
+        );
+    }
+    let options = RunOptions {
+        inject_faults: Some((rate, seed)),
+    };
+    run(config, level, &options)
+}
+
+fn run(
+    config: &std::path::Path,
+    level: tracing::Level,
+    options: &RunOptions,
+) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)
@@ -357,20 +432,7 @@ fn run(config: &std::path::Path, level: tracing::Level) -> anyhow::Result<ExitCo
         .init();
     // Before any thread exists, so that every thread inherits the mask.
     let signals = Signals::block().context("blocking signals")?;
-    #[allow(unused_mut)]
-    let mut options = RunOptions::default();
-    #[cfg(feature = "fault-injection")]
-    if let Ok(rate) = std::env::var("ESPTUN_FAULT_RATE") {
-        let rate: f64 = rate
-            .parse()
-            .context("ESPTUN_FAULT_RATE must be a number between 0 and 1")?;
-        let seed = std::env::var("ESPTUN_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
-        options.inject_faults = Some((rate, seed));
-    }
-    let daemon = match Daemon::start(config, &options) {
+    let daemon = match Daemon::start(config, options) {
         Ok(d) => d,
         Err(e @ DaemonError::NoProvider(_)) => {
             tracing::error!("{e}");
