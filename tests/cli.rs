@@ -361,6 +361,28 @@ fn declare_fresh_marks_only_an_unrecorded_outbound_key_of_a_named_peer() {
 }
 
 #[test]
+fn fault_injection_is_not_an_option_of_run_and_its_endpoint_is_hidden() {
+    let run = esptun(&["run", "--help"]);
+    let text = String::from_utf8_lossy(&run.stdout).to_lowercase();
+    assert!(run.status.success() && text.contains("--config"), "{text}");
+    for word in ["fault", "corrupt", "inject"] {
+        assert!(!text.contains(word), "`run --help` mentions {word}: {text}");
+    }
+    let top = esptun(&["--help"]);
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        text.contains("demo") && !text.contains("demo-endpoint"),
+        "{text}"
+    );
+    let demo = esptun(&["demo", "--help"]);
+    let text = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        text.contains("--corrupt") && text.contains("--json"),
+        "{text}"
+    );
+}
+
+#[test]
 fn run_and_demo_without_root_say_what_to_do() {
     // As root, drop to nobody with setpriv (util-linux) so the check runs
     // in CI too, on a copy of the binary that nobody can reach wherever
