@@ -122,6 +122,7 @@ fn bad_arguments_are_usage_errors_with_a_reason() {
         ),
         (vec!["bench", "--sizes", "0"], "sizes must be 1 to"),
         (vec!["bench", "--key-bits", "192"], "128 or 256"),
+        (vec!["bench", "--bits", "192"], "128 or 256"),
         (vec!["bench", "--seconds", "0"], "more than 0"),
     ] {
         let out = esptun(&args);
