@@ -113,3 +113,45 @@ fn the_fault_injecting_endpoint_refuses_outside_a_lab_namespace() {
     // It said why before touching the configuration.
     assert!(!err.contains("nonexistent"), "{err}");
 }
+
+/// Manual keying gone wrong: ESN on one side only. Every packet fails the
+/// ICV check at the receiver, which says once what the likely causes are.
+#[test]
+fn an_sa_with_only_icv_failures_names_the_likely_causes_once() {
+    use esptun::lab::demo::{LabOptions, Side, TunnelLab};
+    if !common::require_root("icv_only", "network namespaces") {
+        return;
+    }
+    let lab = TunnelLab::create(
+        std::path::Path::new(exe()),
+        LabOptions {
+            tag: "icvonly".into(),
+            subnet: 31,
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab");
+    let (local, remote) = lab.outer(Side::B);
+    let text = lab.config_text(Side::B, local, remote);
+    let (before, after) = text.split_once("inbound = {").expect("an inbound SA");
+    let text = format!("{before}inbound = {{ esn = false,{after}");
+    lab.write_config_text(Side::B, &text).expect("config");
+    for side in [Side::A, Side::B] {
+        lab.start(side, &[])
+            .unwrap_or_else(|e| panic!("start {side:?}: {e}"));
+    }
+    let udp = lab.udp_exchange(20, 200).expect("udp");
+    assert_eq!(udp.echoed_ok, 0, "nothing can pass: {udp:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    for side in [Side::A, Side::B] {
+        let _ = lab.stop(side);
+    }
+    let log = lab.log(Side::B);
+    let warnings = log.matches("failed the ICV check").count();
+    assert_eq!(warnings, 1, "one warning for the SA:\n{log}");
+    assert!(
+        log.contains("extended sequence numbers on one side only")
+            && log.contains("keys swapped"),
+        "{log}"
+    );
+}
