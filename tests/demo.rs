@@ -150,8 +150,7 @@ fn an_sa_with_only_icv_failures_names_the_likely_causes_once() {
     let warnings = log.matches("failed the ICV check").count();
     assert_eq!(warnings, 1, "one warning for the SA:\n{log}");
     assert!(
-        log.contains("extended sequence numbers on one side only")
-            && log.contains("keys swapped"),
+        log.contains("extended sequence numbers on one side only") && log.contains("keys swapped"),
         "{log}"
     );
 }
