@@ -122,6 +122,7 @@ fn bad_arguments_are_usage_errors_with_a_reason() {
         ),
         (vec!["bench", "--sizes", "0"], "sizes must be 1 to"),
         (vec!["bench", "--key-bits", "192"], "128 or 256"),
+        (vec!["bench", "--bits", "192"], "128 or 256"),
         (vec!["bench", "--seconds", "0"], "more than 0"),
     ] {
         let out = esptun(&args);
@@ -358,6 +359,33 @@ fn declare_fresh_marks_only_an_unrecorded_outbound_key_of_a_named_peer() {
     assert_eq!(used.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&used.stderr).contains("not fresh"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fault_injection_is_not_an_option_of_run_and_its_endpoint_is_hidden() {
+    let run = esptun(&["run", "--help"]);
+    let text = String::from_utf8_lossy(&run.stdout).to_lowercase();
+    assert!(run.status.success() && text.contains("--config"), "{text}");
+    // Whole words: "default" is fine.
+    let words: Vec<&str> = text.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    for word in ["fault", "corrupt", "inject"] {
+        assert!(
+            !words.iter().any(|w| w.starts_with(word)),
+            "`run --help` mentions {word}: {text}"
+        );
+    }
+    let top = esptun(&["--help"]);
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        text.contains("demo") && !text.contains("demo-endpoint"),
+        "{text}"
+    );
+    let demo = esptun(&["demo", "--help"]);
+    let text = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        text.contains("--corrupt") && text.contains("--json"),
+        "{text}"
+    );
 }
 
 #[test]

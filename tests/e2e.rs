@@ -407,7 +407,6 @@ fn check_status_command(lab: &TunnelLab) {
 /// failures, so the stream still arrives complete and all zero; the
 /// sender's periodic self-test must catch the provider and move traffic to
 /// soft.
-#[cfg(feature = "fault-injection")]
 #[test]
 fn field_failure_replay_corrupt_blocks_never_reach_the_application() {
     if !esptun::crypto::hardware::provider().is_available() {
@@ -432,10 +431,7 @@ fn field_failure_replay_corrupt_blocks_never_reach_the_application() {
     if let Err(e) = lab.start(Side::B, &[]) {
         fail(&lab, &format!("starting b: {e}"));
     }
-    if let Err(e) = lab.start(
-        Side::A,
-        &[("ESPTUN_FAULT_RATE", "0.05"), ("ESPTUN_FAULT_SEED", "7")],
-    ) {
+    if let Err(e) = lab.start_faulty(Side::A, 0.05, 7) {
         fail(&lab, &format!("starting a: {e}"));
     }
     let tcp = lab

@@ -1,7 +1,6 @@
 //! The field failure, injected: a provider that seals one plaintext block
 //! replaced by its neighbour. The self-tests must catch it and traffic must
 //! move to the soft provider (or halt, by policy).
-#![cfg(feature = "fault-injection")]
 
 mod common;
 

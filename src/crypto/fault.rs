@@ -1,10 +1,16 @@
-//! Fault injection (cargo feature `fault-injection` only): a provider
-//! wrapper that reproduces the field failure. Before sealing, with a given
-//! probability, it overwrites one 16-byte-aligned plaintext block with its
-//! neighbour, then seals normally, so the ICV is valid over wrong data.
+//! Fault injection: a provider wrapper that reproduces the field failure.
+//! Before sealing, with a given probability, it overwrites one
+//! 16-byte-aligned plaintext block with its neighbour, then seals normally,
+//! so the ICV is valid over wrong data.
 //!
 //! Used to prove that the self-tests catch the fault and move traffic to
-//! `soft`, and (later) that the receiver's inner checksum check drops it.
+//! `soft`, and that the receiver's inner checksum check drops it
+//! (`esptun demo --corrupt`, the end-to-end tests). Compiled into every
+//! build so the demo works in a release binary, but reachable from a daemon
+//! only through [`crate::daemon::RunOptions::inject_faults`], which
+//! `esptun run` never sets: the only caller is the hidden lab endpoint,
+//! which refuses to start outside a lab network namespace
+//! ([`crate::lab::lab_namespace`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -22,7 +22,6 @@ pub mod simd_state;
 pub mod soft;
 pub mod vectors;
 
-#[cfg(feature = "fault-injection")]
 pub mod fault;
 
 use std::fmt;

@@ -13,8 +13,8 @@ use super::sas::{InboundCommands, SaCommand, SaEvent};
 use super::shared::{Activity, Shared};
 use super::status::{self, InboundSaStatus};
 use super::workers::{
-    BATCH, BUF_CAPACITY, RX_BATCH, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets, count,
-    maybe_selftest,
+    BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, RX_BATCH, Sockets,
+    count, maybe_selftest,
 };
 use crate::datapath::inbound::{Encap, Inbound};
 use crate::datapath::{DropReason, Verdict};
@@ -22,6 +22,10 @@ use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
 use crate::sa::table::SaId;
+
+/// ICV failures, with no packet ever authenticated, after which an SA's
+/// keying is called into question in the log (once per SA).
+const ICV_ONLY_FAILURES: u64 = 10;
 
 /// Sockets -> ESP -> TUN.
 pub(crate) struct InboundWorker {
@@ -33,6 +37,8 @@ pub(crate) struct InboundWorker {
     events: Sender<SaEvent>,
     /// SAs already reported as seen to the key manager.
     seen: Vec<SaId>,
+    /// SAs already warned about as failing every ICV check.
+    icv_warned: Vec<SaId>,
     drop_log: DropLog,
     errors: ErrorLog,
     capture: Option<DropCapture>,
@@ -58,6 +64,7 @@ impl InboundWorker {
             commands,
             events,
             seen: Vec::new(),
+            icv_warned: Vec::new(),
             drop_log: DropLog::new("inbound"),
             errors: ErrorLog::new("inbound"),
             capture,
@@ -146,6 +153,7 @@ impl InboundWorker {
             }
             self.note_seen();
             self.note_kernel_drops(&socks);
+            self.warn_only_icv_failures();
         }
         self.publish();
     }
@@ -246,6 +254,34 @@ impl InboundWorker {
             if entry.sa.stats.packets > 0 && !self.seen.contains(&entry.id) {
                 self.seen.push(entry.id);
                 let _ = self.events.send(SaEvent::Seen { id: entry.id });
+            }
+        }
+    }
+
+    /// One line per SA that has failed the ICV check [`ICV_ONLY_FAILURES`]
+    /// times without ever authenticating a packet: with manual keying that
+    /// is a mismatch of configuration, not an attack or bad luck, and the
+    /// counter alone does not say which.
+    fn warn_only_icv_failures(&mut self) {
+        for entry in self.inbound.sas.iter() {
+            let failures = entry.counters[DropReason::IcvFailure.index()];
+            if entry.sa.stats.packets == 0
+                && failures >= ICV_ONLY_FAILURES
+                && !self.icv_warned.contains(&entry.id)
+            {
+                self.icv_warned.push(entry.id);
+                tracing::warn!(
+                    peer = %entry.meta.peer,
+                    spi = format_args!("{:#x}", entry.sa.spi),
+                    esn = entry.sa.esn,
+                    "inbound SA has failed the ICV check {failures} times and authenticated no packet \
+                     since it started. Likely causes: extended sequence numbers on one side only \
+                     (this SA has esn = {}; RFC 4303 section 2.2.1: the high 32 bits enter the ICV, \
+                     and `ip xfrm` uses 32-bit numbers unless `flag esn` is set), a wrong key or \
+                     salt (the key file holds key and 4-byte salt, RFC 4106 section 8.1), an ICV \
+                     length that differs from the peer's, or the two directions' keys swapped",
+                    entry.sa.esn
+                );
             }
         }
     }

@@ -183,8 +183,9 @@ fn require_tun_device() -> Result<(), DaemonError> {
 pub struct RunOptions {
     /// (rate, seed): wraps the hardware provider so that, once the boot
     /// self-tests have passed, it corrupts a 16-byte plaintext block before
-    /// sealing at this rate (feature `fault-injection`; tests only).
-    #[cfg(feature = "fault-injection")]
+    /// sealing at this rate. For the lab only (`esptun demo --corrupt`
+    /// and the end-to-end tests, through the hidden `demo-endpoint`
+    /// subcommand); `esptun run` never sets it.
     pub inject_faults: Option<(f64, u64)>,
 }
 
@@ -247,9 +248,7 @@ impl Daemon {
         // The field failure: hardware that passes its boot tests and then
         // corrupts blocks while running. The injector starts clean and is
         // switched on once the boot self-tests have passed.
-        #[cfg(feature = "fault-injection")]
         let mut injector = None;
-        #[cfg(feature = "fault-injection")]
         let providers = providers.map(|p| match options.inject_faults {
             Some((_, seed)) if p.id == crate::crypto::ProviderId::Hardware && p.is_available() => {
                 let (p, handle) = crate::crypto::fault::wrap(p, 0.0, seed);
@@ -258,15 +257,12 @@ impl Daemon {
             }
             _ => p,
         });
-        #[cfg(not(feature = "fault-injection"))]
-        let _ = options;
         let selector = Selector::boot(
             providers,
             config.crypto.mode,
             config.crypto.on_selftest_failure,
             BootOptions::default(),
         );
-        #[cfg(feature = "fault-injection")]
         if let (Some(handle), Some((rate, _))) = (&injector, options.inject_faults) {
             tracing::warn!(
                 "fault injection: the hardware provider now corrupts plaintext blocks at rate {rate}"

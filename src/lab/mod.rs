@@ -21,7 +21,7 @@ mod netns;
 mod traffic;
 
 pub use icmp::{PingReport, ping};
-pub use netns::{Netns, TwoHosts, join, join_scoped};
+pub use netns::{Netns, TwoHosts, is_lab_name, join, join_scoped, lab_namespace};
 pub use traffic::{TcpZerosReport, UdpReport, tcp_zeros, udp_exchange};
 
 use std::io;

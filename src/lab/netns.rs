@@ -272,6 +272,59 @@ impl Drop for Netns {
     }
 }
 
+/// Whether `name` has the shape [`TwoHosts`] gives its namespaces: the
+/// [`unique_prefix`] (`e`, five pid digits, a counter, the tag) and `a` or
+/// `b`.
+pub fn is_lab_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    bytes.len() > 7
+        && bytes.len() <= super::PREFIX_MAX + 1
+        && bytes[0] == b'e'
+        && bytes[1..7].iter().all(u8::is_ascii_digit)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && matches!(bytes[bytes.len() - 1], b'a' | b'b')
+}
+
+/// The name of the lab namespace this process runs in, or why it is not
+/// in one: its network namespace (`/proc/self/ns/net`) must be the one
+/// pinned under `/run/netns/NAME`, with NAME of the lab's shape
+/// ([`is_lab_name`]). Used to keep lab-only behaviour (fault injection)
+/// out of real deployments.
+pub fn lab_namespace() -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+
+    // thread-self: setns(2) moves one thread, and the lab's helpers run
+    // code in a namespace on a thread of their own.
+    let own = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| format!("cannot read /proc/thread-self/ns/net: {e}"))?;
+    let entries = match std::fs::read_dir(NETNS_DIR) {
+        Ok(entries) => entries,
+        Err(e) => return Err(format!("no named network namespaces ({NETNS_DIR}: {e})")),
+    };
+    let mut names = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        // A namespace pinned by `ip netns add` is a bind mount of its nsfs
+        // inode: the same device and inode as /proc/self/ns/net inside it.
+        let same = std::fs::metadata(entry.path())
+            .is_ok_and(|m| m.dev() == own.dev() && m.ino() == own.ino());
+        if same {
+            names.push(name);
+        }
+    }
+    if let Some(name) = names.iter().find(|n| is_lab_name(n)) {
+        return Ok(name.clone());
+    }
+    Err(match names.first() {
+        Some(name) => format!("network namespace {name}, which the lab did not create"),
+        None => "a network namespace with no name under /run/netns (the host's own?)".into(),
+    })
+}
+
 /// Moves the calling thread into the namespace `file` refers to.
 fn enter(file: &File, name: &str) -> Result<(), LabError> {
     // setns(2) changes only the calling thread's network namespace.
@@ -426,6 +479,43 @@ mod tests {
         names
             .lines()
             .any(|l| l.split_whitespace().next() == Some(ns))
+    }
+
+    #[test]
+    fn lab_names_are_recognised_and_others_are_not() {
+        let prefix = unique_prefix("demo");
+        for side in ["a", "b"] {
+            assert!(is_lab_name(&format!("{prefix}{side}")), "{prefix}{side}");
+        }
+        for other in [
+            "",
+            "ea",
+            "e1234a",
+            "eabcdefa",
+            "prod",
+            "e123450democ",
+            "E123450a",
+        ] {
+            assert!(!is_lab_name(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn only_a_lab_namespace_counts_as_one() {
+        if !have_root() {
+            return;
+        }
+        let hosts = TwoHosts::create("ident", 201).expect("lab");
+        let inside = hosts.a.run(lab_namespace).expect("run");
+        assert_eq!(inside.as_deref(), Ok(hosts.a.name()));
+        // A namespace with another name is not the lab's.
+        let other = Netns::create(&format!("{}-prod", unique_prefix("x"))).expect("netns");
+        let why = other
+            .run(lab_namespace)
+            .expect("run")
+            .expect_err("not a lab");
+        assert!(why.contains(other.name()), "{why}");
+        assert!(lab_namespace().is_err(), "the test's own namespace");
     }
 
     #[test]

@@ -253,15 +253,23 @@ pub fn run(config: &BenchConfig) -> Result<Vec<DatapathRow>, String> {
     let duration = validated_duration(config.seconds)?;
     let slice = duration.min(SLICE);
     let mut rows = Vec::new();
+    let sizes: Vec<usize> = config
+        .sizes
+        .iter()
+        .copied()
+        .filter(|s| (MIN_PACKET..=MAX_PACKET).contains(s))
+        .collect();
+    let cells = sizes.len() * ProviderId::ALL.len();
+    let mut cell = 0;
     for provider in ProviderId::ALL {
-        for &size in config
-            .sizes
-            .iter()
-            .filter(|s| (MIN_PACKET..=MAX_PACKET).contains(*s))
-        {
+        for &size in &sizes {
+            cell += 1;
             let Some(mut rig) = DatapathRig::new(provider, config.key_size, size)? else {
                 continue;
             };
+            config.report(format_args!(
+                "measuring {size} B datapath packets on {provider} ({cell}/{cells})"
+            ));
             let mut best = [0.0f64; OPS.len()];
             for _ in 0..config.rounds.max(1) * slices(duration) {
                 for (i, op) in OPS.into_iter().enumerate() {
