@@ -286,6 +286,29 @@ fn esptun_reload_reports_the_datapaths_answer() {
         || format!("the outbound SA did not stay, or the inbound half is missing: {after:#}"),
     );
 
+    // The same for the outbound SA alone: nothing waits for the peer, but
+    // the running SA is removed only once the new one is installed, so a
+    // refused claim leaves it sending (it once left the peer with none).
+    let unrecorded2 = new_key(&lab, Side::A, &lab.a.state_dir, "unrecorded2", false);
+    let text = original
+        .replace(&lab.key_file(Side::A).display().to_string(), s(&unrecorded2))
+        .replace(&lab.key_file(Side::B).display().to_string(), s(&b3))
+        .replace("0xa001", "0xa005")
+        .replace("0xb001", "0xb004");
+    lab.write_config_text(Side::A, &text).expect("config");
+    let (code, out, err, _) = reload("reload-unrecorded-outbound");
+    check(
+        &lab,
+        code == Some(1) && out.contains("0xa005") && out.contains("no sequence-number record"),
+        || format!("outbound-only reload with an unrecorded key: {code:?}\n{out}\n{err}"),
+    );
+    // The pending SA goes with the refusal; give the manager a tick.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = status();
+    check(&lab, sas(&after, "outbound_sas") == running.0, || {
+        format!("the running outbound SA did not stay: {after:#}")
+    });
+
     // A good roll of both directions: applied, and in the status as soon
     // as the command returns (the new outbound SA pending or, with a peer
     // that never sent on the old SAs, already active).

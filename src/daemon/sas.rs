@@ -101,7 +101,12 @@ impl SaManager {
                     self.failed.push(format!("{what}: {reason}"));
                 }
             }
-            SaEvent::Installed { id } => self.awaiting.retain(|(a, _)| *a != id),
+            SaEvent::Installed { id } => {
+                self.awaiting.retain(|(a, _)| *a != id);
+                if let Some(v) = self.views.iter_mut().find(|v| v.id == id) {
+                    v.installed = true;
+                }
+            }
             SaEvent::Seen { id } => {
                 if let Some(v) = self.views.iter_mut().find(|v| v.id == id) {
                     v.seen = true;

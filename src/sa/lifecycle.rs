@@ -9,11 +9,14 @@
 //! - A new inbound SA is accepted at once; the peer's inbound SA it
 //!   replaces keeps accepting until `retire_after` has passed, so packets
 //!   the peer sealed before it switched still arrive.
-//! - A new outbound SA waits ("pending") while our inbound SA for the peer
-//!   is new as well: the peer proves it holds our new key by sending on it
-//!   (the inbound SA is "seen"), or `switch_after` passes; then it replaces
-//!   the peer's active outbound SA. If our inbound SA did not change, the
-//!   outbound SA switches at once.
+//! - A new outbound SA that replaces a running one waits ("pending") until
+//!   the datapath confirms it installed it (its sequence reservation is
+//!   claimed: a refused claim leaves the running SA sending). While our
+//!   inbound SA for the peer is new as well it also waits for the peer to
+//!   prove it holds our new key by sending on it (the inbound SA is
+//!   "seen"), or for `switch_after`; then it replaces the peer's active
+//!   outbound SA. If our inbound SA did not change, it switches as soon as
+//!   it is installed.
 //! - A roll reverted before its switch keeps the running SA and cancels the
 //!   pending one; an inbound SA asked for again while retiring is kept.
 //! - One key, one SA: GCM nonces are salt || sequence number, with no SPI
@@ -69,6 +72,10 @@ pub struct SaView {
     pub state: SaState,
     /// Inbound: has authenticated at least one packet.
     pub seen: bool,
+    /// The datapath has it in its table (for an outbound SA: its sequence
+    /// numbers are reserved). Until then a pending SA cannot switch, so a
+    /// refused install leaves the running SA in place.
+    pub installed: bool,
 }
 
 /// The two delays of a roll.
@@ -253,6 +260,7 @@ fn plan_inbound(
                 endpoint: want.endpoint,
                 state: SaState::Active,
                 seen: false,
+                installed: false,
             });
             Some(w.spi)
         }
@@ -308,19 +316,20 @@ fn plan_outbound(
         mine(sa) && matches!(sa.state, SaState::Pending { .. })
     });
     // Nothing to break if the peer has no SA sending yet (a start).
+    // Otherwise the new SA waits, at least until the datapath confirms it
+    // is installed (its reservation claimed), and, while our inbound SA
+    // for the peer is new too, for the peer to use it.
     let replaces = live
         .iter()
         .any(|sa| mine(sa) && sa.state == SaState::Active);
-    let state = match inbound_new {
-        Some(spi) if replaces => SaState::Pending {
+    let state = if replaces {
+        SaState::Pending {
             since: now,
-            awaiting: Some(spi),
-        },
-        _ => SaState::Active,
+            awaiting: inbound_new,
+        }
+    } else {
+        SaState::Active
     };
-    if state == SaState::Active {
-        remove_all(live, actions, RemoveReason::Replaced, |sa| mine(sa));
-    }
     actions.push(Action::Install {
         peer: want.peer.clone(),
         direction: Direction::Outbound,
@@ -336,6 +345,7 @@ fn plan_outbound(
         endpoint: want.endpoint,
         state,
         seen: false,
+        installed: false,
     });
 }
 
@@ -407,6 +417,7 @@ fn remove_all(
 fn advance_clock(live: &[SaView], now: Instant, timing: Timing, actions: &mut Vec<Action>) {
     for sa in live.iter().filter(|sa| sa.id != SaId::PLANNED) {
         match sa.state {
+            SaState::Pending { .. } if !sa.installed => {}
             SaState::Pending { since, awaiting } => {
                 let seen = awaiting.is_some_and(|spi| {
                     live.iter().any(|i| {
@@ -417,7 +428,7 @@ fn advance_clock(live: &[SaView], now: Instant, timing: Timing, actions: &mut Ve
                     })
                 });
                 let timed_out = now.saturating_duration_since(since) >= timing.switch_after;
-                if seen || timed_out {
+                if awaiting.is_none() || seen || timed_out {
                     let from = live
                         .iter()
                         .find(|o| {
@@ -430,7 +441,7 @@ fn advance_clock(live: &[SaView], now: Instant, timing: Timing, actions: &mut Ve
                         peer: sa.peer.clone(),
                         from,
                         to: sa.id,
-                        forced: !seen,
+                        forced: awaiting.is_some() && !seen,
                     });
                 }
             }
@@ -471,6 +482,7 @@ pub fn apply(
                 endpoint: want.endpoint,
                 state: *state,
                 seen: false,
+                installed: false,
             });
             return Some(id);
         }

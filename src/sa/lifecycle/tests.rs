@@ -54,7 +54,17 @@ impl Sim {
         self.now = self.start + Duration::from_secs(secs);
     }
 
+    /// Plans and applies; the datapath confirms every install at once.
     fn step(&mut self, wanted: &[WantedPeer]) -> Vec<Action> {
+        let actions = self.step_unconfirmed(wanted);
+        for v in &mut self.views {
+            v.installed = true;
+        }
+        actions
+    }
+
+    /// Plans and applies, with installs not yet confirmed.
+    fn step_unconfirmed(&mut self, wanted: &[WantedPeer]) -> Vec<Action> {
         let timing = Timing {
             switch_after: SWITCH,
             retire_after: RETIRE,
@@ -186,26 +196,51 @@ fn a_pending_switch_is_forced_after_the_switch_timeout() {
 }
 
 #[test]
-fn an_outbound_change_alone_switches_at_once() {
+fn an_outbound_change_alone_switches_once_installed() {
     let (mut sim, _) = started();
     let a1 = sim.id(Out, 0xa001);
-    let actions = sim.step(&[want("b", (0xa002, 3), (0xb001, 2))]);
+    let rolled = [want("b", (0xa002, 3), (0xb001, 2))];
+    let actions = sim.step_unconfirmed(&rolled);
     assert_eq!(
         actions,
-        [
-            Action::Remove {
-                id: a1,
-                reason: RemoveReason::Replaced
-            },
-            Action::Install {
-                peer: "b".into(),
-                direction: Out,
-                spi: 0xa002,
-                state: SaState::Active
+        [Action::Install {
+            peer: "b".into(),
+            direction: Out,
+            spi: 0xa002,
+            state: SaState::Pending {
+                since: sim.now,
+                awaiting: None
             }
-        ],
-        "removed before the install, so nothing sends twice"
+        }],
+        "nothing waits for the peer, but the install must be confirmed"
     );
+    assert_eq!(sim.step_unconfirmed(&[]), [], "not confirmed yet");
+    let a2 = sim.id(Out, 0xa002);
+    for v in &mut sim.views {
+        v.installed = true;
+    }
+    assert_eq!(
+        sim.step(&[]),
+        [Action::Switch {
+            peer: "b".into(),
+            from: Some(a1),
+            to: a2,
+            forced: false
+        }]
+    );
+    assert_eq!(sim.sas(), [(In, 0xb001, "active"), (Out, 0xa002, "active")]);
+}
+
+#[test]
+fn a_refused_install_leaves_the_running_sa_sending() {
+    let (mut sim, _) = started();
+    sim.step_unconfirmed(&[want("b", (0xa002, 3), (0xb001, 2))]);
+    // The datapath could not claim the new key's reservation.
+    let a2 = sim.id(Out, 0xa002);
+    sim.views.retain(|v| v.id != a2);
+    sim.at(SWITCH.as_secs() * 2);
+    assert_eq!(sim.step(&[]), []);
+    assert_eq!(sim.sas(), [(In, 0xb001, "active"), (Out, 0xa001, "active")]);
 }
 
 #[test]
