@@ -232,6 +232,11 @@ impl<'b> Train<'b> {
             .ok_or(NotCoalescible::BufferTooSmall)?;
         dst.copy_from_slice(p);
         let hl = h.len();
+        #[cfg(test)]
+        {
+            let (header, payload) = dst.split_at_mut(hl);
+            super::testutil::fault(header, payload);
+        }
         if dst[..hl] != p[..hl] || !payload_intact(&h, l4, &dst[hl..]) {
             return Err(NotCoalescible::CopyCorrupted);
         }
@@ -342,6 +347,8 @@ impl<'b> Train<'b> {
             .get_mut(VIRTIO_NET_HDR_LEN + self.len..VIRTIO_NET_HDR_LEN + end)
             .ok_or(NotCoalescible::BufferTooSmall)?;
         dst.copy_from_slice(payload);
+        #[cfg(test)]
+        super::testutil::fault(&mut [], dst);
         if !payload_intact(&h, l4, dst) {
             return Err(NotCoalescible::CopyCorrupted);
         }
@@ -812,6 +819,42 @@ mod tests {
             assert!(n <= TRAIN_BUFFER_LEN);
         }
         assert!(joined > 100, "the loop reached push: {joined}");
+    }
+
+    #[test]
+    fn a_byte_the_copy_changed_is_caught_and_leaves_the_train_intact() {
+        use super::super::testutil::{Fault, arm};
+        for (v6, proto) in shapes() {
+            let packets = flow(&Spec::new(v6, proto), &[800, 800, 800]);
+            let hl = if v6 { 40 } else { 20 } + if proto == protocol::TCP { 20 } else { 8 };
+            let mut buf = vec![0u8; TRAIN_BUFFER_LEN];
+            // The first packet's copy: any header byte, or its payload.
+            for fault in [Fault::Header(0), Fault::Header(hl - 1), Fault::Payload(799)] {
+                arm(fault);
+                assert_eq!(
+                    Train::start(&mut buf, verified(&packets[0]), CONFIG).err(),
+                    Some(NotCoalescible::CopyCorrupted),
+                    "{fault:?}"
+                );
+            }
+            let mut train = Train::start(&mut buf, verified(&packets[0]), CONFIG).expect("start");
+            arm(Fault::Payload(400));
+            assert_eq!(
+                train.push(verified(&packets[1])),
+                Err(NotCoalescible::CopyCorrupted)
+            );
+            // The train is as before: the same packet joins on a clean copy.
+            train.push(verified(&packets[1])).expect("joins");
+            train.push(verified(&packets[2])).expect("joins");
+            let n = train.finish();
+            let hdr = VirtioNetHdr::parse(&buf).expect("header");
+            let s = Splitter::new(&hdr, &buf[VIRTIO_NET_HDR_LEN..n]).expect("splits");
+            for (i, original) in packets.iter().enumerate() {
+                let mut out = vec![0u8; 1000];
+                let v = s.write_segment(i, &mut out, POLICY).expect("valid");
+                assert_eq!(&out[..v.total_len], &original[..]);
+            }
+        }
     }
 
     #[test]

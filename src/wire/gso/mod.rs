@@ -400,6 +400,36 @@ mod testutil {
         }
     }
 
+    /// A byte to flip, once, in the next copy a test watches: the
+    /// transport header or the payload as just written to the output.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Fault {
+        Header(usize),
+        Payload(usize),
+    }
+
+    thread_local! {
+        static FAULT: std::cell::Cell<Option<Fault>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Arms a fault for the next copy on this thread.
+    pub fn arm(fault: Fault) {
+        FAULT.with(|f| f.set(Some(fault)));
+    }
+
+    /// Called right after a copy: flips the armed byte, if any, the way a
+    /// corrupted copy would.
+    pub fn fault(header: &mut [u8], payload: &mut [u8]) {
+        let target = match FAULT.with(|f| f.take()) {
+            Some(Fault::Header(at)) => header.get_mut(at),
+            Some(Fault::Payload(at)) => payload.get_mut(at),
+            None => None,
+        };
+        if let Some(b) = target {
+            *b ^= 0x10;
+        }
+    }
+
     pub fn payload(len: usize, seed: u32) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9) | 1;
         (0..len)

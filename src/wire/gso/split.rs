@@ -19,7 +19,7 @@
 use super::{GsoError, Headers, MAX_PACKET_LEN, be16, be32, field4, field6, tcp, udp};
 use crate::wire::checksum::{combine, finish, sum};
 use crate::wire::inner::{InnerPolicy, Validated, validate};
-use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, protocol, version};
+use crate::wire::ip::{IPV6_HEADER_LEN, Ipv4Packet, Ipv6Packet, protocol, version};
 use crate::wire::vnet::{GsoType, VirtioNetHdr};
 
 /// Finishes a packet the kernel sent without segmentation (`gso_type`
@@ -43,13 +43,13 @@ pub fn complete_single(
         let start = usize::from(hdr.csum_start);
         let offset = usize::from(hdr.csum_offset);
         let at = start + offset;
-        let ip_len = ip_header_len(packet)?;
+        let (ip_len, end) = ip_lengths(packet)?;
         // The field must be a whole word of the summed range, in the
         // transport part of the packet.
-        if start < ip_len || offset % 2 != 0 || at + 2 > packet.len() {
+        if start < ip_len || offset % 2 != 0 || at + 2 > end {
             return Err(GsoError::CsumRange);
         }
-        let mut value = finish(sum(&packet[start..]));
+        let mut value = finish(sum(&packet[start..end]));
         if value == 0 && offset == udp::CHECKSUM && start == ip_len && is_udp(packet) {
             value = 0xFFFF;
         }
@@ -59,12 +59,19 @@ pub fn complete_single(
 }
 
 /// The IP header length of `packet`, its lengths checked.
-fn ip_header_len(packet: &[u8]) -> Result<usize, GsoError> {
+/// The IP header length and IP length of `packet`, checked against it.
+fn ip_lengths(packet: &[u8]) -> Result<(usize, usize), GsoError> {
     Ok(match version(packet)? {
-        4 => Ipv4Packet::new_checked(packet)?.header_len(),
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet)?;
+            (ip.header_len(), usize::from(ip.total_len()))
+        }
         _ => {
-            crate::wire::ip::Ipv6Packet::new_checked(packet)?;
-            IPV6_HEADER_LEN
+            let ip = Ipv6Packet::new_checked(packet)?;
+            (
+                IPV6_HEADER_LEN,
+                IPV6_HEADER_LEN + usize::from(ip.payload_len()),
+            )
         }
     })
 }
@@ -254,6 +261,8 @@ impl<'a> Splitter<'a> {
         }
 
         body.copy_from_slice(payload);
+        #[cfg(test)]
+        super::testutil::fault(l4, body);
         let mut value = finish(combine(
             h.pseudo_sum(l4_total),
             combine(l4_sum, payload_sum),
@@ -455,6 +464,49 @@ mod tests {
                     "byte {at} of {v6} {proto}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_byte_the_copy_changed_fails_validation_of_the_segment() {
+        // wireguard-go sums the copy it just wrote (`gsoSplit`), which
+        // would seal a corrupted copy with a matching checksum. Here the
+        // sum comes from the source, so a flipped byte in the copy of the
+        // payload or of the transport header is refused.
+        use super::super::testutil::{Fault, arm};
+        let data = payload(3000, 6);
+        for (v6, proto) in shapes() {
+            let spec = Spec::new(v6, proto);
+            let packet = spec.build(&data, true);
+            let splitter = Splitter::new(&spec.vnet(1000), &packet).expect("valid");
+            let (l4, csum) = if proto == protocol::TCP {
+                (20, 16)
+            } else {
+                (8, 6)
+            };
+            let faults = (0..l4)
+                .filter(|&at| at != csum && at != csum + 1)
+                .map(Fault::Header)
+                .chain([0, 1, 500, 998, 999].map(Fault::Payload));
+            for fault in faults {
+                for i in [0, 2] {
+                    arm(fault);
+                    let mut out = vec![0u8; 2000];
+                    // A changed UDP length is refused as a bad header.
+                    let r = splitter.write_segment(i, &mut out, POLICY).err();
+                    assert!(
+                        matches!(
+                            r,
+                            Some(GsoError::Inner(
+                                InnerError::Checksum | InnerError::TransportHeader
+                            ))
+                        ),
+                        "{fault:?} in segment {i} of {v6} {proto}: {r:?}"
+                    );
+                }
+            }
+            // Unarmed, the same segments are fine.
+            assert!(splitter.write_segment(2, &mut [0u8; 2000], POLICY).is_ok());
         }
     }
 
