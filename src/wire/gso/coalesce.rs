@@ -36,9 +36,9 @@ use crate::wire::inner::{InnerError, InnerPolicy, InnerVerdict, Validated, valid
 use crate::wire::ip::{IPV4_HEADER_LEN, Ipv4Packet, protocol};
 use crate::wire::vnet::{VIRTIO_NET_HDR_LEN, VirtioNetHdr, flags, gso_type};
 
-/// The kernel's `UDP_MAX_SEGMENTS` was 64 before Linux 6.3 (then 128);
-/// TCP has no such bound but a batch of 64 MSS-sized segments already
-/// fills 64 KiB.
+/// `virtio_net_hdr_to_skb()` refuses a UDP_L4 packet of more than
+/// `UDP_MAX_SEGMENTS` segments: 64 on older kernels, 128 on newer ones.
+/// TCP has no such bound, but 64 MSS-sized segments already fill 64 KiB.
 pub const DEFAULT_MAX_SEGMENTS: usize = 64;
 
 /// Largest IP packet a train builds (IPv4 total length; the same bound
@@ -51,8 +51,9 @@ pub const TRAIN_BUFFER_LEN: usize = VIRTIO_NET_HDR_LEN + MAX_TRAIN_PACKET;
 /// A whole IP packet whose transport checksum `inner::validate` computed
 /// and found right (verdict `Verified`). The only way to append to a
 /// [`Train`]; it borrows the bytes it vouches for, so they cannot change
-/// while it lives.
-#[derive(Debug, Clone, Copy)]
+/// while it lives, and is neither `Clone` nor `Copy`, so a push consumes
+/// it (a refusal hands it back in [`Refused`]) and no packet joins twice.
+#[derive(Debug)]
 pub struct Verified<'a> {
     packet: &'a [u8],
     validated: Validated,
@@ -72,7 +73,7 @@ impl<'a> Verified<'a> {
 
 /// The outcome of [`check`]: a packet that may go on, and whether it may
 /// join a train.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub enum Checked<'a> {
     /// Checksum verified: may be coalesced.
     Verified(Verified<'a>),
@@ -162,6 +163,15 @@ pub enum NotCoalescible {
     Malformed(GsoError),
 }
 
+/// A packet that did not start or join a train, and why; the token comes
+/// back so that the packet can start the next train without being
+/// validated again.
+#[derive(Debug)]
+pub struct Refused<'a> {
+    pub reason: NotCoalescible,
+    pub packet: Verified<'a>,
+}
+
 fn parse(packet: &[u8]) -> Result<Headers, NotCoalescible> {
     Headers::parse(packet).map_err(|e| match e {
         GsoError::ProtocolMismatch | GsoError::Unsupported => NotCoalescible::Protocol,
@@ -199,9 +209,20 @@ pub struct Train<'b> {
 impl<'b> Train<'b> {
     /// Starts a train in `out` (at least the vnet header and `first`;
     /// [`TRAIN_BUFFER_LEN`] for any train) with a copy of `first`.
-    pub fn start(
+    pub fn start<'p>(
         out: &'b mut [u8],
-        first: Verified<'_>,
+        first: Verified<'p>,
+        config: TrainConfig,
+    ) -> Result<Self, Refused<'p>> {
+        Self::try_start(out, &first, config).map_err(|reason| Refused {
+            reason,
+            packet: first,
+        })
+    }
+
+    fn try_start(
+        out: &'b mut [u8],
+        first: &Verified<'_>,
         config: TrainConfig,
     ) -> Result<Self, NotCoalescible> {
         let p = first.packet;
@@ -271,7 +292,14 @@ impl<'b> Train<'b> {
 
     /// Appends `next`'s payload if it continues the train (module doc).
     /// On refusal the train is unchanged.
-    pub fn push(&mut self, next: Verified<'_>) -> Result<(), NotCoalescible> {
+    pub fn push<'p>(&mut self, next: Verified<'p>) -> Result<(), Refused<'p>> {
+        self.try_push(&next).map_err(|reason| Refused {
+            reason,
+            packet: next,
+        })
+    }
+
+    fn try_push(&mut self, next: &Verified<'_>) -> Result<(), NotCoalescible> {
         if self.closed {
             return Err(NotCoalescible::Closed);
         }
@@ -438,6 +466,10 @@ mod tests {
         udp: true,
     };
 
+    fn reason<T>(r: Result<T, Refused<'_>>) -> Result<T, NotCoalescible> {
+        r.map_err(|e| e.reason)
+    }
+
     fn verified(p: &[u8]) -> Verified<'_> {
         match check(p, POLICY) {
             Ok(Checked::Verified(v)) => v,
@@ -537,7 +569,7 @@ mod tests {
         let mut buf = vec![0u8; TRAIN_BUFFER_LEN];
         let mut train = Train::start(&mut buf, verified(first), CONFIG).expect("starts");
         let before = (train.segments(), train.len);
-        let r = train.push(verified(second)).err();
+        let r = reason(train.push(verified(second))).err();
         if r.is_some() {
             assert_eq!(
                 (train.segments(), train.len),
@@ -636,6 +668,7 @@ mod tests {
     fn psh_or_a_short_segment_closes_the_train() {
         for (v6, proto) in shapes() {
             let spec = Spec::new(v6, proto);
+            let hl = if v6 { 40 } else { 20 } + if proto == protocol::TCP { 20 } else { 8 };
             // A short segment in the middle: 1000, 999, then 1000 refused.
             let mut s = spec.clone();
             let mut packets = Vec::new();
@@ -648,9 +681,16 @@ mod tests {
             let mut train = Train::start(&mut buf, verified(&packets[0]), CONFIG).expect("start");
             train.push(verified(&packets[1])).expect("short one joins");
             assert!(train.is_closed());
+            let refused = train.push(verified(&packets[2])).expect_err("closed");
+            assert_eq!(refused.reason, NotCoalescible::Closed);
+            assert_eq!(train.finish(), VIRTIO_NET_HDR_LEN + hl + 1000 + 999);
+            // The refused packet comes back and starts the next train.
+            let mut next = vec![0u8; TRAIN_BUFFER_LEN];
+            let train = Train::start(&mut next, refused.packet, CONFIG).expect("starts");
+            assert_eq!(train.finish(), VIRTIO_NET_HDR_LEN + packets[2].len());
             assert_eq!(
-                train.push(verified(&packets[2])),
-                Err(NotCoalescible::Closed)
+                next[VIRTIO_NET_HDR_LEN..][..packets[2].len()],
+                packets[2][..]
             );
             if proto == protocol::TCP {
                 // PSH in the middle: it joins and ends the train.
@@ -665,10 +705,16 @@ mod tests {
                 let c = s.build(&payload(1000, 16), false);
                 let mut train = Train::start(&mut buf, verified(&a), CONFIG).expect("start");
                 train.push(verified(&b)).expect("PSH joins as the last");
-                assert_eq!(train.push(verified(&c)), Err(NotCoalescible::Closed));
+                assert_eq!(
+                    reason(train.push(verified(&c))),
+                    Err(NotCoalescible::Closed)
+                );
                 // A PSH first segment is a train of one.
                 let mut train = Train::start(&mut buf, verified(&b), CONFIG).expect("start");
-                assert_eq!(train.push(verified(&c)), Err(NotCoalescible::Closed));
+                assert_eq!(
+                    reason(train.push(verified(&c))),
+                    Err(NotCoalescible::Closed)
+                );
             }
         }
     }
@@ -694,7 +740,7 @@ mod tests {
                 train.push(verified(p)).expect("fits");
             }
             assert_eq!(
-                train.push(verified(&packets[fits])),
+                reason(train.push(verified(&packets[fits]))),
                 Err(NotCoalescible::TooLong)
             );
             assert_eq!(train.segments(), fits);
@@ -710,18 +756,18 @@ mod tests {
             train.push(verified(&packets[2])).expect("3");
             assert!(train.is_closed());
             assert_eq!(
-                train.push(verified(&packets[3])),
+                reason(train.push(verified(&packets[3]))),
                 Err(NotCoalescible::TooManySegments)
             );
             // A buffer too short for the next payload.
             let mut short = vec![0u8; VIRTIO_NET_HDR_LEN + hl + 1400 + 100];
             let mut train = Train::start(&mut short, verified(&packets[0]), big).expect("start");
             assert_eq!(
-                train.push(verified(&packets[1])),
+                reason(train.push(verified(&packets[1]))),
                 Err(NotCoalescible::BufferTooSmall)
             );
             assert_eq!(
-                Train::start(&mut short[..100], verified(&packets[0]), big).err(),
+                reason(Train::start(&mut short[..100], verified(&packets[0]), big)).err(),
                 Some(NotCoalescible::BufferTooSmall)
             );
         }
@@ -745,29 +791,44 @@ mod tests {
         assert_eq!(check(&bad, POLICY).err(), Some(InnerError::Checksum));
         let icmp = crate::wire::inner::build::ipv4([1, 2, 3, 4], [5, 6, 7, 8], 1, b"ping");
         assert_eq!(
-            Train::start(&mut buf, verified(&icmp), CONFIG).err(),
+            reason(Train::start(&mut buf, verified(&icmp), CONFIG)).err(),
             Some(NotCoalescible::Protocol)
         );
         let udp = Spec::new(true, protocol::UDP).build(b"hello", false);
         assert_eq!(
-            Train::start(&mut buf, verified(&udp), TrainConfig::default()).err(),
+            reason(Train::start(
+                &mut buf,
+                verified(&udp),
+                TrainConfig::default()
+            ))
+            .err(),
             Some(NotCoalescible::UdpDisabled)
         );
         let mut opts = Spec::new(false, protocol::TCP);
         opts.ip_options = vec![1, 1, 1, 0];
         assert_eq!(
-            Train::start(&mut buf, verified(&opts.build(b"x", false)), CONFIG).err(),
+            reason(Train::start(
+                &mut buf,
+                verified(&opts.build(b"x", false)),
+                CONFIG
+            ))
+            .err(),
             Some(NotCoalescible::IpOptions)
         );
         let mut syn = Spec::new(true, protocol::TCP);
         syn.tcp_flags = tcp::SYN | tcp::ACK;
         assert_eq!(
-            Train::start(&mut buf, verified(&syn.build(b"x", false)), CONFIG).err(),
+            reason(Train::start(
+                &mut buf,
+                verified(&syn.build(b"x", false)),
+                CONFIG
+            ))
+            .err(),
             Some(NotCoalescible::TcpFlags)
         );
         let empty = Spec::new(true, protocol::TCP).build(b"", false);
         assert_eq!(
-            Train::start(&mut buf, verified(&empty), CONFIG).err(),
+            reason(Train::start(&mut buf, verified(&empty), CONFIG)).err(),
             Some(NotCoalescible::Empty)
         );
     }
@@ -832,7 +893,7 @@ mod tests {
             for fault in [Fault::Header(0), Fault::Header(hl - 1), Fault::Payload(799)] {
                 arm(fault);
                 assert_eq!(
-                    Train::start(&mut buf, verified(&packets[0]), CONFIG).err(),
+                    reason(Train::start(&mut buf, verified(&packets[0]), CONFIG)).err(),
                     Some(NotCoalescible::CopyCorrupted),
                     "{fault:?}"
                 );
@@ -840,7 +901,7 @@ mod tests {
             let mut train = Train::start(&mut buf, verified(&packets[0]), CONFIG).expect("start");
             arm(Fault::Payload(400));
             assert_eq!(
-                train.push(verified(&packets[1])),
+                reason(train.push(verified(&packets[1]))),
                 Err(NotCoalescible::CopyCorrupted)
             );
             // The train is as before: the same packet joins on a clean copy.

@@ -5,7 +5,7 @@
 //! `tcp_gro_receive()`, but with one rule of esptun's own: no checksum is
 //! ever produced from bytes esptun copied.
 //!
-//! Read side ([`split`]): the kernel hands over a packet and its
+//! Read side (`split`): the kernel hands over a packet and its
 //! [`VirtioNetHdr`]. A non-GSO packet is finished in place
 //! ([`complete_single`]); a TSO/USO super-packet is cut by a [`Splitter`]
 //! into segments written straight into the caller's buffers. Each
@@ -16,7 +16,7 @@
 //! Every segment comes out with its [`Validated`], so the outbound
 //! pipeline has nothing left to validate.
 //!
-//! Write side ([`coalesce`]): decrypted packets of one flow are appended to
+//! Write side (`coalesce`): decrypted packets of one flow are appended to
 //! a [`Train`] in a caller buffer that starts with room for the vnet
 //! header. Only a [`Verified`] packet can be appended, and only
 //! [`check`] makes one: `inner::validate` with verdict `Verified` (a policy
@@ -37,7 +37,9 @@
 //!   first [`Verified`], [`Train::push`] the next ones of the flow in order
 //!   until one is refused (the refusal says why; write the train with
 //!   [`Train::finish`] and start a new one with the refused packet), and
-//!   write single packets behind `[0u8; 10]`.
+//!   write single packets behind `[0u8; 10]`. Within a flow nothing may
+//!   overtake: a train is written before the packet that ended it (a pure
+//!   ACK, a FIN, a policy exception); different flows may interleave.
 //!
 //! No function here allocates, does I/O or panics on any input.
 
@@ -45,8 +47,8 @@ mod coalesce;
 mod split;
 
 pub use coalesce::{
-    Checked, DEFAULT_MAX_SEGMENTS, NotCoalescible, TRAIN_BUFFER_LEN, Train, TrainConfig, Verified,
-    check,
+    Checked, DEFAULT_MAX_SEGMENTS, NotCoalescible, Refused, TRAIN_BUFFER_LEN, Train, TrainConfig,
+    Verified, check,
 };
 pub use split::{Splitter, complete_single};
 
