@@ -363,6 +363,41 @@ mod tests {
     }
 
     #[test]
+    fn wireguard_go_read_cases_give_the_same_lengths() {
+        // wireguard-go `tun/offload_linux_test.go` `Test_handleVirtioRead`:
+        // 200 payload bytes, gso_size 100, ACK|PSH for TCP.
+        let cases: [(bool, u8, u8, u16, u16, u16, usize); 4] = [
+            (false, protocol::TCP, gso_type::TCPV4, 40, 20, 16, 140),
+            (true, protocol::TCP, gso_type::TCPV6, 60, 40, 16, 160),
+            (false, protocol::UDP, gso_type::UDP_L4, 28, 20, 6, 128),
+            (true, protocol::UDP, gso_type::UDP_L4, 48, 40, 6, 148),
+        ];
+        for (v6, proto, kind, hdr_len, csum_start, csum_offset, want) in cases {
+            let mut spec = Spec::new(v6, proto);
+            spec.tcp_flags = tcp::ACK | tcp::PSH;
+            let packet = spec.build(&payload(200, 20), true);
+            let hdr = VirtioNetHdr {
+                flags: flags::NEEDS_CSUM,
+                gso_type: kind,
+                hdr_len,
+                gso_size: 100,
+                csum_start,
+                csum_offset,
+            };
+            assert_eq!(hdr, spec.vnet(100));
+            let s = Splitter::new(&hdr, &packet).expect("valid");
+            let lens: Vec<usize> = (0..s.count())
+                .map(|i| {
+                    s.write_segment(i, &mut [0u8; 200], POLICY)
+                        .expect("valid")
+                        .total_len
+                })
+                .collect();
+            assert_eq!(lens, [want, want]);
+        }
+    }
+
+    #[test]
     fn ipv4_and_tcp_options_are_copied_into_every_segment() {
         let data = payload(5000, 2);
         for (v6, proto) in shapes() {
