@@ -4,6 +4,8 @@
 
 pub mod checksum;
 pub mod esp;
+pub mod gso;
 pub mod inner;
 pub mod ip;
 pub mod outer;
+pub mod vnet;
