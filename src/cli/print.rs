@@ -119,6 +119,16 @@ fn header(out: &mut String, v: &Status) {
             FailurePolicy::Halt => "halt",
         },
     );
+    let offloads = v.offloads.in_use();
+    let _ = writeln!(
+        out,
+        "offloads in use: {}",
+        if offloads.is_empty() {
+            "none".to_string()
+        } else {
+            offloads.join(", ")
+        }
+    );
 }
 
 /// `name n, name n, ...` of the entries `keep` accepts.
@@ -259,9 +269,11 @@ mod tests {
 "io":{"recv_errors":0,"send_errors":4,"tun_read_errors":1},
 "outbound_sas":[{"peer":"host-b","spi":40961,"endpoint":"198.19.0.2:4500","state":"active","packets":10,"bytes":1000,"seq_used":10,"seq_reserved":1048576,"soft_limit_reached":false,"drops":{"inner_checksum":2}},
 {"peer":"host-c","spi":40962,"endpoint":"198.19.0.3:4500","state":"pending","packets":0,"bytes":0,"seq_used":0,"seq_reserved":0,"soft_limit_reached":false,"drops":{}}],
-"inbound_sas":[{"peer":"host-b","spi":45057,"state":"retiring","packets":5,"bytes":500,"replay_window":4096,"replay_top":5,"drops":{"replay":3,"icv":1}}]}"#;
+"inbound_sas":[{"peer":"host-b","spi":45057,"state":"retiring","packets":5,"bytes":500,"replay_window":4096,"replay_top":5,"drops":{"replay":3,"icv":1}}],
+"offloads":{"tun_checksum":true,"tso":true,"uso":false,"coalesce":true,"udp_gso":true,"udp_gro":false}}"#;
 
     const EXPECTED: &str = r#"esptun on esptun0 (pid 4242), up 1m 17s, outer udp/4500, provider hardware (mode auto, on failure fallback)
+offloads in use: tun_checksum, tso, coalesce, udp_gso
 
 outbound SAs:
   peer                spi state    endpoint                      packets          bytes       seq used   seq reserved  last packet

@@ -121,7 +121,34 @@ pub struct Config {
     pub operations: OperationsConfig,
     /// `[inner]`: which packets without a verifiable inner checksum pass.
     pub inner: InnerPolicy,
+    /// `[offloads]`: which kernel offloads may be used.
+    pub offloads: Offloads,
     pub peers: Vec<Peer>,
+}
+
+/// `[offloads]`: each true unless turned `"off"`. The daemon uses what the
+/// kernel then grants, and `esptun status` shows what is in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloads {
+    pub tun_checksum: bool,
+    pub tso: bool,
+    pub uso: bool,
+    pub coalesce: bool,
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+}
+
+impl Default for Offloads {
+    fn default() -> Self {
+        Offloads {
+            tun_checksum: true,
+            tso: true,
+            uso: true,
+            coalesce: true,
+            udp_gso: true,
+            udp_gro: true,
+        }
+    }
 }
 
 /// The TUN device.

@@ -65,6 +65,10 @@ pub struct RawConfig {
     /// pass; the defaults of [`InnerPolicy`] when absent.
     #[serde(default)]
     pub inner: RawInner,
+    /// `[offloads]`: each `"auto"` (use it when the kernel offers it, the
+    /// default) or `"off"`.
+    #[serde(default)]
+    pub offloads: RawOffloads,
     #[serde(default, rename = "peer")]
     pub peers: Vec<RawPeer>,
 }
@@ -109,6 +113,25 @@ impl RawInner {
                 .unwrap_or(d.allow_udplite_partial_coverage),
         }
     }
+}
+
+/// `[offloads]`, as written: `"auto"` or `"off"` each.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOffloads {
+    /// TUN checksum offload (NEEDS_CSUM packets); TSO, USO and coalescing
+    /// need it.
+    pub tun_checksum: Option<String>,
+    /// TCP super-packets from the TUN device (TSO).
+    pub tso: Option<String>,
+    /// UDP super-packets from the TUN device (USO).
+    pub uso: Option<String>,
+    /// Validated segments of one flow written to TUN as one packet.
+    pub coalesce: Option<String>,
+    /// UDP GSO trains on the NAT-T socket.
+    pub udp_gso: Option<String>,
+    /// UDP GRO trains on the NAT-T socket.
+    pub udp_gro: Option<String>,
 }
 
 /// `[[peer]]`.
@@ -159,6 +182,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "drop_capture",
     "control_socket",
     "inner",
+    "offloads",
     "peer",
 ];
 

@@ -8,8 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawPeer, RawSa};
+use super::raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawOffloads, RawPeer, RawSa};
 use super::{
+    Offloads,
     Config, CryptoConfig, InterfaceConfig, OperationsConfig, OuterConfig, Peer, Problem,
     RekeyConfig, Sa,
 };
@@ -46,6 +47,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let rekey = rekey(raw, &mut p);
     let operations = operations(raw, &mut p);
     let inner = raw.inner.policy();
+    let offloads = offloads(&raw.offloads, &mut p);
     let peers = peers(&raw.peers, &mut p);
     ipv6_mtu(raw, &interface, outer.encap, &peers, &mut p);
     if !p.0.is_empty() {
@@ -58,8 +60,34 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         rekey,
         operations,
         inner,
+        offloads,
         peers,
     })
+}
+
+/// `[offloads]`: `"auto"` or `"off"` each. TSO, USO and coalescing ride
+/// on the TUN checksum offload, so they go with it.
+fn offloads(raw: &RawOffloads, p: &mut Problems) -> Offloads {
+    let mut one = |name: &str, value: &Option<String>| match value.as_deref() {
+        None | Some("auto") => true,
+        Some("off") => false,
+        Some(other) => {
+            p.add(
+                &format!("offloads.{name}"),
+                format!("{other:?} is not an offload setting: use \"auto\" (the default) or \"off\""),
+            );
+            true
+        }
+    };
+    let tun_checksum = one("tun_checksum", &raw.tun_checksum);
+    Offloads {
+        tun_checksum,
+        tso: one("tso", &raw.tso) && tun_checksum,
+        uso: one("uso", &raw.uso) && tun_checksum,
+        coalesce: one("coalesce", &raw.coalesce) && tun_checksum,
+        udp_gso: one("udp_gso", &raw.udp_gso),
+        udp_gro: one("udp_gro", &raw.udp_gro),
+    }
 }
 
 /// `outer`, `port`, `outer_mtu` and `fwmark`.

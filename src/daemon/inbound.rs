@@ -9,9 +9,10 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 use super::capture::{self, DropCapture};
+use super::deliver::Deliverer;
 use super::sas::{InboundCommands, SaCommand, SaEvent};
 use super::shared::{Activity, Shared};
-use super::status::{self, InboundSaStatus};
+use super::status::{self, InboundSaStatus, IoCounters};
 use super::workers::{
     BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, RX_BATCH, Sockets,
     count, maybe_selftest,
@@ -42,6 +43,8 @@ pub(crate) struct InboundWorker {
     drop_log: DropLog,
     errors: ErrorLog,
     capture: Option<DropCapture>,
+    /// Writes deliveries to TUN, coalescing validated segments.
+    deliverer: Deliverer,
     /// When each SA last delivered, for `status`.
     activity: Activity,
 }
@@ -56,7 +59,9 @@ impl InboundWorker {
         events: Sender<SaEvent>,
         capture: Option<DropCapture>,
     ) -> Self {
+        let deliverer = Deliverer::new(&tun, shared.coalesce);
         InboundWorker {
+            deliverer,
             shared,
             tun,
             sockets,
@@ -162,11 +167,23 @@ impl InboundWorker {
     fn open_and_deliver(&mut self, encap: Encap, batch: &mut Batch, verdicts: &mut Vec<Verdict>) {
         self.inbound
             .process(&self.shared.selector, encap, batch.packets_mut(), verdicts);
-        for (buf, v) in batch.packets().iter().zip(verdicts.iter()) {
-            if *v == Verdict::Deliver
-                && let Err(e) = self.tun.write(buf.data())
-            {
-                count(&self.shared.io.tun_write_errors);
+        let done = self.deliverer.deliver(
+            &self.tun,
+            self.inbound.policy,
+            batch.packets(),
+            verdicts,
+        );
+        if done.gso_refused {
+            count(&self.shared.io.tun_gso_refused);
+            self.shared.offloads.coalesce.store(false, Ordering::Relaxed);
+            tracing::error!(
+                "the kernel refused a coalesced (GSO) write to the TUN device: this kernel does \
+                 not take them; writing packets one by one from now on"
+            );
+        }
+        if done.errors > 0 {
+            IoCounters::add(&self.shared.io.tun_write_errors, done.errors);
+            if let Some(e) = done.last_error {
                 self.errors.io("writing to the TUN device", &e);
             }
         }

@@ -143,6 +143,23 @@ pub fn render(s: &Status) -> String {
         "Seconds since the daemon started.",
         [(vec![], s.uptime_secs)],
     );
+    let o = s.offloads;
+    family(
+        &mut out,
+        "esptun_offload_active",
+        "gauge",
+        "1 for each kernel offload in use (TUN checksum, TSO, USO, coalescing, UDP GSO, UDP GRO).",
+        [
+            ("tun_checksum", o.tun_checksum),
+            ("tso", o.tso),
+            ("uso", o.uso),
+            ("coalesce", o.coalesce),
+            ("udp_gso", o.udp_gso),
+            ("udp_gro", o.udp_gro),
+        ]
+        .into_iter()
+        .map(|(name, on)| (vec![("offload", name)], u64::from(on))),
+    );
     family(
         &mut out,
         "esptun_provider_active",
@@ -293,6 +310,10 @@ mod tests {
         let counters = crate::datapath::Counters::default();
         counters.count_drop(crate::datapath::DropReason::InnerChecksum);
         let status = Status {
+            offloads: crate::daemon::status::OffloadsStatus {
+                tso: true,
+                ..crate::daemon::status::OffloadsStatus::default()
+            },
             interface: "esptun0".into(),
             pid: 1,
             uptime_secs: 5,
@@ -350,6 +371,8 @@ mod tests {
             text.contains("esptun_sequence_reserved{peer=\"b\\\"x\",spi=\"0x0000a001\"} 1048576"),
             "{text}"
         );
+        assert!(text.contains("esptun_offload_active{offload=\"tso\"} 1"), "{text}");
+        assert!(text.contains("esptun_offload_active{offload=\"uso\"} 0"), "{text}");
         let active: u64 = text
             .lines()
             .filter(|l| l.starts_with("esptun_provider_active{"))

@@ -12,6 +12,7 @@
 pub mod caps;
 pub mod capture;
 pub mod control;
+mod deliver;
 mod inbound;
 pub mod metrics;
 pub mod netcfg;
@@ -38,7 +39,7 @@ use crate::datapath::inbound::Inbound;
 use crate::datapath::outbound::Outbound;
 use crate::io::IoSetupError;
 use crate::io::socket::{OuterSocket, SocketOffloads};
-use crate::io::tun::Tun;
+use crate::io::tun::{Tun, TunOffloads};
 use crate::keyfile::KeyFileError;
 use crate::sa::SaError;
 use crate::sa::keymgr::KeyManager;
@@ -213,8 +214,8 @@ fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
         if needs(v6) {
             let mut socket = OuterSocket::open(encap, v6, Some(config.outer.fwmark))?;
             let on = socket.enable_offloads(SocketOffloads {
-                gso: true,
-                gro: true,
+                gso: config.offloads.udp_gso,
+                gro: config.offloads.udp_gro,
             });
             tracing::debug!(v6, gso = on.gso, gro = on.gro, "outer socket offloads");
             Ok(Some(socket))
@@ -312,7 +313,14 @@ impl Daemon {
             peers.push(sas::build_peer(&selector, &config, peer)?);
         }
         sas::check_keys_distinct(&peers)?;
-        let tun = Tun::create(&config.interface.name)?;
+        let tun = Tun::create_with(
+            &config.interface.name,
+            TunOffloads {
+                csum: config.offloads.tun_checksum,
+                tso: config.offloads.tso,
+                uso: config.offloads.uso,
+            },
+        )?;
         let net = NetConfig::apply(&config, tun.name()).map_err(|source| DaemonError::Net {
             interface: config.interface.name.clone(),
             source,
@@ -339,8 +347,23 @@ impl Daemon {
             interface: tun.name().to_string(),
             outer: config.outer.encap,
             inner: config.inner,
+            coalesce: config.offloads.coalesce,
+            offloads: status::OffloadState::default(),
         });
 
+        {
+            let granted = tun.offloads();
+            let o = &shared.offloads;
+            let set = |b: &std::sync::atomic::AtomicBool, v: bool| b.store(v, Ordering::Relaxed);
+            set(&o.tun_checksum, granted.csum);
+            set(&o.tso, granted.tso);
+            set(&o.uso, granted.uso);
+            set(&o.coalesce, shared.coalesce && granted.tso);
+            let socks = || [sockets.v4.as_ref(), sockets.v6.as_ref()].into_iter().flatten();
+            set(&o.udp_gso, socks().any(|s| s.offloads().gso));
+            set(&o.udp_gro, socks().any(|s| s.offloads().gro));
+            tracing::info!(offloads = ?shared.offloads.snapshot().in_use(), "kernel offloads in use");
+        }
         let (out_tx, out_rx) = mpsc::channel();
         let (in_tx, in_rx) = mpsc::channel();
         let (events_tx, events_rx) = mpsc::channel();

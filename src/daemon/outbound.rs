@@ -16,16 +16,18 @@ use super::sas::{OutboundCommands, SaCommand, SaEvent};
 use super::shared::{Activity, Shared};
 use super::status::{self, IoCounters, OutboundSaStatus};
 use super::workers::{
-    BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets,
+    BATCH, BUF_CAPACITY, RX_BATCH, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets,
     TOP_UP_BELOW, count, maybe_selftest,
 };
 use crate::datapath::outbound::Outbound;
-use crate::datapath::{DropContext, Flow, Verdict};
+use crate::datapath::{DropContext, DropReason, Flow, Verdict};
 use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
 use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::table::{SaId, SaState};
+use crate::wire::gso::{GsoError, Splitter, complete_single};
+use crate::wire::vnet::{GsoType, VirtioNetHdr};
 
 /// TUN -> ESP -> socket.
 pub(crate) struct OutboundWorker {
@@ -76,6 +78,10 @@ impl OutboundWorker {
     }
 
     pub fn run(mut self) {
+        // What the TUN device hands over (with offloads a TSO/USO
+        // super-packet of up to 64 KiB fills one buffer), and the packets
+        // the pipeline seals: finished in place and handed over, or split.
+        let mut rx = Batch::new(RX_BATCH, BUF_CAPACITY);
         let mut batch = Batch::new(BATCH, BUF_CAPACITY);
         let mut verdicts = Vec::with_capacity(BATCH);
         let mut next_check = Instant::now() + self.shared.selftest_interval;
@@ -96,7 +102,7 @@ impl OutboundWorker {
                     continue;
                 }
             }
-            let n = match self.tun.read_batch(batch.slots()) {
+            let n = match self.tun.read_batch(rx.slots()) {
                 Ok(n) => n,
                 Err(e) => {
                     count(&self.shared.io.tun_read_errors);
@@ -106,17 +112,114 @@ impl OutboundWorker {
                     continue;
                 }
             };
-            batch.set_len(n);
-            if n == 0 {
-                continue;
+            rx.set_len(n);
+            let mut filled = 0;
+            for slot in rx.packets_mut() {
+                filled = self.take(slot, &mut batch, filled, &mut verdicts);
             }
-            self.outbound
-                .process(&self.shared.selector, batch.packets_mut(), &mut verdicts);
-            self.send(batch.packets(), &verdicts);
-            self.log_drops(batch.packets(), &verdicts);
-            self.top_up();
+            batch.set_len(filled);
+            if filled > 0 {
+                self.seal_and_send(&mut batch, &mut verdicts);
+            }
         }
         self.publish();
+    }
+
+    /// Moves one packet read from the TUN device into `batch` at `filled`
+    /// (sealing the batch whenever it is full); returns the new fill.
+    ///
+    /// With the virtio-net header, the packet is finished first, from the
+    /// bytes as the kernel handed them over: a NEEDS_CSUM packet gets its
+    /// checksum computed in place, a super-packet is split with each
+    /// segment's checksum summed from the source payload. Either way the
+    /// pipeline then validates the copy it seals, so the receiver's check
+    /// covers our copy and our cipher.
+    fn take(
+        &mut self,
+        slot: &mut PacketBuf,
+        batch: &mut Batch,
+        mut filled: usize,
+        verdicts: &mut Vec<Verdict>,
+    ) -> usize {
+        let policy = self.outbound.policy;
+        let hdr = if self.tun.has_vnet_hdr() {
+            match VirtioNetHdr::parse(&slot.meta.vnet) {
+                Ok(hdr) => Some(hdr),
+                Err(_) => {
+                    self.offload_drop(slot.data(), DropReason::Offload);
+                    return filled;
+                }
+            }
+        } else {
+            None
+        };
+        match hdr {
+            Some(hdr) if hdr.gso() != Ok(GsoType::None) => {
+                let splitter = match Splitter::new(&hdr, slot.data()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.offload_drop(slot.data(), offload_reason(&e));
+                        return filled;
+                    }
+                };
+                for i in 0..splitter.count() {
+                    if filled == BATCH {
+                        batch.set_len(filled);
+                        self.seal_and_send(batch, verdicts);
+                        filled = 0;
+                    }
+                    let out = &mut batch.slots()[filled];
+                    let written = splitter
+                        .write_segment(i, out.read_area(), policy)
+                        .map(|v| v.total_len);
+                    match written {
+                        Ok(len) => {
+                            out.set_len(len);
+                            filled += 1;
+                        }
+                        Err(e) => self.offload_drop(slot.data(), offload_reason(&e)),
+                    }
+                }
+                return filled;
+            }
+            Some(hdr) => {
+                if let Err(e) = complete_single(&hdr, slot.data_mut(), policy) {
+                    self.offload_drop(slot.data(), offload_reason(&e));
+                    return filled;
+                }
+            }
+            None => {}
+        }
+        // A whole packet: handed over, not copied.
+        std::mem::swap(slot, &mut batch.slots()[filled]);
+        filled += 1;
+        if filled == BATCH {
+            batch.set_len(filled);
+            self.seal_and_send(batch, verdicts);
+            filled = 0;
+        }
+        filled
+    }
+
+    /// A packet dropped before the pipeline: counted and logged like the
+    /// pipeline's own drops.
+    fn offload_drop(&mut self, packet: &[u8], reason: DropReason) {
+        self.outbound.counters.count_drop(reason);
+        if self.drop_log.due(reason, Instant::now()) {
+            let context = DropContext {
+                flow: Flow::of_packet(packet),
+                ..DropContext::default()
+            };
+            self.drop_log.log(reason, &context);
+        }
+    }
+
+    fn seal_and_send(&mut self, batch: &mut Batch, verdicts: &mut Vec<Verdict>) {
+        self.outbound
+            .process(&self.shared.selector, batch.packets_mut(), verdicts);
+        self.send(batch.packets(), verdicts);
+        self.log_drops(batch.packets(), verdicts);
+        self.top_up();
     }
 
     /// One `sendmmsg` per address family, straight from the batch.
@@ -143,6 +246,15 @@ impl OutboundWorker {
                     "no outer socket of this address family",
                 )),
             };
+            if let Some(socket) = socket
+                && !socket.offloads().gso
+                && self.shared.offloads.udp_gso.swap(false, Ordering::Relaxed)
+            {
+                tracing::error!(
+                    "the kernel refused a UDP GSO train on the outer socket: sending packets \
+                     one by one from now on"
+                );
+            }
             match result {
                 Ok(report) => {
                     if report.failed > 0 {
@@ -331,5 +443,14 @@ impl OutboundWorker {
             })
             .collect();
         Shared::publish(&self.shared.out_status, rows, &self.shared.out_counters);
+    }
+}
+
+/// The drop reason for a packet the offload code refused: a bad checksum
+/// or inner header is what it would have been without offloads.
+fn offload_reason(e: &GsoError) -> DropReason {
+    match e {
+        GsoError::Inner(inner) => DropReason::from(*inner),
+        _ => DropReason::Offload,
     }
 }

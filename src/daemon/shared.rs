@@ -82,6 +82,10 @@ pub(crate) struct Shared {
     pub outer: Encap,
     /// `[inner]`: the checksum policy both pipelines apply.
     pub inner: InnerPolicy,
+    /// Whether validated segments may be coalesced on the way to TUN.
+    pub coalesce: bool,
+    /// The offloads in use, as the threads find them.
+    pub offloads: super::status::OffloadState,
 }
 
 /// Milliseconds, saturating.
@@ -141,6 +145,7 @@ impl Shared {
                 .ok()
                 .map(ms),
             sas_age_ms: oldest.map(|at| ms(now.saturating_duration_since(at))),
+            offloads: self.offloads.snapshot(),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,9 @@ pub struct IoCounters {
     /// Control or metrics connections closed at once because the listener
     /// already had its maximum of clients.
     pub connections_refused: AtomicU64,
+    /// Coalesced (GSO) writes the TUN device refused, which turned
+    /// coalescing off (0 or 1).
+    pub tun_gso_refused: AtomicU64,
 }
 
 impl IoCounters {
@@ -122,10 +125,71 @@ impl IoCounters {
             ("capture_errors", &self.capture_errors),
             ("socket_rx_overflows", &self.socket_rx_overflows),
             ("connections_refused", &self.connections_refused),
+            ("tun_gso_refused", &self.tun_gso_refused),
         ]
         .into_iter()
         .map(|(k, v)| (Cow::Borrowed(k), v.load(Ordering::Relaxed)))
         .collect()
+    }
+}
+
+/// Which kernel offloads carry traffic now: what the configuration allows,
+/// the kernel granted, and nothing has refused since.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffloadsStatus {
+    /// TUN checksum offload: NEEDS_CSUM packets, checksums computed here.
+    pub tun_checksum: bool,
+    /// TCP super-packets from TUN, split here.
+    pub tso: bool,
+    /// UDP super-packets from TUN, split here.
+    pub uso: bool,
+    /// Validated segments written to TUN as one packet.
+    pub coalesce: bool,
+    /// UDP GSO trains on the outer socket(s).
+    pub udp_gso: bool,
+    /// UDP GRO trains on the outer socket(s).
+    pub udp_gro: bool,
+}
+
+impl OffloadsStatus {
+    /// Names of the offloads in use, for the text output.
+    pub fn in_use(&self) -> Vec<&'static str> {
+        [
+            ("tun_checksum", self.tun_checksum),
+            ("tso", self.tso),
+            ("uso", self.uso),
+            ("coalesce", self.coalesce),
+            ("udp_gso", self.udp_gso),
+            ("udp_gro", self.udp_gro),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
+    }
+}
+
+/// [`OffloadsStatus`] as the threads keep it up to date.
+#[derive(Debug, Default)]
+pub struct OffloadState {
+    pub tun_checksum: AtomicBool,
+    pub tso: AtomicBool,
+    pub uso: AtomicBool,
+    pub coalesce: AtomicBool,
+    pub udp_gso: AtomicBool,
+    pub udp_gro: AtomicBool,
+}
+
+impl OffloadState {
+    pub fn snapshot(&self) -> OffloadsStatus {
+        let get = |b: &AtomicBool| b.load(Ordering::Relaxed);
+        OffloadsStatus {
+            tun_checksum: get(&self.tun_checksum),
+            tso: get(&self.tso),
+            uso: get(&self.uso),
+            coalesce: get(&self.coalesce),
+            udp_gso: get(&self.udp_gso),
+            udp_gro: get(&self.udp_gro),
+        }
     }
 }
 
@@ -179,6 +243,9 @@ pub struct Status {
     pub io: Counts,
     pub outbound_sas: Vec<OutboundSaStatus>,
     pub inbound_sas: Vec<InboundSaStatus>,
+    /// The kernel offloads in use (absent from older daemons).
+    #[serde(default)]
+    pub offloads: OffloadsStatus,
     /// The daemon's wall clock when it answered, in milliseconds since the
     /// Unix epoch: the reference for `selftest_history[].unix_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,6 +432,10 @@ mod tests {
             last_packet_ms_ago: Some(400),
         };
         let status = Status {
+            offloads: OffloadsStatus {
+                tso: true,
+                ..OffloadsStatus::default()
+            },
             interface: "esptun0".into(),
             pid: 9,
             uptime_secs: 1,

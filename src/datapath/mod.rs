@@ -44,6 +44,9 @@ pub enum DropReason {
     NoProvider,
     /// The packet does not fit the buffer or the IP length field.
     Oversize,
+    /// A packet from the TUN device whose virtio-net header or
+    /// segmentation layout cannot be used (TSO/USO, NEEDS_CSUM).
+    Offload,
     // Outbound.
     /// No outbound SA for the destination.
     NoSa,
@@ -78,7 +81,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::InnerHeader,
         DropReason::InnerChecksum,
         DropReason::ZeroUdpChecksum,
@@ -88,6 +91,7 @@ impl DropReason {
         DropReason::PartialCoverage,
         DropReason::NoProvider,
         DropReason::Oversize,
+        DropReason::Offload,
         DropReason::NoSa,
         DropReason::SourceMismatch,
         DropReason::SequenceExhausted,
@@ -115,6 +119,7 @@ impl DropReason {
             DropReason::PartialCoverage => "partial_coverage",
             DropReason::NoProvider => "no_provider",
             DropReason::Oversize => "oversize",
+            DropReason::Offload => "offload",
             DropReason::NoSa => "no_sa",
             DropReason::SourceMismatch => "source_mismatch",
             DropReason::SequenceExhausted => "sequence_exhausted",
