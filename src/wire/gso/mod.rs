@@ -256,7 +256,7 @@ fn be32(b: &[u8]) -> u32 {
 
 /// Packet builders for the tests of both halves.
 #[cfg(test)]
-mod testutil {
+pub(crate) mod testutil {
     use super::super::checksum::{combine, finish, sum};
     use super::super::vnet::{VirtioNetHdr, flags, gso_type};
     use super::*;
