@@ -3,7 +3,8 @@
 # `esptun run` daemons in a two-namespace lab, next to the plain veth figure
 # measured in the same run, with the CPU time of every esptun thread.
 #
-#   sudo benches/tunnel.sh [--seconds N] [--outer udp|esp] [--crypto auto|hardware|soft] [--json]
+#   sudo benches/tunnel.sh [--seconds N] [--outer udp|esp] [--crypto auto|hardware|soft]
+#                          [--offloads auto|off] [--json]
 #
 # Needs root, iproute2 and iperf3 (`apt-get install iperf3`); installs
 # nothing. Builds the release binary with cargo unless ESPTUN_BIN names one.
@@ -18,13 +19,17 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: sudo benches/tunnel.sh [--seconds N] [--outer udp|esp] [--crypto auto|hardware|soft] [--json]
+usage: sudo benches/tunnel.sh [--seconds N] [--outer udp|esp] [--crypto auto|hardware|soft]
+                              [--offloads auto|off] [--json]
 
-  --seconds N   length of each iperf3 run (default 10)
-  --outer MODE  udp (NAT-T, port 4500; default) or esp (IP protocol 50)
-  --crypto SEL  the daemons' crypto selection: auto (default), hardware, soft
-  --json        print the results as one JSON document on stdout
-                (progress and tables go to stderr)
+  --seconds N     length of each iperf3 run (default 10)
+  --outer MODE    udp (NAT-T, port 4500; default) or esp (IP protocol 50)
+  --crypto SEL    the daemons' crypto selection: auto (default), hardware, soft
+  --offloads SEL  auto (default: TUN TSO/USO/checksum, coalescing, UDP GSO/GRO
+                  where the kernel offers them) or off (every [offloads] switch off)
+  --json          one JSON object per tunnel run on stdout:
+                  {"case","outer","crypto","streams","gbit_s","plain_gbit_s",...}
+                  (progress and tables go to stderr)
 
 Environment: ESPTUN_BIN=path/to/esptun skips `cargo build --release`.
 EOF
@@ -33,6 +38,7 @@ EOF
 seconds=10
 outer=udp
 crypto=auto
+offloads=auto
 json=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -42,6 +48,8 @@ while [ $# -gt 0 ]; do
         --outer=*) outer="${1#*=}"; shift ;;
         --crypto) crypto="${2:?--crypto needs a value}"; shift 2 ;;
         --crypto=*) crypto="${1#*=}"; shift ;;
+        --offloads) offloads="${2:?--offloads needs a value}"; shift 2 ;;
+        --offloads=*) offloads="${1#*=}"; shift ;;
         --json) json=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "tunnel.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -50,6 +58,7 @@ done
 case "$seconds" in ''|*[!0-9]*|0) echo "tunnel.sh: --seconds must be a positive integer, not '$seconds'" >&2; exit 2 ;; esac
 case "$outer" in udp|esp) ;; *) echo "tunnel.sh: --outer must be udp or esp, not '$outer'" >&2; exit 2 ;; esac
 case "$crypto" in auto|hardware|soft) ;; *) echo "tunnel.sh: --crypto must be auto, hardware or soft, not '$crypto'" >&2; exit 2 ;; esac
+case "$offloads" in auto|off) ;; *) echo "tunnel.sh: --offloads must be auto or off, not '$offloads'" >&2; exit 2 ;; esac
 
 # With --json, stdout carries only the JSON document.
 if [ "$json" = 1 ]; then exec 3>&1 1>&2; else exec 3>&1; fi
@@ -177,6 +186,21 @@ mkdir -m 0700 "$tmp/a" "$tmp/b" "$tmp/keys"
 "$esptun" genkey -o "$tmp/keys/a-to-b.key" --state-dir "$tmp/a/state" >/dev/null
 "$esptun" genkey -o "$tmp/keys/b-to-a.key" --state-dir "$tmp/b/state" >/dev/null
 
+# Only written to turn offloads off, so that a binary from before the
+# [offloads] table (ESPTUN_BIN) still reads the file.
+offload_table=""
+if [ "$offloads" = off ]; then
+    offload_table="
+[offloads]
+tun_checksum = \"off\"
+tso = \"off\"
+uso = \"off\"
+coalesce = \"off\"
+udp_gso = \"off\"
+udp_gro = \"off\"
+"
+fi
+
 write_config() {  # write_config SIDE LOCAL REMOTE OUT_SPI OUT_KEY IN_SPI IN_KEY PEER
     cat >"$tmp/$1/esptun.toml" <<EOF
 # Written by benches/tunnel.sh ($1).
@@ -186,7 +210,7 @@ state_dir = "$tmp/$1/state"
 control_socket = "$tmp/$1/control.sock"
 crypto = "$crypto"
 selftest_interval_secs = 60
-
+$offload_table
 [[peer]]
 name = "$8"
 local = "$2"
@@ -418,8 +442,8 @@ done
 
 report() {
     local r c s b t p q qc qs qb h name secs pct wpct cs cr
-    printf '\nesptun whole-tunnel benchmark: iperf3 TCP, %s s per run, outer %s, crypto %s (provider A: %s, B: %s)\n' \
-        "$seconds" "$outer" "$crypto" "${provider_a:-?}" "${provider_b:-?}"
+    printf '\nesptun whole-tunnel benchmark: iperf3 TCP, %s s per run, outer %s, crypto %s (provider A: %s, B: %s), offloads %s\n' \
+        "$seconds" "$outer" "$crypto" "${provider_a:-?}" "${provider_b:-?}" "$offloads"
     printf '%s, %s CPUs, kernel %s\n\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$(uname -r)"
     printf '%-8s %7s %9s %13s %8s %12s\n' case streams Gbit/s "vs plain veth" retrans "iperf3 CPU%"
     for r in "${results[@]}"; do
@@ -447,26 +471,32 @@ report() {
 report >&2
 
 if [ "$json" = 1 ]; then
-    {
-        printf '{"seconds":%s,"outer":"%s","crypto":"%s","provider_a":"%s","provider_b":"%s","runs":[' \
-            "$seconds" "$outer" "$crypto" "$provider_a" "$provider_b"
-        sep=""
-        for r in "${results[@]}"; do
-            read -r c s b t _ <<<"$r"
-            [ "$t" = - ] && t=null
-            printf '%s{"case":"%s","streams":%s,"bits_per_second":%s,"retransmits":%s}' "$sep" "$c" "$s" "$b" "$t"
-            sep=","
+    # One object per tunnel run, next to the plain veth figure of the same
+    # stream count from the same (alternating) run, and the esptun CPU time
+    # of both hosts per Gbit/s of tunnel throughput.
+    outer_name=natt
+    [ "$outer" = esp ] && outer_name=esp
+    crypto_name="${provider_a:-$crypto}"
+    for r in "${results[@]}"; do
+        read -r c s b t _ <<<"$r"
+        [ "$c" = tunnel ] || continue
+        p=""
+        for q in "${results[@]}"; do
+            read -r qc qs qb _ <<<"$q"
+            [ "$qc" = plain ] && [ "$qs" = "$s" ] && p="$qb"
         done
-        printf '],"threads":['
-        sep=""
-        for r in "${cpu_rows[@]}"; do
-            read -r s h name secs pct wpct <<<"$r"
-            printf '%s{"streams":%s,"host":"%s","thread":"%s","cpu_seconds":%s,"percent_of_wall":%s,"wait_percent_of_wall":%s}' \
-                "$sep" "$s" "$h" "$name" "$secs" "$pct" "$wpct"
-            sep=","
+        cpu=0
+        for row in "${cpu_rows[@]}"; do
+            read -r rs _ _ secs _ _ <<<"$row"
+            [ "$rs" = "$s" ] && cpu="$(awk -v a="$cpu" -v b="$secs" 'BEGIN { print a + b }')"
         done
-        printf ']}\n'
-    } >&3
+        [ "$t" = - ] && t=null
+        awk -v c="tcp-$s" -v o="$outer_name" -v k="$crypto_name" -v off="$offloads" -v s="$s" \
+            -v b="$b" -v p="$p" -v t="$t" -v cpu="$cpu" -v secs="$seconds" 'BEGIN {
+            g = b / 1e9; pg = p / 1e9
+            printf "{\"case\":\"%s\",\"outer\":\"%s\",\"crypto\":\"%s\",\"offloads\":\"%s\",\"streams\":%d,\"gbit_s\":%.3f,\"plain_gbit_s\":%.3f,\"ratio\":%.4f,\"retransmits\":%s,\"esptun_cpu_s_per_s_per_gbit\":%.3f}\n", c, o, k, off, s, g, pg, g / pg, t, (cpu / secs) / g
+        }'
+    done >&3
 fi
 
 [ "$stop_rc" = 0 ] || die "a daemon did not stop cleanly"

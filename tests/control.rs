@@ -291,7 +291,10 @@ fn esptun_reload_reports_the_datapaths_answer() {
     // refused claim leaves it sending (it once left the peer with none).
     let unrecorded2 = new_key(&lab, Side::A, &lab.a.state_dir, "unrecorded2", false);
     let text = original
-        .replace(&lab.key_file(Side::A).display().to_string(), s(&unrecorded2))
+        .replace(
+            &lab.key_file(Side::A).display().to_string(),
+            s(&unrecorded2),
+        )
         .replace(&lab.key_file(Side::B).display().to_string(), s(&b3))
         .replace("0xa001", "0xa005")
         .replace("0xb001", "0xb004");

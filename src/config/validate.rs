@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use super::raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawOffloads, RawPeer, RawSa};
 use super::{
-    Offloads,
-    Config, CryptoConfig, InterfaceConfig, OperationsConfig, OuterConfig, Peer, Problem,
+    Config, CryptoConfig, InterfaceConfig, Offloads, OperationsConfig, OuterConfig, Peer, Problem,
     RekeyConfig, Sa,
 };
 use crate::crypto::IcvLen;
@@ -74,7 +73,9 @@ fn offloads(raw: &RawOffloads, p: &mut Problems) -> Offloads {
         Some(other) => {
             p.add(
                 &format!("offloads.{name}"),
-                format!("{other:?} is not an offload setting: use \"auto\" (the default) or \"off\""),
+                format!(
+                    "{other:?} is not an offload setting: use \"auto\" (the default) or \"off\""
+                ),
             );
             true
         }

@@ -282,7 +282,12 @@ mod tests {
     fn validated_segments_of_a_flow_go_out_as_one_train() {
         let mut d = Deliverer::with(true, false);
         let (seen, done) = run(&mut d, &segments(), &[Verdict::Deliver; 5], |_| None);
-        assert_eq!(seen.len(), 1, "{:?}", seen.iter().map(|s| s.0).collect::<Vec<_>>());
+        assert_eq!(
+            seen.len(),
+            1,
+            "{:?}",
+            seen.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
         assert_eq!(seen[0].0, 5);
         assert_eq!(seen[0].1.len(), 20 + 20 + 5000);
         assert_eq!((done.written, done.coalesced, done.errors), (1, 5, 0));

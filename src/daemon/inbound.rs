@@ -167,15 +167,15 @@ impl InboundWorker {
     fn open_and_deliver(&mut self, encap: Encap, batch: &mut Batch, verdicts: &mut Vec<Verdict>) {
         self.inbound
             .process(&self.shared.selector, encap, batch.packets_mut(), verdicts);
-        let done = self.deliverer.deliver(
-            &self.tun,
-            self.inbound.policy,
-            batch.packets(),
-            verdicts,
-        );
+        let done =
+            self.deliverer
+                .deliver(&self.tun, self.inbound.policy, batch.packets(), verdicts);
         if done.gso_refused {
             count(&self.shared.io.tun_gso_refused);
-            self.shared.offloads.coalesce.store(false, Ordering::Relaxed);
+            self.shared
+                .offloads
+                .coalesce
+                .store(false, Ordering::Relaxed);
             tracing::error!(
                 "the kernel refused a coalesced (GSO) write to the TUN device: this kernel does \
                  not take them; writing packets one by one from now on"

@@ -371,8 +371,14 @@ mod tests {
             text.contains("esptun_sequence_reserved{peer=\"b\\\"x\",spi=\"0x0000a001\"} 1048576"),
             "{text}"
         );
-        assert!(text.contains("esptun_offload_active{offload=\"tso\"} 1"), "{text}");
-        assert!(text.contains("esptun_offload_active{offload=\"uso\"} 0"), "{text}");
+        assert!(
+            text.contains("esptun_offload_active{offload=\"tso\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("esptun_offload_active{offload=\"uso\"} 0"),
+            "{text}"
+        );
         let active: u64 = text
             .lines()
             .filter(|l| l.starts_with("esptun_provider_active{"))

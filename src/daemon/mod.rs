@@ -359,7 +359,11 @@ impl Daemon {
             set(&o.tso, granted.tso);
             set(&o.uso, granted.uso);
             set(&o.coalesce, shared.coalesce && granted.tso);
-            let socks = || [sockets.v4.as_ref(), sockets.v6.as_ref()].into_iter().flatten();
+            let socks = || {
+                [sockets.v4.as_ref(), sockets.v6.as_ref()]
+                    .into_iter()
+                    .flatten()
+            };
             set(&o.udp_gso, socks().any(|s| s.offloads().gso));
             set(&o.udp_gro, socks().any(|s| s.offloads().gro));
             tracing::info!(offloads = ?shared.offloads.snapshot().in_use(), "kernel offloads in use");

@@ -16,7 +16,7 @@ use super::sas::{OutboundCommands, SaCommand, SaEvent};
 use super::shared::{Activity, Shared};
 use super::status::{self, IoCounters, OutboundSaStatus};
 use super::workers::{
-    BATCH, BUF_CAPACITY, RX_BATCH, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, Sockets,
+    BATCH, BUF_CAPACITY, DropLog, ERROR_BACKOFF, ErrorLog, POLL, PUBLISH_EVERY, RX_BATCH, Sockets,
     TOP_UP_BELOW, count, maybe_selftest,
 };
 use crate::datapath::outbound::Outbound;
@@ -27,6 +27,7 @@ use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::table::{SaId, SaState};
 use crate::wire::gso::{GsoError, Splitter, complete_single};
+use crate::wire::inner::InnerPolicy;
 use crate::wire::vnet::{GsoType, VirtioNetHdr};
 
 /// TUN -> ESP -> socket.
@@ -115,6 +116,8 @@ impl OutboundWorker {
             rx.set_len(n);
             let mut filled = 0;
             for slot in rx.packets_mut() {
+                // Invariant: filled <= BATCH; take() seals a full batch
+                // before it adds to it.
                 filled = self.take(slot, &mut batch, filled, &mut verdicts);
             }
             batch.set_len(filled);
@@ -127,76 +130,27 @@ impl OutboundWorker {
 
     /// Moves one packet read from the TUN device into `batch` at `filled`
     /// (sealing the batch whenever it is full); returns the new fill.
-    ///
-    /// With the virtio-net header, the packet is finished first, from the
-    /// bytes as the kernel handed them over: a NEEDS_CSUM packet gets its
-    /// checksum computed in place, a super-packet is split with each
-    /// segment's checksum summed from the source payload. Either way the
-    /// pipeline then validates the copy it seals, so the receiver's check
-    /// covers our copy and our cipher.
     fn take(
         &mut self,
         slot: &mut PacketBuf,
         batch: &mut Batch,
-        mut filled: usize,
+        filled: usize,
         verdicts: &mut Vec<Verdict>,
     ) -> usize {
+        let vnet = self.tun.has_vnet_hdr();
         let policy = self.outbound.policy;
-        let hdr = if self.tun.has_vnet_hdr() {
-            match VirtioNetHdr::parse(&slot.meta.vnet) {
-                Ok(hdr) => Some(hdr),
-                Err(_) => {
-                    self.offload_drop(slot.data(), DropReason::Offload);
-                    return filled;
-                }
-            }
-        } else {
-            None
-        };
-        match hdr {
-            Some(hdr) if hdr.gso() != Ok(GsoType::None) => {
-                let splitter = match Splitter::new(&hdr, slot.data()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        self.offload_drop(slot.data(), offload_reason(&e));
-                        return filled;
-                    }
-                };
-                for i in 0..splitter.count() {
-                    if filled == BATCH {
-                        batch.set_len(filled);
-                        self.seal_and_send(batch, verdicts);
-                        filled = 0;
-                    }
-                    let out = &mut batch.slots()[filled];
-                    let written = splitter
-                        .write_segment(i, out.read_area(), policy)
-                        .map(|v| v.total_len);
-                    match written {
-                        Ok(len) => {
-                            out.set_len(len);
-                            filled += 1;
-                        }
-                        Err(e) => self.offload_drop(slot.data(), offload_reason(&e)),
-                    }
-                }
-                return filled;
-            }
-            Some(hdr) => {
-                if let Err(e) = complete_single(&hdr, slot.data_mut(), policy) {
-                    self.offload_drop(slot.data(), offload_reason(&e));
-                    return filled;
-                }
-            }
-            None => {}
-        }
-        // A whole packet: handed over, not copied.
-        std::mem::swap(slot, &mut batch.slots()[filled]);
-        filled += 1;
-        if filled == BATCH {
-            batch.set_len(filled);
-            self.seal_and_send(batch, verdicts);
-            filled = 0;
+        let mut dropped: Option<DropReason> = None;
+        let filled = take_packet(
+            vnet,
+            policy,
+            slot,
+            batch,
+            filled,
+            &mut |full: &mut Batch| self.seal_and_send(full, verdicts),
+            &mut |reason| dropped = Some(reason),
+        );
+        if let Some(reason) = dropped {
+            self.offload_drop(slot.data(), reason);
         }
         filled
     }
@@ -452,5 +406,170 @@ fn offload_reason(e: &GsoError) -> DropReason {
     match e {
         GsoError::Inner(inner) => DropReason::from(*inner),
         _ => DropReason::Offload,
+    }
+}
+
+/// Moves one packet read from the TUN device into `batch` at `filled`,
+/// calling `full` with the batch whenever it fills up (the caller seals
+/// and sends it; it is then empty); returns the new fill, never above the
+/// batch size. `drop` hears of each segment or packet refused.
+///
+/// With the virtio-net header (`vnet`), the packet is finished first, from
+/// the bytes as the kernel handed them over: a NEEDS_CSUM packet gets its
+/// checksum computed in place, a super-packet is split with each segment's
+/// checksum summed from the source payload. Either way the pipeline then
+/// validates the copy it seals, so the receiver's check covers our copy
+/// and our cipher.
+fn take_packet(
+    vnet: bool,
+    policy: InnerPolicy,
+    slot: &mut PacketBuf,
+    batch: &mut Batch,
+    mut filled: usize,
+    full: &mut dyn FnMut(&mut Batch),
+    drop: &mut dyn FnMut(DropReason),
+) -> usize {
+    let capacity = batch.slots().len();
+    let mut make_room = |batch: &mut Batch, filled: &mut usize| {
+        if *filled == capacity {
+            batch.set_len(*filled);
+            full(batch);
+            *filled = 0;
+        }
+    };
+    let hdr = if vnet {
+        match VirtioNetHdr::parse(&slot.meta.vnet) {
+            Ok(hdr) => Some(hdr),
+            Err(_) => {
+                drop(DropReason::Offload);
+                return filled;
+            }
+        }
+    } else {
+        None
+    };
+    match hdr {
+        Some(hdr) if hdr.gso() != Ok(GsoType::None) => {
+            let splitter = match Splitter::new(&hdr, slot.data()) {
+                Ok(s) => s,
+                Err(e) => {
+                    drop(offload_reason(&e));
+                    return filled;
+                }
+            };
+            for i in 0..splitter.count() {
+                make_room(batch, &mut filled);
+                let out = &mut batch.slots()[filled];
+                let written = splitter
+                    .write_segment(i, out.read_area(), policy)
+                    .map(|v| v.total_len);
+                match written {
+                    Ok(len) => {
+                        out.set_len(len);
+                        filled += 1;
+                    }
+                    Err(e) => drop(offload_reason(&e)),
+                }
+            }
+            return filled;
+        }
+        Some(hdr) => {
+            if let Err(e) = complete_single(&hdr, slot.data_mut(), policy) {
+                drop(offload_reason(&e));
+                return filled;
+            }
+        }
+        None => {}
+    }
+    // A whole packet: handed over, not copied. A split before it may have
+    // left the batch full.
+    make_room(batch, &mut filled);
+    std::mem::swap(slot, &mut batch.slots()[filled]);
+    filled + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::gso::testutil::{Spec, payload};
+    use crate::wire::inner::validate;
+    use crate::wire::ip::protocol;
+
+    /// A TSO super-packet of exactly one batch of segments, then a single
+    /// packet: the batch must be sealed before the single packet goes in
+    /// (it once went in at index 64 of 64 and panicked the thread).
+    #[test]
+    fn a_batch_filled_by_a_split_is_sealed_before_the_next_packet() {
+        const SLOTS: usize = 8;
+        let mut batch = Batch::new(SLOTS, 2048);
+        let spec = Spec::new(false, protocol::TCP);
+        let mut rx = Batch::new(2, 65535);
+        let sizes = [SLOTS * 1000, 300];
+        for (slot, size) in rx.slots().iter_mut().zip(sizes) {
+            assert!(slot.fill(&spec.build(&payload(size, 3), true)));
+            slot.meta.vnet = if size > 1000 {
+                spec.vnet(1000).to_bytes()
+            } else {
+                let mut single = spec.vnet(1000);
+                single.gso_type = 0;
+                single.gso_size = 0;
+                single.to_bytes()
+            };
+        }
+        rx.set_len(2);
+        let mut sealed = Vec::new();
+        let mut refused = Vec::new();
+        let mut filled = 0;
+        for slot in rx.packets_mut() {
+            filled = take_packet(
+                true,
+                InnerPolicy::default(),
+                slot,
+                &mut batch,
+                filled,
+                &mut |full: &mut Batch| {
+                    for p in full.packets() {
+                        sealed.push(p.data().to_vec());
+                    }
+                },
+                &mut |reason| refused.push(reason),
+            );
+            assert!(filled <= SLOTS);
+        }
+        assert_eq!(refused, []);
+        assert_eq!(sealed.len(), SLOTS, "the split filled one batch");
+        assert_eq!(filled, 1, "the single packet starts the next");
+        assert_eq!(batch.slots()[0].len(), 40 + 300);
+        for p in sealed
+            .iter()
+            .chain([batch.slots()[0].data().to_vec()].iter())
+        {
+            assert!(
+                validate(p, InnerPolicy::default()).is_ok(),
+                "checksums computed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_virtio_header_is_a_counted_drop_not_a_packet() {
+        let mut batch = Batch::new(4, 2048);
+        let mut slot = PacketBuf::new(2048);
+        assert!(slot.fill(&[0x45; 60]));
+        slot.meta.vnet = [0, 0x42, 0, 0, 0, 0, 0, 0, 0, 0]; // unknown GSO type
+        let mut refused = Vec::new();
+        let filled = take_packet(
+            true,
+            InnerPolicy::default(),
+            &mut slot,
+            &mut batch,
+            0,
+            &mut |_| panic!("nothing to seal"),
+            &mut |reason| refused.push(reason),
+        );
+        assert_eq!(
+            (filled, refused.as_slice()),
+            (0, &[DropReason::Offload][..])
+        );
     }
 }

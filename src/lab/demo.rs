@@ -98,6 +98,8 @@ pub struct LabOptions {
     pub metrics: bool,
     /// Capture inner-checksum drops to `<dir>/<side>-drops.pcap`.
     pub drop_capture: bool,
+    /// Turn every `[offloads]` switch off (the default leaves them auto).
+    pub offloads_off: bool,
 }
 
 impl Default for LabOptions {
@@ -116,6 +118,7 @@ impl Default for LabOptions {
             rekey_retire_secs: 120,
             metrics: false,
             drop_capture: false,
+            offloads_off: false,
         }
     }
 }
@@ -326,6 +329,12 @@ impl TunnelLab {
                 "\n[drop_capture]\npath = \"{}\"\n",
                 self.drop_capture_path(side).display()
             ));
+        }
+        if self.options.offloads_off {
+            extra.push_str(
+                "\n[offloads]\ntun_checksum = \"off\"\ntso = \"off\"\nuso = \"off\"\n\
+                 coalesce = \"off\"\nudp_gso = \"off\"\nudp_gro = \"off\"\n",
+            );
         }
         let overlay = if self.options.overlay {
             format!("inner_local = \"{inner_local}\"\ninner_remote = \"{inner_remote}\"\n")
@@ -631,6 +640,23 @@ impl TunnelLab {
             &self.hosts.b,
             &self.hosts.a,
             SocketAddr::new(self.b_inner, 5001),
+            bytes,
+            timeout,
+        )?)
+    }
+
+    /// [`Self::tcp_zeros`] to another port of b, so that several streams
+    /// can run at once.
+    pub fn tcp_zeros_on(
+        &self,
+        port: u16,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<lab::TcpZerosReport, DemoError> {
+        Ok(lab::tcp_zeros(
+            &self.hosts.b,
+            &self.hosts.a,
+            SocketAddr::new(self.b_inner, port),
             bytes,
             timeout,
         )?)
