@@ -6,8 +6,9 @@
 #   sudo benches/tunnel.sh [--seconds N] [--outer udp|esp] [--crypto auto|hardware|soft]
 #                          [--offloads auto|off] [--json]
 #
-# Needs root, iproute2 and iperf3 (`apt-get install iperf3`); installs
-# nothing. Builds the release binary with cargo unless ESPTUN_BIN names one.
+# Needs root, iproute2 and iperf3 (`apt-get install iperf3`), and ping
+# (iputils-ping) for the idle RTT figures; installs nothing. Builds the
+# release binary with cargo unless ESPTUN_BIN names one.
 # Everything it creates (two namespaces and their veth pair, a 0700 temp dir
 # with keys, state and configs, the daemons and iperf3 servers) is removed
 # on exit, on failure and on Ctrl-C. The root namespace's addresses, routes
@@ -382,6 +383,24 @@ run_iperf() {
     results+=("$case $streams $bps $retr $(cpu_of "$out" || echo '- -')")
 }
 
+# Idle round-trip time, before any load: batching must not delay a lone
+# packet. 40 pings 50 ms apart on each path; the average in ms.
+ping_avg() {      # ping_avg ADDR
+    ip netns exec "$ns_a" ping -q -c 40 -i 0.05 -W 1 "$1" 2>/dev/null \
+        | awk -F/ '/^rtt|^round-trip/ { print $5 }'
+}
+rtt_tunnel=null
+rtt_plain=null
+if command -v ping >/dev/null; then
+    log "idle ping RTT, tunnel and plain (40 pings each)"
+    rtt_tunnel="$(ping_avg "$b_tun" || true)"
+    rtt_plain="$(ping_avg "$b_plain" || true)"
+    [ -n "$rtt_tunnel" ] || die "no ping reply through the tunnel"
+    [ -n "$rtt_plain" ] || rtt_plain=null
+else
+    log "ping not found (apt-get install iputils-ping): no idle RTT figures"
+fi
+
 # Alternate plain and tunnel runs so that both see the same machine load.
 for streams in 1 4; do
     run_iperf plain "$streams"
@@ -444,7 +463,8 @@ report() {
     local r c s b t p q qc qs qb h name secs pct wpct cs cr
     printf '\nesptun whole-tunnel benchmark: iperf3 TCP, %s s per run, outer %s, crypto %s (provider A: %s, B: %s), offloads %s\n' \
         "$seconds" "$outer" "$crypto" "${provider_a:-?}" "${provider_b:-?}" "$offloads"
-    printf '%s, %s CPUs, kernel %s\n\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$(uname -r)"
+    printf '%s, %s CPUs, kernel %s\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)" "$(uname -r)"
+    printf 'idle ping RTT (avg of 40): tunnel %s ms, plain veth %s ms\n\n' "$rtt_tunnel" "$rtt_plain"
     printf '%-8s %7s %9s %13s %8s %12s\n' case streams Gbit/s "vs plain veth" retrans "iperf3 CPU%"
     for r in "${results[@]}"; do
         read -r c s b t cs cr <<<"$r"
@@ -492,9 +512,10 @@ if [ "$json" = 1 ]; then
         done
         [ "$t" = - ] && t=null
         awk -v c="tcp-$s" -v o="$outer_name" -v k="$crypto_name" -v off="$offloads" -v s="$s" \
-            -v b="$b" -v p="$p" -v t="$t" -v cpu="$cpu" -v secs="$seconds" 'BEGIN {
+            -v b="$b" -v p="$p" -v t="$t" -v cpu="$cpu" -v secs="$seconds" \
+            -v rtt="$rtt_tunnel" -v prtt="$rtt_plain" 'BEGIN {
             g = b / 1e9; pg = p / 1e9
-            printf "{\"case\":\"%s\",\"outer\":\"%s\",\"crypto\":\"%s\",\"offloads\":\"%s\",\"streams\":%d,\"gbit_s\":%.3f,\"plain_gbit_s\":%.3f,\"ratio\":%.4f,\"retransmits\":%s,\"esptun_cpu_s_per_s_per_gbit\":%.3f}\n", c, o, k, off, s, g, pg, g / pg, t, (cpu / secs) / g
+            printf "{\"case\":\"%s\",\"outer\":\"%s\",\"crypto\":\"%s\",\"offloads\":\"%s\",\"streams\":%d,\"gbit_s\":%.3f,\"plain_gbit_s\":%.3f,\"ratio\":%.4f,\"retransmits\":%s,\"esptun_cpu_s_per_s_per_gbit\":%.3f,\"idle_rtt_ms\":%s,\"plain_idle_rtt_ms\":%s}\n", c, o, k, off, s, g, pg, g / pg, t, (cpu / secs) / g, rtt, prtt
         }'
     done >&3
 fi
