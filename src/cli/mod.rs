@@ -6,13 +6,16 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
-use esptun::crypto::select::{BootOptions, FailurePolicy, Mode, ProviderReport, Selector};
-use esptun::crypto::{KeySize, Provider, ProviderId};
+use esptun::crypto::KeySize;
+use esptun::crypto::select::Mode;
 use esptun::daemon::signals::Signals;
 use esptun::daemon::{Daemon, DaemonError, RunOptions};
-use esptun::tools::bench::{self, BenchConfig, Op};
+use esptun::tools::bench::{self, BenchConfig};
 
+mod measure;
 mod print;
+
+use measure::{run_bench, selftest};
 
 /// `bench::DEFAULT_SIZES` as `--sizes` takes them (a test keeps the two
 /// equal), so that `--help` shows a default one can type.
@@ -585,14 +588,8 @@ fn declare_fresh(config: &std::path::Path, peer: &str) -> anyhow::Result<ExitCod
     };
     let material = esptun::keyfile::load(&p.outbound.key_file)?;
     let store = esptun::sa::reservation::ReservationStore::open(&valid.operations.state_dir)?;
-    let fp = esptun::sa::reservation::Fingerprint::new(&material);
-    if let Some(ceiling) = store.load(&fp)? {
-        bail!(
-            "the outbound key of peer {peer} already has a record (sequence numbers up to {ceiling} \
-             reserved): it has been used, so it is not fresh; nothing to do, the daemon resumes above it"
-        );
-    }
-    store.mark_fresh(&material)?;
+    esptun::sa::fresh::declare(&material, &store)
+        .with_context(|| format!("the outbound key of peer {peer}"))?;
     println!(
         "declared the outbound key of peer {peer} ({}) fresh in {}: the daemon will start it at \
          sequence number 1, once",
@@ -612,13 +609,6 @@ fn genkey(
     } else {
         KeySize::Aes128
     };
-    let material = esptun::keyfile::generate(size)?;
-    if output.exists() {
-        // Checked here too so that no fresh mark is made for a key that
-        // will not be written.
-        esptun::keyfile::write_new(output, &material)?;
-    }
-    let parsed = esptun::sa::KeyMaterial::from_bytes(&material)?;
     let store = esptun::sa::reservation::ReservationStore::open(state_dir).with_context(|| {
         format!(
             "recording the new key as never used in {}: the records must belong to the user the \
@@ -627,10 +617,7 @@ fn genkey(
             state_dir.display()
         )
     })?;
-    // Marked before the key exists: a mark for a key never written is
-    // harmless; a key without its mark would need declare-fresh.
-    store.mark_fresh(&parsed)?;
-    esptun::keyfile::write_new(output, &material)?;
+    esptun::sa::fresh::generate(size, output, &store)?;
     println!(
         "wrote new AES-{bits}-GCM key material (key + salt) to {} with mode 0600, recorded as never \
          used in {}; use it as this host's outbound key and give a copy, kept private, to the peer as \
@@ -641,254 +628,5 @@ fn genkey(
     Ok(ExitCode::SUCCESS)
 }
 
-fn selftest(json: bool, mode: Mode) -> anyhow::Result<ExitCode> {
-    let selector = Selector::boot(
-        Provider::detect_all(),
-        mode,
-        FailurePolicy::Fallback,
-        BootOptions::default(),
-    );
-    let reports = selector.reports();
-    let selected = selector.active();
-    if json {
-        let out = serde_json::json!({
-            "mode": mode,
-            "selected": selected,
-            "providers": reports,
-        });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).context("serializing the report")?
-        );
-    } else {
-        print_selftest_table(&reports, mode, selected);
-    }
-    Ok(match selected {
-        Some(_) => ExitCode::SUCCESS,
-        None => {
-            eprintln!(
-                "esptun: no AES-GCM provider passed its self-tests for --crypto {mode}; \
-                 refusing to carry traffic (see the reasons above; try --crypto auto)"
-            );
-            ExitCode::from(EXIT_SELFTEST_FAILED)
-        }
-    })
-}
-
-fn print_selftest_table(reports: &[ProviderReport], mode: Mode, selected: Option<ProviderId>) {
-    println!(
-        "{:<9} {:<17} {:<9} {:<10} {:>11} {:<6}",
-        "provider", "implementation", "kind", "available", "vectors", "simd"
-    );
-    for r in reports {
-        let kind = if r.hardware { "hardware" } else { "software" };
-        let vectors = if r.available {
-            format!("{}/{}", r.kat_passed, r.kat_passed + r.kat_failed)
-        } else {
-            "-".into()
-        };
-        let simd = match r.simd_ok {
-            Some(true) => "ok",
-            Some(false) => "FAILED",
-            None => "-",
-        };
-        println!(
-            "{:<9} {:<17} {:<9} {:<10} {:>11} {:<6}",
-            r.name.as_str(),
-            r.implementation,
-            kind,
-            if r.available { "yes" } else { "no" },
-            vectors,
-            simd
-        );
-    }
-    for r in reports {
-        if let Some(why) = &r.unavailable_reason {
-            println!("  {}: unavailable: {why}", r.name);
-        }
-        for failure in &r.kat_failures {
-            println!("  {}: vector failed: {failure}", r.name);
-        }
-        if let Some(check) = &r.register_check {
-            println!("  {}: register check: {}", r.name, check.summary());
-        }
-        if let Some(detail) = &r.long_message_detail {
-            println!("  {}: long-message check: {detail}", r.name);
-        }
-        if let Some(why) = &r.disabled {
-            println!("  {}: DISABLED: {why}", r.name);
-        }
-    }
-    match selected {
-        Some(id) => println!("selected ({mode}): {id}"),
-        None => println!("selected ({mode}): none"),
-    }
-}
-
-fn run_bench(json: bool, config: &BenchConfig) -> anyhow::Result<()> {
-    let providers = Provider::detect_all();
-    for p in &providers {
-        if let Err(why) = &p.availability {
-            eprintln!("esptun: not benchmarking {}: {why}", p.id);
-        }
-    }
-    if providers.iter().all(|p| !p.is_available()) {
-        bail!("no provider is available to benchmark");
-    }
-    let results = bench::run(&providers, config).map_err(anyhow::Error::msg)?;
-    let checksums = bench::run_checksum(config).map_err(anyhow::Error::msg)?;
-    let datapath = bench::esp::run(config).map_err(anyhow::Error::msg)?;
-    if json {
-        let datapath: Vec<_> = datapath
-            .iter()
-            .flat_map(bench::esp::DatapathRow::results)
-            .collect();
-        for r in results.iter().chain(&checksums).chain(&datapath) {
-            println!(
-                "{}",
-                serde_json::to_string(r).context("serializing a result")?
-            );
-        }
-        return Ok(());
-    }
-    let names: Vec<String> = {
-        let mut seen: Vec<String> = Vec::new();
-        for r in &results {
-            if !seen.contains(&r.provider) {
-                seen.push(r.provider.clone());
-            }
-        }
-        seen
-    };
-    let implementation = |name: &str| {
-        providers
-            .iter()
-            .find(|p| p.id.as_str() == name)
-            .map_or(String::new(), |p| format!(" ({})", p.name))
-    };
-    println!(
-        "AES-{}-GCM, 16-byte ICV, MB/s = 10^6 bytes/s, fastest 25 ms slice of {} x {} s per cell",
-        config.key_size.bits(),
-        config.rounds,
-        config.seconds
-    );
-    print!("{:>7} {:<5}", "size", "op");
-    for n in &names {
-        print!(" {:>26}", format!("{n}{}", implementation(n)));
-    }
-    print!(" {:>9}", "hw/soft");
-    if config.baseline {
-        print!(" {:>12} {:>14}", "hw/ring", "soft/rcrypto");
-    }
-    println!();
-    for &size in &config.sizes {
-        for op in [Op::Seal, Op::Open] {
-            print!("{size:>7} {:<5}", op.as_str());
-            for n in &names {
-                let v = results
-                    .iter()
-                    .find(|r| &r.provider == n && r.op == op && r.size == size)
-                    .map_or(0.0, |r| r.mb_per_s);
-                print!(" {v:>26.1}");
-            }
-            let show = |x: Option<f64>, width: usize| match x {
-                Some(x) => format!("{:>width$}", format!("{x:.2}x")),
-                None => format!("{:>width$}", "-"),
-            };
-            print!(
-                " {}",
-                show(bench::ratio(&results, "hardware", "soft", op, size), 9)
-            );
-            if config.baseline {
-                print!(
-                    " {} {}",
-                    show(
-                        bench::ratio(&results, "hardware", "ring-direct", op, size),
-                        12
-                    ),
-                    show(
-                        bench::ratio(&results, "soft", "rustcrypto-direct", op, size),
-                        14
-                    )
-                );
-            }
-            println!();
-        }
-    }
-    print_datapath_table(&datapath);
-    println!("\ninner checksum (RFC 1071 sum, wire::checksum), GB/s:");
-    for r in &checksums {
-        println!("{:>7} {:>8.1}", r.size, r.mb_per_s / 1000.0);
-    }
-    Ok(())
-}
-
-/// Whole packets through the pipelines, as MB/s of inner packet bytes and
-/// as a share of raw seal/open measured alongside.
-fn print_datapath_table(rows: &[bench::esp::DatapathRow]) {
-    if rows.is_empty() {
-        return;
-    }
-    println!(
-        "\ndatapath, IPv4/UDP packets of SIZE bytes, inner checksum validated both ways; \
-         share = of raw seal/open with the same key, measured in the same slices:"
-    );
-    println!(
-        "{:>7} {:<9} {:>10} {:>8} {:>10} {:>8}",
-        "size", "provider", "outbound", "share ", "inbound", "share "
-    );
-    let mut noise = false;
-    for r in rows {
-        let (out, inb) = r.shares();
-        let (out, inb) = (share(out, &mut noise), share(inb, &mut noise));
-        println!(
-            "{:>7} {:<9} {:>10.1} {out:>8} {:>10.1} {inb:>8}",
-            r.size,
-            r.provider.as_str(),
-            r.outbound_mb_per_s,
-            r.inbound_mb_per_s,
-        );
-    }
-    if noise {
-        println!(
-            "  * above 100%: noise, within measurement error. A pipeline does the raw \
-             seal/open plus more work, so it cannot really be faster; read these as 100%."
-        );
-    }
-}
-
-/// A datapath share as a percentage; above 100% is noise (the pipeline
-/// includes the raw operation), marked with `*` and footnoted.
-fn share(fraction: f64, noise: &mut bool) -> String {
-    let percent = 100.0 * fraction;
-    if percent.round() > 100.0 {
-        *noise = true;
-        format!("{percent:.0}%*")
-    } else {
-        format!("{percent:.0}% ")
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_sizes_default_shown_is_the_library_default() {
-        let parsed: Vec<usize> = DEFAULT_SIZES_ARG
-            .split(',')
-            .map(|s| parse_size(s).expect("a size"))
-            .collect();
-        assert_eq!(parsed, bench::DEFAULT_SIZES);
-    }
-
-    #[test]
-    fn a_share_above_100_percent_is_marked_as_noise() {
-        let mut noise = false;
-        assert_eq!(share(0.87, &mut noise), "87% ");
-        assert_eq!(share(1.004, &mut noise), "100% ");
-        assert!(!noise);
-        assert_eq!(share(1.02, &mut noise), "102%*");
-        assert!(noise);
-    }
-}
+mod tests;

@@ -19,6 +19,7 @@ pub mod demo;
 mod icmp;
 mod netns;
 mod traffic;
+pub mod tunnel;
 
 pub use icmp::{PingReport, ping};
 pub use netns::{Netns, TwoHosts, is_lab_name, join, join_scoped, lab_namespace};

@@ -11,6 +11,7 @@
 //! - An SA holds one key object per provider that passed its self-tests,
 //!   so a switch of provider needs no rekeying.
 
+pub mod fresh;
 pub mod keymgr;
 pub mod lifecycle;
 pub mod replay;

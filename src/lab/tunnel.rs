@@ -1,0 +1,696 @@
+//! A two-host tunnel on one machine, [`TunnelLab`]: the harness of
+//! `esptun demo` ([`super::demo`]) and of the end-to-end tests.
+//!
+//! Two network namespaces joined by veth ([`crate::lab::TwoHosts`]), fresh
+//! keys, and a real `esptun run` process in each namespace, driven through
+//! their control sockets. Everything lives in one temporary directory and
+//! the two namespaces, and is removed on drop, or by the demo's signal
+//! handling on Ctrl-C.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal as NixSignal, kill};
+use nix::unistd::Pid;
+
+use crate::crypto::KeySize;
+use crate::crypto::select::Mode;
+use crate::daemon::control;
+use crate::lab::{self, LabError, TwoHosts};
+use crate::sa::KeyMaterial;
+use crate::sa::reservation::ReservationStore;
+use crate::wire::outer::Encap;
+
+/// How long an endpoint may take from spawn to answering `status` (boot
+/// self-tests included, in a debug build on a loaded machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where lab endpoints serve metrics, each on its own namespace's loopback.
+pub const METRICS_ADDR: &str = "127.0.0.1:9150";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Lab(#[from] LabError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("endpoint {side} did not come up: {why}\n--- its log ---\n{log}")]
+    NotReady {
+        side: &'static str,
+        why: String,
+        log: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// Which of the two endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::A => "a",
+            Side::B => "b",
+        }
+    }
+}
+
+/// The shape of the tunnel.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// A few letters for namespace names.
+    pub tag: String,
+    /// Third octet of 198.18.X.0/24 (and 2001:db8:X::/64).
+    pub subnet: u8,
+    /// NAT-T (UDP, port 4500 in the lab) or raw ESP.
+    pub encap: Encap,
+    /// IPv6 inside and outside.
+    pub ipv6: bool,
+    /// Inner addresses of their own (198.19.X.1/2) rather than the outer
+    /// ones (classic transport mode).
+    pub overlay: bool,
+    pub crypto: Mode,
+    pub key_bits: u32,
+    pub icv: u8,
+    pub selftest_interval_secs: u64,
+    pub rekey_switch_secs: u64,
+    pub rekey_retire_secs: u64,
+    /// Serve metrics on 127.0.0.1:9150 inside each namespace.
+    pub metrics: bool,
+    /// Capture inner-checksum drops to `<dir>/<side>-drops.pcap`.
+    pub drop_capture: bool,
+    /// Turn every `[offloads]` switch off (the default leaves them auto).
+    pub offloads_off: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            tag: "lab".into(),
+            subnet: 0,
+            encap: Encap::NATT,
+            ipv6: false,
+            overlay: false,
+            crypto: Mode::Auto,
+            key_bits: 256,
+            icv: 16,
+            selftest_interval_secs: 60,
+            rekey_switch_secs: 30,
+            rekey_retire_secs: 120,
+            metrics: false,
+            drop_capture: false,
+            offloads_off: false,
+        }
+    }
+}
+
+/// One `esptun run` in one namespace.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    /// Behind a lock so that a test can kill or restart an endpoint while
+    /// traffic runs through the lab on another thread.
+    child: Mutex<Option<Child>>,
+}
+
+/// Processes and namespaces to clean up from a signal handler thread.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    pids: Vec<u32>,
+    namespaces: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    /// Stops the endpoints and removes the namespaces and files (for when
+    /// the owner cannot run its destructors: Ctrl-C).
+    pub fn run(&mut self) {
+        for pid in self.pids.drain(..) {
+            terminate(pid);
+        }
+        for ns in self.namespaces.drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        for dir in self.dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn terminate(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // A pid we spawned and have not reaped; at worst kill(2) fails with
+    // ESRCH, and there is nothing to do about that here.
+    let _ = kill(Pid::from_raw(pid), NixSignal::SIGTERM);
+}
+
+/// Two hosts, each running esptun, with a tunnel between them.
+pub struct TunnelLab {
+    pub hosts: TwoHosts,
+    pub dir: PathBuf,
+    pub a: Endpoint,
+    pub b: Endpoint,
+    /// Tunnel (inner) addresses: what traffic through the tunnel uses.
+    pub a_inner: IpAddr,
+    pub b_inner: IpAddr,
+    pub options: LabOptions,
+    exe: PathBuf,
+    cleanup: Arc<Mutex<Cleanup>>,
+}
+
+impl TunnelLab {
+    /// Builds the namespaces, keys and configurations; starts nothing.
+    pub fn create(exe: &Path, options: LabOptions) -> Result<TunnelLab, DemoError> {
+        Self::create_with_cleanup(exe, options, Arc::default())
+    }
+
+    /// [`Self::create`], recording what it makes in `cleanup` (which a
+    /// signal-handling thread may hold) as soon as it exists.
+    pub fn create_with_cleanup(
+        exe: &Path,
+        options: LabOptions,
+        cleanup: Arc<Mutex<Cleanup>>,
+    ) -> Result<TunnelLab, DemoError> {
+        let hosts = TwoHosts::create(&options.tag, options.subnet)?;
+        let dir = std::env::temp_dir().join(format!("esptun-{}", hosts.a.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        {
+            let mut c = cleanup.lock().unwrap_or_else(|p| p.into_inner());
+            c.namespaces
+                .extend([hosts.a.name().to_string(), hosts.b.name().to_string()]);
+            c.dirs.push(dir.clone());
+        }
+        let (a_outer, b_outer): (IpAddr, IpAddr) = if options.ipv6 {
+            (hosts.a_v6.into(), hosts.b_v6.into())
+        } else {
+            (hosts.a_v4.into(), hosts.b_v4.into())
+        };
+        let (a_inner, b_inner): (IpAddr, IpAddr) = match (options.overlay, options.ipv6) {
+            (false, _) => (a_outer, b_outer),
+            (true, false) => (
+                Ipv4Addr::new(198, 19, options.subnet, 1).into(),
+                Ipv4Addr::new(198, 19, options.subnet, 2).into(),
+            ),
+            (true, true) => (
+                Ipv6Addr::new(0x2001, 0xdb8, 0xffff, u16::from(options.subnet), 0, 0, 0, 1).into(),
+                Ipv6Addr::new(0x2001, 0xdb8, 0xffff, u16::from(options.subnet), 0, 0, 0, 2).into(),
+            ),
+        };
+        let endpoint = |side: &str| Endpoint {
+            config: dir.join(format!("{side}.toml")),
+            control: dir.join(format!("{side}.sock")),
+            state_dir: dir.join(format!("state-{side}")),
+            log: dir.join(format!("{side}.log")),
+            child: Mutex::new(None),
+        };
+        let lab = TunnelLab {
+            a: endpoint("a"),
+            b: endpoint("b"),
+            hosts,
+            dir,
+            a_inner,
+            b_inner,
+            options,
+            exe: exe.to_path_buf(),
+            cleanup,
+        };
+        lab.write_keys()?;
+        lab.write_config(Side::A, a_outer, b_outer)?;
+        lab.write_config(Side::B, b_outer, a_outer)?;
+        Ok(lab)
+    }
+
+    pub fn endpoint(&self, side: Side) -> &Endpoint {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+
+    fn child(&self, side: Side) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.endpoint(side)
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn key_file(&self, from: Side) -> PathBuf {
+        match from {
+            Side::A => self.dir.join("a-to-b.key"),
+            Side::B => self.dir.join("b-to-a.key"),
+        }
+    }
+
+    pub fn spi(from: Side) -> u32 {
+        match from {
+            Side::A => 0xa001,
+            Side::B => 0xb001,
+        }
+    }
+
+    /// New keys, as `esptun genkey` makes them: each recorded as fresh in
+    /// the state directory of the host that sends with it.
+    fn write_keys(&self) -> Result<(), DemoError> {
+        let size = if self.options.key_bits == 128 {
+            KeySize::Aes128
+        } else {
+            KeySize::Aes256
+        };
+        for (from, state) in [(Side::A, &self.a.state_dir), (Side::B, &self.b.state_dir)] {
+            let material =
+                crate::keyfile::generate(size).map_err(|e| DemoError::Other(e.to_string()))?;
+            let parsed =
+                KeyMaterial::from_bytes(&material).map_err(|e| DemoError::Other(e.to_string()))?;
+            ReservationStore::open(state)
+                .and_then(|s| s.mark_fresh(&parsed))
+                .map_err(|e| DemoError::Other(e.to_string()))?;
+            crate::keyfile::write_new(&self.key_file(from), &material)
+                .map_err(|e| DemoError::Other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites one side's configuration, e.g. to test bad inputs.
+    pub fn write_config_text(&self, side: Side, text: &str) -> Result<(), DemoError> {
+        let path = &self.endpoint(side).config;
+        std::fs::write(path, text).map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    /// The configuration a side was created with.
+    pub fn config_text(&self, side: Side, local: IpAddr, remote: IpAddr) -> String {
+        let me = self.endpoint(side);
+        let (peer, out_from, in_from) = match side {
+            Side::A => ("b", Side::A, Side::B),
+            Side::B => ("a", Side::B, Side::A),
+        };
+        let (inner_local, inner_remote) = match side {
+            Side::A => (self.a_inner, self.b_inner),
+            Side::B => (self.b_inner, self.a_inner),
+        };
+        let mut extra = String::new();
+        if let Encap::Udp { port } = self.options.encap
+            && port != crate::wire::outer::NATT_PORT
+        {
+            extra.push_str(&format!("port = {port}\n"));
+        }
+        if self.options.metrics {
+            extra.push_str(&format!("metrics_listen = \"{METRICS_ADDR}\"\n"));
+        }
+        if self.options.drop_capture {
+            extra.push_str(&format!(
+                "\n[drop_capture]\npath = \"{}\"\n",
+                self.drop_capture_path(side).display()
+            ));
+        }
+        if self.options.offloads_off {
+            extra.push_str(
+                "\n[offloads]\ntun_checksum = \"off\"\ntso = \"off\"\nuso = \"off\"\n\
+                 coalesce = \"off\"\nudp_gso = \"off\"\nudp_gro = \"off\"\n",
+            );
+        }
+        let overlay = if self.options.overlay {
+            format!("inner_local = \"{inner_local}\"\ninner_remote = \"{inner_remote}\"\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "# Written by esptun's lab ({side:?}).\n\
+             interface = \"esptun0\"\n\
+             outer = \"{outer}\"\n\
+             state_dir = \"{state}\"\n\
+             control_socket = \"{control}\"\n\
+             crypto = \"{crypto}\"\n\
+             selftest_interval_secs = {interval}\n\
+             rekey_switch_secs = {switch}\n\
+             rekey_retire_secs = {retire}\n\
+             {extra}\n\
+             [[peer]]\n\
+             name = \"{peer}\"\n\
+             local = \"{local}\"\n\
+             endpoint = \"{remote}\"\n\
+             {overlay}\
+             outbound = {{ spi = {out_spi:#x}, key_file = \"{out_key}\", icv = {icv} }}\n\
+             inbound = {{ spi = {in_spi:#x}, key_file = \"{in_key}\", icv = {icv} }}\n",
+            outer = self.options.encap.mode(),
+            state = me.state_dir.display(),
+            control = me.control.display(),
+            crypto = self.options.crypto,
+            interval = self.options.selftest_interval_secs,
+            switch = self.options.rekey_switch_secs,
+            retire = self.options.rekey_retire_secs,
+            out_spi = Self::spi(out_from),
+            out_key = self.key_file(out_from).display(),
+            in_spi = Self::spi(in_from),
+            in_key = self.key_file(in_from).display(),
+            icv = self.options.icv,
+        )
+    }
+
+    fn write_config(&self, side: Side, local: IpAddr, remote: IpAddr) -> Result<(), DemoError> {
+        self.write_config_text(side, &self.config_text(side, local, remote))
+    }
+
+    /// Where a side captures inner-checksum drops (with `drop_capture`).
+    pub fn drop_capture_path(&self, side: Side) -> PathBuf {
+        self.dir.join(format!("{}-drops.pcap", side.name()))
+    }
+
+    /// Fetches a side's Prometheus metrics (with `metrics`).
+    pub fn metrics(&self, side: Side) -> Result<String, DemoError> {
+        let ns = match side {
+            Side::A => &self.hosts.a,
+            Side::B => &self.hosts.b,
+        };
+        let reply = ns
+            .run(|| -> std::io::Result<String> {
+                use std::io::Write;
+                let mut s = std::net::TcpStream::connect(METRICS_ADDR)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: esptun\r\n\r\n")?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                Ok(reply)
+            })?
+            .map_err(io_err("scraping metrics"))?;
+        match reply.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(DemoError::Other(format!("metrics reply: {reply}"))),
+        }
+    }
+
+    /// The outer addresses of a side and its peer.
+    pub fn outer(&self, side: Side) -> (IpAddr, IpAddr) {
+        let (a, b): (IpAddr, IpAddr) = if self.options.ipv6 {
+            (self.hosts.a_v6.into(), self.hosts.b_v6.into())
+        } else {
+            (self.hosts.a_v4.into(), self.hosts.b_v4.into())
+        };
+        match side {
+            Side::A => (a, b),
+            Side::B => (b, a),
+        }
+    }
+
+    /// Starts `esptun run` for `side` in its namespace (with extra
+    /// environment) and waits until it answers `status`.
+    pub fn start(&self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+        self.spawn(side, env)?;
+        self.wait_ready(side)
+    }
+
+    /// Starts `side` as the lab's faulty endpoint (`esptun demo-endpoint`):
+    /// once its boot self-tests have passed, its hardware provider corrupts
+    /// one 16-byte plaintext block of a share `rate` of its seals, as the
+    /// field failure did ([`crate::crypto::fault`]). Waits until it answers
+    /// `status`.
+    pub fn start_faulty(&self, side: Side, rate: f64, seed: u64) -> Result<(), DemoError> {
+        self.spawn_with(side, &[], &[], Some((rate, seed)))?;
+        self.wait_ready(side)
+    }
+
+    /// A reaped child's pid may be reused: Ctrl-C cleanup must not signal it.
+    fn forget_pid(&self, pid: u32) {
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pids
+            .retain(|p| *p != pid);
+    }
+
+    /// Starts `esptun run` for `side` without waiting.
+    pub fn spawn(&self, side: Side, env: &[(&str, &str)]) -> Result<(), DemoError> {
+        self.spawn_with(side, env, &[], None)
+    }
+
+    /// [`Self::spawn`] under a wrapper command, e.g. `setpriv` to run the
+    /// daemon as another user with only some capabilities: the wrapper's
+    /// program and arguments come before the esptun binary.
+    pub fn spawn_under(
+        &self,
+        side: Side,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Result<(), DemoError> {
+        self.spawn_with(side, env, wrapper, None)
+    }
+
+    /// Starts the endpoint, under `wrapper` if any; with `fault`, as the
+    /// lab-only `demo-endpoint` whose hardware provider corrupts blocks.
+    fn spawn_with(
+        &self,
+        side: Side,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        fault: Option<(f64, u64)>,
+    ) -> Result<(), DemoError> {
+        let ns = match side {
+            Side::A => &self.hosts.a,
+            Side::B => &self.hosts.b,
+        };
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(args).arg(&self.exe);
+                cmd
+            }
+            None => ns.command(&self.exe),
+        };
+        let ep = self.endpoint(side);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&ep.log)
+            .map_err(io_err(format!("opening {}", ep.log.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err("duplicating the log file"))?;
+        match fault {
+            None => cmd.arg("run"),
+            Some((rate, seed)) => cmd.args([
+                "demo-endpoint",
+                "--fault-rate",
+                &rate.to_string(),
+                "--fault-seed",
+                &seed.to_string(),
+            ]),
+        };
+        cmd.args(["--log-level", "debug", "-c"])
+            .arg(&ep.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting {}", self.exe.display())))?;
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pids
+            .push(child.id());
+        *self.child(side) = Some(child);
+        Ok(())
+    }
+
+    /// Waits until `side` answers `status`, or its process exits.
+    pub fn wait_ready(&self, side: Side) -> Result<(), DemoError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if control::query(&self.endpoint(side).control, "status").is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.try_exit(side) {
+                return Err(DemoError::NotReady {
+                    side: side.name(),
+                    why: format!("esptun run exited with {status}"),
+                    log: self.log_tail(side),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::NotReady {
+                    side: side.name(),
+                    why: format!("no answer on its control socket within {READY_TIMEOUT:?}"),
+                    log: self.log_tail(side),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_exit(&self, side: Side) -> Option<ExitStatus> {
+        self.child(side).as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then waits (SIGKILL after a timeout); the exit status.
+    pub fn stop(&self, side: Side) -> Result<ExitStatus, DemoError> {
+        let Some(mut child) = self.child(side).take() else {
+            return Err(DemoError::Other(format!(
+                "endpoint {} is not running",
+                side.name()
+            )));
+        };
+        self.forget_pid(child.id());
+        terminate(child.id());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(io_err("waiting for esptun"))? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let status = child.wait().map_err(io_err("waiting for esptun"))?;
+                return Err(DemoError::Other(format!(
+                    "endpoint {} did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed: {status})",
+                    side.name()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`: no cleanup, no final writes.
+    pub fn kill9(&self, side: Side) -> Result<ExitStatus, DemoError> {
+        let Some(mut child) = self.child(side).take() else {
+            return Err(DemoError::Other(format!(
+                "endpoint {} is not running",
+                side.name()
+            )));
+        };
+        self.forget_pid(child.id());
+        child.kill().map_err(io_err("kill -9"))?;
+        child.wait().map_err(io_err("waiting for esptun"))
+    }
+
+    /// Sends SIGHUP: reload SAs from the (rewritten) configuration.
+    pub fn reload(&self, side: Side) -> Result<(), DemoError> {
+        let pid =
+            self.child(side).as_ref().map(Child::id).ok_or_else(|| {
+                DemoError::Other(format!("endpoint {} is not running", side.name()))
+            })?;
+        let pid = libc::pid_t::try_from(pid).map_err(|e| DemoError::Other(e.to_string()))?;
+        // A child we spawned and have not reaped.
+        kill(Pid::from_raw(pid), NixSignal::SIGHUP).map_err(|errno| DemoError::Io {
+            what: "sending SIGHUP".into(),
+            source: errno.into(),
+        })
+    }
+
+    /// The daemon's status JSON.
+    pub fn status(&self, side: Side) -> Result<serde_json::Value, DemoError> {
+        let reply = control::query(&self.endpoint(side).control, "status")
+            .map_err(|e| DemoError::Other(e.to_string()))?;
+        serde_json::from_str(&reply)
+            .map_err(|e| DemoError::Other(format!("status is not JSON: {e}")))
+    }
+
+    /// The last 8 KiB of a side's log.
+    pub fn log_tail(&self, side: Side) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.endpoint(side).log) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// The whole log of a side.
+    pub fn log(&self, side: Side) -> String {
+        std::fs::read_to_string(&self.endpoint(side).log).unwrap_or_default()
+    }
+
+    /// TCP zeros from a to b through the tunnel.
+    pub fn tcp_zeros(
+        &self,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<lab::TcpZerosReport, DemoError> {
+        Ok(lab::tcp_zeros(
+            &self.hosts.b,
+            &self.hosts.a,
+            SocketAddr::new(self.b_inner, 5001),
+            bytes,
+            timeout,
+        )?)
+    }
+
+    /// [`Self::tcp_zeros`] to another port of b, so that several streams
+    /// can run at once.
+    pub fn tcp_zeros_on(
+        &self,
+        port: u16,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<lab::TcpZerosReport, DemoError> {
+        Ok(lab::tcp_zeros(
+            &self.hosts.b,
+            &self.hosts.a,
+            SocketAddr::new(self.b_inner, port),
+            bytes,
+            timeout,
+        )?)
+    }
+
+    pub fn udp_exchange(&self, count: u32, size: usize) -> Result<lab::UdpReport, DemoError> {
+        Ok(lab::udp_exchange(
+            &self.hosts.b,
+            &self.hosts.a,
+            SocketAddr::new(self.b_inner, 5002),
+            count,
+            size,
+            Duration::from_secs(30),
+        )?)
+    }
+
+    pub fn ping(&self, count: u32) -> Result<lab::PingReport, DemoError> {
+        Ok(lab::ping(
+            &self.hosts.a,
+            self.b_inner,
+            count,
+            Duration::from_secs(20),
+        )?)
+    }
+}
+
+impl Drop for TunnelLab {
+    fn drop(&mut self) {
+        for side in [Side::A, Side::B] {
+            if self.child(side).is_some() {
+                let _ = self.stop(side);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The namespaces go with `hosts`.
+    }
+}
