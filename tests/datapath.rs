@@ -61,8 +61,11 @@ fn meta(material: &KeyMaterial) -> SaMeta {
     SaMeta::active("b", endpoint(), Fingerprint::new(material))
 }
 
+/// What a sealed packet's verdict is: sent by the first (and only) SA of
+/// the pipeline, which `add_sa` names 1. Where it goes is in the packet's
+/// metadata ([`Link::seal`] checks it).
 fn sent() -> Verdict {
-    Verdict::Send { to: endpoint() }
+    Verdict::Send { sa: SaId(1) }
 }
 
 struct LinkSpec {
@@ -152,6 +155,14 @@ impl Link {
         let mut batch = [buf(plain)];
         let mut verdicts = Vec::new();
         self.out.process(&self.selector, &mut batch, &mut verdicts);
+        if let Verdict::Send { sa } = verdicts[0] {
+            assert_eq!(sa, self.out_sa);
+            assert_eq!(
+                batch[0].meta.peer,
+                Some(endpoint()),
+                "goes to the SA's endpoint"
+            );
+        }
         (verdicts[0], batch[0].data().to_vec())
     }
 

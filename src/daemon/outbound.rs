@@ -181,7 +181,11 @@ impl OutboundWorker {
         for v6 in [false, true] {
             let packets = || {
                 bufs.iter().zip(verdicts).filter_map(|(buf, v)| match v {
-                    Verdict::Send { to } if to.is_ipv6() == v6 => Some((buf.data(), *to)),
+                    Verdict::Send { .. } => buf
+                        .meta
+                        .peer
+                        .filter(|to| to.is_ipv6() == v6)
+                        .map(|to| (buf.data(), to)),
                     _ => None,
                 })
             };

@@ -15,7 +15,7 @@
 pub mod inbound;
 pub mod outbound;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::sa::table::SaId;
@@ -159,10 +159,13 @@ impl From<InnerError> for DropReason {
 /// What to do with one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Outbound: send the buffer's bytes (the ESP packet) to `to`, the
-    /// endpoint of the SA that sealed it (for raw ESP the port is unused).
+    /// Outbound: send the buffer's bytes (the ESP packet), sealed by the
+    /// SA `sa`, to the destination in the buffer's `meta.peer`: that SA's
+    /// endpoint (for raw ESP the port is unused). The verdict stays small:
+    /// with the 32-byte address in it, the 64-byte outbound benchmark lost
+    /// a tenth of its speed.
     Send {
-        to: SocketAddr,
+        sa: SaId,
     },
     /// Inbound: write the buffer's bytes (the rebuilt IP packet) to TUN.
     Deliver,

@@ -7,7 +7,6 @@
 //! ports 4500 by default; RFC 4303 section 3.1.1: transport mode keeps the
 //! IP addresses, which the receiver rebuilds from its SA).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -65,7 +64,7 @@ impl Outbound {
         for buf in batch {
             let mut matched = None;
             let verdict = match self.seal_one(provider, buf, &mut matched) {
-                Ok(to) => Verdict::Send { to },
+                Ok(sa) => Verdict::Send { sa },
                 Err(reason) => {
                     if let Some(entry) = matched.and_then(|id| self.sas.get_mut(id)) {
                         entry.counters[reason.index()] += 1;
@@ -83,7 +82,7 @@ impl Outbound {
         provider: Option<ProviderId>,
         buf: &mut PacketBuf,
         matched: &mut Option<SaId>,
-    ) -> Result<SocketAddr, DropReason> {
+    ) -> Result<SaId, DropReason> {
         // Corruption between the kernel and the cipher is caught here,
         // before a valid ICV would vouch for it.
         let shape = inner::validate(buf.data(), self.policy)?;
@@ -92,7 +91,7 @@ impl Outbound {
             .find_mut(|e| e.meta.state == SaState::Active && e.sa.inner.remote == shape.dst)
             .ok_or(DropReason::NoSa)?;
         *matched = Some(entry.id);
-        let to = entry.meta.endpoint;
+        let (id, endpoint) = (entry.id, entry.meta.endpoint);
         let sa = &mut entry.sa;
         if sa.inner.local != shape.src {
             return Err(DropReason::SourceMismatch);
@@ -139,6 +138,7 @@ impl Outbound {
         .map_err(|_| DropReason::SealFailed)?;
 
         buf.set_range(esp_start, sealed_end);
+        buf.meta.peer = Some(endpoint);
         if sa.take_soft_limit_crossing() {
             self.counters
                 .soft_limit_crossings
@@ -147,6 +147,6 @@ impl Outbound {
         sa.stats.packets += 1;
         sa.stats.bytes += shape.total_len as u64;
         self.counters.exception(shape.verdict);
-        Ok(to)
+        Ok(id)
     }
 }
