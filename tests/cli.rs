@@ -599,6 +599,29 @@ fn check_config_refuses_what_run_refuses() {
         );
     }
 
+    // An outbound key with neither a sequence record nor a fresh mark (made
+    // with another state directory): `run` would refuse to claim it.
+    let elsewhere = lab.dir.join("elsewhere");
+    let foreign = lab.dir.join("foreign-key");
+    let out = esptun(&[
+        "genkey",
+        "-o",
+        foreign.to_str().expect("utf-8"),
+        "--state-dir",
+        elsewhere.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let (code, err) = lab.check(&format!(
+        "{state}{}{}",
+        ConfigLab::peer(2, &foreign, &k2),
+        ConfigLab::peer(3, &k3, &k4)
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("foreign-key") && err.contains("0x"),
+        "the unrecorded key is named: {err}"
+    );
+
     // An IPv6 peer on a TUN MTU below 1280.
     let v6 = ConfigLab::peer(2, &k1, &k2)
         .replace("198.18.0.1", "2001:db8::1")

@@ -15,7 +15,7 @@ use nix::unistd::AccessFlags;
 
 use super::Config;
 use crate::keyfile::{self, KeyFileError};
-use crate::sa::reservation::Fingerprint;
+use crate::sa::reservation::{Fingerprint, ReservationStore};
 
 /// Added to a permission error: who may read what the daemon reads.
 const AS_DAEMON_USER: &str = "run esptun check-config as the daemon's user (e.g. `runuser \
@@ -28,8 +28,9 @@ impl Config {
     pub fn preflight(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         self.check_keys(&mut problems);
-        if let Some(p) = state_dir_problem(&self.operations.state_dir) {
-            problems.push(p);
+        match state_dir_problem(&self.operations.state_dir) {
+            Some(p) => problems.push(p),
+            None => self.check_records(&mut problems),
         }
         if problems.is_empty() {
             Ok(())
@@ -71,6 +72,35 @@ impl Config {
                     }
                     Err(e) => problems.push(e.to_string()),
                 }
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Every outbound key must have a sequence record or a fresh mark, as
+    /// `run` requires when it claims its first block. Read only; skipped
+    /// while the state directory does not exist yet (`run` creates it, and
+    /// then refuses an unrecorded key the same way).
+    fn check_records(&self, problems: &mut Vec<String>) {
+        if !self.operations.state_dir.is_dir() {
+            return;
+        }
+        let store = match ReservationStore::open(&self.operations.state_dir) {
+            Ok(store) => store,
+            Err(e) => return problems.push(e.to_string()),
+        };
+        for peer in &self.peers {
+            let Ok(material) = keyfile::load(&peer.outbound.key_file) else {
+                continue; // reported by check_keys
+            };
+            if let Err(e) = store.can_claim(&Fingerprint::new(&material), &material) {
+                problems.push(format!(
+                    "peer {} outbound SA {:#x} (key file {}): {e}",
+                    peer.name,
+                    peer.outbound.spi,
+                    peer.outbound.key_file.display()
+                ));
             }
         }
     }

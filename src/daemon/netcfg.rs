@@ -70,6 +70,9 @@ fn host_prefix(addr: IpAddr) -> String {
     }
 }
 
+/// Packets the TUN device queues for the outbound thread.
+const TUN_QUEUE_LEN: u32 = 5000;
+
 fn family(addr: IpAddr) -> &'static str {
     if addr.is_ipv4() { "-4" } else { "-6" }
 }
@@ -80,7 +83,21 @@ impl NetConfig {
     pub fn apply(config: &Valid, interface: &str) -> Result<NetConfig, NetError> {
         let mut net = NetConfig { undo: Vec::new() };
         let mtu = config.interface.mtu.to_string();
-        ip(&args(&["link", "set", "dev", interface, "mtu", &mtu, "up"]))?;
+        // The TUN queue holds what the kernel hands over while the outbound
+        // thread seals the previous batch; the default 500 packets drops
+        // under one TCP stream (the kernel's TX drops on the device).
+        let queue = TUN_QUEUE_LEN.to_string();
+        ip(&args(&[
+            "link",
+            "set",
+            "dev",
+            interface,
+            "mtu",
+            &mtu,
+            "txqueuelen",
+            &queue,
+            "up",
+        ]))?;
 
         // Overlay inner addresses are the TUN's own; classic ones already
         // belong to the outer interface.

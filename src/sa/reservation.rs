@@ -332,6 +332,24 @@ impl ReservationStore {
         Ok(Claim::Fresh)
     }
 
+    /// Whether [`Self::claim`] would give this key its first block, without
+    /// changing anything: it has a record, or a fresh mark. For
+    /// `esptun check-config`, which must refuse what `run` refuses.
+    pub fn can_claim(
+        &self,
+        fp: &Fingerprint,
+        material: &KeyMaterial,
+    ) -> Result<(), ReservationError> {
+        if self.load(fp)?.is_some()
+            || open_existing(&self.dir.join(fresh_name(material)))?.is_some()
+        {
+            return Ok(());
+        }
+        Err(ReservationError::Unrecorded {
+            dir: self.dir.clone(),
+        })
+    }
+
     fn remove_durably(&self, path: &Path) -> Result<(), ReservationError> {
         let remove_err = |source| ReservationError::Write {
             path: path.to_path_buf(),
