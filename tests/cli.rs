@@ -394,8 +394,7 @@ fn run_and_demo_without_root_say_what_to_do() {
     // in CI too, on a copy of the binary that nobody can reach wherever
     // the checkout lives.
     use std::os::unix::fs::PermissionsExt;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let dir = std::env::temp_dir().join(format!("esptun-cli-nonroot-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");

@@ -1179,8 +1179,12 @@ fn demo_interrupted_removes_everything() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let pid = libc::pid_t::try_from(demo.id()).expect("pid");
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(pid, libc::SIGINT) };
+    // Our own child, not yet reaped.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT to the demo");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = demo.try_wait().expect("wait") {

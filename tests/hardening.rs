@@ -215,9 +215,7 @@ fn hardening_a_fifo_or_directory_as_key_file_is_refused_at_once() {
     let out_key = dir.0.join("out.key");
     assert_eq!(genkey(&dir.0, &out_key, &state).0, Some(0));
     let fifo = dir.0.join("in.key");
-    let c_path = std::ffi::CString::new(s(&fifo)).expect("path");
-    // SAFETY: c_path is a valid NUL-terminated string for the call.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let config = write_config(&dir.0, &state, &out_key, &fifo);
     // Bounded by LIMIT: a blocking open fails the test instead of hanging.
     let (code, _, err) = esptun(&dir.0, "check", &["check-config", "-c", s(&config)]);

@@ -143,8 +143,11 @@ impl Capture {
         };
         // `ip netns exec` execs dumpcap, so the pid is dumpcap's.
         if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGINT) };
+            // Our own child, not yet reaped; a failure means it is gone.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
         }
         let status =
             wait_bounded(&mut child, CAPTURE_STOP_TIMEOUT).map_err(|e| format!("dumpcap {e}"))?;

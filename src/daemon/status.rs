@@ -41,7 +41,7 @@ pub struct OutboundSaStatus {
     pub spi: u32,
     pub endpoint: String,
     /// `active`, or `pending` while a reload waits for the peer (see
-    /// [`super::Reload`]).
+    /// `esptun reload`).
     #[serde(deserialize_with = "sa_state")]
     pub state: SaState,
     pub packets: u64,

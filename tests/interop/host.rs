@@ -153,8 +153,11 @@ impl Host {
     pub fn stop_esptun(&mut self) -> Result<ExitStatus, String> {
         let mut child = self.esptun.take().ok_or("esptun is not running")?;
         if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            // Our own child, not yet reaped; a failure means it is gone.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         wait_bounded(&mut child, Duration::from_secs(15))
     }

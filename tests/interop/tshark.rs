@@ -139,8 +139,11 @@ impl Capture {
     pub fn stop(mut self) -> Result<PathBuf, String> {
         let mut child = self.child.take().ok_or("dumpcap is not running")?;
         if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGINT) };
+            // Our own child, not yet reaped; a failure means it is gone.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
         }
         wait_bounded(&mut child, Duration::from_secs(15))?;
         Ok(self.file.clone())
