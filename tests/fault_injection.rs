@@ -89,18 +89,26 @@ fn with_the_halt_policy_a_fault_stops_traffic() {
 /// The whole field failure through the datapath: the sender's cipher
 /// replaces a plaintext block after the sender validated the checksum,
 /// seals it with a valid ICV, and the receiver must refuse to deliver it.
-#[test]
-fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inner_checksum() {
+use esptun::datapath::inbound::Inbound;
+use esptun::datapath::{DropReason, Verdict};
+use esptun::wire::inner::{InnerPolicy, build};
+use esptun::wire::ip::protocol;
+
+/// Eight copies of `plain` sealed by a sender whose cipher corrupts every
+/// seal (one block copied over its neighbour, the ICV valid over it), then
+/// opened by a sound receiver; the receiver's verdicts and pipeline.
+fn through_a_corrupting_cipher(
+    plain: &[u8],
+    sender_policy: InnerPolicy,
+    receiver_policy: InnerPolicy,
+) -> (Vec<Verdict>, Inbound) {
     use esptun::crypto::IcvLen;
-    use esptun::datapath::inbound::{Encap, Inbound};
+    use esptun::datapath::inbound::Encap;
     use esptun::datapath::outbound::Outbound;
-    use esptun::datapath::{DropReason, Verdict};
     use esptun::packet::PacketBuf;
     use esptun::sa::reservation::Fingerprint;
     use esptun::sa::table::SaMeta;
     use esptun::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
-    use esptun::wire::inner::{InnerPolicy, build};
-    use esptun::wire::ip::protocol;
     use std::net::SocketAddr;
 
     let (sender, injector) = boot(0.0, FailurePolicy::Fallback);
@@ -113,7 +121,7 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     let (a, b) = ([198, 18, 0, 1], [198, 19, 0, 2]);
     let material = KeyMaterial::from_bytes(&[9u8; 20]).expect("material");
     let addrs = |l: [u8; 4], r: [u8; 4]| InnerAddrs::new(l.into(), r.into()).expect("addrs");
-    let mut out = Outbound::new(InnerPolicy::default());
+    let mut out = Outbound::new(sender_policy);
     let keys = SaKeys::new(&sender, &material, IcvLen::Icv16).expect("keys");
     let meta = || {
         SaMeta::active(
@@ -130,7 +138,7 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
         .expect("table");
     // Keys made for this test never outlive it: grant every number.
     out.sa_mut(id).expect("sa").set_ceiling(u64::MAX);
-    let mut inb = Inbound::new(InnerPolicy::default());
+    let mut inb = Inbound::new(receiver_policy);
     let keys = SaKeys::new(&receiver, &material, IcvLen::Icv16).expect("keys");
     inb.add_sa(
         InboundSa::new(0x2000, keys, false, addrs(b, a), 64).expect("sa"),
@@ -138,15 +146,11 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     )
     .expect("table");
 
-    // Non-zero TCP payload: a block copied over its neighbour must change
-    // the bytes (in a stream of zeros it would be invisible, and harmless).
-    let payload: Vec<u8> = (0..1024u32).map(|i| (i / 16) as u8).collect();
-    let plain = build::ipv4(a, b, protocol::TCP, &payload);
     injector.set_rate(1.0);
     let mut batch: Vec<PacketBuf> = (0..8)
         .map(|_| {
             let mut buf = PacketBuf::new(2048);
-            assert!(buf.fill(&plain));
+            assert!(buf.fill(plain));
             buf
         })
         .collect();
@@ -158,6 +162,20 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
     );
     assert_eq!(injector.injected(), 8, "every seal was corrupted");
     inb.process(&receiver, Encap::NATT, &mut batch, &mut verdicts);
+    (verdicts, inb)
+}
+
+/// Non-zero payload: a block copied over its neighbour must change the
+/// bytes (in a stream of zeros it would be invisible, and harmless).
+fn payload() -> Vec<u8> {
+    (0..1024u32).map(|i| (i / 16) as u8).collect()
+}
+
+#[test]
+fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inner_checksum() {
+    let plain = build::ipv4([198, 18, 0, 1], [198, 19, 0, 2], protocol::TCP, &payload());
+    let (verdicts, inb) =
+        through_a_corrupting_cipher(&plain, InnerPolicy::default(), InnerPolicy::default());
     assert_eq!(verdicts, vec![Verdict::Drop(DropReason::InnerChecksum); 8]);
     assert_eq!(inb.counters.drops(DropReason::InnerChecksum), 8);
     assert_eq!(
@@ -166,4 +184,51 @@ fn a_block_corrupted_inside_the_cipher_passes_the_icv_and_is_dropped_by_the_inne
         "the ICV vouched for the corrupted bytes"
     );
     assert_eq!(inb.counters.total_drops(), 8);
+}
+
+/// An IPv4 UDP datagram sent with checksum 0 carries nothing to check it
+/// by. The sender fills in the real checksum by default, which protects it
+/// end to end; without that the receiver's policy decides, and delivering
+/// (the default, counted) delivers the corrupted bytes.
+#[test]
+fn a_zero_udp_checksum_is_protected_when_the_sender_fills_it_in() {
+    let mut plain = build::ipv4([198, 18, 0, 1], [198, 19, 0, 2], protocol::UDP, &payload());
+    plain[26..28].copy_from_slice(&[0, 0]);
+    let no_fill = InnerPolicy {
+        fill_udp4_zero_checksum: false,
+        ..InnerPolicy::default()
+    };
+
+    let (verdicts, inb) =
+        through_a_corrupting_cipher(&plain, InnerPolicy::default(), InnerPolicy::default());
+    assert_eq!(verdicts, vec![Verdict::Drop(DropReason::InnerChecksum); 8]);
+    assert_eq!(
+        inb.counters
+            .udp4_zero_checksum
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    let (verdicts, inb) = through_a_corrupting_cipher(&plain, no_fill, InnerPolicy::default());
+    assert_eq!(
+        verdicts,
+        vec![Verdict::Deliver; 8],
+        "the documented trade-off of delivering zero checksums"
+    );
+    assert_eq!(
+        inb.counters
+            .udp4_zero_checksum
+            .load(std::sync::atomic::Ordering::Relaxed),
+        8
+    );
+
+    let strict = InnerPolicy {
+        allow_udp4_zero_checksum: false,
+        ..InnerPolicy::default()
+    };
+    let (verdicts, _) = through_a_corrupting_cipher(&plain, no_fill, strict);
+    assert_eq!(
+        verdicts,
+        vec![Verdict::Drop(DropReason::ZeroUdpChecksum); 8]
+    );
 }

@@ -95,6 +95,7 @@ pub struct RawInner {
     pub allow_udp4_zero_checksum: Option<bool>,
     pub allow_unverifiable_protocols: Option<bool>,
     pub allow_udplite_partial_coverage: Option<bool>,
+    pub fill_udp4_zero_checksum: Option<bool>,
 }
 
 impl RawInner {
@@ -111,6 +112,9 @@ impl RawInner {
             allow_udplite_partial_coverage: self
                 .allow_udplite_partial_coverage
                 .unwrap_or(d.allow_udplite_partial_coverage),
+            fill_udp4_zero_checksum: self
+                .fill_udp4_zero_checksum
+                .unwrap_or(d.fill_udp4_zero_checksum),
         }
     }
 }

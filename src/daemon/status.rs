@@ -201,6 +201,10 @@ pub struct DirectionStatus {
     /// Every reason, zeros included, so scripts need no special cases.
     pub drops: Counts,
     pub udp4_zero_checksum: u64,
+    /// Outbound IPv4 UDP datagrams given their real checksum before
+    /// sealing (absent from older daemons).
+    #[serde(default)]
+    pub udp4_checksum_filled: u64,
     pub unverifiable_protocol: u64,
     pub udplite_partial_coverage: u64,
     pub soft_limit_crossings: u64,
@@ -216,6 +220,7 @@ impl DirectionStatus {
                 .map(|&r| (Cow::Borrowed(r.as_str()), c.drops(r)))
                 .collect(),
             udp4_zero_checksum: c.udp4_zero_checksum.load(Ordering::Relaxed),
+            udp4_checksum_filled: c.udp4_checksum_filled.load(Ordering::Relaxed),
             unverifiable_protocol: c.unverifiable_protocol.load(Ordering::Relaxed),
             udplite_partial_coverage: c.udplite_partial_coverage.load(Ordering::Relaxed),
             soft_limit_crossings: c.soft_limit_crossings.load(Ordering::Relaxed),

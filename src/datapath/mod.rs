@@ -274,6 +274,9 @@ pub struct Counters {
     drops: [AtomicU64; DropReason::ALL.len()],
     /// Packets passed under a policy exception, by kind.
     pub udp4_zero_checksum: AtomicU64,
+    /// Outbound IPv4 UDP datagrams sent with checksum 0 whose real
+    /// checksum esptun filled in before sealing.
+    pub udp4_checksum_filled: AtomicU64,
     pub unverifiable_protocol: AtomicU64,
     pub udplite_partial_coverage: AtomicU64,
     /// Packets not dropped: sent, delivered, or handed to IKE.
@@ -288,6 +291,7 @@ impl Default for Counters {
         Counters {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             udp4_zero_checksum: AtomicU64::new(0),
+            udp4_checksum_filled: AtomicU64::new(0),
             unverifiable_protocol: AtomicU64::new(0),
             udplite_partial_coverage: AtomicU64::new(0),
             passed: AtomicU64::new(0),

@@ -25,6 +25,11 @@ pub struct InnerPolicy {
     /// UDP-Lite whose checksum covers only part of the datagram (RFC 3828):
     /// the rest reaches the application unchecked. Refused by default.
     pub allow_udplite_partial_coverage: bool,
+    /// Outbound only: give an IPv4 UDP datagram sent with checksum 0 its
+    /// real checksum before sealing, so that any receiver can validate it
+    /// (RFC 768 lets a datagram carry a checksum its sender did not
+    /// compute). On by default.
+    pub fill_udp4_zero_checksum: bool,
 }
 
 impl Default for InnerPolicy {
@@ -33,6 +38,7 @@ impl Default for InnerPolicy {
             allow_udp4_zero_checksum: true,
             allow_unverifiable_protocols: false,
             allow_udplite_partial_coverage: false,
+            fill_udp4_zero_checksum: true,
         }
     }
 }
@@ -131,6 +137,38 @@ pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<Validated, InnerEr
             })
         }
     }
+}
+
+/// Writes the real UDP checksum into an IPv4 UDP datagram whose checksum
+/// field is 0, in place, from the bytes as they are (RFC 768: the one's
+/// complement sum over the pseudo-header and the datagram; a result of 0
+/// is sent as 0xFFFF). `Err` if the packet is not such a datagram.
+pub fn fill_udp4_checksum(packet: &mut [u8]) -> Result<(), InnerError> {
+    let ip = Ipv4Packet::new_checked(&*packet)?;
+    if ip.protocol() != protocol::UDP || ip.is_fragment() {
+        return Err(InnerError::TransportHeader);
+    }
+    let (header_len, total_len, src, dst) = (
+        ip.header_len(),
+        usize::from(ip.total_len()),
+        ip.src(),
+        ip.dst(),
+    );
+    let segment = packet
+        .get_mut(header_len..total_len)
+        .filter(|s| s.len() >= 8)
+        .ok_or(InnerError::TransportHeader)?;
+    if be16(&segment[6..8]) != 0 {
+        return Err(InnerError::TransportHeader);
+    }
+    let len = u16::try_from(segment.len()).map_err(|_| InnerError::TransportHeader)?;
+    let pseudo = pseudo_header_v4(src, dst, protocol::UDP, len);
+    let value = match checksum::finish(combine(pseudo, sum(segment))) {
+        0 => 0xFFFF,
+        v => v,
+    };
+    segment[6..8].copy_from_slice(&value.to_be_bytes());
+    Ok(())
 }
 
 /// A packet [`validate`] accepted, with what the pipelines need of its IP
@@ -478,6 +516,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_zero_udp_checksum_is_filled_in_to_the_real_one() {
+        let good = ipv4(A4, B4, protocol::UDP, b"hello, filled");
+        let mut zero = good.clone();
+        zero[26..28].copy_from_slice(&[0, 0]);
+        fill_udp4_checksum(&mut zero).expect("filled");
+        assert_eq!(zero, good, "the same checksum the sender would compute");
+        assert_eq!(
+            validate(&zero, InnerPolicy::default()).map(|v| v.verdict),
+            Ok(InnerVerdict::Verified)
+        );
+        // Only IPv4 UDP with checksum 0 is touched.
+        let mut nonzero = good.clone();
+        assert!(fill_udp4_checksum(&mut nonzero).is_err());
+        assert_eq!(nonzero, good);
+        let mut tcp = ipv4(A4, B4, protocol::TCP, b"x");
+        assert!(fill_udp4_checksum(&mut tcp).is_err());
+        assert!(fill_udp4_checksum(&mut [0x45, 0, 0]).is_err());
     }
 
     #[test]

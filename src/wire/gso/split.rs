@@ -286,6 +286,7 @@ mod tests {
         allow_udp4_zero_checksum: true,
         allow_unverifiable_protocols: false,
         allow_udplite_partial_coverage: false,
+        fill_udp4_zero_checksum: false,
     };
 
     /// Splits and checks every segment against the kernel's rules;

@@ -6,6 +6,7 @@ const POLICY: InnerPolicy = InnerPolicy {
     allow_udp4_zero_checksum: true,
     allow_unverifiable_protocols: true,
     allow_udplite_partial_coverage: true,
+    fill_udp4_zero_checksum: false,
 };
 const CONFIG: TrainConfig = TrainConfig {
     max_segments: DEFAULT_MAX_SEGMENTS,
