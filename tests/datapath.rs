@@ -823,3 +823,44 @@ fn published_esp_packets_open_through_our_framing_including_esn() {
         );
     }
 }
+
+/// `packet` (IPv6) with one destination options header (PadN) before its
+/// transport header.
+fn with_dest_opts(packet: &[u8]) -> Vec<u8> {
+    let mut p = packet[..40].to_vec();
+    let next = p[6];
+    p[6] = protocol::IPV6_DEST_OPTS;
+    let len = u16::from_be_bytes([p[4], p[5]]) + 8;
+    p[4..6].copy_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    p.extend_from_slice(&packet[40..]);
+    p
+}
+
+/// Destination options travel inside ESP in transport mode, and the
+/// transport checksum behind them is still checked on both sides. Hop-by-hop
+/// and routing headers belong to the outer header: refused, by name.
+#[test]
+fn ipv6_destination_options_cross_and_router_headers_are_refused() {
+    let mut l = link(LinkSpec {
+        v6: true,
+        ..LinkSpec::default()
+    });
+    for proto in [protocol::TCP, protocol::UDP, protocol::ICMPV6] {
+        let plain = with_dest_opts(&packet(true, proto, &[0x5a; 300]));
+        let (v, wire) = l.seal(&plain);
+        assert_eq!(v, sent(), "{proto}");
+        let (v, got) = l.open(Encap::NATT, &wire);
+        assert_eq!(v, Verdict::Deliver, "{proto}");
+        assert_same_inner(&plain, &got);
+    }
+    for (next, what) in [
+        (protocol::IPV6_HOP_BY_HOP, "hop-by-hop"),
+        (protocol::IPV6_ROUTING, "routing"),
+    ] {
+        let mut p = with_dest_opts(&packet(true, protocol::UDP, b"x"));
+        p[6] = next;
+        let (v, _) = l.seal(&p);
+        assert_eq!(v, Verdict::Drop(DropReason::ExtensionHeader), "{what}");
+    }
+}

@@ -34,7 +34,9 @@ pub enum DropReason {
     ZeroUdpChecksum,
     /// An IP fragment, whose checksum cannot be verified alone.
     Fragment,
-    /// An IPv6 extension header before the transport header.
+    /// An IPv6 hop-by-hop or routing header, which in transport mode
+    /// belongs to the outer header and is not carried, or a chain of more
+    /// than 8 extension headers. (Destination options are carried.)
     ExtensionHeader,
     /// A protocol without a checksum esptun can verify.
     UnverifiableProtocol,

@@ -70,7 +70,9 @@ pub enum InnerError {
     ZeroUdpChecksum,
     #[error("IP fragment: its transport checksum cannot be verified alone")]
     Fragment,
-    #[error("IPv6 extension header before the transport header")]
+    #[error(
+        "IPv6 hop-by-hop or routing header (in transport mode these belong to the outer header and are not carried), or more than 8 extension headers"
+    )]
     ExtensionHeader,
     #[error("protocol {0} has no checksum esptun can verify")]
     Unverifiable(u8),
@@ -139,6 +141,45 @@ pub fn validate(packet: &[u8], policy: InnerPolicy) -> Result<Validated, InnerEr
     }
 }
 
+/// Most IPv6 extension headers walked before the upper-layer header: a
+/// longer chain is refused, so no input costs more than this.
+const MAX_EXTENSION_HEADERS: usize = 8;
+
+/// The upper-layer header of an IPv6 payload whose first header is
+/// `proto`, and the bytes from it on (RFC 8200 section 4). Destination
+/// options travel inside ESP in transport mode and are walked. Hop-by-hop
+/// and routing headers are for the routers on the path, so in transport
+/// mode they belong to the outer header (RFC 4303 section 3.1.1): esptun
+/// does not carry them, and says so rather than losing them silently. A
+/// fragment header is a fragment. Anything else is the upper layer (which
+/// the checksum rules then verify or refuse).
+fn upper_layer_v6(mut proto: u8, segment: &[u8]) -> Result<(u8, &[u8]), InnerError> {
+    let mut rest = segment;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match proto {
+            protocol::IPV6_DEST_OPTS => {
+                // RFC 8200 section 4.6: next header, length in 8-octet
+                // units not counting the first 8.
+                let [next, len, ..] = rest else {
+                    return Err(InnerError::TransportHeader);
+                };
+                let n = (usize::from(*len) + 1) * 8;
+                if n > rest.len() {
+                    return Err(InnerError::TransportHeader);
+                }
+                proto = *next;
+                rest = &rest[n..];
+            }
+            protocol::IPV6_FRAGMENT => return Err(InnerError::Fragment),
+            protocol::IPV6_HOP_BY_HOP | protocol::IPV6_ROUTING => {
+                return Err(InnerError::ExtensionHeader);
+            }
+            _ => return Ok((proto, rest)),
+        }
+    }
+    Err(InnerError::ExtensionHeader)
+}
+
 /// Writes the real UDP checksum into an IPv4 UDP datagram whose checksum
 /// field is 0, in place, from the bytes as they are (RFC 768: the one's
 /// complement sum over the pseudo-header and the datagram; a result of 0
@@ -195,17 +236,10 @@ pub fn validate_segment(
     segment: &[u8],
     policy: InnerPolicy,
 ) -> Result<InnerVerdict, InnerError> {
-    if matches!(pseudo, Pseudo::V6(..))
-        && matches!(
-            proto,
-            protocol::IPV6_HOP_BY_HOP
-                | protocol::IPV6_ROUTING
-                | protocol::IPV6_FRAGMENT
-                | protocol::IPV6_DEST_OPTS
-        )
-    {
-        return Err(InnerError::ExtensionHeader);
-    }
+    let (proto, segment) = match pseudo {
+        Pseudo::V6(..) => upper_layer_v6(proto, segment)?,
+        Pseudo::V4(..) => (proto, segment),
+    };
     let verified = |total: u16| {
         if checksum::is_valid(total) {
             Ok(InnerVerdict::Verified)
@@ -581,18 +615,20 @@ mod tests {
             allow_unverifiable_protocols: true,
             ..p
         };
-        for next in [0, 43, 44, 60] {
+        // Hop-by-hop and routing headers belong to the outer header in
+        // transport mode: not carried. A fragment header is a fragment.
+        for next in [0, 43] {
             assert_eq!(
                 validate_segment(Pseudo::V6(A6, B6), next, &ext[40..], open),
                 Err(InnerError::ExtensionHeader)
             );
         }
+        assert_eq!(
+            validate_segment(Pseudo::V6(A6, B6), 44, &ext[40..], open),
+            Err(InnerError::Fragment)
+        );
         let gre = ipv4(A4, B4, 47, b"whatever");
         assert_eq!(validate(&gre, p), Err(InnerError::Unverifiable(47)));
-        let open = InnerPolicy {
-            allow_unverifiable_protocols: true,
-            ..p
-        };
         assert_eq!(
             validate(&gre, open).map(|v| v.verdict),
             Ok(InnerVerdict::Unverifiable)
@@ -603,6 +639,60 @@ mod tests {
             Err(InnerError::Unverifiable(protocol::ICMPV6))
         );
         assert_eq!(validate(&[], p), Err(InnerError::Ip(IpError::Truncated)));
+    }
+
+    /// `packet` (IPv6) with `count` 8-byte destination options headers
+    /// (PadN) between the IPv6 header and the transport header.
+    fn with_dest_opts(packet: &[u8], count: usize) -> Vec<u8> {
+        let mut p = packet[..40].to_vec();
+        let mut next = p[6];
+        let mut headers = Vec::new();
+        for _ in 0..count {
+            headers.splice(0..0, [next, 0, 1, 4, 0, 0, 0, 0]);
+            next = protocol::IPV6_DEST_OPTS;
+        }
+        p[6] = next;
+        let len = u16::from_be_bytes([p[4], p[5]]) + (8 * count) as u16;
+        p[4..6].copy_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(&headers);
+        p.extend_from_slice(&packet[40..]);
+        p
+    }
+
+    #[test]
+    fn destination_options_are_walked_to_the_transport_checksum() {
+        for proto in [protocol::TCP, protocol::UDP, protocol::ICMPV6] {
+            let plain = ipv6(A6, B6, proto, b"behind destination options");
+            for count in [1, 2, MAX_EXTENSION_HEADERS - 1] {
+                let p = with_dest_opts(&plain, count);
+                let v = validate(&p, InnerPolicy::default()).expect("valid");
+                assert_eq!(v.verdict, InnerVerdict::Verified);
+                assert_eq!(v.protocol, protocol::IPV6_DEST_OPTS, "ESP's next header");
+                assert_eq!(v.header_len, 40);
+                // The transport bytes behind the options are still checked.
+                let mut bad = p.clone();
+                let last = bad.len() - 1;
+                bad[last] ^= 0x40;
+                assert_eq!(
+                    validate(&bad, InnerPolicy::default()),
+                    Err(InnerError::Checksum),
+                    "{proto} behind {count}"
+                );
+            }
+        }
+        let plain = ipv6(A6, B6, protocol::UDP, b"x");
+        // A chain longer than the bound, and a truncated header.
+        let long = with_dest_opts(&plain, MAX_EXTENSION_HEADERS);
+        assert_eq!(
+            validate(&long, InnerPolicy::default()),
+            Err(InnerError::ExtensionHeader)
+        );
+        let mut truncated = with_dest_opts(&plain, 1);
+        truncated[41] = 200; // claims 1608 bytes
+        assert_eq!(
+            validate(&truncated, InnerPolicy::default()),
+            Err(InnerError::TransportHeader)
+        );
     }
 
     #[test]
