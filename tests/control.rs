@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{check, fail, lab};
+
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,27 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use esptun::lab::demo::{LabOptions, METRICS_ADDR, Side, TunnelLab};
-
-fn lab(test: &str, options: LabOptions) -> Option<TunnelLab> {
-    if !common::require_root(test, "network namespaces, TUN devices") {
-        return None;
-    }
-    let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));
-    Some(
-        TunnelLab::create(exe, options).unwrap_or_else(|e| panic!("{test}: building the lab: {e}")),
-    )
-}
-
-/// Panics with a's log (the lab removes itself on drop).
-fn fail(lab: &TunnelLab, message: &str) -> ! {
-    panic!("{message}\n--- log of a ---\n{}", lab.log_tail(Side::A))
-}
-
-fn check(lab: &TunnelLab, ok: bool, message: impl FnOnce() -> String) {
-    if !ok {
-        fail(lab, &message());
-    }
-}
 
 /// Runs the esptun binary with `args` within `limit`: (exit code, stdout,
 /// stderr, how long it took).

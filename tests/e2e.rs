@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{check, fail, lab};
+
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -17,31 +19,6 @@ use esptun::lab::demo::{LabOptions, Side, TunnelLab};
 use esptun::wire::outer::Encap;
 
 const MIB: u64 = 1 << 20;
-
-fn lab(test: &str, options: LabOptions) -> Option<TunnelLab> {
-    if !common::require_root(test, "network namespaces, TUN devices") {
-        return None;
-    }
-    let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));
-    Some(
-        TunnelLab::create(exe, options).unwrap_or_else(|e| panic!("{test}: building the lab: {e}")),
-    )
-}
-
-/// Panics with both endpoints' logs, so a failure in CI can be diagnosed.
-fn fail(lab: &TunnelLab, message: &str) -> ! {
-    panic!(
-        "{message}\n--- log of a ---\n{}\n--- log of b ---\n{}",
-        lab.log_tail(Side::A),
-        lab.log_tail(Side::B)
-    )
-}
-
-fn check(lab: &TunnelLab, ok: bool, message: impl FnOnce() -> String) {
-    if !ok {
-        fail(lab, &message());
-    }
-}
 
 fn status(lab: &TunnelLab, side: Side) -> serde_json::Value {
     lab.status(side)

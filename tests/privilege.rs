@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::fail;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -73,20 +75,7 @@ impl Drop for Exe {
 }
 
 fn lab(test: &str, exe: &Path, options: LabOptions) -> Option<TunnelLab> {
-    if !common::require_root(test, "network namespaces, setpriv, chown") {
-        return None;
-    }
-    Some(
-        TunnelLab::create(exe, options).unwrap_or_else(|e| panic!("{test}: building the lab: {e}")),
-    )
-}
-
-fn fail(lab: &TunnelLab, message: &str) -> ! {
-    panic!(
-        "{message}\n--- log of a ---\n{}\n--- log of b ---\n{}",
-        lab.log_tail(Side::A),
-        lab.log_tail(Side::B)
-    )
+    common::lab_with(test, "network namespaces, setpriv, chown", exe, options)
 }
 
 /// Waits (bounded) for `side` to exit; its exit code and log.

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{run_bounded, wait_bounded};
+use common::{fail, run_bounded, wait_bounded};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -63,18 +63,9 @@ fn prerequisites(test: &str) -> Option<Tools> {
     }
 }
 
+/// Only called once [`prerequisites`] found root.
 fn lab(test: &str, options: LabOptions) -> TunnelLab {
-    let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));
-    TunnelLab::create(exe, options).unwrap_or_else(|e| panic!("{test}: building the lab: {e}"))
-}
-
-/// Panics with both endpoints' logs.
-fn fail(lab: &TunnelLab, message: &str) -> ! {
-    panic!(
-        "{message}\n--- log of a ---\n{}\n--- log of b ---\n{}",
-        lab.log_tail(Side::A),
-        lab.log_tail(Side::B)
-    )
+    common::lab(test, options).unwrap_or_else(|| panic!("{test}: needs root"))
 }
 
 /// dumpcap on b's veth, stopped (SIGINT, so the file is complete) by

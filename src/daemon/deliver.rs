@@ -41,13 +41,8 @@ pub(crate) struct Delivered {
 }
 
 impl Deliverer {
-    pub fn new(tun: &Tun, coalesce: bool) -> Self {
-        let offloads = tun.offloads();
-        Self::with(coalesce && tun.has_vnet_hdr() && offloads.tso, offloads.uso)
-    }
-
     /// Coalescing TCP if `coalesce`, and UDP too if `udp` (USO granted).
-    fn with(coalesce: bool, udp: bool) -> Self {
+    pub fn with(coalesce: bool, udp: bool) -> Self {
         Deliverer {
             train: vec![0; TRAIN_BUFFER_LEN].into_boxed_slice(),
             config: TrainConfig {

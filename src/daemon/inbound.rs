@@ -59,7 +59,7 @@ impl InboundWorker {
         events: Sender<SaEvent>,
         capture: Option<DropCapture>,
     ) -> Self {
-        let deliverer = Deliverer::new(&tun, shared.coalesce);
+        let deliverer = Deliverer::with(shared.coalesce, tun.offloads().uso);
         InboundWorker {
             deliverer,
             shared,
@@ -312,31 +312,19 @@ impl InboundWorker {
         while let Ok(commands) = self.commands.try_recv() {
             any = true;
             for command in commands {
-                match command {
-                    SaCommand::Install { id, new, meta } => {
-                        let (peer, spi) = (meta.peer.clone(), new.spi);
-                        if let Err(e) = self.inbound.sas.insert(id, new, meta) {
-                            tracing::error!(peer, "inbound SA {spi:#x} not installed: {e}");
-                            let reason = format!("inbound SA {spi:#x} not installed: {e}");
-                            events.push(SaEvent::InstallFailed { id, reason });
-                        } else {
-                            events.push(SaEvent::Installed { id });
-                        }
-                    }
-                    SaCommand::SetState { id, state } => {
-                        if let Some(entry) = self.inbound.sas.get_mut(id) {
-                            entry.meta.state = state;
-                        }
-                    }
-                    SaCommand::SetEndpoint { id, endpoint } => {
-                        if let Some(entry) = self.inbound.sas.get_mut(id) {
-                            entry.meta.endpoint = endpoint;
-                        }
-                    }
-                    SaCommand::Remove { id } => {
-                        self.inbound.sas.remove(id);
-                        self.seen.retain(|s| *s != id);
-                    }
+                if let SaCommand::Remove { id } = &command {
+                    self.seen.retain(|s| s != id);
+                }
+                let Some((id, new, meta)) = command.apply(&mut self.inbound.sas) else {
+                    continue;
+                };
+                let (peer, spi) = (meta.peer.clone(), new.spi);
+                if let Err(e) = self.inbound.sas.insert(id, new, meta) {
+                    tracing::error!(peer, "inbound SA {spi:#x} not installed: {e}");
+                    let reason = format!("inbound SA {spi:#x} not installed: {e}");
+                    events.push(SaEvent::InstallFailed { id, reason });
+                } else {
+                    events.push(SaEvent::Installed { id });
                 }
             }
         }

@@ -347,7 +347,8 @@ impl Daemon {
             interface: tun.name().to_string(),
             outer: config.outer.encap,
             inner: config.inner,
-            coalesce: config.offloads.coalesce,
+            // Coalesced TCP trains need the TSO the device granted.
+            coalesce: config.offloads.coalesce && tun.offloads().tso,
             offloads: status::OffloadState::default(),
         });
 
@@ -358,7 +359,7 @@ impl Daemon {
             set(&o.tun_checksum, granted.csum);
             set(&o.tso, granted.tso);
             set(&o.uso, granted.uso);
-            set(&o.coalesce, shared.coalesce && granted.tso);
+            set(&o.coalesce, shared.coalesce);
             let socks = || {
                 [sockets.v4.as_ref(), sockets.v6.as_ref()]
                     .into_iter()

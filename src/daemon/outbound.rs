@@ -318,54 +318,47 @@ impl OutboundWorker {
         while let Ok(commands) = self.commands.try_recv() {
             any = true;
             for command in commands {
-                match command {
-                    SaCommand::Install { id, mut new, meta } => {
-                        if !new.claimed
-                            && let Err(e) = super::sas::claim(&self.store, &meta.peer, &mut new)
-                        {
-                            tracing::error!("reload: {e}; unchanged");
-                            let reason = e.to_string();
-                            events.push(SaEvent::InstallFailed { id, reason });
-                            continue;
-                        }
-                        let (peer, spi, state) = (meta.peer.clone(), new.sa.spi, meta.state);
-                        if let Err(e) = self.outbound.sas.insert(id, new.sa, meta) {
-                            // The manager never asks for this; the table
-                            // refuses it all the same.
-                            tracing::error!(peer, "outbound SA {spi:#x} not installed: {e}");
-                            let reason = format!("outbound SA {spi:#x} not installed: {e}");
-                            events.push(SaEvent::InstallFailed { id, reason });
-                            continue;
-                        }
-                        events.push(SaEvent::Installed { id });
-                        if state == SaState::Active {
-                            tracing::info!(
-                                peer,
-                                spi = format_args!("{spi:#x}"),
-                                "outbound SA now in use"
-                            );
-                        }
+                let activated = match &command {
+                    SaCommand::SetState {
+                        id,
+                        state: SaState::Active,
+                    } => Some(*id),
+                    _ => None,
+                };
+                let Some((id, mut new, meta)) = command.apply(&mut self.outbound.sas) else {
+                    if let Some(entry) = activated.and_then(|id| self.outbound.sas.get(id)) {
+                        tracing::info!(
+                            peer = %entry.meta.peer,
+                            spi = format_args!("{:#x}", entry.sa.spi),
+                            "outbound SA now in use"
+                        );
                     }
-                    SaCommand::SetState { id, state } => {
-                        if let Some(entry) = self.outbound.sas.get_mut(id) {
-                            entry.meta.state = state;
-                            if state == SaState::Active {
-                                tracing::info!(
-                                    peer = %entry.meta.peer,
-                                    spi = format_args!("{:#x}", entry.sa.spi),
-                                    "outbound SA now in use"
-                                );
-                            }
-                        }
-                    }
-                    SaCommand::SetEndpoint { id, endpoint } => {
-                        if let Some(entry) = self.outbound.sas.get_mut(id) {
-                            entry.meta.endpoint = endpoint;
-                        }
-                    }
-                    SaCommand::Remove { id } => {
-                        self.outbound.sas.remove(id);
-                    }
+                    continue;
+                };
+                if !new.claimed
+                    && let Err(e) = super::sas::claim(&self.store, &meta.peer, &mut new)
+                {
+                    tracing::error!("reload: {e}; unchanged");
+                    let reason = e.to_string();
+                    events.push(SaEvent::InstallFailed { id, reason });
+                    continue;
+                }
+                let (peer, spi, state) = (meta.peer.clone(), new.sa.spi, meta.state);
+                if let Err(e) = self.outbound.sas.insert(id, new.sa, meta) {
+                    // The manager never asks for this; the table refuses
+                    // it all the same.
+                    tracing::error!(peer, "outbound SA {spi:#x} not installed: {e}");
+                    let reason = format!("outbound SA {spi:#x} not installed: {e}");
+                    events.push(SaEvent::InstallFailed { id, reason });
+                    continue;
+                }
+                events.push(SaEvent::Installed { id });
+                if state == SaState::Active {
+                    tracing::info!(
+                        peer,
+                        spi = format_args!("{spi:#x}"),
+                        "outbound SA now in use"
+                    );
                 }
             }
         }

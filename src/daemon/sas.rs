@@ -22,7 +22,7 @@ use crate::sa::lifecycle::{
     self, Action, Refusal, RemoveReason, SaView, Timing, WantedPeer, WantedSa,
 };
 use crate::sa::reservation::{self, Claim, Fingerprint, ReservationStore};
-use crate::sa::table::{Direction, SaId, SaIds, SaMeta, SaState};
+use crate::sa::table::{Direction, SaId, SaIds, SaMeta, SaState, SaTable};
 use crate::sa::{InboundSa, InnerAddrs, KeyMaterial, OutboundSa, SaKeys};
 
 /// A change to one thread's SA table.
@@ -31,6 +31,30 @@ pub(crate) enum SaCommand<New> {
     SetState { id: SaId, state: SaState },
     SetEndpoint { id: SaId, endpoint: SocketAddr },
     Remove { id: SaId },
+}
+
+impl<New> SaCommand<New> {
+    /// Applies a change to an SA in `table`. An install is handed back for
+    /// the thread to do: the outbound thread claims a reservation first.
+    pub fn apply<S, C>(self, table: &mut SaTable<S, C>) -> Option<(SaId, New, SaMeta)> {
+        match self {
+            SaCommand::Install { id, new, meta } => return Some((id, new, meta)),
+            SaCommand::SetState { id, state } => {
+                if let Some(entry) = table.get_mut(id) {
+                    entry.meta.state = state;
+                }
+            }
+            SaCommand::SetEndpoint { id, endpoint } => {
+                if let Some(entry) = table.get_mut(id) {
+                    entry.meta.endpoint = endpoint;
+                }
+            }
+            SaCommand::Remove { id } => {
+                table.remove(id);
+            }
+        }
+        None
+    }
 }
 
 /// What a datapath thread tells the manager.

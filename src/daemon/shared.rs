@@ -82,7 +82,8 @@ pub(crate) struct Shared {
     pub outer: Encap,
     /// `[inner]`: the checksum policy both pipelines apply.
     pub inner: InnerPolicy,
-    /// Whether validated segments may be coalesced on the way to TUN.
+    /// Whether validated segments are coalesced on the way to TUN: allowed
+    /// by the configuration, and TSO granted by the device.
     pub coalesce: bool,
     /// The offloads in use, as the threads find them.
     pub offloads: super::status::OffloadState,

@@ -51,13 +51,11 @@ impl Inbound {
     /// Adds an SA under the next free id (for tools and tests; the daemon
     /// names its SAs itself through [`Self::sas`]).
     pub fn add_sa(&mut self, sa: InboundSa, meta: SaMeta) -> Result<SaId, TableError> {
-        let id = SaId(self.sas.iter().map(|e| e.id.0).max().unwrap_or(0) + 1);
-        self.sas.insert(id, sa, meta)?;
-        Ok(id)
+        self.sas.add(sa, meta)
     }
 
     pub fn sa_mut(&mut self, id: SaId) -> Option<&mut InboundSa> {
-        self.sas.get_mut(id).map(|e| &mut e.sa)
+        self.sas.sa_mut(id)
     }
 
     /// The last packet the latest [`Self::process`] dropped for `reason`,

@@ -170,7 +170,21 @@ impl<S, C: Default> SaTable<S, C> {
     }
 }
 
+impl<S, C: Default> SaTable<S, C> {
+    /// Adds an SA under the next free id (for tools and tests; the daemon
+    /// names its SAs itself, through [`Self::insert`]).
+    pub fn add(&mut self, sa: S, meta: SaMeta) -> Result<SaId, TableError> {
+        let id = SaId(self.entries.iter().map(|e| e.id.0).max().unwrap_or(0) + 1);
+        self.insert(id, sa, meta)?;
+        Ok(id)
+    }
+}
+
 impl<S, C> SaTable<S, C> {
+    pub fn sa_mut(&mut self, id: SaId) -> Option<&mut S> {
+        self.get_mut(id).map(|e| &mut e.sa)
+    }
+
     pub fn remove(&mut self, id: SaId) -> Option<SaEntry<S, C>> {
         let i = self.entries.iter().position(|e| e.id == id)?;
         Some(self.entries.remove(i))

@@ -160,3 +160,52 @@ pub fn root_or_skipped(test: &str, needs: &str) -> bool {
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root ({needs})");
     false
 }
+
+/// A two-host tunnel lab for `test` running the esptun binary built for
+/// the tests; `None` (and said so) without root, a failure instead under
+/// `ESPTUN_REQUIRE_NETNS=1`.
+pub fn lab(
+    test: &str,
+    options: esptun::lab::demo::LabOptions,
+) -> Option<esptun::lab::demo::TunnelLab> {
+    lab_with(
+        test,
+        "network namespaces, TUN devices",
+        Path::new(env!("CARGO_BIN_EXE_esptun")),
+        options,
+    )
+}
+
+/// [`lab`] running `exe`; `needs` says what root is for.
+pub fn lab_with(
+    test: &str,
+    needs: &str,
+    exe: &Path,
+    options: esptun::lab::demo::LabOptions,
+) -> Option<esptun::lab::demo::TunnelLab> {
+    if !require_root(test, needs) {
+        return None;
+    }
+    Some(
+        esptun::lab::demo::TunnelLab::create(exe, options)
+            .unwrap_or_else(|e| panic!("{test}: building the lab: {e}")),
+    )
+}
+
+/// Panics with both endpoints' logs, so a failure in CI can be diagnosed
+/// (the lab removes itself on drop).
+pub fn fail(lab: &esptun::lab::demo::TunnelLab, message: &str) -> ! {
+    use esptun::lab::demo::Side;
+    panic!(
+        "{message}\n--- log of a ---\n{}\n--- log of b ---\n{}",
+        lab.log_tail(Side::A),
+        lab.log_tail(Side::B)
+    )
+}
+
+/// [`fail`] unless `ok`.
+pub fn check(lab: &esptun::lab::demo::TunnelLab, ok: bool, message: impl FnOnce() -> String) {
+    if !ok {
+        fail(lab, &message());
+    }
+}
