@@ -38,6 +38,11 @@ pub struct PacketMeta {
     /// The virtio-net header read with the packet from a TUN device opened
     /// with `IFF_VNET_HDR` (all zero otherwise).
     pub vnet: [u8; VNET_HDR_LEN],
+    /// The IPv4 TOS / IPv6 traffic class byte (DSCP and ECN, see
+    /// [`crate::wire::ecn`]): outbound, the sealed inner packet's, for the
+    /// socket to send the outer packet with; inbound, the received outer
+    /// packet's as the socket reported it (0 if it did not).
+    pub tos: u8,
 }
 
 /// One packet buffer with headroom and tailroom, allocated once and reused

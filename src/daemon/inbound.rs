@@ -130,7 +130,10 @@ impl InboundWorker {
                         filled += 1;
                     } else {
                         // A GRO train: its ESP packets, in order.
-                        let peer = slot.meta.peer;
+                        // One TOS for the whole train: the kernel's GRO
+                        // never merges packets whose TOS or traffic class
+                        // differ (inet_gro_flush, ipv6_gro_receive).
+                        let (peer, tos) = (slot.meta.peer, slot.meta.tos);
                         for chunk in slot.data().chunks(segment) {
                             if filled == BATCH {
                                 batch.set_len(filled);
@@ -142,6 +145,7 @@ impl InboundWorker {
                             // fit: the train came in a buffer this size.
                             out.fill(chunk);
                             out.meta.peer = peer;
+                            out.meta.tos = tos;
                             filled += 1;
                         }
                     }

@@ -176,7 +176,8 @@ impl OutboundWorker {
         self.top_up();
     }
 
-    /// One `sendmmsg` per address family, straight from the batch.
+    /// One `sendmmsg` per address family, straight from the batch, each
+    /// packet with its inner packet's DSCP and ECN (wire::ecn).
     fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
         for v6 in [false, true] {
             let packets = || {
@@ -185,7 +186,7 @@ impl OutboundWorker {
                         .meta
                         .peer
                         .filter(|to| to.is_ipv6() == v6)
-                        .map(|to| (buf.data(), to)),
+                        .map(|to| (buf.data(), to, buf.meta.tos)),
                     _ => None,
                 })
             };
@@ -199,7 +200,7 @@ impl OutboundWorker {
                 &self.sockets.v4
             };
             let result = match socket {
-                Some(socket) => socket.send_iter(packets()),
+                Some(socket) => socket.send_iter_with_tos(packets()),
                 None => Err(std::io::Error::other(
                     "no outer socket of this address family",
                 )),

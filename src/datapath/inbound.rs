@@ -1,7 +1,8 @@
 //! ESP -> TUN, in the order of Linux `xfrm_input`: classify, SA by SPI,
 //! replay check, decrypt and verify the ICV, replay update, trailer,
-//! rebuild the IP header from the SA's inner addresses, and then, unlike
-//! Linux for transport-mode NAT-T, validate the inner checksum.
+//! rebuild the IP header from the SA's inner addresses (with the outer
+//! packet's DSCP and ECN, [`crate::wire::ecn::transport_mode`]), and then,
+//! unlike Linux for transport-mode NAT-T, validate the inner checksum.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::packet::PacketBuf;
 use crate::sa::InboundSa;
 use crate::sa::replay::ReplayError;
 use crate::sa::table::{SaId, SaMeta, SaTable, TableError};
+use crate::wire::ecn;
 use crate::wire::esp::{self, EspPacket, UdpPayload};
 use crate::wire::inner::{self, InnerPolicy, Pseudo};
 use crate::wire::ip::{self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, protocol};
@@ -107,6 +109,10 @@ impl Inbound {
         buf: &mut PacketBuf,
         context: &mut DropContext,
     ) -> Result<(), DropReason> {
+        // In transport mode the outer header is the packet's own (RFC 4301
+        // 5.1.2): its DSCP and ECN, as the socket reported them, go into
+        // the rebuilt header (RFC 6040 4.2 as it applies here: wire::ecn).
+        let tos = ecn::transport_mode(buf.meta.tos);
         let data = buf.data();
         if encap.is_udp() {
             match esp::classify_udp_payload(data) {
@@ -168,6 +174,7 @@ impl Inbound {
             next_header,
             remote,
             local,
+            tos,
         )?;
         // The check Linux skips for transport-mode NAT-T: against the
         // addresses this SA stands for, which are the ones just written.
@@ -204,7 +211,8 @@ fn replay_reason(e: ReplayError) -> DropReason {
 }
 
 /// Writes an IP header for `payload_len` bytes at `payload_start` into the
-/// space before it; returns where the header starts.
+/// space before it, with `tos` as its TOS byte or traffic class (the IPv4
+/// header checksum covers it); returns where the header starts.
 fn rebuild_header(
     storage: &mut [u8],
     payload_start: usize,
@@ -212,6 +220,7 @@ fn rebuild_header(
     next_header: u8,
     src: IpAddr,
     dst: IpAddr,
+    tos: u8,
 ) -> Result<usize, DropReason> {
     let header_len = if src.is_ipv4() {
         IPV4_HEADER_LEN
@@ -221,13 +230,14 @@ fn rebuild_header(
     let start = payload_start
         .checked_sub(header_len)
         .ok_or(DropReason::Oversize)?;
-    ip::emit_header(
+    ip::emit_header_with_tos(
         &mut storage[start..payload_start],
         src,
         dst,
         next_header,
         payload_len,
         REBUILT_TTL,
+        tos,
     )
     .map_err(|_| DropReason::Oversize)?;
     Ok(start)

@@ -18,6 +18,7 @@ use crate::sa::table::{SaId, SaMeta, SaState, SaTable, TableError};
 use crate::sa::{OutboundSa, SeqError};
 use crate::wire::esp;
 use crate::wire::inner::{self, InnerPolicy, InnerVerdict};
+use crate::wire::ip;
 
 /// The outbound pipeline and its SAs.
 #[derive(Debug, Default)]
@@ -117,6 +118,12 @@ impl Outbound {
             return Err(DropReason::NoProvider);
         }
 
+        // DSCP and ECN go out on the outer header as the inner packet has
+        // them: in transport mode there is one header (RFC 4301 5.1.2),
+        // and a Not-ECT packet must stay Not-ECT so that no router can
+        // mark it CE (RFC 6040 4.2; see wire::ecn). Read before sealing
+        // overwrites the header.
+        let tos = ip::tos_of(buf.data());
         let icv = sa.keys.icv().bytes();
         let payload_len = shape.total_len - shape.header_len;
         let pad = esp::pad_len(payload_len);
@@ -155,6 +162,7 @@ impl Outbound {
 
         buf.set_range(esp_start, sealed_end);
         buf.meta.peer = Some(endpoint);
+        buf.meta.tos = tos;
         if sa.take_soft_limit_crossing() {
             self.counters
                 .soft_limit_crossings

@@ -3,7 +3,8 @@
 //! `new_checked` validates every length the getters use, so after it
 //! returns `Ok` no getter panics; `new_unchecked` is for buffers esptun
 //! built itself. Setters exist only for what transport-mode ESP rewrites:
-//! lengths, protocol/next header and the IPv4 header checksum.
+//! lengths, protocol/next header, the TOS/traffic class byte (DSCP and
+//! ECN, see [`super::ecn`]) and the IPv4 header checksum.
 
 use super::checksum;
 
@@ -54,6 +55,7 @@ pub fn version(packet: &[u8]) -> Result<u8, IpError> {
 mod field4 {
     use std::ops::Range;
     pub const VER_IHL: usize = 0;
+    pub const TOS: usize = 1;
     pub const TOTAL_LEN: Range<usize> = 2..4;
     pub const FLAGS_FRAG: Range<usize> = 6..8;
     pub const PROTOCOL: usize = 9;
@@ -109,6 +111,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         be16(&self.buffer.as_ref()[field4::TOTAL_LEN])
     }
 
+    /// The TOS byte: DSCP and ECN (RFC 2474, RFC 3168).
+    pub fn tos(&self) -> u8 {
+        self.buffer.as_ref()[field4::TOS]
+    }
+
     pub fn protocol(&self) -> u8 {
         self.buffer.as_ref()[field4::PROTOCOL]
     }
@@ -137,6 +144,12 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    /// Sets the TOS byte; the header checksum is then stale
+    /// ([`Self::fill_checksum`]).
+    pub fn set_tos(&mut self, tos: u8) {
+        self.buffer.as_mut()[field4::TOS] = tos;
+    }
+
     pub fn set_total_len(&mut self, len: u16) {
         self.buffer.as_mut()[field4::TOTAL_LEN].copy_from_slice(&len.to_be_bytes());
     }
@@ -213,6 +226,13 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         be16(&self.buffer.as_ref()[field6::PAYLOAD_LEN])
     }
 
+    /// The traffic class: DSCP and ECN (RFC 8200 section 7), the 8 bits
+    /// after the version nibble.
+    pub fn traffic_class(&self) -> u8 {
+        let b = self.buffer.as_ref();
+        (b[0] << 4) | (b[1] >> 4)
+    }
+
     pub fn next_header(&self) -> u8 {
         self.buffer.as_ref()[field6::NEXT_HEADER]
     }
@@ -231,6 +251,13 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
+    /// Sets the traffic class, keeping the version and the flow label.
+    pub fn set_traffic_class(&mut self, class: u8) {
+        let b = self.buffer.as_mut();
+        b[0] = (b[0] & 0xF0) | (class >> 4);
+        b[1] = (class << 4) | (b[1] & 0x0F);
+    }
+
     pub fn set_payload_len(&mut self, len: u16) {
         self.buffer.as_mut()[field6::PAYLOAD_LEN].copy_from_slice(&len.to_be_bytes());
     }
@@ -246,6 +273,40 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     pub fn set_dst(&mut self, addr: [u8; 16]) {
         self.buffer.as_mut()[field6::DST].copy_from_slice(&addr);
     }
+}
+
+/// The TOS byte (IPv4) or traffic class (IPv6) of an IP packet; 0 for
+/// anything else (callers have validated the header).
+pub fn tos_of(packet: &[u8]) -> u8 {
+    match (version(packet), packet.len()) {
+        (Ok(4), 2..) => packet[field4::TOS],
+        (Ok(6), 2..) => Ipv6Packet::new_unchecked(packet).traffic_class(),
+        _ => 0,
+    }
+}
+
+/// [`emit_header`] with a TOS byte (IPv4) or traffic class (IPv6), and
+/// the IPv4 header checksum over it.
+pub fn emit_header_with_tos(
+    header: &mut [u8],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    protocol: u8,
+    payload_len: usize,
+    ttl: u8,
+    tos: u8,
+) -> Result<(), IpError> {
+    emit_header(header, src, dst, protocol, payload_len, ttl)?;
+    if tos != 0 {
+        if src.is_ipv4() {
+            let mut ip = Ipv4Packet::new_unchecked(header);
+            ip.set_tos(tos);
+            ip.fill_checksum();
+        } else {
+            Ipv6Packet::new_unchecked(header).set_traffic_class(tos);
+        }
+    }
+    Ok(())
 }
 
 /// Writes a plain IP header (no options; IPv4 with DF set, ID 0, TOS 0)
@@ -409,6 +470,45 @@ mod tests {
             emit_header(&mut h4, s4, d4, 6, 65536, 64),
             Err(IpError::TotalLength)
         );
+    }
+
+    #[test]
+    fn tos_and_traffic_class_are_written_with_a_correct_checksum() {
+        let (s4, d4) = (
+            "198.18.0.1".parse().expect("ip"),
+            "198.19.0.2".parse().expect("ip"),
+        );
+        let mut h4 = [0u8; 20];
+        emit_header_with_tos(&mut h4, s4, d4, protocol::UDP, 8, 64, 0xBA).expect("v4");
+        let mut p4 = h4.to_vec();
+        p4.resize(28, 0);
+        let ip = Ipv4Packet::new_checked(&p4[..]).expect("parses");
+        assert_eq!((ip.tos(), tos_of(&p4)), (0xBA, 0xBA));
+        assert!(ip.verify_checksum(), "checksum covers the TOS byte");
+        let mut plain = [0u8; 20];
+        emit_header(&mut plain, s4, d4, protocol::UDP, 8, 64).expect("v4");
+        assert_ne!(plain[10..12], h4[10..12], "the checksum changed with it");
+
+        let (s6, d6) = (
+            "2001:db8::1".parse().expect("ip"),
+            "2001:db8::2".parse().expect("ip"),
+        );
+        let mut h6 = [0u8; 40];
+        emit_header_with_tos(&mut h6, s6, d6, protocol::UDP, 0, 64, 0xBB).expect("v6");
+        assert_eq!(
+            h6[..4],
+            [0x6B, 0xB0, 0, 0],
+            "version 6, class 0xBB, no flow label"
+        );
+        let mut ip = Ipv6Packet::new_checked(&mut h6[..]).expect("parses");
+        assert_eq!(ip.traffic_class(), 0xBB);
+        // The flow label and version survive a change of class.
+        let mut with_label = [0x60, 0x0A, 0xBC, 0xDE];
+        Ipv6Packet::new_unchecked(&mut with_label[..]).set_traffic_class(0x2E);
+        assert_eq!(with_label, [0x62, 0xEA, 0xBC, 0xDE]);
+        ip.set_traffic_class(0);
+        assert_eq!(tos_of(&h6), 0);
+        assert_eq!(tos_of(&[]), 0);
     }
 
     #[test]

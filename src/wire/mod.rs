@@ -3,6 +3,7 @@
 //! allocation per packet. `wire` knows nothing of `crypto`.
 
 pub mod checksum;
+pub mod ecn;
 pub mod esp;
 pub mod gso;
 pub mod inner;

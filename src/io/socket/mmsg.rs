@@ -144,6 +144,15 @@ impl OuterSocket {
             if self.gro {
                 bufs[i].meta.segment_size = found.gro_segment.unwrap_or(0);
             }
+            // IP_RECVTOS / IPV6_RECVTCLASS, for the rebuilt header's DSCP
+            // and ECN; a raw IPv4 socket also has the header itself. A GRO
+            // train has one: the kernel merges only packets whose TOS or
+            // traffic class are equal (inet_gro_flush, ipv6_gro_receive).
+            bufs[i].meta.tos = match found.tos {
+                Some(tos) => tos,
+                None if strip_v4 => headers[i][1],
+                None => 0,
+            };
             if let Some(n) = found.rx_overflows {
                 self.rx_overflows.fetch_max(u64::from(n), Ordering::Relaxed);
             }
@@ -153,7 +162,7 @@ impl OuterSocket {
 
     pub(super) fn send_chunk<'a>(
         &self,
-        packets: impl Iterator<Item = (&'a [u8], SocketAddr)>,
+        packets: impl Iterator<Item = (&'a [u8], SocketAddr, Option<u8>)>,
         report: &mut SendReport,
         deadline: Instant,
         waits: &mut u32,
@@ -162,10 +171,11 @@ impl OuterSocket {
         // packet, or with GSO a train of consecutive ones.
         let mut iovs = [EMPTY_IOVEC; MAX_BATCH];
         let mut dsts = [None::<SocketAddr>; MAX_BATCH];
+        let mut toses = [None::<u8>; MAX_BATCH];
         let mut n = 0;
         // Packets to the other family never reach the kernel (the IPv6
         // socket is IPV6_V6ONLY).
-        for (packet, dst) in packets {
+        for (packet, dst, tos) in packets {
             if dst.is_ipv4() != (self.family == Family::V4) {
                 report.fail(
                     1,
@@ -182,6 +192,7 @@ impl OuterSocket {
                 iov_len: packet.len(),
             };
             dsts[n] = Some(dst);
+            toses[n] = tos;
             n += 1;
         }
 
@@ -192,7 +203,13 @@ impl OuterSocket {
             let mut controls = [Control::EMPTY; MAX_BATCH];
             let mut trains = [(0usize, 0usize); MAX_BATCH];
             let mut msgs = empty_msgs();
-            let m = group_trains(&iovs[first..n], &dsts[first..n], gso, &mut trains);
+            let m = group_trains(
+                &iovs[first..n],
+                &dsts[first..n],
+                &toses[first..n],
+                gso,
+                &mut trains,
+            );
             for (k, &(start, count)) in trains[..m].iter().enumerate() {
                 let Some(dst) = dsts[first + start] else {
                     continue;
@@ -208,10 +225,9 @@ impl OuterSocket {
                 h.msg_namelen = addr_len;
                 h.msg_iov = &mut iovs[first + start];
                 h.msg_iovlen = count as _;
-                if count > 1 {
-                    let size = iovs[first + start].iov_len as u16;
-                    controls[k].put_segment_size(h, size);
-                }
+                let segment_size = (count > 1).then(|| iovs[first + start].iov_len as u16);
+                let tos = toses[first + start];
+                controls[k].put(h, segment_size, tos.map(|t| (self.family, t)));
             }
 
             let mut next = 0;
@@ -313,12 +329,15 @@ const MAX_TRAIN_BYTES: usize = 65_535 - 40 - 8;
 
 /// Groups consecutive packets into messages, as (first, count) in
 /// `trains`; returns how many. Without `gso` every packet is its own
-/// message. With it, packets to the same destination of the same size
-/// share a train, which a shorter packet ends (it is the train's last
-/// segment, as udp(7) allows); limits: [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`].
+/// message. With it, packets to the same destination with the same TOS
+/// byte (`toses`: a train's one IP_TOS/IPV6_TCLASS message sets every
+/// segment's) and of the same size share a train, which a shorter packet
+/// ends (it is the train's last segment, as udp(7) allows); limits:
+/// [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`].
 fn group_trains(
     iovs: &[libc::iovec],
     dsts: &[Option<SocketAddr>],
+    toses: &[Option<u8>],
     gso: bool,
     trains: &mut [(usize, usize)],
 ) -> usize {
@@ -332,6 +351,7 @@ fn group_trains(
             && i + count < iovs.len()
             && count < MAX_TRAIN
             && dsts[i + count] == dsts[i]
+            && toses.get(i + count) == toses.get(i)
             && iovs[i + count].iov_len <= size
             && iovs[i + count].iov_len > 0
             && bytes + iovs[i + count].iov_len <= MAX_TRAIN_BYTES
@@ -349,30 +369,73 @@ fn group_trains(
     m
 }
 
-/// A message's control buffer: room for a UDP_SEGMENT (u16), or on
-/// receive for UDP_GRO (int) and SO_RXQ_OVFL (u32), each
-/// CMSG_SPACE(4) = 24 bytes on 64-bit; aligned as a cmsghdr.
+/// Bytes of control data a message may need: on send a UDP_SEGMENT (u16)
+/// and an IP_TOS or IPV6_TCLASS (int); on receive UDP_GRO (int),
+/// SO_RXQ_OVFL (u32) and IP_TOS (u8) or IPV6_TCLASS (int). Each takes
+/// CMSG_SPACE(4) = 24 bytes on 64-bit; one more fits, so an unexpected
+/// message does not truncate (MSG_CTRUNC) the ones read.
+const CONTROL_LEN: usize = 4 * 24;
+// SAFETY: CMSG_SPACE only computes a length.
+const _: () = assert!(
+    unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize * 4 <= CONTROL_LEN
+);
+
+/// A message's control buffer (fixed size, on the stack: nothing is
+/// allocated per packet), aligned as a cmsghdr.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
-struct Control([u8; 64]);
+struct Control([u8; CONTROL_LEN]);
 
 impl Control {
-    const EMPTY: Control = Control([0; 64]);
+    const EMPTY: Control = Control([0; CONTROL_LEN]);
 
-    /// Attaches this buffer to `h` with one UDP_SEGMENT message.
-    fn put_segment_size(&mut self, h: &mut libc::msghdr, size: u16) {
+    /// Attaches this buffer to `h` with a UDP_SEGMENT message for a train
+    /// of `segment_size`, and an IP_TOS (IPv4) or IPV6_TCLASS (IPv6)
+    /// message with the TOS byte for the datagram, or for each segment of
+    /// the train (ip(7), ipv6(7): an int; raw sockets honour them too).
+    /// Neither: no control data.
+    fn put(&mut self, h: &mut libc::msghdr, segment_size: Option<u16>, tos: Option<(Family, u8)>) {
+        if segment_size.is_none() && tos.is_none() {
+            return;
+        }
         h.msg_control = self.0.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE only computes a length.
-        h.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+        let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+        let total = segment_size.map_or(0, |_| space(size_of::<u16>()))
+            + tos.map_or(0, |_| space(size_of::<libc::c_int>()));
+        // Within CONTROL_LEN (48 of 96 bytes, the assertion above).
+        h.msg_controllen = total as _;
         // SAFETY: `h` points at this buffer, which is cmsghdr-aligned and
-        // at least CMSG_SPACE(2) bytes long, so the first header and its
-        // data lie within it; CMSG_FIRSTHDR is non-null for that length.
+        // at least `total` bytes long (two CMSG_SPACE(4) at most), so each
+        // header CMSG_FIRSTHDR/CMSG_NXTHDR returns and its data lie within
+        // it; both are non-null because `total` leaves room for each
+        // message written (checked, not assumed).
         unsafe {
-            let c = libc::CMSG_FIRSTHDR(h);
-            (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = libc::UDP_SEGMENT;
-            (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            if let Some(size) = segment_size
+                && !c.is_null()
+            {
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = libc::UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+            if let Some((family, tos)) = tos
+                && !c.is_null()
+            {
+                (*c).cmsg_level = match family {
+                    Family::V4 => libc::IPPROTO_IP,
+                    Family::V6 => libc::IPPROTO_IPV6,
+                };
+                (*c).cmsg_type = match family {
+                    Family::V4 => libc::IP_TOS,
+                    Family::V6 => libc::IPV6_TCLASS,
+                };
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+                let value = libc::c_int::from(tos);
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), value);
+            }
         }
     }
 }
@@ -384,6 +447,9 @@ struct Received {
     gro_segment: Option<u16>,
     /// SO_RXQ_OVFL: the socket's drop count so far.
     rx_overflows: Option<u32>,
+    /// IP_TOS (IP_RECVTOS) or IPV6_TCLASS (IPV6_RECVTCLASS): the TOS
+    /// byte or traffic class the datagram arrived with.
+    tos: Option<u8>,
 }
 
 fn read_control(h: &libc::msghdr) -> Received {
@@ -408,6 +474,15 @@ fn read_control(h: &libc::msghdr) -> Received {
                 (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) if data_len >= size_of::<u32>() => {
                     found.rx_overflows =
                         Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                }
+                // ip(7): IP_TOS comes as one byte.
+                (libc::IPPROTO_IP, libc::IP_TOS) if data_len >= 1 => {
+                    found.tos = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c)));
+                }
+                // ipv6(7): IPV6_TCLASS comes as an int.
+                (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) if data_len >= size_of::<libc::c_int>() => {
+                    let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    found.tos = u8::try_from(v).ok();
                 }
                 _ => {}
             }
@@ -470,22 +545,79 @@ mod tests {
         for (packets, want) in cases {
             let iovs: Vec<_> = packets.iter().map(|(len, _)| iov(*len)).collect();
             let dsts: Vec<_> = packets.iter().map(|(_, d)| Some(*d)).collect();
+            let toses = vec![Some(0xB8); packets.len()];
             let mut trains = [(0, 0); MAX_BATCH];
-            let m = group_trains(&iovs, &dsts, true, &mut trains);
+            let m = group_trains(&iovs, &dsts, &toses, true, &mut trains);
             assert_eq!(&trains[..m], *want, "{packets:?}");
-            let m = group_trains(&iovs, &dsts, false, &mut trains);
+            let m = group_trains(&iovs, &dsts, &toses, false, &mut trains);
             assert_eq!(m, packets.len(), "without GSO one message per packet");
         }
         // At most MAX_TRAIN segments and MAX_TRAIN_BYTES bytes per train.
         let iovs = vec![iov(100); 150];
         let dsts = vec![Some(a); 150];
+        let toses = vec![None; 150];
         let mut trains = [(0, 0); MAX_BATCH];
-        let m = group_trains(&iovs, &dsts, true, &mut trains);
+        let m = group_trains(&iovs, &dsts, &toses, true, &mut trains);
         assert_eq!(&trains[..m], &[(0, 64), (64, 64), (128, 22)]);
         let iovs = vec![iov(1500); 60];
         let dsts = vec![Some(a); 60];
-        let m = group_trains(&iovs, &dsts, true, &mut trains);
+        let m = group_trains(&iovs, &dsts, &toses[..60], true, &mut trains);
         assert_eq!(&trains[..m], &[(0, 43), (43, 17)], "65,487 bytes at most");
+    }
+
+    #[test]
+    fn a_train_carries_one_tos_byte() {
+        let a: SocketAddr = "198.18.0.2:4500".parse().expect("addr");
+        let iovs = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 1400,
+            };
+            7
+        ];
+        let dsts = vec![Some(a); 7];
+        // EF + ECT(0) twice, EF + CE (a different byte: ECN differs), two
+        // Not-ECT, then the socket's own (None) twice.
+        let toses = [
+            Some(0xBA),
+            Some(0xBA),
+            Some(0xBB),
+            Some(0),
+            Some(0),
+            None,
+            None,
+        ];
+        let mut trains = [(0, 0); MAX_BATCH];
+        let m = group_trains(&iovs, &dsts, &toses, true, &mut trains);
+        assert_eq!(&trains[..m], &[(0, 2), (2, 1), (3, 2), (5, 2)]);
+        for &(first, count) in &trains[..m] {
+            let t = toses[first];
+            assert!(toses[first..first + count].iter().all(|&x| x == t));
+        }
+        // Only the TOS differs, by one ECN bit: never one train.
+        let m = group_trains(
+            &iovs[..2],
+            &dsts[..2],
+            &[Some(2), Some(3)],
+            true,
+            &mut trains,
+        );
+        assert_eq!(&trains[..m], &[(0, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn control_messages_fit_the_buffer() {
+        let mut control = Control::EMPTY;
+        // SAFETY: an all-zero msghdr is valid (no pointers in use).
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        control.put(&mut h, Some(1400), Some((Family::V6, 0xBA)));
+        assert!(h.msg_controllen <= CONTROL_LEN);
+        let found = read_control(&h);
+        assert_eq!(found.tos, Some(0xBA), "IPV6_TCLASS reads back");
+        // SAFETY: as above.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        control.put(&mut h, None, None);
+        assert!(h.msg_control.is_null() && h.msg_controllen == 0);
     }
 
     #[test]

@@ -188,6 +188,18 @@ impl OuterSocket {
                     },
                 })?;
         }
+        // The TOS byte / traffic class of each datagram (DSCP and ECN),
+        // for the header rebuilt on receipt (wire::ecn).
+        let (level, name, what) = if v6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVTCLASS,
+                "setting IPV6_RECVTCLASS",
+            )
+        } else {
+            (libc::IPPROTO_IP, libc::IP_RECVTOS, "setting IP_RECVTOS")
+        };
+        set_int_option(&sock, level, name, 1).map_err(setup(what))?;
         // Best effort: without it the kernel's receive-buffer drops are
         // just not seen.
         let _ = set_int_option(&sock, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
@@ -281,10 +293,28 @@ impl OuterSocket {
         &self,
         packets: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
     ) -> io::Result<SendReport> {
+        self.send_marked(packets.into_iter().map(|(p, to)| (p, to, None)))
+    }
+
+    /// [`Self::send_iter`] with each packet's TOS byte (IPv4) or traffic
+    /// class (IPv6), DSCP and ECN, sent in an IP_TOS or IPV6_TCLASS control
+    /// message (`None`: the socket's own, 0). Packets with different TOS
+    /// bytes never share a GSO train.
+    pub fn send_iter_with_tos<'a>(
+        &self,
+        packets: impl IntoIterator<Item = (&'a [u8], SocketAddr, u8)>,
+    ) -> io::Result<SendReport> {
+        self.send_marked(packets.into_iter().map(|(p, to, tos)| (p, to, Some(tos))))
+    }
+
+    fn send_marked<'a>(
+        &self,
+        packets: impl Iterator<Item = (&'a [u8], SocketAddr, Option<u8>)>,
+    ) -> io::Result<SendReport> {
         let mut report = SendReport::default();
         let deadline = Instant::now() + SEND_WAIT_BUDGET;
         let mut waits = 0;
-        let mut packets = packets.into_iter().peekable();
+        let mut packets = packets.peekable();
         while packets.peek().is_some() {
             self.send_chunk(
                 packets.by_ref().take(MAX_BATCH),
@@ -444,6 +474,91 @@ mod tests {
         }
         assert_eq!(split, pkts, "GRO receiver, split by segment size");
         assert_eq!(a.gso_refused(), 0);
+    }
+
+    /// Receives `want` datagrams (a GRO train split by its segment size),
+    /// as (bytes, TOS byte) pairs.
+    fn receive_tos(sock: &OuterSocket, want: usize) -> Vec<(Vec<u8>, u8)> {
+        let mut bufs: Vec<PacketBuf> = (0..16).map(|_| PacketBuf::new(65535)).collect();
+        let mut got = Vec::new();
+        while got.len() < want {
+            let r = poll_readable(&[sock.as_fd()], Duration::from_secs(2)).expect("poll");
+            assert!(r.is_ready(0), "only {} of {want} arrived", got.len());
+            let n = sock.recv_batch(&mut bufs).expect("recv_batch");
+            for b in &bufs[..n] {
+                let seg = usize::from(b.meta.segment_size);
+                if seg == 0 {
+                    got.push((b.data().to_vec(), b.meta.tos));
+                } else {
+                    got.extend(b.data().chunks(seg).map(|c| (c.to_vec(), b.meta.tos)));
+                }
+            }
+        }
+        got
+    }
+
+    /// Each packet leaves with its own TOS byte / traffic class (IP_TOS,
+    /// IPV6_TCLASS control messages, also on raw ESP sockets and within GSO
+    /// trains) and the receiver reports it (IP_RECVTOS, IPV6_RECVTCLASS),
+    /// also for each segment of a GRO train.
+    fn tos_round_trip(kind: Encap, v6: bool, offloads: SocketOffloads) {
+        let (mut a, mut b) = match kind {
+            Encap::Udp { .. } => (
+                OuterSocket::open(Encap::Udp { port: 4500 }, v6, None).expect("a"),
+                OuterSocket::open(Encap::Udp { port: 4501 }, v6, None).expect("b"),
+            ),
+            Encap::RawEsp => (
+                OuterSocket::open(kind, v6, None).expect("a"),
+                OuterSocket::open(kind, v6, None).expect("b"),
+            ),
+        };
+        let on = a.enable_offloads(SocketOffloads {
+            gso: offloads.gso,
+            gro: false,
+        });
+        assert_eq!(on.gso, offloads.gso && kind != Encap::RawEsp);
+        let on = b.enable_offloads(SocketOffloads {
+            gso: false,
+            gro: offloads.gro,
+        });
+        assert_eq!(on.gro, offloads.gro && kind != Encap::RawEsp);
+        // EF + ECT(0) x3, EF + CE x3 (same size: GSO must split them by
+        // TOS), Not-ECT, ECT(1) with DSCP AF11, DSCP CS1 Not-ECT.
+        let toses = [0xBA, 0xBA, 0xBA, 0xBB, 0xBB, 0xBB, 0x00, 0x29, 0x20];
+        let pkts: Vec<Vec<u8>> = (0..toses.len())
+            .map(|i| vec![0xE0 + i as u8; 1200])
+            .collect();
+        let dst = SocketAddr::new(loopback(v6), 4501);
+        let batch: Vec<(&[u8], SocketAddr, u8)> = pkts
+            .iter()
+            .zip(toses)
+            .map(|(p, t)| (p.as_slice(), dst, t))
+            .collect();
+        let report = a.send_iter_with_tos(batch).expect("send");
+        assert_eq!((report.sent, report.failed), (toses.len(), 0), "{report:?}");
+        let got = receive_tos(&b, toses.len());
+        let want: Vec<(Vec<u8>, u8)> = pkts.into_iter().zip(toses).collect();
+        assert_eq!(got, want, "{kind:?} v6={v6} {offloads:?}");
+        // Without a TOS the socket's own, 0.
+        let report = a.send_batch(&[(b"plain", dst)]).expect("send");
+        assert_eq!(report.sent, 1);
+        assert_eq!(receive_tos(&b, 1), [(b"plain".to_vec(), 0)]);
+    }
+
+    #[test]
+    fn tos_and_traffic_class_cross_every_outer_socket() {
+        if !have_root() {
+            return;
+        }
+        NetNs::new().run(|| {
+            for v6 in [false, true] {
+                let udp = Encap::Udp { port: 4500 };
+                for (gso, gro) in [(false, false), (true, false), (true, true)] {
+                    tos_round_trip(udp, v6, SocketOffloads { gso, gro });
+                }
+                tos_round_trip(Encap::RawEsp, v6, SocketOffloads::default());
+            }
+        });
     }
 
     #[test]
