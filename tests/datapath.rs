@@ -864,3 +864,58 @@ fn ipv6_destination_options_cross_and_router_headers_are_refused() {
         assert_eq!(v, Verdict::Drop(DropReason::ExtensionHeader), "{what}");
     }
 }
+
+/// DSCP and ECN cross the pipelines as in kernel transport mode: the
+/// sealed packet's metadata carries the inner TOS byte / traffic class for
+/// the socket to send, and the delivered packet's rebuilt header carries
+/// the one the socket received (with a correct IPv4 header checksum).
+#[test]
+fn dscp_and_ecn_cross_the_pipelines() {
+    use esptun::wire::ecn::{self, DSCP_EF, Ecn};
+    use esptun::wire::ip::{Ipv4Packet, Ipv6Packet, tos_of};
+    for v6 in [false, true] {
+        let mut l = link(LinkSpec {
+            v6,
+            ..LinkSpec::default()
+        });
+        for ecn in Ecn::ALL {
+            for dscp in [0, 10, DSCP_EF] {
+                let tos = ecn::tos(dscp, ecn);
+                let mut plain = packet(v6, protocol::UDP, b"dscp and ecn");
+                if v6 {
+                    Ipv6Packet::new_unchecked(&mut plain[..]).set_traffic_class(tos);
+                } else {
+                    let mut ip = Ipv4Packet::new_unchecked(&mut plain[..]);
+                    ip.set_tos(tos);
+                    ip.fill_checksum();
+                }
+                let mut batch = [buf(&plain)];
+                let mut verdicts = Vec::new();
+                l.out.process(&l.selector, &mut batch, &mut verdicts);
+                assert_eq!(verdicts[0], sent());
+                assert_eq!(batch[0].meta.tos, tos, "v6 {v6}: sent with the inner TOS");
+                let wire = batch[0].data().to_vec();
+
+                // As the socket reports it (a CE set on the path included);
+                // 0 when it reports nothing.
+                for (outer, want) in [(tos, tos), (ecn::tos(dscp, Ecn::Ce), tos | 3), (0, 0)] {
+                    let mut batch = [buf(&wire)];
+                    batch[0].meta.tos = outer;
+                    l.inb
+                        .process(&l.selector, Encap::NATT, &mut batch, &mut verdicts);
+                    assert_eq!(verdicts[0], Verdict::Deliver);
+                    let got = batch[0].data();
+                    assert_eq!(tos_of(got), want, "v6 {v6} {ecn:?} dscp {dscp}");
+                    if !v6 {
+                        let ip = Ipv4Packet::new_checked(got).expect("ipv4");
+                        assert!(ip.verify_checksum(), "header checksum covers the TOS");
+                    }
+                    assert_same_inner(&plain, got);
+                    // Replay protection would refuse the same packet again.
+                    l.inb.sa_mut(l.in_sa).expect("sa").replay =
+                        ReplayWindow::new(64, false).expect("window");
+                }
+            }
+        }
+    }
+}
