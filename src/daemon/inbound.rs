@@ -132,7 +132,9 @@ impl InboundWorker {
                         // A GRO train: its ESP packets, in order.
                         // One TOS for the whole train: the kernel's GRO
                         // never merges packets whose TOS or traffic class
-                        // differ (inet_gro_flush, ipv6_gro_receive).
+                        // differ (IPv4 GRO: "all fields must match except length and
+                        // checksum"; IPv6 GRO: "flush if Traffic Class fields
+                        // are different").
                         let (peer, tos) = (slot.meta.peer, slot.meta.tos);
                         for chunk in slot.data().chunks(segment) {
                             if filled == BATCH {

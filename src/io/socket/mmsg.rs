@@ -147,7 +147,9 @@ impl OuterSocket {
             // IP_RECVTOS / IPV6_RECVTCLASS, for the rebuilt header's DSCP
             // and ECN; a raw IPv4 socket also has the header itself. A GRO
             // train has one: the kernel merges only packets whose TOS or
-            // traffic class are equal (inet_gro_flush, ipv6_gro_receive).
+            // traffic class are equal (IPv4 GRO:
+            // "all fields must match except length and checksum"; IPv6 GRO:
+            // "flush if Traffic Class fields are different").
             bufs[i].meta.tos = match found.tos {
                 Some(tos) => tos,
                 None if strip_v4 => headers[i][1],
