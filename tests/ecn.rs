@@ -9,7 +9,7 @@
 //! Needs root and the `nft` tool (nftables; .ci/run installs it). Without
 //! root every test says it skipped, without `nft` likewise; with
 //! `ESPTUN_REQUIRE_NETNS=1` / `ESPTUN_REQUIRE_NFT=1` (CI) a skip fails.
-//! Each lab has its own namespaces (198.18.70-71.0/24, 2001:db8:70-71::)
+//! Each lab has its own namespaces (198.18.70-73.0/24, 2001:db8:70-73::)
 //! and is removed on drop, also when an assertion fails.
 
 mod common;
@@ -260,5 +260,25 @@ fn dscp_and_ecn_cross_an_ipv6_raw_esp_tunnel() {
         71,
         true,
         Encap::RawEsp,
+    );
+}
+
+#[test]
+fn dscp_and_ecn_cross_an_ipv4_raw_esp_tunnel() {
+    dscp_and_ecn_cross_the_tunnel(
+        "dscp_and_ecn_cross_an_ipv4_raw_esp_tunnel",
+        72,
+        false,
+        Encap::RawEsp,
+    );
+}
+
+#[test]
+fn dscp_and_ecn_cross_an_ipv6_nat_t_tunnel() {
+    dscp_and_ecn_cross_the_tunnel(
+        "dscp_and_ecn_cross_an_ipv6_nat_t_tunnel",
+        73,
+        true,
+        Encap::NATT,
     );
 }
