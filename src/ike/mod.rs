@@ -12,4 +12,6 @@
 //! - `proposal`: what we offer and accept, and the choice among offers.
 //! - `sa`: the IKE SA state machine for IKE_SA_INIT and IKE_AUTH.
 
+pub mod crypto;
+pub mod sk;
 pub mod wire;
