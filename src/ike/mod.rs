@@ -13,5 +13,7 @@
 //! - `sa`: the IKE SA state machine for IKE_SA_INIT and IKE_AUTH.
 
 pub mod crypto;
+pub mod proposal;
+pub mod sa;
 pub mod sk;
 pub mod wire;
