@@ -148,24 +148,29 @@ impl IkeSa {
         let Phase::InitSent(state) = std::mem::replace(&mut self.phase, Phase::Closed) else {
             return Err(IkeError::Unexpected("not in IKE_SA_INIT"));
         };
-        let shared = match state.dh.agree(&ke.data) {
-            Ok(s) => s,
-            Err(e) => return Ok(self.fail(e.into())),
-        };
-        self.spi_r = header.spi_r;
-        self.nr = nr.to_vec();
-        self.init_response = bytes.to_vec();
-        self.suite = Some(suite);
-        let ike = IkeKeys::derive(
-            suite.prf, suite.encr, &shared, &self.ni, &self.nr, self.spi_i, self.spi_r,
-        )?;
-        self.keys = Some(Keys {
-            sk_out: SkKey::new(suite.encr, &ike.sk_ei)?,
-            sk_in: SkKey::new(suite.encr, &ike.sk_er)?,
-            ike,
-        });
+        // From here on the exchange is committed: any failure ends the SA
+        // rather than leaving it waiting for a response that came.
         self.outstanding = None;
-        self.send_auth(now, rng)
+        let keyed = state
+            .dh
+            .agree(&ke.data)
+            .map_err(IkeError::from)
+            .and_then(|shared| {
+                self.spi_r = header.spi_r;
+                self.nr = nr.to_vec();
+                self.init_response = bytes.to_vec();
+                self.suite = Some(suite);
+                let ike = IkeKeys::derive(
+                    suite.prf, suite.encr, &shared, &self.ni, &self.nr, self.spi_i, self.spi_r,
+                )?;
+                self.keys = Some(Keys {
+                    sk_out: SkKey::new(suite.encr, &ike.sk_ei)?,
+                    sk_in: SkKey::new(suite.encr, &ike.sk_er)?,
+                    ike,
+                });
+                self.send_auth(now, rng)
+            });
+        Ok(keyed.unwrap_or_else(|e| self.fail(e)))
     }
 
     /// The IKE_AUTH request: IDi, AUTH, USE_TRANSPORT_MODE, the ESP SA and
@@ -218,9 +223,13 @@ impl IkeSa {
         let Phase::AuthSent { esp_spi } = self.phase else {
             return Err(IkeError::Unexpected("not in IKE_AUTH"));
         };
-        // Authenticated: whatever it says, this request is answered.
+        // Authenticated: whatever it says, this request is answered, and
+        // an answer we cannot use ends the SA.
         self.outstanding = None;
-        let found = Found::new(&opened.inner)?;
+        let found = match Found::new(&opened.inner) {
+            Ok(f) => f,
+            Err(e) => return Ok(self.fail(e)),
+        };
         let error = found.error();
         if error == Some(ErrorNotify::AuthenticationFailed) {
             return Ok(self.fail(IkeError::PeerRefused(ErrorNotify::AuthenticationFailed)));

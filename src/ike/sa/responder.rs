@@ -102,8 +102,12 @@ impl IkeSa {
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let opened = self.open(bytes)?;
-        let found = Found::new(&opened.inner)?;
         let response_header = self.header(ex::IKE_AUTH, header.message_id, true);
+        // Authenticated but malformed (a payload twice): INVALID_SYNTAX
+        // (section 2.21.2), like a missing IDi or AUTH.
+        let Ok(found) = Found::new(&opened.inner) else {
+            return self.refuse_auth(bytes, &response_header, ErrorNotify::InvalidSyntax, rng);
+        };
         let (Some(idi), Some(peer_auth)) = (found.idi, found.auth) else {
             return self.refuse_auth(bytes, &response_header, ErrorNotify::InvalidSyntax, rng);
         };

@@ -567,3 +567,123 @@ fn secrets_are_not_in_debug_output() {
     let key = format!("{:?}", i.outbound.key().expose());
     assert!(!text.contains(&key[1..key.len() - 1]), "{text}");
 }
+
+#[test]
+fn cookie_request_is_honoured() {
+    let (ic, rc) = pair();
+    let (mut lab, first) = Lab::start(ic, rc);
+    let req = Message::parse(&first[0]).expect("parse");
+    // A responder under load answers with a cookie (section 2.6).
+    let cookie = Message {
+        header: Header {
+            flags: flags::RESPONSE,
+            ..req.header
+        },
+        payloads: vec![Payload::Notify(Notify::new(notify::COOKIE, vec![0xc0; 16]))],
+    }
+    .emit()
+    .expect("emit");
+    let retry = lab.deliver_to_initiator(&cookie).expect("retry");
+    let m = Message::parse(&retry[0]).expect("parse");
+    assert_eq!(m.header.message_id, 0);
+    assert_eq!(
+        m.payloads[0],
+        Payload::Notify(Notify::new(notify::COOKIE, vec![0xc0; 16])),
+        "the cookie comes first"
+    );
+    assert_eq!(&m.payloads[1..], &req.payloads[..], "same offer, KE and Ni");
+    // AUTH then signs the request with the cookie, on both sides.
+    lab.run(retry);
+    let (i, r) = lab.children();
+    assert_matching(i, r);
+}
+
+/// Every single-byte change of each message is survived without panic;
+/// the protected ones are all dropped, and the real message still works.
+#[test]
+fn every_byte_flip_of_each_message_is_survived() {
+    let (ic, rc) = pair();
+    let (mut lab, first) = Lab::start(ic.clone(), rc.clone());
+    for i in 0..first[0].len() {
+        let mut r = IkeSa::responder(Arc::new(rc.clone()));
+        let mut m = first[0].clone();
+        m[i] ^= 0x55;
+        let _ = r.handle(&m, lab.now, &mut lab.rr);
+    }
+    let a = lab.deliver_to_responder(&first[0]).expect("init");
+    for i in 0..a[0].len() {
+        let (mut other, req) = Lab::start(ic.clone(), rc.clone());
+        assert_eq!(req, first, "the test generator is deterministic");
+        let mut m = a[0].clone();
+        m[i] ^= 0x55;
+        let _ = other.deliver_to_initiator(&m);
+    }
+    let auth = lab.deliver_to_initiator(&a[0]).expect("auth");
+    for i in 0..auth[0].len() {
+        let mut m = auth[0].clone();
+        m[i] ^= 0x55;
+        assert!(lab.deliver_to_responder(&m).is_err(), "byte {i}");
+    }
+    assert!(
+        lab.r_actions.len() == 1,
+        "nothing but the IKE_SA_INIT answer"
+    );
+    let resp = lab.deliver_to_responder(&auth[0]).expect("response");
+    for i in 0..resp[0].len() {
+        let mut m = resp[0].clone();
+        m[i] ^= 0x55;
+        assert!(lab.deliver_to_initiator(&m).is_err(), "byte {i}");
+    }
+    lab.deliver_to_initiator(&resp[0]).expect("established");
+    let (i, r) = lab.children();
+    assert_matching(i, r);
+}
+
+#[test]
+fn unsolicited_and_misdirected_messages_are_dropped() {
+    let (ic, rc) = pair();
+    let (mut lab, first) = Lab::start(ic, rc);
+    // A request sent back to its sender (wrong I flag).
+    assert_eq!(
+        lab.deliver_to_initiator(&first[0]),
+        Err(IkeError::Unexpected("wrong Initiator flag"))
+    );
+    let a = lab.deliver_to_responder(&first[0]).expect("init");
+    // The answer with another initiator SPI.
+    let mut m = a[0].clone();
+    m[0] ^= 1;
+    assert_eq!(
+        lab.deliver_to_initiator(&m),
+        Err(IkeError::Unexpected("unknown initiator SPI"))
+    );
+    // Garbage and empty input.
+    assert!(lab.deliver_to_responder(&[]).is_err());
+    assert!(lab.deliver_to_responder(&[0u8; 100]).is_err());
+    assert_eq!(lab.i.status(), Status::Connecting);
+}
+
+#[test]
+fn authenticated_but_malformed_request_gets_invalid_syntax() {
+    let (ic, rc) = pair();
+    let (mut lab, first) = Lab::start(ic, rc);
+    let a = lab.deliver_to_responder(&first[0]).expect("init");
+    let auth = lab.deliver_to_initiator(&a[0]).expect("auth");
+    let req = reseal(&lab.i, &auth[0], |p| {
+        let ts = p.iter().find(|x| x.ty() == pty::TSI).cloned().expect("TSi");
+        p.push(ts);
+    });
+    let resp = lab.deliver_to_responder(&req).expect("response");
+    lab.deliver_to_initiator(&resp[0]).expect("handled");
+    assert_eq!(
+        failures(&lab.r_actions),
+        vec![IkeError::WeRefused(ErrorNotify::InvalidSyntax)]
+    );
+    assert_eq!(
+        failures(&lab.i_actions),
+        vec![IkeError::PeerRefused(ErrorNotify::InvalidSyntax)]
+    );
+    assert_eq!(
+        (lab.i.status(), lab.r.status()),
+        (Status::Closed, Status::Closed)
+    );
+}
