@@ -34,6 +34,12 @@ pub enum SkError {
     Crypto(#[from] IkeCryptoError),
     #[error("the message has no Encrypted payload")]
     NotEncrypted,
+    /// The ICV was good but the payloads inside are malformed: unlike the
+    /// others, this one came from the peer and deserves an answer
+    /// (INVALID_SYNTAX or UNSUPPORTED_CRITICAL_PAYLOAD, RFC 7296 sections
+    /// 2.5 and 2.21.2).
+    #[error("authenticated but malformed: {0}")]
+    Inner(WireError),
 }
 
 /// One direction's key and salt (SK_ei or SK_er).
@@ -160,14 +166,17 @@ pub fn open(bytes: &[u8], key: &SkKey) -> Result<Opened, SkError> {
         .len()
         .checked_sub(usize::from(pad_len))
         .ok_or(IkeCryptoError::BadPadding)?;
-    let inner_raw = chain::walk(sk.next, &rest[..end], 0)?;
+    let inner_raw = chain::walk(sk.next, &rest[..end], 0).map_err(SkError::Inner)?;
     if inner_raw.iter().any(|p| p.ty == ty::SK) {
-        return Err(WireError::Invalid("nested Encrypted payload").into());
+        return Err(SkError::Inner(WireError::Invalid(
+            "nested Encrypted payload",
+        )));
     }
     let inner = inner_raw
         .iter()
         .map(Payload::parse)
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SkError::Inner)?;
     Ok(Opened {
         header,
         plain,
@@ -280,7 +289,7 @@ mod tests {
         let mut pt = payloads;
         pt.extend_from_slice(&[0, 2]);
         let m = seal_plaintext(&header(), first, &pt, &key, [1; 8]).expect("seal");
-        assert!(matches!(open(&m, &key), Err(SkError::Wire(_))));
+        assert!(matches!(open(&m, &key), Err(SkError::Inner(_))));
     }
 
     #[test]
@@ -300,7 +309,7 @@ mod tests {
         let m = seal(&header(), &nested, &key, [2; 8]).expect("seal");
         assert!(matches!(
             open(&m, &key),
-            Err(SkError::Wire(WireError::Invalid(_)))
+            Err(SkError::Inner(WireError::Invalid(_)))
         ));
     }
 }

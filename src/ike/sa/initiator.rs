@@ -219,7 +219,12 @@ impl IkeSa {
         bytes: &[u8],
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let opened = self.open(bytes)?;
+        let opened = match self.open(bytes) {
+            Ok(o) => o,
+            // Authenticated but unusable: the exchange is over, and failed.
+            Err(e @ IkeError::Protected(SkError::Inner(_))) => return Ok(self.fail(e)),
+            Err(e) => return Err(e),
+        };
         let Phase::AuthSent { esp_spi } = self.phase else {
             return Err(IkeError::Unexpected("not in IKE_AUTH"));
         };

@@ -40,7 +40,16 @@ impl IkeSa {
                 "IKE_SA_INIT request with a responder SPI",
             ));
         }
-        let msg = Message::parse(bytes)?;
+        let msg = match Message::parse(bytes) {
+            Ok(m) => m,
+            // Section 2.5: answered, statelessly, with the payload's type.
+            Err(WireError::UnsupportedCritical(t)) => {
+                let reply =
+                    self.init_error(header, notify::UNSUPPORTED_CRITICAL_PAYLOAD, vec![t])?;
+                return Ok(vec![Action::Send(reply)]);
+            }
+            Err(e) => return Err(e.into()),
+        };
         let found = Found::new(&msg.payloads)?;
         let (Some(sa), Some(ke), Some(ni)) = (found.sa, found.ke, found.nonce) else {
             return Err(IkeError::Missing("SA, KE or Nonce"));
@@ -101,15 +110,30 @@ impl IkeSa {
         bytes: &[u8],
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let opened = self.open(bytes)?;
         let response_header = self.header(ex::IKE_AUTH, header.message_id, true);
+        let opened = match self.open(bytes) {
+            Ok(o) => o,
+            // Section 2.5: an unknown critical payload fails the message,
+            // and the answer names its type.
+            Err(IkeError::Protected(SkError::Inner(WireError::UnsupportedCritical(t)))) => {
+                let why = ErrorNotify::Other(notify::UNSUPPORTED_CRITICAL_PAYLOAD);
+                return self.refuse_auth(bytes, &response_header, why, vec![t], rng);
+            }
+            Err(IkeError::Protected(SkError::Inner(_))) => {
+                let why = ErrorNotify::InvalidSyntax;
+                return self.refuse_auth(bytes, &response_header, why, Vec::new(), rng);
+            }
+            Err(e) => return Err(e),
+        };
         // Authenticated but malformed (a payload twice): INVALID_SYNTAX
         // (section 2.21.2), like a missing IDi or AUTH.
         let Ok(found) = Found::new(&opened.inner) else {
-            return self.refuse_auth(bytes, &response_header, ErrorNotify::InvalidSyntax, rng);
+            let why = ErrorNotify::InvalidSyntax;
+            return self.refuse_auth(bytes, &response_header, why, Vec::new(), rng);
         };
         let (Some(idi), Some(peer_auth)) = (found.idi, found.auth) else {
-            return self.refuse_auth(bytes, &response_header, ErrorNotify::InvalidSyntax, rng);
+            let why = ErrorNotify::InvalidSyntax;
+            return self.refuse_auth(bytes, &response_header, why, Vec::new(), rng);
         };
         let (keys, suite) = match (&self.keys, self.suite) {
             (Some(k), Some(s)) => (k, s),
@@ -135,6 +159,7 @@ impl IkeSa {
                 bytes,
                 &response_header,
                 ErrorNotify::AuthenticationFailed,
+                Vec::new(),
                 rng,
             );
         }
@@ -198,9 +223,10 @@ impl IkeSa {
         request: &[u8],
         header: &Header,
         why: ErrorNotify,
+        data: Vec<u8>,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let note = Payload::Notify(Notify::new(why.ty(), Vec::new()));
+        let note = Payload::Notify(Notify::new(why.ty(), data));
         let response = self.seal(header, &[note], rng)?;
         let send = self.answer(request, response);
         let mut actions = vec![send];

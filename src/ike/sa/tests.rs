@@ -687,3 +687,55 @@ fn authenticated_but_malformed_request_gets_invalid_syntax() {
         (Status::Closed, Status::Closed)
     );
 }
+
+#[test]
+fn unsupported_critical_payloads_are_answered() {
+    let (ic, rc) = pair();
+    let (mut lab, first) = Lab::start(ic, rc);
+    // In IKE_SA_INIT: splice a critical payload of type 200 in front.
+    let mut m = first[0].clone();
+    let next = m[16];
+    m[16] = 200;
+    m.splice(28..28, [next, 0x80, 0, 4]);
+    let len = m.len() as u32;
+    m[24..28].copy_from_slice(&len.to_be_bytes());
+    let answer = lab.deliver_to_responder(&m).expect("answer");
+    assert_eq!(
+        Message::parse(&answer[0]).expect("parse").payloads,
+        vec![Payload::Notify(Notify::new(
+            notify::UNSUPPORTED_CRITICAL_PAYLOAD,
+            vec![200]
+        ))]
+    );
+    assert_eq!(lab.r.status(), Status::Connecting, "stateless");
+    // In IKE_AUTH, inside the Encrypted payload.
+    let a = lab.deliver_to_responder(&first[0]).expect("init");
+    let auth = lab.deliver_to_initiator(&a[0]).expect("auth");
+    let keys = lab.i.keys.as_ref().expect("keys");
+    let opened = sk::open(
+        &auth[0],
+        &sk::SkKey::new(lab.i.suite().expect("s").encr, &keys.ike.sk_ei).expect("k"),
+    )
+    .expect("open");
+    let mut pt = Vec::new();
+    let first_inner = crate::ike::wire::chain::emit(&opened.inner, &mut pt).expect("emit");
+    let mut critical = vec![first_inner, 0x80, 0, 4];
+    critical.extend_from_slice(&pt);
+    critical.push(0);
+    let req =
+        sk::seal_plaintext(&opened.header, 201, &critical, &keys.sk_out, [3; 8]).expect("seal");
+    let resp = lab.deliver_to_responder(&req).expect("response");
+    assert_eq!(
+        failures(&lab.r_actions),
+        vec![IkeError::WeRefused(ErrorNotify::Other(
+            notify::UNSUPPORTED_CRITICAL_PAYLOAD
+        ))]
+    );
+    lab.deliver_to_initiator(&resp[0]).expect("handled");
+    assert_eq!(
+        failures(&lab.i_actions),
+        vec![IkeError::PeerRefused(ErrorNotify::Other(
+            notify::UNSUPPORTED_CRITICAL_PAYLOAD
+        ))]
+    );
+}
