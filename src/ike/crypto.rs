@@ -248,7 +248,7 @@ impl Prf {
         }
     }
 
-    /// prf(key, data[0] | data[1] | ...).
+    /// `prf(key, data[0] | data[1] | ...)`.
     pub fn prf(self, key: &[u8], data: &[&[u8]]) -> Secret {
         let mut ctx = hmac::Context::with_key(&hmac::Key::new(self.algorithm(), key));
         for d in data {
@@ -439,8 +439,8 @@ pub struct SignedOctets<'a> {
     pub id_body: &'a [u8],
 }
 
-/// Section 2.15, shared key: AUTH = prf(prf(Shared Secret, "Key Pad for
-/// IKEv2"), <SignedOctets>).
+/// Section 2.15, shared key:
+/// `AUTH = prf(prf(Shared Secret, "Key Pad for IKEv2"), <SignedOctets>)`.
 pub fn psk_auth(prf: Prf, psk: &[u8], s: &SignedOctets<'_>) -> Secret {
     let pad_key = prf.prf(psk, &[KEY_PAD]);
     let maced_id = prf.prf(s.sk_p, &[s.id_body]);

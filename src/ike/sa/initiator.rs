@@ -141,6 +141,9 @@ impl IkeSa {
         let Some(suite) = self.config.ike.accept(sa) else {
             return Ok(self.fail(IkeError::BadAnswer("IKE proposal")));
         };
+        if !nonce_fits(nr, suite) {
+            return Ok(self.fail(IkeError::BadAnswer("nonce shorter than half the PRF key")));
+        }
         if suite.dh != state.dh.group() || ke.group != state.dh.group().id() {
             return Ok(self.fail(IkeError::BadAnswer("DH group")));
         }

@@ -630,6 +630,12 @@ fn random_nonce(rng: &mut dyn Randomness) -> Result<Vec<u8>, IkeError> {
     Ok(n)
 }
 
+/// Section 2.10: a nonce is at least half the PRF's key size (and at least
+/// 16 bytes, which the wire format checks).
+fn nonce_fits(nonce: &[u8], suite: IkeSuite) -> bool {
+    nonce.len() * 2 >= suite.prf.output_len()
+}
+
 /// Whether some selector in `list` covers `want`.
 fn covers(list: &[TrafficSelector], want: &TrafficSelector) -> bool {
     list.iter().any(|t| t.contains(want))

@@ -60,6 +60,9 @@ impl IkeSa {
             actions.extend(self.fail(IkeError::WeRefused(ErrorNotify::NoProposalChosen)));
             return Ok(actions);
         };
+        if !nonce_fits(ni, suite) {
+            return Err(WireError::Invalid("nonce shorter than half the PRF key").into());
+        }
         if suite.dh.id() != ke.group {
             // Section 1.3: name the group we want and keep no state; the
             // initiator retries with a new KE and message ID 0.

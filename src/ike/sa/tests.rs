@@ -739,3 +739,29 @@ fn unsupported_critical_payloads_are_answered() {
         ))]
     );
 }
+
+#[test]
+fn short_nonce_for_the_prf_is_refused() {
+    let (mut ic, mut rc) = pair();
+    ic.ike.prf = vec![Prf::HmacSha512];
+    rc.ike.prf = vec![Prf::HmacSha512];
+    let (mut lab, first) = Lab::start(ic, rc);
+    // Replace the 32-byte Ni by a 16-byte one: enough for the wire, not
+    // for HMAC-SHA-512's 64-byte key.
+    let mut m = Message::parse(&first[0]).expect("parse");
+    for p in &mut m.payloads {
+        if let Payload::Nonce(n) = p {
+            n.truncate(16);
+        }
+    }
+    let short = m.emit().expect("emit");
+    assert_eq!(
+        lab.deliver_to_responder(&short),
+        Err(IkeError::Wire(WireError::Invalid(
+            "nonce shorter than half the PRF key"
+        )))
+    );
+    assert_eq!(lab.r.status(), Status::Connecting);
+    lab.run(first);
+    assert_eq!(lab.i.status(), Status::Established);
+}
