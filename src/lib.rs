@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod fsperm;
 pub mod hex;
+pub mod ike;
 pub mod io;
 pub mod keyfile;
 pub mod lab;

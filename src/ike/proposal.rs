@@ -1,0 +1,358 @@
+//! What we offer and what we accept (RFC 7296 sections 2.7, 3.3).
+//!
+//! We offer one proposal per protocol holding every algorithm we allow
+//! (section 3.3: several transforms of one type in a proposal are
+//! alternatives), and as responder choose, in the first of the peer's
+//! proposals that we can accept, one transform of each type by our own
+//! order of preference. The peer's choice is then checked against our
+//! offer: one transform of each type, each one we offered.
+
+use super::crypto::{DhGroup, Encr, Prf};
+use super::wire::consts::{protocol, transform as t};
+use super::wire::sa_payload::{Proposal, Transform};
+
+/// The IKE SA algorithms we allow, most preferred first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IkeAlgorithms {
+    pub encr: Vec<Encr>,
+    pub prf: Vec<Prf>,
+    pub dh: Vec<DhGroup>,
+}
+
+impl Default for IkeAlgorithms {
+    fn default() -> Self {
+        IkeAlgorithms {
+            encr: vec![Encr::AesGcm16_256, Encr::AesGcm16_128],
+            prf: vec![Prf::HmacSha256, Prf::HmacSha384, Prf::HmacSha512],
+            dh: vec![DhGroup::Curve25519, DhGroup::Ecp256],
+        }
+    }
+}
+
+/// The ESP (CHILD SA) algorithms we allow, most preferred first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EspAlgorithms {
+    pub encr: Vec<Encr>,
+    /// Extended sequence numbers (RFC 4303 section 2.2.1), in order.
+    pub esn: Vec<bool>,
+}
+
+impl Default for EspAlgorithms {
+    fn default() -> Self {
+        EspAlgorithms {
+            encr: vec![Encr::AesGcm16_256, Encr::AesGcm16_128],
+            esn: vec![true, false],
+        }
+    }
+}
+
+/// The negotiated IKE SA algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IkeSuite {
+    pub encr: Encr,
+    pub prf: Prf,
+    pub dh: DhGroup,
+}
+
+/// The negotiated ESP algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EspSuite {
+    pub encr: Encr,
+    pub esn: bool,
+}
+
+fn encr_transform(e: Encr) -> Transform {
+    Transform::new(t::ENCR, t::ENCR_AES_GCM_16, Some(e.key_bits()))
+}
+
+fn esn_id(esn: bool) -> u16 {
+    if esn { t::ESN_YES } else { t::ESN_NO }
+}
+
+impl IkeAlgorithms {
+    /// Our IKE proposal for IKE_SA_INIT (no SPI: section 3.3.1).
+    pub fn offer(&self) -> Proposal {
+        let mut transforms: Vec<Transform> = self.encr.iter().map(|&e| encr_transform(e)).collect();
+        transforms.extend(
+            self.prf
+                .iter()
+                .map(|p| Transform::new(t::PRF, p.id(), None)),
+        );
+        transforms.extend(self.dh.iter().map(|d| Transform::new(t::DH, d.id(), None)));
+        Proposal {
+            num: 1,
+            protocol: protocol::IKE,
+            spi: Vec::new(),
+            transforms,
+        }
+    }
+
+    /// As responder: the first of the peer's proposals we can accept,
+    /// with the suite we pick from it. `ke_group` is the group of the
+    /// peer's KE payload: if the chosen proposal allows it and so do we,
+    /// we take it, sparing a round trip (section 1.3).
+    pub fn choose(&self, offers: &[Proposal], ke_group: u16) -> Option<(u8, IkeSuite)> {
+        offers
+            .iter()
+            .filter(|p| p.protocol == protocol::IKE)
+            .find_map(|p| {
+                if !acceptable_types(p, &[t::ENCR, t::PRF, t::INTEG, t::DH]) || !no_integrity(p) {
+                    return None;
+                }
+                let encr = pick(&self.encr, p, |&e| encr_transform(e))?;
+                let prf = pick(&self.prf, p, |x| Transform::new(t::PRF, x.id(), None))?;
+                let dh = DhGroup::from_id(ke_group)
+                    .filter(|g| self.dh.contains(g) && offers_transform(p, t::DH, g.id()))
+                    .or_else(|| pick(&self.dh, p, |x| Transform::new(t::DH, x.id(), None)))?;
+                Some((p.num, IkeSuite { encr, prf, dh }))
+            })
+    }
+
+    /// As initiator: the responder's answer, which must be one proposal
+    /// holding exactly one ENCR, PRF and DH, each from our offer.
+    pub fn accept(&self, answer: &[Proposal]) -> Option<IkeSuite> {
+        let [p] = answer else { return None };
+        if p.protocol != protocol::IKE || !p.spi.is_empty() {
+            return None;
+        }
+        if !acceptable_types(p, &[t::ENCR, t::PRF, t::INTEG, t::DH]) || !no_integrity(p) {
+            return None;
+        }
+        let encr = exactly_one(&self.encr, p, t::ENCR, |&e| encr_transform(e))?;
+        let prf = exactly_one(&self.prf, p, t::PRF, |x| {
+            Transform::new(t::PRF, x.id(), None)
+        })?;
+        let dh = exactly_one(&self.dh, p, t::DH, |x| Transform::new(t::DH, x.id(), None))?;
+        Some(IkeSuite { encr, prf, dh })
+    }
+}
+
+impl EspAlgorithms {
+    /// Our ESP proposal with our inbound SPI (section 3.3.1: the SPI a
+    /// proposal carries is the sender's inbound SPI).
+    pub fn offer(&self, spi: u32) -> Proposal {
+        let mut transforms: Vec<Transform> = self.encr.iter().map(|&e| encr_transform(e)).collect();
+        transforms.extend(
+            self.esn
+                .iter()
+                .map(|&e| Transform::new(t::ESN, esn_id(e), None)),
+        );
+        Proposal {
+            num: 1,
+            protocol: protocol::ESP,
+            spi: spi.to_be_bytes().to_vec(),
+            transforms,
+        }
+    }
+
+    /// As responder: the first acceptable ESP proposal, its number, the
+    /// peer's SPI and our suite. DH transforms are ignored: IKE_AUTH has
+    /// no KE payload, so its CHILD SA uses none (section 1.2).
+    pub fn choose(&self, offers: &[Proposal]) -> Option<(u8, u32, EspSuite)> {
+        offers
+            .iter()
+            .filter(|p| p.protocol == protocol::ESP)
+            .find_map(|p| {
+                let spi = esp_spi(p)?;
+                if !acceptable_types(p, &[t::ENCR, t::INTEG, t::DH, t::ESN]) || !no_integrity(p) {
+                    return None;
+                }
+                let encr = pick(&self.encr, p, |&e| encr_transform(e))?;
+                let esn = pick(&self.esn, p, |&e| Transform::new(t::ESN, esn_id(e), None))?;
+                Some((p.num, spi, EspSuite { encr, esn }))
+            })
+    }
+
+    /// As initiator: the responder's single ESP proposal, its SPI and the
+    /// suite, which must be from our offer.
+    pub fn accept(&self, answer: &[Proposal]) -> Option<(u32, EspSuite)> {
+        let [p] = answer else { return None };
+        if p.protocol != protocol::ESP {
+            return None;
+        }
+        let spi = esp_spi(p)?;
+        if !acceptable_types(p, &[t::ENCR, t::INTEG, t::ESN]) || !no_integrity(p) {
+            return None;
+        }
+        let encr = exactly_one(&self.encr, p, t::ENCR, |&e| encr_transform(e))?;
+        let esn = exactly_one(&self.esn, p, t::ESN, |&e| {
+            Transform::new(t::ESN, esn_id(e), None)
+        })?;
+        Some((spi, EspSuite { encr, esn }))
+    }
+
+    /// The reply proposal for `suite`, numbered like the accepted offer.
+    pub fn answer(num: u8, spi: u32, suite: EspSuite) -> Proposal {
+        Proposal {
+            num,
+            protocol: protocol::ESP,
+            spi: spi.to_be_bytes().to_vec(),
+            transforms: vec![
+                encr_transform(suite.encr),
+                Transform::new(t::ESN, esn_id(suite.esn), None),
+            ],
+        }
+    }
+}
+
+impl IkeSuite {
+    /// The reply proposal for this suite, numbered like the accepted offer.
+    pub fn answer(self, num: u8) -> Proposal {
+        Proposal {
+            num,
+            protocol: protocol::IKE,
+            spi: Vec::new(),
+            transforms: vec![
+                encr_transform(self.encr),
+                Transform::new(t::PRF, self.prf.id(), None),
+                Transform::new(t::DH, self.dh.id(), None),
+            ],
+        }
+    }
+}
+
+/// ESP SPIs are 4 bytes; 0 to 255 are reserved (RFC 4303 section 2.1).
+fn esp_spi(p: &Proposal) -> Option<u32> {
+    let spi = u32::from_be_bytes(p.spi.as_slice().try_into().ok()?);
+    (spi > 255).then_some(spi)
+}
+
+/// Section 3.3.6: a proposal with a transform type we do not know is
+/// unacceptable as a whole.
+fn acceptable_types(p: &Proposal, known: &[u8]) -> bool {
+    p.transforms.iter().all(|x| known.contains(&x.ty))
+}
+
+/// RFC 5282 section 8: with a combined-mode cipher the only integrity
+/// transform allowed is NONE (0), and it may be left out.
+fn no_integrity(p: &Proposal) -> bool {
+    let integ: Vec<_> = p.transforms.iter().filter(|x| x.ty == t::INTEG).collect();
+    integ.is_empty() || integ.iter().any(|x| x.id == 0)
+}
+
+fn offers_transform(p: &Proposal, ty: u8, id: u16) -> bool {
+    p.transforms
+        .iter()
+        .any(|x| x.ty == ty && x.id == id && !x.unknown_attributes)
+}
+
+/// Our most preferred algorithm that the proposal offers.
+fn pick<A: Copy>(ours: &[A], p: &Proposal, as_transform: impl Fn(&A) -> Transform) -> Option<A> {
+    ours.iter()
+        .copied()
+        .find(|a| p.transforms.contains(&as_transform(a)))
+}
+
+/// The single transform of type `ty` in an answer, if it is one of ours.
+fn exactly_one<A: Copy>(
+    ours: &[A],
+    p: &Proposal,
+    ty: u8,
+    as_transform: impl Fn(&A) -> Transform,
+) -> Option<A> {
+    let mut of_type = p.transforms.iter().filter(|x| x.ty == ty);
+    let (Some(only), None) = (of_type.next(), of_type.next()) else {
+        return None;
+    };
+    ours.iter().copied().find(|a| as_transform(a) == *only)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responder_takes_our_preference_and_the_offered_ke_group() {
+        let ours = IkeAlgorithms::default();
+        let offer = vec![ours.offer()];
+        let (num, s) = ours.choose(&offer, t::DH_ECP_256).expect("choose");
+        assert_eq!(num, 1);
+        assert_eq!(s.encr, Encr::AesGcm16_256);
+        assert_eq!(s.prf, Prf::HmacSha256);
+        assert_eq!(s.dh, DhGroup::Ecp256, "KE's group, since both allow it");
+        let (_, s) = ours.choose(&offer, 14).expect("choose");
+        assert_eq!(
+            s.dh,
+            DhGroup::Curve25519,
+            "our preference: INVALID_KE follows"
+        );
+        assert_eq!(ours.accept(&[s.answer(1)]), Some(s));
+    }
+
+    #[test]
+    fn unacceptable_proposals() {
+        let ours = IkeAlgorithms::default();
+        let mut p = ours.offer();
+        p.transforms.push(Transform::new(9, 1, None));
+        assert_eq!(ours.choose(&[p], 31), None, "unknown transform type");
+        let mut p = ours.offer();
+        p.transforms.push(Transform::new(t::INTEG, 12, None));
+        assert_eq!(ours.choose(&[p.clone()], 31), None, "integrity with AEAD");
+        p.transforms.push(Transform::new(t::INTEG, 0, None));
+        assert!(ours.choose(&[p], 31).is_some(), "INTEG NONE is fine");
+        let mut p = ours.offer();
+        p.transforms.retain(|x| x.ty != t::PRF);
+        assert_eq!(ours.choose(&[p], 31), None, "no PRF");
+        let mut p = ours.offer();
+        for x in &mut p.transforms {
+            if x.ty == t::ENCR {
+                x.unknown_attributes = true;
+            }
+        }
+        assert_eq!(ours.choose(&[p], 31), None, "ENCR with unknown attributes");
+        // A second, acceptable proposal is taken.
+        let mut bad = ours.offer();
+        bad.transforms.retain(|x| x.ty != t::DH);
+        let mut good = ours.offer();
+        good.num = 2;
+        assert_eq!(ours.choose(&[bad, good], 31).map(|c| c.0), Some(2));
+    }
+
+    #[test]
+    fn initiator_checks_the_answer() {
+        let ours = IkeAlgorithms::default();
+        let s = IkeSuite {
+            encr: Encr::AesGcm16_128,
+            prf: Prf::HmacSha512,
+            dh: DhGroup::Ecp256,
+        };
+        assert_eq!(ours.accept(&[s.answer(1)]), Some(s));
+        assert_eq!(ours.accept(&[ours.offer()]), None, "several of a type");
+        assert_eq!(ours.accept(&[s.answer(1), s.answer(2)]), None);
+        let narrow = IkeAlgorithms {
+            dh: vec![DhGroup::Curve25519],
+            ..IkeAlgorithms::default()
+        };
+        assert_eq!(narrow.accept(&[s.answer(1)]), None, "not offered");
+    }
+
+    #[test]
+    fn esp_choice_and_spi() {
+        let ours = EspAlgorithms::default();
+        let (num, spi, s) = ours.choose(&[ours.offer(0x1234)]).expect("choose");
+        assert_eq!((num, spi), (1, 0x1234));
+        assert_eq!(
+            s,
+            EspSuite {
+                encr: Encr::AesGcm16_256,
+                esn: true
+            }
+        );
+        assert_eq!(
+            ours.accept(&[EspAlgorithms::answer(1, 0x999, s)]),
+            Some((0x999, s))
+        );
+        assert_eq!(ours.choose(&[ours.offer(7)]), None, "reserved SPI");
+        let no_esn = EspAlgorithms {
+            esn: vec![false],
+            ..EspAlgorithms::default()
+        };
+        let (_, _, s) = no_esn.choose(&[ours.offer(0x1234)]).expect("choose");
+        assert!(!s.esn);
+        let only_esn = EspAlgorithms {
+            esn: vec![true],
+            ..EspAlgorithms::default()
+        };
+        assert_eq!(only_esn.choose(&[no_esn.offer(0x1234)]), None);
+    }
+}

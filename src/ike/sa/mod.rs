@@ -1,0 +1,642 @@
+//! The IKE SA state machine: IKE_SA_INIT and IKE_AUTH with a pre-shared
+//! key (RFC 7296 sections 1.2, 1.3, 2.15), host-to-host transport mode
+//! (section 1.3.1, USE_TRANSPORT_MODE) and the one CHILD SA that IKE_AUTH
+//! creates.
+//!
+//! Sans-IO, like quinn-proto and boringtun: [`IkeSa::handle`] takes one
+//! received datagram and the time, [`IkeSa::handle_timeout`] the time, and
+//! both return [`Action`]s (bytes to send, a CHILD SA to install, failure);
+//! [`IkeSa::next_timeout`] says when to call again. Randomness (SPIs,
+//! nonces, DH keys, IVs) comes through [`Randomness`].
+//!
+//! Exchanges follow section 2.1 with a window of one: we have at most one
+//! request outstanding, retransmitted with exponential back-off until its
+//! response arrives; as responder we keep our last response and send it
+//! again, unchanged, when the same request arrives again (section 2.1:
+//! retransmissions must not be processed twice). A message that is
+//! malformed, fails its ICV, or does not fit the state is dropped with an
+//! `Err` and changes nothing (section 2.21: no answer to what we cannot
+//! authenticate).
+//!
+//! Later exchanges (CREATE_CHILD_SA, rekeying, INFORMATIONAL, Delete,
+//! dead-peer detection) are requests and responses on the same message-ID
+//! machinery; they fit as further `Phase`s and request handlers.
+
+mod initiator;
+mod responder;
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use super::crypto::{Encr, IkeCryptoError, IkeKeys, Randomness};
+use super::proposal::{EspAlgorithms, IkeAlgorithms, IkeSuite};
+use super::sk::{self, SkError, SkKey};
+use super::wire::consts::{flags, notify};
+use super::wire::header::Header;
+use super::wire::payload::{Auth, Identification, KeyExchange, Notify, Payload, TrafficSelector};
+use super::wire::sa_payload::Proposal;
+use super::wire::{IkeHeader, WireError};
+use crate::sa::KeyMaterial;
+
+/// Our nonces: 32 bytes, at least half the key size of every PRF we
+/// offer (section 2.10).
+pub const NONCE_LEN: usize = 32;
+
+/// One side's configuration of an IKE SA with one peer.
+#[derive(Clone)]
+pub struct Config {
+    pub local_id: Identification,
+    /// The identity the peer must present; `None` accepts any, leaving
+    /// authentication to the key alone.
+    pub remote_id: Option<Identification>,
+    pub psk: Zeroizing<Vec<u8>>,
+    pub ike: IkeAlgorithms,
+    pub esp: EspAlgorithms,
+    /// The host addresses: transport mode protects traffic between these
+    /// two only, and they are the traffic selectors.
+    pub local_addr: IpAddr,
+    pub remote_addr: IpAddr,
+    pub retransmit: Retransmit,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("local_id", &self.local_id)
+            .field("remote_id", &self.remote_id)
+            .field("psk", &"redacted")
+            .field("ike", &self.ike)
+            .field("esp", &self.esp)
+            .field("local_addr", &self.local_addr)
+            .field("remote_addr", &self.remote_addr)
+            .field("retransmit", &self.retransmit)
+            .finish()
+    }
+}
+
+/// Section 2.1 leaves the schedule to us; it must back off. The n-th
+/// retransmission waits `initial * 2^(n-1)`, at most `max_interval`; after
+/// `transmissions` sends without an answer the SA fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retransmit {
+    pub initial: Duration,
+    pub max_interval: Duration,
+    pub transmissions: u32,
+}
+
+impl Default for Retransmit {
+    fn default() -> Self {
+        Retransmit {
+            initial: Duration::from_secs(2),
+            max_interval: Duration::from_secs(32),
+            transmissions: 6,
+        }
+    }
+}
+
+impl Retransmit {
+    /// The wait after the `sent`-th transmission (1-based).
+    fn interval(&self, sent: u32) -> Duration {
+        let factor = 1u32.checked_shl(sent.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.initial
+            .checked_mul(factor)
+            .map_or(self.max_interval, |d| d.min(self.max_interval))
+    }
+}
+
+/// The error notifications this state machine sends or understands
+/// (section 3.10.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorNotify {
+    NoProposalChosen,
+    InvalidKePayload,
+    AuthenticationFailed,
+    TsUnacceptable,
+    InvalidSyntax,
+    Other(u16),
+}
+
+impl ErrorNotify {
+    pub fn from_type(ty: u16) -> Self {
+        match ty {
+            notify::NO_PROPOSAL_CHOSEN => ErrorNotify::NoProposalChosen,
+            notify::INVALID_KE_PAYLOAD => ErrorNotify::InvalidKePayload,
+            notify::AUTHENTICATION_FAILED => ErrorNotify::AuthenticationFailed,
+            notify::TS_UNACCEPTABLE => ErrorNotify::TsUnacceptable,
+            notify::INVALID_SYNTAX => ErrorNotify::InvalidSyntax,
+            other => ErrorNotify::Other(other),
+        }
+    }
+
+    pub fn ty(self) -> u16 {
+        match self {
+            ErrorNotify::NoProposalChosen => notify::NO_PROPOSAL_CHOSEN,
+            ErrorNotify::InvalidKePayload => notify::INVALID_KE_PAYLOAD,
+            ErrorNotify::AuthenticationFailed => notify::AUTHENTICATION_FAILED,
+            ErrorNotify::TsUnacceptable => notify::TS_UNACCEPTABLE,
+            ErrorNotify::InvalidSyntax => notify::INVALID_SYNTAX,
+            ErrorNotify::Other(ty) => ty,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorNotify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorNotify::NoProposalChosen => f.write_str("NO_PROPOSAL_CHOSEN"),
+            ErrorNotify::InvalidKePayload => f.write_str("INVALID_KE_PAYLOAD"),
+            ErrorNotify::AuthenticationFailed => f.write_str("AUTHENTICATION_FAILED"),
+            ErrorNotify::TsUnacceptable => f.write_str("TS_UNACCEPTABLE"),
+            ErrorNotify::InvalidSyntax => f.write_str("INVALID_SYNTAX"),
+            ErrorNotify::Other(ty) => write!(f, "error notify {ty}"),
+        }
+    }
+}
+
+/// Why a message was dropped, or why an SA or CHILD SA failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IkeError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Protected(#[from] SkError),
+    #[error(transparent)]
+    Crypto(#[from] IkeCryptoError),
+    /// We refused the peer, and told it so.
+    #[error("refused the peer: {0}")]
+    WeRefused(ErrorNotify),
+    /// The peer refused us.
+    #[error("the peer refused: {0}")]
+    PeerRefused(ErrorNotify),
+    /// A message that does not fit the state (unsolicited, wrong SPI or
+    /// message ID, an exchange we do not implement yet): dropped.
+    #[error("unexpected IKE message: {0}")]
+    Unexpected(&'static str),
+    #[error("IKE message lacks its {0} payload")]
+    Missing(&'static str),
+    /// The peer's answer is not one we can use (a proposal we did not
+    /// offer, a group we did not ask for, tunnel mode).
+    #[error("unacceptable answer from the peer: {0}")]
+    BadAnswer(&'static str),
+    #[error("no answer after every retransmission")]
+    Timeout,
+    #[error("configuration lacks {0}")]
+    Config(&'static str),
+}
+
+/// A CHILD SA ready for the key manager: both directions, from our point
+/// of view. KeyMaterial's `Debug` does not print keys.
+#[derive(Debug)]
+pub struct ChildSa {
+    pub inbound_spi: u32,
+    pub outbound_spi: u32,
+    pub inbound: KeyMaterial,
+    pub outbound: KeyMaterial,
+    pub encr: Encr,
+    pub esn: bool,
+    pub transport_mode: bool,
+    pub local_ts: Vec<TrafficSelector>,
+    pub remote_ts: Vec<TrafficSelector>,
+}
+
+/// What the caller must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Send these bytes to the peer (prefixed by the non-ESP marker on
+    /// port 4500, RFC 3948 section 2.2).
+    Send(Vec<u8>),
+    /// Install these SAs (through `sa::keymgr::KeyManager`).
+    InstallChild(ChildSa),
+    /// The IKE SA is up but its CHILD SA could not be created (section
+    /// 1.2: the IKE SA stays).
+    ChildFailed(IkeError),
+    /// The IKE SA is dead: drop it after sending what precedes.
+    Failed(IkeError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Initiator,
+    Responder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Connecting,
+    Established,
+    Closed,
+}
+
+enum Phase {
+    /// Responder, before IKE_SA_INIT.
+    Idle,
+    /// Initiator, IKE_SA_INIT sent with this DH key.
+    InitSent(initiator::InitSent),
+    /// Initiator, IKE_AUTH sent offering this inbound ESP SPI.
+    AuthSent {
+        esp_spi: u32,
+    },
+    /// Responder, IKE_SA_INIT answered.
+    InitAnswered,
+    Established,
+    Closed,
+}
+
+/// A request of ours awaiting its response.
+struct Outstanding {
+    message_id: u32,
+    bytes: Vec<u8>,
+    sent: u32,
+    deadline: Instant,
+}
+
+/// The IKE SA's keys, by direction from our point of view.
+struct Keys {
+    ike: IkeKeys,
+    sk_out: SkKey,
+    sk_in: SkKey,
+}
+
+pub struct IkeSa {
+    config: Arc<Config>,
+    role: Role,
+    phase: Phase,
+    spi_i: u64,
+    spi_r: u64,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    /// The IKE_SA_INIT messages as sent, which AUTH signs (section 2.15).
+    init_request: Vec<u8>,
+    init_response: Vec<u8>,
+    suite: Option<IkeSuite>,
+    keys: Option<Keys>,
+    /// Our next request's message ID (section 2.2).
+    next_request_id: u32,
+    outstanding: Option<Outstanding>,
+    /// The message ID the peer's next request must carry.
+    next_peer_request_id: u32,
+    /// The peer's last request and our response to it (section 2.1).
+    last_exchange: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for IkeSa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "IkeSa({:?}, {:016x}/{:016x}, {:?})",
+            self.role,
+            self.spi_i,
+            self.spi_r,
+            self.status()
+        )
+    }
+}
+
+impl IkeSa {
+    fn new(config: Arc<Config>, role: Role, phase: Phase) -> Self {
+        IkeSa {
+            config,
+            role,
+            phase,
+            spi_i: 0,
+            spi_r: 0,
+            ni: Vec::new(),
+            nr: Vec::new(),
+            init_request: Vec::new(),
+            init_response: Vec::new(),
+            suite: None,
+            keys: None,
+            next_request_id: 0,
+            outstanding: None,
+            next_peer_request_id: 0,
+            last_exchange: None,
+        }
+    }
+
+    /// A responder waiting for an IKE_SA_INIT request. The caller creates
+    /// one per request with a responder SPI of zero it has not seen yet.
+    pub fn responder(config: Arc<Config>) -> Self {
+        IkeSa::new(config, Role::Responder, Phase::Idle)
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn spis(&self) -> (u64, u64) {
+        (self.spi_i, self.spi_r)
+    }
+
+    pub fn suite(&self) -> Option<IkeSuite> {
+        self.suite
+    }
+
+    pub fn status(&self) -> Status {
+        match self.phase {
+            Phase::Established => Status::Established,
+            Phase::Closed => Status::Closed,
+            _ => Status::Connecting,
+        }
+    }
+
+    /// When [`IkeSa::handle_timeout`] must next be called.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.outstanding.as_ref().map(|o| o.deadline)
+    }
+
+    /// Retransmits the outstanding request when its time has come, or
+    /// gives up after the configured number of transmissions.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let Some(o) = self.outstanding.as_mut() else {
+            return Vec::new();
+        };
+        if now < o.deadline {
+            return Vec::new();
+        }
+        if o.sent >= self.config.retransmit.transmissions {
+            self.outstanding = None;
+            return self.fail(IkeError::Timeout);
+        }
+        o.sent += 1;
+        o.deadline = now + self.config.retransmit.interval(o.sent);
+        vec![Action::Send(o.bytes.clone())]
+    }
+
+    /// Handles one received IKE message (without the non-ESP marker).
+    /// `Err` means it was dropped and nothing changed.
+    pub fn handle(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Result<Vec<Action>, IkeError> {
+        let header = Header::parse(&IkeHeader::new_checked(bytes)?)?;
+        if matches!(self.phase, Phase::Closed) && header.is_response() {
+            return Err(IkeError::Unexpected("the IKE SA is closed"));
+        }
+        // Section 3.1: the I flag tells the original initiator's messages.
+        if header.is_initiator() != (self.role == Role::Responder) {
+            return Err(IkeError::Unexpected("wrong Initiator flag"));
+        }
+        let idle = matches!(self.phase, Phase::Idle);
+        if !idle && header.spi_i != self.spi_i {
+            return Err(IkeError::Unexpected("unknown initiator SPI"));
+        }
+        if header.is_response() {
+            self.handle_response(&header, bytes, now, rng)
+        } else {
+            self.handle_request(&header, bytes, rng)
+        }
+    }
+
+    fn handle_request(
+        &mut self,
+        header: &Header,
+        bytes: &[u8],
+        rng: &mut dyn Randomness,
+    ) -> Result<Vec<Action>, IkeError> {
+        // Section 2.1: a retransmitted request gets the same response
+        // again, byte for byte, and is not processed twice.
+        if let Some((request, response)) = &self.last_exchange
+            && header.message_id.wrapping_add(1) == self.next_peer_request_id
+        {
+            if request.as_slice() == bytes {
+                return Ok(vec![Action::Send(response.clone())]);
+            }
+            return Err(IkeError::Unexpected(
+                "a different request reuses a message ID",
+            ));
+        }
+        if header.message_id != self.next_peer_request_id {
+            return Err(IkeError::Unexpected("request outside the window"));
+        }
+        if !matches!(self.phase, Phase::Idle) && header.spi_r != self.spi_r {
+            return Err(IkeError::Unexpected("unknown responder SPI"));
+        }
+        use super::wire::consts::exchange as ex;
+        match (&self.phase, header.exchange) {
+            (Phase::Idle, ex::IKE_SA_INIT) => self.respond_init(header, bytes, rng),
+            (Phase::InitAnswered, ex::IKE_AUTH) => self.respond_auth(header, bytes, rng),
+            _ => Err(IkeError::Unexpected("request not handled in this state")),
+        }
+    }
+
+    fn handle_response(
+        &mut self,
+        header: &Header,
+        bytes: &[u8],
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Result<Vec<Action>, IkeError> {
+        let Some(o) = &self.outstanding else {
+            return Err(IkeError::Unexpected("no request outstanding"));
+        };
+        if o.message_id != header.message_id {
+            return Err(IkeError::Unexpected("response to no request of ours"));
+        }
+        use super::wire::consts::exchange as ex;
+        match (&self.phase, header.exchange) {
+            (Phase::InitSent(_), ex::IKE_SA_INIT) => self.on_init_response(header, bytes, now, rng),
+            (Phase::AuthSent { .. }, ex::IKE_AUTH) => {
+                if header.spi_r != self.spi_r {
+                    return Err(IkeError::Unexpected("unknown responder SPI"));
+                }
+                self.on_auth_response(bytes, rng)
+            }
+            _ => Err(IkeError::Unexpected("response not expected in this state")),
+        }
+    }
+
+    /// Marks the SA dead.
+    fn fail(&mut self, e: IkeError) -> Vec<Action> {
+        self.phase = Phase::Closed;
+        self.outstanding = None;
+        vec![Action::Failed(e)]
+    }
+
+    /// Sends a request, to be retransmitted until answered.
+    fn send_request(&mut self, bytes: Vec<u8>, now: Instant) -> Action {
+        self.outstanding = Some(Outstanding {
+            message_id: self.next_request_id,
+            bytes: bytes.clone(),
+            sent: 1,
+            deadline: now + self.config.retransmit.interval(1),
+        });
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        Action::Send(bytes)
+    }
+
+    /// Remembers a response to the peer's request, for retransmissions.
+    fn answer(&mut self, request: &[u8], response: Vec<u8>) -> Action {
+        self.next_peer_request_id = self.next_peer_request_id.wrapping_add(1);
+        self.last_exchange = Some((request.to_vec(), response.clone()));
+        Action::Send(response)
+    }
+
+    /// A header for a message of ours in this SA.
+    fn header(&self, exchange: u8, message_id: u32, response: bool) -> Header {
+        let mut f = if self.role == Role::Initiator {
+            flags::INITIATOR
+        } else {
+            0
+        };
+        if response {
+            f |= flags::RESPONSE;
+        }
+        Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            exchange,
+            flags: f,
+            message_id,
+        }
+    }
+
+    /// Seals `payloads` into a protected message.
+    fn seal(
+        &self,
+        header: &Header,
+        payloads: &[Payload],
+        rng: &mut dyn Randomness,
+    ) -> Result<Vec<u8>, IkeError> {
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or(IkeError::Unexpected("no keys yet"))?;
+        let mut iv = [0u8; sk::IV_LEN];
+        rng.fill(&mut iv)?;
+        Ok(sk::seal(header, payloads, &keys.sk_out, iv)?)
+    }
+
+    fn open(&self, bytes: &[u8]) -> Result<sk::Opened, IkeError> {
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or(IkeError::Unexpected("no keys yet"))?;
+        Ok(sk::open(bytes, &keys.sk_in)?)
+    }
+
+    /// Our host-to-host selectors: (ours, the peer's).
+    fn host_selectors(&self) -> (TrafficSelector, TrafficSelector) {
+        (
+            TrafficSelector::host(self.config.local_addr),
+            TrafficSelector::host(self.config.remote_addr),
+        )
+    }
+
+    fn id_acceptable(&self, id: &Identification) -> bool {
+        self.config
+            .remote_id
+            .as_ref()
+            .is_none_or(|want| want.id_type == id.id_type && want.data == id.data)
+    }
+}
+
+/// The payloads of one message by type, in whatever order they came
+/// (section 3.2 fixes no order but for SK being last; peers put notifies
+/// before or after SA and TS). A payload that may appear once and appears
+/// twice fails the message.
+#[derive(Default)]
+struct Found<'a> {
+    sa: Option<&'a [Proposal]>,
+    ke: Option<&'a KeyExchange>,
+    nonce: Option<&'a [u8]>,
+    idi: Option<&'a Identification>,
+    idr: Option<&'a Identification>,
+    auth: Option<&'a Auth>,
+    tsi: Option<&'a [TrafficSelector]>,
+    tsr: Option<&'a [TrafficSelector]>,
+    notifies: Vec<&'a Notify>,
+}
+
+impl<'a> Found<'a> {
+    fn new(payloads: &'a [Payload]) -> Result<Self, IkeError> {
+        let mut f = Found::default();
+        let dup = || IkeError::Wire(WireError::Invalid("repeated payload"));
+        for p in payloads {
+            match p {
+                Payload::Sa(x) => set(&mut f.sa, x.as_slice()).ok_or_else(dup)?,
+                Payload::Ke(x) => set(&mut f.ke, x).ok_or_else(dup)?,
+                Payload::Nonce(x) => set(&mut f.nonce, x.as_slice()).ok_or_else(dup)?,
+                Payload::IdI(x) => set(&mut f.idi, x).ok_or_else(dup)?,
+                Payload::IdR(x) => set(&mut f.idr, x).ok_or_else(dup)?,
+                Payload::Auth(x) => set(&mut f.auth, x).ok_or_else(dup)?,
+                Payload::TsI(x) => set(&mut f.tsi, x.as_slice()).ok_or_else(dup)?,
+                Payload::TsR(x) => set(&mut f.tsr, x.as_slice()).ok_or_else(dup)?,
+                Payload::Notify(n) => f.notifies.push(n),
+                // Delete, Encrypted (never inside) and unknown non-critical
+                // payloads (vendor IDs, CERTREQ) are not ours here.
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+
+    fn notify(&self, ty: u16) -> Option<&'a Notify> {
+        self.notifies.iter().copied().find(|n| n.ty == ty)
+    }
+
+    /// The first error notification, if any (section 3.10.1).
+    fn error(&self) -> Option<ErrorNotify> {
+        self.notifies
+            .iter()
+            .find(|n| n.is_error())
+            .map(|n| ErrorNotify::from_type(n.ty))
+    }
+}
+
+fn set<'a, T: ?Sized>(slot: &mut Option<&'a T>, v: &'a T) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(v);
+    Some(())
+}
+
+fn random_spi64(rng: &mut dyn Randomness) -> Result<u64, IkeError> {
+    // Section 2.6: SPIs are random and never zero.
+    for _ in 0..8 {
+        let mut b = [0u8; 8];
+        rng.fill(&mut b)?;
+        let spi = u64::from_be_bytes(b);
+        if spi != 0 {
+            return Ok(spi);
+        }
+    }
+    Err(IkeCryptoError::Random.into())
+}
+
+fn random_esp_spi(rng: &mut dyn Randomness) -> Result<u32, IkeError> {
+    // RFC 4303 section 2.1: 0 to 255 are reserved.
+    for _ in 0..8 {
+        let mut b = [0u8; 4];
+        rng.fill(&mut b)?;
+        let spi = u32::from_be_bytes(b);
+        if spi > 255 {
+            return Ok(spi);
+        }
+    }
+    Err(IkeCryptoError::Random.into())
+}
+
+fn random_nonce(rng: &mut dyn Randomness) -> Result<Vec<u8>, IkeError> {
+    let mut n = vec![0u8; NONCE_LEN];
+    rng.fill(&mut n)?;
+    Ok(n)
+}
+
+/// Section 2.10: a nonce is at least half the PRF's key size (and at least
+/// 16 bytes, which the wire format checks).
+fn nonce_fits(nonce: &[u8], suite: IkeSuite) -> bool {
+    nonce.len() * 2 >= suite.prf.output_len()
+}
+
+/// Whether some selector in `list` covers `want`.
+fn covers(list: &[TrafficSelector], want: &TrafficSelector) -> bool {
+    list.iter().any(|t| t.contains(want))
+}
