@@ -171,6 +171,20 @@ impl DropReason {
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// A drop of the outbound reassembly, which counts it where it happens
+    /// ([`reassembly::Reassembler`]).
+    pub fn is_reassembly(self) -> bool {
+        matches!(
+            self,
+            DropReason::ReassemblyTimeout
+                | DropReason::ReassemblyOverlap
+                | DropReason::ReassemblyDuplicate
+                | DropReason::ReassemblyTooBig
+                | DropReason::ReassemblyMemory
+                | DropReason::ReassemblyMalformed
+        )
+    }
 }
 
 impl From<InnerError> for DropReason {
