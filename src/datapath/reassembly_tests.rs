@@ -644,7 +644,11 @@ mod properties {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
 
         /// Any fragmentation of a random datagram, in any order, gives the
         /// datagram back, whole and valid, and etherparse's reassembly of
