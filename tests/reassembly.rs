@@ -218,7 +218,29 @@ fn frag4(packet: &[u8], id: u16, ranges: &[(usize, usize)]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Sends each packet (a whole IPv4 header included) from `side`'s
+/// IPv6 fragments of `packet` (no extension headers) covering the ranges
+/// of its payload given.
+fn frag6(packet: &[u8], id: u32, ranges: &[(usize, usize)]) -> Vec<Vec<u8>> {
+    let body = &packet[40..];
+    ranges
+        .iter()
+        .map(|&(s, e)| {
+            let mut f = packet[..40].to_vec();
+            let next = f[6];
+            f[6] = protocol::IPV6_FRAGMENT;
+            let field = s as u16 | u16::from(e < body.len());
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&field.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&body[s..e]);
+            let len = (f.len() - 40) as u16;
+            f[4..6].copy_from_slice(&len.to_be_bytes());
+            f
+        })
+        .collect()
+}
+
+/// Sends each packet (a whole IP header included) from `side`'s
 /// namespace through a raw socket: routed into the TUN device like any
 /// packet to the peer.
 fn send_raw(lab: &TunnelLab, side: Side, to: IpAddr, packets: &[Vec<u8>]) {
@@ -228,12 +250,14 @@ fn send_raw(lab: &TunnelLab, side: Side, to: IpAddr, packets: &[Vec<u8>]) {
         Side::B => &lab.hosts.b,
     };
     let sent = ns.run(|| -> std::io::Result<()> {
-        // IPPROTO_RAW: the header is ours (raw(7), IP_HDRINCL implied).
-        let socket = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )?;
+        // IPPROTO_RAW: the header is ours (raw(7): IP_HDRINCL implied;
+        // for IPv6 likewise).
+        let domain = if to.is_ipv6() {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
+        let socket = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
         let dst = SockAddr::from(SocketAddr::new(to, 0));
         for p in packets {
             socket.send_to(p, &dst)?;
@@ -388,4 +412,66 @@ fn crafted_fragments_move_their_own_counters_and_memory_stays_capped() {
          under a {CAP}-byte cap; {} refused",
         reassembly(&s, "memory")
     );
+}
+
+/// The same kinds over IPv6 (fragment headers from a raw IPv6 socket),
+/// an atomic fragment included (RFC 6946: passed on whole, no state).
+#[test]
+fn crafted_ipv6_fragments_move_their_own_counters() {
+    let Some(lab) = lab(
+        "frag_crafted_v6",
+        LabOptions {
+            tag: "fragraw6".into(),
+            subnet: 74,
+            ipv6: true,
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_with_reassembly(&lab, Side::A, "timeout_secs = 2");
+    if let Err(e) = lab.start(Side::B, &[]) {
+        fail(&lab, &format!("starting b: {e}"));
+    }
+    let (IpAddr::V6(a), IpAddr::V6(b)) = (lab.a_inner, lab.b_inner) else {
+        fail(&lab, "an IPv6 lab");
+    };
+    let payload: Vec<u8> = (0..3000).map(|i| (i * 7) as u8).collect();
+    let packet = build::ipv6(a.octets(), b.octets(), protocol::UDP, &payload);
+    let body = packet.len() - 40;
+    let whole = [(0, 1000), (1000, 2000), (2000, body)];
+    let to = lab.b_inner;
+    send_raw(
+        &lab,
+        Side::A,
+        to,
+        &frag6(&packet, 201, &[(0, 1000), (992, 2000), (2000, body)]),
+    );
+    let mut dup = frag6(&packet, 202, &whole);
+    dup.insert(1, dup[0].clone());
+    send_raw(&lab, Side::A, to, &dup);
+    let mut reversed = frag6(&packet, 203, &whole);
+    reversed.reverse();
+    send_raw(&lab, Side::A, to, &reversed);
+    send_raw(&lab, Side::A, to, &frag6(&packet, 204, &whole[..2]));
+    let small = build::ipv6(a.octets(), b.octets(), protocol::UDP, &[5; 100]);
+    send_raw(&lab, Side::A, to, &frag6(&small, 205, &[(0, 108)]));
+
+    let s = wait_for(&lab, Side::A, |s| {
+        reassembly(s, "reassembled") >= 2 && reassembly(s, "timeout") >= 1
+    });
+    for (key, want) in [
+        ("overlap", 1),
+        ("duplicates", 1),
+        ("reassembled", 2),
+        ("atomic", 1),
+        ("timeout", 1),
+        ("malformed", 0),
+        ("too_big", 0),
+        ("memory", 0),
+    ] {
+        check(&lab, reassembly(&s, key) == want, || {
+            format!("reassembly {key}: want {want}: {s:#}")
+        });
+    }
 }

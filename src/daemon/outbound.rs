@@ -637,6 +637,75 @@ mod tests {
         }
     }
 
+    /// Fragments as the kernel writes them to a TUN device with offloads
+    /// (a virtio-net header with no GSO and no NEEDS_CSUM) become one
+    /// whole packet in the batch, whose checksum then validates; without
+    /// a reassembler they are dropped as fragments, as before.
+    #[test]
+    fn fragments_become_one_whole_packet_in_the_batch() {
+        use crate::datapath::Counters;
+        use crate::datapath::reassembly::{Reassembler, ReassemblyConfig};
+        use crate::wire::checksum;
+        use crate::wire::inner::build;
+        use std::sync::Arc;
+
+        let packet = build::ipv4(
+            [198, 18, 0, 1],
+            [198, 19, 0, 2],
+            protocol::UDP,
+            &payload(5000, 1),
+        );
+        let body = &packet[20..];
+        let fragments: Vec<Vec<u8>> = (0..body.len().div_ceil(1400))
+            .map(|i| {
+                let (s, e) = (i * 1400, ((i + 1) * 1400).min(body.len()));
+                let mut f = packet[..20].to_vec();
+                f.extend_from_slice(&body[s..e]);
+                let len = f.len() as u16;
+                f[2..4].copy_from_slice(&len.to_be_bytes());
+                let more = if e < body.len() { 0x2000 } else { 0 };
+                f[6..8].copy_from_slice(&((s / 8) as u16 | more).to_be_bytes());
+                f[10..12].copy_from_slice(&[0, 0]);
+                let c = checksum::finish(checksum::sum(&f[..20]));
+                f[10..12].copy_from_slice(&c.to_be_bytes());
+                f
+            })
+            .collect();
+        let counters = Arc::new(Counters::default());
+        let mut reassembler =
+            Reassembler::new(ReassemblyConfig::default(), 65_535, counters.clone());
+        for with in [true, false] {
+            let mut batch = Batch::new(4, 65_535);
+            let mut refused = Vec::new();
+            let mut filled = 0;
+            for f in &fragments {
+                let mut slot = PacketBuf::new(2048);
+                assert!(slot.fill(f));
+                slot.meta.vnet = [0; 10]; // no GSO, no NEEDS_CSUM
+                filled = take_packet(
+                    true,
+                    InnerPolicy::default(),
+                    with.then(|| (&mut reassembler, std::time::Instant::now())),
+                    &mut slot,
+                    &mut batch,
+                    filled,
+                    &mut |_| panic!("nothing to seal"),
+                    &mut |reason| refused.push(reason),
+                );
+            }
+            if with {
+                assert_eq!((filled, refused.as_slice()), (1, &[][..]));
+                let whole = batch.slots()[0].data();
+                assert_eq!(whole.len(), packet.len());
+                assert_eq!(&whole[20..], &packet[20..]);
+                assert!(validate(whole, InnerPolicy::default()).is_ok());
+            } else {
+                assert_eq!(filled, 0);
+                assert_eq!(refused, vec![DropReason::Fragment; fragments.len()]);
+            }
+        }
+    }
+
     #[test]
     fn a_bad_virtio_header_is_a_counted_drop_not_a_packet() {
         let mut batch = Batch::new(4, 2048);
