@@ -263,6 +263,8 @@ pub struct Reassembler {
     free_slots: Vec<usize>,
     index: HashMap<Key, usize>,
     usage: HashMap<IpAddr, Usage>,
+    /// Boxed so that growing the pool moves pointers, not data.
+    #[allow(clippy::vec_box)]
     pool: Vec<Box<[u8; CHUNK]>>,
     free_chunks: Vec<u32>,
     max_chunks: usize,
@@ -408,7 +410,7 @@ impl Reassembler {
     fn insert(&mut self, f: &Fragment<'_>, now: Instant, out: &mut [u8]) -> Pushed {
         let (start, end) = (f.offset, f.offset + f.data.len());
         // RFC 8200 4.5 / RFC 791: a non-last fragment is a multiple of 8.
-        let malformed = (f.more && (f.data.len() % 8 != 0 || f.data.is_empty()))
+        let malformed = (f.more && (!f.data.len().is_multiple_of(8) || f.data.is_empty()))
             || (f.offset == 0 && check_first(f).is_err());
         // The whole packet must fit the IP length field (IPv4: total
         // length including the header; IPv6: payload length, which counts

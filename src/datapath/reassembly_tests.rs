@@ -310,7 +310,8 @@ fn any_overlap_discards_the_whole_datagram_and_later_fragments_until_timeout() {
 #[test]
 fn overlaps_of_every_shape_are_overlaps_not_duplicates() {
     let packet = udp4(100);
-    let mut cases: Vec<(Vec<(usize, usize)>, (usize, usize))> = vec![
+    type Range = (usize, usize);
+    let mut cases: Vec<(Vec<Range>, Range)> = vec![
         // Same start, longer; same start, shorter.
         (vec![(0, 16)], (0, 24)),
         (vec![(0, 24)], (0, 16)),
@@ -455,7 +456,7 @@ fn an_ipv6_atomic_fragment_is_a_whole_packet_without_state() {
         let atomic = frag6(&packet, 40, 6, 77, &[(0, packet.len() - 40)]);
         assert_eq!(atomic[0][43] & 1, 0, "M = 0");
         let mut rig = Rig::new(ReassemblyConfig::default());
-        same(&rig.push_all(&atomic), &[packet.clone()]);
+        same(&rig.push_all(&atomic), std::slice::from_ref(&packet));
         assert_eq!(rig.r.datagrams_in_flight(), 0);
         assert_eq!(rig.get(|c| &c.atomic), 1);
         // Again: no state, so no duplicate either.
