@@ -186,6 +186,34 @@ fn set_bit(b: &mut Bits, i: usize) {
     b[i / 64] |= 1 << (i % 64);
 }
 
+/// The bits `lo..hi` of a word (`lo < hi <= 64`).
+fn mask(lo: usize, hi: usize) -> u64 {
+    let upto = if hi == 64 { !0 } else { (1u64 << hi) - 1 };
+    upto & (!0u64 << lo)
+}
+
+/// Calls `f` with each word index and mask covering bits `from..to`.
+fn words(from: usize, to: usize, mut f: impl FnMut(usize, u64)) {
+    let mut i = from;
+    while i < to {
+        let w = i / 64;
+        let hi = (to - w * 64).min(64);
+        f(w, mask(i % 64, hi));
+        i = w * 64 + hi;
+    }
+}
+
+/// How many of the bits `from..to` are set.
+fn count_range(b: &Bits, from: usize, to: usize) -> usize {
+    let mut n = 0;
+    words(from, to, |w, m| n += (b[w] & m).count_ones() as usize);
+    n
+}
+
+fn set_range(b: &mut Bits, from: usize, to: usize) {
+    words(from, to, |w, m| b[w] |= m);
+}
+
 /// One datagram being reassembled.
 struct Slot {
     key: Key,
@@ -465,13 +493,11 @@ impl Reassembler {
             _ => {}
         }
         let (first_block, end_block) = (start / 8, end.div_ceil(8));
-        let filled = (first_block..end_block)
-            .filter(|&b| bit(&slot.filled, b))
-            .count();
+        let filled = count_range(&slot.filled, first_block, end_block);
         if filled > 0 {
             let whole = filled == end_block - first_block;
             let same_start = bit(&slot.starts, first_block);
-            let no_start_inside = (first_block + 1..end_block).all(|b| !bit(&slot.starts, b));
+            let no_start_inside = count_range(&slot.starts, first_block + 1, end_block) == 0;
             let same_end = match f.more {
                 true => slot.total != Some(end) && bit(&slot.ends, end / 8),
                 false => slot.total == Some(end),
@@ -486,9 +512,7 @@ impl Reassembler {
             return self.discard(i, reason);
         }
         let slot = &mut self.slots[i];
-        for b in first_block..end_block {
-            set_bit(&mut slot.filled, b);
-        }
+        set_range(&mut slot.filled, first_block, end_block);
         set_bit(&mut slot.starts, first_block);
         if f.more {
             set_bit(&mut slot.ends, end / 8);

@@ -599,6 +599,27 @@ fn disjoint_datagrams_interleave() {
     same(&whole, &want);
 }
 
+#[test]
+fn bit_ranges_match_bit_by_bit() {
+    let mut b: Bits = [0; WORDS];
+    for (from, to) in [
+        (0, 1),
+        (3, 64),
+        (60, 70),
+        (64, 128),
+        (100, 8192),
+        (8191, 8193),
+    ] {
+        set_range(&mut b, from, to);
+        assert!((from..to).all(|i| bit(&b, i)), "{from}..{to}");
+    }
+    for (from, to) in [(0, 0), (0, 8193), (2, 3), (1, 65), (70, 99), (200, 8000)] {
+        let slow = (from..to).filter(|&i| bit(&b, i)).count();
+        assert_eq!(count_range(&b, from, to), slow, "{from}..{to}");
+    }
+    assert_eq!(highest_block(&b), Some(8192));
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
