@@ -20,6 +20,7 @@ use esptun::lab::demo::{LabOptions, Side, TunnelLab};
 use esptun::wire::checksum;
 use esptun::wire::inner::build;
 use esptun::wire::ip::protocol;
+use esptun::wire::outer::Encap;
 
 const SIZES: [usize; 3] = [2_000, 9_000, 65_000];
 
@@ -65,14 +66,21 @@ fn start_with_reassembly(lab: &TunnelLab, side: Side, settings: &str) {
     }
 }
 
-fn large_datagrams_echo_byte_exact(ipv6: bool) {
-    let name = if ipv6 { "frag_echo_v6" } else { "frag_echo_v4" };
+fn large_datagrams_echo_byte_exact(ipv6: bool, raw_esp: bool) {
+    let name = match (ipv6, raw_esp) {
+        (false, false) => "frag_echo_v4",
+        (true, false) => "frag_echo_v6",
+        (false, true) => "frag_echo_v4_esp",
+        (true, true) => "frag_echo_v6_esp",
+    };
     let Some(lab) = lab(
         name,
         LabOptions {
-            tag: if ipv6 { "frag6" } else { "frag4" }.into(),
-            subnet: if ipv6 { 71 } else { 70 },
+            tag: name.replace("frag_echo_", "fe").replace('_', ""),
+            subnet: 70 + u8::from(ipv6) + 5 * u8::from(raw_esp),
             ipv6,
+            encap: if raw_esp { Encap::RawEsp } else { Encap::NATT },
+            overlay: raw_esp,
             ..LabOptions::default()
         },
     ) else {
@@ -125,12 +133,24 @@ fn large_datagrams_echo_byte_exact(ipv6: bool) {
 
 #[test]
 fn udp_datagrams_of_2000_9000_and_65000_bytes_echo_byte_exact_ipv4() {
-    large_datagrams_echo_byte_exact(false);
+    large_datagrams_echo_byte_exact(false, false);
 }
 
 #[test]
 fn udp_datagrams_of_2000_9000_and_65000_bytes_echo_byte_exact_ipv6() {
-    large_datagrams_echo_byte_exact(true);
+    large_datagrams_echo_byte_exact(true, false);
+}
+
+/// Raw ESP (IP protocol 50) and overlay addresses: the outer packet is
+/// fragmented and reassembled by the kernels all the same.
+#[test]
+fn large_datagrams_over_raw_esp_ipv4_overlay() {
+    large_datagrams_echo_byte_exact(false, true);
+}
+
+#[test]
+fn large_datagrams_over_raw_esp_ipv6_overlay() {
+    large_datagrams_echo_byte_exact(true, true);
 }
 
 /// The sender's cipher corrupts one 16-byte block of every seal (valid
