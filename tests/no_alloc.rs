@@ -219,3 +219,107 @@ fn splitting_and_coalescing_allocate_nothing() {
     }
     assert_eq!(allocations() - before, 0, "the offload edge allocated");
 }
+
+/// Reassembly in steady state: once its chunk pool and slots are warm,
+/// reassembling datagrams (IPv4 and IPv6, in and out of order), dropping
+/// duplicates, discarding overlaps and expiring the incomplete allocates
+/// nothing.
+#[test]
+fn reassembly_allocates_nothing_once_warm() {
+    use esptun::datapath::Counters;
+    use esptun::datapath::reassembly::{Pushed, Reassembler, ReassemblyConfig};
+    use esptun::wire::checksum;
+    use std::time::{Duration, Instant};
+
+    fn fragments(packet: &[u8], v6: bool, id: u16) -> Vec<Vec<u8>> {
+        let header = if v6 { 40 } else { 20 };
+        let body = &packet[header..];
+        (0..body.len().div_ceil(1400))
+            .map(|i| {
+                let (s, e) = (i * 1400, ((i + 1) * 1400).min(body.len()));
+                let more = e < body.len();
+                let mut f = packet[..header].to_vec();
+                if v6 {
+                    let next = f[6];
+                    f[6] = protocol::IPV6_FRAGMENT;
+                    f.extend_from_slice(&[next, 0]);
+                    f.extend_from_slice(&(s as u16 | u16::from(more)).to_be_bytes());
+                    f.extend_from_slice(&u32::from(id).to_be_bytes());
+                    f.extend_from_slice(&body[s..e]);
+                    let len = (f.len() - 40) as u16;
+                    f[4..6].copy_from_slice(&len.to_be_bytes());
+                } else {
+                    f.extend_from_slice(&body[s..e]);
+                    let len = f.len() as u16;
+                    f[2..4].copy_from_slice(&len.to_be_bytes());
+                    f[4..6].copy_from_slice(&id.to_be_bytes());
+                    let field = (s / 8) as u16 | if more { 0x2000 } else { 0 };
+                    f[6..8].copy_from_slice(&field.to_be_bytes());
+                    f[10..12].copy_from_slice(&[0, 0]);
+                    let c = checksum::finish(checksum::sum(&f[..20]));
+                    f[10..12].copy_from_slice(&c.to_be_bytes());
+                }
+                f
+            })
+            .collect()
+    }
+
+    let payload: Vec<u8> = (0..65_000u32).map(|i| i as u8).collect();
+    let v4 = build::ipv4([198, 18, 0, 1], [198, 19, 0, 2], protocol::UDP, &payload);
+    let a6 = [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let b6 = [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let v6 = build::ipv6(a6, b6, protocol::UDP, &payload[..9000]);
+    let (f4, f6) = (fragments(&v4, false, 1), fragments(&v6, true, 2));
+    let mut reversed = f6.clone();
+    reversed.reverse();
+    let overlap = fragments(&v4, false, 3);
+    let incomplete = fragments(&v4, false, 4);
+    // The second fragment of `overlap`, starting 8 bytes early.
+    let mut shifted = overlap[1].clone();
+    shifted[6..8].copy_from_slice(&((1392 / 8) as u16 | 0x2000).to_be_bytes());
+    shifted[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum::finish(checksum::sum(&shifted[..20]));
+    shifted[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut r = Reassembler::new(
+        ReassemblyConfig::default(),
+        65_535,
+        std::sync::Arc::new(Counters::default()),
+    );
+    let mut out = vec![0u8; 65_535];
+    let mut now = Instant::now();
+    let mut round = |now: Instant| {
+        let mut whole = 0;
+        for f in f4.iter().chain(&f6).chain(&reversed).chain(&f4[..1]) {
+            if let Pushed::Complete(n) = r.push(f, now, &mut out) {
+                whole += n;
+            }
+        }
+        assert_eq!(whole, v4.len() + 2 * v6.len());
+        // A duplicate, an overlap, and a datagram that never completes.
+        assert_eq!(r.push(&overlap[0], now, &mut out), Pushed::Held);
+        assert!(matches!(
+            r.push(&overlap[0], now, &mut out),
+            Pushed::Dropped(_)
+        ));
+        assert!(matches!(
+            r.push(&shifted, now, &mut out),
+            Pushed::Dropped(_)
+        ));
+        for f in &incomplete[..3] {
+            assert_eq!(r.push(f, now, &mut out), Pushed::Held);
+        }
+        r.expire(now + Duration::from_secs(31), &mut |_| {});
+        assert_eq!(r.datagrams_in_flight(), 0);
+    };
+    // The first fragment of f4 again, alone, opens a datagram the expiry
+    // ends: every round is alike.
+    round(now);
+    now += Duration::from_secs(60);
+    round(now);
+    let before = allocations();
+    for _ in 0..50 {
+        now += Duration::from_secs(60);
+        round(now);
+    }
+    assert_eq!(allocations() - before, 0, "reassembly allocated");
+}

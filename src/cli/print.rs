@@ -16,6 +16,31 @@ pub fn status(v: &Status) -> String {
         for (reason, n) in d.drops.iter().filter(|(_, n)| **n > 0) {
             let _ = writeln!(out, "  {reason:<24} {n}");
         }
+        let r = &d.reassembly;
+        if r.fragments > 0 || r.datagrams_in_flight > 0 {
+            let failed: Vec<String> = r
+                .failures()
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  reassembly: {} fragments, {} datagrams reassembled, {} atomic, {} duplicates; \
+                 failed: {}; in flight: {} datagrams, {} bytes",
+                r.fragments,
+                r.reassembled,
+                r.atomic,
+                r.duplicates,
+                if failed.is_empty() {
+                    "none".to_string()
+                } else {
+                    failed.join(", ")
+                },
+                r.datagrams_in_flight,
+                r.bytes_in_flight,
+            );
+        }
     }
     let io = counts(&v.io, |n| n > 0);
     if !io.is_empty() {
@@ -264,8 +289,10 @@ mod tests {
 {"unix_ms":8,"provider":"hardware","check":"kat","ok":true,"detail":"h"},
 {"unix_ms":9,"provider":"soft","check":"kat","ok":false,"detail":"i"},
 {"unix_ms":10,"provider":"hardware","check":"kat","ok":true,"detail":"j"}],
-"outbound":{"passed":100,"dropped":3,"drops":{"inner_checksum":2,"no_sa":1,"truncated":0},"udp4_zero_checksum":0,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0},
-"inbound":{"passed":90,"dropped":0,"drops":{"inner_checksum":0},"udp4_zero_checksum":1,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0},
+"outbound":{"passed":100,"dropped":3,"drops":{"inner_checksum":2,"no_sa":1,"truncated":0},"udp4_zero_checksum":0,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0,
+"reassembly":{"fragments":47,"reassembled":6,"atomic":1,"duplicates":2,"timeout":1,"overlap":0,"too_big":0,"memory":3,"malformed":0,"datagrams_in_flight":1,"bytes_in_flight":4096}},
+"inbound":{"passed":90,"dropped":0,"drops":{"inner_checksum":0},"udp4_zero_checksum":1,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0,
+"reassembly":{"fragments":0,"reassembled":0,"atomic":0,"duplicates":0,"timeout":0,"overlap":0,"too_big":0,"memory":0,"malformed":0,"datagrams_in_flight":0,"bytes_in_flight":0}},
 "io":{"recv_errors":0,"send_errors":4,"tun_read_errors":1},
 "outbound_sas":[{"peer":"host-b","spi":40961,"endpoint":"198.19.0.2:4500","state":"active","packets":10,"bytes":1000,"seq_used":10,"seq_reserved":1048576,"soft_limit_reached":false,"drops":{"inner_checksum":2}},
 {"peer":"host-c","spi":40962,"endpoint":"198.19.0.3:4500","state":"pending","packets":0,"bytes":0,"seq_used":0,"seq_reserved":0,"soft_limit_reached":false,"drops":{}}],
@@ -289,6 +316,7 @@ inbound SAs:
 outbound: 100 passed, 3 dropped
   inner_checksum           2
   no_sa                    1
+  reassembly: 47 fragments, 6 datagrams reassembled, 1 atomic, 2 duplicates; failed: timeout 1, memory 3; in flight: 1 datagrams, 4096 bytes
 
 inbound: 90 passed, 0 dropped
 

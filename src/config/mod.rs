@@ -23,6 +23,20 @@
 //! allow_unverifiable_protocols = false    # protocols without a checksum esptun knows
 //! allow_udplite_partial_coverage = false  # UDP-Lite covering part of the datagram
 //! ```
+//!
+//! The optional `[reassembly]` table limits the outbound reassembly of the
+//! IP fragments the kernel writes to the TUN device
+//! ([`ReassemblyConfig`]):
+//!
+//! ```toml
+//! [reassembly]
+//! enabled = true                          # false: fragments are dropped
+//! max_bytes = 4194304                     # fragment data held, in total
+//! max_datagrams = 256                     # datagrams in flight, in total
+//! max_bytes_per_destination = 1048576     # the same for one destination
+//! max_datagrams_per_destination = 64
+//! timeout_secs = 30                       # RFC 8200 4.5: at most 60
+//! ```
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +45,7 @@ use std::time::Duration;
 
 use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
+use crate::datapath::reassembly::ReassemblyConfig;
 use crate::keyfile;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::outer::Encap;
@@ -123,6 +138,8 @@ pub struct Config {
     pub inner: InnerPolicy,
     /// `[offloads]`: which kernel offloads may be used.
     pub offloads: Offloads,
+    /// `[reassembly]`: the outbound reassembly of fragments.
+    pub reassembly: ReassemblyConfig,
     pub peers: Vec<Peer>,
 }
 
@@ -570,5 +587,56 @@ inbound = { spi = 0x2001, key_file = "/k/i2" }
                 assert_eq!(peer.endpoint, back.local);
             }
         }
+    }
+
+    #[test]
+    fn reassembly_limits_default_and_are_checked() {
+        let v = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(v.reassembly, ReassemblyConfig::default());
+        assert!(v.reassembly.enabled);
+        assert_eq!(v.reassembly.timeout, Duration::from_secs(30));
+        let set = Config::parse(&format!(
+            "[reassembly]\nenabled = false\nmax_bytes = 65536\nmax_datagrams = 8\n\
+             max_bytes_per_destination = 32768\nmax_datagrams_per_destination = 2\n\
+             timeout_secs = 10\n{MINIMAL}"
+        ))
+        .expect("valid");
+        assert_eq!(
+            set.reassembly,
+            ReassemblyConfig {
+                enabled: false,
+                max_bytes: 65536,
+                max_datagrams: 8,
+                max_bytes_per_destination: 32768,
+                max_datagrams_per_destination: 2,
+                timeout: Duration::from_secs(10),
+            }
+        );
+        let bad = problems(&format!(
+            "[reassembly]\nmax_bytes = 100\nmax_datagrams = 0\ntimeout_secs = 61\n\
+             max_datagrams_per_destination = 300\n{MINIMAL}"
+        ));
+        for field in [
+            "reassembly.max_bytes",
+            "reassembly.max_datagrams",
+            "reassembly.timeout_secs",
+            "reassembly.max_datagrams_per_destination",
+        ] {
+            assert!(bad.iter().any(|p| p.field == field), "{field}: {bad:?}");
+        }
+        assert!(
+            bad.iter()
+                .any(|p| p.field == "reassembly.timeout_secs" && p.message.contains("1 to 60")),
+            "{bad:?}"
+        );
+        // Per destination at most the total.
+        let over = problems(&format!(
+            "[reassembly]\nmax_bytes = 65536\nmax_bytes_per_destination = 131072\n{MINIMAL}"
+        ));
+        assert!(
+            over.iter()
+                .any(|p| p.field == "reassembly.max_bytes_per_destination"),
+            "{over:?}"
+        );
     }
 }

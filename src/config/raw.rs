@@ -69,6 +69,10 @@ pub struct RawConfig {
     /// default) or `"off"`.
     #[serde(default)]
     pub offloads: RawOffloads,
+    /// `[reassembly]`: the outbound reassembly of fragments; the defaults
+    /// of [`crate::datapath::reassembly::ReassemblyConfig`] when absent.
+    #[serde(default)]
+    pub reassembly: RawReassembly,
     #[serde(default, rename = "peer")]
     pub peers: Vec<RawPeer>,
 }
@@ -117,6 +121,18 @@ impl RawInner {
                 .unwrap_or(d.fill_udp4_zero_checksum),
         }
     }
+}
+
+/// `[reassembly]`, as written: each key optional.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReassembly {
+    pub enabled: Option<bool>,
+    pub max_bytes: Option<u64>,
+    pub max_datagrams: Option<u64>,
+    pub max_bytes_per_destination: Option<u64>,
+    pub max_datagrams_per_destination: Option<u64>,
+    pub timeout_secs: Option<u64>,
 }
 
 /// `[offloads]`, as written: `"auto"` or `"off"` each.
@@ -187,6 +203,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "control_socket",
     "inner",
     "offloads",
+    "reassembly",
     "peer",
 ];
 

@@ -8,13 +8,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawOffloads, RawPeer, RawSa};
+use super::raw::{
+    DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawOffloads, RawPeer, RawReassembly, RawSa,
+};
 use super::{
     Config, CryptoConfig, InterfaceConfig, Offloads, OperationsConfig, OuterConfig, Peer, Problem,
     RekeyConfig, Sa,
 };
 use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
+use crate::datapath::reassembly::{CHUNK, ReassemblyConfig};
 use crate::sa::replay::{DEFAULT_WINDOW, MAX_WINDOW};
 use crate::wire::outer::Encap;
 
@@ -47,6 +50,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let operations = operations(raw, &mut p);
     let inner = raw.inner.policy();
     let offloads = offloads(&raw.offloads, &mut p);
+    let reassembly = reassembly(&raw.reassembly, &mut p);
     let peers = peers(&raw.peers, &mut p);
     ipv6_mtu(raw, &interface, outer.encap, &peers, &mut p);
     if !p.0.is_empty() {
@@ -60,8 +64,88 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         operations,
         inner,
         offloads,
+        reassembly,
         peers,
     })
+}
+
+/// Most bytes `[reassembly]` may hold: 1 GiB.
+const MAX_REASSEMBLY_BYTES: u64 = 1 << 30;
+/// Most datagrams in flight `[reassembly]` may allow (each costs about
+/// 3.5 KiB of bookkeeping besides its data).
+const MAX_REASSEMBLY_DATAGRAMS: u64 = 65_536;
+/// The longest timeout: RFC 8200 section 4.5 says 60 seconds.
+const MAX_REASSEMBLY_TIMEOUT: u64 = 60;
+
+/// `[reassembly]`: every cap at least one chunk or one datagram, each
+/// per-destination cap at most its total, a timeout of 1 to 60 seconds.
+fn reassembly(raw: &RawReassembly, p: &mut Problems) -> ReassemblyConfig {
+    let d = ReassemblyConfig::default();
+    let mut cap =
+        |name: &str, value: Option<u64>, default: usize, least: u64, most: u64, unit: &str| {
+            let Some(v) = value else {
+                return default;
+            };
+            if !(least..=most).contains(&v) {
+                p.add(
+                    &format!("reassembly.{name}"),
+                    format!(
+                        "{v} is out of range: use {least} to {most} {unit} (default {default})"
+                    ),
+                );
+                return default;
+            }
+            usize::try_from(v).unwrap_or(default)
+        };
+    let chunk = CHUNK as u64;
+    let max_bytes = cap(
+        "max_bytes",
+        raw.max_bytes,
+        d.max_bytes,
+        chunk,
+        MAX_REASSEMBLY_BYTES,
+        "bytes",
+    );
+    let max_datagrams = cap(
+        "max_datagrams",
+        raw.max_datagrams,
+        d.max_datagrams,
+        1,
+        MAX_REASSEMBLY_DATAGRAMS,
+        "datagrams",
+    );
+    let max_bytes_per_destination = cap(
+        "max_bytes_per_destination",
+        raw.max_bytes_per_destination,
+        d.max_bytes_per_destination.min(max_bytes),
+        chunk,
+        max_bytes as u64,
+        "bytes (at most max_bytes)",
+    );
+    let max_datagrams_per_destination = cap(
+        "max_datagrams_per_destination",
+        raw.max_datagrams_per_destination,
+        d.max_datagrams_per_destination.min(max_datagrams),
+        1,
+        max_datagrams as u64,
+        "datagrams (at most max_datagrams)",
+    );
+    let timeout = cap(
+        "timeout_secs",
+        raw.timeout_secs,
+        d.timeout.as_secs() as usize,
+        1,
+        MAX_REASSEMBLY_TIMEOUT,
+        "seconds (RFC 8200 section 4.5: at most 60)",
+    );
+    ReassemblyConfig {
+        enabled: raw.enabled.unwrap_or(d.enabled),
+        max_bytes,
+        max_datagrams,
+        max_bytes_per_destination,
+        max_datagrams_per_destination,
+        timeout: Duration::from_secs(timeout as u64),
+    }
 }
 
 /// `[offloads]`: `"auto"` or `"off"` each. TSO, USO and coalescing ride

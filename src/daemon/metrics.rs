@@ -257,6 +257,43 @@ pub fn render(s: &Status) -> String {
                 })
             })),
     );
+    let r = &s.outbound.reassembly;
+    family(
+        &mut out,
+        "esptun_reassembly_datagrams_total",
+        "counter",
+        "Outbound datagrams reassembled from the fragments the kernel wrote to the TUN device, and those that did not complete, by outcome.",
+        [("reassembled", r.reassembled)]
+            .into_iter()
+            .chain(r.failures())
+            .map(|(outcome, n)| (vec![("outcome", outcome)], n)),
+    );
+    family(
+        &mut out,
+        "esptun_reassembly_fragments_total",
+        "counter",
+        "Outbound fragments taken from the TUN device (all), IPv6 atomic fragments passed whole, and exact duplicates dropped.",
+        [
+            ("all", r.fragments),
+            ("atomic", r.atomic),
+            ("duplicate", r.duplicates),
+        ]
+        .map(|(kind, n)| (vec![("kind", kind)], n)),
+    );
+    family(
+        &mut out,
+        "esptun_reassembly_in_flight_datagrams",
+        "gauge",
+        "Outbound datagrams being reassembled now.",
+        [(vec![], r.datagrams_in_flight)],
+    );
+    family(
+        &mut out,
+        "esptun_reassembly_in_flight_bytes",
+        "gauge",
+        "Bytes of fragment data held for reassembly now.",
+        [(vec![], r.bytes_in_flight)],
+    );
     family(
         &mut out,
         "esptun_sequence_used",
@@ -323,9 +360,16 @@ mod tests {
             on_selftest_failure: selector.policy(),
             providers: selector.reports().iter().map(Into::into).collect(),
             selftest_history: Vec::new(),
-            outbound: super::super::status::DirectionStatus::of(
-                &crate::datapath::Counters::default(),
-            ),
+            outbound: {
+                let c = crate::datapath::Counters::default();
+                c.reassembly
+                    .overlap
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c.reassembly
+                    .bytes_in_flight
+                    .store(2048, std::sync::atomic::Ordering::Relaxed);
+                super::super::status::DirectionStatus::of(&c)
+            },
             inbound: super::super::status::DirectionStatus::of(&counters),
             io: std::collections::BTreeMap::new(),
             outbound_sas: vec![super::super::status::OutboundSaStatus {
@@ -373,6 +417,14 @@ mod tests {
         );
         assert!(
             text.contains("esptun_offload_active{offload=\"tso\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("esptun_reassembly_datagrams_total{outcome=\"overlap\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("esptun_reassembly_in_flight_bytes 2048"),
             "{text}"
         );
         assert!(

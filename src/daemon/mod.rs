@@ -37,6 +37,7 @@ use crate::crypto::select::{BootOptions, Selector};
 use crate::datapath::Counters;
 use crate::datapath::inbound::Inbound;
 use crate::datapath::outbound::Outbound;
+use crate::datapath::reassembly::Reassembler;
 use crate::io::IoSetupError;
 use crate::io::socket::{OuterSocket, SocketOffloads};
 use crate::io::tun::{Tun, TunOffloads};
@@ -397,6 +398,13 @@ impl Daemon {
         };
         let mut pipeline = Outbound::new(shared.inner);
         pipeline.counters = shared.out_counters.clone();
+        let reassembler = daemon.config.reassembly.enabled.then(|| {
+            Reassembler::new(
+                daemon.config.reassembly,
+                workers::BUF_CAPACITY,
+                shared.out_counters.clone(),
+            )
+        });
         let outbound = outbound::OutboundWorker::new(
             shared.clone(),
             tun.clone(),
@@ -405,7 +413,8 @@ impl Daemon {
             pipeline,
             out_rx,
             events_tx.clone(),
-        );
+        )
+        .with_reassembler(reassembler, daemon.config.outer.outer_mtu);
         let mut pipeline = Inbound::new(shared.inner);
         pipeline.counters = shared.in_counters.clone();
         let inbound = inbound::InboundWorker::new(
@@ -558,11 +567,12 @@ impl Daemon {
                 c.operations.control_socket.clone(),
                 c.rekey,
                 c.inner,
+                c.reassembly,
             )
         };
         if fixed(&new) != fixed(&self.config) {
             let text = "changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
-                        control_socket, rekey_* and [inner] settings need a restart: not applied \
+                        control_socket, rekey_*, [inner] and [reassembly] settings need a restart: not applied \
                         (SA changes are)";
             tracing::warn!("reload: {text}");
             refused.push(text.to_string());

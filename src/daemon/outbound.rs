@@ -20,6 +20,7 @@ use super::workers::{
     TOP_UP_BELOW, count, maybe_selftest,
 };
 use crate::datapath::outbound::Outbound;
+use crate::datapath::reassembly::{Pushed, Reassembler};
 use crate::datapath::{DropContext, DropReason, Flow, Verdict};
 use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
@@ -46,6 +47,13 @@ pub(crate) struct OutboundWorker {
     top_up_retry: Vec<(SaId, Instant, Duration)>,
     /// When each SA last sent, for `status`.
     activity: Activity,
+    /// Fragments from the TUN device into whole datagrams (`None`:
+    /// `[reassembly] enabled = false`, fragments are dropped).
+    reassembler: Option<Reassembler>,
+    /// `outer_mtu`: a sealed packet longer than fits in it (a reassembled
+    /// datagram) is sent on its own, never in a UDP GSO train, whose
+    /// segments the kernel refuses above the path MTU (EINVAL).
+    outer_mtu: u16,
 }
 
 /// Back-off after a failed top-up: doubles from the first to the last,
@@ -75,7 +83,37 @@ impl OutboundWorker {
             errors: ErrorLog::new("outbound"),
             top_up_retry: Vec::new(),
             activity: Activity::default(),
+            reassembler: None,
+            outer_mtu: u16::MAX,
         }
+    }
+
+    /// Reassembles fragments with `reassembler`; `outer_mtu` as
+    /// configured.
+    pub fn with_reassembler(mut self, reassembler: Option<Reassembler>, outer_mtu: u16) -> Self {
+        self.reassembler = reassembler;
+        self.outer_mtu = outer_mtu;
+        self
+    }
+
+    /// Discards the datagrams whose reassembly timed out (counted by the
+    /// reassembler), with a rate-limited log line.
+    fn expire_fragments(&mut self) {
+        let Some(reassembler) = self.reassembler.as_mut() else {
+            return;
+        };
+        let log = &mut self.drop_log;
+        let now = Instant::now();
+        reassembler.expire(now, &mut |flow| {
+            let reason = DropReason::ReassemblyTimeout;
+            if log.due(reason, now) {
+                let context = DropContext {
+                    flow: Some(flow),
+                    ..DropContext::default()
+                };
+                log.log(reason, &context);
+            }
+        });
     }
 
     pub fn run(mut self) {
@@ -90,6 +128,7 @@ impl OutboundWorker {
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.apply_commands();
             maybe_selftest(&self.shared, &mut next_check, "outbound");
+            self.expire_fragments();
             if Instant::now() >= next_publish {
                 self.publish();
                 next_publish = Instant::now() + PUBLISH_EVERY;
@@ -140,15 +179,18 @@ impl OutboundWorker {
         let vnet = self.tun.has_vnet_hdr();
         let policy = self.outbound.policy;
         let mut dropped: Option<DropReason> = None;
+        let mut reassembler = self.reassembler.take();
         let filled = take_packet(
             vnet,
             policy,
+            reassembler.as_mut().map(|r| (r, Instant::now())),
             slot,
             batch,
             filled,
             &mut |full: &mut Batch| self.seal_and_send(full, verdicts),
             &mut |reason| dropped = Some(reason),
         );
+        self.reassembler = reassembler;
         if let Some(reason) = dropped {
             self.offload_drop(slot.data(), reason);
         }
@@ -156,9 +198,13 @@ impl OutboundWorker {
     }
 
     /// A packet dropped before the pipeline: counted and logged like the
-    /// pipeline's own drops.
+    /// pipeline's own drops. The reassembler counts its own drops (a
+    /// failed datagram drops the fragments it held too), so those are
+    /// only logged here.
     fn offload_drop(&mut self, packet: &[u8], reason: DropReason) {
-        self.outbound.counters.count_drop(reason);
+        if !reason.is_reassembly() {
+            self.outbound.counters.count_drop(reason);
+        }
         if self.drop_log.due(reason, Instant::now()) {
             let context = DropContext {
                 flow: Flow::of_packet(packet),
@@ -177,56 +223,75 @@ impl OutboundWorker {
     }
 
     /// One `sendmmsg` per address family, straight from the batch, each
-    /// packet with its inner packet's DSCP and ECN (wire::ecn).
+    /// packet with its inner packet's DSCP and ECN (wire::ecn); a packet
+    /// longer than the outer MTU (a reassembled datagram, which the kernel
+    /// fragments) in a call of its own, so that it never becomes the
+    /// segment size of a UDP GSO train.
     fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
         for v6 in [false, true] {
-            let packets = || {
-                bufs.iter().zip(verdicts).filter_map(|(buf, v)| match v {
-                    Verdict::Send { .. } => buf
-                        .meta
-                        .peer
-                        .filter(|to| to.is_ipv6() == v6)
-                        .map(|to| (buf.data(), to, buf.meta.tos)),
-                    _ => None,
-                })
+            // The ESP packet plus the outer IP and UDP headers.
+            let limit = usize::from(self.outer_mtu).saturating_sub(if v6 { 48 } else { 28 });
+            let packets = |large: bool| {
+                bufs.iter()
+                    .zip(verdicts)
+                    .filter_map(move |(buf, v)| match v {
+                        Verdict::Send { .. } if (buf.len() > limit) == large => buf
+                            .meta
+                            .peer
+                            .filter(|to| to.is_ipv6() == v6)
+                            .map(|to| (buf.data(), to, buf.meta.tos)),
+                        _ => None,
+                    })
             };
-            let count = packets().count() as u64;
-            if count == 0 {
-                continue;
+            self.send_family(v6, packets(false));
+            for packet in packets(true) {
+                self.send_family(v6, std::iter::once(packet));
             }
-            let socket = if v6 {
-                &self.sockets.v6
-            } else {
-                &self.sockets.v4
-            };
-            let result = match socket {
-                Some(socket) => socket.send_iter_with_tos(packets()),
-                None => Err(std::io::Error::other(
-                    "no outer socket of this address family",
-                )),
-            };
-            if let Some(socket) = socket
-                && !socket.offloads().gso
-                && self.shared.offloads.udp_gso.swap(false, Ordering::Relaxed)
-            {
-                tracing::error!(
-                    "the kernel refused a UDP GSO train on the outer socket: sending packets \
-                     one by one from now on"
-                );
-            }
-            match result {
-                Ok(report) => {
-                    if report.failed > 0 {
-                        IoCounters::add(&self.shared.io.send_errors, report.failed as u64);
-                        if let Some(e) = report.last_error {
-                            self.errors.io("sending ESP packets", &e);
-                        }
+        }
+    }
+
+    /// One `sendmmsg` of `packets` on the socket of one address family.
+    fn send_family<'a>(
+        &mut self,
+        v6: bool,
+        packets: impl Iterator<Item = (&'a [u8], std::net::SocketAddr, u8)> + Clone,
+    ) {
+        let count = packets.clone().count() as u64;
+        if count == 0 {
+            return;
+        }
+        let socket = if v6 {
+            &self.sockets.v6
+        } else {
+            &self.sockets.v4
+        };
+        let result = match socket {
+            Some(socket) => socket.send_iter_with_tos(packets),
+            None => Err(std::io::Error::other(
+                "no outer socket of this address family",
+            )),
+        };
+        if let Some(socket) = socket
+            && !socket.offloads().gso
+            && self.shared.offloads.udp_gso.swap(false, Ordering::Relaxed)
+        {
+            tracing::error!(
+                "the kernel refused a UDP GSO train on the outer socket: sending packets \
+                 one by one from now on"
+            );
+        }
+        match result {
+            Ok(report) => {
+                if report.failed > 0 {
+                    IoCounters::add(&self.shared.io.send_errors, report.failed as u64);
+                    if let Some(e) = report.last_error {
+                        self.errors.io("sending ESP packets", &e);
                     }
                 }
-                Err(e) => {
-                    IoCounters::add(&self.shared.io.send_errors, count);
-                    self.errors.io("sending ESP packets", &e);
-                }
+            }
+            Err(e) => {
+                IoCounters::add(&self.shared.io.send_errors, count);
+                self.errors.io("sending ESP packets", &e);
             }
         }
     }
@@ -418,9 +483,11 @@ fn offload_reason(e: &GsoError) -> DropReason {
 /// checksum summed from the source payload. Either way the pipeline then
 /// validates the copy it seals, so the receiver's check covers our copy
 /// and our cipher.
+#[allow(clippy::too_many_arguments)]
 fn take_packet(
     vnet: bool,
     policy: InnerPolicy,
+    reassembler: Option<(&mut Reassembler, Instant)>,
     slot: &mut PacketBuf,
     batch: &mut Batch,
     mut filled: usize,
@@ -446,6 +513,27 @@ fn take_packet(
     } else {
         None
     };
+    // A fragment (never a super-packet, never NEEDS_CSUM: the kernel
+    // finishes the checksum before it fragments) goes to the reassembler,
+    // and its datagram, once whole, into the batch like any packet.
+    if let Some((reassembler, now)) = reassembler
+        && hdr.is_none_or(|h| h.gso() == Ok(GsoType::None) && !h.needs_csum())
+    {
+        make_room(batch, &mut filled);
+        let out = &mut batch.slots()[filled];
+        match reassembler.push(slot.data(), now, out.read_area()) {
+            Pushed::NotFragment => {}
+            Pushed::Held => return filled,
+            Pushed::Dropped(reason) => {
+                drop(reason);
+                return filled;
+            }
+            Pushed::Complete(len) => {
+                out.set_len(len);
+                return filled + 1;
+            }
+        }
+    }
     match hdr {
         Some(hdr) if hdr.gso() != Ok(GsoType::None) => {
             let splitter = match Splitter::new(&hdr, slot.data()) {
@@ -522,6 +610,7 @@ mod tests {
             filled = take_packet(
                 true,
                 InnerPolicy::default(),
+                None,
                 slot,
                 &mut batch,
                 filled,
@@ -549,6 +638,75 @@ mod tests {
         }
     }
 
+    /// Fragments as the kernel writes them to a TUN device with offloads
+    /// (a virtio-net header with no GSO and no NEEDS_CSUM) become one
+    /// whole packet in the batch, whose checksum then validates; without
+    /// a reassembler they are dropped as fragments, as before.
+    #[test]
+    fn fragments_become_one_whole_packet_in_the_batch() {
+        use crate::datapath::Counters;
+        use crate::datapath::reassembly::{Reassembler, ReassemblyConfig};
+        use crate::wire::checksum;
+        use crate::wire::inner::build;
+        use std::sync::Arc;
+
+        let packet = build::ipv4(
+            [198, 18, 0, 1],
+            [198, 19, 0, 2],
+            protocol::UDP,
+            &payload(5000, 1),
+        );
+        let body = &packet[20..];
+        let fragments: Vec<Vec<u8>> = (0..body.len().div_ceil(1400))
+            .map(|i| {
+                let (s, e) = (i * 1400, ((i + 1) * 1400).min(body.len()));
+                let mut f = packet[..20].to_vec();
+                f.extend_from_slice(&body[s..e]);
+                let len = f.len() as u16;
+                f[2..4].copy_from_slice(&len.to_be_bytes());
+                let more = if e < body.len() { 0x2000 } else { 0 };
+                f[6..8].copy_from_slice(&((s / 8) as u16 | more).to_be_bytes());
+                f[10..12].copy_from_slice(&[0, 0]);
+                let c = checksum::finish(checksum::sum(&f[..20]));
+                f[10..12].copy_from_slice(&c.to_be_bytes());
+                f
+            })
+            .collect();
+        let counters = Arc::new(Counters::default());
+        let mut reassembler =
+            Reassembler::new(ReassemblyConfig::default(), 65_535, counters.clone());
+        for with in [true, false] {
+            let mut batch = Batch::new(4, 65_535);
+            let mut refused = Vec::new();
+            let mut filled = 0;
+            for f in &fragments {
+                let mut slot = PacketBuf::new(2048);
+                assert!(slot.fill(f));
+                slot.meta.vnet = [0; 10]; // no GSO, no NEEDS_CSUM
+                filled = take_packet(
+                    true,
+                    InnerPolicy::default(),
+                    with.then(|| (&mut reassembler, std::time::Instant::now())),
+                    &mut slot,
+                    &mut batch,
+                    filled,
+                    &mut |_| panic!("nothing to seal"),
+                    &mut |reason| refused.push(reason),
+                );
+            }
+            if with {
+                assert_eq!((filled, refused.as_slice()), (1, &[][..]));
+                let whole = batch.slots()[0].data();
+                assert_eq!(whole.len(), packet.len());
+                assert_eq!(&whole[20..], &packet[20..]);
+                assert!(validate(whole, InnerPolicy::default()).is_ok());
+            } else {
+                assert_eq!(filled, 0);
+                assert_eq!(refused, vec![DropReason::Fragment; fragments.len()]);
+            }
+        }
+    }
+
     #[test]
     fn a_bad_virtio_header_is_a_counted_drop_not_a_packet() {
         let mut batch = Batch::new(4, 2048);
@@ -559,6 +717,7 @@ mod tests {
         let filled = take_packet(
             true,
             InnerPolicy::default(),
+            None,
             &mut slot,
             &mut batch,
             0,

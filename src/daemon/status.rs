@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::ProviderId;
 use crate::crypto::select::{FailurePolicy, Mode, ProviderReport, SelfTestEvent};
 use crate::crypto::simd_state::{LevelReport, RegisterCheckReport};
+use crate::datapath::reassembly::ReassemblyCounters;
 use crate::datapath::{Counters, DropReason};
 use crate::wire::outer::Encap;
 
@@ -208,6 +209,63 @@ pub struct DirectionStatus {
     pub unverifiable_protocol: u64,
     pub udplite_partial_coverage: u64,
     pub soft_limit_crossings: u64,
+    /// Outbound reassembly of fragments (all zero inbound; absent from
+    /// older daemons).
+    #[serde(default)]
+    pub reassembly: ReassemblyStatus,
+}
+
+/// [`ReassemblyCounters`] as `status` shows them: datagrams by outcome,
+/// fragments by kind, and what is held now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReassemblyStatus {
+    /// Fragments taken from the TUN device.
+    pub fragments: u64,
+    /// Datagrams reassembled and handed to the pipeline.
+    pub reassembled: u64,
+    /// IPv6 atomic fragments passed on whole (RFC 6946).
+    pub atomic: u64,
+    /// Fragments dropped as exact duplicates.
+    pub duplicates: u64,
+    /// Datagrams discarded, by reason.
+    pub timeout: u64,
+    pub overlap: u64,
+    pub too_big: u64,
+    pub memory: u64,
+    pub malformed: u64,
+    /// Held now: datagrams, and bytes of fragment data.
+    pub datagrams_in_flight: u64,
+    pub bytes_in_flight: u64,
+}
+
+impl ReassemblyStatus {
+    pub fn of(c: &ReassemblyCounters) -> Self {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ReassemblyStatus {
+            fragments: get(&c.fragments),
+            reassembled: get(&c.reassembled),
+            atomic: get(&c.atomic),
+            duplicates: get(&c.duplicates),
+            timeout: get(&c.timeout),
+            overlap: get(&c.overlap),
+            too_big: get(&c.too_big),
+            memory: get(&c.memory),
+            malformed: get(&c.malformed),
+            datagrams_in_flight: get(&c.datagrams_in_flight),
+            bytes_in_flight: get(&c.bytes_in_flight),
+        }
+    }
+
+    /// The datagrams that did not complete, by reason.
+    pub fn failures(&self) -> [(&'static str, u64); 5] {
+        [
+            ("timeout", self.timeout),
+            ("overlap", self.overlap),
+            ("too_big", self.too_big),
+            ("memory", self.memory),
+            ("malformed", self.malformed),
+        ]
+    }
 }
 
 impl DirectionStatus {
@@ -224,6 +282,7 @@ impl DirectionStatus {
             unverifiable_protocol: c.unverifiable_protocol.load(Ordering::Relaxed),
             udplite_partial_coverage: c.udplite_partial_coverage.load(Ordering::Relaxed),
             soft_limit_crossings: c.soft_limit_crossings.load(Ordering::Relaxed),
+            reassembly: ReassemblyStatus::of(&c.reassembly),
         }
     }
 }

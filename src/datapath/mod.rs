@@ -14,6 +14,7 @@
 
 pub mod inbound;
 pub mod outbound;
+pub mod reassembly;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,10 +81,26 @@ pub enum DropReason {
     BadPadding,
     /// Next header 59: a dummy packet (RFC 4303 section 2.6), consumed.
     DummyPacket,
+    // Outbound reassembly of fragments from the TUN device
+    // ([`reassembly`]); each counts fragments, the datagrams are counted
+    // in [`reassembly::ReassemblyCounters`].
+    /// Its datagram did not complete within the timeout.
+    ReassemblyTimeout,
+    /// It or another fragment of its datagram overlapped (RFC 5722).
+    ReassemblyOverlap,
+    /// An exact duplicate of a fragment held (the datagram goes on).
+    ReassemblyDuplicate,
+    /// Its datagram would exceed the IP length fields or the buffers.
+    ReassemblyTooBig,
+    /// A reassembly cap (bytes or datagrams, total or per destination).
+    ReassemblyMemory,
+    /// A tiny first fragment, a non-last fragment not a multiple of 8
+    /// bytes, or fragment lengths that disagree.
+    ReassemblyMalformed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 30] = [
         DropReason::InnerHeader,
         DropReason::InnerChecksum,
         DropReason::ZeroUdpChecksum,
@@ -108,6 +125,12 @@ impl DropReason {
         DropReason::IcvFailure,
         DropReason::BadPadding,
         DropReason::DummyPacket,
+        DropReason::ReassemblyTimeout,
+        DropReason::ReassemblyOverlap,
+        DropReason::ReassemblyDuplicate,
+        DropReason::ReassemblyTooBig,
+        DropReason::ReassemblyMemory,
+        DropReason::ReassemblyMalformed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -136,11 +159,31 @@ impl DropReason {
             DropReason::IcvFailure => "icv_failure",
             DropReason::BadPadding => "bad_padding",
             DropReason::DummyPacket => "dummy_packet",
+            DropReason::ReassemblyTimeout => "reassembly_timeout",
+            DropReason::ReassemblyOverlap => "reassembly_overlap",
+            DropReason::ReassemblyDuplicate => "reassembly_duplicate",
+            DropReason::ReassemblyTooBig => "reassembly_too_big",
+            DropReason::ReassemblyMemory => "reassembly_memory",
+            DropReason::ReassemblyMalformed => "reassembly_malformed",
         }
     }
 
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// A drop of the outbound reassembly, which counts it where it happens
+    /// ([`reassembly::Reassembler`]).
+    pub fn is_reassembly(self) -> bool {
+        matches!(
+            self,
+            DropReason::ReassemblyTimeout
+                | DropReason::ReassemblyOverlap
+                | DropReason::ReassemblyDuplicate
+                | DropReason::ReassemblyTooBig
+                | DropReason::ReassemblyMemory
+                | DropReason::ReassemblyMalformed
+        )
     }
 }
 
@@ -286,6 +329,8 @@ pub struct Counters {
     /// Outbound SAs whose sequence number reached their soft limit: time
     /// to roll keys (counted once per SA).
     pub soft_limit_crossings: AtomicU64,
+    /// Outbound: fragments reassembled, and datagrams that were not.
+    pub reassembly: reassembly::ReassemblyCounters,
 }
 
 impl Default for Counters {
@@ -298,6 +343,7 @@ impl Default for Counters {
             udplite_partial_coverage: AtomicU64::new(0),
             passed: AtomicU64::new(0),
             soft_limit_crossings: AtomicU64::new(0),
+            reassembly: reassembly::ReassemblyCounters::default(),
         }
     }
 }
@@ -306,6 +352,12 @@ impl Counters {
     pub fn count_drop(&self, reason: DropReason) -> Verdict {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
         Verdict::Drop(reason)
+    }
+
+    /// Counts `n` packets dropped for `reason` at once (the fragments a
+    /// failed reassembly held).
+    pub fn count_drops(&self, reason: DropReason, n: u64) {
+        self.drops[reason.index()].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {
