@@ -153,6 +153,9 @@ fn require(needed: &[Capability]) -> Result<(), DaemonError> {
 }
 
 const TUN_DEVICE: &str = "/dev/net/tun";
+/// How long start-up waits for the datapath threads' first publication
+/// (they apply their first commands at once; this only bounds a stall).
+const FIRST_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A non-root daemon must be able to open the TUN clone device itself
 /// (root passes by CAP_DAC_OVERRIDE); otherwise the open fails with EACCES
@@ -428,6 +431,10 @@ impl Daemon {
         );
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
+        // `status` and the ready line only once both threads have applied
+        // their first commands and published them: a caller that sees the
+        // daemon ready sees its SAs.
+        daemon.shared.wait_first_publish(FIRST_PUBLISH_TIMEOUT);
         let backend = ControlBackend {
             shared,
             reloads: reload_tx,

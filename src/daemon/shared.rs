@@ -155,6 +155,23 @@ impl Shared {
             .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string())
     }
 
+    /// Waits, at most `timeout`, until both datapath threads have
+    /// published once; `false` if one has not (it then shows up later).
+    pub fn wait_first_publish(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.out_status.lock().unwrap_or_else(|p| p.into_inner()).at;
+            let inb = self.in_status.lock().unwrap_or_else(|p| p.into_inner()).at;
+            if out.is_some() && inb.is_some() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Stores a thread's publication (rows and totals together).
     pub fn publish<T>(m: &Mutex<Published<T>>, rows: Vec<T>, counters: &Counters) {
         let totals = DirectionStatus::of(counters);
