@@ -35,6 +35,11 @@ fn demo_passes_and_counts_no_kernel_chatter_as_a_drop() {
     assert_eq!(v["tcp"]["intact"], true, "{v:#}");
     assert_eq!(v["tcp"]["bytes_received"], 1_000_000, "{v:#}");
     assert!(v["corruption"].is_null(), "{v:#}");
+    // Datagrams over the tunnel MTU, both ways, byte by byte.
+    let large = &v["udp_large"];
+    assert!(large["sent"].as_u64().unwrap_or(0) >= 30, "{v:#}");
+    assert_eq!(large["received_intact"], large["sent"], "{v:#}");
+    assert_eq!(large["corrupted"], 0, "{v:#}");
     for h in v["hosts"].as_array().expect("hosts") {
         for d in ["outbound", "inbound"] {
             assert_eq!(h[d]["dropped"], 0, "a healthy demo drops nothing: {v:#}");

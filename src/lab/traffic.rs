@@ -280,7 +280,7 @@ fn tcp_source(addr: SocketAddr, bytes: u64, deadline: Instant) -> io::Result<Sou
 }
 
 /// Outcome of [`udp_exchange`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UdpReport {
     pub sent: u32,
     /// Replies identical to a datagram sent, counted once each.
