@@ -9,9 +9,9 @@ use esptun::lab;
 
 use crate::report::Report;
 use crate::traffic::{tcp_send_zeros, tcp_sink, udp_echo, udp_sink};
-use crate::tshark::{Capture, Decoded, tshark_decode, wireshark_keys};
+use crate::tshark::{Capture, Decoded, fragments_by_source, tshark_decode, wireshark_keys};
 use crate::{CMD_TIMEOUT, GUEST, GUEST6, HOST, HOST6, Suite, TCP_BYTES, TRAFFIC_TIMEOUT};
-use crate::{UDP_COUNT, UDP_SIZE};
+use crate::{UDP_COUNT, UDP_LARGE_COUNT, UDP_LARGE_SIZE, UDP_SIZE};
 
 /// One interop case.
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +106,7 @@ impl Suite {
         self.guest
             .spawn("echo", &format!("nettool udp-echo 5002 {UDP_COUNT} 60000"))?;
         self.guest.wait_output("echo", "listening", CMD_TIMEOUT)?;
-        let (sent, echoed) = udp_echo(&self.host.ns, host, guest, UDP_COUNT)?;
+        let (sent, echoed) = udp_echo(&self.host.ns, (host, guest), 5002, UDP_COUNT, UDP_SIZE)?;
         if echoed != UDP_COUNT {
             return Err(format!(
                 "UDP echo: {echoed} of {UDP_COUNT} datagrams came back intact ({sent} sent)"
@@ -116,7 +116,7 @@ impl Suite {
             &self.host.ns,
             host,
             5003,
-            UDP_COUNT,
+            (UDP_COUNT, UDP_SIZE),
             Duration::from_secs(30),
         );
         self.guest_sh(&format!(
@@ -133,6 +133,53 @@ impl Suite {
         report.lines.push(format!(
             "UDP {UDP_COUNT} x {UDP_SIZE} B host->guest->host echoed intact ({sent} sent), \
              {got}/{UDP_COUNT} guest->host intact"
+        ));
+
+        // UDP larger than the MTU, both ways: the sending kernels fragment
+        // (the guest's after ESP, as transport mode does; esptun's TUN
+        // before it, which esptun reassembles and seals whole), and each
+        // side must take the other's outer fragments back into one ESP
+        // packet carrying the whole datagram.
+        self.guest.spawn(
+            "echo-large",
+            &format!("nettool udp-echo 5006 {UDP_LARGE_COUNT} 60000"),
+        )?;
+        self.guest
+            .wait_output("echo-large", "listening", CMD_TIMEOUT)?;
+        let (sent, echoed) = udp_echo(
+            &self.host.ns,
+            (host, guest),
+            5006,
+            UDP_LARGE_COUNT,
+            UDP_LARGE_SIZE,
+        )?;
+        if echoed != UDP_LARGE_COUNT {
+            return Err(format!(
+                "large UDP echo: {echoed} of {UDP_LARGE_COUNT} datagrams of {UDP_LARGE_SIZE} B \
+                 came back intact ({sent} sent)"
+            ));
+        }
+        let sink = udp_sink(
+            &self.host.ns,
+            host,
+            5007,
+            (UDP_LARGE_COUNT, UDP_LARGE_SIZE),
+            Duration::from_secs(30),
+        );
+        self.guest_sh(&format!(
+            "nettool udp-send {host} 5007 {UDP_LARGE_COUNT} {UDP_LARGE_SIZE}"
+        ))?;
+        let (got, bad) = sink
+            .recv_timeout(Duration::from_secs(40))
+            .map_err(|e| format!("large UDP sink: {e}"))?;
+        if got != UDP_LARGE_COUNT || bad != 0 {
+            return Err(format!(
+                "guest -> host large UDP: {got} of {UDP_LARGE_COUNT} intact, {bad} wrong"
+            ));
+        }
+        report.lines.push(format!(
+            "UDP {UDP_LARGE_COUNT} x {UDP_LARGE_SIZE} B (over the MTU) host->guest->host echoed \
+             intact ({sent} sent), {got}/{UDP_LARGE_COUNT} guest->host intact"
         ));
 
         // TCP zeros, both ways, every byte checked.
@@ -216,7 +263,11 @@ impl Suite {
             let records = wireshark_keys(&config)?;
             let (o, i) = tshark_decode(&tshark, &file, &records, &dir)?;
             let want = |d: &Decoded, what: &str| -> Result<(), String> {
-                if d.udp < UDP_COUNT || d.tcp_segments == 0 || d.icmp < 3 {
+                if d.udp < UDP_COUNT
+                    || d.udp_large < UDP_LARGE_COUNT
+                    || d.tcp_segments == 0
+                    || d.icmp < 3
+                {
                     return Err(format!(
                         "tshark could not decode {what}: {d:?} (capture {})",
                         file.display()
@@ -229,6 +280,22 @@ impl Suite {
             };
             want(&o, "host->guest (esptun's output)")?;
             want(&i, "guest->host (the kernel's output)")?;
+            // What each side put on the wire for the large datagrams: one
+            // ESP packet per datagram (tshark decrypted it whole, above),
+            // carried in outer IP fragments.
+            let (from_host, from_guest) = fragments_by_source(&tshark, &file, &dir, (host, guest))?;
+            if from_host == 0 || from_guest == 0 {
+                return Err(format!(
+                    "expected outer IP fragments both ways for the large datagrams: \
+                     {from_host} from esptun's host, {from_guest} from the guest"
+                ));
+            }
+            report.lines.push(format!(
+                "large datagrams on the wire: one ESP packet each (tshark decrypted \
+                 {} + {} whole {UDP_LARGE_SIZE} B datagrams), in outer IP fragments: \
+                 {from_host} from the host, {from_guest} from the guest kernel",
+                o.udp_large, i.udp_large
+            ));
             report.lines.push(format!(
                 "tshark decrypted host->guest {} ESP ({} UDP/{UDP_SIZE}, {} TCP, {} ICMP{}), \
                  guest->host {} ESP ({} UDP/{UDP_SIZE}, {} TCP, {} ICMP{})",

@@ -87,6 +87,9 @@ pub const SPI_IN: u32 = 0xb001; // guest -> host
 /// Distinctive UDP payload size, so tshark's finds cannot be a coincidence.
 pub const UDP_SIZE: usize = 1337;
 pub const UDP_COUNT: u32 = 20;
+/// Over the 1500-byte MTU: fragmented on the wire, whole inside ESP.
+pub const UDP_LARGE_SIZE: usize = 9001;
+pub const UDP_LARGE_COUNT: u32 = 5;
 pub const TCP_BYTES: u64 = 4 << 20;
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);

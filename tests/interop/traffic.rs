@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use esptun::lab::Netns;
 
-use crate::{TRAFFIC_TIMEOUT, UDP_SIZE};
+use crate::TRAFFIC_TIMEOUT;
 
 /// A UDP datagram's payload: its index and a pattern.
 pub fn udp_payload(i: u32, size: usize) -> Vec<u8> {
@@ -18,18 +18,25 @@ pub fn udp_payload(i: u32, size: usize) -> Vec<u8> {
     p
 }
 
-/// Host -> guest UDP, echoed back by the guest: (sent, echoed intact).
-pub fn udp_echo(ns: &Netns, host: IpAddr, guest: IpAddr, count: u32) -> Result<(u32, u32), String> {
+/// Host -> guest UDP of `size` bytes to `port`, echoed back by the guest:
+/// (sent, echoed intact).
+pub fn udp_echo(
+    ns: &Netns,
+    (host, guest): (IpAddr, IpAddr),
+    port: u16,
+    count: u32,
+    size: usize,
+) -> Result<(u32, u32), String> {
     ns.run(move || -> Result<(u32, u32), String> {
         let sock = UdpSocket::bind(SocketAddr::new(host, 0)).map_err(|e| e.to_string())?;
-        sock.connect(SocketAddr::new(guest, 5002))
+        sock.connect(SocketAddr::new(guest, port))
             .map_err(|e| e.to_string())?;
         sock.set_read_timeout(Some(Duration::from_millis(1500)))
             .map_err(|e| e.to_string())?;
         let (mut sent, mut ok) = (0, 0);
-        let mut buf = vec![0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         for i in 0..count {
-            let p = udp_payload(i, UDP_SIZE);
+            let p = udp_payload(i, size);
             // Up to three tries: the first datagram may wait for ARP.
             'tries: for _ in 0..3 {
                 sock.send(&p).map_err(|e| e.to_string())?;
@@ -57,7 +64,7 @@ pub fn udp_sink(
     ns: &Netns,
     host: IpAddr,
     port: u16,
-    count: u32,
+    (count, size): (u32, usize),
     timeout: Duration,
 ) -> Receiver<(u32, u32)> {
     let sock = ns
@@ -74,7 +81,7 @@ pub fn udp_sink(
             if let Ok(n) = sock.recv(&mut buf) {
                 let i = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
                 // nettool's datagrams: index then 0x5a.
-                if n == UDP_SIZE && buf[4..n].iter().all(|&b| b == 0x5a) && i < count {
+                if n == size && buf[4..n].iter().all(|&b| b == 0x5a) && i < count {
                     ok += 1;
                 } else {
                     bad += 1;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use esptun::lab::Netns;
 
 use crate::common::{run_bounded, wait_bounded};
-use crate::{SPI_IN, SPI_OUT, UDP_SIZE};
+use crate::{SPI_IN, SPI_OUT, UDP_LARGE_SIZE, UDP_SIZE};
 
 pub fn find_tool(name: &str) -> Option<PathBuf> {
     ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"]
@@ -23,6 +23,8 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 pub struct Decoded {
     pub esp: u32,
     pub udp: u32,
+    /// Whole datagrams over the MTU, one ESP packet each.
+    pub udp_large: u32,
     pub tcp_segments: u32,
     pub icmp: u32,
     pub icv_good: u32,
@@ -74,6 +76,12 @@ pub fn tshark_decode(
         if f[1].split(',').any(|n| n.parse::<usize>() == Ok(UDP_SIZE)) {
             d.udp += 1;
         }
+        if f[1]
+            .split(',')
+            .any(|n| n.parse::<usize>() == Ok(UDP_LARGE_SIZE))
+        {
+            d.udp_large += 1;
+        }
         if f[2]
             .split(',')
             .any(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
@@ -94,6 +102,43 @@ pub fn tshark_decode(
 }
 
 /// dumpcap on the TAP inside the namespace.
+/// The IP fragments in a capture, by source address: (first, others).
+pub fn fragments_by_source(
+    tshark: &Path,
+    capture: &Path,
+    dir: &Path,
+    sources: (std::net::IpAddr, std::net::IpAddr),
+) -> Result<(u32, u32), String> {
+    let mut cmd = Command::new(tshark);
+    cmd.arg("-n").arg("-r").arg(capture);
+    cmd.args([
+        "-Y",
+        "ip.flags.mf == 1 || ip.frag_offset > 0 || ipv6.fraghdr.ident",
+        "-T",
+        "fields",
+        "-e",
+        "ip.src",
+        "-e",
+        "ipv6.src",
+    ]);
+    let (status, out, err) = run_bounded(cmd, dir, "tshark", Duration::from_secs(120))?;
+    if !status.success() {
+        return Err(format!("tshark exited with {status}: {err}"));
+    }
+    let (mut a, mut b) = (0, 0);
+    for line in out.lines() {
+        let src = line
+            .split('\t')
+            .find_map(|f| f.parse::<std::net::IpAddr>().ok());
+        if src == Some(sources.0) {
+            a += 1;
+        } else if src == Some(sources.1) {
+            b += 1;
+        }
+    }
+    Ok((a, b))
+}
+
 pub struct Capture {
     pub child: Option<Child>,
     pub file: PathBuf,
@@ -105,7 +150,16 @@ impl Capture {
         let log = dir.join("dumpcap.log");
         let child = ns
             .command(dumpcap)
-            .args(["-q", "-i", "tap0", "-f", "esp or udp port 4500", "-w"])
+            // ESP, NAT-T, and the outer fragments after the first, which
+            // carry no UDP header.
+            .args([
+                "-q",
+                "-i",
+                "tap0",
+                "-f",
+                "esp or udp port 4500 or (ip[6:2] & 0x1fff != 0) or (ip6 and ip6[6] == 44)",
+                "-w",
+            ])
             .arg(&file)
             .args(["-a", "duration:600"])
             .stdin(Stdio::null())
