@@ -732,3 +732,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "inner_oracle_tests.rs"]
+mod oracle_tests;
