@@ -1,0 +1,641 @@
+//! IKEv2 interoperability with strongSwan: esptun's sans-IO IKE state
+//! machine (`esptun::ike::sa::IkeSa`) against charon 5.9.8 in the qemu
+//! guest of the kernel-interop suite.
+//!
+//! A test binary of its own, not a case of `tests/interop/`: that suite is
+//! one long test over static keys and esptun's datapath, this one is about
+//! IKE and needs none of its host side (esptun process, tshark, traffic);
+//! as a separate binary it also never boots a second TCG guest next to the
+//! first (cargo runs test binaries one after another, but the tests of one
+//! binary in parallel). It shares the guest: the same image, built and
+//! cached by `tests/interop/build-guest.sh` (which puts charon and swanctl
+//! in it), and the same boot and control code, `tests/interop/guest.rs`.
+//!
+//! The guest's charon is configured through swanctl (PSK, IKEv2,
+//! `aes128gcm16-prfsha256-x25519`, one CHILD SA in transport mode with
+//! `esp_proposals = aes128gcm16-x25519`). The host side runs the IKE state
+//! machine over a real UDP socket on port 500 in the test's network
+//! namespace, feeding it the datagrams it receives and its timeouts, until
+//! it yields the CHILD SA; then charon's view (`swanctl --list-sas`: the
+//! IKE SA ESTABLISHED with our SPIs, the CHILD SA INSTALLED in TRANSPORT
+//! mode with our ESP SPIs) and the guest kernel's (`ip xfrm state`: two
+//! transport-mode SAs whose SPIs, algorithm and key bytes are the ones
+//! esptun derived) must agree with esptun's. Both roles: esptun initiates
+//! and charon responds, then charon initiates (`swanctl --initiate`) and
+//! esptun responds.
+//!
+//! Addresses: 198.18.51.1 (the TAP in the namespace) and 198.18.51.2 (the
+//! guest). Needs root and qemu; without either prints a SKIPPED line (a
+//! failure under `ESPTUN_REQUIRE_NETNS=1`). A failure prints every IKE
+//! message both ways (header, payload types, bytes), charon's log and the
+//! guest's console, xfrm state and counters.
+
+#[path = "common/mod.rs"]
+mod common;
+// The kernel-interop suite's guest; this binary uses part of it.
+#[allow(dead_code)]
+#[path = "interop/guest.rs"]
+mod guest;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use esptun::ike::crypto::{DhGroup, Encr, Prf, Randomness, SystemRandomness};
+use esptun::ike::proposal::{EspAlgorithms, IkeAlgorithms};
+use esptun::ike::sa::{Action, ChildSa, Config, IkeSa, Retransmit, Role, Status};
+use esptun::ike::wire::consts::{exchange, id};
+use esptun::ike::wire::payload::Identification;
+use esptun::ike::wire::{Message, Payload};
+use esptun::lab::{self, Netns};
+
+use guest::{Guest, GuestImage, build_guest};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 1);
+const GUEST: Ipv4Addr = Ipv4Addr::new(198, 18, 51, 2);
+const IKE_PORT: u16 = 500;
+// The names tests/interop/guest.rs takes from its crate's root.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+/// One whole IKE_SA_INIT + IKE_AUTH under TCG, retransmissions included.
+const IKE_TIMEOUT: Duration = Duration::from_secs(90);
+/// charon's vici socket after its start.
+const CHARON_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The guest with charon running and configured, and the namespace it is
+/// attached to. Dropped: qemu first, then the files, then the namespace.
+struct Lab {
+    guest: Option<Guest>,
+    ns: Netns,
+    dir: PathBuf,
+    /// Every IKE message either way, for a failure's report.
+    trace: Vec<String>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        drop(self.guest.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Lab {
+    fn guest(&mut self) -> &mut Guest {
+        self.guest
+            .as_mut()
+            .expect("the guest runs until the lab drops")
+    }
+
+    fn sh(&mut self, cmd: &str) -> Result<String, String> {
+        let (rc, out) = self.guest().run(cmd, CMD_TIMEOUT)?;
+        if rc != 0 {
+            return Err(format!("guest: `{cmd}` failed ({rc}): {out}"));
+        }
+        Ok(out)
+    }
+
+    /// Panics with `what`, the IKE trace, charon's log and the guest's
+    /// diagnostics.
+    fn fail(&mut self, what: &str) -> ! {
+        let trace = self.trace.join("\n");
+        let charon = self.charon_log();
+        let diag = self.guest().diagnostics();
+        panic!(
+            "{what}\n--- IKE messages (host side) ---\n{trace}\n--- charon's log (guest) ---\n{charon}\n{diag}"
+        )
+    }
+
+    fn charon_log(&mut self) -> String {
+        match self
+            .guest()
+            .run("cat /tmp/charon.log", Duration::from_secs(10))
+        {
+            Ok((_, out)) => out,
+            Err(e) => format!("(cannot read /tmp/charon.log: {e})"),
+        }
+    }
+}
+
+/// One guest at a time: two TCG guests at once would only slow both.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+/// Boots the guest and starts charon in it; `None` when the test skips.
+fn lab(test: &str, psk_hex: &str) -> Option<Lab> {
+    if !common::require_root(test, "network namespace, TAP device, qemu guest") {
+        return None;
+    }
+    if !in_path("qemu-system-x86_64") {
+        common::skip_unless_required(test, "ESPTUN_REQUIRE_NETNS", "qemu-system-x86_64 missing");
+        return None;
+    }
+    let prefix = lab::unique_prefix("swan");
+    let dir = std::env::temp_dir().join(format!("esptun-{prefix}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let image: GuestImage = build_guest(&dir);
+    let ns = Netns::create(&format!("{prefix}h")).expect("namespace");
+    for args in [
+        vec!["tuntap", "add", "mode", "tap", "name", "tap0"],
+        vec!["addr", "add", "198.18.51.1/24", "dev", "tap0"],
+        vec!["link", "set", "tap0", "up"],
+    ] {
+        ns.ip(&args).expect("TAP in the namespace");
+    }
+    let guest = Guest::boot(&ns, &image, &dir).unwrap_or_else(|e| {
+        let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+        panic!("{test}: booting the guest: {e}\n--- console ---\n{console}")
+    });
+    eprintln!("{test}: guest Linux {}", image.version);
+    let mut lab = Lab {
+        guest: Some(guest),
+        ns,
+        dir,
+        trace: Vec::new(),
+    };
+    if let Err(e) = start_charon(&mut lab, psk_hex) {
+        lab.fail(&format!("{test}: starting charon in the guest: {e}"));
+    }
+    Some(lab)
+}
+
+fn in_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// The guest's swanctl.conf: one connection to the host, PSK both ways,
+/// one host-to-host CHILD SA in transport mode. `start_action = none`:
+/// charon initiates only when told (`swanctl --initiate`).
+fn swanctl_conf(psk_hex: &str) -> Vec<String> {
+    let text = format!(
+        "connections {{
+  esptun {{
+    version = 2
+    local_addrs = {GUEST}
+    remote_addrs = {HOST}
+    proposals = aes128gcm16-prfsha256-x25519
+    rekey_time = 0
+    local {{
+      auth = psk
+      id = {GUEST}
+    }}
+    remote {{
+      auth = psk
+      id = {HOST}
+    }}
+    children {{
+      host {{
+        mode = transport
+        esp_proposals = aes128gcm16-x25519
+        start_action = none
+        rekey_time = 0
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-esptun {{
+    id-guest = {GUEST}
+    id-host = {HOST}
+    secret = 0x{psk_hex}
+  }}
+}}"
+    );
+    text.lines().map(str::to_string).collect()
+}
+
+fn start_charon(lab: &mut Lab, psk_hex: &str) -> Result<(), String> {
+    lab.sh("/sbin/ip link set eth0 up && /sbin/ip addr add 198.18.51.2/24 dev eth0")?;
+    // The plain path first, so a failure later is about IKE.
+    let p = lab::ping(&lab.ns, IpAddr::V4(GUEST), 3, Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    if p.received == 0 {
+        return Err(format!("the guest does not answer plain ping: {p:?}"));
+    }
+    // The control channel takes one line per command: the file in chunks.
+    lab.sh("rm -f /etc/swanctl/swanctl.conf")?;
+    for chunk in swanctl_conf(psk_hex).chunks(8) {
+        let args: Vec<String> = chunk.iter().map(|l| format!("'{l}'")).collect();
+        lab.sh(&format!(
+            "printf '%s\\n' {} >> /etc/swanctl/swanctl.conf",
+            args.join(" ")
+        ))?;
+    }
+    lab.guest().spawn("charon", "/usr/lib/ipsec/charon")?;
+    let started = Instant::now();
+    loop {
+        let (rc, out) = lab.guest().run("/usr/sbin/swanctl --stats", CMD_TIMEOUT)?;
+        if rc == 0 {
+            break;
+        }
+        if started.elapsed() > CHARON_TIMEOUT {
+            return Err(format!(
+                "charon's vici socket not up in {CHARON_TIMEOUT:?}: {out}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = lab.sh("/usr/sbin/swanctl --load-all")?;
+    if !out.contains("loaded connection 'esptun'") || !out.contains("loaded ike secret") {
+        return Err(format!("swanctl --load-all: {out}"));
+    }
+    eprintln!(
+        "charon up and configured in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// esptun's side: the same algorithms as the guest's swanctl.conf
+/// offered among others (esptun's defaults), IPv4 addresses as IDs
+/// (swanctl's `id = <address>` is ID_IPV4_ADDR).
+fn esptun_config(psk: &[u8]) -> Arc<Config> {
+    Arc::new(Config {
+        local_id: Identification::new(id::IPV4_ADDR, HOST.octets().to_vec()),
+        remote_id: Some(Identification::new(id::IPV4_ADDR, GUEST.octets().to_vec())),
+        psk: Zeroizing::new(psk.to_vec()),
+        ike: IkeAlgorithms::default(),
+        esp: EspAlgorithms::default(),
+        local_addr: IpAddr::V4(HOST),
+        remote_addr: IpAddr::V4(GUEST),
+        retransmit: Retransmit::default(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// One IKE message for the trace: header, payload types as charon logs
+/// them (`[ SA KE No N(16388) ]`; SK's contents are encrypted) and bytes.
+fn describe(dir: &str, bytes: &[u8]) -> String {
+    let what = match Message::parse(bytes) {
+        Ok(m) => {
+            let h = &m.header;
+            let ex = match h.exchange {
+                exchange::IKE_SA_INIT => "IKE_SA_INIT".to_string(),
+                exchange::IKE_AUTH => "IKE_AUTH".to_string(),
+                other => format!("exchange {other}"),
+            };
+            let kind = if h.is_response() {
+                "response"
+            } else {
+                "request"
+            };
+            let payloads: Vec<String> = m
+                .payloads
+                .iter()
+                .map(|p| match p {
+                    Payload::Sa(_) => "SA".into(),
+                    Payload::Ke(k) => format!("KE({})", k.group),
+                    Payload::Nonce(_) => "No".into(),
+                    Payload::Notify(n) => format!("N({})", n.ty),
+                    Payload::IdI(_) => "IDi".into(),
+                    Payload::IdR(_) => "IDr".into(),
+                    Payload::Auth(_) => "AUTH".into(),
+                    Payload::TsI(_) => "TSi".into(),
+                    Payload::TsR(_) => "TSr".into(),
+                    Payload::Delete(_) => "D".into(),
+                    Payload::Encrypted(_) => "SK".into(),
+                    other => format!("P({})", other.ty()),
+                })
+                .collect();
+            format!(
+                "{ex} {kind} {} spi {:016x}/{:016x} [ {} ]",
+                h.message_id,
+                h.spi_i,
+                h.spi_r,
+                payloads.join(" ")
+            )
+        }
+        Err(e) => format!("unparsable ({e})"),
+    };
+    format!("{dir} {what}, {} bytes: {}", bytes.len(), hex(bytes))
+}
+
+/// Runs `sa` over `sock` until it yields its CHILD SA: sends what it says,
+/// feeds it what arrives and its timeouts. Bounded by [`IKE_TIMEOUT`].
+fn drive(
+    lab: &mut Lab,
+    sock: &UdpSocket,
+    sa: &mut IkeSa,
+    first: Vec<Action>,
+    rng: &mut dyn Randomness,
+) -> Result<ChildSa, String> {
+    let deadline = Instant::now() + IKE_TIMEOUT;
+    let mut actions = first;
+    let mut buf = vec![0u8; 65536];
+    let mut peer: Option<SocketAddr> = None;
+    loop {
+        // Every action in order: a responder's last answer comes with
+        // its CHILD SA and must still go out.
+        let mut child = None;
+        for action in actions.drain(..) {
+            match action {
+                Action::Send(bytes) => {
+                    lab.trace.push(describe("->", &bytes));
+                    let to = peer.unwrap_or(SocketAddr::new(IpAddr::V4(GUEST), IKE_PORT));
+                    sock.send_to(&bytes, to)
+                        .map_err(|e| format!("sending to {to}: {e}"))?;
+                }
+                Action::InstallChild(c) => child = Some(c),
+                Action::ChildFailed(e) => return Err(format!("CHILD SA failed: {e}")),
+                Action::Failed(e) => return Err(format!("IKE SA failed: {e}")),
+            }
+        }
+        if let Some(c) = child {
+            return Ok(c);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "no CHILD SA within {IKE_TIMEOUT:?} (state {:?})",
+                sa.status()
+            ));
+        }
+        let wake = sa.next_timeout().unwrap_or(deadline).min(deadline);
+        let wait = wake
+            .saturating_duration_since(now)
+            .clamp(Duration::from_millis(1), Duration::from_millis(500));
+        sock.set_read_timeout(Some(wait))
+            .map_err(|e| e.to_string())?;
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let bytes = &buf[..n];
+                lab.trace.push(describe(&format!("<- from {from}"), bytes));
+                if from.ip() != IpAddr::V4(GUEST) {
+                    lab.trace.push("   (not from the guest: ignored)".into());
+                    continue;
+                }
+                peer = Some(from);
+                match sa.handle(bytes, Instant::now(), rng) {
+                    Ok(a) => actions = a,
+                    Err(e) => lab.trace.push(format!("   esptun dropped it: {e}")),
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                actions = sa.handle_timeout(Instant::now());
+            }
+            Err(e) => return Err(format!("receiving: {e}")),
+        }
+    }
+}
+
+/// One SA of `ip xfrm state`.
+#[derive(Debug, Default)]
+struct XfrmState {
+    src: String,
+    dst: String,
+    spi: u32,
+    mode: String,
+    aead: Option<(String, String, String)>,
+}
+
+/// Parses `ip xfrm state`'s output: each SA starts with `src A dst B`.
+fn parse_xfrm_state(text: &str) -> Vec<XfrmState> {
+    let mut states: Vec<XfrmState> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["src", src, "dst", dst, ..] => states.push(XfrmState {
+                src: src.to_string(),
+                dst: dst.to_string(),
+                ..XfrmState::default()
+            }),
+            ["proto", "esp", "spi", spi, rest @ ..] => {
+                if let Some(s) = states.last_mut() {
+                    s.spi = spi
+                        .strip_prefix("0x")
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .unwrap_or(0);
+                    if let Some(i) = rest.iter().position(|w| *w == "mode") {
+                        s.mode = rest.get(i + 1).unwrap_or(&"").to_string();
+                    }
+                }
+            }
+            ["aead", alg, key, icv, ..] => {
+                if let Some(s) = states.last_mut() {
+                    s.aead = Some((alg.to_string(), key.to_string(), icv.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    states
+}
+
+/// charon's and the guest kernel's view of the SAs must be esptun's.
+fn check_guest(lab: &mut Lab, spis: (u64, u64), child: &ChildSa) -> Result<Vec<String>, String> {
+    let mut report = Vec::new();
+    // esptun's own result first: what the two configurations allow.
+    if child.encr != Encr::AesGcm16_128 || child.esn || !child.transport_mode {
+        return Err(format!(
+            "esptun's CHILD SA: {:?}, ESN {}, transport {} (want AES-GCM-16 128, no ESN, transport)",
+            child.encr, child.esn, child.transport_mode
+        ));
+    }
+    let sas = lab.sh("/usr/sbin/swanctl --list-sas")?;
+    let ike_spis = [format!("{:016x}_i", spis.0), format!("{:016x}_r", spis.1)];
+    let esp_in = format!("in  {:08x}", child.outbound_spi);
+    let esp_out = format!("out {:08x}", child.inbound_spi);
+    for (want, what) in [
+        ("ESTABLISHED, IKEv2", "the IKE SA ESTABLISHED"),
+        (ike_spis[0].as_str(), "esptun's IKE SPIs"),
+        (ike_spis[1].as_str(), "esptun's IKE SPIs"),
+        (
+            "AES_GCM_16-128/PRF_HMAC_SHA2_256/CURVE_25519",
+            "the IKE algorithms",
+        ),
+        (
+            "INSTALLED, TRANSPORT",
+            "the CHILD SA INSTALLED in transport mode",
+        ),
+        ("ESP:AES_GCM_16-128", "the ESP algorithm"),
+        (esp_in.as_str(), "charon's inbound SPI = esptun's outbound"),
+        (esp_out.as_str(), "charon's outbound SPI = esptun's inbound"),
+    ] {
+        if !sas.contains(want) {
+            return Err(format!(
+                "swanctl --list-sas lacks {what} ({want:?}):\n{sas}"
+            ));
+        }
+    }
+    report.push(format!("swanctl --list-sas:\n{}", sas.trim_end()));
+
+    let text = lab.sh("/sbin/ip xfrm state")?;
+    let states = parse_xfrm_state(&text);
+    if states.len() != 2 {
+        return Err(format!(
+            "ip xfrm state: {} SAs, want 2:\n{text}",
+            states.len()
+        ));
+    }
+    let key_hex =
+        |m: &esptun::sa::KeyMaterial| format!("0x{}{}", hex(m.key().expose()), hex(m.salt()));
+    for (src, dst, spi, material, what) in [
+        (
+            HOST,
+            GUEST,
+            child.outbound_spi,
+            &child.outbound,
+            "host -> guest",
+        ),
+        (
+            GUEST,
+            HOST,
+            child.inbound_spi,
+            &child.inbound,
+            "guest -> host",
+        ),
+    ] {
+        let Some(s) = states
+            .iter()
+            .find(|s| s.src == src.to_string() && s.dst == dst.to_string())
+        else {
+            return Err(format!("ip xfrm state has no {what} SA:\n{text}"));
+        };
+        let want_key = key_hex(material);
+        let aead_ok = s.aead.as_ref().is_some_and(|(alg, key, icv)| {
+            alg == "rfc4106(gcm(aes))" && *key == want_key && icv == "128"
+        });
+        if s.spi != spi || s.mode != "transport" || !aead_ok {
+            return Err(format!(
+                "the guest kernel's {what} SA differs from esptun's (SPI {spi:#010x}, \
+                 transport, rfc4106(gcm(aes)) with esptun's key and salt, 128-bit ICV): \
+                 {s:?}\n{text}"
+            ));
+        }
+        report.push(format!(
+            "ip xfrm state {what}: SPI {spi:#010x}, transport, rfc4106(gcm(aes)) 128, \
+             key and salt ({} bytes) equal to esptun's",
+            want_key.len() / 2 - 1
+        ));
+    }
+    Ok(report)
+}
+
+fn random_psk() -> (Vec<u8>, String) {
+    let mut psk = vec![0u8; 32];
+    SystemRandomness::new().fill(&mut psk).expect("random PSK");
+    let h = hex(&psk);
+    (psk, h)
+}
+
+fn ike_socket(lab: &Lab) -> UdpSocket {
+    let sock = lab
+        .ns
+        .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(HOST), IKE_PORT)))
+        .expect("entering the namespace")
+        .expect("binding UDP port 500 in the namespace");
+    sock
+}
+
+fn finish(lab: &mut Lab, test: &str, started: Instant, child: ChildSa, spis: (u64, u64)) {
+    match check_guest(lab, spis, &child) {
+        Ok(report) => {
+            for l in report {
+                eprintln!("{test}: {l}");
+            }
+        }
+        Err(e) => lab.fail(&format!("{test}: {e}")),
+    }
+    let log = lab.charon_log();
+    eprintln!("{test}: charon's log:\n{log}");
+    eprintln!(
+        "{test}: passed in {:.1} s (guest under TCG)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn strongswan_responder_esptun_initiator() {
+    let test = "strongswan_responder_esptun_initiator";
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let (psk, psk_hex) = random_psk();
+    let Some(mut lab) = lab(test, &psk_hex) else {
+        return;
+    };
+    let sock = ike_socket(&lab);
+    let mut rng = SystemRandomness::new();
+    let config = esptun_config(&psk);
+    let ike_started = Instant::now();
+    let (mut sa, first) = IkeSa::initiate(config, Instant::now(), &mut rng)
+        .unwrap_or_else(|e| panic!("{test}: IkeSa::initiate: {e}"));
+    let child = match drive(&mut lab, &sock, &mut sa, first, &mut rng) {
+        Ok(c) => c,
+        Err(e) => lab.fail(&format!("{test}: esptun as initiator: {e}")),
+    };
+    eprintln!(
+        "{test}: CHILD SA after {:.1} s, {} IKE messages; suite {:?}",
+        ike_started.elapsed().as_secs_f64(),
+        lab.trace.len(),
+        sa.suite()
+    );
+    if sa.status() != Status::Established || sa.role() != Role::Initiator {
+        lab.fail(&format!("{test}: esptun's IKE SA is {:?}", sa.status()));
+    }
+    let suite = sa.suite();
+    if suite.is_none_or(|s| s.prf != Prf::HmacSha256 || s.dh != DhGroup::Curve25519) {
+        lab.fail(&format!("{test}: negotiated IKE suite {suite:?}"));
+    }
+    finish(&mut lab, test, started, child, sa.spis());
+}
+
+#[test]
+fn strongswan_initiator_esptun_responder() {
+    let test = "strongswan_initiator_esptun_responder";
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let (psk, psk_hex) = random_psk();
+    let Some(mut lab) = lab(test, &psk_hex) else {
+        return;
+    };
+    let sock = ike_socket(&lab);
+    let mut rng = SystemRandomness::new();
+    let mut sa = IkeSa::responder(esptun_config(&psk));
+    if let Err(e) = lab.guest().spawn(
+        "initiate",
+        "/usr/sbin/swanctl --initiate --child host --timeout 80",
+    ) {
+        lab.fail(&format!("{test}: {e}"));
+    }
+    let ike_started = Instant::now();
+    let child = match drive(&mut lab, &sock, &mut sa, Vec::new(), &mut rng) {
+        Ok(c) => c,
+        Err(e) => lab.fail(&format!("{test}: esptun as responder: {e}")),
+    };
+    eprintln!(
+        "{test}: CHILD SA after {:.1} s, {} IKE messages; suite {:?}",
+        ike_started.elapsed().as_secs_f64(),
+        lab.trace.len(),
+        sa.suite()
+    );
+    if sa.status() != Status::Established || sa.role() != Role::Responder {
+        lab.fail(&format!("{test}: esptun's IKE SA is {:?}", sa.status()));
+    }
+    // swanctl reports the outcome once charon has installed its side.
+    let out =
+        match lab
+            .guest()
+            .wait_output("initiate", "initiate completed successfully", IKE_TIMEOUT)
+        {
+            Ok(out) => out,
+            Err(e) => lab.fail(&format!("{test}: swanctl --initiate: {e}")),
+        };
+    eprintln!("{test}: swanctl --initiate:\n{}", out.trim_end());
+    finish(&mut lab, test, started, child, sa.spis());
+}
