@@ -47,11 +47,14 @@ use zeroize::Zeroizing;
 
 use esptun::ike::crypto::{DhGroup, Encr, Prf, Randomness, SystemRandomness};
 use esptun::ike::proposal::{EspAlgorithms, IkeAlgorithms};
-use esptun::ike::sa::{Action, ChildSa, Config, IkeSa, Retransmit, Role, Status};
+use esptun::ike::sa::{
+    Action, ChildSa, Config, ErrorNotify, IkeError, IkeSa, Retransmit, Role, Status,
+};
 use esptun::ike::wire::consts::{exchange, id};
 use esptun::ike::wire::payload::Identification;
 use esptun::ike::wire::{Message, Payload};
 use esptun::lab::{self, Netns};
+use esptun::sa::reservation::ReservationStore;
 
 use guest::{Guest, GuestImage, build_guest};
 
@@ -64,6 +67,8 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// One whole IKE_SA_INIT + IKE_AUTH under TCG, retransmissions included.
 const IKE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Reading charon's log over the serial channel.
+const LOG_TIMEOUT: Duration = Duration::from_secs(30);
 /// charon's vici socket after its start.
 const CHARON_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -110,14 +115,24 @@ impl Lab {
         )
     }
 
+    /// The end of charon's log. The trailing `echo`: the control channel
+    /// finds the end of an answer at a line start, and the log may end
+    /// in the middle of a line.
     fn charon_log(&mut self) -> String {
-        match self
+        let t = Instant::now();
+        let text = match self
             .guest()
-            .run("cat /tmp/charon.log", Duration::from_secs(10))
+            .run("tail -c 16000 /tmp/charon.log; echo", LOG_TIMEOUT)
         {
             Ok((_, out)) => out,
             Err(e) => format!("(cannot read /tmp/charon.log: {e})"),
-        }
+        };
+        eprintln!(
+            "(charon's log: {} bytes in {:.1} s)",
+            text.len(),
+            t.elapsed().as_secs_f64()
+        );
+        text
     }
 }
 
@@ -321,6 +336,27 @@ fn describe(dir: &str, bytes: &[u8]) -> String {
     format!("{dir} {what}, {} bytes: {}", bytes.len(), hex(bytes))
 }
 
+/// How [`drive`] ended without a CHILD SA.
+#[derive(Debug)]
+enum Driven {
+    /// `Action::Failed`: the IKE SA is dead.
+    Failed(IkeError),
+    /// `Action::ChildFailed`: the IKE SA is up, its CHILD SA is not.
+    ChildFailed(IkeError),
+    /// The socket, or no outcome in time.
+    Io(String),
+}
+
+impl std::fmt::Display for Driven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Driven::Failed(e) => write!(f, "IKE SA failed: {e}"),
+            Driven::ChildFailed(e) => write!(f, "CHILD SA failed: {e}"),
+            Driven::Io(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Runs `sa` over `sock` until it yields its CHILD SA: sends what it says,
 /// feeds it what arrives and its timeouts. Bounded by [`IKE_TIMEOUT`].
 fn drive(
@@ -329,7 +365,7 @@ fn drive(
     sa: &mut IkeSa,
     first: Vec<Action>,
     rng: &mut dyn Randomness,
-) -> Result<ChildSa, String> {
+) -> Result<ChildSa, Driven> {
     let deadline = Instant::now() + IKE_TIMEOUT;
     let mut actions = first;
     let mut buf = vec![0u8; 65536];
@@ -344,11 +380,11 @@ fn drive(
                     lab.trace.push(describe("->", &bytes));
                     let to = peer.unwrap_or(SocketAddr::new(IpAddr::V4(GUEST), IKE_PORT));
                     sock.send_to(&bytes, to)
-                        .map_err(|e| format!("sending to {to}: {e}"))?;
+                        .map_err(|e| Driven::Io(format!("sending to {to}: {e}")))?;
                 }
                 Action::InstallChild(c) => child = Some(c),
-                Action::ChildFailed(e) => return Err(format!("CHILD SA failed: {e}")),
-                Action::Failed(e) => return Err(format!("IKE SA failed: {e}")),
+                Action::ChildFailed(e) => return Err(Driven::ChildFailed(e)),
+                Action::Failed(e) => return Err(Driven::Failed(e)),
             }
         }
         if let Some(c) = child {
@@ -356,17 +392,17 @@ fn drive(
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(format!(
+            return Err(Driven::Io(format!(
                 "no CHILD SA within {IKE_TIMEOUT:?} (state {:?})",
                 sa.status()
-            ));
+            )));
         }
         let wake = sa.next_timeout().unwrap_or(deadline).min(deadline);
         let wait = wake
             .saturating_duration_since(now)
             .clamp(Duration::from_millis(1), Duration::from_millis(500));
         sock.set_read_timeout(Some(wait))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Driven::Io(e.to_string()))?;
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => {
                 let bytes = &buf[..n];
@@ -389,7 +425,7 @@ fn drive(
             {
                 actions = sa.handle_timeout(Instant::now());
             }
-            Err(e) => return Err(format!("receiving: {e}")),
+            Err(e) => return Err(Driven::Io(format!("receiving: {e}"))),
         }
     }
 }
@@ -476,13 +512,19 @@ fn check_guest(lab: &mut Lab, spis: (u64, u64), child: &ChildSa) -> Result<Vec<S
     report.push(format!("swanctl --list-sas:\n{}", sas.trim_end()));
 
     let text = lab.sh("/sbin/ip xfrm state")?;
-    let states = parse_xfrm_state(&text);
-    if states.len() != 2 {
-        return Err(format!(
-            "ip xfrm state: {} SAs, want 2:\n{text}",
-            states.len()
-        ));
+    if parse_xfrm_state(&text).len() != 2 {
+        return Err(format!("ip xfrm state: want 2 SAs:\n{text}"));
     }
+    report.extend(check_xfrm(lab, child)?);
+    Ok(report)
+}
+
+/// The guest kernel's two SAs of `child` (found by SPI): transport mode,
+/// AES-GCM with a 128-bit ICV, esptun's keys and salts.
+fn check_xfrm(lab: &mut Lab, child: &ChildSa) -> Result<Vec<String>, String> {
+    let mut report = Vec::new();
+    let text = lab.sh("/sbin/ip xfrm state")?;
+    let states = parse_xfrm_state(&text);
     let key_hex =
         |m: &esptun::sa::KeyMaterial| format!("0x{}{}", hex(m.key().expose()), hex(m.salt()));
     for (src, dst, spi, material, what) in [
@@ -503,7 +545,7 @@ fn check_guest(lab: &mut Lab, spis: (u64, u64), child: &ChildSa) -> Result<Vec<S
     ] {
         let Some(s) = states
             .iter()
-            .find(|s| s.src == src.to_string() && s.dst == dst.to_string())
+            .find(|s| s.src == src.to_string() && s.dst == dst.to_string() && s.spi == spi)
         else {
             return Err(format!("ip xfrm state has no {what} SA:\n{text}"));
         };
@@ -543,8 +585,8 @@ fn ike_socket(lab: &Lab) -> UdpSocket {
     sock
 }
 
-fn finish(lab: &mut Lab, test: &str, started: Instant, child: ChildSa, spis: (u64, u64)) {
-    match check_guest(lab, spis, &child) {
+fn finish(lab: &mut Lab, test: &str, started: Instant, child: &ChildSa, spis: (u64, u64)) {
+    match check_guest(lab, spis, child) {
         Ok(report) => {
             for l in report {
                 eprintln!("{test}: {l}");
@@ -552,10 +594,14 @@ fn finish(lab: &mut Lab, test: &str, started: Instant, child: ChildSa, spis: (u6
         }
         Err(e) => lab.fail(&format!("{test}: {e}")),
     }
+    // What went over the wire, and charon's account of it.
+    for l in &lab.trace {
+        eprintln!("{test}: {}", l.split(", ").next().unwrap_or(l));
+    }
     let log = lab.charon_log();
     eprintln!("{test}: charon's log:\n{log}");
     eprintln!(
-        "{test}: passed in {:.1} s (guest under TCG)",
+        "{test}: SAs checked after {:.1} s (guest under TCG)",
         started.elapsed().as_secs_f64()
     );
 }
@@ -592,7 +638,228 @@ fn strongswan_responder_esptun_initiator() {
     if suite.is_none_or(|s| s.prf != Prf::HmacSha256 || s.dh != DhGroup::Curve25519) {
         lab.fail(&format!("{test}: negotiated IKE suite {suite:?}"));
     }
-    finish(&mut lab, test, started, child, sa.spis());
+    finish(&mut lab, test, started, &child, sa.spis());
+    if let Err(e) = traffic(&mut lab, test, &child) {
+        lab.fail(&format!(
+            "{test}: esptun's datapath with the negotiated CHILD SA: {e}"
+        ));
+    }
+    further_exchanges(&mut lab, test, &sock, &psk, &mut rng);
+}
+
+/// esptun's own datapath (`esptun run`, raw ESP) with the CHILD SA's SPIs
+/// and keys, against the SAs charon installed in the guest kernel: ICMP
+/// echo both ways, and charon's counters of the CHILD SA move.
+fn traffic(lab: &mut Lab, test: &str, child: &ChildSa) -> Result<(), String> {
+    let dir = lab.dir.join("esptun");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let key_bytes = |m: &esptun::sa::KeyMaterial| {
+        let mut b = Zeroizing::new(m.key().expose().to_vec());
+        b.extend_from_slice(m.salt());
+        b
+    };
+    esptun::keyfile::write_new(&dir.join("out.key"), &key_bytes(&child.outbound))
+        .map_err(|e| e.to_string())?;
+    esptun::keyfile::write_new(&dir.join("in.key"), &key_bytes(&child.inbound))
+        .map_err(|e| e.to_string())?;
+    let state = dir.join("state");
+    // A key never used before: its sequence numbers start at 1.
+    ReservationStore::open(&state)
+        .and_then(|s| s.mark_fresh(&child.outbound))
+        .map_err(|e| format!("marking the outbound key fresh: {e}"))?;
+    let config = dir.join("esptun.toml");
+    let sock = dir.join("esptun.sock");
+    let text = format!(
+        "# esptun with the CHILD SA negotiated with strongSwan.\n\
+         interface = \"esptun0\"\n\
+         outer = \"esp\"\n\
+         state_dir = \"{state}\"\n\
+         control_socket = \"{control}\"\n\
+         \n\
+         [[peer]]\n\
+         name = \"charon\"\n\
+         local = \"{HOST}\"\n\
+         endpoint = \"{GUEST}\"\n\
+         outbound = {{ spi = {out:#x}, key_file = \"{out_key}\", icv = 16, esn = {esn} }}\n\
+         inbound = {{ spi = {inb:#x}, key_file = \"{in_key}\", icv = 16, esn = {esn} }}\n",
+        state = state.display(),
+        control = sock.display(),
+        out = child.outbound_spi,
+        inb = child.inbound_spi,
+        out_key = dir.join("out.key").display(),
+        in_key = dir.join("in.key").display(),
+        esn = child.esn,
+    );
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    let log = dir.join("esptun.log");
+    let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut esptun = Esptun(Some(
+        lab.ns
+            .command(env!("CARGO_BIN_EXE_esptun"))
+            .args(["run", "--log-level", "debug", "-c"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| format!("starting esptun: {e}"))?,
+    ));
+    let esptun_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + CHARON_TIMEOUT;
+    while esptun::daemon::control::query(&sock, "status").is_err() {
+        if let Some(Ok(Some(status))) = esptun.0.as_mut().map(|c| c.try_wait()) {
+            return Err(format!("esptun exited with {status}:\n{}", esptun_log()));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("esptun not ready:\n{}", esptun_log()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = lab::ping(&lab.ns, IpAddr::V4(GUEST), 5, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    if p.received != 5 {
+        return Err(format!("host -> guest ping: {p:?}\n{}", esptun_log()));
+    }
+    let out = lab.sh(&format!("ping -c 3 -W 3 {HOST}"))?;
+    if !out.contains("3 packets received") {
+        return Err(format!("guest -> host ping: {out}\n{}", esptun_log()));
+    }
+    // charon's counters of the CHILD SA: the kernel's, for these SPIs.
+    let sas = lab.sh("/usr/sbin/swanctl --list-sas")?;
+    let packets = |spi: u32| {
+        sas.lines()
+            .find(|l| l.contains(&format!("{spi:08x},")))
+            .and_then(|l| l.split(',').nth(2))
+            .and_then(|w| w.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    let (inb, outb) = (packets(child.outbound_spi), packets(child.inbound_spi));
+    // Our requests and the guest's 3 replies in, as many out.
+    let want = u64::from(p.sent) + 3;
+    if inb != Some(want) || outb != Some(want) {
+        return Err(format!(
+            "charon's CHILD SA counters: in {inb:?}, out {outb:?} packets, want {want}:\n{sas}"
+        ));
+    }
+    eprintln!(
+        "{test}: esptun's datapath with the negotiated SA: ping host->guest {}/{}, \
+         guest->host 3/3; charon counts {want} packets in and {want} out on the CHILD SA",
+        p.received, p.sent
+    );
+    Ok(())
+}
+
+/// `esptun run`, stopped when dropped.
+struct Esptun(Option<std::process::Child>);
+
+impl Drop for Esptun {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// esptun initiates again, against the same charon, where the two
+/// configurations differ: each outcome is what RFC 7296 prescribes.
+fn further_exchanges(
+    lab: &mut Lab,
+    test: &str,
+    sock: &UdpSocket,
+    psk: &[u8],
+    rng: &mut dyn Randomness,
+) {
+    let base = esptun_config(psk);
+    let with = |f: &dyn Fn(&mut Config)| {
+        let mut c = (*base).clone();
+        f(&mut c);
+        Arc::new(c)
+    };
+    // KE for P-256 first: charon takes X25519 from our SA payload and asks
+    // for its KE (INVALID_KE_PAYLOAD, section 1.3); we start over with it.
+    let ecp_first = with(&|c| c.ike.dh = vec![DhGroup::Ecp256, DhGroup::Curve25519]);
+    // No IKE algorithm in common (charon has AES-128-GCM only): section
+    // 2.21.1, NO_PROPOSAL_CHOSEN in the IKE_SA_INIT response.
+    let ike_256 = with(&|c| c.ike.encr = vec![Encr::AesGcm16_256]);
+    // No ESP algorithm in common: the IKE SA is set up, the CHILD SA is
+    // refused in the IKE_AUTH response (sections 1.2 and 2.21.2).
+    let esp_256 = with(&|c| c.esp.encr = vec![Encr::AesGcm16_256]);
+    // Another PSK: AUTHENTICATION_FAILED in the IKE_AUTH response (2.21.2).
+    let wrong_psk = with(&|c| c.psk = Zeroizing::new(b"not the guest's key".to_vec()));
+    type Expect = fn(&Result<ChildSa, Driven>) -> bool;
+    let cases: [(&str, Arc<Config>, Expect); 4] = [
+        (
+            "KE for P-256 first: INVALID_KE_PAYLOAD, then X25519",
+            ecp_first,
+            |r| r.is_ok(),
+        ),
+        ("IKE AES-256-GCM only: NO_PROPOSAL_CHOSEN", ike_256, |r| {
+            matches!(
+                r,
+                Err(Driven::Failed(IkeError::PeerRefused(
+                    ErrorNotify::NoProposalChosen
+                )))
+            )
+        }),
+        (
+            "ESP AES-256-GCM only: IKE SA up, CHILD SA refused with NO_PROPOSAL_CHOSEN",
+            esp_256,
+            |r| {
+                matches!(
+                    r,
+                    Err(Driven::ChildFailed(IkeError::PeerRefused(
+                        ErrorNotify::NoProposalChosen
+                    )))
+                )
+            },
+        ),
+        ("another PSK: AUTHENTICATION_FAILED", wrong_psk, |r| {
+            matches!(
+                r,
+                Err(Driven::Failed(IkeError::PeerRefused(
+                    ErrorNotify::AuthenticationFailed
+                )))
+            )
+        }),
+    ];
+    for (what, config, expected) in cases {
+        lab.trace.push(format!("=== {what}"));
+        let from = lab.trace.len();
+        let result = IkeSa::initiate(config, Instant::now(), rng)
+            .map_err(Driven::Failed)
+            .and_then(|(mut sa, first)| drive(lab, sock, &mut sa, first, rng));
+        if !expected(&result) {
+            lab.fail(&format!("{test}: {what}: got {result:?}"));
+        }
+        let messages: Vec<String> = lab.trace[from..]
+            .iter()
+            .map(|l| l.split(", ").next().unwrap_or(l).to_string())
+            .collect();
+        if let Ok(child) = &result {
+            if !messages.iter().any(|m| m.contains("N(17)")) {
+                lab.fail(&format!("{test}: {what}: no INVALID_KE_PAYLOAD seen"));
+            }
+            match check_xfrm(lab, child) {
+                Ok(lines) => messages_report(test, what, &lines),
+                Err(e) => lab.fail(&format!("{test}: {what}: {e}")),
+            }
+        }
+        eprintln!(
+            "{test}: {what}: as expected ({}):\n    {}",
+            match &result {
+                Ok(_) => "CHILD SA".to_string(),
+                Err(e) => e.to_string(),
+            },
+            messages.join("\n    ")
+        );
+    }
+}
+
+fn messages_report(test: &str, what: &str, lines: &[String]) {
+    for l in lines {
+        eprintln!("{test}: {what}: {l}");
+    }
 }
 
 #[test]
@@ -637,5 +904,10 @@ fn strongswan_initiator_esptun_responder() {
             Err(e) => lab.fail(&format!("{test}: swanctl --initiate: {e}")),
         };
     eprintln!("{test}: swanctl --initiate:\n{}", out.trim_end());
-    finish(&mut lab, test, started, child, sa.spis());
+    finish(&mut lab, test, started, &child, sa.spis());
+    if let Err(e) = traffic(&mut lab, test, &child) {
+        lab.fail(&format!(
+            "{test}: esptun's datapath with the negotiated CHILD SA: {e}"
+        ));
+    }
 }

@@ -174,7 +174,8 @@ if [ ! -f "$initrd" ]; then
     ln -s ../run "$root/var/run"
     mkdir -p "$root/etc/swanctl"/{conf.d,x509,x509ca,private,rsa,ecdsa,pkcs8,pkcs12}
     # No include of strongswan.d: every setting is here. Logs: a file the
-    # test reads (and prints on failure), IKE and kernel at level 2.
+    # test reads (and prints on failure), IKE and configuration (received
+    # and configured proposals) at level 2.
     cat > "$root/etc/strongswan.conf" <<CONF
 charon {
     load = $ss_plugins
@@ -183,13 +184,13 @@ charon {
     filelog {
         charon {
             path = /tmp/charon.log
+            # Whole lines on disk: the test reads the file while charon runs.
+            flush_line = yes
             time_format = %T
             ike_name = yes
             default = 1
             ike = 2
             cfg = 2
-            knl = 2
-            net = 1
         }
     }
 }
