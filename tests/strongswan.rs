@@ -20,9 +20,14 @@
 //! IKE SA ESTABLISHED with our SPIs, the CHILD SA INSTALLED in TRANSPORT
 //! mode with our ESP SPIs) and the guest kernel's (`ip xfrm state`: two
 //! transport-mode SAs whose SPIs, algorithm and key bytes are the ones
-//! esptun derived) must agree with esptun's. Both roles: esptun initiates
-//! and charon responds, then charon initiates (`swanctl --initiate`) and
-//! esptun responds.
+//! esptun derived) must agree with esptun's. Then `esptun run` takes the
+//! CHILD SA's SPIs and keys (raw ESP) and pings cross it both ways, counted
+//! by charon on its CHILD SA. Both roles: esptun initiates and charon
+//! responds, then charon initiates (`swanctl --initiate`) and esptun
+//! responds. As initiator esptun also meets charon's refusals: its KE for
+//! the wrong group (INVALID_KE_PAYLOAD, then a new start), no IKE or no
+//! ESP algorithm in common (NO_PROPOSAL_CHOSEN; the IKE SA stays in the
+//! second case), another PSK (AUTHENTICATION_FAILED).
 //!
 //! Addresses: 198.18.51.1 (the TAP in the namespace) and 198.18.51.2 (the
 //! guest). Needs root and qemu; without either prints a SKIPPED line (a
@@ -577,12 +582,10 @@ fn random_psk() -> (Vec<u8>, String) {
 }
 
 fn ike_socket(lab: &Lab) -> UdpSocket {
-    let sock = lab
-        .ns
+    lab.ns
         .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(HOST), IKE_PORT)))
         .expect("entering the namespace")
-        .expect("binding UDP port 500 in the namespace");
-    sock
+        .expect("binding UDP port 500 in the namespace")
 }
 
 fn finish(lab: &mut Lab, test: &str, started: Instant, child: &ChildSa, spis: (u64, u64)) {

@@ -15,7 +15,8 @@
 # ldd finds them.
 #
 # Needs root (apt-get). Installs what is missing: qemu-system-x86,
-# busybox-static, kmod (depmod), cpio, gcc.
+# busybox-static, kmod (depmod), cpio, gcc, and the libraries strongSwan
+# links (libcap2, libsystemd0).
 #
 # Prints, as its last lines on stdout:
 #   kernel=/path/to/vmlinuz
@@ -38,6 +39,11 @@ dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || missing+=(kmod)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+# libstrongswan's own libraries (the guest's copies come from the host);
+# libsystemd0 brings the rest (libgcrypt, liblz4, liblzma, libzstd).
+for lib in libcap2 libsystemd0; do
+    dpkg -s "$lib" >/dev/null 2>&1 || missing+=("$lib")
+done
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     apt-get update -qq >&2
