@@ -362,14 +362,42 @@ impl std::fmt::Display for Driven {
     }
 }
 
+/// A message [`drive`] loses on purpose, once: the first one of this
+/// exchange in this direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lose {
+    incoming: bool,
+    exchange: u8,
+}
+
+/// Whether `bytes` is the message `lose` still waits for; it waits no more.
+fn lost(lose: &mut Vec<Lose>, incoming: bool, bytes: &[u8]) -> bool {
+    let Ok(m) = Message::parse(bytes) else {
+        return false;
+    };
+    let want = Lose {
+        incoming,
+        exchange: m.header.exchange,
+    };
+    match lose.iter().position(|l| *l == want) {
+        Some(i) => {
+            lose.remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Runs `sa` over `sock` until it yields its CHILD SA: sends what it says,
-/// feeds it what arrives and its timeouts. Bounded by [`IKE_TIMEOUT`].
+/// feeds it what arrives and its timeouts, losing the messages `lose`
+/// names. Bounded by [`IKE_TIMEOUT`].
 fn drive(
     lab: &mut Lab,
     sock: &UdpSocket,
     sa: &mut IkeSa,
     first: Vec<Action>,
     rng: &mut dyn Randomness,
+    mut lose: Vec<Lose>,
 ) -> Result<ChildSa, Driven> {
     let deadline = Instant::now() + IKE_TIMEOUT;
     let mut actions = first;
@@ -382,6 +410,10 @@ fn drive(
         for action in actions.drain(..) {
             match action {
                 Action::Send(bytes) => {
+                    if lost(&mut lose, false, &bytes) {
+                        lab.trace.push(describe("-> (lost on purpose)", &bytes));
+                        continue;
+                    }
                     lab.trace.push(describe("->", &bytes));
                     let to = peer.unwrap_or(SocketAddr::new(IpAddr::V4(GUEST), IKE_PORT));
                     sock.send_to(&bytes, to)
@@ -411,6 +443,13 @@ fn drive(
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => {
                 let bytes = &buf[..n];
+                if lost(&mut lose, true, bytes) {
+                    lab.trace.push(describe(
+                        &format!("<- from {from} (lost on purpose)"),
+                        bytes,
+                    ));
+                    continue;
+                }
                 lab.trace.push(describe(&format!("<- from {from}"), bytes));
                 if from.ip() != IpAddr::V4(GUEST) {
                     lab.trace.push("   (not from the guest: ignored)".into());
@@ -624,7 +663,7 @@ fn strongswan_responder_esptun_initiator() {
     let ike_started = Instant::now();
     let (mut sa, first) = IkeSa::initiate(config, Instant::now(), &mut rng)
         .unwrap_or_else(|e| panic!("{test}: IkeSa::initiate: {e}"));
-    let child = match drive(&mut lab, &sock, &mut sa, first, &mut rng) {
+    let child = match drive(&mut lab, &sock, &mut sa, first, &mut rng, Vec::new()) {
         Ok(c) => c,
         Err(e) => lab.fail(&format!("{test}: esptun as initiator: {e}")),
     };
@@ -791,23 +830,42 @@ fn further_exchanges(
     // Another PSK: AUTHENTICATION_FAILED in the IKE_AUTH response (2.21.2).
     let wrong_psk = with(&|c| c.psk = Zeroizing::new(b"not the guest's key".to_vec()));
     type Expect = fn(&Result<ChildSa, Driven>) -> bool;
-    let cases: [(&str, Arc<Config>, Expect); 4] = [
+    let auth_response = Lose {
+        incoming: true,
+        exchange: exchange::IKE_AUTH,
+    };
+    let cases: [(&str, Arc<Config>, &[Lose], Expect); 5] = [
         (
             "KE for P-256 first: INVALID_KE_PAYLOAD, then X25519",
             ecp_first,
+            &[],
             |r| r.is_ok(),
         ),
-        ("IKE AES-256-GCM only: NO_PROPOSAL_CHOSEN", ike_256, |r| {
-            matches!(
-                r,
-                Err(Driven::Failed(IkeError::PeerRefused(
-                    ErrorNotify::NoProposalChosen
-                )))
-            )
-        }),
+        // Section 2.1: we retransmit the request unchanged, charon answers
+        // the retransmission from its cache.
+        (
+            "charon's IKE_AUTH response lost: esptun retransmits its request",
+            base.clone(),
+            &[auth_response],
+            |r| r.is_ok(),
+        ),
+        (
+            "IKE AES-256-GCM only: NO_PROPOSAL_CHOSEN",
+            ike_256,
+            &[],
+            |r| {
+                matches!(
+                    r,
+                    Err(Driven::Failed(IkeError::PeerRefused(
+                        ErrorNotify::NoProposalChosen
+                    )))
+                )
+            },
+        ),
         (
             "ESP AES-256-GCM only: IKE SA up, CHILD SA refused with NO_PROPOSAL_CHOSEN",
             esp_256,
+            &[],
             |r| {
                 matches!(
                     r,
@@ -817,7 +875,7 @@ fn further_exchanges(
                 )
             },
         ),
-        ("another PSK: AUTHENTICATION_FAILED", wrong_psk, |r| {
+        ("another PSK: AUTHENTICATION_FAILED", wrong_psk, &[], |r| {
             matches!(
                 r,
                 Err(Driven::Failed(IkeError::PeerRefused(
@@ -826,12 +884,12 @@ fn further_exchanges(
             )
         }),
     ];
-    for (what, config, expected) in cases {
+    for (what, config, lose, expected) in cases {
         lab.trace.push(format!("=== {what}"));
         let from = lab.trace.len();
         let result = IkeSa::initiate(config, Instant::now(), rng)
             .map_err(Driven::Failed)
-            .and_then(|(mut sa, first)| drive(lab, sock, &mut sa, first, rng));
+            .and_then(|(mut sa, first)| drive(lab, sock, &mut sa, first, rng, lose.to_vec()));
         if !expected(&result) {
             lab.fail(&format!("{test}: {what}: got {result:?}"));
         }
@@ -840,8 +898,13 @@ fn further_exchanges(
             .map(|l| l.split(", ").next().unwrap_or(l).to_string())
             .collect();
         if let Ok(child) = &result {
-            if !messages.iter().any(|m| m.contains("N(17)")) {
+            if lose.is_empty() && !messages.iter().any(|m| m.contains("N(17)")) {
                 lab.fail(&format!("{test}: {what}: no INVALID_KE_PAYLOAD seen"));
+            }
+            if !lose.is_empty() && !retransmitted(&lab.trace[from..], "-> IKE_AUTH request 1 ") {
+                lab.fail(&format!(
+                    "{test}: {what}: no identical retransmission of the IKE_AUTH request"
+                ));
             }
             match check_xfrm(lab, child) {
                 Ok(lines) => messages_report(test, what, &lines),
@@ -857,6 +920,17 @@ fn further_exchanges(
             messages.join("\n    ")
         );
     }
+}
+
+/// Whether `trace` holds the message `what` (direction and header, as
+/// [`describe`] writes them) at least twice, with the same bytes each time.
+fn retransmitted(trace: &[String], what: &str) -> bool {
+    let copies: Vec<&str> = trace
+        .iter()
+        .filter(|l| l.replace(" (lost on purpose)", "").starts_with(what))
+        .filter_map(|l| l.rsplit(" bytes: ").next())
+        .collect();
+    copies.len() >= 2 && copies.iter().all(|c| *c == copies[0])
 }
 
 fn messages_report(test: &str, what: &str, lines: &[String]) {
@@ -884,7 +958,7 @@ fn strongswan_initiator_esptun_responder() {
         lab.fail(&format!("{test}: {e}"));
     }
     let ike_started = Instant::now();
-    let child = match drive(&mut lab, &sock, &mut sa, Vec::new(), &mut rng) {
+    let child = match drive(&mut lab, &sock, &mut sa, Vec::new(), &mut rng, Vec::new()) {
         Ok(c) => c,
         Err(e) => lab.fail(&format!("{test}: esptun as responder: {e}")),
     };
@@ -913,4 +987,50 @@ fn strongswan_initiator_esptun_responder() {
             "{test}: esptun's datapath with the negotiated CHILD SA: {e}"
         ));
     }
+
+    // Section 2.1 as responder: our IKE_SA_INIT response is lost, charon
+    // retransmits its request, and we send the same response again (not a
+    // second IKE SA). charon's SA goes first, without waiting for an
+    // answer to its Delete (which we drop: no IKE SA of ours has it).
+    let what =
+        "esptun's IKE_SA_INIT response lost: charon retransmits, esptun answers from its cache";
+    if let Err(e) = lab.sh("/usr/sbin/swanctl --terminate --ike esptun --force") {
+        lab.fail(&format!("{test}: {e}"));
+    }
+    lab.trace.push(format!("=== {what}"));
+    let from = lab.trace.len();
+    let mut sa = IkeSa::responder(esptun_config(&psk));
+    if let Err(e) = lab.guest().spawn(
+        "initiate",
+        "/usr/sbin/swanctl --initiate --child host --timeout 80",
+    ) {
+        lab.fail(&format!("{test}: {e}"));
+    }
+    let lose = vec![Lose {
+        incoming: false,
+        exchange: exchange::IKE_SA_INIT,
+    }];
+    let child = match drive(&mut lab, &sock, &mut sa, Vec::new(), &mut rng, lose) {
+        Ok(c) => c,
+        Err(e) => lab.fail(&format!("{test}: {what}: {e}")),
+    };
+    if !retransmitted(&lab.trace[from..], "-> IKE_SA_INIT response 0 ") {
+        lab.fail(&format!(
+            "{test}: {what}: the IKE_SA_INIT response was not sent again unchanged"
+        ));
+    }
+    if let Err(e) =
+        lab.guest()
+            .wait_output("initiate", "initiate completed successfully", IKE_TIMEOUT)
+    {
+        lab.fail(&format!("{test}: {what}: swanctl --initiate: {e}"));
+    }
+    match check_guest(&mut lab, sa.spis(), &child) {
+        Ok(_) => {}
+        Err(e) => lab.fail(&format!("{test}: {what}: {e}")),
+    }
+    for l in &lab.trace[from..] {
+        eprintln!("{test}: {}", l.split(", ").next().unwrap_or(l));
+    }
+    eprintln!("{test}: {what}: as expected");
 }

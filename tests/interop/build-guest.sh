@@ -52,7 +52,9 @@ fi
 depmod=$(command -v depmod || echo /usr/sbin/depmod)
 
 # The kernel: the version linux-image-amd64 currently depends on.
-resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+# (awk reads to the end: an early exit would kill apt-cache with SIGPIPE,
+# which pipefail and set -e turn into the script's failure.)
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !p {p = $2} END {print p}'; }
 pkg=$(resolve)
 if [ -z "$pkg" ]; then
     # A fresh machine may have no package lists yet.
@@ -86,7 +88,7 @@ fi
 # version (only the files the guest takes are kept).
 ss_pkgs="libstrongswan libstrongswan-standard-plugins libstrongswan-extra-plugins \
          strongswan-libcharon strongswan-charon strongswan-swanctl"
-ss_ver=$(apt-cache show --no-all-versions strongswan-charon 2>/dev/null | awk '/^Version:/ {print $2; exit}')
+ss_ver=$(apt-cache show --no-all-versions strongswan-charon 2>/dev/null | awk '/^Version:/ && !v {v = $2} END {print v}')
 if [ -z "$ss_ver" ]; then
     # Offline with a cache: the newest strongSwan already unpacked.
     ss_ver=$(ls -1 "$cache" | sed -n 's/^strongswan-//p' | sort -V | tail -1 || true)
@@ -173,7 +175,7 @@ if [ ! -f "$initrd" ]; then
     host_libs "$ssdir/usr/sbin/swanctl"
     # glibc dlopens libgcc_s for pthread_cancel (charon's threads): ldd
     # cannot see it.
-    gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
+    gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ && !p {p = $NF} END {print p}')
     [ -n "$gcc_s" ] || { log "no libgcc_s.so.1 on this machine"; exit 1; }
     mkdir -p "$root$(dirname "$gcc_s")"
     cp -L "$gcc_s" "$root$gcc_s"
