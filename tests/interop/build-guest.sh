@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Builds the guest for esptun's kernel-interop suite (tests/interop.rs): a
-# Debian kernel and a small initramfs (static busybox, iproute2's real `ip`
-# with its libraries, the kernel modules ESP needs, and nettool), cached in
+# Builds the guest for esptun's kernel-interop suite (tests/interop/) and
+# its strongSwan interop (tests/strongswan.rs): a Debian kernel and a small
+# initramfs (static busybox, iproute2's real `ip` with its libraries, the
+# kernel modules ESP needs, nettool, and strongSwan's charon and swanctl
+# with the few plugins IKEv2 with a PSK, AES-GCM and X25519 need), cached in
 # ${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}. Idempotent: a second run
 # with the same inputs does nothing and prints the same paths.
 #
+# strongSwan comes from this machine's apt sources (`apt-get download`,
+# `dpkg-deb -x`), never installed: libstrongswan, its standard plugins (gcm),
+# its extra plugins (curve25519: X25519 without OpenSSL's 4 MB libcrypto),
+# strongswan-libcharon, strongswan-charon and strongswan-swanctl. Its shared
+# libraries (libcap, libsystemd and what that pulls in) are the host's, as
+# ldd finds them.
+#
 # Needs root (apt-get). Installs what is missing: qemu-system-x86,
-# busybox-static, kmod (depmod), cpio, gcc.
+# busybox-static, kmod (depmod), cpio, gcc, and the libraries strongSwan
+# links (libcap2, libsystemd0).
 #
 # Prints, as its last lines on stdout:
 #   kernel=/path/to/vmlinuz
@@ -29,6 +39,11 @@ dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || missing+=(kmod)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+# libstrongswan's own libraries (the guest's copies come from the host);
+# libsystemd0 brings the rest (libgcrypt, liblz4, liblzma, libzstd).
+for lib in libcap2 libsystemd0; do
+    dpkg -s "$lib" >/dev/null 2>&1 || missing+=("$lib")
+done
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     apt-get update -qq >&2
@@ -37,7 +52,9 @@ fi
 depmod=$(command -v depmod || echo /usr/sbin/depmod)
 
 # The kernel: the version linux-image-amd64 currently depends on.
-resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+# (awk reads to the end: an early exit would kill apt-cache with SIGPIPE,
+# which pipefail and set -e turn into the script's failure.)
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !p {p = $2} END {print p}'; }
 pkg=$(resolve)
 if [ -z "$pkg" ]; then
     # A fresh machine may have no package lists yet.
@@ -67,9 +84,41 @@ if [ ! -f "$kdir/lib/modules/$kver/modules.dep" ]; then
     "$depmod" -b "$kdir" "$kver"
 fi
 
+# strongSwan: the candidate version of its packages, unpacked once per
+# version (only the files the guest takes are kept).
+ss_pkgs="libstrongswan libstrongswan-standard-plugins libstrongswan-extra-plugins \
+         strongswan-libcharon strongswan-charon strongswan-swanctl"
+ss_ver=$(apt-cache show --no-all-versions strongswan-charon 2>/dev/null | awk '/^Version:/ && !v {v = $2} END {print v}')
+if [ -z "$ss_ver" ]; then
+    # Offline with a cache: the newest strongSwan already unpacked.
+    ss_ver=$(ls -1 "$cache" | sed -n 's/^strongswan-//p' | sort -V | tail -1 || true)
+fi
+[ -n "$ss_ver" ] || { log "cannot resolve strongswan-charon's version"; exit 1; }
+ssdir="$cache/strongswan-$ss_ver"
+if [ ! -f "$ssdir/.unpacked" ]; then
+    log "fetching strongSwan $ss_ver"
+    rm -rf "$ssdir" "$cache/dl"
+    mkdir -p "$cache/dl" "$ssdir.tmp"
+    chown _apt "$cache/dl" 2>/dev/null || true
+    # All six at one version: apt resolves each name to its candidate.
+    (cd "$cache/dl" && apt-get download $(for p in $ss_pkgs; do echo "$p=$ss_ver"; done) >&2)
+    for deb in "$cache"/dl/*.deb; do
+        dpkg-deb -x "$deb" "$ssdir.tmp"
+    done
+    rm -rf "$cache/dl" "$ssdir.tmp/usr/share" "$ssdir.tmp/etc"
+    mv "$ssdir.tmp" "$ssdir"
+    touch "$ssdir/.unpacked"
+fi
+# charon's plugins: sockets and the kernel's xfrm (netlink), randomness and
+# nonces, AES-GCM, HMAC-SHA2 PRFs and prf+ (kdf), X25519, SHA-1 (charon's
+# SA managers and NAT detection require it), and vici for swanctl. A PSK
+# needs no certificate or key parser.
+ss_plugins="random nonce aes gcm sha1 sha2 hmac kdf curve25519 kernel-netlink socket-default vici"
+
 # Everything the initramfs is made of decides whether to rebuild it.
 stamp=$( {
     echo "$pkg"
+    echo "strongswan $ss_ver $ss_plugins"
     cat "$0" "$here/nettool.c"
     sha256sum /bin/busybox "$(command -v ip)" 2>/dev/null
 } | sha256sum | cut -c1-16)
@@ -82,22 +131,81 @@ if [ ! -f "$initrd" ]; then
     mv "$nettool.tmp" "$nettool"
     root=$(mktemp -d "$cache/root.XXXXXX")
     trap 'rm -rf "$root"' EXIT
-    mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run,lib,lib64,etc,usr/lib}
+    mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,run,lib,lib64,etc,usr/lib,var}
     cp /bin/busybox "$root/bin/busybox"
     # The kernel's request_module runs /sbin/modprobe.
     ln -s ../bin/busybox "$root/sbin/modprobe"
-    for applet in sh mount modprobe insmod cat echo sleep stty ls ping ping6 kill ps grep sed head tail dmesg seq tr true false wc mkdir; do
+    for applet in sh mount modprobe insmod cat echo sleep stty ls ping ping6 kill ps grep sed head tail dmesg seq tr true false wc mkdir rm printf pidof; do
         ln -s busybox "$root/bin/$applet"
     done
     # The real iproute2 `ip` (busybox's applet has no xfrm), with its
     # libraries and the dynamic loader, at the paths ldd reports.
     ipbin=$(readlink -f "$(command -v ip)")
     cp "$ipbin" "$root/sbin/ip"
-    ldd "$ipbin" | awk '/=>/ {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
-        [ -f "$lib" ] || continue
-        mkdir -p "$root$(dirname "$lib")"
-        cp -L "$lib" "$root$lib"
+    # Copies the libraries $1 needs from the host, where ldd finds them;
+    # strongSwan's own (in $ssdir) are copied with the binaries.
+    host_libs() {
+        local out
+        out=$(LD_LIBRARY_PATH="$ssdir/usr/lib/ipsec" ldd "$1")
+        if grep -q 'not found' <<<"$out"; then
+            log "$1 needs libraries this machine lacks:"; grep 'not found' <<<"$out" >&2; exit 1
+        fi
+        awk '/=>/ {print $3} /^[ \t]*\// {print $1}' <<<"$out" | while read -r lib; do
+            [ -f "$lib" ] || continue
+            case "$lib" in "$ssdir"/*) continue ;; esac
+            [ -f "$root$lib" ] && continue
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+    }
+    host_libs "$ipbin"
+    # strongSwan at its packaged paths: charon, swanctl, their libraries
+    # and the plugins charon loads (strongswan.conf below names them).
+    mkdir -p "$root/usr/lib/ipsec/plugins" "$root/usr/sbin"
+    cp -a "$ssdir/usr/lib/ipsec/charon" "$root/usr/lib/ipsec/"
+    cp -a "$ssdir/usr/sbin/swanctl" "$root/usr/sbin/"
+    for l in libstrongswan libcharon libvici; do
+        cp -a "$ssdir/usr/lib/ipsec/$l.so.0" "$ssdir/usr/lib/ipsec/$l.so.0.0.0" "$root/usr/lib/ipsec/"
     done
+    for p in $ss_plugins; do
+        cp "$ssdir/usr/lib/ipsec/plugins/libstrongswan-$p.so" "$root/usr/lib/ipsec/plugins/"
+        host_libs "$ssdir/usr/lib/ipsec/plugins/libstrongswan-$p.so"
+    done
+    host_libs "$ssdir/usr/lib/ipsec/charon"
+    host_libs "$ssdir/usr/sbin/swanctl"
+    # glibc dlopens libgcc_s for pthread_cancel (charon's threads): ldd
+    # cannot see it.
+    gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ && !p {p = $NF} END {print p}')
+    [ -n "$gcc_s" ] || { log "no libgcc_s.so.1 on this machine"; exit 1; }
+    mkdir -p "$root$(dirname "$gcc_s")"
+    cp -L "$gcc_s" "$root$gcc_s"
+    ln -s ../run "$root/var/run"
+    mkdir -p "$root/etc/swanctl"/{conf.d,x509,x509ca,private,rsa,ecdsa,pkcs8,pkcs12}
+    # No include of strongswan.d: every setting is here. Logs: a file the
+    # test reads (and prints on failure), IKE and configuration (received
+    # and configured proposals) at level 2.
+    cat > "$root/etc/strongswan.conf" <<CONF
+charon {
+    load = $ss_plugins
+    install_routes = no
+    install_virtual_ip = no
+    filelog {
+        charon {
+            path = /tmp/charon.log
+            # Whole lines on disk: the test reads the file while charon runs.
+            flush_line = yes
+            time_format = %T
+            ike_name = yes
+            default = 1
+            ike = 2
+            cfg = 2
+        }
+    }
+}
+swanctl {
+    load = random nonce
+}
+CONF
     cp "$nettool" "$root/bin/nettool"
     # Modules and their dependencies (modules.dep), uncompressed.
     # The default RNG first (AES-GCM SAs need it), in dependency order:
@@ -174,9 +282,15 @@ CONTROL
     rm -rf "$root"
     trap - EXIT
     # Older initramfs builds of this cache are stale now.
-    find "$cache" -maxdepth 1 \( -name 'initrd-*.gz' -o -name 'nettool-*' \) \
+    # Not all at once: builds of other branches sharing this cache (whose
+    # scripts differ) stay until unused for a day.
+    find "$cache" -maxdepth 1 \( -name 'initrd-*.gz' -o -name 'nettool-*' \) -mtime +0 \
         ! -name "$(basename "$initrd")" ! -name "$(basename "$nettool")" -delete
+    find "$cache" -maxdepth 1 -name 'strongswan-*' -mtime +0 ! -name "$(basename "$ssdir")" \
+        -exec rm -rf {} +
 fi
+# Used now: not stale (see above).
+touch "$initrd" "$nettool" "$ssdir"
 
 echo "kernel=$vmlinuz"
 echo "initrd=$initrd"

@@ -4,7 +4,8 @@
 //! `tests/interop/build-guest.sh` fetches the kernel (`apt-get download`,
 //! `dpkg-deb -x`) and builds an initramfs (static busybox, iproute2's `ip`
 //! with its libraries, the ESP/AES-GCM/RNG/virtio modules, `nettool`), cached
-//! in `${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}`. The test creates
+//! in `${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}` (the image also
+//! holds strongSwan's charon, for `tests/strongswan.rs`). The test creates
 //! one network namespace with a TAP device (198.18.50.1/24 and
 //! 2001:db8:50::1/64, `nodad`) that qemu opens from inside it; the guest is
 //! 198.18.50.2 and 2001:db8:50::2 (`nodad`) behind virtio-net. The guest is
