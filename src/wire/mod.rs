@@ -5,6 +5,7 @@
 pub mod checksum;
 pub mod esp;
 pub mod gso;
+pub mod icmp;
 pub mod inner;
 pub mod ip;
 pub mod outer;
