@@ -22,6 +22,7 @@
 //! allow_udp4_zero_checksum = true         # IPv4 UDP "no checksum" (RFC 768), counted
 //! allow_unverifiable_protocols = false    # protocols without a checksum esptun knows
 //! allow_udplite_partial_coverage = false  # UDP-Lite covering part of the datagram
+//! clamp_mss = "auto"                      # TCP SYN MSS: "auto", "off" or a number
 //! ```
 
 use std::fmt;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
 use crate::keyfile;
+use crate::wire::icmp::MssClamp;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::outer::Encap;
 
@@ -121,6 +123,8 @@ pub struct Config {
     pub operations: OperationsConfig,
     /// `[inner]`: which packets without a verifiable inner checksum pass.
     pub inner: InnerPolicy,
+    /// `[inner] clamp_mss`: TCP MSS clamping of SYNs ([`MssClamp`]).
+    pub clamp_mss: MssClamp,
     /// `[offloads]`: which kernel offloads may be used.
     pub offloads: Offloads,
     pub peers: Vec<Peer>,

@@ -30,6 +30,7 @@ mod addr;
 mod mmsg;
 #[allow(unsafe_code)]
 mod options;
+mod pmtu;
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -43,6 +44,7 @@ use super::IoSetupError;
 use crate::wire::ip::protocol;
 use crate::wire::outer::Encap;
 use options::{set_buffer_sizes, set_int_option};
+pub use pmtu::PathMtuProbe;
 
 /// The most datagrams one recvmmsg/sendmmsg call handles; the per-call
 /// scratch (headers, addresses, iovecs) lives on the stack, sized by this.
@@ -156,6 +158,21 @@ impl OuterSocket {
                 })?;
         }
         set_buffer_sizes(&sock);
+        // Path MTU discovery (see `pmtu`): DF on what fits the known path
+        // MTU, so routers report a smaller one, and host fragmentation of
+        // what does not. WANT is Linux's default unless
+        // net.ipv4.ip_no_pmtu_disc says otherwise: made explicit, for
+        // raw and UDP sockets alike.
+        let (level, name, want) = if v6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_WANT,
+            )
+        } else {
+            (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT)
+        };
+        set_int_option(&sock, level, name, want).map_err(setup("setting IP_MTU_DISCOVER"))?;
 
         if let Encap::Udp { port } = kind {
             if v6 {
