@@ -397,7 +397,10 @@ impl Daemon {
         };
         let mut pipeline = Outbound::new(shared.inner);
         pipeline.counters = shared.out_counters.clone();
-        let outbound = outbound::OutboundWorker::new(
+        pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
+        pipeline.clamp_mss = daemon.config.clamp_mss;
+        pipeline.tunnel_mtu = daemon.config.interface.mtu;
+        let mut outbound = outbound::OutboundWorker::new(
             shared.clone(),
             tun.clone(),
             sockets.clone(),
@@ -417,6 +420,9 @@ impl Daemon {
             events_tx,
             drop_capture,
         );
+        outbound.set_path_mtu_probe(crate::io::socket::PathMtuProbe::open(Some(
+            daemon.config.outer.fwmark,
+        )));
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
         let backend = ControlBackend {
