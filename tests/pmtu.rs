@@ -96,12 +96,8 @@ impl Link {
     fn open(&mut self, wire: &[u8]) -> (Verdict, Vec<u8>) {
         let mut batch = [buf(wire)];
         let mut verdicts = Vec::new();
-        self.inb.process(
-            &self.selector,
-            InEncap::RawEsp,
-            &mut batch,
-            &mut verdicts,
-        );
+        self.inb
+            .process(&self.selector, InEncap::RawEsp, &mut batch, &mut verdicts);
         (verdicts[0], batch[0].data().to_vec())
     }
 
@@ -232,4 +228,302 @@ fn syns_are_clamped_to_the_path_and_arrive_with_valid_checksums() {
             2
         );
     }
+}
+
+// ---------------------------------------------------------------------
+// End to end, as root: a — router — b, the router's link to b at MTU 1280.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use esptun::lab::demo::{LabOptions, Side, TunnelLab};
+
+const MIB: u64 = 1 << 20;
+
+fn routed_lab(test: &str, tag: &str, subnet: u8, ipv6: bool, clamp: &str) -> Option<TunnelLab> {
+    common::lab(
+        test,
+        LabOptions {
+            tag: tag.into(),
+            subnet,
+            ipv6,
+            router_mtu: Some(1280),
+            inner_extra: format!("clamp_mss = \"{clamp}\""),
+            ..LabOptions::default()
+        },
+    )
+}
+
+fn start_both(lab: &TunnelLab) {
+    for side in [Side::A, Side::B] {
+        if let Err(e) = lab.start(side, &[]) {
+            common::fail(lab, &format!("starting {}: {e}", side.name()));
+        }
+    }
+}
+
+/// `side`'s status once `ready` holds for it (the daemon publishes its
+/// counters every 200 ms), or the last one after 5 s.
+fn status_when(
+    lab: &TunnelLab,
+    side: Side,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = lab
+            .status(side)
+            .unwrap_or_else(|e| common::fail(lab, &format!("status: {e}")));
+        if ready(&status) || Instant::now() >= deadline {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_u64()
+        .unwrap_or_default()
+}
+
+/// A byte-checked TCP stream through the 1280 path, then a DF datagram too
+/// big for it, which must be answered with the right MTU.
+fn through_a_1280_router(test: &str, tag: &str, subnet: u8, ipv6: bool, clamp: &str) {
+    let Some(lab) = routed_lab(test, tag, subnet, ipv6, clamp) else {
+        return;
+    };
+    start_both(&lab);
+    let tcp = lab
+        .tcp_zeros(8 * MIB, Duration::from_secs(120))
+        .unwrap_or_else(|e| common::fail(&lab, &format!("tcp: {e}")));
+    common::check(
+        &lab,
+        tcp.interrupted.is_none()
+            && tcp.bytes_received == 8 * MIB
+            && tcp.bytes_sent == 8 * MIB
+            && tcp.nonzero_bytes == 0,
+        || format!("the stream did not get through whole: {tcp:?}"),
+    );
+    let status = status_when(&lab, Side::A, |s| {
+        clamp != "off" || counter(s, &["outbound", "too_big_sent"]) > 0
+    });
+    let drops = counter(&status, &["outbound", "drops", "packet_too_big"]);
+    let sent = counter(&status, &["outbound", "too_big_sent"]);
+    if clamp == "off" {
+        // The stream's first full-size segments met the small path; the
+        // sender learned from esptun's answers.
+        common::check(&lab, drops > 0 && sent > 0, || {
+            format!("no packet too big counted: drops {drops}, sent {sent}: {status}")
+        });
+    } else {
+        // b, whose own link is the 1280 one, clamped its SYN-ACK: a's
+        // sender never needed a Packet Too Big.
+        let b = status_when(&lab, Side::B, |s| {
+            counter(s, &["outbound", "mss_clamped"]) > 0
+        });
+        common::check(&lab, counter(&b, &["outbound", "mss_clamped"]) > 0, || {
+            format!("b clamped no SYN: {b}")
+        });
+    }
+
+    // A DF datagram too big for the path: the sender's socket learns the
+    // inner MTU esptun advertises (IPv6: never below 1280).
+    let usable = icmp::usable_inner_mtu(1280, Encap::NATT, ipv6, 16).expect("room");
+    let want = if ipv6 { usable.max(1280) } else { usable };
+    // The path as a learned it: from the stream (clamping off), or from
+    // the datagram below (clamped streams never met the small link).
+    let shows_path = |lab: &TunnelLab| {
+        let status = status_when(lab, Side::A, |s| {
+            s["outbound_sas"][0]["path_mtu"].as_u64() == Some(1280)
+        });
+        let sa = &status["outbound_sas"][0];
+        common::check(
+            lab,
+            sa["path_mtu"].as_u64() == Some(1280)
+                && sa["inner_mtu"].as_u64() == Some(usable.into()),
+            || format!("a shows no learned 1280 path MTU: {sa}"),
+        );
+        counter(&status, &["outbound", "too_big_sent"])
+    };
+    let sent = if clamp == "off" {
+        shows_path(&lab)
+    } else {
+        sent
+    };
+    let to = SocketAddr::new(lab.b_inner, 5003);
+    let answer = lab
+        .hosts
+        .a
+        .run(move || df_datagram_answer(to, 1400, Duration::from_secs(10)))
+        .unwrap_or_else(|e| common::fail(&lab, &format!("{e}")));
+    // RFC 1191: type 3 code 4; RFC 4443: type 2 code 0.
+    let expected = if ipv6 {
+        (2, 0, u32::from(want))
+    } else {
+        (3, 4, u32::from(want))
+    };
+    common::check(&lab, answer == Some(expected), || {
+        format!("the DF sender got {answer:?}, not {expected:?}")
+    });
+    if clamp != "off" {
+        shows_path(&lab);
+    }
+    let after = status_when(&lab, Side::A, |s| {
+        counter(s, &["outbound", "too_big_sent"]) > sent
+    });
+    common::check(
+        &lab,
+        counter(&after, &["outbound", "too_big_sent"]) > sent,
+        || format!("the datagram was not answered: {after}"),
+    );
+}
+
+/// Sends DF datagrams of `payload` bytes to `to` from a socket set to
+/// `IP_PMTUDISC_PROBE` (DF, whatever MTU the kernel learned, so each one
+/// reaches esptun) with `IP_RECVERR`, until an ICMP error arrives on its
+/// error queue, or `timeout`: that error's (type, code, MTU).
+fn df_datagram_answer(to: SocketAddr, payload: usize, timeout: Duration) -> Option<(u8, u8, u32)> {
+    let any: SocketAddr = if to.is_ipv6() {
+        "[::]:0".parse().ok()?
+    } else {
+        "0.0.0.0:0".parse().ok()?
+    };
+    let sock = std::net::UdpSocket::bind(any).ok()?;
+    let (level, options) = if to.is_ipv6() {
+        (
+            libc::IPPROTO_IPV6,
+            [
+                (libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_PROBE),
+                (libc::IPV6_RECVERR, 1),
+            ],
+        )
+    } else {
+        (
+            libc::IPPROTO_IP,
+            [
+                (libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE),
+                (libc::IP_RECVERR, 1),
+            ],
+        )
+    };
+    for (name, value) in options {
+        // SAFETY: a live int and its size; setsockopt(2) only reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt {name}");
+    }
+    sock.connect(to).ok()?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        // With IP_RECVERR a queued error fails the next send once: fine.
+        let _ = sock.send(&vec![0x5a; payload]);
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(found) = read_icmp_error(&sock) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// Drains the error queue (MSG_ERRQUEUE): the first ICMP Fragmentation
+/// Needed / Packet Too Big's (type, code, ee_info), ee_info being the MTU
+/// (ip(7), ipv6(7)).
+fn read_icmp_error(sock: &std::net::UdpSocket) -> Option<(u8, u8, u32)> {
+    let mut found = None;
+    for _ in 0..16 {
+        let mut data = [0u8; 2048];
+        let mut control = [0u64; 64];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty one.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: the iovec and control buffer are live locals of the
+        // stated lengths; recvmsg(2) writes within them.
+        let rc = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        };
+        if rc < 0 {
+            break;
+        }
+        // SAFETY: walking the control messages recvmsg(2) just wrote,
+        // with the libc macros, within msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR.
+            let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+            let ours = (level == libc::IPPROTO_IP && kind == libc::IP_RECVERR)
+                || (level == libc::IPPROTO_IPV6 && kind == libc::IPV6_RECVERR);
+            if ours && found.is_none() {
+                // SAFETY: for these types the data is a sock_extended_err
+                // (ip(7)); read unaligned from the kernel's bytes.
+                let ee: libc::sock_extended_err =
+                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+                // Only "too big": a datagram that got through whole (the
+                // host fragmented it before esptun knew the path) comes
+                // back from b as port unreachable, which is skipped.
+                let too_big = (ee.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                    && (ee.ee_type, ee.ee_code) == (3, 4))
+                    || (ee.ee_origin == libc::SO_EE_ORIGIN_ICMP6
+                        && (ee.ee_type, ee.ee_code) == (2, 0));
+                if too_big {
+                    found = Some((ee.ee_type, ee.ee_code, ee.ee_info));
+                }
+            }
+            // SAFETY: as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+    }
+    found
+}
+
+#[test]
+fn tcp_through_a_1280_router_learns_from_packet_too_big_ipv4() {
+    through_a_1280_router(
+        "tcp_through_a_1280_router_learns_from_packet_too_big_ipv4",
+        "pmtu4",
+        70,
+        false,
+        "off",
+    );
+}
+
+#[test]
+fn tcp_through_a_1280_router_learns_from_packet_too_big_ipv6() {
+    through_a_1280_router(
+        "tcp_through_a_1280_router_learns_from_packet_too_big_ipv6",
+        "pmtu6",
+        71,
+        true,
+        "off",
+    );
+}
+
+#[test]
+fn tcp_through_a_1280_router_with_mss_clamping() {
+    through_a_1280_router(
+        "tcp_through_a_1280_router_with_mss_clamping",
+        "pmtuc",
+        72,
+        false,
+        "auto",
+    );
 }

@@ -186,8 +186,11 @@ impl OuterSocket {
         }
 
         let mut first = 0;
+        // Set when a train exceeded the path MTU: the rest of this chunk
+        // goes plain, GSO stays on for the next.
+        let mut plain = false;
         while first < n {
-            let gso = self.gso.load(Ordering::Relaxed);
+            let gso = self.gso.load(Ordering::Relaxed) && !plain;
             let mut names = [EMPTY_ADDR; MAX_BATCH];
             let mut controls = [Control::EMPTY; MAX_BATCH];
             let mut trains = [(0usize, 0usize); MAX_BATCH];
@@ -261,6 +264,17 @@ impl OuterSocket {
                     // A device or kernel that cannot segment (udp(7):
                     // EIO without checksum offload, EINVAL on some point
                     // releases): GSO off for good, the rest resent plain.
+                    // A train whose segments exceed the path MTU the
+                    // kernel learned (udp_send_skb: a GSO segment is never
+                    // fragmented; EMSGSIZE, EINVAL before Linux 6.x when
+                    // the segment does not fit): sent again one by one,
+                    // which the host may fragment (IP_PMTUDISC_WANT). Not a
+                    // refusal of GSO itself, which stays on.
+                    libc::EMSGSIZE if train > 1 => {
+                        plain = true;
+                        gso_refused = true;
+                        break;
+                    }
                     libc::EIO | libc::EINVAL if train > 1 => {
                         self.gso.store(false, Ordering::Relaxed);
                         self.gso_refused.fetch_add(1, Ordering::Relaxed);
