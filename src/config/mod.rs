@@ -373,6 +373,33 @@ inbound = { spi = 0x2001, key_file = "/etc/esptun/b-to-a.key" }
     }
 
     #[test]
+    fn clamp_mss_is_auto_unless_set_to_off_or_a_number() {
+        assert_eq!(
+            Config::parse(MINIMAL).expect("valid").clamp_mss,
+            MssClamp::Auto
+        );
+        for (value, want) in [
+            ("\"off\"", MssClamp::Off),
+            ("\"auto\"", MssClamp::Auto),
+            ("1200", MssClamp::Fixed(1200)),
+            ("536", MssClamp::Fixed(536)),
+        ] {
+            let v = Config::parse(&format!("[inner]\nclamp_mss = {value}\n{MINIMAL}"))
+                .expect("valid");
+            assert_eq!(v.clamp_mss, want, "{value}");
+        }
+        for bad in ["100", "70000", "-1", "\"maybe\""] {
+            let err = Config::parse(&format!("[inner]\nclamp_mss = {bad}\n{MINIMAL}"))
+                .expect_err(bad);
+            assert!(
+                matches!(&err, ConfigError::Invalid { problems, .. }
+                    if problems.iter().any(|p| p.field == "inner.clamp_mss")),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn typos_are_syntax_errors_with_a_location() {
         let err = Config::parse(&format!("intrface = \"x\"\n{MINIMAL}")).expect_err("typo");
         let text = err.to_string();
