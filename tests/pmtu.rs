@@ -227,6 +227,27 @@ fn syns_are_clamped_to_the_path_and_arrive_with_valid_checksums() {
                 .load(std::sync::atomic::Ordering::Relaxed),
             2
         );
+        // The receiving side clamps SYNs from its peer too (for the
+        // segments it will send back), before its usual inner check.
+        l.inb.clamp_mss = MssClamp::Fixed(900);
+        let (_, esp, _) = l.seal(&syn(v6));
+        let (v, got) = l.open(&esp);
+        assert_eq!((v, mss(&got)), (Verdict::Deliver, 900));
+        assert_eq!(
+            l.inb
+                .counters
+                .mss_clamped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        l.inb.clamp_mss = MssClamp::Auto;
+        l.inb.tunnel_mtu = 1400;
+        l.inb.path_mtu = l.out.path_mtu.clone();
+        l.out.clamp_mss = MssClamp::Off;
+        let (_, esp, _) = l.seal(&syn(v6));
+        let (v, got) = l.open(&esp);
+        let auto = if v6 { 1280 - 60 } else { 1238 - 40 };
+        assert_eq!((v, mss(&got)), (Verdict::Deliver, auto), "auto, inbound");
     }
 }
 

@@ -308,8 +308,13 @@ pub fn render(s: &Status) -> String {
         &mut out,
         "esptun_mss_clamped_total",
         "counter",
-        "TCP SYNs whose MSS option was lowered ([inner] clamp_mss).",
-        std::iter::once((Vec::new(), s.outbound.mss_clamped)),
+        "TCP SYNs whose MSS option was lowered ([inner] clamp_mss), by direction.",
+        [
+            ("outbound", s.outbound.mss_clamped),
+            ("inbound", s.inbound.mss_clamped),
+        ]
+        .into_iter()
+        .map(|(direction, n)| (vec![("direction", direction)], n)),
     );
     family(
         &mut out,

@@ -350,6 +350,8 @@ impl Daemon {
             // Coalesced TCP trains need the TSO the device granted.
             coalesce: config.offloads.coalesce && tun.offloads().tso,
             offloads: status::OffloadState::default(),
+            path_mtu: Mutex::new(crate::datapath::outbound::PathMtus::new(config.outer.encap)),
+            path_mtu_changes: std::sync::atomic::AtomicU64::new(0),
         });
 
         {
@@ -411,6 +413,9 @@ impl Daemon {
         );
         let mut pipeline = Inbound::new(shared.inner);
         pipeline.counters = shared.in_counters.clone();
+        pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
+        pipeline.clamp_mss = daemon.config.clamp_mss;
+        pipeline.tunnel_mtu = daemon.config.interface.mtu;
         let inbound = inbound::InboundWorker::new(
             shared.clone(),
             tun,

@@ -26,8 +26,8 @@ use super::workers::{
     TOP_UP_BELOW, count, maybe_selftest,
 };
 use crate::datapath::outbound::Outbound;
-use crate::io::socket::PathMtuProbe;
 use crate::datapath::{DropContext, DropReason, Flow, Verdict};
+use crate::io::socket::PathMtuProbe;
 use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
 use crate::sa::hard_limit;
@@ -154,6 +154,7 @@ impl OutboundWorker {
             self.outbound.sas.iter().map(|e| e.meta.endpoint).collect();
         endpoints.sort_unstable();
         endpoints.dedup_by_key(|e| e.ip());
+        let mut changed = false;
         for endpoint in endpoints {
             let mtu = match probe.path_mtu(endpoint) {
                 Ok(mtu) => Some(mtu),
@@ -171,7 +172,17 @@ impl OutboundWorker {
                     mtu.map_or("unknown".into(), |m| m.to_string()),
                 );
             }
+            changed |= before != mtu;
             self.outbound.path_mtu.set(endpoint.ip(), mtu);
+        }
+        if changed {
+            // For the inbound thread's MSS clamping.
+            *self
+                .shared
+                .path_mtu
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = self.outbound.path_mtu.clone();
+            self.shared.path_mtu_changes.fetch_add(1, Ordering::Release);
         }
     }
 

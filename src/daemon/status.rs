@@ -498,7 +498,10 @@ mod tests {
         assert!(json.contains(r#""last_packet_ms_ago":400"#), "{json}");
         assert_eq!(json.matches("last_packet_ms_ago").count(), 1, "{json}");
         assert!(json.contains(r#""now_unix_ms":1700000000000"#), "{json}");
-        assert!(json.contains(r#""path_mtu":1280,"inner_mtu":1238"#), "{json}");
+        assert!(
+            json.contains(r#""path_mtu":1280,"inner_mtu":1238"#),
+            "{json}"
+        );
         let back: Status = serde_json::from_str(&json).expect("reads back");
         assert_eq!(back, status);
         let bad = json.replace(r#""state":"pending""#, r#""state":"sleeping""#);

@@ -84,6 +84,35 @@ impl PathMtus {
     }
 }
 
+/// The MSS a SYN to or from the peer at `endpoint` may carry at most
+/// under `clamp`: a fixed number, or (auto) what fits the learned path MTU
+/// after ESP, or the tunnel MTU while none is learned. IPv6 packets up to
+/// 1280 bytes always pass ([`too_big_verdict`]), so IPv6 never clamps
+/// below what 1280 allows.
+pub fn clamp_limit(
+    clamp: MssClamp,
+    path_mtu: &PathMtus,
+    tunnel_mtu: u16,
+    endpoint: IpAddr,
+    v6: bool,
+    icv: usize,
+) -> Option<u16> {
+    match clamp {
+        MssClamp::Off => None,
+        MssClamp::Fixed(mss) => Some(mss),
+        MssClamp::Auto => {
+            let mtu = match path_mtu.get(endpoint) {
+                Some(path) => icmp::usable_inner_mtu(path, path_mtu.encap, v6, icv)
+                    .unwrap_or(0)
+                    .min(tunnel_mtu),
+                None => tunnel_mtu,
+            };
+            let mtu = if v6 { mtu.max(IPV6_MIN_MTU) } else { mtu };
+            Some(icmp::mss_for_mtu(mtu, v6))
+        }
+    }
+}
+
 /// What to do with an inner packet too big for the path: `Ok` to send it
 /// anyway (the host fragments the outer packet), `Err(mtu)` to drop it and
 /// advertise `mtu`.
@@ -245,22 +274,14 @@ impl Outbound {
             return Err(DropReason::PacketTooBig);
         }
         if matches!(shape.protocol, protocol::TCP | protocol::IPV6_DEST_OPTS) {
-            let limit = match self.clamp_mss {
-                MssClamp::Off => None,
-                MssClamp::Fixed(mss) => Some(mss),
-                MssClamp::Auto => {
-                    let mtu = match self.path_mtu.get(endpoint.ip()) {
-                        Some(path) => icmp::usable_inner_mtu(path, encap, v6, icv)
-                            .unwrap_or(0)
-                            .min(self.tunnel_mtu),
-                        None => self.tunnel_mtu,
-                    };
-                    // IPv6 packets up to 1280 bytes always pass (see
-                    // too_big_verdict), so no MSS below that is needed.
-                    let mtu = if v6 { mtu.max(IPV6_MIN_MTU) } else { mtu };
-                    Some(icmp::mss_for_mtu(mtu, v6))
-                }
-            };
+            let limit = clamp_limit(
+                self.clamp_mss,
+                &self.path_mtu,
+                self.tunnel_mtu,
+                endpoint.ip(),
+                v6,
+                icv,
+            );
             if let Some(limit) = limit
                 && icmp::clamp_mss(buf.data_mut(), limit).is_some()
             {
