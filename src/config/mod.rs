@@ -384,13 +384,13 @@ inbound = { spi = 0x2001, key_file = "/etc/esptun/b-to-a.key" }
             ("1200", MssClamp::Fixed(1200)),
             ("536", MssClamp::Fixed(536)),
         ] {
-            let v = Config::parse(&format!("[inner]\nclamp_mss = {value}\n{MINIMAL}"))
-                .expect("valid");
+            let v =
+                Config::parse(&format!("[inner]\nclamp_mss = {value}\n{MINIMAL}")).expect("valid");
             assert_eq!(v.clamp_mss, want, "{value}");
         }
         for bad in ["100", "70000", "-1", "\"maybe\""] {
-            let err = Config::parse(&format!("[inner]\nclamp_mss = {bad}\n{MINIMAL}"))
-                .expect_err(bad);
+            let err =
+                Config::parse(&format!("[inner]\nclamp_mss = {bad}\n{MINIMAL}")).expect_err(bad);
             assert!(
                 matches!(&err, ConfigError::Invalid { problems, .. }
                     if problems.iter().any(|p| p.field == "inner.clamp_mss")),

@@ -359,7 +359,10 @@ mod tests {
                             panic!("{path} leaves room");
                         };
                         let fits = outer_len(usize::from(mtu) - ip, encap, v6, icv);
-                        assert!(fits <= usize::from(path), "{encap} v6={v6} icv={icv} {path}");
+                        assert!(
+                            fits <= usize::from(path),
+                            "{encap} v6={v6} icv={icv} {path}"
+                        );
                         let over = outer_len(usize::from(mtu) + 1 - ip, encap, v6, icv);
                         assert!(over > usize::from(path), "{encap} v6={v6} icv={icv} {path}");
                         // Never more than the worst case of Encap::overhead.
@@ -388,7 +391,10 @@ mod tests {
             let reply = &out[..n];
             let ip = Ipv4Packet::new_checked(reply).expect("ip");
             assert!(ip.verify_checksum());
-            assert_eq!((ip.src(), ip.dst(), ip.protocol()), (B4, A4, protocol::ICMP));
+            assert_eq!(
+                (ip.src(), ip.dst(), ip.protocol()),
+                (B4, A4, protocol::ICMP)
+            );
             let icmp = ip.payload();
             assert_eq!(&icmp[..2], &[3, 4]);
             assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1238);
@@ -427,7 +433,10 @@ mod tests {
             );
             let icmp = ip.payload();
             assert_eq!(&icmp[..2], &[2, 0]);
-            assert_eq!(u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]), 1280);
+            assert_eq!(
+                u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+                1280
+            );
             assert_eq!(&icmp[8..], &invoking[..icmp.len() - 8]);
             assert!(validate(reply, InnerPolicy::default()).is_ok(), "checksum");
             assert_eq!(
@@ -470,7 +479,7 @@ mod tests {
         let mut seg = vec![0u8; 20];
         seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
         seg[2..4].copy_from_slice(&5001u16.to_be_bytes());
-        seg[12] = ((20 + options.len()) / 4 << 4) as u8;
+        seg[12] = (((20 + options.len()) / 4) << 4) as u8;
         seg[13] = 0x02;
         seg[14..16].copy_from_slice(&64240u16.to_be_bytes());
         seg.extend_from_slice(options);

@@ -170,7 +170,11 @@ impl OuterSocket {
                 libc::IPV6_PMTUDISC_WANT,
             )
         } else {
-            (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT)
+            (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_WANT,
+            )
         };
         set_int_option(&sock, level, name, want).map_err(setup("setting IP_MTU_DISCOVER"))?;
 

@@ -103,7 +103,11 @@ mod tests {
                 .path_mtu("[::1]:0".parse().expect("addr"))
                 .expect("v6");
             assert_eq!((v4, v6), (65535, 65535));
-            assert!(probe.path_mtu("198.18.0.9:4500".parse().expect("addr")).is_err());
+            assert!(
+                probe
+                    .path_mtu("198.18.0.9:4500".parse().expect("addr"))
+                    .is_err()
+            );
         });
     }
 }
