@@ -714,6 +714,44 @@ mod tests {
     }
 
     #[test]
+    fn a_routed_lab_forwards_in_the_router_only_over_a_small_link() {
+        if !have_root() {
+            return;
+        }
+        let lab = TwoHosts::create_routed("route", 247, 1280).expect("lab");
+        let router = lab.router.as_ref().expect("a router");
+        let forwarding = |ns: &Netns| {
+            ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default())
+                .expect("run")
+        };
+        assert_eq!(forwarding(router).trim(), "1");
+        assert_eq!(forwarding(&lab.a).trim(), "0");
+        assert_eq!(forwarding(&lab.b).trim(), "0");
+        let b_link = lab
+            .b
+            .ip_output(&["-o", "link", "show", "dev", &lab.veth_b])
+            .expect("link");
+        assert!(b_link.contains("mtu 1280"), "{b_link}");
+        let a_link = lab
+            .a
+            .ip_output(&["-o", "link", "show", "dev", &lab.veth_a])
+            .expect("link");
+        assert!(a_link.contains("mtu 1500"), "{a_link}");
+        // a reaches b through the router, in both versions.
+        for (dst, family) in [(lab.b_v4.to_string(), "-4"), (lab.b_v6.to_string(), "-6")] {
+            let route = lab
+                .a
+                .ip_output(&[family, "route", "get", &dst])
+                .expect("route");
+            assert!(route.contains(" via "), "{route}");
+        }
+        let names = [router.name().to_string()];
+        drop(lab);
+        let after = netns_names();
+        assert!(!names.iter().any(|n| listed(&after, n)), "{after}");
+    }
+
+    #[test]
     fn nothing_appears_in_the_root_namespace() {
         if !have_root() {
             return;
