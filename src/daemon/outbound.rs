@@ -237,6 +237,9 @@ impl OutboundWorker {
             self.apply_commands();
             if Instant::now() >= next_pmtu {
                 self.refresh_path_mtu();
+                for socket in [&self.sockets.v4, &self.sockets.v6].into_iter().flatten() {
+                    socket.request_df_probe();
+                }
                 next_pmtu = Instant::now() + PMTU_REFRESH;
             }
             maybe_selftest(&self.shared, &mut next_check, "outbound");

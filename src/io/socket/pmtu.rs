@@ -24,6 +24,18 @@
 //! see ICMP errors, and the kernel still learns the path MTU. The probe's
 //! cost is one connect and one getsockopt per peer per refresh, off the
 //! packet path.
+//!
+//! Two Linux details this rests on:
+//! - Raw ESP over IPv6 is the exception: `rawv6_err` updates the path MTU
+//!   of an unconnected raw IPv6 socket only when IPV6_RECVERR is on. That
+//!   socket has it, and its receive path drains the error queue whenever
+//!   the pending error surfaces or the queue is otherwise empty (so one
+//!   packet per ICMP message may fail to send; the packet that caused it
+//!   was lost anyway).
+//! - A UDP GSO train never carries DF (the kernel decides on the length of
+//!   the whole train), and routers fragment IPv4 trains silently. Each
+//!   refresh therefore asks the outer sockets to send the first packet of
+//!   every train alone ([`super::OuterSocket::request_df_probe`]), with DF.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
