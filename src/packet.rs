@@ -43,6 +43,12 @@ pub struct PacketMeta {
     /// socket to send the outer packet with; inbound, the received outer
     /// packet's as the socket reported it (0 if it did not).
     pub tos: u8,
+    /// Outbound: a datagram put back together from the fragments the
+    /// local kernel cut (`datapath::reassembly`). Its sender chose to
+    /// fragment, so its ESP packet goes out whole and the host fragments
+    /// the outer packet (RFC 4301 section 4.1, as Linux does); it never
+    /// gets a Packet Too Big. Set for every packet that enters a batch.
+    pub reassembled: bool,
 }
 
 /// One packet buffer with headroom and tailroom, allocated once and reused

@@ -41,6 +41,16 @@ pub fn status(v: &Status) -> String {
                 r.bytes_in_flight,
             );
         }
+        if d.too_big_sent + d.too_big_suppressed > 0 {
+            let _ = writeln!(
+                out,
+                "  packet too big answered {}, suppressed {}",
+                d.too_big_sent, d.too_big_suppressed
+            );
+        }
+        if d.mss_clamped > 0 {
+            let _ = writeln!(out, "  TCP MSS clamped {}", d.mss_clamped);
+        }
     }
     let io = counts(&v.io, |n| n > 0);
     if !io.is_empty() {
@@ -198,6 +208,16 @@ fn outbound_sas(out: &mut String, v: &Status) {
         );
     }
     for sa in &v.outbound_sas {
+        if let Some(path) = sa.path_mtu {
+            let inner = sa
+                .inner_mtu
+                .map_or_else(|| "-".to_string(), |m| m.to_string());
+            let _ = writeln!(
+                out,
+                "    {} {:#x}: path MTU {path}, inner MTU {inner}",
+                sa.peer, sa.spi
+            );
+        }
         out.push_str(&sa_drops(&sa.drops));
     }
 }
@@ -289,12 +309,12 @@ mod tests {
 {"unix_ms":8,"provider":"hardware","check":"kat","ok":true,"detail":"h"},
 {"unix_ms":9,"provider":"soft","check":"kat","ok":false,"detail":"i"},
 {"unix_ms":10,"provider":"hardware","check":"kat","ok":true,"detail":"j"}],
-"outbound":{"passed":100,"dropped":3,"drops":{"inner_checksum":2,"no_sa":1,"truncated":0},"udp4_zero_checksum":0,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0,
+"outbound":{"passed":100,"dropped":3,"drops":{"inner_checksum":2,"no_sa":1,"truncated":0},"udp4_zero_checksum":0,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0,"too_big_sent":0,"too_big_suppressed":0,"mss_clamped":0,
 "reassembly":{"fragments":47,"reassembled":6,"atomic":1,"duplicates":2,"timeout":1,"overlap":0,"too_big":0,"memory":3,"malformed":0,"datagrams_in_flight":1,"bytes_in_flight":4096}},
-"inbound":{"passed":90,"dropped":0,"drops":{"inner_checksum":0},"udp4_zero_checksum":1,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0,
+"inbound":{"passed":90,"dropped":0,"drops":{"inner_checksum":0},"udp4_zero_checksum":1,"udp4_checksum_filled":0,"unverifiable_protocol":0,"udplite_partial_coverage":0,"soft_limit_crossings":0,"too_big_sent":0,"too_big_suppressed":0,"mss_clamped":0,
 "reassembly":{"fragments":0,"reassembled":0,"atomic":0,"duplicates":0,"timeout":0,"overlap":0,"too_big":0,"memory":0,"malformed":0,"datagrams_in_flight":0,"bytes_in_flight":0}},
 "io":{"recv_errors":0,"send_errors":4,"tun_read_errors":1},
-"outbound_sas":[{"peer":"host-b","spi":40961,"endpoint":"198.19.0.2:4500","state":"active","packets":10,"bytes":1000,"seq_used":10,"seq_reserved":1048576,"soft_limit_reached":false,"drops":{"inner_checksum":2}},
+"outbound_sas":[{"peer":"host-b","spi":40961,"endpoint":"198.19.0.2:4500","state":"active","packets":10,"bytes":1000,"seq_used":10,"seq_reserved":1048576,"soft_limit_reached":false,"drops":{"inner_checksum":2},"path_mtu":1280,"inner_mtu":1238},
 {"peer":"host-c","spi":40962,"endpoint":"198.19.0.3:4500","state":"pending","packets":0,"bytes":0,"seq_used":0,"seq_reserved":0,"soft_limit_reached":false,"drops":{}}],
 "inbound_sas":[{"peer":"host-b","spi":45057,"state":"retiring","packets":5,"bytes":500,"replay_window":4096,"replay_top":5,"drops":{"replay":3,"icv":1}}],
 "offloads":{"tun_checksum":true,"tso":true,"uso":false,"coalesce":true,"udp_gso":true,"udp_gro":false}}"#;
@@ -306,6 +326,7 @@ outbound SAs:
   peer                spi state    endpoint                      packets          bytes       seq used   seq reserved  last packet
   host-b           0xa001 active   198.19.0.2:4500                    10           1000             10        1048576  -
   host-c           0xa002 pending  198.19.0.3:4500                     0              0              0              0  never
+    host-b 0xa001: path MTU 1280, inner MTU 1238
     dropped: inner_checksum 2
 
 inbound SAs:

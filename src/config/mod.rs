@@ -22,6 +22,7 @@
 //! allow_udp4_zero_checksum = true         # IPv4 UDP "no checksum" (RFC 768), counted
 //! allow_unverifiable_protocols = false    # protocols without a checksum esptun knows
 //! allow_udplite_partial_coverage = false  # UDP-Lite covering part of the datagram
+//! clamp_mss = "auto"                      # TCP SYN MSS: "auto", "off" or a number
 //! ```
 //!
 //! The optional `[reassembly]` table limits the outbound reassembly of the
@@ -47,6 +48,7 @@ use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
 use crate::datapath::reassembly::ReassemblyConfig;
 use crate::keyfile;
+use crate::wire::icmp::MssClamp;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::outer::Encap;
 
@@ -136,6 +138,8 @@ pub struct Config {
     pub operations: OperationsConfig,
     /// `[inner]`: which packets without a verifiable inner checksum pass.
     pub inner: InnerPolicy,
+    /// `[inner] clamp_mss`: TCP MSS clamping of SYNs ([`MssClamp`]).
+    pub clamp_mss: MssClamp,
     /// `[offloads]`: which kernel offloads may be used.
     pub offloads: Offloads,
     /// `[reassembly]`: the outbound reassembly of fragments.
@@ -383,6 +387,33 @@ inbound = { spi = 0x2001, key_file = "/etc/esptun/b-to-a.key" }
         let err = Config::parse(&format!("[inner]\nallow_udp4_zero_checksum = 1\n{MINIMAL}"))
             .expect_err("not a bool");
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn clamp_mss_is_auto_unless_set_to_off_or_a_number() {
+        assert_eq!(
+            Config::parse(MINIMAL).expect("valid").clamp_mss,
+            MssClamp::Auto
+        );
+        for (value, want) in [
+            ("\"off\"", MssClamp::Off),
+            ("\"auto\"", MssClamp::Auto),
+            ("1200", MssClamp::Fixed(1200)),
+            ("536", MssClamp::Fixed(536)),
+        ] {
+            let v =
+                Config::parse(&format!("[inner]\nclamp_mss = {value}\n{MINIMAL}")).expect("valid");
+            assert_eq!(v.clamp_mss, want, "{value}");
+        }
+        for bad in ["100", "70000", "-1", "\"maybe\""] {
+            let err =
+                Config::parse(&format!("[inner]\nclamp_mss = {bad}\n{MINIMAL}")).expect_err(bad);
+            assert!(
+                matches!(&err, ConfigError::Invalid { problems, .. }
+                    if problems.iter().any(|p| p.field == "inner.clamp_mss")),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

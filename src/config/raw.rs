@@ -100,6 +100,36 @@ pub struct RawInner {
     pub allow_unverifiable_protocols: Option<bool>,
     pub allow_udplite_partial_coverage: Option<bool>,
     pub fill_udp4_zero_checksum: Option<bool>,
+    /// `"off"`, `"auto"` or a number: see [`crate::wire::icmp::MssClamp`].
+    pub clamp_mss: Option<RawClamp>,
+}
+
+/// `[inner] clamp_mss` as written: a word or a number (kept `Copy`, like
+/// the rest of `[inner]`; an unknown word is [`RawClamp::Unknown`], which
+/// validation reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawClamp {
+    Off,
+    Auto,
+    Number(i64),
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for RawClamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Word(String),
+            Number(i64),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Word(w) if w == "off" => RawClamp::Off,
+            Either::Word(w) if w == "auto" => RawClamp::Auto,
+            Either::Word(_) => RawClamp::Unknown,
+            Either::Number(n) => RawClamp::Number(n),
+        })
+    }
 }
 
 impl RawInner {

@@ -19,6 +19,7 @@ use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
 use crate::datapath::reassembly::{CHUNK, ReassemblyConfig};
 use crate::sa::replay::{DEFAULT_WINDOW, MAX_WINDOW};
+use crate::wire::icmp::MssClamp;
 use crate::wire::outer::Encap;
 
 /// The smallest MTU IPv4 requires of a link (RFC 791), inside the tunnel.
@@ -49,6 +50,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let rekey = rekey(raw, &mut p);
     let operations = operations(raw, &mut p);
     let inner = raw.inner.policy();
+    let clamp_mss = clamp_mss(raw.inner.clamp_mss, &mut p);
     let offloads = offloads(&raw.offloads, &mut p);
     let reassembly = reassembly(&raw.reassembly, &mut p);
     let peers = peers(&raw.peers, &mut p);
@@ -63,6 +65,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         rekey,
         operations,
         inner,
+        clamp_mss,
         offloads,
         reassembly,
         peers,
@@ -145,6 +148,35 @@ fn reassembly(raw: &RawReassembly, p: &mut Problems) -> ReassemblyConfig {
         max_bytes_per_destination,
         max_datagrams_per_destination,
         timeout: Duration::from_secs(timeout as u64),
+    }
+}
+
+/// `[inner] clamp_mss`: `"auto"` when absent (it lowers only SYNs whose
+/// MSS would not fit the tunnel or the learned path anyway, as the
+/// `TCPMSS --clamp-mss-to-pmtu` rule every tunnel router carries does),
+/// `"off"`, or a number of bytes (536, RFC 879's default, to 65495).
+fn clamp_mss(raw: Option<super::raw::RawClamp>, p: &mut Problems) -> MssClamp {
+    use super::raw::RawClamp;
+    match raw {
+        None | Some(RawClamp::Auto) => MssClamp::Auto,
+        Some(RawClamp::Off) => MssClamp::Off,
+        Some(RawClamp::Number(n)) => match u16::try_from(n) {
+            Ok(n) if (536..=65495).contains(&n) => MssClamp::Fixed(n),
+            _ => {
+                p.add(
+                    "inner.clamp_mss",
+                    format!("{n} is not a usable MSS: use 536 to 65495, \"auto\" or \"off\""),
+                );
+                MssClamp::Auto
+            }
+        },
+        Some(RawClamp::Unknown) => {
+            p.add(
+                "inner.clamp_mss",
+                "use \"off\", \"auto\" (the default) or a number of bytes",
+            );
+            MssClamp::Auto
+        }
     }
 }
 

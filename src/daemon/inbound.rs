@@ -92,8 +92,20 @@ impl InboundWorker {
             .collect();
         let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
         let encap = sockets.encap;
+        let mut path_mtu_seen = 0;
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.apply_commands();
+            // What the outbound thread learned, for MSS clamping.
+            let changes = self.shared.path_mtu_changes.load(Ordering::Acquire);
+            if changes != path_mtu_seen {
+                path_mtu_seen = changes;
+                self.inbound.path_mtu = self
+                    .shared
+                    .path_mtu
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+            }
             maybe_selftest(&self.shared, &mut next_check, "inbound");
             if Instant::now() >= next_publish {
                 self.publish();

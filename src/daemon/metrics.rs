@@ -317,6 +317,44 @@ pub fn render(s: &Status) -> String {
     );
     family(
         &mut out,
+        "esptun_path_mtu",
+        "gauge",
+        "The path MTU to an outbound SA's endpoint as the kernel knows it (ICMP Fragmentation Needed / Packet Too Big lower it).",
+        outbound().filter_map(|(x, spi)| x.path_mtu.map(|m| (sa(&x.peer, spi), u64::from(m)))),
+    );
+    family(
+        &mut out,
+        "esptun_inner_mtu",
+        "gauge",
+        "The largest inner packet that fits the path MTU after ESP, by outbound SA.",
+        outbound().filter_map(|(x, spi)| x.inner_mtu.map(|m| (sa(&x.peer, spi), u64::from(m)))),
+    );
+    family(
+        &mut out,
+        "esptun_packet_too_big_total",
+        "counter",
+        "ICMP Fragmentation Needed / Packet Too Big for packet_too_big drops: written to the TUN device (sent) or held back by the rate limit or because the packet was an ICMP error (suppressed).",
+        [
+            ("sent", s.outbound.too_big_sent),
+            ("suppressed", s.outbound.too_big_suppressed),
+        ]
+        .into_iter()
+        .map(|(result, n)| (vec![("result", result)], n)),
+    );
+    family(
+        &mut out,
+        "esptun_mss_clamped_total",
+        "counter",
+        "TCP SYNs whose MSS option was lowered ([inner] clamp_mss), by direction.",
+        [
+            ("outbound", s.outbound.mss_clamped),
+            ("inbound", s.inbound.mss_clamped),
+        ]
+        .into_iter()
+        .map(|(direction, n)| (vec![("direction", direction)], n)),
+    );
+    family(
+        &mut out,
         "esptun_io_errors_total",
         "counter",
         "Failures at the TUN and socket edge, by kind.",
@@ -384,6 +422,8 @@ mod tests {
                 soft_limit_reached: false,
                 drops: Default::default(),
                 last_packet_ms_ago: None,
+                path_mtu: Some(1280),
+                inner_mtu: Some(1238),
             }],
             inbound_sas: Vec::new(),
             now_unix_ms: None,
@@ -413,6 +453,14 @@ mod tests {
         );
         assert!(
             text.contains("esptun_sequence_reserved{peer=\"b\\\"x\",spi=\"0x0000a001\"} 1048576"),
+            "{text}"
+        );
+        assert!(
+            text.contains("esptun_path_mtu{peer=\"b\\\"x\",spi=\"0x0000a001\"} 1280"),
+            "{text}"
+        );
+        assert!(
+            text.contains("esptun_packet_too_big_total{result=\"sent\"} 0"),
             "{text}"
         );
         assert!(

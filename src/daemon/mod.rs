@@ -354,6 +354,8 @@ impl Daemon {
             // Coalesced TCP trains need the TSO the device granted.
             coalesce: config.offloads.coalesce && tun.offloads().tso,
             offloads: status::OffloadState::default(),
+            path_mtu: Mutex::new(crate::datapath::outbound::PathMtus::new(config.outer.encap)),
+            path_mtu_changes: std::sync::atomic::AtomicU64::new(0),
         });
 
         {
@@ -401,6 +403,9 @@ impl Daemon {
         };
         let mut pipeline = Outbound::new(shared.inner);
         pipeline.counters = shared.out_counters.clone();
+        pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
+        pipeline.clamp_mss = daemon.config.clamp_mss;
+        pipeline.tunnel_mtu = daemon.config.interface.mtu;
         let reassembler = daemon.config.reassembly.enabled.then(|| {
             Reassembler::new(
                 daemon.config.reassembly,
@@ -408,7 +413,7 @@ impl Daemon {
                 shared.out_counters.clone(),
             )
         });
-        let outbound = outbound::OutboundWorker::new(
+        let mut outbound = outbound::OutboundWorker::new(
             shared.clone(),
             tun.clone(),
             sockets.clone(),
@@ -420,6 +425,9 @@ impl Daemon {
         .with_reassembler(reassembler, daemon.config.outer.outer_mtu);
         let mut pipeline = Inbound::new(shared.inner);
         pipeline.counters = shared.in_counters.clone();
+        pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
+        pipeline.clamp_mss = daemon.config.clamp_mss;
+        pipeline.tunnel_mtu = daemon.config.interface.mtu;
         let inbound = inbound::InboundWorker::new(
             shared.clone(),
             tun,
@@ -429,6 +437,9 @@ impl Daemon {
             events_tx,
             drop_capture,
         );
+        outbound.set_path_mtu_probe(crate::io::socket::PathMtuProbe::open(Some(
+            daemon.config.outer.fwmark,
+        )));
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
         // `status` and the ready line only once both threads have applied

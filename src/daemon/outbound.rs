@@ -5,6 +5,12 @@
 //! daemon runs: it applies every removal the manager sent before an
 //! install, so a key is claimed only when no SA in its table can still
 //! draw on it.
+//!
+//! Path MTU: every [`PMTU_REFRESH`] it reads the kernel's path MTU to each
+//! peer ([`PathMtuProbe`]) into the pipeline, which then refuses packets
+//! too big for it; each refusal is answered through the TUN device with
+//! ICMP Fragmentation Needed / Packet Too Big ([`crate::wire::icmp`]),
+//! at most [`TOO_BIG_BURST`] at once and [`TOO_BIG_PER_SEC`] a second.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -22,12 +28,14 @@ use super::workers::{
 use crate::datapath::outbound::Outbound;
 use crate::datapath::reassembly::{Pushed, Reassembler};
 use crate::datapath::{DropContext, DropReason, Flow, Verdict};
+use crate::io::socket::PathMtuProbe;
 use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
 use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::table::{SaId, SaState};
 use crate::wire::gso::{GsoError, Splitter, complete_single};
+use crate::wire::icmp;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::vnet::{GsoType, VirtioNetHdr};
 
@@ -54,6 +62,56 @@ pub(crate) struct OutboundWorker {
     /// datagram) is sent on its own, never in a UDP GSO train, whose
     /// segments the kernel refuses above the path MTU (EINVAL).
     outer_mtu: u16,
+    /// Reads the kernel's path MTU per peer; `None`: nothing is learned.
+    probe: Option<PathMtuProbe>,
+    /// Paces the ICMP errors written to the TUN device.
+    too_big_limit: TokenBucket,
+    /// Where an ICMP error is built (the larger of the two limits).
+    icmp_buf: Box<[u8; icmp::ICMPV6_ERROR_MAX]>,
+}
+
+/// How often the path MTU to each peer is read from the kernel.
+pub(crate) const PMTU_REFRESH: Duration = Duration::from_millis(500);
+/// ICMP Packet Too Big / Fragmentation Needed written to the TUN device:
+/// a burst of this many, then this many a second (RFC 4443 section 2.4
+/// (f) asks for a limit; Linux's own default is of the same order). A
+/// TCP sender needs one per retransmission, not one per segment.
+pub(crate) const TOO_BIG_BURST: u32 = 20;
+pub(crate) const TOO_BIG_PER_SEC: u32 = 100;
+
+/// A token bucket: `burst` tokens, refilled at `per_sec` a second.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    pub fn new(burst: u32, per_sec: u32) -> Self {
+        TokenBucket {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            per_sec: f64::from(per_sec),
+            last: None,
+        }
+    }
+
+    /// Takes a token if there is one at `now`.
+    pub fn take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let earned = now.saturating_duration_since(last).as_secs_f64() * self.per_sec;
+            self.tokens = (self.tokens + earned).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Back-off after a failed top-up: doubles from the first to the last,
@@ -85,6 +143,93 @@ impl OutboundWorker {
             activity: Activity::default(),
             reassembler: None,
             outer_mtu: u16::MAX,
+            probe: None,
+            too_big_limit: TokenBucket::new(TOO_BIG_BURST, TOO_BIG_PER_SEC),
+            icmp_buf: Box::new([0; icmp::ICMPV6_ERROR_MAX]),
+        }
+    }
+
+    /// Learns the path MTU to each peer with `probe` from now on.
+    pub fn set_path_mtu_probe(&mut self, probe: PathMtuProbe) {
+        self.probe = Some(probe);
+    }
+
+    /// Reads the kernel's path MTU to every SA's endpoint into the
+    /// pipeline (a peer the kernel cannot route to keeps no value).
+    fn refresh_path_mtu(&mut self) {
+        let Some(probe) = &self.probe else {
+            return;
+        };
+        let mut endpoints: Vec<std::net::SocketAddr> =
+            self.outbound.sas.iter().map(|e| e.meta.endpoint).collect();
+        endpoints.sort_unstable();
+        endpoints.dedup_by_key(|e| e.ip());
+        let mut changed = false;
+        for endpoint in endpoints {
+            let mtu = match probe.path_mtu(endpoint) {
+                Ok(mtu) => Some(mtu),
+                Err(e) => {
+                    tracing::debug!(%endpoint, "path MTU unknown: {e}");
+                    None
+                }
+            };
+            let before = self.outbound.path_mtu.get(endpoint.ip());
+            if before.is_some() && before != mtu {
+                tracing::info!(
+                    %endpoint,
+                    "path MTU changed from {} to {}",
+                    before.map_or("unknown".into(), |m| m.to_string()),
+                    mtu.map_or("unknown".into(), |m| m.to_string()),
+                );
+            }
+            changed |= before != mtu;
+            self.outbound.path_mtu.set(endpoint.ip(), mtu);
+        }
+        if changed {
+            // For the inbound thread's MSS clamping.
+            *self
+                .shared
+                .path_mtu
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = self.outbound.path_mtu.clone();
+            self.shared.path_mtu_changes.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Answers the last batch's packet-too-big drops through the TUN
+    /// device, within the rate limit; counts what was sent and what not.
+    fn answer_too_big(&mut self, bufs: &[PacketBuf]) {
+        if self.outbound.too_big.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let counters = self.outbound.counters.clone();
+        for &(index, mtu) in &self.outbound.too_big {
+            let Some(packet) = bufs.get(index).map(PacketBuf::data) else {
+                continue;
+            };
+            let built = match packet.first().map(|b| b >> 4) {
+                Some(6) => icmp::packet_too_big_v6(packet, u32::from(mtu), &mut self.icmp_buf[..]),
+                _ => icmp::frag_needed_v4(packet, mtu, &mut self.icmp_buf[..]),
+            };
+            // Never an ICMP error for an ICMP error, and never more than
+            // the limit: both are counted as suppressed.
+            let len = match built {
+                Ok(len) if self.too_big_limit.take(now) => len,
+                _ => {
+                    counters.too_big_suppressed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            match self.tun.write(&self.icmp_buf[..len]) {
+                Ok(()) => {
+                    counters.too_big_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    count(&self.shared.io.tun_write_errors);
+                    self.errors.io("writing ICMP packet too big to TUN", &e);
+                }
+            }
         }
     }
 
@@ -125,8 +270,16 @@ impl OutboundWorker {
         let mut verdicts = Vec::with_capacity(BATCH);
         let mut next_check = Instant::now() + self.shared.selftest_interval;
         let mut next_publish = Instant::now();
+        let mut next_pmtu = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.apply_commands();
+            if Instant::now() >= next_pmtu {
+                self.refresh_path_mtu();
+                for socket in [&self.sockets.v4, &self.sockets.v6].into_iter().flatten() {
+                    socket.request_df_probe();
+                }
+                next_pmtu = Instant::now() + PMTU_REFRESH;
+            }
             maybe_selftest(&self.shared, &mut next_check, "outbound");
             self.expire_fragments();
             if Instant::now() >= next_publish {
@@ -218,6 +371,7 @@ impl OutboundWorker {
         self.outbound
             .process(&self.shared.selector, batch.packets_mut(), verdicts);
         self.send(batch.packets(), verdicts);
+        self.answer_too_big(batch.packets());
         self.log_drops(batch.packets(), verdicts);
         self.top_up();
     }
@@ -457,6 +611,19 @@ impl OutboundWorker {
                 soft_limit_reached: e.sa.past_soft_limit(),
                 drops: status::sa_drops(Some(&e.counters)),
                 last_packet_ms_ago: activity.note(e.id, e.sa.stats.packets, now),
+                path_mtu: self.outbound.path_mtu.get(e.meta.endpoint.ip()),
+                inner_mtu: self
+                    .outbound
+                    .path_mtu
+                    .get(e.meta.endpoint.ip())
+                    .and_then(|path| {
+                        icmp::usable_inner_mtu(
+                            path,
+                            self.outbound.path_mtu.encap,
+                            e.meta.endpoint.is_ipv6(),
+                            e.sa.keys.icv().bytes(),
+                        )
+                    }),
             })
             .collect();
         Shared::publish(&self.shared.out_status, rows, &self.shared.out_counters);
@@ -530,6 +697,7 @@ fn take_packet(
             }
             Pushed::Complete(len) => {
                 out.set_len(len);
+                out.meta.reassembled = true;
                 return filled + 1;
             }
         }
@@ -552,6 +720,7 @@ fn take_packet(
                 match written {
                     Ok(len) => {
                         out.set_len(len);
+                        out.meta.reassembled = false;
                         filled += 1;
                     }
                     Err(e) => drop(offload_reason(&e)),
@@ -571,6 +740,7 @@ fn take_packet(
     // left the batch full.
     make_room(batch, &mut filled);
     std::mem::swap(slot, &mut batch.slots()[filled]);
+    batch.slots()[filled].meta.reassembled = false;
     filled + 1
 }
 
@@ -705,6 +875,21 @@ mod tests {
                 assert_eq!(refused, vec![DropReason::Fragment; fragments.len()]);
             }
         }
+    }
+
+    #[test]
+    fn the_token_bucket_allows_a_burst_then_its_rate() {
+        let mut b = TokenBucket::new(3, 10);
+        let t0 = Instant::now();
+        assert_eq!((0..5).filter(|_| b.take(t0)).count(), 3, "the burst");
+        assert!(!b.take(t0 + Duration::from_millis(50)), "half a token");
+        assert!(b.take(t0 + Duration::from_millis(100)), "one earned");
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        // A long quiet time refills to the burst, no more.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.take(later)).count(), 3);
+        // Time going backwards (a clock read out of order) earns nothing.
+        assert!(!b.take(t0));
     }
 
     #[test]

@@ -87,6 +87,11 @@ pub(crate) struct Shared {
     pub coalesce: bool,
     /// The offloads in use, as the threads find them.
     pub offloads: super::status::OffloadState,
+    /// The path MTU per peer as the outbound thread last learned it, for
+    /// the inbound thread's MSS clamping, and a count of its changes (read
+    /// without the lock to see whether there is anything new).
+    pub path_mtu: Mutex<crate::datapath::outbound::PathMtus>,
+    pub path_mtu_changes: std::sync::atomic::AtomicU64,
 }
 
 /// Milliseconds, saturating.

@@ -57,6 +57,15 @@ pub struct OutboundSaStatus {
     /// (to within one publication, 200 ms); absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_packet_ms_ago: Option<u64>,
+    /// The path MTU to the endpoint as the kernel knows it (the route's
+    /// MTU, or what an ICMP Fragmentation Needed / Packet Too Big taught
+    /// it); absent: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u16>,
+    /// The largest inner packet that fits `path_mtu` after ESP with this
+    /// SA's ICV: what a Packet Too Big advertises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_mtu: Option<u16>,
 }
 
 /// One inbound SA as its thread last published it.
@@ -209,6 +218,16 @@ pub struct DirectionStatus {
     pub unverifiable_protocol: u64,
     pub udplite_partial_coverage: u64,
     pub soft_limit_crossings: u64,
+    /// ICMP Fragmentation Needed / Packet Too Big written to the TUN
+    /// device, and those held back by the rate limit or because the
+    /// packet was itself an ICMP error (absent from older daemons).
+    #[serde(default)]
+    pub too_big_sent: u64,
+    #[serde(default)]
+    pub too_big_suppressed: u64,
+    /// TCP SYNs whose MSS was clamped.
+    #[serde(default)]
+    pub mss_clamped: u64,
     /// Outbound reassembly of fragments (all zero inbound; absent from
     /// older daemons).
     #[serde(default)]
@@ -283,6 +302,9 @@ impl DirectionStatus {
             udplite_partial_coverage: c.udplite_partial_coverage.load(Ordering::Relaxed),
             soft_limit_crossings: c.soft_limit_crossings.load(Ordering::Relaxed),
             reassembly: ReassemblyStatus::of(&c.reassembly),
+            too_big_sent: c.too_big_sent.load(Ordering::Relaxed),
+            too_big_suppressed: c.too_big_suppressed.load(Ordering::Relaxed),
+            mss_clamped: c.mss_clamped.load(Ordering::Relaxed),
         }
     }
 }
@@ -494,6 +516,8 @@ mod tests {
             soft_limit_reached: true,
             drops: sa_drops(Some(&[1; DropReason::ALL.len()])),
             last_packet_ms_ago: Some(400),
+            path_mtu: Some(1280),
+            inner_mtu: Some(1238),
         };
         let status = Status {
             offloads: OffloadsStatus {
@@ -533,6 +557,10 @@ mod tests {
         assert!(json.contains(r#""last_packet_ms_ago":400"#), "{json}");
         assert_eq!(json.matches("last_packet_ms_ago").count(), 1, "{json}");
         assert!(json.contains(r#""now_unix_ms":1700000000000"#), "{json}");
+        assert!(
+            json.contains(r#""path_mtu":1280,"inner_mtu":1238"#),
+            "{json}"
+        );
         let back: Status = serde_json::from_str(&json).expect("reads back");
         assert_eq!(back, status);
         let bad = json.replace(r#""state":"pending""#, r#""state":"sleeping""#);

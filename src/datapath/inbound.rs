@@ -3,10 +3,15 @@
 //! rebuild the IP header from the SA's inner addresses (with the outer
 //! packet's DSCP and ECN, [`crate::wire::ecn::transport_mode`]), and then,
 //! unlike Linux for transport-mode NAT-T, validate the inner checksum.
+//!
+//! With `[inner] clamp_mss`, a TCP SYN from the peer has its MSS lowered
+//! to what fits the path back to that peer (the segments our side will
+//! send), before the inner checksum is validated as usual.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use super::outbound::{PathMtus, clamp_limit};
 use super::{Counters, DropContext, DropReason, Flow, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
@@ -16,6 +21,7 @@ use crate::sa::replay::ReplayError;
 use crate::sa::table::{SaId, SaMeta, SaTable, TableError};
 use crate::wire::ecn;
 use crate::wire::esp::{self, EspPacket, UdpPayload};
+use crate::wire::icmp::{self, MssClamp};
 use crate::wire::inner::{self, InnerPolicy, Pseudo};
 use crate::wire::ip::{self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, protocol};
 /// How the ESP bytes arrived: only UDP (where the payload may also be a
@@ -40,6 +46,11 @@ pub struct Inbound {
     pub sas: SaTable<InboundSa, SaDrops>,
     /// Per reason, the latest [`Self::process`] call's last drop.
     last_drops: [Option<DropContext>; DropReason::ALL.len()],
+    /// `[inner] clamp_mss`, the tunnel MTU and the path MTU per peer (a
+    /// copy of what the outbound side learned), for SYNs from the peer.
+    pub clamp_mss: MssClamp,
+    pub tunnel_mtu: u16,
+    pub path_mtu: PathMtus,
 }
 
 impl Inbound {
@@ -183,6 +194,23 @@ impl Inbound {
             (IpAddr::V6(r), IpAddr::V6(l)) => Pseudo::V6(r.octets(), l.octets()),
             _ => return Err(DropReason::InnerHeader),
         };
+        if matches!(next_header, protocol::TCP | protocol::IPV6_DEST_OPTS)
+            && let Some(limit) = clamp_limit(
+                self.clamp_mss,
+                &self.path_mtu,
+                self.tunnel_mtu,
+                entry.meta.endpoint.ip(),
+                remote.is_ipv6(),
+                icv,
+            )
+            && icmp::clamp_mss(&mut storage[header_start..payload_end], limit).is_some()
+        {
+            // Validated below like any packet: an RFC 1624 update gone
+            // wrong is an inner_checksum drop, never a delivery.
+            self.counters
+                .mss_clamped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let segment = &storage[ciphertext_start..payload_end];
         let verdict = match inner::validate_segment(pseudo, next_header, segment, self.policy) {
             Ok(verdict) => verdict,

@@ -62,6 +62,11 @@ pub enum DropReason {
     SequenceReservation,
     /// The provider refused to seal (should not happen).
     SealFailed,
+    /// Its ESP packet would not fit the path MTU learned for the peer, and
+    /// it may not be fragmented (IPv4 with DF set, or IPv6 larger than
+    /// 1280 bytes): answered with ICMP Fragmentation Needed / Packet Too
+    /// Big through the TUN device (RFC 1191, RFC 8201).
+    PacketTooBig,
     // Inbound.
     /// Too short for the ESP header, or for the SA's ICV.
     Truncated,
@@ -100,7 +105,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 30] = [
+    pub const ALL: [DropReason; 31] = [
         DropReason::InnerHeader,
         DropReason::InnerChecksum,
         DropReason::ZeroUdpChecksum,
@@ -116,6 +121,7 @@ impl DropReason {
         DropReason::SequenceExhausted,
         DropReason::SequenceReservation,
         DropReason::SealFailed,
+        DropReason::PacketTooBig,
         DropReason::Truncated,
         DropReason::Keepalive,
         DropReason::Ike,
@@ -150,6 +156,7 @@ impl DropReason {
             DropReason::SequenceExhausted => "sequence_exhausted",
             DropReason::SequenceReservation => "sequence_reservation",
             DropReason::SealFailed => "seal_failed",
+            DropReason::PacketTooBig => "packet_too_big",
             DropReason::Truncated => "truncated",
             DropReason::Keepalive => "keepalive",
             DropReason::Ike => "ike",
@@ -331,6 +338,13 @@ pub struct Counters {
     pub soft_limit_crossings: AtomicU64,
     /// Outbound: fragments reassembled, and datagrams that were not.
     pub reassembly: reassembly::ReassemblyCounters,
+    /// ICMP Fragmentation Needed / Packet Too Big written to the TUN
+    /// device for [`DropReason::PacketTooBig`] drops, and those the rate
+    /// limit (or the rule never to answer an ICMP error) held back.
+    pub too_big_sent: AtomicU64,
+    pub too_big_suppressed: AtomicU64,
+    /// TCP SYNs whose MSS option was lowered (`[inner] clamp_mss`).
+    pub mss_clamped: AtomicU64,
 }
 
 impl Default for Counters {
@@ -344,6 +358,9 @@ impl Default for Counters {
             passed: AtomicU64::new(0),
             soft_limit_crossings: AtomicU64::new(0),
             reassembly: reassembly::ReassemblyCounters::default(),
+            too_big_sent: AtomicU64::new(0),
+            too_big_suppressed: AtomicU64::new(0),
+            mss_clamped: AtomicU64::new(0),
         }
     }
 }

@@ -6,7 +6,17 @@
 //! the UDP or raw ESP socket adds the outer headers (RFC 3948 section 2.1:
 //! ports 4500 by default; RFC 4303 section 3.1.1: transport mode keeps the
 //! IP addresses, which the receiver rebuilds from its SA).
+//!
+//! Path MTU (RFC 1191, RFC 8201): the daemon tells the pipeline the path
+//! MTU it learned per peer ([`PathMtus`]). A packet whose ESP packet would
+//! not fit, and which may not be fragmented, is dropped as
+//! [`DropReason::PacketTooBig`] before it takes a sequence number; its
+//! batch index and the inner MTU to advertise go to
+//! [`Outbound::too_big`], for the caller to answer through the TUN device.
+//! The packets checked are the segments a TSO/USO super-packet was split
+//! into (the split happens before this pipeline), never the super-packet.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -17,8 +27,126 @@ use crate::packet::PacketBuf;
 use crate::sa::table::{SaId, SaMeta, SaState, SaTable, TableError};
 use crate::sa::{OutboundSa, SeqError};
 use crate::wire::esp;
+use crate::wire::icmp::{self, IPV4_MIN_MTU, IPV6_MIN_MTU, MssClamp};
 use crate::wire::inner::{self, InnerPolicy, InnerVerdict};
-use crate::wire::ip;
+use crate::wire::ip::{self, protocol};
+use crate::wire::outer::Encap;
+
+/// The path MTU learned for each peer endpoint (outer address), and the
+/// encapsulation the arithmetic needs. Few peers: a short list, with its
+/// minimum kept so that a packet below it needs no lookup at all.
+#[derive(Debug, Clone)]
+pub struct PathMtus {
+    pub encap: Encap,
+    entries: Vec<(IpAddr, u16)>,
+    min: u16,
+}
+
+impl Default for PathMtus {
+    fn default() -> Self {
+        PathMtus::new(Encap::NATT)
+    }
+}
+
+impl PathMtus {
+    pub fn new(encap: Encap) -> Self {
+        PathMtus {
+            encap,
+            entries: Vec::new(),
+            min: u16::MAX,
+        }
+    }
+
+    /// Records (or with `None` forgets) the path MTU to `endpoint`.
+    pub fn set(&mut self, endpoint: IpAddr, mtu: Option<u16>) {
+        self.entries.retain(|(ip, _)| *ip != endpoint);
+        if let Some(mtu) = mtu {
+            self.entries.push((endpoint, mtu));
+        }
+        self.min = self.entries.iter().map(|e| e.1).min().unwrap_or(u16::MAX);
+    }
+
+    pub fn get(&self, endpoint: IpAddr) -> Option<u16> {
+        self.entries
+            .iter()
+            .find(|(ip, _)| *ip == endpoint)
+            .map(|e| e.1)
+    }
+
+    /// The path MTU to `endpoint` if an outer packet of `outer_len` bytes
+    /// might exceed it.
+    fn limit(&self, endpoint: IpAddr, outer_len: usize) -> Option<u16> {
+        if outer_len <= usize::from(self.min) {
+            return None;
+        }
+        self.get(endpoint)
+            .filter(|mtu| outer_len > usize::from(*mtu))
+    }
+}
+
+/// The MSS a SYN to or from the peer at `endpoint` may carry at most
+/// under `clamp`: a fixed number, or (auto) what fits the learned path MTU
+/// after ESP, or the tunnel MTU while none is learned. IPv6 packets up to
+/// 1280 bytes always pass ([`too_big_verdict`]), so IPv6 never clamps
+/// below what 1280 allows.
+pub fn clamp_limit(
+    clamp: MssClamp,
+    path_mtu: &PathMtus,
+    tunnel_mtu: u16,
+    endpoint: IpAddr,
+    v6: bool,
+    icv: usize,
+) -> Option<u16> {
+    match clamp {
+        MssClamp::Off => None,
+        MssClamp::Fixed(mss) => Some(mss),
+        MssClamp::Auto => {
+            let mtu = match path_mtu.get(endpoint) {
+                Some(path) => icmp::usable_inner_mtu(path, path_mtu.encap, v6, icv)
+                    .unwrap_or(0)
+                    .min(tunnel_mtu),
+                None => tunnel_mtu,
+            };
+            let mtu = if v6 { mtu.max(IPV6_MIN_MTU) } else { mtu };
+            Some(icmp::mss_for_mtu(mtu, v6))
+        }
+    }
+}
+
+/// What to do with an inner packet too big for the path: `Ok` to send it
+/// anyway (the host fragments the outer packet), `Err(mtu)` to drop it and
+/// advertise `mtu`.
+///
+/// IPv4: only DF packets are refused; the next-hop MTU advertised is the
+/// usable inner MTU (at least 68, RFC 791). IPv6 (RFC 8200 section 5):
+/// no MTU below 1280 is ever advertised. When the usable inner MTU is
+/// below 1280, the tunnel is a link that cannot carry 1280-byte packets,
+/// which must fragment and reassemble below IPv6: packets of up to 1280
+/// bytes are sent, and the host fragments their outer packet (the peer's
+/// kernel reassembles it); larger ones get a Packet Too Big of 1280.
+pub fn too_big_verdict(
+    packet: &[u8],
+    total_len: usize,
+    path_mtu: u16,
+    encap: Encap,
+    icv: usize,
+) -> Result<(), u16> {
+    let v6 = packet.first().is_some_and(|b| b >> 4 == 6);
+    let usable = icmp::usable_inner_mtu(path_mtu, encap, v6, icv).unwrap_or(0);
+    if v6 {
+        if total_len <= usize::from(IPV6_MIN_MTU) {
+            return Ok(());
+        }
+        return Err(usable.max(IPV6_MIN_MTU));
+    }
+    // RFC 791: the DF flag is bit 1 of byte 6.
+    let df = packet.get(6).is_some_and(|b| b & 0x40 != 0);
+    if df {
+        Err(usable.max(IPV4_MIN_MTU))
+    } else {
+        Ok(())
+    }
+}
 
 /// The outbound pipeline and its SAs.
 #[derive(Debug, Default)]
@@ -29,6 +157,15 @@ pub struct Outbound {
     /// Looked up by inner remote address among the active SAs; each
     /// entry counts what was dropped after it was found.
     pub sas: SaTable<OutboundSa, SaDrops>,
+    /// The learned path MTU per peer endpoint.
+    pub path_mtu: PathMtus,
+    /// `[inner] clamp_mss`, and the tunnel (TUN) MTU that `auto` falls
+    /// back to while no path MTU is learned.
+    pub clamp_mss: MssClamp,
+    pub tunnel_mtu: u16,
+    /// The last batch's [`DropReason::PacketTooBig`] drops: (index in the
+    /// batch, inner MTU to advertise). Its capacity is reused.
+    pub too_big: Vec<(usize, u16)>,
 }
 
 impl Outbound {
@@ -58,13 +195,18 @@ impl Outbound {
         verdicts: &mut Vec<Verdict>,
     ) {
         verdicts.clear();
+        self.too_big.clear();
         // Once per batch: a provider switch takes effect at batch edges.
         let provider = selector.active();
-        for buf in batch {
+        for (index, buf) in batch.iter_mut().enumerate() {
             let mut matched = None;
-            let verdict = match self.seal_one(provider, buf, &mut matched) {
+            let mut too_big = None;
+            let verdict = match self.seal_one(provider, buf, &mut matched, &mut too_big) {
                 Ok(sa) => Verdict::Send { sa },
                 Err(reason) => {
+                    if let Some(mtu) = too_big {
+                        self.too_big.push((index, mtu));
+                    }
                     if let Some(entry) = matched.and_then(|id| self.sas.get_mut(id)) {
                         entry.counters[reason.index()] += 1;
                     }
@@ -81,6 +223,7 @@ impl Outbound {
         provider: Option<ProviderId>,
         buf: &mut PacketBuf,
         matched: &mut Option<SaId>,
+        too_big: &mut Option<u16>,
     ) -> Result<SaId, DropReason> {
         // Corruption between the kernel and the cipher is caught here,
         // before a valid ICV would vouch for it.
@@ -126,6 +269,37 @@ impl Outbound {
         let tos = ip::tos_of(buf.data());
         let icv = sa.keys.icv().bytes();
         let payload_len = shape.total_len - shape.header_len;
+        let encap = self.path_mtu.encap;
+        let v6 = shape.src.is_ipv6();
+        let outer_len = icmp::outer_len(payload_len, encap, v6, icv);
+        // Before a sequence number is taken: a refused packet costs none.
+        // A datagram the sender fragmented goes whole, its outer packet
+        // fragmented by the host (PacketMeta::reassembled).
+        if !buf.meta.reassembled
+            && let Some(path) = self.path_mtu.limit(endpoint.ip(), outer_len)
+            && let Err(mtu) = too_big_verdict(buf.data(), shape.total_len, path, encap, icv)
+        {
+            *too_big = Some(mtu);
+            return Err(DropReason::PacketTooBig);
+        }
+        if matches!(shape.protocol, protocol::TCP | protocol::IPV6_DEST_OPTS) {
+            let limit = clamp_limit(
+                self.clamp_mss,
+                &self.path_mtu,
+                self.tunnel_mtu,
+                endpoint.ip(),
+                v6,
+                icv,
+            );
+            if let Some(limit) = limit
+                && icmp::clamp_mss(buf.data_mut(), limit).is_some()
+            {
+                // RFC 1624 updated the checksum; checked again as usual,
+                // so a wrong update is a drop, never a sent packet.
+                inner::validate(buf.data(), self.policy)?;
+                self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let pad = esp::pad_len(payload_len);
         let (storage, start, _) = buf.parts();
         let payload_start = start + shape.header_len;

@@ -391,6 +391,8 @@ pub struct TwoHosts {
     pub veth_a: String,
     /// The veth end in `b`.
     pub veth_b: String,
+    /// With [`TwoHosts::create_routed`]: the router between them.
+    pub router: Option<Netns>,
 }
 
 impl TwoHosts {
@@ -411,6 +413,7 @@ impl TwoHosts {
             b_v6: Ipv6Addr::new(0x2001, 0xdb8, u16::from(subnet_index), 0, 0, 0, 0, 2),
             veth_a: format!("{prefix}va"),
             veth_b: format!("{prefix}vb"),
+            router: None,
         };
         // Created in a and moved to b in one step, so neither end is ever
         // visible in the root namespace.
@@ -436,6 +439,127 @@ impl TwoHosts {
             ns.ip(&["link", "set", dev, "up"])?;
         }
         for (ns, dev) in [(&hosts.a, &hosts.veth_a), (&hosts.b, &hosts.veth_b)] {
+            wait_carrier(ns, dev)?;
+        }
+        Ok(hosts)
+    }
+}
+
+impl TwoHosts {
+    /// Three namespaces: `a` — router — `b`, with forwarding on in the
+    /// router's namespace only, and the router's link to `b` at MTU
+    /// `middle_mtu` (both ends, so neither drops what the other sends):
+    /// packets from `a` larger than that meet a real router, which answers
+    /// DF IPv4 packets with ICMP Fragmentation Needed and IPv6 ones with
+    /// Packet Too Big. Addresses: a is 198.18.`subnet_index`.1/25 and
+    /// 2001:db8:`subnet_index`::1/64, b is 198.18.`subnet_index`.130/25 and
+    /// 2001:db8:`subnet_index`:1::2/64, the router .126/.254 and ::fe on
+    /// each side; a and b route the other's subnet through the router.
+    pub fn create_routed(
+        tag: &str,
+        subnet_index: u8,
+        middle_mtu: u16,
+    ) -> Result<TwoHosts, LabError> {
+        let prefix = unique_prefix(tag);
+        let s = u16::from(subnet_index);
+        let a = Netns::create(&format!("{prefix}a"))?;
+        let b = Netns::create(&format!("{prefix}b"))?;
+        let router = Netns::create(&format!("{prefix}r"))?;
+        let hosts = TwoHosts {
+            a,
+            b,
+            a_v4: Ipv4Addr::new(198, 18, subnet_index, 1),
+            b_v4: Ipv4Addr::new(198, 18, subnet_index, 130),
+            a_v6: Ipv6Addr::new(0x2001, 0xdb8, s, 0, 0, 0, 0, 1),
+            b_v6: Ipv6Addr::new(0x2001, 0xdb8, s, 1, 0, 0, 0, 2),
+            veth_a: format!("{prefix}va"),
+            veth_b: format!("{prefix}vb"),
+            router: Some(router),
+        };
+        let Some(router) = &hosts.router else {
+            unreachable!("set just above");
+        };
+        let (ra, rb) = (format!("{prefix}ra"), format!("{prefix}rb"));
+        let r_a4 = Ipv4Addr::new(198, 18, subnet_index, 126);
+        let r_b4 = Ipv4Addr::new(198, 18, subnet_index, 254);
+        let r_a6 = Ipv6Addr::new(0x2001, 0xdb8, s, 0, 0, 0, 0, 0xfe);
+        let r_b6 = Ipv6Addr::new(0x2001, 0xdb8, s, 1, 0, 0, 0, 0xfe);
+        // Each pair is created in the router and its far end moved at once.
+        for (host, dev, rdev) in [
+            (&hosts.a, &hosts.veth_a, &ra),
+            (&hosts.b, &hosts.veth_b, &rb),
+        ] {
+            router.ip(&[
+                "link",
+                "add",
+                rdev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev,
+                "netns",
+                host.name(),
+            ])?;
+        }
+        let mtu = middle_mtu.to_string();
+        for (ns, dev) in [(router, &rb), (&hosts.b, &hosts.veth_b)] {
+            ns.ip(&["link", "set", dev, "mtu", &mtu])?;
+        }
+        for (ns, dev, v4, v6) in [
+            (
+                &hosts.a,
+                &hosts.veth_a,
+                format!("{}/25", hosts.a_v4),
+                hosts.a_v6,
+            ),
+            (router, &ra, format!("{r_a4}/25"), r_a6),
+            (router, &rb, format!("{r_b4}/25"), r_b6),
+            (
+                &hosts.b,
+                &hosts.veth_b,
+                format!("{}/25", hosts.b_v4),
+                hosts.b_v6,
+            ),
+        ] {
+            ns.ip(&["addr", "add", &v4, "dev", dev])?;
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        // Forwarding in the router's namespace only: the write goes
+        // through a thread inside it, and /proc/sys/net is per namespace.
+        router
+            .run(|| -> std::io::Result<()> {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+            })?
+            .map_err(|e| LabError::Invalid(format!("turning forwarding on in the router: {e}")))?;
+        let (b_net4, a_net4) = (
+            format!("198.18.{subnet_index}.128/25"),
+            format!("198.18.{subnet_index}.0/25"),
+        );
+        let (b_net6, a_net6) = (
+            format!("2001:db8:{s:x}:1::/64"),
+            format!("2001:db8:{s:x}::/64"),
+        );
+        hosts
+            .a
+            .ip(&["route", "add", &b_net4, "via", &r_a4.to_string()])?;
+        hosts
+            .a
+            .ip(&["-6", "route", "add", &b_net6, "via", &r_a6.to_string()])?;
+        hosts
+            .b
+            .ip(&["route", "add", &a_net4, "via", &r_b4.to_string()])?;
+        hosts
+            .b
+            .ip(&["-6", "route", "add", &a_net6, "via", &r_b6.to_string()])?;
+        for (ns, dev) in [
+            (&hosts.a, &hosts.veth_a),
+            (&hosts.b, &hosts.veth_b),
+            (router, &ra),
+            (router, &rb),
+        ] {
             wait_carrier(ns, dev)?;
         }
         Ok(hosts)
@@ -586,6 +710,44 @@ mod tests {
         assert!(unwound.is_err());
         let after = netns_names();
         assert_eq!(names.len(), 2);
+        assert!(!names.iter().any(|n| listed(&after, n)), "{after}");
+    }
+
+    #[test]
+    fn a_routed_lab_forwards_in_the_router_only_over_a_small_link() {
+        if !have_root() {
+            return;
+        }
+        let lab = TwoHosts::create_routed("route", 247, 1280).expect("lab");
+        let router = lab.router.as_ref().expect("a router");
+        let forwarding = |ns: &Netns| {
+            ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default())
+                .expect("run")
+        };
+        assert_eq!(forwarding(router).trim(), "1");
+        assert_eq!(forwarding(&lab.a).trim(), "0");
+        assert_eq!(forwarding(&lab.b).trim(), "0");
+        let b_link = lab
+            .b
+            .ip_output(&["-o", "link", "show", "dev", &lab.veth_b])
+            .expect("link");
+        assert!(b_link.contains("mtu 1280"), "{b_link}");
+        let a_link = lab
+            .a
+            .ip_output(&["-o", "link", "show", "dev", &lab.veth_a])
+            .expect("link");
+        assert!(a_link.contains("mtu 1500"), "{a_link}");
+        // a reaches b through the router, in both versions.
+        for (dst, family) in [(lab.b_v4.to_string(), "-4"), (lab.b_v6.to_string(), "-6")] {
+            let route = lab
+                .a
+                .ip_output(&[family, "route", "get", &dst])
+                .expect("route");
+            assert!(route.contains(" via "), "{route}");
+        }
+        let names = [router.name().to_string()];
+        drop(lab);
+        let after = netns_names();
         assert!(!names.iter().any(|n| listed(&after, n)), "{after}");
     }
 

@@ -100,6 +100,12 @@ pub struct LabOptions {
     pub drop_capture: bool,
     /// Turn every `[offloads]` switch off (the default leaves them auto).
     pub offloads_off: bool,
+    /// A router between the hosts whose link to b has this MTU
+    /// ([`TwoHosts::create_routed`]); `None` (the default): a and b share
+    /// one veth pair.
+    pub router_mtu: Option<u16>,
+    /// Extra lines for the `[inner]` table, e.g. `clamp_mss = "off"`.
+    pub inner_extra: String,
 }
 
 impl Default for LabOptions {
@@ -119,6 +125,8 @@ impl Default for LabOptions {
             metrics: false,
             drop_capture: false,
             offloads_off: false,
+            router_mtu: None,
+            inner_extra: String::new(),
         }
     }
 }
@@ -195,7 +203,10 @@ impl TunnelLab {
         options: LabOptions,
         cleanup: Arc<Mutex<Cleanup>>,
     ) -> Result<TunnelLab, DemoError> {
-        let hosts = TwoHosts::create(&options.tag, options.subnet)?;
+        let hosts = match options.router_mtu {
+            None => TwoHosts::create(&options.tag, options.subnet)?,
+            Some(mtu) => TwoHosts::create_routed(&options.tag, options.subnet, mtu)?,
+        };
         let dir = std::env::temp_dir().join(format!("esptun-{}", hosts.a.name()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new()
@@ -206,6 +217,8 @@ impl TunnelLab {
             let mut c = cleanup.lock().unwrap_or_else(|p| p.into_inner());
             c.namespaces
                 .extend([hosts.a.name().to_string(), hosts.b.name().to_string()]);
+            c.namespaces
+                .extend(hosts.router.iter().map(|r| r.name().to_string()));
             c.dirs.push(dir.clone());
         }
         let (a_outer, b_outer): (IpAddr, IpAddr) = if options.ipv6 {
@@ -329,6 +342,9 @@ impl TunnelLab {
                 "\n[drop_capture]\npath = \"{}\"\n",
                 self.drop_capture_path(side).display()
             ));
+        }
+        if !self.options.inner_extra.is_empty() {
+            extra.push_str(&format!("\n[inner]\n{}\n", self.options.inner_extra));
         }
         if self.options.offloads_off {
             extra.push_str(

@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod ecn;
 pub mod esp;
 pub mod gso;
+pub mod icmp;
 pub mod inner;
 pub mod ip;
 pub mod outer;

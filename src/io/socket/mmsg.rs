@@ -108,7 +108,11 @@ impl OuterSocket {
             let (e, code) = last_errno();
             match code {
                 libc::EINTR => continue,
-                libc::EAGAIN => return Ok(0),
+                libc::EAGAIN => {
+                    // Nothing to read: a POLLERR wake-up, if anything.
+                    self.drain_error_queue();
+                    return Ok(0);
+                }
                 // A queued ICMP error (reported on an unconnected socket
                 // only with IP_RECVERR) is returned once, in place of a
                 // datagram; what is queued behind it is still there.
@@ -120,6 +124,7 @@ impl OuterSocket {
                     if soft_errors < 4 =>
                 {
                     soft_errors += 1;
+                    self.drain_error_queue();
                     continue;
                 }
                 _ => return Err(e),
@@ -199,8 +204,13 @@ impl OuterSocket {
         }
 
         let mut first = 0;
+        // Set when a train exceeded the path MTU: the rest of this chunk
+        // goes plain, GSO stays on for the next.
+        let mut plain = false;
+        // Asked for by the path MTU refresh: single packets with DF.
+        let lone_heads = self.df_probe.swap(false, Ordering::Relaxed);
         while first < n {
-            let gso = self.gso.load(Ordering::Relaxed);
+            let gso = self.gso.load(Ordering::Relaxed) && !plain;
             let mut names = [EMPTY_ADDR; MAX_BATCH];
             let mut controls = [Control::EMPTY; MAX_BATCH];
             let mut trains = [(0usize, 0usize); MAX_BATCH];
@@ -210,6 +220,7 @@ impl OuterSocket {
                 &dsts[first..n],
                 &toses[first..n],
                 gso,
+                lone_heads,
                 &mut trains,
             );
             for (k, &(start, count)) in trains[..m].iter().enumerate() {
@@ -279,6 +290,17 @@ impl OuterSocket {
                     // A device or kernel that cannot segment (udp(7):
                     // EIO without checksum offload, EINVAL on some point
                     // releases): GSO off for good, the rest resent plain.
+                    // A train whose segments exceed the path MTU the
+                    // kernel learned (udp_send_skb: a GSO segment is never
+                    // fragmented; EMSGSIZE, EINVAL before Linux 6.x when
+                    // the segment does not fit): sent again one by one,
+                    // which the host may fragment (IP_PMTUDISC_WANT). Not a
+                    // refusal of GSO itself, which stays on.
+                    libc::EMSGSIZE if train > 1 => {
+                        plain = true;
+                        gso_refused = true;
+                        break;
+                    }
                     libc::EIO | libc::EINVAL if train > 1 => {
                         self.gso.store(false, Ordering::Relaxed);
                         self.gso_refused.fetch_add(1, Ordering::Relaxed);
@@ -305,6 +327,47 @@ impl OuterSocket {
             }
         }
         Ok(())
+    }
+
+    /// Empties the error queue of a socket with IPV6_RECVERR (raw ESP
+    /// over IPv6, see [`super::pmtu`]): its entries are charged to the
+    /// receive buffer and keep poll(2) reporting POLLERR, so they must not
+    /// stay. Dequeuing the last one also clears the socket's pending error.
+    /// Their content is not needed: the kernel has already updated the
+    /// path MTU. At most 64 per call.
+    pub(super) fn drain_error_queue(&self) {
+        if !self.recverr {
+            return;
+        }
+        for _ in 0..64 {
+            let mut data = [0u8; 64];
+            let mut control = [0u64; 16];
+            let mut iov = libc::iovec {
+                iov_base: data.as_mut_ptr().cast(),
+                iov_len: data.len(),
+            };
+            // SAFETY: msghdr is plain old data; all-zero is an empty one.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = size_of::<[u64; 16]>() as _;
+            // SAFETY: the iovec and control buffer are live locals of the
+            // stated lengths; recvmsg(2) writes only within them (and
+            // truncates what does not fit, which is fine here).
+            let rc = unsafe {
+                libc::recvmsg(
+                    self.sock.as_raw_fd(),
+                    &mut msg,
+                    libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+                )
+            };
+            if rc < 0 {
+                // EAGAIN: empty. Anything else: nothing more to do here.
+                return;
+            }
+            self.icmp_errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Waits up to `budget / remaining waits` for the kernel to take more.
@@ -336,16 +399,32 @@ const MAX_TRAIN_BYTES: usize = 65_535 - 40 - 8;
 /// segment's) and of the same size share a train, which a shorter packet
 /// ends (it is the train's last segment, as udp(7) allows); limits:
 /// [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`].
+///
+/// With `lone_heads`, the first packet of each train goes alone: the
+/// kernel sets DF only on a datagram that fits the path MTU it knows, and
+/// never on a GSO train (`__ip_make_skb` looks at the whole train), so
+/// without the occasional single packet no router ever reports a smaller
+/// path MTU for IPv4 ([`super::pmtu`]).
 fn group_trains(
     iovs: &[libc::iovec],
     dsts: &[Option<SocketAddr>],
     toses: &[Option<u8>],
     gso: bool,
+    lone_heads: bool,
     trains: &mut [(usize, usize)],
 ) -> usize {
     let mut m = 0;
     let mut i = 0;
+    let mut lone = lone_heads;
     while i < iovs.len() && m < trains.len() {
+        if lone && gso {
+            trains[m] = (i, 1);
+            m += 1;
+            i += 1;
+            lone = false;
+            continue;
+        }
+        lone = lone_heads;
         let size = iovs[i].iov_len;
         let mut count = 1;
         let mut bytes = size;
@@ -549,9 +628,9 @@ mod tests {
             let dsts: Vec<_> = packets.iter().map(|(_, d)| Some(*d)).collect();
             let toses = vec![Some(0xB8); packets.len()];
             let mut trains = [(0, 0); MAX_BATCH];
-            let m = group_trains(&iovs, &dsts, &toses, true, &mut trains);
+            let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
             assert_eq!(&trains[..m], *want, "{packets:?}");
-            let m = group_trains(&iovs, &dsts, &toses, false, &mut trains);
+            let m = group_trains(&iovs, &dsts, &toses, false, false, &mut trains);
             assert_eq!(m, packets.len(), "without GSO one message per packet");
         }
         // At most MAX_TRAIN segments and MAX_TRAIN_BYTES bytes per train.
@@ -559,12 +638,36 @@ mod tests {
         let dsts = vec![Some(a); 150];
         let toses = vec![None; 150];
         let mut trains = [(0, 0); MAX_BATCH];
-        let m = group_trains(&iovs, &dsts, &toses, true, &mut trains);
+        let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
         assert_eq!(&trains[..m], &[(0, 64), (64, 64), (128, 22)]);
         let iovs = vec![iov(1500); 60];
         let dsts = vec![Some(a); 60];
-        let m = group_trains(&iovs, &dsts, &toses[..60], true, &mut trains);
+        let m = group_trains(&iovs, &dsts, &toses[..60], true, false, &mut trains);
         assert_eq!(&trains[..m], &[(0, 43), (43, 17)], "65,487 bytes at most");
+    }
+
+    #[test]
+    fn lone_heads_put_each_trains_first_packet_alone() {
+        let sizes = [1000usize, 1000, 1000, 1000, 500, 1000, 1000];
+        let bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+        let iovs: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let dst: SocketAddr = "198.18.0.2:4500".parse().expect("addr");
+        let dsts = vec![Some(dst); sizes.len()];
+        let toses = vec![None; sizes.len()];
+        let mut trains = [(0usize, 0usize); MAX_BATCH];
+        let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
+        assert_eq!(&trains[..m], &[(0, 5), (5, 2)]);
+        let m = group_trains(&iovs, &dsts, &toses, true, true, &mut trains);
+        assert_eq!(&trains[..m], &[(0, 1), (1, 4), (5, 1), (6, 1)]);
+        // Without GSO every packet is alone anyway.
+        let m = group_trains(&iovs, &dsts, &toses, false, true, &mut trains);
+        assert_eq!(m, sizes.len());
     }
 
     #[test]
@@ -590,7 +693,7 @@ mod tests {
             None,
         ];
         let mut trains = [(0, 0); MAX_BATCH];
-        let m = group_trains(&iovs, &dsts, &toses, true, &mut trains);
+        let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
         assert_eq!(&trains[..m], &[(0, 2), (2, 1), (3, 2), (5, 2)]);
         for &(first, count) in &trains[..m] {
             let t = toses[first];
@@ -602,6 +705,7 @@ mod tests {
             &dsts[..2],
             &[Some(2), Some(3)],
             true,
+            false,
             &mut trains,
         );
         assert_eq!(&trains[..m], &[(0, 1), (1, 1)]);

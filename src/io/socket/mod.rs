@@ -30,6 +30,7 @@ mod addr;
 mod mmsg;
 #[allow(unsafe_code)]
 mod options;
+mod pmtu;
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -43,6 +44,7 @@ use super::IoSetupError;
 use crate::wire::ip::protocol;
 use crate::wire::outer::Encap;
 use options::{set_buffer_sizes, set_int_option};
+pub use pmtu::PathMtuProbe;
 
 /// The most datagrams one recvmmsg/sendmmsg call handles; the per-call
 /// scratch (headers, addresses, iovecs) lives on the stack, sized by this.
@@ -81,6 +83,14 @@ pub struct OuterSocket {
     rx_overflows: AtomicU64,
     /// Trains the kernel refused, after which GSO was turned off.
     gso_refused: AtomicU64,
+    /// IPV6_RECVERR is on (raw ESP over IPv6): the error queue is drained
+    /// by the receive path ([`Self::recv_batch`]).
+    recverr: bool,
+    /// ICMP errors taken off the error queue.
+    icmp_errors: AtomicU64,
+    /// The next send sends each train's first packet alone, with DF
+    /// ([`Self::request_df_probe`]).
+    df_probe: AtomicBool,
 }
 
 /// Offloads an outer socket can be asked for (UDP only).
@@ -156,6 +166,34 @@ impl OuterSocket {
                 })?;
         }
         set_buffer_sizes(&sock);
+        // Path MTU discovery (see `pmtu`): DF on what fits the known path
+        // MTU, so routers report a smaller one, and host fragmentation of
+        // what does not. WANT is Linux's default unless
+        // net.ipv4.ip_no_pmtu_disc says otherwise: made explicit, for
+        // raw and UDP sockets alike.
+        let (level, name, want) = if v6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_WANT,
+            )
+        } else {
+            (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_WANT,
+            )
+        };
+        set_int_option(&sock, level, name, want).map_err(setup("setting IP_MTU_DISCOVER"))?;
+        // Linux's rawv6_err() updates the path MTU for an unconnected raw
+        // IPv6 socket only with IPV6_RECVERR (raw IPv4 and UDP do it
+        // regardless), so raw ESP over IPv6 needs it, and then drains its
+        // error queue (`mmsg::drain_error_queue`).
+        let recverr = v6 && kind == Encap::RawEsp;
+        if recverr {
+            set_int_option(&sock, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)
+                .map_err(setup("setting IPV6_RECVERR"))?;
+        }
 
         if let Encap::Udp { port } = kind {
             if v6 {
@@ -211,6 +249,9 @@ impl OuterSocket {
             gro: false,
             rx_overflows: AtomicU64::new(0),
             gso_refused: AtomicU64::new(0),
+            recverr,
+            icmp_errors: AtomicU64::new(0),
+            df_probe: AtomicBool::new(false),
         })
     }
 
@@ -255,6 +296,21 @@ impl OuterSocket {
     /// Trains the kernel refused, which turned GSO off (0 or 1).
     pub fn gso_refused(&self) -> u64 {
         self.gso_refused.load(Ordering::Relaxed)
+    }
+
+    /// ICMP errors drained from the error queue (raw ESP over IPv6).
+    pub fn icmp_errors(&self) -> u64 {
+        self.icmp_errors.load(Ordering::Relaxed)
+    }
+
+    /// Has the next send put the first packet of each GSO train in a
+    /// datagram of its own, which carries DF when it fits the known path
+    /// MTU, so that a router on a smaller path reports it (a train never
+    /// carries DF). The path MTU refresh asks for this now and then.
+    pub fn request_df_probe(&self) {
+        if self.gso.load(Ordering::Relaxed) {
+            self.df_probe.store(true, Ordering::Relaxed);
+        }
     }
 
     pub fn family(&self) -> Family {

@@ -45,3 +45,28 @@ pub(super) fn set_int_option(
     }
     Ok(())
 }
+
+/// getsockopt(2) of an int value, for options socket2 does not wrap.
+pub(super) fn get_int_option(
+    sock: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the value and length point at live locals of the sizes
+    // stated; getsockopt(2) writes at most `len` bytes and the new length.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
