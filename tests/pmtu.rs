@@ -352,7 +352,8 @@ fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
 }
 
 /// A byte-checked TCP stream through the 1280 path, then a DF datagram too
-/// big for it, which must be answered with the right MTU.
+/// big for it, which must be answered with the right MTU, then large UDP
+/// datagrams both ways, byte by byte.
 fn through_a_1280_router(
     test: &str,
     tag: &str,
@@ -447,6 +448,18 @@ fn through_a_1280_router(
         counter(&after, &["outbound", "too_big_sent"]) > sent,
         || format!("the datagram was not answered: {after}"),
     );
+
+    // UDP datagrams larger than the tunnel MTU, both ways through the 1280
+    // link: fragmented by the sending kernel, reassembled by esptun, sealed
+    // whole and fragmented again as outer packets on the small path.
+    for size in [2_000, 9_000, 65_000] {
+        let udp = lab
+            .udp_exchange(5, size)
+            .unwrap_or_else(|e| common::fail(&lab, &format!("udp {size}: {e}")));
+        common::check(&lab, udp.is_clean(5), || {
+            format!("{size}-byte datagrams through the 1280 path: {udp:?}")
+        });
+    }
 }
 
 /// Sends DF datagrams of `payload` bytes to `to` from a socket set to
