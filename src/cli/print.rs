@@ -389,8 +389,8 @@ self-test history (last 8):
     fn a_newer_daemon_shows_ages_and_relative_times() {
         let reply = REPLY
             .replacen(
-                r#""drops":{"inner_checksum":2}}"#,
-                r#""drops":{"inner_checksum":2},"last_packet_ms_ago":400}"#,
+                r#""drops":{"inner_checksum":2},"#,
+                r#""drops":{"inner_checksum":2},"last_packet_ms_ago":400,"#,
                 1,
             )
             .replacen(
