@@ -35,10 +35,12 @@ use crate::keyfile;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::outer::Encap;
 
+pub mod ike;
 mod preflight;
 pub mod raw;
 mod validate;
 
+pub use ike::{IkePeer, IkeSettings};
 pub use raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig};
 
 /// The worst-case ESP overhead of NAT-T (the default outer mode): what the
@@ -123,7 +125,10 @@ pub struct Config {
     pub inner: InnerPolicy,
     /// `[offloads]`: which kernel offloads may be used.
     pub offloads: Offloads,
+    /// The manually keyed peers.
     pub peers: Vec<Peer>,
+    /// The peers keyed by IKE (`[peer.ike]`).
+    pub ike_peers: Vec<IkePeer>,
 }
 
 /// `[offloads]`: each true unless turned `"off"`. The daemon uses what the
