@@ -11,6 +11,7 @@ pub fn status(v: &Status) -> String {
     header(&mut out, v);
     outbound_sas(&mut out, v);
     inbound_sas(&mut out, v);
+    ike_sas(&mut out, v);
     for (dir, d) in [("outbound", &v.outbound), ("inbound", &v.inbound)] {
         let _ = writeln!(out, "\n{dir}: {} passed, {} dropped", d.passed, d.dropped);
         for (reason, n) in d.drops.iter().filter(|(_, n)| **n > 0) {
@@ -198,6 +199,70 @@ fn inbound_sas(out: &mut String, v: &Status) {
             last_packet(sa.last_packet_ms_ago, sa.packets),
         );
         out.push_str(&sa_drops(&sa.drops));
+    }
+}
+
+/// The IKE SAs and their failure counters, per peer keyed by IKE.
+fn ike_sas(out: &mut String, v: &Status) {
+    let Some(ike) = &v.ike else {
+        return;
+    };
+    let _ = writeln!(out, "\nIKE SAs:");
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<10} {:<12} {:<16} {:<16} {:>8}  {:<22} CHILD SAs (in/out)",
+        "peer", "role", "state", "SPIi", "SPIr", "age", "remote"
+    );
+    for p in &ike.peers {
+        for sa in &p.sas {
+            let children: Vec<String> = sa
+                .children
+                .iter()
+                .map(|c| format!("{:#010x}/{:#010x}", c.inbound_spi, c.outbound_spi))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<10} {:<12} {:<16} {:<16} {:>8}  {:<22} {}",
+                p.peer,
+                sa.role,
+                sa.state,
+                sa.spi_i,
+                sa.spi_r,
+                human_duration(sa.age_secs),
+                sa.remote,
+                children.join(" "),
+            );
+        }
+        if p.sas.is_empty() {
+            let _ = writeln!(out, "  {:<12} (none)", p.peer);
+        }
+        let c = &p.counters;
+        let _ = writeln!(
+            out,
+            "    {}: established {}, CHILD SAs {} (failed {}), auth failures {}, proposal \
+             mismatches {}, TS unacceptable {}, timeouts {}, other failures {}, messages \
+             dropped {}",
+            p.peer,
+            c.established,
+            c.children_installed,
+            c.children_failed,
+            c.auth_failures,
+            c.proposal_mismatches,
+            c.ts_unacceptable,
+            c.timeouts,
+            c.other_failures,
+            c.messages_dropped
+        );
+        if let Some(e) = &p.last_error {
+            let _ = writeln!(out, "    last error: {e}");
+        }
+    }
+    if ike.queue_drops > 0 {
+        let _ = writeln!(
+            out,
+            "  IKE messages dropped on a full queue: {}",
+            ike.queue_drops
+        );
     }
 }
 

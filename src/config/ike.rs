@@ -106,6 +106,35 @@ pub struct IkePeer {
     pub ike: IkeSettings,
 }
 
+/// A peer's addresses, whichever way it is keyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddrs {
+    pub local: IpAddr,
+    pub endpoint: IpAddr,
+    pub inner_local: IpAddr,
+    pub inner_remote: IpAddr,
+}
+
+impl super::Config {
+    /// The addresses of every peer, manually keyed and keyed by IKE: what
+    /// the interface, routes and sockets are set up for.
+    pub fn peer_addrs(&self) -> Vec<PeerAddrs> {
+        let manual = self.peers.iter().map(|p| PeerAddrs {
+            local: p.local,
+            endpoint: p.endpoint,
+            inner_local: p.inner_local,
+            inner_remote: p.inner_remote,
+        });
+        let ike = self.ike_peers.iter().map(|p| PeerAddrs {
+            local: p.local,
+            endpoint: p.endpoint,
+            inner_local: p.inner_local,
+            inner_remote: p.inner_remote,
+        });
+        manual.chain(ike).collect()
+    }
+}
+
 /// An identity as written: an IP address, `user@domain` (RFC822_ADDR) or
 /// a domain name (FQDN), RFC 7296 section 3.5.
 pub fn parse_identity(text: &str) -> Result<Identification, String> {

@@ -13,6 +13,7 @@ pub mod caps;
 pub mod capture;
 pub mod control;
 mod deliver;
+pub mod ike;
 mod inbound;
 pub mod metrics;
 pub mod netcfg;
@@ -126,6 +127,11 @@ pub enum DaemonError {
     ThreadDied(&'static str),
     #[error("peer {peer}: {refusal}")]
     Refused { peer: String, refusal: Refusal },
+    #[error("peer {peer}: {source}")]
+    Psk {
+        peer: String,
+        source: crate::config::ike::PskError,
+    },
 }
 
 /// How to give a non-root daemon what it needs: capabilities(7).
@@ -203,13 +209,20 @@ pub struct Daemon {
     /// the outcome: the reload runs here, on the thread that owns the key
     /// manager.
     reloads: mpsc::Receiver<mpsc::Sender<ReloadOutcome>>,
+    /// CHILD SAs the IKE thread negotiated, for the key manager.
+    ike_installs: Option<mpsc::Receiver<crate::sa::keymgr::PeerSas>>,
     /// Held for the life of the process: one daemon per state directory.
     _state_lock: std::fs::File,
 }
 
 fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
     let encap = config.outer.encap;
-    let needs = |v6: bool| config.peers.iter().any(|p| p.endpoint.is_ipv6() == v6);
+    let needs = |v6: bool| {
+        config
+            .peer_addrs()
+            .iter()
+            .any(|p| p.endpoint.is_ipv6() == v6)
+    };
     let open = |v6: bool| -> Result<Option<OuterSocket>, DaemonError> {
         if needs(v6) {
             let mut socket = OuterSocket::open(encap, v6, Some(config.outer.fwmark))?;
@@ -283,6 +296,17 @@ impl Daemon {
         // Sockets and the control socket first: a port in use or a second
         // instance is found before any sequence numbers are reserved.
         let sockets = outer_sockets(&config)?;
+        // IKE: port 500 (the NAT-T socket is the datapath's), and each
+        // peer's PSK, read once.
+        let ike_sockets = ike::open_sockets(&config.ike_peers, config.outer.fwmark)?;
+        let mut ike_peers = Vec::with_capacity(config.ike_peers.len());
+        for peer in &config.ike_peers {
+            let ike_config = ike::ike_config(peer).map_err(|source| DaemonError::Psk {
+                peer: peer.name.clone(),
+                source,
+            })?;
+            ike_peers.push((peer.clone(), ike_config));
+        }
         let control = ControlSocket::bind(&config.operations.control_socket)?;
         let metrics = config
             .operations
@@ -350,6 +374,7 @@ impl Daemon {
             // Coalesced TCP trains need the TSO the device granted.
             coalesce: config.offloads.coalesce && tun.offloads().tso,
             offloads: status::OffloadState::default(),
+            ike: Arc::new(ike::IkeShared::default()),
         });
 
         {
@@ -393,6 +418,7 @@ impl Daemon {
             threads: Vec::new(),
             net: Some(net),
             reloads,
+            ike_installs: None,
             _state_lock: state_lock,
         };
         let mut pipeline = Outbound::new(shared.inner);
@@ -408,17 +434,41 @@ impl Daemon {
         );
         let mut pipeline = Inbound::new(shared.inner);
         pipeline.counters = shared.in_counters.clone();
-        let inbound = inbound::InboundWorker::new(
+        // IKE on the NAT-T port comes through the inbound datapath.
+        let (ike_tx, ike_rx) = mpsc::sync_channel(ike::QUEUE);
+        let with_ike = !ike_peers.is_empty();
+        pipeline.ike_handler = pipeline_takes_ike(with_ike, sockets.encap);
+        let mut inbound = inbound::InboundWorker::new(
             shared.clone(),
             tun,
-            sockets,
+            sockets.clone(),
             pipeline,
             in_rx,
             events_tx,
             drop_capture,
         );
+        if pipeline_takes_ike(with_ike, sockets.encap) {
+            inbound.set_ike_queue(ike::IkeQueue {
+                tx: ike_tx,
+                shared: shared.ike.clone(),
+            });
+        }
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
+        if with_ike {
+            let (installs_tx, installs_rx) = mpsc::channel();
+            daemon.ike_installs = Some(installs_rx);
+            let worker = ike::IkeWorker::new(
+                shared.clone(),
+                shared.ike.clone(),
+                sockets,
+                ike_sockets,
+                ike_rx,
+                installs_tx,
+                ike_peers,
+            );
+            daemon.spawn("ike", move || worker.run())?;
+        }
         let backend = ControlBackend {
             shared,
             reloads: reload_tx,
@@ -480,12 +530,28 @@ impl Daemon {
                 let outcome = self.reload();
                 let _ = reply.send(outcome);
             }
+            self.install_ike_children();
             self.sas.expire(Instant::now());
             if let Some((name, _)) = self.threads.iter().find(|(_, h)| h.is_finished()) {
                 let name = *name;
                 self.stop()?;
                 return Err(DaemonError::ThreadDied(name));
             }
+        }
+    }
+
+    /// Hands the CHILD SAs the IKE thread negotiated to the key manager.
+    fn install_ike_children(&mut self) {
+        let Some(rx) = &self.ike_installs else {
+            return;
+        };
+        let peers: Vec<_> = rx.try_iter().collect();
+        for p in peers {
+            let peer = p.peer.clone();
+            for (peer, refusal) in self.sas.install(vec![p], Instant::now()) {
+                tracing::error!(peer = %peer, "IKE CHILD SA not installed: {refusal}");
+            }
+            tracing::debug!(peer = %peer, "IKE CHILD SA handed to the datapath");
         }
     }
 
@@ -678,6 +744,12 @@ impl Daemon {
     }
 }
 
+/// Whether the inbound datapath hands IKE (non-ESP marker) to the IKE
+/// thread: with IKE peers, over UDP encapsulation.
+fn pipeline_takes_ike(with_ike: bool, encap: crate::wire::outer::Encap) -> bool {
+    with_ike && encap.is_udp()
+}
+
 /// What the control thread answers with: the shared status, and reloads
 /// handed to the main thread.
 struct ControlBackend {
@@ -704,6 +776,15 @@ impl control::Backend for ControlBackend {
 
     fn refused(&self) {
         status::IoCounters::add(&self.shared.io.connections_refused, 1);
+    }
+
+    fn ike_keys(&self) -> String {
+        let records = self.shared.ike.key_records();
+        format!(
+            "# ikev2_decryption_table: {} IKE SA(s)\n{}",
+            records.lines().count(),
+            records.trim_end()
+        )
     }
 }
 

@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     pub coalesce: bool,
     /// The offloads in use, as the threads find them.
     pub offloads: super::status::OffloadState,
+    /// The IKE thread's status, keys and queue drops.
+    pub ike: Arc<super::ike::IkeShared>,
 }
 
 /// Milliseconds, saturating.
@@ -147,6 +149,7 @@ impl Shared {
                 .map(ms),
             sas_age_ms: oldest.map(|at| ms(now.saturating_duration_since(at))),
             offloads: self.offloads.snapshot(),
+            ike: Some(self.ike.snapshot()).filter(|s| !s.peers.is_empty()),
         }
     }
 

@@ -260,6 +260,9 @@ pub struct Status {
     /// and the totals always describe the same moment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sas_age_ms: Option<u64>,
+    /// The IKE SAs of the peers keyed by IKE (absent without any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ike: Option<super::ike::IkeStatus>,
 }
 
 /// The answer to a `reload` request on the control socket.
