@@ -416,7 +416,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         } else {
             "raw ESP"
         },
-        valid.peers.len(),
+        valid.peers.len() + valid.ike_peers.len(),
         valid.crypto.mode
     );
     Ok(ExitCode::SUCCESS)

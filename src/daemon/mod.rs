@@ -482,6 +482,7 @@ impl Daemon {
             mtu = daemon.config.interface.mtu,
             outer = %daemon.shared.outer,
             peers = daemon.config.peers.len(),
+            ike_peers = daemon.config.ike_peers.len(),
             control = %daemon.config.operations.control_socket.display(),
             "esptun ready"
         );
@@ -630,6 +631,11 @@ impl Daemon {
             let text = "changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
                         control_socket, rekey_* and [inner] settings need a restart: not applied \
                         (SA changes are)";
+            tracing::warn!("reload: {text}");
+            refused.push(text.to_string());
+        }
+        if new.ike_peers != self.config.ike_peers {
+            let text = "changes to peers keyed by IKE ([peer.ike]) need a restart: not applied";
             tracing::warn!("reload: {text}");
             refused.push(text.to_string());
         }

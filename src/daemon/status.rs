@@ -470,6 +470,7 @@ mod tests {
             }],
             now_unix_ms: Some(1_700_000_000_000),
             sas_age_ms: Some(120),
+            ike: None,
         };
         let json = serde_json::to_string(&status).expect("json");
         assert!(json.contains(r#""outer":"esp""#), "{json}");
