@@ -28,6 +28,7 @@ fn ike_lab(test: &str, tag: &str, subnet: u8, encap: Encap, wrong_psk: bool) -> 
                 initiator: Side::A,
                 wrong_psk,
             }),
+            metrics: true,
             ..LabOptions::default()
         },
     )
@@ -206,9 +207,32 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap)
         text.contains("IKE SAs:") && text.contains(&a.0),
         || format!("esptun status text lacks the IKE SA:\n{text}"),
     );
+    // Metrics carry the IKE SA and its counters.
+    let metrics = lab
+        .metrics(Side::B)
+        .unwrap_or_else(|e| fail(&lab, &format!("metrics: {e}")));
+    for want in [
+        "esptun_ike_sas{peer=\"a\",state=\"established\"} 1",
+        "esptun_ike_events_total{peer=\"a\",event=\"child_installed\"} 1",
+        "esptun_ike_events_total{peer=\"a\",event=\"auth_failed\"} 0",
+    ] {
+        check(&lab, metrics.contains(want), || {
+            format!("metrics lack {want}:\n{metrics}")
+        });
+    }
     // The Wireshark IKEv2 decryption table, from the running daemon.
-    let keys = esptun::daemon::control::query(&lab.a.control, "ike-keys")
-        .unwrap_or_else(|e| fail(&lab, &format!("ike-keys: {e}")));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "--ike", "-c"])
+        .arg(&lab.a.config)
+        .output()
+        .unwrap_or_else(|e| fail(&lab, &format!("wireshark-keys --ike: {e}")));
+    let keys = String::from_utf8_lossy(&out.stdout).into_owned();
+    check(&lab, out.status.success(), || {
+        format!(
+            "wireshark-keys --ike: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     let record = keys
         .lines()
         .find(|l| !l.starts_with('#'))

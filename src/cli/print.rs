@@ -390,6 +390,36 @@ self-test history (last 8):
     }
 
     #[test]
+    fn ike_sas_and_their_failures_are_shown() {
+        let ike = r#""ike":{"queue_drops":2,"peers":[{"peer":"host-b","initiate":true,
+"local_id":"198.18.0.1","remote_id":"198.18.0.2","sas":[{"role":"initiator","state":"established",
+"spi_i":"0123456789abcdef","spi_r":"fedcba9876543210","age_secs":65,"remote":"198.18.0.2:4500",
+"suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896}]}],
+"counters":{"established":1,"children_installed":1,"children_failed":0,"auth_failures":3,
+"proposal_mismatches":0,"ts_unacceptable":0,"timeouts":1,"other_failures":0,"messages_dropped":4},
+"last_error":"authentication failed"}]},"offloads":"#;
+        let reply = REPLY.replacen(r#""offloads":"#, ike, 1);
+        let v: Status = serde_json::from_str(&reply).expect("a status");
+        let text = status(&v);
+        for want in [
+            "IKE SAs:",
+            "host-b       initiator  established  0123456789abcdef fedcba9876543210",
+            "1m 5s",
+            "0xcafebabe/0x12345678",
+            "auth failures 3",
+            "timeouts 1",
+            "messages dropped 4",
+            "last error: authentication failed",
+            "IKE messages dropped on a full queue: 2",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+        // Without IKE peers there is no IKE section (the text above).
+        let plain: Status = serde_json::from_str(REPLY).expect("a status");
+        assert!(plain.ike.is_none() && !status(&plain).contains("IKE"));
+    }
+
+    #[test]
     fn times_read_as_people_write_them() {
         assert_eq!(human_duration(0), "0s");
         assert_eq!(human_duration(7384), "2h 3m 4s");

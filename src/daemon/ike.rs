@@ -659,17 +659,7 @@ impl IkeWorker {
     }
 
     fn count_failure(&mut self, i: usize, e: &IkeError) {
-        let c = &mut self.peers[i].counters;
-        match e {
-            IkeError::WeRefused(n) | IkeError::PeerRefused(n) => match n {
-                ErrorNotify::AuthenticationFailed => c.auth_failures += 1,
-                ErrorNotify::NoProposalChosen => c.proposal_mismatches += 1,
-                ErrorNotify::TsUnacceptable => c.ts_unacceptable += 1,
-                _ => c.other_failures += 1,
-            },
-            IkeError::Timeout => c.timeouts += 1,
-            _ => c.other_failures += 1,
-        }
+        count(&mut self.peers[i].counters, e);
     }
 
     /// Logs a failure, at most once per [`LOG_EVERY`] per peer.
@@ -750,6 +740,20 @@ impl IkeWorker {
             .filter_map(|s| wireshark_record(&s.sa))
             .collect();
         *self.ike.keys.lock().unwrap_or_else(|p| p.into_inner()) = records;
+    }
+}
+
+/// Counts a failure by its kind.
+fn count(c: &mut IkeCounters, e: &IkeError) {
+    match e {
+        IkeError::WeRefused(n) | IkeError::PeerRefused(n) => match n {
+            ErrorNotify::AuthenticationFailed => c.auth_failures += 1,
+            ErrorNotify::NoProposalChosen => c.proposal_mismatches += 1,
+            ErrorNotify::TsUnacceptable => c.ts_unacceptable += 1,
+            _ => c.other_failures += 1,
+        },
+        IkeError::Timeout => c.timeouts += 1,
+        _ => c.other_failures += 1,
     }
 }
 
@@ -900,6 +904,108 @@ fn wireshark_record(sa: &IkeSa) -> Option<Zeroizing<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ike::wire::consts::id;
+    use crate::ike::wire::payload::Identification;
+
+    fn config(local: [u8; 4], remote: [u8; 4], psk: &[u8]) -> Arc<IkeConfig> {
+        Arc::new(IkeConfig {
+            local_id: Identification::new(id::IPV4_ADDR, local.to_vec()),
+            remote_id: Some(Identification::new(id::IPV4_ADDR, remote.to_vec())),
+            psk: Zeroizing::new(psk.to_vec()),
+            ike: Default::default(),
+            esp: Default::default(),
+            local_addr: local.into(),
+            remote_addr: remote.into(),
+            retransmit: Default::default(),
+        })
+    }
+
+    /// Runs IKE_SA_INIT and IKE_AUTH in memory; both SAs afterwards.
+    fn exchange(psk_b: &[u8]) -> (IkeSa, IkeSa) {
+        let mut rng = SystemRandomness::new();
+        let now = Instant::now();
+        let a_cfg = config(
+            [198, 18, 0, 1],
+            [198, 18, 0, 2],
+            b"a shared key, long enough",
+        );
+        let b_cfg = config([198, 18, 0, 2], [198, 18, 0, 1], psk_b);
+        let (mut a, mut to_b) = IkeSa::initiate(a_cfg, now, &mut rng).expect("initiate");
+        let mut b = IkeSa::responder(b_cfg);
+        for _ in 0..4 {
+            let mut to_a = Vec::new();
+            for action in to_b.drain(..) {
+                if let Action::Send(bytes) = action {
+                    to_a.extend(b.handle(&bytes, now, &mut rng).unwrap_or_default());
+                }
+            }
+            for action in to_a {
+                if let Action::Send(bytes) = action {
+                    to_b.extend(a.handle(&bytes, now, &mut rng).unwrap_or_default());
+                }
+            }
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn both_ends_print_the_same_wireshark_record() {
+        let (a, b) = exchange(b"a shared key, long enough");
+        let ra = wireshark_record(&a).expect("a has keys");
+        let rb = wireshark_record(&b).expect("b has keys");
+        assert_eq!(ra.as_str(), rb.as_str());
+        let fields: Vec<&str> = ra.split(',').collect();
+        let (spi_i, spi_r) = a.spis();
+        assert_eq!(fields.len(), 8, "{}", ra.as_str());
+        assert_eq!(fields[0], format!("{spi_i:016x}"));
+        assert_eq!(fields[1], format!("{spi_r:016x}"));
+        // AES-256 key and 4-byte salt, in hex; the two directions differ.
+        assert_eq!((fields[2].len(), fields[3].len()), (72, 72));
+        assert_ne!(fields[2], fields[3]);
+        assert_eq!(fields[4], "\"AES-GCM-256 with 16 octet ICV [RFC5282]\"");
+        assert_eq!((fields[5], fields[6]), ("", ""));
+        assert_eq!(fields[7], "\"NONE [RFC4306]\"");
+    }
+
+    #[test]
+    fn a_wrong_psk_fails_both_sides_as_authentication_failures() {
+        let (a, b) = exchange(b"another key, also long enough");
+        assert_eq!(a.status(), crate::ike::sa::Status::Closed);
+        assert_eq!(b.status(), crate::ike::sa::Status::Closed);
+        let mut counters = IkeCounters::default();
+        for e in [
+            IkeError::WeRefused(ErrorNotify::AuthenticationFailed),
+            IkeError::PeerRefused(ErrorNotify::AuthenticationFailed),
+            IkeError::PeerRefused(ErrorNotify::NoProposalChosen),
+            IkeError::Timeout,
+        ] {
+            count(&mut counters, &e);
+        }
+        assert_eq!(counters.auth_failures, 2);
+        assert_eq!(counters.proposal_mismatches, 1);
+        assert_eq!(counters.timeouts, 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let shared = Arc::new(IkeShared::default());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let queue = IkeQueue {
+            tx,
+            shared: shared.clone(),
+        };
+        let from = Some(SocketAddr::from(([198, 18, 0, 2], 4500)));
+        queue.offer(&[0, 0, 0, 0, 1, 2, 3], from);
+        queue.offer(&[0, 0, 0, 0, 4, 5, 6], from);
+        assert_eq!(shared.queue_drops.load(Ordering::Relaxed), 1);
+        let first = rx.try_recv().expect("the first is queued");
+        assert_eq!(first.bytes, [1, 2, 3], "the marker is removed");
+        // Nothing to hand over without a source or a whole marker.
+        queue.offer(&[0, 0, 0, 0, 7], None);
+        queue.offer(&[0, 0], from);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(shared.queue_drops.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn suites_read_as_configured() {
