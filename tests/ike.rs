@@ -260,19 +260,19 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap)
 
 #[test]
 fn ike_over_nat_t_keys_the_tunnel() {
-    keyed_by_ike_carries_traffic("ike_nat_t", "iken", 61, Encap::NATT);
+    keyed_by_ike_carries_traffic("ike_nat_t", "iken", 71, Encap::NATT);
 }
 
 #[test]
 fn ike_on_port_500_keys_a_raw_esp_tunnel() {
-    keyed_by_ike_carries_traffic("ike_raw_esp", "iker", 62, Encap::RawEsp);
+    keyed_by_ike_carries_traffic("ike_raw_esp", "iker", 72, Encap::RawEsp);
 }
 
 /// A wrong PSK: both sides fail IKE_AUTH, say why in the log (without
 /// the key), count it, and install nothing; the tunnel carries nothing.
 #[test]
 fn a_wrong_psk_fails_cleanly_and_installs_nothing() {
-    let Some(lab) = ike_lab("ike_wrong_psk", "ikew", 63, Encap::NATT, true) else {
+    let Some(lab) = ike_lab("ike_wrong_psk", "ikew", 73, Encap::NATT, true) else {
         return;
     };
     for side in [Side::B, Side::A] {
@@ -330,4 +330,58 @@ fn a_wrong_psk_fails_cleanly_and_installs_nothing() {
     check(&lab, ping.received == 0, || {
         format!("traffic crossed without keys: {ping:?}")
     });
+}
+
+/// `esptun check-config` reads the PSK file of a `[peer.ike]`: one others
+/// can read is refused with the fix, a private one passes. No root needed.
+#[test]
+fn check_config_refuses_a_psk_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("esptun-ike-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let psk = dir.join("b.psk");
+    std::fs::write(&psk, "0123456789abcdef0123456789abcdef\n").expect("psk");
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = dir.join("a.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n\n[[peer]]\nname = \"b\"\nlocal = \"198.18.0.1\"\n\
+             endpoint = \"198.18.0.2\"\n\n[peer.ike]\npsk_file = \"{}\"\ninitiate = true\n\
+             remote_id = \"b.example\"\n",
+            dir.join("state").display(),
+            psk.display()
+        ),
+    )
+    .expect("config");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+            .args(["check-config", "-c"])
+            .arg(&config)
+            .output()
+            .expect("esptun check-config")
+    };
+    let out = run();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = out.status.code() == Some(1)
+        && text.contains("PSK file")
+        && text.contains("0644")
+        && text.contains("chmod 600")
+        && !text.contains("0123456789abcdef");
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let ok = run();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(refused, "an open PSK file: {text}");
+    assert!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("1 peer(s)"),
+        "a private PSK file: {}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
 }
