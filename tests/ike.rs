@@ -17,13 +17,21 @@ use esptun::wire::outer::Encap;
 
 const MIB: u64 = 1 << 20;
 
-fn ike_lab(test: &str, tag: &str, subnet: u8, encap: Encap, wrong_psk: bool) -> Option<TunnelLab> {
+fn ike_lab(
+    test: &str,
+    tag: &str,
+    subnet: u8,
+    encap: Encap,
+    ipv6: bool,
+    wrong_psk: bool,
+) -> Option<TunnelLab> {
     common::lab(
         test,
         LabOptions {
             tag: tag.into(),
             subnet,
             encap,
+            ipv6,
             ike: Some(LabIke {
                 initiator: Side::A,
                 wrong_psk,
@@ -101,8 +109,8 @@ fn spis(s: &serde_json::Value, dir: &str) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap) {
-    let Some(lab) = ike_lab(test, tag, subnet, encap, false) else {
+fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap, ipv6: bool) {
+    let Some(lab) = ike_lab(test, tag, subnet, encap, ipv6, false) else {
         return;
     };
     // The responder first, so the initiator's first IKE_SA_INIT finds it.
@@ -260,19 +268,24 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap)
 
 #[test]
 fn ike_over_nat_t_keys_the_tunnel() {
-    keyed_by_ike_carries_traffic("ike_nat_t", "iken", 71, Encap::NATT);
+    keyed_by_ike_carries_traffic("ike_nat_t", "iken", 71, Encap::NATT, false);
 }
 
 #[test]
 fn ike_on_port_500_keys_a_raw_esp_tunnel() {
-    keyed_by_ike_carries_traffic("ike_raw_esp", "iker", 72, Encap::RawEsp);
+    keyed_by_ike_carries_traffic("ike_raw_esp", "iker", 72, Encap::RawEsp, false);
+}
+
+#[test]
+fn ike_over_ipv6_keys_a_nat_t_tunnel() {
+    keyed_by_ike_carries_traffic("ike_ipv6", "ike6", 75, Encap::NATT, true);
 }
 
 /// A wrong PSK: both sides fail IKE_AUTH, say why in the log (without
 /// the key), count it, and install nothing; the tunnel carries nothing.
 #[test]
 fn a_wrong_psk_fails_cleanly_and_installs_nothing() {
-    let Some(lab) = ike_lab("ike_wrong_psk", "ikew", 73, Encap::NATT, true) else {
+    let Some(lab) = ike_lab("ike_wrong_psk", "ikew", 73, Encap::NATT, false, true) else {
         return;
     };
     for side in [Side::B, Side::A] {

@@ -1,8 +1,9 @@
 //! `esptun run`: the TUN device and outer sockets around the datapath.
 //!
 //! Plain threads: one outbound loop (TUN -> ESP -> socket), one inbound
-//! loop (sockets -> ESP -> TUN), one control-socket thread, and the main
-//! thread waiting for signals. The datapath threads own their SAs; the
+//! loop (sockets -> ESP -> TUN), one control-socket thread, with peers
+//! keyed by IKE an IKE thread ([`ike`]), and the main thread waiting for
+//! signals. The datapath threads own their SAs; the
 //! main thread hands them changes at reload over channels, and they
 //! publish SA state for `status` a few times a second. Both datapath
 //! threads run the long-message self-test at the configured interval
