@@ -64,7 +64,9 @@ const RETRY_MAX: Duration = Duration::from_secs(120);
 /// IKE SAs per peer at once (one established, others being set up): a
 /// flood of IKE_SA_INIT requests cannot grow the table.
 const SAS_PER_PEER: usize = 4;
-/// One log line per peer and failure kind at most this often.
+/// How long an IKE SA the peer started keeps us from initiating our own.
+const PEER_STARTED: Duration = Duration::from_secs(30);
+/// One log line per peer at most this often (the rest are counted).
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// An IKE message from the inbound datapath (marker removed).
@@ -394,11 +396,19 @@ impl IkeWorker {
             .min()
     }
 
-    /// Initiates for peers that are due and hold no IKE SA.
+    /// Initiates for peers that are due and have no IKE SA on its way: none
+    /// established, none of ours connecting, and none the peer started
+    /// lately (a responder slot that never completes does not block us
+    /// for long).
     fn initiate_due(&mut self, now: Instant) {
         for i in 0..self.peers.len() {
             let p = &mut self.peers[i];
-            if p.next_initiate.is_none_or(|t| now < t) || !p.slots.is_empty() {
+            let busy = p.slots.iter().any(|s| {
+                s.established
+                    || s.sa.role() == Role::Initiator
+                    || now.saturating_duration_since(s.created) < PEER_STARTED
+            });
+            if p.next_initiate.is_none_or(|t| now < t) || busy {
                 continue;
             }
             p.next_initiate = None;
@@ -651,7 +661,12 @@ impl IkeWorker {
         let text = explain(p, &e);
         self.log_failure(i, &text, now);
         let p = &mut self.peers[i];
-        if p.cfg.ike.initiate {
+        // A stray SA failing next to an established one changes nothing.
+        let established = p
+            .slots
+            .iter()
+            .any(|s| s.established && s.sa.status() == crate::ike::sa::Status::Established);
+        if p.cfg.ike.initiate && !established {
             p.next_initiate = Some(now + p.backoff);
             tracing::info!(peer = %p.cfg.name, "IKE: initiating again in {:?}", p.backoff);
             p.backoff = (p.backoff * 2).min(RETRY_MAX);
@@ -687,7 +702,11 @@ impl IkeWorker {
             self.publish_keys();
         }
         let p = &mut self.peers[i];
-        if p.cfg.ike.initiate && p.slots.is_empty() && p.next_initiate.is_none() {
+        let up = p
+            .slots
+            .iter()
+            .any(|s| s.established || s.sa.role() == Role::Initiator);
+        if p.cfg.ike.initiate && !up && p.next_initiate.is_none() {
             p.next_initiate = Some(now + p.backoff);
         }
     }
