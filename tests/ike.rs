@@ -398,3 +398,58 @@ fn check_config_refuses_a_psk_file_others_can_read() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+/// The initiator restarts: it negotiates a new IKE SA, which replaces the
+/// old one on the responder (one established IKE SA each, matching SPIs),
+/// and traffic flows on the new CHILD SA.
+#[test]
+fn a_restarted_initiator_replaces_the_ike_sa() {
+    let Some(lab) = ike_lab("ike_restart", "iker2", 76, Encap::NATT, false, false) else {
+        return;
+    };
+    for side in [Side::B, Side::A] {
+        lab.start(side, &[])
+            .unwrap_or_else(|e| fail(&lab, &format!("starting {side:?}: {e}")));
+    }
+    let [old, _] = wait_established(&lab);
+    let status_a = lab
+        .stop(Side::A)
+        .unwrap_or_else(|e| fail(&lab, &format!("stopping a: {e}")));
+    check(&lab, status_a.success(), || format!("a exit: {status_a}"));
+    lab.start(Side::A, &[])
+        .unwrap_or_else(|e| fail(&lab, &format!("restarting a: {e}")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let b = loop {
+        let (sa, sb) = (status(&lab, Side::A), status(&lab, Side::B));
+        if let (Some(a), Some(b)) = (established(&sa), established(&sb))
+            && a.0 == b.0
+            && a.0 != old.0
+        {
+            break sb;
+        }
+        if Instant::now() >= deadline {
+            fail(
+                &lab,
+                &format!("no new IKE SA:\na: {:#}\nb: {:#}", sa["ike"], sb["ike"]),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let established_on_b = b["ike"]["peers"][0]["sas"].as_array().map_or(0, |sas| {
+        sas.iter().filter(|s| s["state"] == "established").count()
+    });
+    check(&lab, established_on_b == 1, || {
+        format!("b should keep only the new IKE SA: {:#}", b["ike"])
+    });
+    check(
+        &lab,
+        b["ike"]["peers"][0]["counters"]["established"] == 2,
+        || format!("b's counters: {:#}", b["ike"]),
+    );
+    let ping = lab
+        .ping(10)
+        .unwrap_or_else(|e| fail(&lab, &format!("ping: {e}")));
+    check(&lab, ping.received >= 9, || {
+        format!("ping after the restart: {ping:?}")
+    });
+}
