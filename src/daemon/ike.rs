@@ -30,23 +30,18 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::shared::Shared;
 use super::workers::Sockets;
 use crate::config::IkePeer;
 use crate::config::ike::{identity_text, load_psk};
-use crate::crypto::IcvLen;
 use crate::ike::crypto::{Encr, SystemRandomness};
 use crate::ike::sa::{Action, ChildSa, Config as IkeConfig, ErrorNotify, IkeError, IkeSa, Role};
 use crate::ike::wire::consts::exchange;
 use crate::ike::wire::{Header, IkeHeader};
 use crate::io::ike_socket::{IKE_PORT, IkeSocket, MAX_MESSAGE};
-use crate::sa::keymgr::{NewInbound, NewOutbound, PeerSas};
-use crate::sa::replay::DEFAULT_WINDOW;
-use crate::sa::reservation::Fingerprint;
-use crate::sa::{InboundSa, InnerAddrs, OutboundSa, SaKeys, hard_limit};
+use crate::sa::keymgr::PeerSas;
 use crate::wire::outer::Encap;
 
 /// IKE messages queued from the inbound datapath; beyond this they are
@@ -137,73 +132,14 @@ impl IkeShared {
     }
 }
 
-/// `esptun status`: IKE.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IkeStatus {
-    /// IKE messages on port 4500 dropped because the IKE thread's queue
-    /// was full.
-    pub queue_drops: u64,
-    pub peers: Vec<IkePeerStatus>,
-}
+mod keys;
+mod status;
+#[cfg(test)]
+mod tests;
 
-/// One peer keyed by IKE.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IkePeerStatus {
-    pub peer: String,
-    pub initiate: bool,
-    pub local_id: String,
-    pub remote_id: String,
-    pub sas: Vec<IkeSaStatus>,
-    pub counters: IkeCounters,
-    /// The last failure, as logged.
-    pub last_error: Option<String>,
-}
+use keys::{build_child, wireshark_record};
 
-/// One IKE SA.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IkeSaStatus {
-    /// `initiator` or `responder`.
-    pub role: String,
-    /// `connecting`, `established` or `closed`.
-    pub state: String,
-    /// The IKE SPIs, 16 hex digits each.
-    pub spi_i: String,
-    pub spi_r: String,
-    pub age_secs: u64,
-    /// Where its messages go: `ADDR:500` or `ADDR:4500` (marker).
-    pub remote: String,
-    /// The negotiated suite, e.g. `aes256gcm16-prfsha256-x25519`.
-    pub suite: Option<String>,
-    /// The CHILD SAs it installed: (inbound SPI, outbound SPI).
-    pub children: Vec<ChildStatus>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChildStatus {
-    pub inbound_spi: u32,
-    pub outbound_spi: u32,
-}
-
-/// Per peer, since start.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IkeCounters {
-    pub established: u64,
-    pub children_installed: u64,
-    pub children_failed: u64,
-    /// AUTHENTICATION_FAILED, either way: wrong PSK or an identity that
-    /// is not the one configured (RFC 7296 section 2.21.2 gives both the
-    /// same answer).
-    pub auth_failures: u64,
-    /// NO_PROPOSAL_CHOSEN, either way.
-    pub proposal_mismatches: u64,
-    /// TS_UNACCEPTABLE, either way.
-    pub ts_unacceptable: u64,
-    /// No answer after every retransmission.
-    pub timeouts: u64,
-    pub other_failures: u64,
-    /// Messages dropped unprocessed (malformed, failed ICV, unexpected).
-    pub messages_dropped: u64,
-}
+pub use status::{ChildStatus, IkeCounters, IkePeerStatus, IkeSaStatus, IkeStatus};
 
 /// How a message arrived, and so how an answer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -846,292 +782,5 @@ fn explain(p: &PeerIke, e: &IkeError) -> String {
             p.initiate_via.1
         ),
         other => format!("the IKE SA failed: {other}"),
-    }
-}
-
-/// A [`PeerSas`] from a CHILD SA. The outbound SA gets its whole sequence
-/// space at once, with no durable reservation: a CHILD SA's keys are new
-/// (KEYMAT from fresh nonces and, here, a fresh IKE SA: RFC 7296 section
-/// 2.17) and die with the process, so no (key, nonce) pair of it can be
-/// used again after a restart (RFC 4106 section 2: the nonce must never
-/// repeat under one key). Manual keys keep their reservations.
-pub(crate) fn build_child(
-    shared: &Shared,
-    peer: &IkePeer,
-    child: ChildSa,
-) -> Result<PeerSas, crate::sa::SaError> {
-    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote)?;
-    // ESP AES-GCM as negotiated: the 16-byte ICV (ENCR_AES_GCM_16, RFC
-    // 4106 section 8).
-    let icv = IcvLen::Icv16;
-    let keys = SaKeys::new(&shared.selector, &child.inbound, icv)?;
-    let sa = InboundSa::new(child.inbound_spi, keys, child.esn, inner, DEFAULT_WINDOW)?;
-    let inbound = NewInbound {
-        sa,
-        fp: Fingerprint::new(&child.inbound),
-    };
-    let keys = SaKeys::new(&shared.selector, &child.outbound, icv)?;
-    let mut sa = OutboundSa::new(child.outbound_spi, keys, child.esn, inner)?;
-    sa.set_ceiling(hard_limit(child.esn));
-    let material = child.outbound;
-    // The configured endpoint, as for manual keys (raw ESP has no port).
-    let endpoint = SocketAddr::new(peer.endpoint, shared.outer.port().unwrap_or(0));
-    Ok(PeerSas {
-        peer: peer.name.clone(),
-        endpoint,
-        outbound: Some(NewOutbound {
-            sa,
-            material,
-            key_file: None,
-            // Nothing to claim: see above. The outbound thread claims and
-            // tops up reservations only for SAs not marked claimed, and its
-            // top-up skips an SA whose ceiling is the hard limit.
-            claimed: true,
-        }),
-        inbound: Some(inbound),
-    })
-}
-
-/// One line of Wireshark's IKEv2 decryption table (the
-/// `ikev2_decryption_table` UAT of epan/dissectors/packet-isakmp.c, in
-/// the form strongSwan's save-keys plugin writes): SPIi and SPIr as 16
-/// hex digits, SK_ei and SK_er in hex, the encryption algorithm's name in
-/// quotes, SK_ai and SK_ar in hex, the integrity algorithm's name in
-/// quotes. For AES-GCM SK_e* is key || salt (RFC 5282 section 7.1) and
-/// there are no integrity keys (section 8): SK_a* are empty and the
-/// integrity algorithm is "NONE [RFC4306]".
-fn wireshark_record(sa: &IkeSa) -> Option<Zeroizing<String>> {
-    let keys = sa.keys()?;
-    let (spi_i, spi_r) = sa.spis();
-    let encr = match keys.encr {
-        Encr::AesGcm16_128 => "AES-GCM-128 with 16 octet ICV [RFC5282]",
-        Encr::AesGcm16_256 => "AES-GCM-256 with 16 octet ICV [RFC5282]",
-    };
-    let ei = Zeroizing::new(crate::hex::encode(&keys.sk_ei));
-    let er = Zeroizing::new(crate::hex::encode(&keys.sk_er));
-    // Built in place, never through a temporary that would keep a copy
-    // of the keys.
-    let mut line = Zeroizing::new(String::with_capacity(160 + ei.len() + er.len()));
-    line.push_str(&format!("{spi_i:016x},{spi_r:016x},"));
-    line.push_str(&ei);
-    line.push(',');
-    line.push_str(&er);
-    line.push_str(&format!(",\"{encr}\",,,\"NONE [RFC4306]\""));
-    Some(line)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ike::wire::consts::id;
-    use crate::ike::wire::payload::Identification;
-
-    fn config(local: [u8; 4], remote: [u8; 4], psk: &[u8]) -> Arc<IkeConfig> {
-        Arc::new(IkeConfig {
-            local_id: Identification::new(id::IPV4_ADDR, local.to_vec()),
-            remote_id: Some(Identification::new(id::IPV4_ADDR, remote.to_vec())),
-            psk: Zeroizing::new(psk.to_vec()),
-            ike: Default::default(),
-            esp: Default::default(),
-            local_addr: local.into(),
-            remote_addr: remote.into(),
-            retransmit: Default::default(),
-        })
-    }
-
-    const PSK: &[u8] = b"a shared key, long enough";
-
-    /// Runs IKE_SA_INIT and IKE_AUTH in memory; both SAs afterwards, with
-    /// the failures each side reported.
-    fn run(a_cfg: Arc<IkeConfig>, b_cfg: Arc<IkeConfig>) -> [(IkeSa, Vec<IkeError>); 2] {
-        let mut rng = SystemRandomness::new();
-        let now = Instant::now();
-        let (mut a, mut to_b) = IkeSa::initiate(a_cfg, now, &mut rng).expect("initiate");
-        let mut b = IkeSa::responder(b_cfg);
-        let (mut a_failed, mut b_failed) = (Vec::new(), Vec::new());
-        for _ in 0..4 {
-            let mut to_a = Vec::new();
-            for action in to_b.drain(..) {
-                if let Action::Send(bytes) = action {
-                    to_a.extend(b.handle(&bytes, now, &mut rng).unwrap_or_default());
-                }
-            }
-            for action in to_a {
-                match action {
-                    Action::Send(bytes) => {
-                        to_b.extend(a.handle(&bytes, now, &mut rng).unwrap_or_default())
-                    }
-                    Action::Failed(e) => b_failed.push(e),
-                    _ => {}
-                }
-            }
-            for action in &to_b {
-                if let Action::Failed(e) = action {
-                    a_failed.push(*e);
-                }
-            }
-        }
-        [(a, a_failed), (b, b_failed)]
-    }
-
-    fn exchange(psk_b: &[u8]) -> (IkeSa, IkeSa) {
-        let a_cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
-        let b_cfg = config([198, 18, 0, 2], [198, 18, 0, 1], psk_b);
-        let [(a, _), (b, _)] = run(a_cfg, b_cfg);
-        (a, b)
-    }
-
-    /// A peer as the IKE thread holds it, for [`explain`].
-    fn peer(cfg: &Arc<IkeConfig>) -> PeerIke {
-        let remote_id = cfg.remote_id.clone().expect("a remote id");
-        PeerIke {
-            cfg: IkePeer {
-                name: "b".into(),
-                local: cfg.local_addr,
-                endpoint: cfg.remote_addr,
-                inner_local: cfg.local_addr,
-                inner_remote: cfg.remote_addr,
-                ike: crate::config::IkeSettings {
-                    psk_file: "/etc/esptun/b.psk".into(),
-                    local_id: cfg.local_id.clone(),
-                    remote_id,
-                    initiate: true,
-                    ike: cfg.ike.clone(),
-                    esp: cfg.esp.clone(),
-                    ike_rekey: Duration::from_secs(14400),
-                    child_rekey: Duration::from_secs(3600),
-                    liveness: Duration::from_secs(30),
-                },
-            },
-            ike: cfg.clone(),
-            initiate_via: (Via::NatT, SocketAddr::new(cfg.remote_addr, 4500)),
-            slots: Vec::new(),
-            next_initiate: None,
-            backoff: RETRY_FIRST,
-            counters: IkeCounters::default(),
-            last_error: None,
-            last_log: None,
-            suppressed: 0,
-        }
-    }
-
-    #[test]
-    fn an_identity_mismatch_and_disjoint_proposals_are_explained_without_secrets() {
-        // b expects a at another identity: both sides fail authentication.
-        let a_cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
-        let b_cfg = config([198, 18, 0, 2], [198, 18, 0, 9], PSK);
-        let [(_, a_failed), (_, b_failed)] = run(a_cfg.clone(), b_cfg.clone());
-        assert_eq!(
-            a_failed,
-            [IkeError::PeerRefused(ErrorNotify::AuthenticationFailed)]
-        );
-        assert_eq!(
-            b_failed,
-            [IkeError::WeRefused(ErrorNotify::AuthenticationFailed)]
-        );
-        let b_text = explain(&peer(&b_cfg), &b_failed[0]);
-        assert!(
-            b_text.contains("expected remote_id 198.18.0.9") && b_text.contains("psk_file"),
-            "{b_text}"
-        );
-        let a_text = explain(&peer(&a_cfg), &a_failed[0]);
-        assert!(a_text.contains("our local_id 198.18.0.1"), "{a_text}");
-        for t in [&a_text, &b_text] {
-            assert!(!t.contains("shared key"), "a secret in {t}");
-        }
-
-        // No IKE encryption in common: NO_PROPOSAL_CHOSEN on both sides.
-        let mut only_128 = (*a_cfg).clone();
-        only_128.ike.encr = vec![Encr::AesGcm16_128];
-        let mut only_256 = (*config([198, 18, 0, 2], [198, 18, 0, 1], PSK)).clone();
-        only_256.ike.encr = vec![Encr::AesGcm16_256];
-        let (a_cfg, b_cfg) = (Arc::new(only_128), Arc::new(only_256));
-        let [(_, a_failed), (_, b_failed)] = run(a_cfg.clone(), b_cfg.clone());
-        assert_eq!(
-            a_failed,
-            [IkeError::PeerRefused(ErrorNotify::NoProposalChosen)]
-        );
-        assert_eq!(
-            b_failed,
-            [IkeError::WeRefused(ErrorNotify::NoProposalChosen)]
-        );
-        let mut counters = IkeCounters::default();
-        count(&mut counters, &b_failed[0]);
-        assert_eq!(counters.proposal_mismatches, 1);
-        let text = explain(&peer(&b_cfg), &b_failed[0]);
-        assert!(
-            text.contains("no proposal in common") && text.contains("AesGcm16_256"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn both_ends_print_the_same_wireshark_record() {
-        let (a, b) = exchange(PSK);
-        let ra = wireshark_record(&a).expect("a has keys");
-        let rb = wireshark_record(&b).expect("b has keys");
-        assert_eq!(ra.as_str(), rb.as_str());
-        let fields: Vec<&str> = ra.split(',').collect();
-        let (spi_i, spi_r) = a.spis();
-        assert_eq!(fields.len(), 8, "{}", ra.as_str());
-        assert_eq!(fields[0], format!("{spi_i:016x}"));
-        assert_eq!(fields[1], format!("{spi_r:016x}"));
-        // AES-256 key and 4-byte salt, in hex; the two directions differ.
-        assert_eq!((fields[2].len(), fields[3].len()), (72, 72));
-        assert_ne!(fields[2], fields[3]);
-        assert_eq!(fields[4], "\"AES-GCM-256 with 16 octet ICV [RFC5282]\"");
-        assert_eq!((fields[5], fields[6]), ("", ""));
-        assert_eq!(fields[7], "\"NONE [RFC4306]\"");
-    }
-
-    #[test]
-    fn a_wrong_psk_fails_both_sides_as_authentication_failures() {
-        let (a, b) = exchange(b"another key, also long enough");
-        assert_eq!(a.status(), crate::ike::sa::Status::Closed);
-        assert_eq!(b.status(), crate::ike::sa::Status::Closed);
-        let mut counters = IkeCounters::default();
-        for e in [
-            IkeError::WeRefused(ErrorNotify::AuthenticationFailed),
-            IkeError::PeerRefused(ErrorNotify::AuthenticationFailed),
-            IkeError::PeerRefused(ErrorNotify::NoProposalChosen),
-            IkeError::Timeout,
-        ] {
-            count(&mut counters, &e);
-        }
-        assert_eq!(counters.auth_failures, 2);
-        assert_eq!(counters.proposal_mismatches, 1);
-        assert_eq!(counters.timeouts, 1);
-    }
-
-    #[test]
-    fn a_full_queue_drops_and_counts_instead_of_blocking() {
-        let shared = Arc::new(IkeShared::default());
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let queue = IkeQueue {
-            tx,
-            shared: shared.clone(),
-        };
-        let from = Some(SocketAddr::from(([198, 18, 0, 2], 4500)));
-        queue.offer(&[0, 0, 0, 0, 1, 2, 3], from);
-        queue.offer(&[0, 0, 0, 0, 4, 5, 6], from);
-        assert_eq!(shared.queue_drops.load(Ordering::Relaxed), 1);
-        let first = rx.try_recv().expect("the first is queued");
-        assert_eq!(first.bytes, [1, 2, 3], "the marker is removed");
-        // Nothing to hand over without a source or a whole marker.
-        queue.offer(&[0, 0, 0, 0, 7], None);
-        queue.offer(&[0, 0], from);
-        assert!(rx.try_recv().is_err());
-        assert_eq!(shared.queue_drops.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn suites_read_as_configured() {
-        use crate::ike::crypto::{DhGroup, Prf};
-        let s = crate::ike::proposal::IkeSuite {
-            encr: Encr::AesGcm16_256,
-            prf: Prf::HmacSha256,
-            dh: DhGroup::Curve25519,
-        };
-        assert_eq!(suite_name(s), crate::config::ike::DEFAULT_IKE_PROPOSAL);
     }
 }
