@@ -36,8 +36,8 @@ use super::shared::Shared;
 use super::workers::Sockets;
 use crate::config::IkePeer;
 use crate::config::ike::{identity_text, load_psk};
-use crate::ike::crypto::{Encr, SystemRandomness};
-use crate::ike::sa::{Action, ChildSa, Config as IkeConfig, ErrorNotify, IkeError, IkeSa, Role};
+use crate::ike::crypto::SystemRandomness;
+use crate::ike::sa::{Action, ChildSa, Config as IkeConfig, IkeError, IkeSa, Role};
 use crate::ike::wire::consts::exchange;
 use crate::ike::wire::{Header, IkeHeader};
 use crate::io::ike_socket::{IKE_PORT, IkeSocket, MAX_MESSAGE};
@@ -132,11 +132,13 @@ impl IkeShared {
     }
 }
 
+mod explain;
 mod keys;
 mod status;
 #[cfg(test)]
 mod tests;
 
+use explain::{count, explain, role_name, suite_name};
 use keys::{build_child, wireshark_record};
 
 pub use status::{ChildStatus, IkeCounters, IkePeerStatus, IkeSaStatus, IkeStatus};
@@ -192,11 +194,75 @@ pub(crate) struct IkeWorker {
     unknown_logged: Option<Instant>,
 }
 
+/// The IKE side of `Daemon::start`, made before anything on the system
+/// changes: the port 500 sockets (the NAT-T socket is the datapath's) and
+/// each peer's configuration with its PSK, read once.
+pub(crate) struct Setup {
+    sockets: Vec<IkeSocket>,
+    peers: Vec<(IkePeer, IkeConfig)>,
+}
+
+/// The IKE thread, ready to start, and what the other threads take.
+pub(crate) struct Wired {
+    /// For the inbound thread (NAT-T only).
+    pub queue: Option<IkeQueue>,
+    pub worker: IkeWorker,
+    /// For the main thread, which owns the key manager.
+    pub installs: Receiver<PeerSas>,
+}
+
+impl Setup {
+    /// `None` without peers keyed by IKE.
+    pub fn open(config: &crate::config::Config) -> Result<Option<Setup>, super::DaemonError> {
+        if config.ike_peers.is_empty() {
+            return Ok(None);
+        }
+        let sockets = open_sockets(&config.ike_peers, config.outer.fwmark)?;
+        let mut peers = Vec::with_capacity(config.ike_peers.len());
+        for peer in &config.ike_peers {
+            let ike = ike_config(peer).map_err(|source| super::DaemonError::Psk {
+                peer: peer.name.clone(),
+                source,
+            })?;
+            peers.push((peer.clone(), ike));
+        }
+        Ok(Some(Setup { sockets, peers }))
+    }
+
+    /// Has the inbound pipeline hand over IKE on the NAT-T port, and
+    /// builds the IKE thread's worker.
+    pub fn wire(
+        self,
+        shared: &Arc<Shared>,
+        sockets: &Arc<Sockets>,
+        pipeline: &mut crate::datapath::inbound::Inbound,
+    ) -> Wired {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        pipeline.ike_handler = sockets.encap.is_udp();
+        let queue = pipeline.ike_handler.then(|| IkeQueue {
+            tx,
+            shared: shared.ike.clone(),
+        });
+        let (installs_tx, installs) = std::sync::mpsc::channel();
+        let worker = IkeWorker::new(
+            shared.clone(),
+            shared.ike.clone(),
+            sockets.clone(),
+            self.sockets,
+            rx,
+            installs_tx,
+            self.peers,
+        );
+        Wired {
+            queue,
+            worker,
+            installs,
+        }
+    }
+}
+
 /// Opens the port 500 sockets the IKE peers need (one per family).
-pub(crate) fn open_sockets(
-    peers: &[IkePeer],
-    fwmark: u32,
-) -> Result<Vec<IkeSocket>, crate::io::IoSetupError> {
+fn open_sockets(peers: &[IkePeer], fwmark: u32) -> Result<Vec<IkeSocket>, crate::io::IoSetupError> {
     let mut out = Vec::new();
     for v6 in [false, true] {
         if peers.iter().any(|p| p.endpoint.is_ipv6() == v6) {
@@ -695,92 +761,5 @@ impl IkeWorker {
             .filter_map(|s| wireshark_record(&s.sa))
             .collect();
         *self.ike.keys.lock().unwrap_or_else(|p| p.into_inner()) = records;
-    }
-}
-
-/// Counts a failure by its kind.
-fn count(c: &mut IkeCounters, e: &IkeError) {
-    match e {
-        IkeError::WeRefused(n) | IkeError::PeerRefused(n) => match n {
-            ErrorNotify::AuthenticationFailed => c.auth_failures += 1,
-            ErrorNotify::NoProposalChosen => c.proposal_mismatches += 1,
-            ErrorNotify::TsUnacceptable => c.ts_unacceptable += 1,
-            _ => c.other_failures += 1,
-        },
-        IkeError::Timeout => c.timeouts += 1,
-        _ => c.other_failures += 1,
-    }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Initiator => "initiator",
-        Role::Responder => "responder",
-    }
-}
-
-fn encr_name(e: Encr) -> &'static str {
-    match e {
-        Encr::AesGcm16_128 => "aes128gcm16",
-        Encr::AesGcm16_256 => "aes256gcm16",
-    }
-}
-
-fn suite_name(s: crate::ike::proposal::IkeSuite) -> String {
-    use crate::ike::crypto::{DhGroup, Prf};
-    let prf = match s.prf {
-        Prf::HmacSha256 => "prfsha256",
-        Prf::HmacSha384 => "prfsha384",
-        Prf::HmacSha512 => "prfsha512",
-    };
-    let dh = match s.dh {
-        DhGroup::Curve25519 => "x25519",
-        DhGroup::Ecp256 => "ecp256",
-    };
-    format!("{}-{prf}-{dh}", encr_name(s.encr))
-}
-
-/// What a failure means for the operator; never a secret.
-fn explain(p: &PeerIke, e: &IkeError) -> String {
-    let ids = format!(
-        "our local_id {}, expected remote_id {}",
-        identity_text(&p.cfg.ike.local_id),
-        identity_text(&p.cfg.ike.remote_id)
-    );
-    match e {
-        IkeError::WeRefused(ErrorNotify::AuthenticationFailed) => format!(
-            "authentication failed: the peer's AUTH does not verify with our PSK, or its \
-             identity is not the remote_id we expect ({ids}); check that both hosts use the \
-             same psk_file contents and matching identities"
-        ),
-        IkeError::PeerRefused(ErrorNotify::AuthenticationFailed) => format!(
-            "the peer refused our authentication (AUTHENTICATION_FAILED): the PSKs differ, or \
-             the peer expects another identity than ours ({ids})"
-        ),
-        IkeError::WeRefused(ErrorNotify::NoProposalChosen)
-        | IkeError::PeerRefused(ErrorNotify::NoProposalChosen) => {
-            let (ike, esp) = (&p.ike.ike, &p.ike.esp);
-            format!(
-                "no proposal in common (NO_PROPOSAL_CHOSEN, {}): we allow IKE encryption {:?}, \
-                 PRF {:?}, DH {:?} and ESP {:?} (ESN {:?}); make ike_proposals and \
-                 esp_proposals overlap on both hosts",
-                if matches!(e, IkeError::WeRefused(_)) {
-                    "we refused the peer's"
-                } else {
-                    "the peer refused ours"
-                },
-                ike.encr,
-                ike.prf,
-                ike.dh,
-                esp.encr,
-                esp.esn
-            )
-        }
-        IkeError::Timeout => format!(
-            "no answer from the peer at {} after every retransmission: is esptun running \
-             there with [peer.ike] for us, and are UDP 500/4500 open between the hosts?",
-            p.initiate_via.1
-        ),
-        other => format!("the IKE SA failed: {other}"),
     }
 }

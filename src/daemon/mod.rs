@@ -297,17 +297,7 @@ impl Daemon {
         // Sockets and the control socket first: a port in use or a second
         // instance is found before any sequence numbers are reserved.
         let sockets = outer_sockets(&config)?;
-        // IKE: port 500 (the NAT-T socket is the datapath's), and each
-        // peer's PSK, read once.
-        let ike_sockets = ike::open_sockets(&config.ike_peers, config.outer.fwmark)?;
-        let mut ike_peers = Vec::with_capacity(config.ike_peers.len());
-        for peer in &config.ike_peers {
-            let ike_config = ike::ike_config(peer).map_err(|source| DaemonError::Psk {
-                peer: peer.name.clone(),
-                source,
-            })?;
-            ike_peers.push((peer.clone(), ike_config));
-        }
+        let ike = ike::Setup::open(&config)?;
         let control = ControlSocket::bind(&config.operations.control_socket)?;
         let metrics = config
             .operations
@@ -435,10 +425,7 @@ impl Daemon {
         );
         let mut pipeline = Inbound::new(shared.inner);
         pipeline.counters = shared.in_counters.clone();
-        // IKE on the NAT-T port comes through the inbound datapath.
-        let (ike_tx, ike_rx) = mpsc::sync_channel(ike::QUEUE);
-        let with_ike = !ike_peers.is_empty();
-        pipeline.ike_handler = pipeline_takes_ike(with_ike, sockets.encap);
+        let ike = ike.map(|setup| setup.wire(&shared, &sockets, &mut pipeline));
         let mut inbound = inbound::InboundWorker::new(
             shared.clone(),
             tun,
@@ -448,26 +435,16 @@ impl Daemon {
             events_tx,
             drop_capture,
         );
-        if pipeline_takes_ike(with_ike, sockets.encap) {
-            inbound.set_ike_queue(ike::IkeQueue {
-                tx: ike_tx,
-                shared: shared.ike.clone(),
-            });
-        }
+        let ike = ike.map(|wired| {
+            if let Some(queue) = wired.queue {
+                inbound.set_ike_queue(queue);
+            }
+            daemon.ike_installs = Some(wired.installs);
+            wired.worker
+        });
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
-        if with_ike {
-            let (installs_tx, installs_rx) = mpsc::channel();
-            daemon.ike_installs = Some(installs_rx);
-            let worker = ike::IkeWorker::new(
-                shared.clone(),
-                shared.ike.clone(),
-                sockets,
-                ike_sockets,
-                ike_rx,
-                installs_tx,
-                ike_peers,
-            );
+        if let Some(worker) = ike {
             daemon.spawn("ike", move || worker.run())?;
         }
         let backend = ControlBackend {
@@ -548,12 +525,8 @@ impl Daemon {
             return;
         };
         let peers: Vec<_> = rx.try_iter().collect();
-        for p in peers {
-            let peer = p.peer.clone();
-            for (peer, refusal) in self.sas.install(vec![p], Instant::now()) {
-                tracing::error!(peer = %peer, "IKE CHILD SA not installed: {refusal}");
-            }
-            tracing::debug!(peer = %peer, "IKE CHILD SA handed to the datapath");
+        for (peer, refusal) in self.sas.install(peers, Instant::now()) {
+            tracing::error!(peer = %peer, "IKE CHILD SA not installed: {refusal}");
         }
     }
 
@@ -749,12 +722,6 @@ impl Daemon {
         }
         Ok(())
     }
-}
-
-/// Whether the inbound datapath hands IKE (non-ESP marker) to the IKE
-/// thread: with IKE peers, over UDP encapsulation.
-fn pipeline_takes_ike(with_ike: bool, encap: crate::wire::outer::Encap) -> bool {
-    with_ike && encap.is_udp()
 }
 
 /// What the control thread answers with: the shared status, and reloads

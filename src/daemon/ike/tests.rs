@@ -1,6 +1,8 @@
 //! Unit tests of the IKE thread's pieces: records, failures, the queue.
 
 use super::*;
+use crate::ike::crypto::Encr;
+use crate::ike::sa::ErrorNotify;
 use crate::ike::wire::consts::id;
 use crate::ike::wire::payload::Identification;
 
