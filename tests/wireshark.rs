@@ -450,3 +450,116 @@ fn tshark_decrypts_a_raw_esp_capture_from_the_esp_sa_file_and_checks_icvs() {
         );
     }
 }
+
+/// `esptun wireshark-keys --ike`: a capture of IKE_SA_INIT and IKE_AUTH
+/// between two daemons keyed by IKE (NAT-T: IKE on 4500 behind the
+/// non-ESP marker) is opaque to tshark without the record and shows the
+/// identities and AUTH with it, given as `-o uat:ikev2_decryption_table:`.
+#[test]
+fn tshark_decrypts_ike_auth_with_the_ike_records() {
+    let test = "tshark_decrypts_ike";
+    let Some(tools) = prerequisites(test) else {
+        return;
+    };
+    let lab = lab(
+        test,
+        LabOptions {
+            tag: "wsike".into(),
+            subnet: 74,
+            encap: esptun::wire::outer::Encap::NATT,
+            ike: Some(esptun::lab::tunnel::LabIke {
+                initiator: Side::A,
+                wrong_psk: false,
+            }),
+            ..LabOptions::default()
+        },
+    );
+    if let Err(e) = lab.start(Side::B, &[]) {
+        fail(&lab, &format!("starting b: {e}"));
+    }
+    let capture = Capture::start(&lab, &tools.dumpcap, "udp port 4500 or udp port 500")
+        .unwrap_or_else(|e| fail(&lab, &format!("capture: {e}")));
+    if let Err(e) = lab.start(Side::A, &[]) {
+        fail(&lab, &format!("starting a: {e}"));
+    }
+    // The IKE SA and its CHILD SA, as the initiator's status shows them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = lab
+            .status(Side::A)
+            .unwrap_or_else(|e| fail(&lab, &format!("status: {e}")));
+        if s["ike"]["peers"][0]["counters"]["children_installed"] == 1 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            fail(&lab, &format!("no IKE SA within 30 s: {:#}", s["ike"]));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let capture = capture
+        .stop()
+        .unwrap_or_else(|e| fail(&lab, &format!("stopping the capture: {e}")));
+    let out = Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "--ike", "-c"])
+        .arg(&lab.a.config)
+        .output()
+        .unwrap_or_else(|e| fail(&lab, &format!("wireshark-keys --ike: {e}")));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let records: Vec<&str> = stdout.lines().collect();
+    if !out.status.success()
+        || records.len() != 1
+        || !String::from_utf8_lossy(&out.stderr).contains("SECRET KEYS")
+    {
+        fail(
+            &lab,
+            &format!(
+                "wireshark-keys --ike: {} {stdout} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        );
+    }
+    let verbose = |name: &str, prefs: &[String]| -> String {
+        let mut cmd = Command::new(&tools.tshark);
+        cmd.arg("-n").arg("-r").arg(&capture);
+        for p in prefs {
+            cmd.arg("-o").arg(p);
+        }
+        cmd.args(["-Y", "isakmp", "-V"]);
+        let (status, stdout, stderr) = run_bounded(cmd, &lab.dir, name, TSHARK_TIMEOUT)
+            .unwrap_or_else(|e| fail(&lab, &format!("tshark: {e}")));
+        if !status.success() {
+            fail(
+                &lab,
+                &format!("tshark {name} exited with {status}: {stderr}"),
+            );
+        }
+        stdout
+    };
+    let blind = verbose("ike-blind", &[]);
+    // Blind, the SK payload names its first inner payload ("Next payload:
+    // Identification - Initiator") but shows none.
+    if !blind.contains("IKE_AUTH") || blind.contains("Payload: Identification - Initiator") {
+        fail(
+            &lab,
+            &format!("the capture should hold IKE_AUTH, opaque without keys:\n{blind}"),
+        );
+    }
+    let seen = verbose(
+        "ike-decrypt",
+        &[format!("uat:ikev2_decryption_table:{}", records[0])],
+    );
+    for want in [
+        "Payload: Identification - Initiator",
+        "Payload: Identification - Responder",
+        "Payload: Authentication",
+    ] {
+        if !seen.contains(want) {
+            fail(
+                &lab,
+                &format!("tshark did not decrypt IKE_AUTH ({want}):\n{seen}"),
+            );
+        }
+    }
+}

@@ -177,6 +177,13 @@ enum Command {
         /// The configuration file whose SAs to print.
         #[arg(short, long)]
         config: PathBuf,
+        /// Print instead the running daemon's IKE SA keys (peers with
+        /// `[peer.ike]`), asked over its control socket, in the format of
+        /// Wireshark's IKEv2 decryption table (UAT file
+        /// `~/.config/wireshark/ikev2_decryption_table`): `SPIi,SPIr,SK_ei,
+        /// SK_er,"encryption",SK_ai,SK_ar,"integrity"`.
+        #[arg(long)]
+        ike: bool,
     },
     /// Generate new RFC 4106 key material (a random AES key and 4-byte
     /// salt) into a new file with mode 0600, for one direction of one SA.
@@ -333,7 +340,8 @@ pub fn main() -> ExitCode {
             state_dir,
         } => genkey(bits, &output, &state_dir),
         Command::CheckConfig { config } => check_config(&config),
-        Command::WiresharkKeys { config } => wireshark_keys(&config),
+        Command::WiresharkKeys { config, ike: false } => wireshark_keys(&config),
+        Command::WiresharkKeys { config, ike: true } => wireshark_ike_keys(&config),
         Command::Selftest { json, crypto } => selftest(json, crypto),
         Command::Bench {
             json,
@@ -408,7 +416,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         } else {
             "raw ESP"
         },
-        valid.peers.len(),
+        valid.peers.len() + valid.ike_peers.len(),
         valid.crypto.mode
     );
     Ok(ExitCode::SUCCESS)
@@ -432,6 +440,40 @@ fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         .write_all(records.as_bytes())
         .and_then(|()| stdout.flush())
         .context("writing the records to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the running daemon's IKE SA keys as Wireshark IKEv2 decryption
+/// table records (secret, like [`wireshark_keys`]).
+fn wireshark_ike_keys(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+
+    let path = control_path(Some(config), None)?;
+    let asked = std::time::Instant::now();
+    let reply = zeroize::Zeroizing::new(
+        esptun::daemon::control::query(&path, "ike-keys")
+            .map_err(|e| unanswered(&path, asked, e))?,
+    );
+    if reply.trim_start().starts_with('{') {
+        bail!("the daemon refused: {}", reply.trim());
+    }
+    eprintln!(
+        "esptun: WARNING: the output contains the SECRET KEYS of the IKE SAs of {}: anyone who \
+         has it can decrypt their IKE messages, which carry the identities. Keep it private \
+         (umask 077) and delete it when done.",
+        config.display()
+    );
+    let mut stdout = std::io::stdout().lock();
+    for record in reply
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        stdout
+            .write_all(record.as_bytes())
+            .and_then(|()| stdout.write_all(b"\n"))
+            .context("writing the records to stdout")?;
+    }
+    stdout.flush().context("writing the records to stdout")?;
     Ok(ExitCode::SUCCESS)
 }
 

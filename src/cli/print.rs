@@ -11,6 +11,7 @@ pub fn status(v: &Status) -> String {
     header(&mut out, v);
     outbound_sas(&mut out, v);
     inbound_sas(&mut out, v);
+    ike_sas(&mut out, v);
     for (dir, d) in [("outbound", &v.outbound), ("inbound", &v.inbound)] {
         let _ = writeln!(out, "\n{dir}: {} passed, {} dropped", d.passed, d.dropped);
         for (reason, n) in d.drops.iter().filter(|(_, n)| **n > 0) {
@@ -246,6 +247,70 @@ fn inbound_sas(out: &mut String, v: &Status) {
     }
 }
 
+/// The IKE SAs and their failure counters, per peer keyed by IKE.
+fn ike_sas(out: &mut String, v: &Status) {
+    let Some(ike) = &v.ike else {
+        return;
+    };
+    let _ = writeln!(out, "\nIKE SAs:");
+    let _ = writeln!(
+        out,
+        "  {:<12} {:<10} {:<12} {:<16} {:<16} {:>8}  {:<22} CHILD SAs (in/out)",
+        "peer", "role", "state", "SPIi", "SPIr", "age", "remote"
+    );
+    for p in &ike.peers {
+        for sa in &p.sas {
+            let children: Vec<String> = sa
+                .children
+                .iter()
+                .map(|c| format!("{:#010x}/{:#010x}", c.inbound_spi, c.outbound_spi))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<10} {:<12} {:<16} {:<16} {:>8}  {:<22} {}",
+                p.peer,
+                sa.role,
+                sa.state,
+                sa.spi_i,
+                sa.spi_r,
+                human_duration(sa.age_secs),
+                sa.remote,
+                children.join(" "),
+            );
+        }
+        if p.sas.is_empty() {
+            let _ = writeln!(out, "  {:<12} (none)", p.peer);
+        }
+        let c = &p.counters;
+        let _ = writeln!(
+            out,
+            "    {}: established {}, CHILD SAs {} (failed {}), auth failures {}, proposal \
+             mismatches {}, TS unacceptable {}, timeouts {}, other failures {}, messages \
+             dropped {}",
+            p.peer,
+            c.established,
+            c.children_installed,
+            c.children_failed,
+            c.auth_failures,
+            c.proposal_mismatches,
+            c.ts_unacceptable,
+            c.timeouts,
+            c.other_failures,
+            c.messages_dropped
+        );
+        if let Some(e) = &p.last_error {
+            let _ = writeln!(out, "    last error: {e}");
+        }
+    }
+    if ike.queue_drops > 0 {
+        let _ = writeln!(
+            out,
+            "  IKE messages dropped on a full queue: {}",
+            ike.queue_drops
+        );
+    }
+}
+
 fn providers(out: &mut String, v: &Status) {
     let _ = writeln!(out, "\nproviders:");
     for p in &v.providers {
@@ -371,6 +436,36 @@ self-test history (last 8):
             serde_json::from_str(&serde_json::to_string(&v).expect("json")).expect("value");
         let original: serde_json::Value = serde_json::from_str(REPLY).expect("value");
         assert_eq!(again, original);
+    }
+
+    #[test]
+    fn ike_sas_and_their_failures_are_shown() {
+        let ike = r#""ike":{"queue_drops":2,"peers":[{"peer":"host-b","initiate":true,
+"local_id":"198.18.0.1","remote_id":"198.18.0.2","sas":[{"role":"initiator","state":"established",
+"spi_i":"0123456789abcdef","spi_r":"fedcba9876543210","age_secs":65,"remote":"198.18.0.2:4500",
+"suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896}]}],
+"counters":{"established":1,"children_installed":1,"children_failed":0,"auth_failures":3,
+"proposal_mismatches":0,"ts_unacceptable":0,"timeouts":1,"other_failures":0,"messages_dropped":4},
+"last_error":"authentication failed"}]},"offloads":"#;
+        let reply = REPLY.replacen(r#""offloads":"#, ike, 1);
+        let v: Status = serde_json::from_str(&reply).expect("a status");
+        let text = status(&v);
+        for want in [
+            "IKE SAs:",
+            "host-b       initiator  established  0123456789abcdef fedcba9876543210",
+            "1m 5s",
+            "0xcafebabe/0x12345678",
+            "auth failures 3",
+            "timeouts 1",
+            "messages dropped 4",
+            "last error: authentication failed",
+            "IKE messages dropped on a full queue: 2",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+        // Without IKE peers there is no IKE section (the text above).
+        let plain: Status = serde_json::from_str(REPLY).expect("a status");
+        assert!(plain.ike.is_none() && !status(&plain).contains("IKE"));
     }
 
     #[test]

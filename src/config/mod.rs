@@ -52,10 +52,12 @@ use crate::wire::icmp::MssClamp;
 use crate::wire::inner::InnerPolicy;
 use crate::wire::outer::Encap;
 
+pub mod ike;
 mod preflight;
 pub mod raw;
 mod validate;
 
+pub use ike::{IkePeer, IkeSettings};
 pub use raw::{DEFAULT_FWMARK, DropCaptureConfig, RawConfig};
 
 /// The worst-case ESP overhead of NAT-T (the default outer mode): what the
@@ -144,7 +146,10 @@ pub struct Config {
     pub offloads: Offloads,
     /// `[reassembly]`: the outbound reassembly of fragments.
     pub reassembly: ReassemblyConfig,
+    /// The manually keyed peers.
     pub peers: Vec<Peer>,
+    /// The peers keyed by IKE (`[peer.ike]`).
+    pub ike_peers: Vec<IkePeer>,
 }
 
 /// `[offloads]`: each true unless turned `"off"`. The daemon uses what the

@@ -28,6 +28,7 @@ impl Config {
     pub fn preflight(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         self.check_keys(&mut problems);
+        self.check_psk_files(&mut problems);
         match state_dir_problem(&self.operations.state_dir) {
             Some(p) => problems.push(p),
             None => self.check_records(&mut problems),
@@ -78,6 +79,23 @@ impl Config {
 }
 
 impl Config {
+    /// Every `[peer.ike]` PSK file can be read and is private (the rules
+    /// of key files: [`super::ike::load_psk`]).
+    fn check_psk_files(&self, problems: &mut Vec<String>) {
+        for peer in &self.ike_peers {
+            match super::ike::load_psk(&peer.ike.psk_file) {
+                Ok(_) => {}
+                Err(e @ super::ike::PskError::Read { .. })
+                    if matches!(&e, super::ike::PskError::Read { source, .. }
+                        if source.kind() == ErrorKind::PermissionDenied) =>
+                {
+                    problems.push(format!("peer {}: {e}; {AS_DAEMON_USER}", peer.name));
+                }
+                Err(e) => problems.push(format!("peer {}: {e}", peer.name)),
+            }
+        }
+    }
+
     /// Every outbound key must have a sequence record or a fresh mark, as
     /// `run` requires when it claims its first block. Read only; skipped
     /// while the state directory does not exist yet (`run` creates it, and

@@ -196,8 +196,12 @@ pub struct RawPeer {
     /// Inner addresses; default the outer ones (classic transport mode).
     pub inner_local: Option<String>,
     pub inner_remote: Option<String>,
-    pub outbound: RawSa,
-    pub inbound: RawSa,
+    /// Manual keying: both of `outbound` and `inbound`, or neither and
+    /// `[peer.ike]`.
+    pub outbound: Option<RawSa>,
+    pub inbound: Option<RawSa>,
+    /// `[peer.ike]`: keyed by IKEv2 instead ([`super::ike`]).
+    pub ike: Option<super::ike::RawIke>,
 }
 
 /// A peer's `outbound` or `inbound` SA.

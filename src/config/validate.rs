@@ -12,8 +12,8 @@ use super::raw::{
     DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawOffloads, RawPeer, RawReassembly, RawSa,
 };
 use super::{
-    Config, CryptoConfig, InterfaceConfig, Offloads, OperationsConfig, OuterConfig, Peer, Problem,
-    RekeyConfig, Sa,
+    Config, CryptoConfig, IkePeer, InterfaceConfig, Offloads, OperationsConfig, OuterConfig, Peer,
+    Problem, RekeyConfig, Sa,
 };
 use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
@@ -53,8 +53,8 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let clamp_mss = clamp_mss(raw.inner.clamp_mss, &mut p);
     let offloads = offloads(&raw.offloads, &mut p);
     let reassembly = reassembly(&raw.reassembly, &mut p);
-    let peers = peers(&raw.peers, &mut p);
-    ipv6_mtu(raw, &interface, outer.encap, &peers, &mut p);
+    let (peers, ike_peers) = peers(&raw.peers, &mut p);
+    ipv6_mtu(raw, &interface, outer.encap, &peers, &ike_peers, &mut p);
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -69,6 +69,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         offloads,
         reassembly,
         peers,
+        ike_peers,
     })
 }
 
@@ -268,12 +269,21 @@ fn ipv6_mtu(
     interface: &InterfaceConfig,
     encap: Encap,
     peers: &[Peer],
+    ike_peers: &[IkePeer],
     p: &mut Problems,
 ) {
     if interface.mtu >= MIN_INNER_MTU_V6 {
         return;
     }
-    let Some(v6) = peers.iter().find(|peer| peer.inner_remote.is_ipv6()) else {
+    let manual = peers
+        .iter()
+        .find(|peer| peer.inner_remote.is_ipv6())
+        .map(|peer| &peer.name);
+    let ike = ike_peers
+        .iter()
+        .find(|peer| peer.inner_remote.is_ipv6())
+        .map(|peer| &peer.name);
+    let Some(v6_name) = manual.or(ike) else {
         return;
     };
     let least_outer = MIN_INNER_MTU_V6 + overhead(encap);
@@ -294,7 +304,7 @@ fn ipv6_mtu(
         format!(
             "the TUN MTU would be {}, below the {MIN_INNER_MTU_V6} bytes IPv6 needs on a link \
              (RFC 8200 section 5), and peer {} is IPv6: {fix}",
-            interface.mtu, v6.name
+            interface.mtu, v6_name
         ),
     );
 }
@@ -466,8 +476,9 @@ struct Seen {
     key_files: Vec<(PathBuf, String)>,
 }
 
-/// Every `[[peer]]`; only the peers without a problem are returned.
-fn peers(raw: &[RawPeer], p: &mut Problems) -> Vec<Peer> {
+/// Every `[[peer]]`; only the peers without a problem are returned, the
+/// manually keyed ones and those keyed by IKE apart.
+fn peers(raw: &[RawPeer], p: &mut Problems) -> (Vec<Peer>, Vec<IkePeer>) {
     if raw.is_empty() {
         p.add(
             "peer",
@@ -475,21 +486,64 @@ fn peers(raw: &[RawPeer], p: &mut Problems) -> Vec<Peer> {
         );
     }
     let mut seen = Seen::default();
-    raw.iter()
-        .enumerate()
-        .filter_map(|(i, peer_raw)| peer(i, peer_raw, &mut seen, p))
-        .collect()
+    let mut manual = Vec::new();
+    let mut ike = Vec::new();
+    for (i, peer_raw) in raw.iter().enumerate() {
+        match peer(i, peer_raw, &mut seen, p) {
+            Some(Keyed::Manual(peer)) => manual.push(peer),
+            Some(Keyed::Ike(peer)) => ike.push(peer),
+            None => {}
+        }
+    }
+    (manual, ike)
 }
 
-fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Peer> {
+/// A valid peer, by how it is keyed.
+enum Keyed {
+    Manual(Peer),
+    Ike(IkePeer),
+}
+
+fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Keyed> {
     let at = |f: &str| format!("peer[{i}] ({}).{f}", raw.name);
     if raw.name.is_empty() || !seen.names.insert(raw.name.clone()) {
         p.add(&at("name"), "must be present and unique among peers");
     }
     let addresses = addresses(raw, &at, seen, p);
-    let outbound = sa(&at, "outbound", &raw.outbound, &mut seen.outbound_spis, p);
-    let inbound = sa(&at, "inbound", &raw.inbound, &mut seen.inbound_spis, p);
-    if raw.outbound.key_file == raw.inbound.key_file {
+    let (raw_out, raw_in) = match (&raw.outbound, &raw.inbound, &raw.ike) {
+        (None, None, Some(ike)) => {
+            let [local, endpoint, inner_local, inner_remote] = addresses?;
+            let mut add = |f: &str, m: String| p.add(&at(&format!("ike.{f}")), m);
+            let settings = super::ike::settings(ike, Some(local), Some(endpoint), &mut add)?;
+            return Some(Keyed::Ike(IkePeer {
+                name: raw.name.clone(),
+                local,
+                endpoint,
+                inner_local,
+                inner_remote,
+                ike: settings,
+            }));
+        }
+        (Some(o), Some(i), None) => (o, i),
+        (_, _, Some(_)) => {
+            p.add(
+                &at("ike"),
+                "a peer is keyed either by hand (outbound and inbound) or by IKE ([peer.ike]):                  remove one of them",
+            );
+            return None;
+        }
+        (o, _, None) => {
+            let missing = if o.is_none() { "outbound" } else { "inbound" };
+            p.add(
+                &at(missing),
+                "is missing: a peer needs both outbound and inbound SAs (manual keys), or                  neither and a [peer.ike] table (keys by IKE)",
+            );
+            return None;
+        }
+    };
+    let outbound = sa(&at, "outbound", raw_out, &mut seen.outbound_spis, p);
+    let inbound = sa(&at, "inbound", raw_in, &mut seen.inbound_spis, p);
+    if raw_out.key_file == raw_in.key_file {
         p.add(
             &at("inbound.key_file"),
             "is the outbound key file too: each direction needs its own key (one per host, see esptun genkey)",
@@ -497,7 +551,7 @@ fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Pe
     } else {
         // One key in two SAs of different peers shares its nonce space
         // just as much (the SPI is not in the GCM nonce).
-        for (dir, sa) in [("outbound", &raw.outbound), ("inbound", &raw.inbound)] {
+        for (dir, sa) in [("outbound", raw_out), ("inbound", raw_in)] {
             let here = at(&format!("{dir}.key_file"));
             match seen.key_files.iter().find(|(k, _)| *k == sa.key_file) {
                 Some((_, first)) => p.add(
@@ -512,7 +566,7 @@ fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Pe
         }
     }
     let [local, endpoint, inner_local, inner_remote] = addresses?;
-    Some(Peer {
+    Some(Keyed::Manual(Peer {
         name: raw.name.clone(),
         local,
         endpoint,
@@ -520,7 +574,7 @@ fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Pe
         inner_remote,
         outbound: outbound?,
         inbound: inbound?,
-    })
+    }))
 }
 
 /// `local`, `endpoint`, `inner_local` and `inner_remote`, in that order.

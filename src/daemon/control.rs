@@ -175,6 +175,12 @@ pub(crate) trait Backend {
     fn reload(&self) -> Receiver<ReloadOutcome>;
     /// A client was closed because its listener was full.
     fn refused(&self);
+    /// The `ike-keys` reply: the IKE SAs' keys as Wireshark's IKEv2
+    /// decryption table, after a `#` comment line (secret: the socket is
+    /// the owner's alone, mode 0600 in a 0700 directory).
+    fn ike_keys(&self) -> String {
+        "# no IKE SAs".into()
+    }
 }
 
 /// Which listener a client came from.
@@ -339,6 +345,7 @@ impl Client {
                 match request {
                     "status" => line(backend.status_json()),
                     "reload" => return Phase::Waiting(backend.reload()),
+                    "ike-keys" => line(backend.ike_keys()),
                     other => line(error_json(&format!(
                         "unknown request {other:?}: try \"status\" or \"reload\""
                     ))),

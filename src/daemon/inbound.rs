@@ -47,6 +47,8 @@ pub(crate) struct InboundWorker {
     deliverer: Deliverer,
     /// When each SA last delivered, for `status`.
     activity: Activity,
+    /// Where IKE messages on the NAT-T port go ([`Verdict::Ike`]).
+    ike: Option<super::ike::IkeQueue>,
 }
 
 impl InboundWorker {
@@ -74,7 +76,14 @@ impl InboundWorker {
             errors: ErrorLog::new("inbound"),
             capture,
             activity: Activity::default(),
+            ike: None,
         }
+    }
+
+    /// Hands IKE messages (non-ESP marker on the NAT-T port) to the IKE
+    /// thread; the pipeline must have `ike_handler` set.
+    pub fn set_ike_queue(&mut self, queue: super::ike::IkeQueue) {
+        self.ike = Some(queue);
     }
 
     pub fn run(mut self) {
@@ -207,6 +216,13 @@ impl InboundWorker {
         }
         self.post_mortem(batch.packets(), verdicts);
         self.log_drops(verdicts);
+        if let Some(ike) = &self.ike {
+            for (buf, v) in batch.packets().iter().zip(verdicts.iter()) {
+                if *v == Verdict::Ike {
+                    ike.offer(buf.data(), buf.meta.peer);
+                }
+            }
+        }
     }
 
     /// What the kernel dropped before esptun could see it: datagrams

@@ -110,6 +110,55 @@ fn family<'a>(
     }
 }
 
+/// The IKE families (only with peers keyed by IKE).
+fn ike(out: &mut String, s: &Status) {
+    let Some(ike) = &s.ike else {
+        return;
+    };
+    family(
+        out,
+        "esptun_ike_sas",
+        "gauge",
+        "IKE SAs per peer and state.",
+        ike.peers.iter().flat_map(|p| {
+            ["connecting", "established"].map(|state| {
+                let n = p.sas.iter().filter(|sa| sa.state == state).count() as u64;
+                (vec![("peer", p.peer.as_str()), ("state", state)], n)
+            })
+        }),
+    );
+    family(
+        out,
+        "esptun_ike_events_total",
+        "counter",
+        "IKE events per peer: established, CHILD SAs installed and failed, authentication \
+         failures, proposal mismatches, TS_UNACCEPTABLE, timeouts, other failures, messages \
+         dropped.",
+        ike.peers.iter().flat_map(|p| {
+            let c = &p.counters;
+            [
+                ("established", c.established),
+                ("child_installed", c.children_installed),
+                ("child_failed", c.children_failed),
+                ("auth_failed", c.auth_failures),
+                ("no_proposal", c.proposal_mismatches),
+                ("ts_unacceptable", c.ts_unacceptable),
+                ("timeout", c.timeouts),
+                ("other_failure", c.other_failures),
+                ("message_dropped", c.messages_dropped),
+            ]
+            .map(|(event, n)| (vec![("peer", p.peer.as_str()), ("event", event)], n))
+        }),
+    );
+    family(
+        out,
+        "esptun_ike_queue_drops_total",
+        "counter",
+        "IKE messages on the NAT-T port dropped because the IKE thread's queue was full.",
+        [(vec![], ike.queue_drops)],
+    );
+}
+
 fn sa<'a>(peer: &'a str, spi: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![("peer", peer), ("spi", spi)]
 }
@@ -361,6 +410,7 @@ pub fn render(s: &Status) -> String {
         s.io.iter()
             .map(|(kind, n)| (vec![("kind", kind.as_ref())], *n)),
     );
+    ike(&mut out, s);
     out
 }
 
@@ -428,6 +478,7 @@ mod tests {
             inbound_sas: Vec::new(),
             now_unix_ms: None,
             sas_age_ms: None,
+            ike: None,
         };
         let text = render(&status);
         let mut families = std::collections::HashSet::new();

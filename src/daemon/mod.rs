@@ -1,8 +1,9 @@
 //! `esptun run`: the TUN device and outer sockets around the datapath.
 //!
 //! Plain threads: one outbound loop (TUN -> ESP -> socket), one inbound
-//! loop (sockets -> ESP -> TUN), one control-socket thread, and the main
-//! thread waiting for signals. The datapath threads own their SAs; the
+//! loop (sockets -> ESP -> TUN), one control-socket thread, with peers
+//! keyed by IKE an IKE thread ([`ike`]), and the main thread waiting for
+//! signals. The datapath threads own their SAs; the
 //! main thread hands them changes at reload over channels, and they
 //! publish SA state for `status` a few times a second. Both datapath
 //! threads run the long-message self-test at the configured interval
@@ -13,6 +14,7 @@ pub mod caps;
 pub mod capture;
 pub mod control;
 mod deliver;
+pub mod ike;
 mod inbound;
 pub mod metrics;
 pub mod netcfg;
@@ -127,6 +129,11 @@ pub enum DaemonError {
     ThreadDied(&'static str),
     #[error("peer {peer}: {refusal}")]
     Refused { peer: String, refusal: Refusal },
+    #[error("peer {peer}: {source}")]
+    Psk {
+        peer: String,
+        source: crate::config::ike::PskError,
+    },
 }
 
 /// How to give a non-root daemon what it needs: capabilities(7).
@@ -207,13 +214,20 @@ pub struct Daemon {
     /// the outcome: the reload runs here, on the thread that owns the key
     /// manager.
     reloads: mpsc::Receiver<mpsc::Sender<ReloadOutcome>>,
+    /// CHILD SAs the IKE thread negotiated, for the key manager.
+    ike_installs: Option<mpsc::Receiver<crate::sa::keymgr::PeerSas>>,
     /// Held for the life of the process: one daemon per state directory.
     _state_lock: std::fs::File,
 }
 
 fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
     let encap = config.outer.encap;
-    let needs = |v6: bool| config.peers.iter().any(|p| p.endpoint.is_ipv6() == v6);
+    let needs = |v6: bool| {
+        config
+            .peer_addrs()
+            .iter()
+            .any(|p| p.endpoint.is_ipv6() == v6)
+    };
     let open = |v6: bool| -> Result<Option<OuterSocket>, DaemonError> {
         if needs(v6) {
             let mut socket = OuterSocket::open(encap, v6, Some(config.outer.fwmark))?;
@@ -287,6 +301,7 @@ impl Daemon {
         // Sockets and the control socket first: a port in use or a second
         // instance is found before any sequence numbers are reserved.
         let sockets = outer_sockets(&config)?;
+        let ike = ike::Setup::open(&config)?;
         let control = ControlSocket::bind(&config.operations.control_socket)?;
         let metrics = config
             .operations
@@ -356,6 +371,7 @@ impl Daemon {
             offloads: status::OffloadState::default(),
             path_mtu: Mutex::new(crate::datapath::outbound::PathMtus::new(config.outer.encap)),
             path_mtu_changes: std::sync::atomic::AtomicU64::new(0),
+            ike: Arc::new(ike::IkeShared::default()),
         });
 
         {
@@ -399,6 +415,7 @@ impl Daemon {
             threads: Vec::new(),
             net: Some(net),
             reloads,
+            ike_installs: None,
             _state_lock: state_lock,
         };
         let mut pipeline = Outbound::new(shared.inner);
@@ -428,10 +445,11 @@ impl Daemon {
         pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
         pipeline.clamp_mss = daemon.config.clamp_mss;
         pipeline.tunnel_mtu = daemon.config.interface.mtu;
-        let inbound = inbound::InboundWorker::new(
+        let ike = ike.map(|setup| setup.wire(&shared, &sockets, &mut pipeline));
+        let mut inbound = inbound::InboundWorker::new(
             shared.clone(),
             tun,
-            sockets,
+            sockets.clone(),
             pipeline,
             in_rx,
             events_tx,
@@ -440,8 +458,18 @@ impl Daemon {
         outbound.set_path_mtu_probe(crate::io::socket::PathMtuProbe::open(Some(
             daemon.config.outer.fwmark,
         )));
+        let ike = ike.map(|wired| {
+            if let Some(queue) = wired.queue {
+                inbound.set_ike_queue(queue);
+            }
+            daemon.ike_installs = Some(wired.installs);
+            wired.worker
+        });
         daemon.spawn("outbound", move || outbound.run())?;
         daemon.spawn("inbound", move || inbound.run())?;
+        if let Some(worker) = ike {
+            daemon.spawn("ike", move || worker.run())?;
+        }
         // `status` and the ready line only once both threads have applied
         // their first commands and published them: a caller that sees the
         // daemon ready sees its SAs.
@@ -459,6 +487,7 @@ impl Daemon {
             mtu = daemon.config.interface.mtu,
             outer = %daemon.shared.outer,
             peers = daemon.config.peers.len(),
+            ike_peers = daemon.config.ike_peers.len(),
             control = %daemon.config.operations.control_socket.display(),
             "esptun ready"
         );
@@ -507,12 +536,24 @@ impl Daemon {
                 let outcome = self.reload();
                 let _ = reply.send(outcome);
             }
+            self.install_ike_children();
             self.sas.expire(Instant::now());
             if let Some((name, _)) = self.threads.iter().find(|(_, h)| h.is_finished()) {
                 let name = *name;
                 self.stop()?;
                 return Err(DaemonError::ThreadDied(name));
             }
+        }
+    }
+
+    /// Hands the CHILD SAs the IKE thread negotiated to the key manager.
+    fn install_ike_children(&mut self) {
+        let Some(rx) = &self.ike_installs else {
+            return;
+        };
+        let peers: Vec<_> = rx.try_iter().collect();
+        for (peer, refusal) in self.sas.install(peers, Instant::now()) {
+            tracing::error!(peer = %peer, "IKE CHILD SA not installed: {refusal}");
         }
     }
 
@@ -592,6 +633,11 @@ impl Daemon {
             let text = "changes to interface, mtu, outer_mtu, outer, port, state_dir, fwmark, \
                         control_socket, rekey_*, [inner] and [reassembly] settings need a restart: not applied \
                         (SA changes are)";
+            tracing::warn!("reload: {text}");
+            refused.push(text.to_string());
+        }
+        if new.ike_peers != self.config.ike_peers {
+            let text = "changes to peers keyed by IKE ([peer.ike]) need a restart: not applied";
             tracing::warn!("reload: {text}");
             refused.push(text.to_string());
         }
@@ -732,6 +778,15 @@ impl control::Backend for ControlBackend {
 
     fn refused(&self) {
         status::IoCounters::add(&self.shared.io.connections_refused, 1);
+    }
+
+    fn ike_keys(&self) -> String {
+        let records = self.shared.ike.key_records();
+        format!(
+            "# ikev2_decryption_table: {} IKE SA(s)\n{}",
+            records.lines().count(),
+            records.trim_end()
+        )
     }
 }
 

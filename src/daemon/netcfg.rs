@@ -102,7 +102,7 @@ impl NetConfig {
         // Overlay inner addresses are the TUN's own; classic ones already
         // belong to the outer interface.
         let overlay: BTreeSet<IpAddr> = config
-            .peers
+            .peer_addrs()
             .iter()
             .filter(|p| p.inner_local != p.local)
             .map(|p| p.inner_local)
@@ -126,7 +126,7 @@ impl NetConfig {
         let mark = format!("{:#x}", config.outer.fwmark);
         let priority = RULE_PRIORITY.to_string();
         let families: BTreeSet<&str> = config
-            .peers
+            .peer_addrs()
             .iter()
             .map(|p| family(p.inner_remote))
             .collect();
@@ -160,7 +160,7 @@ impl NetConfig {
             ip(&rule("add"))?;
             net.undo.push(rule("del"));
         }
-        for peer in &config.peers {
+        for peer in &config.peer_addrs() {
             ip(&args(&[
                 family(peer.inner_remote),
                 "route",

@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     /// without the lock to see whether there is anything new).
     pub path_mtu: Mutex<crate::datapath::outbound::PathMtus>,
     pub path_mtu_changes: std::sync::atomic::AtomicU64,
+    /// The IKE thread's status, keys and queue drops.
+    pub ike: Arc<super::ike::IkeShared>,
 }
 
 /// Milliseconds, saturating.
@@ -152,6 +154,7 @@ impl Shared {
                 .map(ms),
             sas_age_ms: oldest.map(|at| ms(now.saturating_duration_since(at))),
             offloads: self.offloads.snapshot(),
+            ike: Some(self.ike.snapshot()).filter(|s| !s.peers.is_empty()),
         }
     }
 

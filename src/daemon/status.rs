@@ -341,6 +341,9 @@ pub struct Status {
     /// and the totals always describe the same moment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sas_age_ms: Option<u64>,
+    /// The IKE SAs of the peers keyed by IKE (absent without any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ike: Option<super::ike::IkeStatus>,
 }
 
 /// The answer to a `reload` request on the control socket.
@@ -550,6 +553,7 @@ mod tests {
             }],
             now_unix_ms: Some(1_700_000_000_000),
             sas_age_ms: Some(120),
+            ike: None,
         };
         let json = serde_json::to_string(&status).expect("json");
         assert!(json.contains(r#""outer":"esp""#), "{json}");

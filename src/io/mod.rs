@@ -15,6 +15,7 @@
 //! setting up, which an operator has to fix, are [`IoSetupError`]s whose
 //! messages say what to do.
 
+pub mod ike_socket;
 pub mod socket;
 #[allow(unsafe_code)]
 pub mod tun;

@@ -106,6 +106,16 @@ pub struct LabOptions {
     pub router_mtu: Option<u16>,
     /// Extra lines for the `[inner]` table, e.g. `clamp_mss = "off"`.
     pub inner_extra: String,
+    /// Key the tunnel by IKE (`[peer.ike]`) instead of by hand.
+    pub ike: Option<LabIke>,
+}
+
+/// IKE in the lab: which side initiates, and whether the two PSKs differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabIke {
+    pub initiator: Side,
+    /// Give b a PSK other than a's: IKE_AUTH must fail.
+    pub wrong_psk: bool,
 }
 
 impl Default for LabOptions {
@@ -127,6 +137,7 @@ impl Default for LabOptions {
             offloads_off: false,
             router_mtu: None,
             inner_extra: String::new(),
+            ike: None,
         }
     }
 }
@@ -256,6 +267,7 @@ impl TunnelLab {
             cleanup,
         };
         lab.write_keys()?;
+        lab.write_psks()?;
         lab.write_config(Side::A, a_outer, b_outer)?;
         lab.write_config(Side::B, b_outer, a_outer)?;
         Ok(lab)
@@ -311,6 +323,38 @@ impl TunnelLab {
         Ok(())
     }
 
+    /// Where a side's PSK file is (with [`LabOptions::ike`]).
+    pub fn psk_file(&self, side: Side) -> PathBuf {
+        self.dir.join(format!("{}.psk", side.name()))
+    }
+
+    /// One random PSK for both sides (mode 0600), or two with `wrong_psk`.
+    fn write_psks(&self) -> Result<(), DemoError> {
+        let Some(ike) = self.options.ike else {
+            return Ok(());
+        };
+        let psk = |tag: &str| -> Result<String, DemoError> {
+            let bytes = crate::keyfile::generate(KeySize::Aes256)
+                .map_err(|e| DemoError::Other(e.to_string()))?;
+            Ok(format!("{}{tag}\n", crate::hex::encode(&bytes)))
+        };
+        let a = psk("")?;
+        let b = if ike.wrong_psk { psk("x")? } else { a.clone() };
+        for (side, text) in [(Side::A, a), (Side::B, b)] {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = self.psk_file(side);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(io_err(format!("writing {}", path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Rewrites one side's configuration, e.g. to test bad inputs.
     pub fn write_config_text(&self, side: Side, text: &str) -> Result<(), DemoError> {
         let path = &self.endpoint(side).config;
@@ -357,6 +401,22 @@ impl TunnelLab {
         } else {
             String::new()
         };
+        let keys = match self.options.ike {
+            None => format!(
+                "outbound = {{ spi = {out_spi:#x}, key_file = \"{out_key}\", icv = {icv} }}\n\
+                 inbound = {{ spi = {in_spi:#x}, key_file = \"{in_key}\", icv = {icv} }}\n",
+                out_spi = Self::spi(out_from),
+                out_key = self.key_file(out_from).display(),
+                in_spi = Self::spi(in_from),
+                in_key = self.key_file(in_from).display(),
+                icv = self.options.icv,
+            ),
+            Some(ike) => format!(
+                "[peer.ike]\npsk_file = \"{}\"\ninitiate = {}\n",
+                self.psk_file(side).display(),
+                ike.initiator == side
+            ),
+        };
         format!(
             "# Written by esptun's lab ({side:?}).\n\
              interface = \"esptun0\"\n\
@@ -373,8 +433,7 @@ impl TunnelLab {
              local = \"{local}\"\n\
              endpoint = \"{remote}\"\n\
              {overlay}\
-             outbound = {{ spi = {out_spi:#x}, key_file = \"{out_key}\", icv = {icv} }}\n\
-             inbound = {{ spi = {in_spi:#x}, key_file = \"{in_key}\", icv = {icv} }}\n",
+             {keys}",
             outer = self.options.encap.mode(),
             state = me.state_dir.display(),
             control = me.control.display(),
@@ -382,11 +441,6 @@ impl TunnelLab {
             interval = self.options.selftest_interval_secs,
             switch = self.options.rekey_switch_secs,
             retire = self.options.rekey_retire_secs,
-            out_spi = Self::spi(out_from),
-            out_key = self.key_file(out_from).display(),
-            in_spi = Self::spi(in_from),
-            in_key = self.key_file(in_from).display(),
-            icv = self.options.icv,
         )
     }
 

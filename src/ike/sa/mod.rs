@@ -336,6 +336,12 @@ impl IkeSa {
         self.suite
     }
 
+    /// The IKE SA's keys once IKE_SA_INIT is done, for a debugger's
+    /// decryption table (`esptun wireshark-keys`).
+    pub fn keys(&self) -> Option<&IkeKeys> {
+        self.keys.as_ref().map(|k| &k.ike)
+    }
+
     pub fn status(&self) -> Status {
         match self.phase {
             Phase::Established => Status::Established,

@@ -1,0 +1,765 @@
+//! The IKE thread: the IKE SAs of the peers keyed by IKE
+//! ([`crate::config::IkePeer`]), driven by the sans-IO [`IkeSa`].
+//!
+//! One thread owns every `IkeSa`. It reads IKE messages from its own UDP
+//! 500 socket(s) and, for NAT-T, from the inbound datapath, which hands
+//! over what it classified as IKE on port 4500 (non-ESP marker, RFC 3948
+//! section 2.2) through a bounded channel: the datapath never blocks on
+//! IKE, a full channel drops the message and counts it
+//! (`ike.queue_drops`), and IKE's own retransmissions (RFC 7296 section
+//! 2.1) recover. It sends on port 500 without a marker and on the NAT-T
+//! socket with one, drives the retransmission timers from
+//! [`IkeSa::next_timeout`], initiates where configured (again after a
+//! failure, with back-off), and turns each CHILD SA into a [`PeerSas`]
+//! for the key manager.
+//!
+//! Why a thread of its own rather than the main loop, which owns the key
+//! manager: the main loop sleeps in a signal wait and runs reloads that
+//! wait seconds for the datapath, and IKE must answer a peer's
+//! retransmission promptly whatever a reload does. The key manager stays
+//! the main thread's alone: new CHILD SAs reach it over a channel, and it
+//! installs them on its next tick (at most 100 ms later).
+//!
+//! Time is read here, at the edge (`Instant::now()`), and randomness comes
+//! from the OS ([`SystemRandomness`], ring's `SystemRandom`).
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use super::shared::Shared;
+use super::workers::Sockets;
+use crate::config::IkePeer;
+use crate::config::ike::{identity_text, load_psk};
+use crate::ike::crypto::SystemRandomness;
+use crate::ike::sa::{Action, ChildSa, Config as IkeConfig, IkeError, IkeSa, Role};
+use crate::ike::wire::consts::exchange;
+use crate::ike::wire::{Header, IkeHeader};
+use crate::io::ike_socket::{IKE_PORT, IkeSocket, MAX_MESSAGE};
+use crate::sa::keymgr::PeerSas;
+use crate::wire::outer::Encap;
+
+/// IKE messages queued from the inbound datapath; beyond this they are
+/// dropped (and counted), never waited for.
+pub(crate) const QUEUE: usize = 64;
+/// The non-ESP marker before an IKE message on port 4500.
+const NON_ESP_MARKER: [u8; 4] = [0; 4];
+/// The thread's longest sleep: the stop flag and the datapath's queue are
+/// looked at least this often.
+const TICK: Duration = Duration::from_millis(20);
+/// Back-off before initiating again after a failure: doubles from the
+/// first to the last, so a wrong PSK costs a few exchanges a minute.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(120);
+/// IKE SAs per peer at once (one established, others being set up): a
+/// flood of IKE_SA_INIT requests cannot grow the table.
+const SAS_PER_PEER: usize = 4;
+/// How long an IKE SA the peer started keeps us from initiating our own.
+const PEER_STARTED: Duration = Duration::from_secs(30);
+/// One log line per peer at most this often (the rest are counted).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// An IKE message from the inbound datapath (marker removed).
+pub(crate) struct IkeDatagram {
+    pub bytes: Vec<u8>,
+    pub from: SocketAddr,
+}
+
+/// The inbound thread's end: hands IKE messages over without blocking.
+pub(crate) struct IkeQueue {
+    pub tx: SyncSender<IkeDatagram>,
+    pub shared: Arc<IkeShared>,
+}
+
+impl IkeQueue {
+    /// Queues the UDP payload `data` (marker included) from `from`.
+    pub fn offer(&self, data: &[u8], from: Option<SocketAddr>) {
+        let (Some(from), Some(bytes)) = (from, data.get(NON_ESP_MARKER.len()..)) else {
+            return;
+        };
+        let datagram = IkeDatagram {
+            bytes: bytes.to_vec(),
+            from,
+        };
+        match self.tx.try_send(datagram) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.shared.queue_drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What the IKE thread shares: its status for `esptun status`, the IKE
+/// SA keys for `esptun wireshark-keys`, and the queue's drop count.
+#[derive(Default)]
+pub(crate) struct IkeShared {
+    pub queue_drops: AtomicU64,
+    pub status: Mutex<Vec<IkePeerStatus>>,
+    /// One `ikev2_decryption_table` record per established IKE SA.
+    pub keys: Mutex<Vec<Zeroizing<String>>>,
+}
+
+impl IkeShared {
+    pub fn snapshot(&self) -> IkeStatus {
+        IkeStatus {
+            queue_drops: self.queue_drops.load(Ordering::Relaxed),
+            peers: self
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    /// The IKE SA keys as Wireshark's IKEv2 decryption table, one record
+    /// a line.
+    pub fn key_records(&self) -> Zeroizing<String> {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Zeroizing::new(String::with_capacity(
+            keys.iter().map(|k| k.len() + 1).sum(),
+        ));
+        for k in keys.iter() {
+            out.push_str(k);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+mod explain;
+mod keys;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use explain::{count, explain, role_name, suite_name};
+use keys::{build_child, wireshark_record};
+
+pub use status::{ChildStatus, IkeCounters, IkePeerStatus, IkeSaStatus, IkeStatus};
+
+/// How a message arrived, and so how an answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Port 500, no marker.
+    Ike,
+    /// The NAT-T socket, with the non-ESP marker.
+    NatT,
+}
+
+/// One IKE SA and what the daemon knows around it.
+struct Slot {
+    sa: IkeSa,
+    via: Via,
+    to: SocketAddr,
+    created: Instant,
+    established: bool,
+    children: Vec<ChildStatus>,
+}
+
+/// One peer's IKE state.
+struct PeerIke {
+    cfg: IkePeer,
+    ike: Arc<IkeConfig>,
+    /// Where an initiator sends: the NAT-T port when the outer mode is
+    /// UDP (RFC 7296 section 2.23 allows starting there), else port 500.
+    initiate_via: (Via, SocketAddr),
+    slots: Vec<Slot>,
+    /// When to initiate next (initiators only) and the current back-off.
+    next_initiate: Option<Instant>,
+    backoff: Duration,
+    counters: IkeCounters,
+    last_error: Option<String>,
+    /// Rate limit of failure logs: when last logged, and how many since.
+    last_log: Option<Instant>,
+    suppressed: u64,
+}
+
+pub(crate) struct IkeWorker {
+    shared: Arc<Shared>,
+    ike: Arc<IkeShared>,
+    sockets: Arc<Sockets>,
+    ike_sockets: Vec<IkeSocket>,
+    queue: Receiver<IkeDatagram>,
+    installs: Sender<PeerSas>,
+    peers: Vec<PeerIke>,
+    rng: SystemRandomness,
+    /// Messages from addresses that are no peer's, and when last logged.
+    unknown: u64,
+    unknown_logged: Option<Instant>,
+}
+
+/// The IKE side of `Daemon::start`, made before anything on the system
+/// changes: the port 500 sockets (the NAT-T socket is the datapath's) and
+/// each peer's configuration with its PSK, read once.
+pub(crate) struct Setup {
+    sockets: Vec<IkeSocket>,
+    peers: Vec<(IkePeer, IkeConfig)>,
+}
+
+/// The IKE thread, ready to start, and what the other threads take.
+pub(crate) struct Wired {
+    /// For the inbound thread (NAT-T only).
+    pub queue: Option<IkeQueue>,
+    pub worker: IkeWorker,
+    /// For the main thread, which owns the key manager.
+    pub installs: Receiver<PeerSas>,
+}
+
+impl Setup {
+    /// `None` without peers keyed by IKE.
+    pub fn open(config: &crate::config::Config) -> Result<Option<Setup>, super::DaemonError> {
+        if config.ike_peers.is_empty() {
+            return Ok(None);
+        }
+        let sockets = open_sockets(&config.ike_peers, config.outer.fwmark)?;
+        let mut peers = Vec::with_capacity(config.ike_peers.len());
+        for peer in &config.ike_peers {
+            let ike = ike_config(peer).map_err(|source| super::DaemonError::Psk {
+                peer: peer.name.clone(),
+                source,
+            })?;
+            peers.push((peer.clone(), ike));
+        }
+        Ok(Some(Setup { sockets, peers }))
+    }
+
+    /// Has the inbound pipeline hand over IKE on the NAT-T port, and
+    /// builds the IKE thread's worker.
+    pub fn wire(
+        self,
+        shared: &Arc<Shared>,
+        sockets: &Arc<Sockets>,
+        pipeline: &mut crate::datapath::inbound::Inbound,
+    ) -> Wired {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        pipeline.ike_handler = sockets.encap.is_udp();
+        let queue = pipeline.ike_handler.then(|| IkeQueue {
+            tx,
+            shared: shared.ike.clone(),
+        });
+        let (installs_tx, installs) = std::sync::mpsc::channel();
+        let worker = IkeWorker::new(
+            shared.clone(),
+            shared.ike.clone(),
+            sockets.clone(),
+            self.sockets,
+            rx,
+            installs_tx,
+            self.peers,
+        );
+        Wired {
+            queue,
+            worker,
+            installs,
+        }
+    }
+}
+
+/// Opens the port 500 sockets the IKE peers need (one per family).
+fn open_sockets(peers: &[IkePeer], fwmark: u32) -> Result<Vec<IkeSocket>, crate::io::IoSetupError> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        if peers.iter().any(|p| p.endpoint.is_ipv6() == v6) {
+            out.push(IkeSocket::open(v6, IKE_PORT, Some(fwmark))?);
+        }
+    }
+    Ok(out)
+}
+
+/// A peer's `ike::sa::Config`, with its PSK read now.
+pub(crate) fn ike_config(peer: &IkePeer) -> Result<IkeConfig, crate::config::ike::PskError> {
+    Ok(IkeConfig {
+        local_id: peer.ike.local_id.clone(),
+        remote_id: Some(peer.ike.remote_id.clone()),
+        psk: load_psk(&peer.ike.psk_file)?,
+        ike: peer.ike.ike.clone(),
+        esp: peer.ike.esp.clone(),
+        local_addr: peer.inner_local,
+        remote_addr: peer.inner_remote,
+        retransmit: Default::default(),
+    })
+}
+
+impl IkeWorker {
+    /// `configs` are the peers' IKE configurations, in the order of
+    /// `peers`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        ike: Arc<IkeShared>,
+        sockets: Arc<Sockets>,
+        ike_sockets: Vec<IkeSocket>,
+        queue: Receiver<IkeDatagram>,
+        installs: Sender<PeerSas>,
+        peers: Vec<(IkePeer, IkeConfig)>,
+    ) -> Self {
+        let now = Instant::now();
+        let peers = peers
+            .into_iter()
+            .map(|(cfg, ike)| {
+                let initiate_via = match sockets.encap {
+                    Encap::Udp { port } => (Via::NatT, SocketAddr::new(cfg.endpoint, port)),
+                    Encap::RawEsp => (Via::Ike, SocketAddr::new(cfg.endpoint, IKE_PORT)),
+                };
+                PeerIke {
+                    next_initiate: cfg.ike.initiate.then_some(now),
+                    cfg,
+                    ike: Arc::new(ike),
+                    initiate_via,
+                    slots: Vec::new(),
+                    backoff: RETRY_FIRST,
+                    counters: IkeCounters::default(),
+                    last_error: None,
+                    last_log: None,
+                    suppressed: 0,
+                }
+            })
+            .collect();
+        IkeWorker {
+            shared,
+            ike,
+            sockets,
+            ike_sockets,
+            queue,
+            installs,
+            peers,
+            rng: SystemRandomness::new(),
+            unknown: 0,
+            unknown_logged: None,
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut publish_due = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            self.initiate_due(now);
+            self.timeouts(now);
+            if now >= publish_due {
+                self.publish(now);
+                publish_due = now + Duration::from_millis(200);
+            }
+            let wait = self
+                .next_deadline()
+                .map_or(TICK, |d| d.saturating_duration_since(now).min(TICK));
+            let fds: Vec<_> = self.ike_sockets.iter().map(|s| s.as_fd()).collect();
+            let ready = match crate::io::poll_readable(&fds, wait) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("IKE: poll failed: {e}");
+                    std::thread::sleep(TICK);
+                    continue;
+                }
+            };
+            drop(fds);
+            for i in 0..self.ike_sockets.len() {
+                if !ready.is_ready(i) {
+                    continue;
+                }
+                // Bounded: a flood cannot keep the thread from its timers.
+                for _ in 0..64 {
+                    match self.ike_sockets[i].recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            let bytes = buf[..n].to_vec();
+                            self.on_message(&bytes, from, Via::Ike);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!("IKE: receive failed: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            for _ in 0..QUEUE {
+                let Ok(d) = self.queue.try_recv() else { break };
+                self.on_message(&d.bytes, d.from, Via::NatT);
+            }
+        }
+        self.publish(Instant::now());
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.peers
+            .iter()
+            .flat_map(|p| {
+                p.slots
+                    .iter()
+                    .filter_map(|s| s.sa.next_timeout())
+                    .chain(p.next_initiate)
+            })
+            .min()
+    }
+
+    /// Initiates for peers that are due and have no IKE SA on its way: none
+    /// established, none of ours connecting, and none the peer started
+    /// lately (a responder slot that never completes does not block us
+    /// for long).
+    fn initiate_due(&mut self, now: Instant) {
+        for i in 0..self.peers.len() {
+            let p = &mut self.peers[i];
+            let busy = p.slots.iter().any(|s| {
+                s.established
+                    || s.sa.role() == Role::Initiator
+                    || now.saturating_duration_since(s.created) < PEER_STARTED
+            });
+            if p.next_initiate.is_none_or(|t| now < t) || busy {
+                continue;
+            }
+            p.next_initiate = None;
+            match IkeSa::initiate(p.ike.clone(), now, &mut self.rng) {
+                Ok((sa, actions)) => {
+                    let (via, to) = p.initiate_via;
+                    tracing::info!(peer = %p.cfg.name, to = %to, "IKE: initiating");
+                    p.slots.push(Slot {
+                        sa,
+                        via,
+                        to,
+                        created: now,
+                        established: false,
+                        children: Vec::new(),
+                    });
+                    let slot = p.slots.len() - 1;
+                    self.act(i, slot, actions, now);
+                }
+                Err(e) => self.failed(i, e, now),
+            }
+            self.reap(i, now);
+        }
+    }
+
+    fn timeouts(&mut self, now: Instant) {
+        for i in 0..self.peers.len() {
+            for s in 0..self.peers[i].slots.len() {
+                if self.peers[i].slots[s]
+                    .sa
+                    .next_timeout()
+                    .is_some_and(|t| t <= now)
+                {
+                    let actions = self.peers[i].slots[s].sa.handle_timeout(now);
+                    self.act(i, s, actions, now);
+                }
+            }
+            self.reap(i, now);
+        }
+    }
+
+    /// One received IKE message.
+    fn on_message(&mut self, bytes: &[u8], from: SocketAddr, via: Via) {
+        let now = Instant::now();
+        let Some(i) = self.peers.iter().position(|p| p.cfg.endpoint == from.ip()) else {
+            self.unknown += 1;
+            if self
+                .unknown_logged
+                .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+            {
+                self.unknown_logged = Some(now);
+                tracing::warn!(
+                    from = %from,
+                    total = self.unknown,
+                    "IKE: message from an address that is no IKE peer's endpoint: dropped"
+                );
+            }
+            return;
+        };
+        let header = match IkeHeader::new_checked(bytes).and_then(|h| Header::parse(&h)) {
+            Ok(h) => h,
+            Err(e) => {
+                self.peers[i].counters.messages_dropped += 1;
+                tracing::debug!(peer = %self.peers[i].cfg.name, "IKE: malformed message dropped: {e}");
+                return;
+            }
+        };
+        let p = &mut self.peers[i];
+        let slot = match p.slots.iter().position(|s| s.sa.spis().0 == header.spi_i) {
+            Some(s) => s,
+            None if !header.is_response()
+                && header.exchange == exchange::IKE_SA_INIT
+                && header.spi_r == 0 =>
+            {
+                if p.slots.len() >= SAS_PER_PEER {
+                    // The oldest one not established makes room.
+                    match p.slots.iter().position(|s| !s.established) {
+                        Some(old) => {
+                            p.slots.remove(old);
+                        }
+                        None => {
+                            p.counters.messages_dropped += 1;
+                            return;
+                        }
+                    }
+                }
+                p.slots.push(Slot {
+                    sa: IkeSa::responder(p.ike.clone()),
+                    via,
+                    to: from,
+                    created: now,
+                    established: false,
+                    children: Vec::new(),
+                });
+                p.slots.len() - 1
+            }
+            None => {
+                p.counters.messages_dropped += 1;
+                tracing::debug!(peer = %p.cfg.name, "IKE: message for no IKE SA of ours dropped");
+                return;
+            }
+        };
+        let s = &mut p.slots[slot];
+        match s.sa.handle(bytes, now, &mut self.rng) {
+            Ok(actions) => {
+                // Answers go back the way the peer's message came.
+                s.via = via;
+                s.to = from;
+                self.act(i, slot, actions, now);
+            }
+            Err(e) => {
+                p.counters.messages_dropped += 1;
+                tracing::debug!(peer = %p.cfg.name, "IKE: message dropped: {e}");
+                // A responder that never got a valid request holds nothing.
+                if s.sa.role() == Role::Responder && s.sa.spis().1 == 0 {
+                    p.slots.remove(slot);
+                }
+            }
+        }
+        self.reap(i, now);
+    }
+
+    /// Carries out an IKE SA's actions. Every `Action` is handled here:
+    /// a new kind is one more arm.
+    fn act(&mut self, i: usize, slot: usize, actions: Vec<Action>, now: Instant) {
+        for action in actions {
+            match action {
+                Action::Send(bytes) => self.send(i, slot, &bytes),
+                Action::InstallChild(child) => self.install(i, slot, child, now),
+                Action::ChildFailed(e) => {
+                    self.peers[i].counters.children_failed += 1;
+                    self.count_failure(i, &e);
+                    let text = format!("the IKE SA is up but its CHILD SA failed: {e}");
+                    self.log_failure(i, &text, now);
+                }
+                Action::Failed(e) => self.failed(i, e, now),
+            }
+        }
+        self.note_established(i, slot);
+    }
+
+    fn send(&mut self, i: usize, slot: usize, bytes: &[u8]) {
+        let Some(s) = self.peers[i].slots.get(slot) else {
+            return;
+        };
+        let (via, to) = (s.via, s.to);
+        let result = match via {
+            Via::Ike => {
+                let family_v6 = to.is_ipv6();
+                let socket = self
+                    .ike_sockets
+                    .iter()
+                    .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6));
+                match socket {
+                    Some(socket) => socket.send_to(bytes, to).map(|_| ()),
+                    None => Err(std::io::Error::other("no IKE socket of this family")),
+                }
+            }
+            Via::NatT => {
+                let socket = if to.is_ipv6() {
+                    self.sockets.v6.as_ref()
+                } else {
+                    self.sockets.v4.as_ref()
+                };
+                let mut framed = Vec::with_capacity(NON_ESP_MARKER.len() + bytes.len());
+                framed.extend_from_slice(&NON_ESP_MARKER);
+                framed.extend_from_slice(bytes);
+                match socket {
+                    Some(socket) => match socket.send_batch(&[(&framed, to)]) {
+                        Ok(r) if r.failed == 0 => Ok(()),
+                        Ok(r) => Err(r
+                            .last_error
+                            .unwrap_or_else(|| std::io::Error::other("not sent"))),
+                        Err(e) => Err(e),
+                    },
+                    None => Err(std::io::Error::other("no NAT-T socket of this family")),
+                }
+            }
+        };
+        if let Err(e) = result {
+            // Retransmission (RFC 7296 section 2.1) covers a lost send.
+            tracing::debug!(peer = %self.peers[i].cfg.name, to = %to, "IKE: send failed: {e}");
+        }
+    }
+
+    /// A CHILD SA for the key manager: both directions, fresh keys.
+    fn install(&mut self, i: usize, slot: usize, child: ChildSa, now: Instant) {
+        let p = &mut self.peers[i];
+        let spis = ChildStatus {
+            inbound_spi: child.inbound_spi,
+            outbound_spi: child.outbound_spi,
+        };
+        let esn = child.esn;
+        match build_child(&self.shared, &p.cfg, child) {
+            Ok(sas) => {
+                p.counters.children_installed += 1;
+                tracing::info!(
+                    peer = %p.cfg.name,
+                    inbound_spi = format_args!("{:#010x}", spis.inbound_spi),
+                    outbound_spi = format_args!("{:#010x}", spis.outbound_spi),
+                    esn,
+                    "IKE: CHILD SA negotiated; installing"
+                );
+                if let Some(s) = p.slots.get_mut(slot) {
+                    s.children.push(spis);
+                }
+                // A failed send means the main thread is gone: stopping.
+                let _ = self.installs.send(sas);
+            }
+            Err(e) => {
+                p.counters.children_failed += 1;
+                let text = format!("the CHILD SA could not be built: {e}");
+                self.log_failure(i, &text, now);
+            }
+        }
+    }
+
+    fn note_established(&mut self, i: usize, slot: usize) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        if s.established || s.sa.status() != crate::ike::sa::Status::Established {
+            return;
+        }
+        s.established = true;
+        p.counters.established += 1;
+        p.backoff = RETRY_FIRST;
+        let (spi_i, spi_r) = s.sa.spis();
+        tracing::info!(
+            peer = %p.cfg.name,
+            role = role_name(s.sa.role()),
+            spi_i = format_args!("{spi_i:016x}"),
+            spi_r = format_args!("{spi_r:016x}"),
+            suite = s.sa.suite().map(suite_name).unwrap_or_default(),
+            "IKE SA established"
+        );
+        // The newest established IKE SA stands for the peer; older ones
+        // are dropped (their CHILD SAs are replaced by the new install).
+        // TODO(ike): send an INFORMATIONAL Delete once src/ike has it.
+        let keep = s.sa.spis();
+        p.slots.retain(|o| !o.established || o.sa.spis() == keep);
+        self.publish_keys();
+    }
+
+    /// The IKE SA failed: count, log, and for an initiator plan the next
+    /// attempt.
+    fn failed(&mut self, i: usize, e: IkeError, now: Instant) {
+        self.count_failure(i, &e);
+        let p = &self.peers[i];
+        let text = explain(p, &e);
+        self.log_failure(i, &text, now);
+        let p = &mut self.peers[i];
+        // A stray SA failing next to an established one changes nothing.
+        let established = p
+            .slots
+            .iter()
+            .any(|s| s.established && s.sa.status() == crate::ike::sa::Status::Established);
+        if p.cfg.ike.initiate && !established {
+            p.next_initiate = Some(now + p.backoff);
+            tracing::info!(peer = %p.cfg.name, "IKE: initiating again in {:?}", p.backoff);
+            p.backoff = (p.backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    fn count_failure(&mut self, i: usize, e: &IkeError) {
+        count(&mut self.peers[i].counters, e);
+    }
+
+    /// Logs a failure, at most once per [`LOG_EVERY`] per peer.
+    fn log_failure(&mut self, i: usize, text: &str, now: Instant) {
+        let p = &mut self.peers[i];
+        p.last_error = Some(text.to_string());
+        if p.last_log
+            .is_some_and(|t| now.duration_since(t) < LOG_EVERY)
+        {
+            p.suppressed += 1;
+            return;
+        }
+        let more = std::mem::take(&mut p.suppressed);
+        p.last_log = Some(now);
+        tracing::warn!(peer = %p.cfg.name, suppressed = more, "IKE: {text}");
+    }
+
+    /// Removes closed IKE SAs; makes an initiator with none try again.
+    fn reap(&mut self, i: usize, now: Instant) {
+        let p = &mut self.peers[i];
+        let before = p.slots.len();
+        p.slots
+            .retain(|s| s.sa.status() != crate::ike::sa::Status::Closed);
+        if p.slots.len() != before {
+            self.publish_keys();
+        }
+        let p = &mut self.peers[i];
+        let up = p
+            .slots
+            .iter()
+            .any(|s| s.established || s.sa.role() == Role::Initiator);
+        if p.cfg.ike.initiate && !up && p.next_initiate.is_none() {
+            p.next_initiate = Some(now + p.backoff);
+        }
+    }
+
+    fn publish(&self, now: Instant) {
+        let rows = self
+            .peers
+            .iter()
+            .map(|p| IkePeerStatus {
+                peer: p.cfg.name.clone(),
+                initiate: p.cfg.ike.initiate,
+                local_id: identity_text(&p.cfg.ike.local_id),
+                remote_id: identity_text(&p.cfg.ike.remote_id),
+                sas: p
+                    .slots
+                    .iter()
+                    .map(|s| {
+                        let (spi_i, spi_r) = s.sa.spis();
+                        IkeSaStatus {
+                            role: role_name(s.sa.role()).into(),
+                            state: match s.sa.status() {
+                                crate::ike::sa::Status::Connecting => "connecting",
+                                crate::ike::sa::Status::Established => "established",
+                                crate::ike::sa::Status::Closed => "closed",
+                            }
+                            .into(),
+                            spi_i: format!("{spi_i:016x}"),
+                            spi_r: format!("{spi_r:016x}"),
+                            age_secs: now.saturating_duration_since(s.created).as_secs(),
+                            remote: s.to.to_string(),
+                            suite: s.sa.suite().map(suite_name),
+                            children: s.children.clone(),
+                        }
+                    })
+                    .collect(),
+                counters: p.counters.clone(),
+                last_error: p.last_error.clone(),
+            })
+            .collect();
+        *self.ike.status.lock().unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+
+    /// The established IKE SAs' keys, for `esptun wireshark-keys`.
+    fn publish_keys(&self) {
+        let records = self
+            .peers
+            .iter()
+            .flat_map(|p| p.slots.iter())
+            .filter(|s| s.established)
+            .filter_map(|s| wireshark_record(&s.sa))
+            .collect();
+        *self.ike.keys.lock().unwrap_or_else(|p| p.into_inner()) = records;
+    }
+}

@@ -1,0 +1,87 @@
+//! What leaves the IKE thread with keys in it: CHILD SAs for the key
+//! manager, and IKE SA keys for a debugger's decryption table.
+
+use std::net::SocketAddr;
+
+use zeroize::Zeroizing;
+
+use super::super::shared::Shared;
+use crate::config::IkePeer;
+use crate::crypto::IcvLen;
+use crate::ike::crypto::Encr;
+use crate::ike::sa::{ChildSa, IkeSa};
+use crate::sa::keymgr::{NewInbound, NewOutbound, PeerSas};
+use crate::sa::replay::DEFAULT_WINDOW;
+use crate::sa::reservation::Fingerprint;
+use crate::sa::{InboundSa, InnerAddrs, OutboundSa, SaKeys, hard_limit};
+
+/// A [`PeerSas`] from a CHILD SA. The outbound SA gets its whole sequence
+/// space at once, with no durable reservation: a CHILD SA's keys are new
+/// (KEYMAT from fresh nonces and, here, a fresh IKE SA: RFC 7296 section
+/// 2.17) and die with the process, so no (key, nonce) pair of it can be
+/// used again after a restart (RFC 4106 section 2: the nonce must never
+/// repeat under one key). Manual keys keep their reservations.
+pub(super) fn build_child(
+    shared: &Shared,
+    peer: &IkePeer,
+    child: ChildSa,
+) -> Result<PeerSas, crate::sa::SaError> {
+    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote)?;
+    // ESP AES-GCM as negotiated: the 16-byte ICV (ENCR_AES_GCM_16, RFC
+    // 4106 section 8).
+    let icv = IcvLen::Icv16;
+    let keys = SaKeys::new(&shared.selector, &child.inbound, icv)?;
+    let sa = InboundSa::new(child.inbound_spi, keys, child.esn, inner, DEFAULT_WINDOW)?;
+    let inbound = NewInbound {
+        sa,
+        fp: Fingerprint::new(&child.inbound),
+    };
+    let keys = SaKeys::new(&shared.selector, &child.outbound, icv)?;
+    let mut sa = OutboundSa::new(child.outbound_spi, keys, child.esn, inner)?;
+    sa.set_ceiling(hard_limit(child.esn));
+    let material = child.outbound;
+    // The configured endpoint, as for manual keys (raw ESP has no port).
+    let endpoint = SocketAddr::new(peer.endpoint, shared.outer.port().unwrap_or(0));
+    Ok(PeerSas {
+        peer: peer.name.clone(),
+        endpoint,
+        outbound: Some(NewOutbound {
+            sa,
+            material,
+            key_file: None,
+            // Nothing to claim: see above. The outbound thread claims and
+            // tops up reservations only for SAs not marked claimed, and its
+            // top-up skips an SA whose ceiling is the hard limit.
+            claimed: true,
+        }),
+        inbound: Some(inbound),
+    })
+}
+
+/// One line of Wireshark's IKEv2 decryption table (the
+/// `ikev2_decryption_table` UAT of epan/dissectors/packet-isakmp.c, in
+/// the form strongSwan's save-keys plugin writes): SPIi and SPIr as 16
+/// hex digits, SK_ei and SK_er in hex, the encryption algorithm's name in
+/// quotes, SK_ai and SK_ar in hex, the integrity algorithm's name in
+/// quotes. For AES-GCM SK_e* is key || salt (RFC 5282 section 7.1) and
+/// there are no integrity keys (section 8): SK_a* are empty and the
+/// integrity algorithm is "NONE [RFC4306]".
+pub(super) fn wireshark_record(sa: &IkeSa) -> Option<Zeroizing<String>> {
+    let keys = sa.keys()?;
+    let (spi_i, spi_r) = sa.spis();
+    let encr = match keys.encr {
+        Encr::AesGcm16_128 => "AES-GCM-128 with 16 octet ICV [RFC5282]",
+        Encr::AesGcm16_256 => "AES-GCM-256 with 16 octet ICV [RFC5282]",
+    };
+    let ei = Zeroizing::new(crate::hex::encode(&keys.sk_ei));
+    let er = Zeroizing::new(crate::hex::encode(&keys.sk_er));
+    // Built in place, never through a temporary that would keep a copy
+    // of the keys.
+    let mut line = Zeroizing::new(String::with_capacity(160 + ei.len() + er.len()));
+    line.push_str(&format!("{spi_i:016x},{spi_r:016x},"));
+    line.push_str(&ei);
+    line.push(',');
+    line.push_str(&er);
+    line.push_str(&format!(",\"{encr}\",,,\"NONE [RFC4306]\""));
+    Some(line)
+}

@@ -1,0 +1,216 @@
+//! Unit tests of the IKE thread's pieces: records, failures, the queue.
+
+use super::*;
+use crate::ike::crypto::Encr;
+use crate::ike::sa::ErrorNotify;
+use crate::ike::wire::consts::id;
+use crate::ike::wire::payload::Identification;
+
+fn config(local: [u8; 4], remote: [u8; 4], psk: &[u8]) -> Arc<IkeConfig> {
+    Arc::new(IkeConfig {
+        local_id: Identification::new(id::IPV4_ADDR, local.to_vec()),
+        remote_id: Some(Identification::new(id::IPV4_ADDR, remote.to_vec())),
+        psk: Zeroizing::new(psk.to_vec()),
+        ike: Default::default(),
+        esp: Default::default(),
+        local_addr: local.into(),
+        remote_addr: remote.into(),
+        retransmit: Default::default(),
+    })
+}
+
+const PSK: &[u8] = b"a shared key, long enough";
+
+/// Runs IKE_SA_INIT and IKE_AUTH in memory; both SAs afterwards, with
+/// the failures each side reported.
+fn run(a_cfg: Arc<IkeConfig>, b_cfg: Arc<IkeConfig>) -> [(IkeSa, Vec<IkeError>); 2] {
+    let mut rng = SystemRandomness::new();
+    let now = Instant::now();
+    let (mut a, mut to_b) = IkeSa::initiate(a_cfg, now, &mut rng).expect("initiate");
+    let mut b = IkeSa::responder(b_cfg);
+    let (mut a_failed, mut b_failed) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let mut to_a = Vec::new();
+        for action in to_b.drain(..) {
+            if let Action::Send(bytes) = action {
+                to_a.extend(b.handle(&bytes, now, &mut rng).unwrap_or_default());
+            }
+        }
+        for action in to_a {
+            match action {
+                Action::Send(bytes) => {
+                    to_b.extend(a.handle(&bytes, now, &mut rng).unwrap_or_default())
+                }
+                Action::Failed(e) => b_failed.push(e),
+                _ => {}
+            }
+        }
+        for action in &to_b {
+            if let Action::Failed(e) = action {
+                a_failed.push(*e);
+            }
+        }
+    }
+    [(a, a_failed), (b, b_failed)]
+}
+
+fn exchange(psk_b: &[u8]) -> (IkeSa, IkeSa) {
+    let a_cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
+    let b_cfg = config([198, 18, 0, 2], [198, 18, 0, 1], psk_b);
+    let [(a, _), (b, _)] = run(a_cfg, b_cfg);
+    (a, b)
+}
+
+/// A peer as the IKE thread holds it, for [`explain`].
+fn peer(cfg: &Arc<IkeConfig>) -> PeerIke {
+    let remote_id = cfg.remote_id.clone().expect("a remote id");
+    PeerIke {
+        cfg: IkePeer {
+            name: "b".into(),
+            local: cfg.local_addr,
+            endpoint: cfg.remote_addr,
+            inner_local: cfg.local_addr,
+            inner_remote: cfg.remote_addr,
+            ike: crate::config::IkeSettings {
+                psk_file: "/etc/esptun/b.psk".into(),
+                local_id: cfg.local_id.clone(),
+                remote_id,
+                initiate: true,
+                ike: cfg.ike.clone(),
+                esp: cfg.esp.clone(),
+                ike_rekey: Duration::from_secs(14400),
+                child_rekey: Duration::from_secs(3600),
+                liveness: Duration::from_secs(30),
+            },
+        },
+        ike: cfg.clone(),
+        initiate_via: (Via::NatT, SocketAddr::new(cfg.remote_addr, 4500)),
+        slots: Vec::new(),
+        next_initiate: None,
+        backoff: RETRY_FIRST,
+        counters: IkeCounters::default(),
+        last_error: None,
+        last_log: None,
+        suppressed: 0,
+    }
+}
+
+#[test]
+fn an_identity_mismatch_and_disjoint_proposals_are_explained_without_secrets() {
+    // b expects a at another identity: both sides fail authentication.
+    let a_cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
+    let b_cfg = config([198, 18, 0, 2], [198, 18, 0, 9], PSK);
+    let [(_, a_failed), (_, b_failed)] = run(a_cfg.clone(), b_cfg.clone());
+    assert_eq!(
+        a_failed,
+        [IkeError::PeerRefused(ErrorNotify::AuthenticationFailed)]
+    );
+    assert_eq!(
+        b_failed,
+        [IkeError::WeRefused(ErrorNotify::AuthenticationFailed)]
+    );
+    let b_text = explain(&peer(&b_cfg), &b_failed[0]);
+    assert!(
+        b_text.contains("expected remote_id 198.18.0.9") && b_text.contains("psk_file"),
+        "{b_text}"
+    );
+    let a_text = explain(&peer(&a_cfg), &a_failed[0]);
+    assert!(a_text.contains("our local_id 198.18.0.1"), "{a_text}");
+    for t in [&a_text, &b_text] {
+        assert!(!t.contains("shared key"), "a secret in {t}");
+    }
+
+    // No IKE encryption in common: NO_PROPOSAL_CHOSEN on both sides.
+    let mut only_128 = (*a_cfg).clone();
+    only_128.ike.encr = vec![Encr::AesGcm16_128];
+    let mut only_256 = (*config([198, 18, 0, 2], [198, 18, 0, 1], PSK)).clone();
+    only_256.ike.encr = vec![Encr::AesGcm16_256];
+    let (a_cfg, b_cfg) = (Arc::new(only_128), Arc::new(only_256));
+    let [(_, a_failed), (_, b_failed)] = run(a_cfg.clone(), b_cfg.clone());
+    assert_eq!(
+        a_failed,
+        [IkeError::PeerRefused(ErrorNotify::NoProposalChosen)]
+    );
+    assert_eq!(
+        b_failed,
+        [IkeError::WeRefused(ErrorNotify::NoProposalChosen)]
+    );
+    let mut counters = IkeCounters::default();
+    count(&mut counters, &b_failed[0]);
+    assert_eq!(counters.proposal_mismatches, 1);
+    let text = explain(&peer(&b_cfg), &b_failed[0]);
+    assert!(
+        text.contains("no proposal in common") && text.contains("AesGcm16_256"),
+        "{text}"
+    );
+}
+
+#[test]
+fn both_ends_print_the_same_wireshark_record() {
+    let (a, b) = exchange(PSK);
+    let ra = wireshark_record(&a).expect("a has keys");
+    let rb = wireshark_record(&b).expect("b has keys");
+    assert_eq!(ra.as_str(), rb.as_str());
+    let fields: Vec<&str> = ra.split(',').collect();
+    let (spi_i, spi_r) = a.spis();
+    assert_eq!(fields.len(), 8, "{}", ra.as_str());
+    assert_eq!(fields[0], format!("{spi_i:016x}"));
+    assert_eq!(fields[1], format!("{spi_r:016x}"));
+    // AES-256 key and 4-byte salt, in hex; the two directions differ.
+    assert_eq!((fields[2].len(), fields[3].len()), (72, 72));
+    assert_ne!(fields[2], fields[3]);
+    assert_eq!(fields[4], "\"AES-GCM-256 with 16 octet ICV [RFC5282]\"");
+    assert_eq!((fields[5], fields[6]), ("", ""));
+    assert_eq!(fields[7], "\"NONE [RFC4306]\"");
+}
+
+#[test]
+fn a_wrong_psk_fails_both_sides_as_authentication_failures() {
+    let (a, b) = exchange(b"another key, also long enough");
+    assert_eq!(a.status(), crate::ike::sa::Status::Closed);
+    assert_eq!(b.status(), crate::ike::sa::Status::Closed);
+    let mut counters = IkeCounters::default();
+    for e in [
+        IkeError::WeRefused(ErrorNotify::AuthenticationFailed),
+        IkeError::PeerRefused(ErrorNotify::AuthenticationFailed),
+        IkeError::PeerRefused(ErrorNotify::NoProposalChosen),
+        IkeError::Timeout,
+    ] {
+        count(&mut counters, &e);
+    }
+    assert_eq!(counters.auth_failures, 2);
+    assert_eq!(counters.proposal_mismatches, 1);
+    assert_eq!(counters.timeouts, 1);
+}
+
+#[test]
+fn a_full_queue_drops_and_counts_instead_of_blocking() {
+    let shared = Arc::new(IkeShared::default());
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let queue = IkeQueue {
+        tx,
+        shared: shared.clone(),
+    };
+    let from = Some(SocketAddr::from(([198, 18, 0, 2], 4500)));
+    queue.offer(&[0, 0, 0, 0, 1, 2, 3], from);
+    queue.offer(&[0, 0, 0, 0, 4, 5, 6], from);
+    assert_eq!(shared.queue_drops.load(Ordering::Relaxed), 1);
+    let first = rx.try_recv().expect("the first is queued");
+    assert_eq!(first.bytes, [1, 2, 3], "the marker is removed");
+    // Nothing to hand over without a source or a whole marker.
+    queue.offer(&[0, 0, 0, 0, 7], None);
+    queue.offer(&[0, 0], from);
+    assert!(rx.try_recv().is_err());
+    assert_eq!(shared.queue_drops.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn suites_read_as_configured() {
+    use crate::ike::crypto::{DhGroup, Prf};
+    let s = crate::ike::proposal::IkeSuite {
+        encr: Encr::AesGcm16_256,
+        prf: Prf::HmacSha256,
+        dh: DhGroup::Curve25519,
+    };
+    assert_eq!(suite_name(s), crate::config::ike::DEFAULT_IKE_PROPOSAL);
+}
