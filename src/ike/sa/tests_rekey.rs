@@ -1,1 +1,450 @@
-//! placeholder
+//! Rekeying, Delete, liveness, INITIAL_CONTACT and lifetimes, between two
+//! parties on a fake clock (see `tests_harness`).
+
+use std::time::Duration;
+
+use super::tests_harness::Net;
+use super::*;
+use crate::ike::crypto::{DhGroup, IkeKeys};
+
+fn only_child(p: &super::tests_harness::Party) -> &ChildSa {
+    assert_eq!(p.installed.len(), 1, "one CHILD SA");
+    p.installed.values().next().expect("child")
+}
+
+fn nonce(b: u8) -> Vec<u8> {
+    vec![b; NONCE_LEN]
+}
+
+/// Section 2.17 from outside: KEYMAT = prf+(SK_d, [g^ir |] Ni | Nr), and
+/// the rekey initiator's outbound key comes first.
+fn assert_keymat(sk_d: &[u8], prf: Prf, gir: Option<&[u8]>, ni: &[u8], nr: &[u8], init: &ChildSa) {
+    let e = init.encr.material_len();
+    let k = init.encr.key_len();
+    let mut seed: Vec<&[u8]> = gir.into_iter().collect();
+    seed.push(ni);
+    seed.push(nr);
+    let km = prf.prf_plus(sk_d, &seed, 2 * e).expect("prf+");
+    assert_eq!(init.outbound.key().expose(), &km[..k]);
+    assert_eq!(init.outbound.salt(), &km[k..e]);
+    assert_eq!(init.inbound.key().expose(), &km[e..e + k]);
+    assert_eq!(init.inbound.salt(), &km[e + k..2 * e]);
+}
+
+use crate::ike::crypto::Prf;
+
+fn rekey_by(by_a: bool, pfs: bool) {
+    let policy = Policy {
+        pfs: if pfs {
+            vec![DhGroup::Curve25519]
+        } else {
+            Vec::new()
+        },
+        ..Policy::default()
+    };
+    let mut net = Net::up(policy);
+    let old_a = only_child(&net.a).inbound_spi;
+    let old_b = only_child(&net.b).inbound_spi;
+    let sk_d = net.a.sa.keys.as_ref().expect("keys").ike.sk_d.clone();
+    let prf = net.a.sa.suite().expect("suite").prf;
+    let (ni, nr) = (nonce(0x11), nonce(0x22));
+    let actions = {
+        let (init, resp) = if by_a {
+            (&mut net.a, &mut net.b)
+        } else {
+            (&mut net.b, &mut net.a)
+        };
+        init.rng.nonces.push_back(ni.clone());
+        resp.rng.nonces.push_back(nr.clone());
+        let old = if by_a { old_a } else { old_b };
+        init.sa
+            .rekey_child(old, net.now, &mut init.rng)
+            .expect("rekey")
+    };
+    net.push(by_a, actions);
+    net.settle();
+    let (init, resp) = if by_a {
+        (&net.a, &net.b)
+    } else {
+        (&net.b, &net.a)
+    };
+    let child = only_child(init);
+    assert!(
+        child.inbound_spi != old_a && child.inbound_spi != old_b,
+        "old one deleted"
+    );
+    assert!(child.transport_mode && only_child(resp).transport_mode);
+    let gir = pfs.then(|| {
+        let resp_public = resp.rng.last_dh().public().to_vec();
+        init.rng
+            .last_dh()
+            .agree(&resp_public)
+            .expect("agree")
+            .expose()
+            .to_vec()
+    });
+    assert_keymat(&sk_d, prf, gir.as_deref(), &ni, &nr, child);
+    assert_eq!(init.sa.children()[0].generation, 1);
+    assert_eq!(init.sa.rekeys(), (0, 1));
+    assert_eq!(resp.sa.rekeys(), (0, 1));
+    assert!(init.child_failed.is_empty() && resp.child_failed.is_empty());
+}
+
+#[test]
+fn child_rekey_by_the_original_initiator() {
+    rekey_by(true, false);
+}
+
+#[test]
+fn child_rekey_by_the_original_responder_flips_keymat() {
+    rekey_by(false, false);
+}
+
+#[test]
+fn child_rekey_with_pfs_by_either_side() {
+    rekey_by(true, true);
+    rekey_by(false, true);
+}
+
+#[test]
+fn pfs_required_but_not_offered_is_refused() {
+    let mut net = Net::up_with(
+        Policy::default(),
+        Policy {
+            pfs: vec![DhGroup::Ecp256],
+            ..Policy::default()
+        },
+    );
+    let old = only_child(&net.a).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .rekey_child(old, net.now, &mut net.a.rng)
+        .expect("rekey");
+    net.push(true, a);
+    net.settle();
+    assert_eq!(only_child(&net.a).inbound_spi, old, "the old SA carries on");
+    assert_eq!(
+        net.a.child_failed,
+        vec![IkeError::PeerRefused(ErrorNotify::NoProposalChosen)]
+    );
+    assert_eq!(net.a.sa.children()[0].state, ChildState::Installed);
+}
+
+/// Section 2.8.1: both sides rekey the same CHILD SA at once. `a_low`:
+/// a's exchange holds the lowest nonce, so a's new SA is redundant.
+fn crossed_child_rekeys(a_low: bool) {
+    let mut net = Net::up(Policy::default());
+    let sk_d = net.a.sa.keys.as_ref().expect("keys").ike.sk_d.clone();
+    let prf = net.a.sa.suite().expect("suite").prf;
+    let (lo, hi) = if a_low { (0x10, 0x80) } else { (0x80, 0x10) };
+    // a's exchange: Ni = lo, Nr (b's answer) = lo + 1; b's: hi, hi + 1.
+    // Draw order on each side: own Ni (rekey), then Nr (answer).
+    net.a.rng.nonces.extend([nonce(lo), nonce(hi + 1)]);
+    net.b.rng.nonces.extend([nonce(hi), nonce(lo + 1)]);
+    let sa = only_child(&net.a).inbound_spi;
+    let sb = only_child(&net.b).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .rekey_child(sa, net.now, &mut net.a.rng)
+        .expect("a");
+    let b = net
+        .b
+        .sa
+        .rekey_child(sb, net.now, &mut net.b.rng)
+        .expect("b");
+    net.push(true, a);
+    net.push(false, b);
+    net.settle();
+    // One pair survives: the one made by the exchange with the higher
+    // nonces, keyed from its initiator's side.
+    let (winner, ni, nr) = if a_low {
+        (&net.b, nonce(hi), nonce(hi + 1))
+    } else {
+        (&net.a, nonce(lo), nonce(lo + 1))
+    };
+    let child = only_child(winner);
+    assert_keymat(&sk_d, prf, None, &ni, &nr, child);
+    assert_eq!(net.a.installs, 3, "the first, and one from each exchange");
+    assert_eq!(net.b.installs, 3);
+    assert!(net.a.child_failed.is_empty() && net.b.child_failed.is_empty());
+    assert_eq!(net.a.sa.next_timeout(), None);
+}
+
+#[test]
+fn crossed_child_rekeys_lowest_nonce_loses_a() {
+    crossed_child_rekeys(true);
+}
+
+#[test]
+fn crossed_child_rekeys_lowest_nonce_loses_b() {
+    crossed_child_rekeys(false);
+}
+
+#[test]
+fn rekey_crossing_a_delete() {
+    let mut net = Net::up(Policy::default());
+    let sa = only_child(&net.a).inbound_spi;
+    let sb = only_child(&net.b).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .rekey_child(sa, net.now, &mut net.a.rng)
+        .expect("rekey");
+    let b = net
+        .b
+        .sa
+        .delete_child(sb, net.now, &mut net.b.rng)
+        .expect("delete");
+    net.push(true, a);
+    net.push(false, b);
+    net.settle();
+    // Section 2.25: b refuses to rekey what it is deleting
+    // (TEMPORARY_FAILURE), a deletes it as asked.
+    assert!(net.a.installed.is_empty() && net.b.installed.is_empty());
+    assert!(
+        net.a.child_failed.is_empty(),
+        "TEMPORARY_FAILURE is no failure"
+    );
+    assert_eq!(net.a.installs, 1);
+}
+
+#[test]
+fn rekey_of_an_unknown_child_is_refused() {
+    let mut net = Net::up(Policy::default());
+    let sa = only_child(&net.a).inbound_spi;
+    // b forgets it (as after a hard lifetime with the Delete lost).
+    let sb = only_child(&net.b).inbound_spi;
+    net.b.sa.children.retain(|c| c.inbound_spi != sb);
+    net.b.installed.clear();
+    let a = net
+        .a
+        .sa
+        .rekey_child(sa, net.now, &mut net.a.rng)
+        .expect("rekey");
+    net.push(true, a);
+    net.settle();
+    assert!(
+        net.a.installed.is_empty(),
+        "CHILD_SA_NOT_FOUND: gone here too"
+    );
+}
+
+#[test]
+fn delete_both_ways_and_close() {
+    let mut net = Net::up(Policy::default());
+    let sa = only_child(&net.a).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .delete_child(sa, net.now, &mut net.a.rng)
+        .expect("delete");
+    net.push(true, a);
+    net.settle();
+    assert!(net.a.installed.is_empty() && net.b.installed.is_empty());
+    assert_eq!(net.a.sa.status(), Status::Established, "the IKE SA stays");
+
+    let mut net = Net::up(Policy::default());
+    let b = net.b.sa.close(net.now, &mut net.b.rng).expect("close");
+    net.push(false, b);
+    net.settle();
+    assert!(net.a.installed.is_empty() && net.b.installed.is_empty());
+    assert!(net.a.closed && net.b.closed);
+    assert_eq!(
+        (net.a.sa.status(), net.b.sa.status()),
+        (Status::Closed, Status::Closed)
+    );
+    assert!(net.a.failed.is_empty() && net.b.failed.is_empty());
+}
+
+#[test]
+fn initial_contact_is_sent_and_reported() {
+    let net = Net::up(Policy::default());
+    assert_eq!((net.a.restarted, net.b.restarted), (0, 1));
+    let off = Policy {
+        initial_contact: false,
+        ..Policy::default()
+    };
+    let net = Net::up(off);
+    assert_eq!(net.b.restarted, 0);
+}
+
+fn ike_keys_after_rekey(by_a: bool) {
+    let mut net = Net::up(Policy::default());
+    let old_spis = net.a.sa.spis();
+    let old_keys = net.a.sa.keys.as_ref().expect("keys");
+    let (old_prf, old_sk_d) = (
+        net.a.sa.suite().expect("suite").prf,
+        old_keys.ike.sk_d.clone(),
+    );
+    let (ni, nr) = (nonce(0x33), nonce(0x44));
+    {
+        let (init, resp) = if by_a {
+            (&mut net.a, &mut net.b)
+        } else {
+            (&mut net.b, &mut net.a)
+        };
+        init.rng.nonces.push_back(ni.clone());
+        resp.rng.nonces.push_back(nr.clone());
+    }
+    let actions = if by_a {
+        net.a.sa.rekey_ike(net.now, &mut net.a.rng)
+    } else {
+        net.b.sa.rekey_ike(net.now, &mut net.b.rng)
+    }
+    .expect("rekey");
+    net.push(by_a, actions);
+    net.settle();
+    let (init, resp) = if by_a {
+        (&net.a, &net.b)
+    } else {
+        (&net.b, &net.a)
+    };
+    let spis = init.sa.spis();
+    assert_eq!(spis, resp.sa.spis());
+    assert!(spis.0 != old_spis.0 && spis.1 != old_spis.1, "new SPIs");
+    assert_eq!(init.sa.role(), Role::Initiator, "the rekey's initiator");
+    assert_eq!(resp.sa.role(), Role::Responder);
+    assert_eq!((init.ike_rekeyed, resp.ike_rekeyed), (1, 1));
+    assert_eq!(init.sa.retiring_spis(), None, "old SA deleted");
+    assert_eq!(resp.sa.retiring_spis(), None);
+    // Section 2.18, recomputed: SKEYSEED = prf(SK_d (old), g^ir | Ni | Nr).
+    let gir = init
+        .rng
+        .last_dh()
+        .agree(resp.rng.last_dh().public())
+        .expect("agree");
+    let suite = init.sa.suite().expect("suite");
+    let skeyseed = old_prf.prf(&old_sk_d, &[gir.expose(), &ni, &nr]);
+    let want = IkeKeys::derive_rekey(
+        old_prf, &old_sk_d, suite.prf, suite.encr, &gir, &ni, &nr, spis.0, spis.1,
+    )
+    .expect("derive");
+    let got = &init.sa.keys.as_ref().expect("keys").ike;
+    let p = suite.prf.output_len();
+    let km = suite
+        .prf
+        .prf_plus(
+            &skeyseed,
+            &[&ni, &nr, &spis.0.to_be_bytes(), &spis.1.to_be_bytes()],
+            p,
+        )
+        .expect("prf+");
+    assert_eq!(&got.sk_d[..], &km[..p], "SK_d from the recomputed SKEYSEED");
+    assert_eq!(got.sk_ei, want.sk_ei);
+    assert_eq!(got.sk_pr, want.sk_pr);
+    assert_eq!(resp.sa.keys.as_ref().expect("keys").ike.sk_er, want.sk_er);
+    // Message IDs start again at 0; the CHILD SA moved over.
+    assert_eq!(init.sa.next_request_id, 0, "the Delete went on the old SA");
+    assert_eq!(init.installed.len(), 1);
+    assert_eq!(init.sa.next_peer_request_id, 0);
+    // The new SA works: a CHILD SA rekey under the new SK_d.
+    let (init_spi, by) = (only_child(init).inbound_spi, by_a);
+    let actions = if by {
+        net.a.sa.rekey_child(init_spi, net.now, &mut net.a.rng)
+    } else {
+        net.b.sa.rekey_child(init_spi, net.now, &mut net.b.rng)
+    }
+    .expect("child rekey on the new IKE SA");
+    net.push(by, actions);
+    net.settle();
+    assert_eq!(net.a.installs, 2);
+}
+
+#[test]
+fn ike_rekey_by_either_side() {
+    ike_keys_after_rekey(true);
+    ike_keys_after_rekey(false);
+}
+
+/// Crossed IKE SA rekeys: the request with the lower Ni loses; one new IKE
+/// SA results either way.
+fn crossed_ike_rekeys(a_low: bool) {
+    let mut net = Net::up(Policy::default());
+    let (na, nb) = if a_low { (0x10, 0x90) } else { (0x90, 0x10) };
+    net.a.rng.nonces.push_back(nonce(na));
+    net.b.rng.nonces.push_back(nonce(nb));
+    let a = net.a.sa.rekey_ike(net.now, &mut net.a.rng).expect("a");
+    let b = net.b.sa.rekey_ike(net.now, &mut net.b.rng).expect("b");
+    net.push(true, a);
+    net.push(false, b);
+    net.settle();
+    assert_eq!(net.a.sa.spis(), net.b.sa.spis());
+    let winner_is_a = !a_low;
+    assert_eq!(
+        net.a.sa.role(),
+        if winner_is_a {
+            Role::Initiator
+        } else {
+            Role::Responder
+        }
+    );
+    assert_eq!((net.a.ike_rekeyed, net.b.ike_rekeyed), (1, 1));
+    assert_eq!(net.a.sa.retiring_spis(), None);
+    assert_eq!(net.b.sa.retiring_spis(), None);
+    // Still usable both ways.
+    let s = only_child(&net.b).inbound_spi;
+    let b = net
+        .b
+        .sa
+        .rekey_child(s, net.now, &mut net.b.rng)
+        .expect("rekey");
+    net.push(false, b);
+    net.settle();
+    assert_eq!(net.b.installs, 2);
+}
+
+#[test]
+fn crossed_ike_rekeys_both_outcomes() {
+    crossed_ike_rekeys(true);
+    crossed_ike_rekeys(false);
+}
+
+#[test]
+fn liveness_with_a_live_and_a_dead_peer() {
+    let policy = Policy {
+        liveness: Some(Duration::from_secs(30)),
+        ..Policy::default()
+    };
+    let mut net = Net::up(policy.clone());
+    net.run_for(Duration::from_secs(200));
+    let checked = net.a.sa.last_liveness_check().expect("checked");
+    assert!(checked > net.start + Duration::from_secs(150));
+    assert!(net.a.failed.is_empty() && net.b.failed.is_empty());
+    assert_eq!(net.a.installed.len(), 1);
+
+    let mut net = Net::up(policy);
+    net.drop_to_b = true;
+    net.drop_to_a = true;
+    net.run_for(Duration::from_secs(400));
+    assert_eq!(net.a.failed, vec![IkeError::DeadPeer]);
+    assert!(net.a.installed.is_empty(), "its CHILD SAs went with it");
+    assert_eq!(net.a.sa.status(), Status::Closed);
+    assert_eq!(net.a.sa.next_timeout(), None);
+}
+
+#[test]
+fn long_run_with_lifetimes_on_both_sides() {
+    let policy = Policy {
+        child_rekey: Some(Duration::from_secs(60)),
+        child_hard: Some(Duration::from_secs(90)),
+        ike_rekey: Some(Duration::from_secs(250)),
+        ike_hard: Some(Duration::from_secs(400)),
+        liveness: Some(Duration::from_secs(20)),
+        pfs: vec![DhGroup::Curve25519],
+        ..Policy::default()
+    };
+    let mut net = Net::up(policy);
+    net.run_for(Duration::from_secs(3000));
+    assert!(net.a.failed.is_empty() && net.b.failed.is_empty());
+    assert!(net.a.child_failed.is_empty() && net.b.child_failed.is_empty());
+    assert_eq!(net.a.installed.len(), 1);
+    let (ike_a, child_a) = net.a.sa.rekeys();
+    let (ike_b, child_b) = net.b.sa.rekeys();
+    assert!(ike_a >= 10 && child_a >= 40, "rekeyed: {ike_a} {child_a}");
+    assert_eq!((ike_a, child_a), (ike_b, child_b));
+    // Both sides took turns: jitter makes either one first.
+    assert!(net.a.sent > 20 && net.b.sent > 20);
+    assert!(net.a.sa.children()[0].generation >= 40);
+}
