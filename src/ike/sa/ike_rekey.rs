@@ -256,7 +256,9 @@ impl IkeSa {
             Err(_) => {
                 // Refused or unusable: the old SA carries on, and we try
                 // again a little later (or it reaches its hard lifetime).
-                self.life.rekey_at = Some(now + super::rekey::RETRY);
+                if self.life.rekey_at.is_some() {
+                    self.life.rekey_at = Some(now + super::rekey::RETRY);
+                }
                 return Ok(Vec::new());
             }
         };

@@ -315,7 +315,10 @@ impl IkeSa {
                         c.state = ChildState::Rekeyed;
                     } else if c.state == ChildState::Rekeying {
                         c.state = ChildState::Installed;
-                        c.rekey_at = Some(now + RETRY);
+                        // Only a policy's rekey retries on its own.
+                        if c.rekey_at.is_some() {
+                            c.rekey_at = Some(now + RETRY);
+                        }
                     }
                 }
                 if temporary || crossed {

@@ -240,11 +240,30 @@ impl IkeSa {
         };
         match started {
             Ok(a) => actions.extend(a),
-            // Randomness or sealing failed: nothing was sent; try again a
-            // little later rather than spinning.
-            Err(_) => self.life.last_heard = Some(now),
+            Err(_) => self.postpone_due(now),
         }
         actions
+    }
+
+    /// Randomness or sealing failed and nothing was sent: every timer that
+    /// is due moves a little later rather than firing again at once.
+    fn postpone_due(&mut self, now: Instant) {
+        let later = Some(now + super::rekey::RETRY);
+        let due = |t: &Option<Instant>| t.is_some_and(|t| t <= now);
+        if due(&self.life.rekey_at) {
+            self.life.rekey_at = later;
+        }
+        for c in &mut self.children {
+            if due(&c.rekey_at) {
+                c.rekey_at = later;
+            }
+        }
+        if self.liveness_due().is_some_and(|t| t <= now) {
+            self.life.last_heard = Some(now);
+        }
+        if self.life.pending_since.is_some() {
+            self.life.pending_since = later;
+        }
     }
 
     pub(super) fn queue_delete(&mut self, inbound_spi: u32, now: Instant) {
