@@ -91,6 +91,11 @@ impl Party {
         }
     }
 
+    /// Applies actions without sending anything (a lost message).
+    pub(super) fn apply_for_test(&mut self, actions: Vec<Action>) -> Vec<Vec<u8>> {
+        self.apply(actions)
+    }
+
     /// What the daemon would do with the actions; returns what to send.
     fn apply(&mut self, actions: Vec<Action>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -151,6 +156,14 @@ impl Net {
 
     pub(super) fn up_with(pa: Policy, pb: Policy) -> Self {
         let (ac, bc) = pair();
+        Self::up_full(ac, bc, pa, pb)
+    }
+
+    pub(super) fn up_configs(ac: Config, bc: Config, policy: Policy) -> Self {
+        Self::up_full(ac, bc, policy.clone(), policy)
+    }
+
+    fn up_full(ac: Config, bc: Config, pa: Policy, pb: Policy) -> Self {
         let now = Instant::now();
         let mut ra = Scripted::new(b"party a");
         let (mut sa, actions) = IkeSa::initiate(Arc::new(ac), now, &mut ra).expect("initiate");

@@ -448,3 +448,125 @@ fn long_run_with_lifetimes_on_both_sides() {
     assert!(net.a.sent > 20 && net.b.sent > 20);
     assert!(net.a.sa.children()[0].generation >= 40);
 }
+
+#[test]
+fn delete_by_the_original_responder() {
+    let mut net = Net::up(Policy::default());
+    let sb = only_child(&net.b).inbound_spi;
+    let b = net
+        .b
+        .sa
+        .delete_child(sb, net.now, &mut net.b.rng)
+        .expect("delete");
+    net.push(false, b);
+    net.settle();
+    assert!(net.a.installed.is_empty() && net.b.installed.is_empty());
+    // And the original initiator closes the IKE SA.
+    let a = net.a.sa.close(net.now, &mut net.a.rng).expect("close");
+    net.push(true, a);
+    net.settle();
+    assert!(net.a.closed && net.b.closed);
+}
+
+#[test]
+fn a_retransmitted_rekey_request_is_answered_from_the_cache() {
+    let mut net = Net::up(Policy::default());
+    let sa = only_child(&net.a).inbound_spi;
+    let request = net
+        .a
+        .sa
+        .rekey_child(sa, net.now, &mut net.a.rng)
+        .expect("rekey");
+    let Action::Send(request) = &request[0] else {
+        panic!("a request");
+    };
+    // b answers; the answer is lost.
+    let lost = net
+        .b
+        .sa
+        .handle(request, net.now, &mut net.b.rng)
+        .expect("answer");
+    let installs = net.b.installs;
+    let mut lost = lost.into_iter();
+    let first = lost.next();
+    let rest: Vec<Action> = lost.collect();
+    assert!(matches!(first, Some(Action::Send(_))));
+    let _ = net.b.apply_for_test(rest);
+    let due = net.a.sa.next_timeout().expect("retransmission");
+    net.now = due;
+    let again = net.a.sa.handle_timer(net.now, &mut net.a.rng);
+    net.push(true, again);
+    net.settle();
+    assert_eq!(net.b.installs, installs + 1, "processed once");
+    assert_eq!(net.a.installed.len(), 1);
+    assert_eq!(net.a.installs, 2);
+}
+
+#[test]
+fn hard_lifetimes_without_rekeying() {
+    let policy = Policy {
+        child_hard: Some(Duration::from_secs(100)),
+        ike_hard: Some(Duration::from_secs(300)),
+        ..Policy::default()
+    };
+    let longer = Policy {
+        ike_hard: Some(Duration::from_secs(500)),
+        ..policy.clone()
+    };
+    let mut net = Net::up_with(policy, longer);
+    net.run_for(Duration::from_secs(150));
+    assert!(net.a.installed.is_empty() && net.b.installed.is_empty());
+    assert_eq!(net.a.sa.status(), Status::Established);
+    net.run_for(Duration::from_secs(400));
+    // a's clock ran out first and ended the IKE SA; b heard of it in a
+    // Delete.
+    assert_eq!(net.a.failed, vec![IkeError::Expired]);
+    assert!(net.b.failed.is_empty() && net.b.closed);
+    assert_eq!(
+        (net.a.sa.status(), net.b.sa.status()),
+        (Status::Closed, Status::Closed)
+    );
+}
+
+#[test]
+fn rekey_times_are_jittered_within_the_margin() {
+    let lifetime = Duration::from_secs(1000);
+    let policy = Policy {
+        child_rekey: Some(lifetime),
+        ike_rekey: Some(lifetime),
+        jitter_percent: 10,
+        ..Policy::default()
+    };
+    let net = Net::up(policy);
+    let mut times = Vec::new();
+    for p in [&net.a, &net.b] {
+        let c = &p.sa.children()[0];
+        times.push(c.rekey_at.expect("child rekey") - c.installed);
+        let est = p.sa.established_at().expect("established");
+        times.push(p.sa.ike_rekey_at().expect("ike rekey") - est);
+    }
+    for t in &times {
+        assert!(*t <= lifetime && *t >= lifetime * 9 / 10, "{t:?}");
+    }
+    times.dedup();
+    assert!(times.len() > 1, "not all the same: {times:?}");
+}
+
+#[test]
+fn esn_choice_carries_into_rekeys() {
+    let (mut ac, mut bc) = super::tests::pair();
+    ac.esp.esn = vec![false];
+    bc.esp.esn = vec![false, true];
+    let mut net = Net::up_configs(ac, bc, Policy::default());
+    assert!(!only_child(&net.a).esn);
+    let sa = only_child(&net.a).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .rekey_child(sa, net.now, &mut net.a.rng)
+        .expect("rekey");
+    net.push(true, a);
+    net.settle();
+    assert!(!only_child(&net.a).esn && !only_child(&net.b).esn);
+    assert_eq!(net.a.sa.children()[0].generation, 1);
+}
