@@ -9,13 +9,12 @@
 //! so this object answers on both SPI pairs for a while
 //! ([`Action::IkeRekeyed`] tells the caller).
 //!
-//! Crossed rekeys (section 2.8.2): the RFC keeps both new SAs until all
-//! four nonces are known and then deletes the one with the lowest. We
-//! decide earlier, with the two initiator nonces both sides already
-//! hold when the requests cross: the request whose Ni is lower is
-//! answered TEMPORARY_FAILURE (section 2.25 permits refusing a rekey that
-//! collides), so only one new SA is ever made and no third SPI pair is
-//! needed. Either way exactly one new SA survives, chosen by nonces.
+//! Crossed rekeys (section 2.8.2): when both sides rekey at once, each
+//! answers the other's request as usual and keeps the SA it made as
+//! responder aside; when its own response arrives, of the two new SAs the
+//! one whose exchange holds the lowest of the four nonces is redundant and
+//! is deleted by its creator (that exchange's initiator), who also leaves
+//! the old SA to the other side to delete.
 
 use std::time::Instant;
 
@@ -61,6 +60,25 @@ pub(super) struct RekeyIke {
     new_spi: u64,
     ni: Vec<u8>,
     dh: DhPrivate,
+    /// The SA we made answering the peer's rekey that crossed ours.
+    crossed: Option<Box<NewIke>>,
+}
+
+/// An IKE SA a rekey exchange made, before it becomes current.
+pub(super) struct NewIke {
+    role: Role,
+    spis: (u64, u64),
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    suite: IkeSuite,
+    ike: IkeKeys,
+}
+
+impl NewIke {
+    /// Section 2.8.2: the exchange's lowest nonce decides.
+    fn lowest(&self) -> &[u8] {
+        self.ni.as_slice().min(self.nr.as_slice())
+    }
 }
 
 impl IkeSa {
@@ -78,51 +96,86 @@ impl IkeSa {
         std::mem::swap(&mut self.last_exchange, &mut g.last_exchange);
     }
 
-    /// Makes `new` the current IKE SA and keeps the old one retiring.
-    #[allow(clippy::too_many_arguments)]
-    fn switch_to(
-        &mut self,
-        role: Role,
-        spis: (u64, u64),
-        nonces: (Vec<u8>, Vec<u8>),
-        suite: IkeSuite,
-        ike: IkeKeys,
-        now: Instant,
-        rng: &mut dyn Randomness,
-    ) -> Result<Action, IkeError> {
-        let (sk_out, sk_in) = match role {
-            Role::Initiator => (&ike.sk_ei, &ike.sk_er),
-            Role::Responder => (&ike.sk_er, &ike.sk_ei),
+    /// The keyed state of a new IKE SA, message IDs at 0.
+    fn generation(&self, new: NewIke, now: Instant) -> Result<Generation, IkeError> {
+        let (sk_out, sk_in) = match new.role {
+            Role::Initiator => (&new.ike.sk_ei, &new.ike.sk_er),
+            Role::Responder => (&new.ike.sk_er, &new.ike.sk_ei),
         };
         let keys = Keys {
-            sk_out: SkKey::new(suite.encr, sk_out)?,
-            sk_in: SkKey::new(suite.encr, sk_in)?,
-            ike,
+            sk_out: SkKey::new(new.suite.encr, sk_out)?,
+            sk_in: SkKey::new(new.suite.encr, sk_in)?,
+            ike: new.ike,
         };
         let r = self.config.retransmit;
-        let mut g = Generation {
-            role,
-            spi_i: spis.0,
-            spi_r: spis.1,
-            ni: nonces.0,
-            nr: nonces.1,
-            suite: Some(suite),
+        Ok(Generation {
+            role: new.role,
+            spi_i: new.spis.0,
+            spi_r: new.spis.1,
+            ni: new.ni,
+            nr: new.nr,
+            suite: Some(new.suite),
             keys: Some(keys),
             next_request_id: 0,
             outstanding: None,
             next_peer_request_id: 0,
             last_exchange: None,
             until: now + r.max_interval * r.transmissions.max(1) * 2,
-        };
+        })
+    }
+
+    /// Makes `new` the current IKE SA; the old one retires (last in
+    /// `retiring`).
+    fn switch_to(
+        &mut self,
+        new: NewIke,
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Result<Action, IkeError> {
+        let mut g = self.generation(new, now)?;
         let old = self.spis();
         self.swap_generation(&mut g);
-        self.retiring = Some(Box::new(g));
+        self.retiring.push(g);
         self.life.ike_rekeys += 1;
         self.start_ike_life(now, rng);
         Ok(Action::IkeRekeyed {
             old,
             new: self.spis(),
         })
+    }
+
+    /// Keeps a redundant new SA only for its Delete; tells the caller to
+    /// route its SPIs here meanwhile.
+    fn retire(&mut self, new: NewIke, now: Instant) -> Result<Action, IkeError> {
+        let g = self.generation(new, now)?;
+        let old = g.spis();
+        self.retiring.push(g);
+        Ok(Action::IkeRekeyed {
+            old,
+            new: self.spis(),
+        })
+    }
+
+    /// Sends a Delete of the retiring IKE SA at `at` on that SA.
+    fn delete_retiring(
+        &mut self,
+        at: usize,
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Option<Action> {
+        let mut g = self.retiring.remove(at);
+        self.swap_generation(&mut g);
+        let header = self.header(ex::INFORMATIONAL, self.next_request_id, false);
+        let delete = [Payload::Delete(Delete {
+            protocol: protocol::IKE,
+            spis: Vec::new(),
+        })];
+        let sent = self
+            .seal(&header, &delete, rng)
+            .map(|b| self.send_request_for(b, now, Purpose::DeleteIke));
+        self.swap_generation(&mut g);
+        self.retiring.insert(at, g);
+        sent.ok()
     }
 
     /// Starts rekeying the IKE SA (the timers do this on their own at the
@@ -133,7 +186,7 @@ impl IkeSa {
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let busy = self.outstanding.is_some()
-            || self.retiring.is_some()
+            || !self.retiring.is_empty()
             || self
                 .children
                 .iter()
@@ -155,7 +208,12 @@ impl IkeSa {
         ];
         let header = self.header(ex::CREATE_CHILD_SA, self.next_request_id, false);
         let bytes = self.seal(&header, &payloads, rng)?;
-        let purpose = Purpose::RekeyIke(RekeyIke { new_spi, ni, dh });
+        let purpose = Purpose::RekeyIke(RekeyIke {
+            new_spi,
+            ni,
+            dh,
+            crossed: None,
+        });
         Ok(vec![self.send_request_for(bytes, now, purpose)])
     }
 
@@ -174,25 +232,18 @@ impl IkeSa {
             return refuse(self, rng, notify::INVALID_SYNTAX, Vec::new());
         };
         // Section 2.25: not while a CHILD SA is being made, rekeyed or
-        // closed, nor twice at once.
+        // closed, nor while an old IKE SA is still being deleted. A rekey
+        // of ours crossing this one is section 2.8.2: answered as usual.
         let crossed = match self.outstanding.as_ref().map(|o| &o.purpose) {
-            None => false,
-            Some(Purpose::RekeyIke(ours)) => {
-                // Crossed IKE rekeys: the request with the lower Ni loses
-                // (see the module comment).
-                if ni < ours.ni.as_slice() {
-                    return refuse(self, rng, notify::TEMPORARY_FAILURE, Vec::new());
-                }
-                true
-            }
-            Some(Purpose::Liveness) => false,
+            None | Some(Purpose::Liveness) => false,
+            Some(Purpose::RekeyIke(_)) => true,
             Some(_) => return refuse(self, rng, notify::TEMPORARY_FAILURE, Vec::new()),
         };
         let child_busy = self
             .children
             .iter()
-            .any(|c| c.state == ChildState::Rekeying && !crossed);
-        if self.retiring.is_some() || child_busy {
+            .any(|c| c.state == ChildState::Rekeying);
+        if !self.retiring.is_empty() || child_busy {
             return refuse(self, rng, notify::TEMPORARY_FAILURE, Vec::new());
         }
         let Some((num, peer_spi, suite)) = self.config.ike.choose_rekey(sa, ke.group) else {
@@ -229,65 +280,76 @@ impl IkeSa {
         ];
         let response = self.seal(rh, &payloads, rng)?;
         let send = self.answer(bytes, response);
-        // Our own crossed request (if any) moves to the retiring SA with
-        // the switch; the peer refuses it there.
-        let rekeyed = self.switch_to(
-            Role::Responder,
-            (peer_spi, spi_r),
-            (ni.to_vec(), nr),
+        let new = NewIke {
+            role: Role::Responder,
+            spis: (peer_spi, spi_r),
+            ni: ni.to_vec(),
+            nr,
             suite,
             ike,
-            now,
-            rng,
-        )?;
+        };
+        if crossed
+            && let Some(Outstanding {
+                purpose: Purpose::RekeyIke(ours),
+                ..
+            }) = self.outstanding.as_mut()
+        {
+            // Decided when our own response arrives.
+            ours.crossed = Some(Box::new(new));
+            return Ok(vec![send]);
+        }
+        let rekeyed = self.switch_to(new, now, rng)?;
         Ok(vec![send, rekeyed])
     }
 
     pub(super) fn on_rekey_ike_response(
         &mut self,
-        r: RekeyIke,
+        mut r: RekeyIke,
         found: &Found<'_>,
         now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let accepted = self.accept_rekey_ike(r, found);
-        let (spis, nonces, suite, ike) = match accepted {
-            Ok(x) => x,
-            Err(_) => {
-                // Refused or unusable: the old SA carries on, and we try
-                // again a little later (or it reaches its hard lifetime).
+        let crossed = r.crossed.take();
+        let ours = match (self.accept_rekey_ike(r, found), crossed) {
+            (Ok(ours), crossed) => (ours, crossed),
+            // Ours failed but the peer's went through: it is the new SA,
+            // and the peer deletes the old one.
+            (Err(_), Some(theirs)) => return Ok(vec![self.switch_to(*theirs, now, rng)?]),
+            (Err(_), None) => {
+                // Refused or unusable: the old SA carries on, and a
+                // policy's rekey tries again a little later (or the SA
+                // reaches its hard lifetime).
                 if self.life.rekey_at.is_some() {
                     self.life.rekey_at = Some(now + super::rekey::RETRY);
                 }
                 return Ok(Vec::new());
             }
         };
-        let rekeyed = self.switch_to(Role::Initiator, spis, nonces, suite, ike, now, rng)?;
-        let mut actions = vec![rekeyed];
-        // Section 2.18: the rekey's initiator deletes the old IKE SA.
-        if let Some(mut old) = self.retiring.take() {
-            self.swap_generation(&mut old);
-            let header = self.header(ex::INFORMATIONAL, self.next_request_id, false);
-            let delete = [Payload::Delete(Delete {
-                protocol: protocol::IKE,
-                spis: Vec::new(),
-            })];
-            let sent = self
-                .seal(&header, &delete, rng)
-                .map(|b| self.send_request_for(b, now, Purpose::DeleteIke));
-            self.swap_generation(&mut old);
-            self.retiring = Some(old);
-            actions.extend(sent.ok());
+        let mut actions = Vec::new();
+        match ours {
+            (ours, Some(theirs)) if ours.lowest() < theirs.lowest() => {
+                // Section 2.8.2: ours is redundant, and ours to delete;
+                // the peer deletes the old SA.
+                actions.push(self.switch_to(*theirs, now, rng)?);
+                actions.push(self.retire(ours, now)?);
+                let at = self.retiring.len() - 1;
+                actions.extend(self.delete_retiring(at, now, rng));
+            }
+            (ours, theirs) => {
+                // Section 2.18: the rekey's initiator deletes the old IKE
+                // SA; a redundant SA of the peer's is the peer's to delete.
+                actions.push(self.switch_to(ours, now, rng)?);
+                let at = self.retiring.len() - 1;
+                actions.extend(self.delete_retiring(at, now, rng));
+                if let Some(theirs) = theirs {
+                    actions.push(self.retire(*theirs, now)?);
+                }
+            }
         }
         Ok(actions)
     }
 
-    #[allow(clippy::type_complexity)]
-    fn accept_rekey_ike(
-        &self,
-        r: RekeyIke,
-        found: &Found<'_>,
-    ) -> Result<((u64, u64), (Vec<u8>, Vec<u8>), IkeSuite, IkeKeys), IkeError> {
+    fn accept_rekey_ike(&self, r: RekeyIke, found: &Found<'_>) -> Result<NewIke, IkeError> {
         if let Some(e) = found.error() {
             return Err(IkeError::PeerRefused(e));
         }
@@ -313,7 +375,14 @@ impl IkeSa {
         let ike = IkeKeys::derive_rekey(
             old_prf, old_sk_d, suite.prf, suite.encr, &shared, &r.ni, nr, r.new_spi, spi_r,
         )?;
-        Ok(((r.new_spi, spi_r), (r.ni, nr.to_vec()), suite, ike))
+        Ok(NewIke {
+            role: Role::Initiator,
+            spis: (r.new_spi, spi_r),
+            ni: r.ni,
+            nr: nr.to_vec(),
+            suite,
+            ike,
+        })
     }
 
     /// A message for the IKE SA being retired: its Delete (either way),
@@ -321,25 +390,23 @@ impl IkeSa {
     /// the rekey.
     pub(super) fn handle_retiring(
         &mut self,
+        at: usize,
         header: &Header,
         bytes: &[u8],
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let Some(mut old) = self.retiring.take() else {
-            return Err(IkeError::Unexpected("no retiring IKE SA"));
-        };
-        self.swap_generation(&mut old);
+        let mut g = self.retiring.remove(at);
+        self.swap_generation(&mut g);
         let result = self.retiring_exchange(header, bytes, rng);
-        self.swap_generation(&mut old);
+        self.swap_generation(&mut g);
         match result {
-            Ok((actions, done)) => {
-                if !done {
-                    self.retiring = Some(old);
-                }
+            Ok((actions, true)) => Ok(actions),
+            Ok((actions, false)) => {
+                self.retiring.insert(at, g);
                 Ok(actions)
             }
             Err(e) => {
-                self.retiring = Some(old);
+                self.retiring.insert(at, g);
                 Err(e)
             }
         }
@@ -398,34 +465,32 @@ impl IkeSa {
         Ok((vec![self.answer(bytes, response)], done))
     }
 
-    /// Retransmits the retiring SA's Delete, and forgets the SA when its
-    /// time is up.
+    /// Retransmits the retiring SAs' Deletes, and forgets each when its
+    /// time is up or its Delete went unanswered.
     pub(super) fn retiring_timeout(&mut self, now: Instant) -> Vec<Action> {
-        let Some(mut old) = self.retiring.take() else {
-            return Vec::new();
-        };
-        if now >= old.until {
-            return Vec::new();
-        }
-        let mut actions = Vec::new();
         let retransmit = self.config.retransmit;
-        if let Some(o) = old.outstanding.as_mut()
-            && now >= o.deadline
-        {
-            if o.sent >= retransmit.transmissions {
-                // Unanswered: the old SA is gone for us too.
-                return Vec::new();
+        let mut actions = Vec::new();
+        self.retiring.retain_mut(|g| {
+            if now >= g.until {
+                return false;
             }
-            o.sent += 1;
-            o.deadline = now + retransmit.interval(o.sent);
-            actions.push(Action::Send(o.bytes.clone()));
-        }
-        self.retiring = Some(old);
+            if let Some(o) = g.outstanding.as_mut()
+                && now >= o.deadline
+            {
+                if o.sent >= retransmit.transmissions {
+                    return false;
+                }
+                o.sent += 1;
+                o.deadline = now + retransmit.interval(o.sent);
+                actions.push(Action::Send(o.bytes.clone()));
+            }
+            true
+        });
         actions
     }
 
-    /// The SPIs of the IKE SA being retired after a rekey, if any.
-    pub fn retiring_spis(&self) -> Option<(u64, u64)> {
-        self.retiring.as_ref().map(|g| g.spis())
+    /// The SPIs of IKE SAs being retired after a rekey.
+    pub fn retiring_spis(&self) -> Vec<(u64, u64)> {
+        self.retiring.iter().map(Generation::spis).collect()
     }
 }

@@ -341,9 +341,9 @@ pub struct IkeSa {
     life: timers::Life,
     /// Our CHILD SAs, as handed to the key manager.
     children: Vec<ChildInfo>,
-    /// The IKE SA this one replaced, kept until its Delete exchange ends
-    /// (section 2.18).
-    retiring: Option<Box<ike_rekey::Generation>>,
+    /// IKE SAs this one replaced (or that lost a crossed rekey), kept
+    /// until their Delete exchanges end (sections 2.8.2, 2.18).
+    retiring: Vec<ike_rekey::Generation>,
 }
 
 impl std::fmt::Debug for IkeSa {
@@ -380,7 +380,7 @@ impl IkeSa {
             policy: Policy::default(),
             life: timers::Life::default(),
             children: Vec::new(),
-            retiring: None,
+            retiring: Vec::new(),
         }
     }
 
@@ -450,10 +450,9 @@ impl IkeSa {
             return Err(IkeError::Unexpected("the IKE SA is closed"));
         }
         let idle = matches!(self.phase, Phase::Idle);
-        if let Some(old) = &self.retiring
-            && (header.spi_i, header.spi_r) == old.spis()
-        {
-            return self.handle_retiring(&header, bytes, rng);
+        let spis = (header.spi_i, header.spi_r);
+        if let Some(at) = self.retiring.iter().position(|g| g.spis() == spis) {
+            return self.handle_retiring(at, &header, bytes, rng);
         }
         // Section 3.1: the I flag tells the original initiator's messages.
         if header.is_initiator() != (self.role == Role::Responder) {

@@ -307,8 +307,8 @@ fn ike_keys_after_rekey(by_a: bool) {
     assert_eq!(init.sa.role(), Role::Initiator, "the rekey's initiator");
     assert_eq!(resp.sa.role(), Role::Responder);
     assert_eq!((init.ike_rekeyed, resp.ike_rekeyed), (1, 1));
-    assert_eq!(init.sa.retiring_spis(), None, "old SA deleted");
-    assert_eq!(resp.sa.retiring_spis(), None);
+    assert!(init.sa.retiring_spis().is_empty(), "old SA deleted");
+    assert!(resp.sa.retiring_spis().is_empty());
     // Section 2.18, recomputed: SKEYSEED = prf(SK_d (old), g^ir | Ni | Nr).
     let gir = init
         .rng
@@ -358,13 +358,14 @@ fn ike_rekey_by_either_side() {
     ike_keys_after_rekey(false);
 }
 
-/// Crossed IKE SA rekeys: the request with the lower Ni loses; one new IKE
-/// SA results either way.
+/// Crossed IKE SA rekeys (section 2.8.2): the new SA whose exchange holds
+/// the lowest of the four nonces is deleted by its maker; one survives.
 fn crossed_ike_rekeys(a_low: bool) {
     let mut net = Net::up(Policy::default());
-    let (na, nb) = if a_low { (0x10, 0x90) } else { (0x90, 0x10) };
-    net.a.rng.nonces.push_back(nonce(na));
-    net.b.rng.nonces.push_back(nonce(nb));
+    let (lo, hi) = if a_low { (0x10, 0x80) } else { (0x80, 0x10) };
+    // Each side draws its own Ni, then its Nr answering the other.
+    net.a.rng.nonces.extend([nonce(lo), nonce(hi + 1)]);
+    net.b.rng.nonces.extend([nonce(hi), nonce(lo + 1)]);
     let a = net.a.sa.rekey_ike(net.now, &mut net.a.rng).expect("a");
     let b = net.b.sa.rekey_ike(net.now, &mut net.b.rng).expect("b");
     net.push(true, a);
@@ -380,9 +381,11 @@ fn crossed_ike_rekeys(a_low: bool) {
             Role::Responder
         }
     );
-    assert_eq!((net.a.ike_rekeyed, net.b.ike_rekeyed), (1, 1));
-    assert_eq!(net.a.sa.retiring_spis(), None);
-    assert_eq!(net.b.sa.retiring_spis(), None);
+    // The switch, and the redundant SA's SPIs routed until its Delete.
+    assert_eq!((net.a.ike_rekeyed, net.b.ike_rekeyed), (2, 2));
+    assert_eq!(net.a.sa.rekeys(), (1, 0));
+    assert!(net.a.sa.retiring_spis().is_empty());
+    assert!(net.b.sa.retiring_spis().is_empty());
     // Still usable both ways.
     let s = only_child(&net.b).inbound_spi;
     let b = net

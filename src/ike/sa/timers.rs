@@ -165,14 +165,14 @@ impl IkeSa {
     pub fn next_timeout(&self) -> Option<Instant> {
         let mut t: Vec<Option<Instant>> = vec![
             self.outstanding.as_ref().map(|o| o.deadline),
-            self.retiring.as_ref().and_then(|g| g.deadline()),
+            self.retiring.iter().filter_map(|g| g.deadline()).min(),
         ];
         if matches!(self.phase, Phase::Established) {
             t.push(self.life.expire_at);
             t.extend(self.children.iter().map(|c| c.expire_at));
             if self.outstanding.is_none() {
                 t.push(self.life.pending_since);
-                if self.retiring.is_none() {
+                if self.retiring.is_empty() {
                     t.push(self.life.rekey_at);
                 }
                 t.extend(
@@ -224,7 +224,7 @@ impl IkeSa {
             let spis = std::mem::take(&mut self.life.pending_deletes);
             self.life.pending_since = None;
             self.send_delete_children(spis, now, rng)
-        } else if self.retiring.is_none() && self.life.rekey_at.is_some_and(|t| t <= now) {
+        } else if self.retiring.is_empty() && self.life.rekey_at.is_some_and(|t| t <= now) {
             self.rekey_ike(now, rng)
         } else if let Some(spi) = self
             .children
