@@ -55,13 +55,18 @@ impl Generation {
     }
 }
 
+/// Old IKE SAs waiting for their Delete exchange. They only answer a
+/// Delete or a retransmission, so a new rekey need not wait for them; the
+/// bound keeps a peer that never deletes from piling them up.
+const MAX_RETIRING: usize = 4;
+
 /// Our IKE SA rekey in flight.
 pub(super) struct RekeyIke {
     new_spi: u64,
     ni: Vec<u8>,
     dh: DhPrivate,
     /// The SA we made answering the peer's rekey that crossed ours.
-    crossed: Option<Box<NewIke>>,
+    pub(super) crossed: Option<Box<NewIke>>,
 }
 
 /// An IKE SA a rekey exchange made, before it becomes current.
@@ -126,7 +131,7 @@ impl IkeSa {
 
     /// Makes `new` the current IKE SA; the old one retires (last in
     /// `retiring`).
-    fn switch_to(
+    pub(super) fn switch_to(
         &mut self,
         new: NewIke,
         now: Instant,
@@ -186,7 +191,7 @@ impl IkeSa {
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let busy = self.outstanding.is_some()
-            || !self.retiring.is_empty()
+            || self.retiring.len() >= MAX_RETIRING
             || self
                 .children
                 .iter()
@@ -243,7 +248,7 @@ impl IkeSa {
             .children
             .iter()
             .any(|c| c.state == ChildState::Rekeying);
-        if !self.retiring.is_empty() || child_busy {
+        if self.retiring.len() >= MAX_RETIRING || child_busy {
             return refuse(self, rng, notify::TEMPORARY_FAILURE, Vec::new());
         }
         let Some((num, peer_spi, suite)) = self.config.ike.choose_rekey(sa, ke.group) else {

@@ -17,7 +17,7 @@ impl IkeSa {
         &mut self,
         header: &Header,
         bytes: &[u8],
-        _now: Instant,
+        now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let response_header = self.header(ex::INFORMATIONAL, header.message_id, true);
@@ -42,6 +42,23 @@ impl IkeSa {
             return Ok(actions);
         }
         if found.deletes.iter().any(|d| d.protocol == protocol::IKE) {
+            if let Some(Outstanding {
+                purpose: Purpose::RekeyIke(r),
+                ..
+            }) = self.outstanding.as_mut()
+                && let Some(theirs) = r.crossed.take()
+            {
+                // Section 2.8.2: our rekey crossed the peer's and was lost
+                // or is still in flight; the peer finished its own and now
+                // deletes the old SA, so the SA we made answering it is the
+                // survivor. Ours is abandoned with the old SA.
+                let response = self.seal(&response_header, &[], rng)?;
+                let send = self.answer(bytes, response);
+                self.outstanding = None;
+                let rekeyed = self.switch_to(*theirs, now, rng)?;
+                self.retiring.pop();
+                return Ok(vec![send, rekeyed]);
+            }
             // Section 1.4.1: answered with an empty INFORMATIONAL, and the
             // IKE SA and every CHILD SA of it are gone.
             let response = self.seal(&response_header, &[], rng)?;

@@ -146,6 +146,9 @@ pub(super) struct Net {
     /// Messages to this side are lost.
     pub(super) drop_to_a: bool,
     pub(super) drop_to_b: bool,
+    /// Lose every n-th message either way (a lossy path).
+    pub(super) drop_every: Option<u32>,
+    delivered: u32,
 }
 
 impl Net {
@@ -179,6 +182,8 @@ impl Net {
             to_b: VecDeque::new(),
             drop_to_a: false,
             drop_to_b: false,
+            drop_every: None,
+            delivered: 0,
         };
         let out = net.a.apply(actions);
         net.to_b.extend(out);
@@ -209,15 +214,16 @@ impl Net {
             let to_b: Vec<_> = self.to_b.drain(..).collect();
             let to_a: Vec<_> = self.to_a.drain(..).collect();
             for m in to_b {
-                if self.drop_to_b {
+                if self.drop_to_b || self.lose() {
                     continue;
                 }
+                // A dropped message (Err) changes nothing by contract.
                 if let Ok(a) = self.b.sa.handle(&m, self.now, &mut self.b.rng) {
                     self.push(false, a);
                 }
             }
             for m in to_a {
-                if self.drop_to_a {
+                if self.drop_to_a || self.lose() {
                     continue;
                 }
                 if let Ok(a) = self.a.sa.handle(&m, self.now, &mut self.a.rng) {
@@ -226,6 +232,11 @@ impl Net {
             }
         }
         panic!("the network did not settle");
+    }
+
+    fn lose(&mut self) -> bool {
+        self.delivered += 1;
+        self.drop_every.is_some_and(|n| self.delivered.is_multiple_of(n))
     }
 
     /// Runs the clock to `until` (from the start), firing timers on both
@@ -266,7 +277,8 @@ impl Net {
             held.sort_unstable();
             assert_eq!(listed, held, "the SA's list is what was installed");
         }
-        if self.drop_to_a || self.drop_to_b || self.a.closed || self.b.closed {
+        let lossy = self.drop_to_a || self.drop_to_b || self.drop_every.is_some();
+        if lossy || self.a.closed || self.b.closed {
             return;
         }
         assert_eq!(

@@ -573,3 +573,43 @@ fn esn_choice_carries_into_rekeys() {
     assert!(!only_child(&net.a).esn && !only_child(&net.b).esn);
     assert_eq!(net.a.sa.children()[0].generation, 1);
 }
+
+#[test]
+fn long_lossy_runs_recover() {
+    for every in [3, 4, 5, 6, 7, 8, 9, 10, 11, 13] {
+        lossy_run(every);
+    }
+}
+
+fn lossy_run(every: u32) {
+    let policy = Policy {
+        child_rekey: Some(Duration::from_secs(60)),
+        child_hard: Some(Duration::from_secs(90)),
+        ike_rekey: Some(Duration::from_secs(250)),
+        ike_hard: Some(Duration::from_secs(400)),
+        liveness: Some(Duration::from_secs(20)),
+        ..Policy::default()
+    };
+    let mut net = Net::up(policy);
+    // Every n-th message is lost; retransmissions carry the exchanges
+    // through, and no (key, SPI) is installed twice meanwhile.
+    net.drop_every = Some(every);
+    net.run_for(Duration::from_secs(2000));
+    net.drop_every = None;
+    net.run_for(Duration::from_secs(4300));
+    net.check();
+    assert!(
+        net.a.failed.is_empty() && net.b.failed.is_empty(),
+        "every {every}: {:?} {:?}",
+        net.a.failed,
+        net.b.failed
+    );
+    assert_eq!(
+        net.a.installed.len(),
+        1,
+        "every {every}: {:?}",
+        net.a.sa.children()
+    );
+    let (ike, child) = net.a.sa.rekeys();
+    assert!(ike >= 14 && child >= 60, "every {every}: {ike} {child}");
+}

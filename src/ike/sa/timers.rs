@@ -172,9 +172,7 @@ impl IkeSa {
             t.extend(self.children.iter().map(|c| c.expire_at));
             if self.outstanding.is_none() {
                 t.push(self.life.pending_since);
-                if self.retiring.is_empty() {
-                    t.push(self.life.rekey_at);
-                }
+                t.push(self.life.rekey_at);
                 t.extend(
                     self.children
                         .iter()
@@ -224,7 +222,7 @@ impl IkeSa {
             let spis = std::mem::take(&mut self.life.pending_deletes);
             self.life.pending_since = None;
             self.send_delete_children(spis, now, rng)
-        } else if self.retiring.is_empty() && self.life.rekey_at.is_some_and(|t| t <= now) {
+        } else if self.life.rekey_at.is_some_and(|t| t <= now) {
             self.rekey_ike(now, rng)
         } else if let Some(spi) = self
             .children
