@@ -236,7 +236,8 @@ impl Net {
 
     fn lose(&mut self) -> bool {
         self.delivered += 1;
-        self.drop_every.is_some_and(|n| self.delivered.is_multiple_of(n))
+        self.drop_every
+            .is_some_and(|n| self.delivered.is_multiple_of(n))
     }
 
     /// Runs the clock to `until` (from the start), firing timers on both

@@ -613,3 +613,48 @@ fn lossy_run(every: u32) {
     let (ike, child) = net.a.sa.rekeys();
     assert!(ike >= 14 && child >= 60, "every {every}: {ike} {child}");
 }
+
+/// Without jitter both sides rekey at the same moments, so every CHILD
+/// and IKE SA rekey crosses the peer's (sections 2.8.1, 2.8.2).
+#[test]
+fn long_run_without_jitter_crosses_every_rekey() {
+    for (every, pfs) in [
+        (None, false),
+        (None, true),
+        (Some(7), true),
+        (Some(4), false),
+    ] {
+        let policy = Policy {
+            child_rekey: Some(Duration::from_secs(60)),
+            child_hard: Some(Duration::from_secs(90)),
+            ike_rekey: Some(Duration::from_secs(250)),
+            ike_hard: Some(Duration::from_secs(400)),
+            liveness: Some(Duration::from_secs(20)),
+            jitter_percent: 0,
+            pfs: if pfs {
+                vec![DhGroup::Ecp256]
+            } else {
+                Vec::new()
+            },
+            ..Policy::default()
+        };
+        let mut net = Net::up(policy);
+        net.drop_every = every;
+        net.run_for(Duration::from_secs(2000));
+        net.drop_every = None;
+        net.run_for(Duration::from_secs(3000));
+        net.check();
+        let ctx = format!("{every:?} {pfs}");
+        assert!(net.a.failed.is_empty() && net.b.failed.is_empty(), "{ctx}");
+        assert_eq!(net.a.installed.len(), 1, "{ctx}: {:?}", net.a.sa.children());
+        let (ike, child) = net.a.sa.rekeys();
+        assert!(ike >= 10 && child >= 40, "{ctx}: {ike} {child}");
+        if every.is_none() {
+            // Every round crossed: two CHILD SAs made per round (one
+            // deleted as redundant), and each IKE rekey announced the
+            // redundant SA's SPIs besides the switch.
+            assert!(child >= 80, "{ctx}: {child}");
+            assert_eq!(net.a.ike_rekeyed, 2 * ike, "{ctx}");
+        }
+    }
+}
