@@ -210,14 +210,16 @@ impl EspAlgorithms {
 
     /// As responder to CREATE_CHILD_SA: the first acceptable proposal,
     /// and the DH group, which must be the KE payload's (`ke_group`) when
-    /// the proposal has DH transforms. `Err(Some(g))` asks for group `g`
-    /// (INVALID_KE_PAYLOAD, section 1.3), `Err(None)` is no proposal.
-    /// With `pfs` non-empty a proposal without DH is refused.
+    /// the proposal has DH transforms. `pfs` are the groups we accept, by
+    /// preference; with `required` a proposal without DH is refused.
+    /// `Err(Some(g))` asks for group `g` (INVALID_KE_PAYLOAD, section
+    /// 1.3), `Err(None)` is no proposal.
     #[allow(clippy::type_complexity)]
     pub fn choose_pfs(
         &self,
         offers: &[Proposal],
         pfs: &[DhGroup],
+        required: bool,
         ke_group: Option<u16>,
     ) -> Result<(u8, u32, EspSuite, Option<DhGroup>), Option<DhGroup>> {
         let mut wanted = None;
@@ -232,7 +234,7 @@ impl EspAlgorithms {
                 .map(|x| x.id)
                 .collect();
             if offered.is_empty() {
-                if pfs.is_empty() && ke_group.is_none() {
+                if !required && ke_group.is_none() {
                     return Ok((num, spi, suite, None));
                 }
                 continue;
@@ -478,5 +480,55 @@ mod tests {
             ..EspAlgorithms::default()
         };
         assert_eq!(only_esn.choose(&[no_esn.offer(0x1234)]), None);
+    }
+
+    #[test]
+    fn pfs_choice_and_answer() {
+        let ours = EspAlgorithms::default();
+        let x = DhGroup::Curve25519;
+        let p = DhGroup::Ecp256;
+        let offer = [ours.offer_pfs(0x1234, &[x, p])];
+        let ke = Some(p.id());
+        let (num, spi, s, g) = ours.choose_pfs(&offer, &[x, p], true, ke).expect("choose");
+        assert_eq!((num, spi, g), (1, 0x1234, Some(p)), "the KE's group");
+        let answer = [EspAlgorithms::answer_pfs(num, 0x999, s, g)];
+        assert_eq!(ours.accept_pfs(&answer, Some(p)), Some((0x999, s)));
+        assert_eq!(
+            ours.accept_pfs(&answer, Some(x)),
+            None,
+            "not the group we sent"
+        );
+        assert_eq!(
+            ours.accept_pfs(&answer, None),
+            None,
+            "PFS we did not ask for"
+        );
+        // A KE of a group we do not take: ask for ours.
+        assert_eq!(ours.choose_pfs(&offer, &[x], true, ke), Err(Some(x)));
+        // No DH offered: fine unless required.
+        let plain = [ours.offer(0x1234)];
+        assert!(ours.choose_pfs(&plain, &[x], false, None).is_ok());
+        assert_eq!(ours.choose_pfs(&plain, &[x], true, None), Err(None));
+        let answer = [EspAlgorithms::answer(1, 0x999, s)];
+        assert_eq!(ours.accept_pfs(&answer, None), Some((0x999, s)));
+    }
+
+    #[test]
+    fn ike_rekey_proposals_carry_spis() {
+        let ours = IkeAlgorithms::default();
+        let offer = [ours.offer_rekey(0xabc)];
+        let (num, spi, suite) = ours.choose_rekey(&offer, 31).expect("choose");
+        assert_eq!((num, spi), (1, 0xabc));
+        assert_eq!(
+            ours.accept_rekey(&[suite.answer_rekey(num, 0xdef)]),
+            Some((0xdef, suite))
+        );
+        assert_eq!(ours.accept_rekey(&[suite.answer(num)]), None, "no SPI");
+        assert_eq!(ours.choose_rekey(&[ours.offer()], 31), None, "no SPI");
+        assert_eq!(
+            ours.accept(&[suite.answer_rekey(num, 1)]),
+            None,
+            "IKE_SA_INIT takes none"
+        );
     }
 }

@@ -191,10 +191,16 @@ impl IkeSa {
         if !nonce_fits(ni, suite) {
             return Err((notify::INVALID_SYNTAX, Vec::new()));
         }
+        // Without a PFS policy of our own we still follow an initiator
+        // that wants PFS, with any group we allow for IKE.
+        let (groups, required) = match self.policy.pfs.as_slice() {
+            [] => (self.config.ike.dh.as_slice(), false),
+            pfs => (pfs, true),
+        };
         let (num, peer_spi, esp, group) = self
             .config
             .esp
-            .choose_pfs(sa, &self.policy.pfs, found.ke.map(|k| k.group))
+            .choose_pfs(sa, groups, required, found.ke.map(|k| k.group))
             .map_err(|want| match want {
                 Some(g) => (notify::INVALID_KE_PAYLOAD, g.id().to_be_bytes().to_vec()),
                 None => (notify::NO_PROPOSAL_CHOSEN, Vec::new()),

@@ -658,3 +658,25 @@ fn long_run_without_jitter_crosses_every_rekey() {
         }
     }
 }
+
+#[test]
+fn a_responder_without_pfs_policy_follows_the_initiator() {
+    let pfs = Policy {
+        pfs: vec![DhGroup::Ecp256],
+        ..Policy::default()
+    };
+    let mut net = Net::up_with(pfs, Policy::default());
+    let old = only_child(&net.a).inbound_spi;
+    let dh_before = net.b.rng.dh.len();
+    let a = net
+        .a
+        .sa
+        .rekey_child(old, net.now, &mut net.a.rng)
+        .expect("rekey");
+    net.push(true, a);
+    net.settle();
+    assert!(net.a.child_failed.is_empty());
+    assert_ne!(only_child(&net.a).inbound_spi, old);
+    assert_eq!(net.b.rng.dh.len(), dh_before + 1, "b did a DH exchange");
+    assert_eq!(net.b.rng.dh.last().map(|d| d.0), Some(DhGroup::Ecp256));
+}
