@@ -23,6 +23,19 @@
 //! (`rekey`, `ike_rekey`), INFORMATIONAL carries Delete, liveness checks
 //! and INITIAL_CONTACT (`info`), and [`Policy`] sets the lifetimes and the
 //! dead-peer detection interval those timers run on (`timers`).
+//!
+//! For the caller (the daemon): set a [`Policy`] after creating the SA;
+//! call [`IkeSa::handle_timer`] whenever [`IkeSa::next_timeout`] comes;
+//! apply actions in order (an `InstallChild` that replaces an SA comes
+//! before the `DeleteChild` of its predecessor: make-before-break); route
+//! messages by both the current SPIs and those an [`Action::IkeRekeyed`]
+//! names as `old` until the SA closes; after `Failed` (a dead peer, an
+//! expired or refused SA) reconnect with a new IKE SA, after `Closed` only
+//! if still wanted. [`IkeSa::rekey_child`], [`IkeSa::rekey_ike`],
+//! [`IkeSa::delete_child`], [`IkeSa::close`] and
+//! [`IkeSa::check_liveness`] start the same exchanges by hand, and the
+//! read-only queries ([`IkeSa::children`], [`IkeSa::rekeys`],
+//! [`IkeSa::established_at`], [`IkeSa::last_heard`], ...) feed status.
 
 mod child;
 mod ike_rekey;
@@ -422,7 +435,16 @@ impl IkeSa {
             return Vec::new();
         }
         if o.sent >= self.config.retransmit.transmissions {
+            let deleting = matches!(o.purpose, Purpose::DeleteIke);
             self.outstanding = None;
+            if deleting {
+                // Our Delete of the IKE SA went unanswered: it ends all
+                // the same (section 1.4.1).
+                let mut actions = self.remove_all_children();
+                self.phase = Phase::Closed;
+                actions.push(Action::Closed);
+                return actions;
+            }
             if matches!(self.phase, Phase::Established) {
                 // Section 2.4: an established SA whose request is never
                 // answered is dead, and so are its CHILD SAs.

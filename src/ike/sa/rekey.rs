@@ -43,6 +43,18 @@ impl IkeSa {
         now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
+        let group = self.policy.pfs.first().copied();
+        self.rekey_child_with(inbound_spi, group, now, rng)
+    }
+
+    /// [`IkeSa::rekey_child`] with this PFS group (or none).
+    fn rekey_child_with(
+        &mut self,
+        inbound_spi: u32,
+        group: Option<DhGroup>,
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Result<Vec<Action>, IkeError> {
         if !matches!(self.phase, Phase::Established) || self.outstanding.is_some() {
             return Err(IkeError::Unexpected("no rekey possible now"));
         }
@@ -54,8 +66,8 @@ impl IkeSa {
         let _ = c;
         let new = random_esp_spi(rng)?;
         let ni = random_nonce(rng)?;
-        let dh = match self.policy.pfs.first() {
-            Some(&g) => Some(rng.dh_private(g)?),
+        let dh = match group {
+            Some(g) => Some(rng.dh_private(g)?),
             None => None,
         };
         let (ours, theirs) = self.host_selectors();
@@ -281,6 +293,7 @@ impl IkeSa {
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let dh = r.dh.take();
+        let dh_group = dh.as_ref().map(DhPrivate::group);
         let generation = self
             .children
             .iter()
@@ -314,6 +327,19 @@ impl IkeSa {
                     return Ok(self.remove_child(r.old).into_iter().collect());
                 }
                 let crossed = r.crossed.is_some();
+                // Section 1.3: the responder names the PFS group it wants;
+                // if it is another of ours, try again with it at once.
+                let wanted = found
+                    .notify(notify::INVALID_KE_PAYLOAD)
+                    .and_then(|n| <[u8; 2]>::try_from(n.data.as_slice()).ok())
+                    .and_then(|b| DhGroup::from_id(u16::from_be_bytes(b)))
+                    .filter(|g| self.policy.pfs.contains(g) && Some(*g) != dh_group);
+                if let Some(g) = wanted.filter(|_| !crossed)
+                    && let Some(c) = self.child_by_inbound(r.old)
+                {
+                    c.state = ChildState::Installed;
+                    return self.rekey_child_with(r.old, Some(g), now, rng);
+                }
                 if let Some(c) = self.child_by_inbound(r.old) {
                     if crossed {
                         // The peer's rekey of it went through: it is

@@ -680,3 +680,43 @@ fn a_responder_without_pfs_policy_follows_the_initiator() {
     assert_eq!(net.b.rng.dh.len(), dh_before + 1, "b did a DH exchange");
     assert_eq!(net.b.rng.dh.last().map(|d| d.0), Some(DhGroup::Ecp256));
 }
+
+#[test]
+fn a_pfs_group_the_responder_refuses_is_retried_with_its_choice() {
+    let a = Policy {
+        pfs: vec![DhGroup::Curve25519, DhGroup::Ecp256],
+        ..Policy::default()
+    };
+    let b = Policy {
+        pfs: vec![DhGroup::Ecp256],
+        ..Policy::default()
+    };
+    let mut net = Net::up_with(a, b);
+    let old = only_child(&net.a).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .rekey_child(old, net.now, &mut net.a.rng)
+        .expect("rekey");
+    net.push(true, a);
+    net.settle();
+    assert!(net.a.child_failed.is_empty());
+    assert_ne!(only_child(&net.a).inbound_spi, old);
+    let groups: Vec<DhGroup> = net.a.rng.dh.iter().map(|d| d.0).collect();
+    assert_eq!(
+        groups[groups.len() - 2..],
+        [DhGroup::Curve25519, DhGroup::Ecp256],
+        "INVALID_KE_PAYLOAD, then b's group"
+    );
+}
+
+#[test]
+fn an_unanswered_ike_delete_still_closes() {
+    let mut net = Net::up(Policy::default());
+    net.drop_to_b = true;
+    let a = net.a.sa.close(net.now, &mut net.a.rng).expect("close");
+    net.push(true, a);
+    net.run_for(Duration::from_secs(300));
+    assert!(net.a.closed && net.a.failed.is_empty());
+    assert!(net.a.installed.is_empty());
+}
