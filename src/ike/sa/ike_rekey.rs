@@ -325,7 +325,7 @@ impl IkeSa {
                 // policy's rekey tries again a little later (or the SA
                 // reaches its hard lifetime).
                 if self.life.rekey_at.is_some() {
-                    self.life.rekey_at = Some(now + super::rekey::RETRY);
+                    self.life.rekey_at = Some(now + super::rekey::retry_delay(rng));
                 }
                 return Ok(Vec::new());
             }

@@ -157,10 +157,8 @@ impl IkeSa {
         now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let spis: Vec<u32> = spis
-            .into_iter()
-            .filter(|&s| self.children.iter().any(|c| c.inbound_spi == s))
-            .collect();
+        // The SPIs may name SAs already gone here (a hard lifetime): the
+        // peer still has to hear of them.
         if spis.is_empty() {
             return Ok(Vec::new());
         }

@@ -31,8 +31,17 @@ pub(super) struct RekeyChild {
 }
 
 /// After TEMPORARY_FAILURE or a refused rekey, try again this much later
-/// (section 2.25: "retry after a short delay").
-pub(super) const RETRY: Duration = Duration::from_secs(5);
+/// plus a random part up to as much again (section 2.25: "retry after a
+/// short delay"; random so that two sides, or a side and a periodic loss,
+/// do not stay in step).
+pub(super) const RETRY: Duration = Duration::from_secs(3);
+
+/// [`RETRY`] with its random part from `rng`.
+pub(super) fn retry_delay(rng: &mut dyn Randomness) -> Duration {
+    let mut b = [0u8];
+    let extra = if rng.fill(&mut b).is_ok() { b[0] } else { 0 };
+    RETRY + RETRY * u32::from(extra) / 255
+}
 
 impl IkeSa {
     /// Starts rekeying our CHILD SA with this inbound SPI (the timers do
@@ -314,7 +323,12 @@ impl IkeSa {
                     c.state = ChildState::Rekeyed;
                 }
                 let doomed = if redundant { r.new } else { r.old };
-                actions.extend(self.send_delete_children(vec![doomed], now, rng)?);
+                // The new SA is installed whatever happens next: a Delete
+                // that cannot be sent now goes when the timers run.
+                match self.send_delete_children(vec![doomed], now, rng) {
+                    Ok(sent) => actions.extend(sent),
+                    Err(_) => self.queue_delete(doomed, now),
+                }
                 Ok(actions)
             }
             Err(e) => {
@@ -349,7 +363,7 @@ impl IkeSa {
                         c.state = ChildState::Installed;
                         // Only a policy's rekey retries on its own.
                         if c.rekey_at.is_some() {
-                            c.rekey_at = Some(now + RETRY);
+                            c.rekey_at = Some(now + retry_delay(rng));
                         }
                     }
                 }

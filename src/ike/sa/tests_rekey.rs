@@ -576,7 +576,7 @@ fn esn_choice_carries_into_rekeys() {
 
 #[test]
 fn long_lossy_runs_recover() {
-    for every in [3, 4, 5, 6, 7, 8, 9, 10, 11, 13] {
+    for every in 3..=30 {
         lossy_run(every);
     }
 }
@@ -719,4 +719,19 @@ fn an_unanswered_ike_delete_still_closes() {
     net.run_for(Duration::from_secs(300));
     assert!(net.a.closed && net.a.failed.is_empty());
     assert!(net.a.installed.is_empty());
+}
+
+#[test]
+fn a_hard_lifetime_is_announced_with_a_delete() {
+    let short = Policy {
+        child_hard: Some(Duration::from_secs(100)),
+        ..Policy::default()
+    };
+    let mut net = Net::up_with(short, Policy::default());
+    net.run_for(Duration::from_secs(99));
+    assert_eq!(net.b.installed.len(), 1);
+    net.run_for(Duration::from_secs(101));
+    assert!(net.a.installed.is_empty());
+    assert!(net.b.installed.is_empty(), "b heard of it in a Delete");
+    assert_eq!(net.a.sa.next_timeout(), None);
 }
