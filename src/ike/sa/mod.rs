@@ -424,10 +424,18 @@ impl IkeSa {
     }
 
     /// Retransmits the outstanding request when its time has come, or
-    /// gives up after the configured number of transmissions. Only the
-    /// retransmission timer: with a [`Policy`] that sets lifetimes or
-    /// liveness checks, call [`IkeSa::handle_timer`] instead.
+    /// gives up after the configured number of transmissions; likewise for
+    /// the Delete of an IKE SA retired by a rekey. Only these timers: the
+    /// ones that start new exchanges need randomness, so with a [`Policy`]
+    /// that sets lifetimes or liveness checks, or after
+    /// [`IkeSa::delete_child`], call [`IkeSa::handle_timer`] instead.
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = self.retiring_timeout(now);
+        actions.extend(self.retransmit(now));
+        actions
+    }
+
+    fn retransmit(&mut self, now: Instant) -> Vec<Action> {
         let Some(o) = self.outstanding.as_mut() else {
             return Vec::new();
         };

@@ -735,3 +735,34 @@ fn a_hard_lifetime_is_announced_with_a_delete() {
     assert!(net.b.installed.is_empty(), "b heard of it in a Delete");
     assert_eq!(net.a.sa.next_timeout(), None);
 }
+
+/// Crossed IKE rekeys where b's request is lost: b answered a's and holds
+/// that SA aside; a finishes and deletes the old SA, which makes b take
+/// the SA it answered (section 2.8.2) and drop its own attempt.
+#[test]
+fn crossed_ike_rekey_with_our_request_lost() {
+    let mut net = Net::up(Policy::default());
+    let a = net.a.sa.rekey_ike(net.now, &mut net.a.rng).expect("a");
+    let _lost = net.b.sa.rekey_ike(net.now, &mut net.b.rng).expect("b");
+    net.push(true, a);
+    net.settle();
+    assert_eq!(net.a.sa.spis(), net.b.sa.spis());
+    assert_eq!(net.a.sa.role(), Role::Initiator);
+    assert_eq!((net.a.ike_rekeyed, net.b.ike_rekeyed), (1, 1));
+    assert!(net.a.sa.retiring_spis().is_empty() && net.b.sa.retiring_spis().is_empty());
+    assert_eq!(
+        net.b.sa.next_timeout(),
+        None,
+        "b's own attempt is abandoned"
+    );
+    // The new SA carries on.
+    let s = only_child(&net.b).inbound_spi;
+    let b = net
+        .b
+        .sa
+        .rekey_child(s, net.now, &mut net.b.rng)
+        .expect("rekey");
+    net.push(false, b);
+    net.settle();
+    assert_eq!(net.b.installs, 2);
+}

@@ -194,8 +194,7 @@ impl IkeSa {
     /// at most one new request (the window is one): a queued Delete, an
     /// IKE SA rekey, a CHILD SA rekey, a liveness check.
     pub fn handle_timer(&mut self, now: Instant, rng: &mut dyn Randomness) -> Vec<Action> {
-        let mut actions = self.retiring_timeout(now);
-        actions.extend(self.handle_timeout(now));
+        let mut actions = self.handle_timeout(now);
         if !matches!(self.phase, Phase::Established) {
             return actions;
         }
