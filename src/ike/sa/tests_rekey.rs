@@ -766,3 +766,67 @@ fn crossed_ike_rekey_with_our_request_lost() {
     net.settle();
     assert_eq!(net.b.installs, 2);
 }
+
+/// Section 1.3.1: every rekey of a transport-mode SA repeats
+/// USE_TRANSPORT_MODE; a rekey without it (tunnel mode) is refused.
+#[test]
+fn rekeys_repeat_use_transport_mode() {
+    use crate::ike::sk;
+    use crate::ike::wire::consts::notify;
+    let mut net = Net::up(Policy::default());
+    let old = only_child(&net.a).inbound_spi;
+    let a = net
+        .a
+        .sa
+        .rekey_child(old, net.now, &mut net.a.rng)
+        .expect("rekey");
+    let Some(Action::Send(request)) = a.first() else {
+        panic!("a request");
+    };
+    let keys = net.b.sa.keys.as_ref().expect("keys");
+    let opened = sk::open(request, &keys.sk_in).expect("open");
+    let notifies: Vec<u16> = opened
+        .inner
+        .iter()
+        .filter_map(|p| match p {
+            Payload::Notify(n) => Some(n.ty),
+            _ => None,
+        })
+        .collect();
+    assert!(notifies.contains(&notify::USE_TRANSPORT_MODE));
+    assert!(notifies.contains(&notify::REKEY_SA));
+    // The same request without it, sealed as a would.
+    let mut inner = opened.inner.clone();
+    inner.retain(|p| !matches!(p, Payload::Notify(n) if n.ty == notify::USE_TRANSPORT_MODE));
+    let a_keys = net.a.sa.keys.as_ref().expect("keys");
+    let tunnel = sk::seal(&opened.header, &inner, &a_keys.sk_out, [3; 8]).expect("seal");
+    let answer = net
+        .b
+        .sa
+        .handle(&tunnel, net.now, &mut net.b.rng)
+        .expect("answered");
+    assert!(!answer.iter().any(|x| matches!(x, Action::InstallChild(_))));
+    let Some(Action::Send(response)) = answer.first() else {
+        panic!("a response");
+    };
+    let a = net
+        .a
+        .sa
+        .handle(response, net.now, &mut net.a.rng)
+        .expect("response");
+    assert_eq!(
+        failures_of(&a),
+        vec![IkeError::PeerRefused(ErrorNotify::NoProposalChosen)]
+    );
+    assert_eq!(only_child(&net.a).inbound_spi, old, "the old SA carries on");
+}
+
+fn failures_of(actions: &[Action]) -> Vec<IkeError> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ChildFailed(e) | Action::Failed(e) => Some(*e),
+            _ => None,
+        })
+        .collect()
+}
