@@ -48,6 +48,8 @@ mod tests;
 #[cfg(test)]
 mod tests_harness;
 #[cfg(test)]
+mod tests_long;
+#[cfg(test)]
 mod tests_rekey;
 mod timers;
 
