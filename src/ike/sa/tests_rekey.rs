@@ -1,9 +1,9 @@
-//! Rekeying, Delete, liveness, INITIAL_CONTACT and lifetimes, between two
-//! parties on a fake clock (see `tests_harness`).
+//! CHILD and IKE SA rekeys (plain, PFS, crossed, refused), Delete and
+//! INITIAL_CONTACT between two parties (see `tests_harness`).
 
 use super::tests_harness::Net;
 use super::*;
-use crate::ike::crypto::{DhGroup, IkeKeys};
+use crate::ike::crypto::{DhGroup, IkeKeys, Prf};
 
 fn only_child(p: &super::tests_harness::Party) -> &ChildSa {
     assert_eq!(p.installed.len(), 1, "one CHILD SA");
@@ -28,8 +28,6 @@ fn assert_keymat(sk_d: &[u8], prf: Prf, gir: Option<&[u8]>, ni: &[u8], nr: &[u8]
     assert_eq!(init.inbound.key().expose(), &km[e..e + k]);
     assert_eq!(init.inbound.salt(), &km[e + k..2 * e]);
 }
-
-use crate::ike::crypto::Prf;
 
 fn rekey_by(by_a: bool, pfs: bool) {
     let policy = Policy {
