@@ -215,3 +215,28 @@ fn lossy_run(every: u32) {
     let (ike, child) = net.a.sa.rekeys();
     assert!(ike >= 14 && child >= 60, "every {every}: {ike} {child}");
 }
+
+#[test]
+fn esp_traffic_puts_off_liveness_checks() {
+    let policy = Policy {
+        liveness: Some(Duration::from_secs(30)),
+        ..Policy::default()
+    };
+    let mut net = Net::up(policy);
+    let first = net.a.sa.next_timeout().expect("liveness timer");
+    assert_eq!(first, net.start + Duration::from_secs(30));
+    net.a.sa.peer_seen(net.start + Duration::from_secs(25));
+    assert_eq!(
+        net.a.sa.next_timeout(),
+        Some(net.start + Duration::from_secs(55))
+    );
+    net.a.sa.peer_seen(net.start + Duration::from_secs(5));
+    assert_eq!(
+        net.a.sa.next_timeout(),
+        Some(net.start + Duration::from_secs(55)),
+        "never earlier"
+    );
+    net.run_for(Duration::from_secs(54));
+    assert_eq!(net.a.sa.last_liveness_check(), None);
+    assert!(net.b.sa.last_liveness_check().is_some(), "b saw no traffic");
+}

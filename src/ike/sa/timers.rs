@@ -98,6 +98,16 @@ impl IkeSa {
         self.life.last_heard
     }
 
+    /// Authenticated traffic from the peer arrived outside IKE (ESP on
+    /// one of this SA's CHILD SAs): proof of life enough to put off the
+    /// next liveness check (section 2.4 asks for one only when nothing
+    /// protected has come for a while).
+    pub fn peer_seen(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Established) {
+            self.life.last_heard = self.life.last_heard.max(Some(now));
+        }
+    }
+
     pub fn last_liveness_check(&self) -> Option<Instant> {
         self.life.last_liveness
     }
