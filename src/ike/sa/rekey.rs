@@ -67,12 +67,13 @@ impl IkeSa {
         if !matches!(self.phase, Phase::Established) || self.outstanding.is_some() {
             return Err(IkeError::Unexpected("no rekey possible now"));
         }
-        let c = self
+        let installed = self
             .children
             .iter()
-            .find(|c| c.inbound_spi == inbound_spi && c.state == ChildState::Installed)
-            .ok_or(IkeError::Unexpected("no such CHILD SA to rekey"))?;
-        let _ = c;
+            .any(|c| c.inbound_spi == inbound_spi && c.state == ChildState::Installed);
+        if !installed {
+            return Err(IkeError::Unexpected("no such CHILD SA to rekey"));
+        }
         let new = random_esp_spi(rng)?;
         let ni = random_nonce(rng)?;
         let dh = match group {
