@@ -147,8 +147,10 @@ impl IkeSa {
             return self.refuse_create(bytes, &rh, notify::NO_ADDITIONAL_SAS, Vec::new(), rng);
         };
         match self.answer_rekey_child(rekey, &found, now, rng) {
-            Ok((payloads, child, generation)) => {
+            Ok((payloads, child, generation, ours_old, lowest)) => {
                 let response = self.seal(&rh, &payloads, rng)?;
+                // Answered: from here on the state changes.
+                self.mark_rekeyed_by_peer(ours_old, lowest);
                 self.adopt(&child, generation, now, rng);
                 self.life.child_rekeys += 1;
                 Ok(vec![
@@ -182,7 +184,7 @@ impl IkeSa {
         found: &Found<'_>,
         _now: Instant,
         rng: &mut dyn Randomness,
-    ) -> Result<(Vec<Payload>, ChildSa, u32), (u16, Vec<u8>)> {
+    ) -> Result<(Vec<Payload>, ChildSa, u32, u32, Vec<u8>), (u16, Vec<u8>)> {
         let temporary = (notify::TEMPORARY_FAILURE, Vec::new());
         let Ok(peer_old) = <[u8; 4]>::try_from(rekey.spi.as_slice()).map(u32::from_be_bytes) else {
             return Err((notify::INVALID_SYNTAX, Vec::new()));
@@ -260,18 +262,7 @@ impl IkeSa {
             esp.encr,
         )
         .map_err(|_| temporary.clone())?;
-        // Section 2.8.1: a rekey of ours of the same SA crossed this one;
-        // remember this exchange's lowest nonce for when ours completes.
-        if let Some(Outstanding {
-            purpose: Purpose::RekeyChild(r),
-            ..
-        }) = self.outstanding.as_mut()
-            && r.old == ours_old
-        {
-            r.crossed = Some(ni.min(nr.as_slice()).to_vec());
-        } else if let Some(c) = self.child_by_inbound(ours_old) {
-            c.state = ChildState::Rekeyed;
-        }
+        let lowest = ni.min(nr.as_slice()).to_vec();
         let child = ChildSa {
             inbound_spi: spi,
             outbound_spi: peer_spi,
@@ -291,7 +282,23 @@ impl IkeSa {
         payloads.extend(ke.map(Payload::Ke));
         payloads.push(Payload::TsI(vec![theirs]));
         payloads.push(Payload::TsR(vec![ours]));
-        Ok((payloads, child, generation))
+        Ok((payloads, child, generation, ours_old, lowest))
+    }
+
+    /// The peer rekeyed our CHILD SA `ours_old`: it is replaced, unless a
+    /// rekey of ours of the same SA crossed this one (section 2.8.1), which
+    /// then remembers this exchange's lowest nonce for when it completes.
+    fn mark_rekeyed_by_peer(&mut self, ours_old: u32, lowest: Vec<u8>) {
+        if let Some(Outstanding {
+            purpose: Purpose::RekeyChild(r),
+            ..
+        }) = self.outstanding.as_mut()
+            && r.old == ours_old
+        {
+            r.crossed = Some(lowest);
+        } else if let Some(c) = self.child_by_inbound(ours_old) {
+            c.state = ChildState::Rekeyed;
+        }
     }
 
     /// The answer to our CHILD SA rekey.
