@@ -368,9 +368,43 @@ impl IkeKeys {
         nonces.extend_from_slice(ni);
         nonces.extend_from_slice(nr);
         let skeyseed = prf.prf(&nonces, &[shared.expose()]);
+        Self::expand(prf, encr, &skeyseed, ni, nr, spi_i, spi_r)
+    }
+
+    /// Section 2.18, rekeying the IKE SA:
+    /// SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) with the old SA's
+    /// PRF, then the keys as in section 2.14 with the new SA's PRF, the
+    /// new nonces and the new SPIs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn derive_rekey(
+        old_prf: Prf,
+        old_sk_d: &[u8],
+        prf: Prf,
+        encr: Encr,
+        shared: &SharedSecret,
+        ni: &[u8],
+        nr: &[u8],
+        spi_i: u64,
+        spi_r: u64,
+    ) -> Result<Self, IkeCryptoError> {
+        let skeyseed = old_prf.prf(old_sk_d, &[shared.expose(), ni, nr]);
+        Self::expand(prf, encr, &skeyseed, ni, nr, spi_i, spi_r)
+    }
+
+    /// {SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr}
+    ///     = prf+(SKEYSEED, Ni | Nr | SPIi | SPIr).
+    fn expand(
+        prf: Prf,
+        encr: Encr,
+        skeyseed: &[u8],
+        ni: &[u8],
+        nr: &[u8],
+        spi_i: u64,
+        spi_r: u64,
+    ) -> Result<Self, IkeCryptoError> {
         let (p, e) = (prf.output_len(), encr.material_len());
         let km = prf.prf_plus(
-            &skeyseed,
+            skeyseed,
             &[ni, nr, &spi_i.to_be_bytes(), &spi_r.to_be_bytes()],
             3 * p + 2 * e,
         )?;

@@ -195,6 +195,132 @@ impl EspAlgorithms {
     }
 }
 
+/// CREATE_CHILD_SA (RFC 7296 sections 1.3.1, 1.3.2): an ESP proposal may
+/// carry DH transforms (PFS), and IKE proposals carry the sender's new
+/// 8-byte SPI.
+impl EspAlgorithms {
+    /// Our ESP offer with the PFS groups `dh` (most preferred first; the
+    /// KE payload uses the first).
+    pub fn offer_pfs(&self, spi: u32, dh: &[DhGroup]) -> Proposal {
+        let mut p = self.offer(spi);
+        p.transforms
+            .extend(dh.iter().map(|d| Transform::new(t::DH, d.id(), None)));
+        p
+    }
+
+    /// As responder to CREATE_CHILD_SA: the first acceptable proposal,
+    /// and the DH group, which must be the KE payload's (`ke_group`) when
+    /// the proposal has DH transforms. `pfs` are the groups we accept, by
+    /// preference; with `required` a proposal without DH is refused.
+    /// `Err(Some(g))` asks for group `g` (INVALID_KE_PAYLOAD, section
+    /// 1.3), `Err(None)` is no proposal.
+    #[allow(clippy::type_complexity)]
+    pub fn choose_pfs(
+        &self,
+        offers: &[Proposal],
+        pfs: &[DhGroup],
+        required: bool,
+        ke_group: Option<u16>,
+    ) -> Result<(u8, u32, EspSuite, Option<DhGroup>), Option<DhGroup>> {
+        let mut wanted = None;
+        for p in offers.iter().filter(|p| p.protocol == protocol::ESP) {
+            let Some((num, spi, suite)) = self.choose(std::slice::from_ref(p)) else {
+                continue;
+            };
+            let offered: Vec<u16> = p
+                .transforms
+                .iter()
+                .filter(|x| x.ty == t::DH && x.id != 0)
+                .map(|x| x.id)
+                .collect();
+            if offered.is_empty() {
+                if !required && ke_group.is_none() {
+                    return Ok((num, spi, suite, None));
+                }
+                continue;
+            }
+            let Some(g) = pfs.iter().copied().find(|g| offered.contains(&g.id())) else {
+                continue;
+            };
+            let ke = ke_group
+                .and_then(DhGroup::from_id)
+                .filter(|k| offered.contains(&k.id()) && pfs.contains(k));
+            match ke {
+                Some(k) => return Ok((num, spi, suite, Some(k))),
+                None => wanted = wanted.or(Some(g)),
+            }
+        }
+        Err(wanted)
+    }
+
+    /// As initiator: the answer to [`EspAlgorithms::offer_pfs`], which
+    /// must name exactly the group `dh` we sent a KE for (or none).
+    pub fn accept_pfs(&self, answer: &[Proposal], dh: Option<DhGroup>) -> Option<(u32, EspSuite)> {
+        let [p] = answer else { return None };
+        let mut plain = p.clone();
+        let groups: Vec<u16> = plain
+            .transforms
+            .iter()
+            .filter(|x| x.ty == t::DH)
+            .map(|x| x.id)
+            .collect();
+        plain.transforms.retain(|x| x.ty != t::DH);
+        let ok = match dh {
+            Some(g) => groups == [g.id()],
+            None => groups.is_empty() || groups == [0],
+        };
+        ok.then(|| self.accept(&[plain])).flatten()
+    }
+
+    /// The reply proposal with the chosen PFS group.
+    pub fn answer_pfs(num: u8, spi: u32, suite: EspSuite, dh: Option<DhGroup>) -> Proposal {
+        let mut p = Self::answer(num, spi, suite);
+        if let Some(g) = dh {
+            p.transforms.push(Transform::new(t::DH, g.id(), None));
+        }
+        p
+    }
+}
+
+impl IkeAlgorithms {
+    /// Section 2.18: the IKE SA rekey offer carries our new SPI.
+    pub fn offer_rekey(&self, spi: u64) -> Proposal {
+        let mut p = self.offer();
+        p.spi = spi.to_be_bytes().to_vec();
+        p
+    }
+
+    /// As responder to an IKE SA rekey: the proposal number, the peer's
+    /// new SPI and the suite.
+    pub fn choose_rekey(&self, offers: &[Proposal], ke_group: u16) -> Option<(u8, u64, IkeSuite)> {
+        let (num, suite) = self.choose(offers, ke_group)?;
+        let p = offers
+            .iter()
+            .find(|p| p.num == num && p.protocol == protocol::IKE)?;
+        let spi = u64::from_be_bytes(p.spi.as_slice().try_into().ok()?);
+        (spi != 0).then_some((num, spi, suite))
+    }
+
+    /// As initiator of an IKE SA rekey: the answer and the responder's new SPI.
+    pub fn accept_rekey(&self, answer: &[Proposal]) -> Option<(u64, IkeSuite)> {
+        let [p] = answer else { return None };
+        let spi = u64::from_be_bytes(p.spi.as_slice().try_into().ok()?);
+        let mut plain = p.clone();
+        plain.spi.clear();
+        let suite = self.accept(&[plain])?;
+        (spi != 0).then_some((spi, suite))
+    }
+}
+
+impl IkeSuite {
+    /// The rekey answer: [`IkeSuite::answer`] with our new SPI.
+    pub fn answer_rekey(self, num: u8, spi: u64) -> Proposal {
+        let mut p = self.answer(num);
+        p.spi = spi.to_be_bytes().to_vec();
+        p
+    }
+}
+
 impl IkeSuite {
     /// The reply proposal for this suite, numbered like the accepted offer.
     pub fn answer(self, num: u8) -> Proposal {
@@ -354,5 +480,55 @@ mod tests {
             ..EspAlgorithms::default()
         };
         assert_eq!(only_esn.choose(&[no_esn.offer(0x1234)]), None);
+    }
+
+    #[test]
+    fn pfs_choice_and_answer() {
+        let ours = EspAlgorithms::default();
+        let x = DhGroup::Curve25519;
+        let p = DhGroup::Ecp256;
+        let offer = [ours.offer_pfs(0x1234, &[x, p])];
+        let ke = Some(p.id());
+        let (num, spi, s, g) = ours.choose_pfs(&offer, &[x, p], true, ke).expect("choose");
+        assert_eq!((num, spi, g), (1, 0x1234, Some(p)), "the KE's group");
+        let answer = [EspAlgorithms::answer_pfs(num, 0x999, s, g)];
+        assert_eq!(ours.accept_pfs(&answer, Some(p)), Some((0x999, s)));
+        assert_eq!(
+            ours.accept_pfs(&answer, Some(x)),
+            None,
+            "not the group we sent"
+        );
+        assert_eq!(
+            ours.accept_pfs(&answer, None),
+            None,
+            "PFS we did not ask for"
+        );
+        // A KE of a group we do not take: ask for ours.
+        assert_eq!(ours.choose_pfs(&offer, &[x], true, ke), Err(Some(x)));
+        // No DH offered: fine unless required.
+        let plain = [ours.offer(0x1234)];
+        assert!(ours.choose_pfs(&plain, &[x], false, None).is_ok());
+        assert_eq!(ours.choose_pfs(&plain, &[x], true, None), Err(None));
+        let answer = [EspAlgorithms::answer(1, 0x999, s)];
+        assert_eq!(ours.accept_pfs(&answer, None), Some((0x999, s)));
+    }
+
+    #[test]
+    fn ike_rekey_proposals_carry_spis() {
+        let ours = IkeAlgorithms::default();
+        let offer = [ours.offer_rekey(0xabc)];
+        let (num, spi, suite) = ours.choose_rekey(&offer, 31).expect("choose");
+        assert_eq!((num, spi), (1, 0xabc));
+        assert_eq!(
+            ours.accept_rekey(&[suite.answer_rekey(num, 0xdef)]),
+            Some((0xdef, suite))
+        );
+        assert_eq!(ours.accept_rekey(&[suite.answer(num)]), None, "no SPI");
+        assert_eq!(ours.choose_rekey(&[ours.offer()], 31), None, "no SPI");
+        assert_eq!(
+            ours.accept(&[suite.answer_rekey(num, 1)]),
+            None,
+            "IKE_SA_INIT takes none"
+        );
     }
 }

@@ -200,7 +200,7 @@ impl IkeSa {
         );
         let esp_spi = random_esp_spi(rng)?;
         let (ours, theirs) = self.host_selectors();
-        let payloads = vec![
+        let mut payloads = vec![
             Payload::IdI(id),
             Payload::Auth(Auth {
                 method: auth::SHARED_KEY_MIC,
@@ -211,6 +211,14 @@ impl IkeSa {
             Payload::TsI(vec![ours]),
             Payload::TsR(vec![theirs]),
         ];
+        // Section 2.4: tells the responder to drop what it still holds
+        // from our previous life.
+        if self.policy.initial_contact {
+            payloads.push(Payload::Notify(Notify::new(
+                notify::INITIAL_CONTACT,
+                Vec::new(),
+            )));
+        }
         let header = self.header(ex::IKE_AUTH, self.next_request_id, false);
         let bytes = self.seal(&header, &payloads, rng)?;
         self.phase = Phase::AuthSent { esp_spi };
@@ -280,13 +288,19 @@ impl IkeSa {
             return Ok(actions);
         }
         self.phase = Phase::Established;
-        if let Some(e) = error {
-            return Ok(vec![Action::ChildFailed(IkeError::PeerRefused(e))]);
+        let mut actions = Vec::new();
+        if found.notify(notify::INITIAL_CONTACT).is_some() {
+            actions.push(Action::PeerRestarted);
         }
-        Ok(vec![match self.accept_child(&found, esp_spi) {
+        if let Some(e) = error {
+            actions.push(Action::ChildFailed(IkeError::PeerRefused(e)));
+            return Ok(actions);
+        }
+        actions.push(match self.accept_child(&found, esp_spi) {
             Ok(child) => Action::InstallChild(child),
             Err(e) => Action::ChildFailed(e),
-        }])
+        });
+        Ok(actions)
     }
 
     /// Checks the responder's CHILD SA answer and keys it (section 2.17:

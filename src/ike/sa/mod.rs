@@ -18,14 +18,43 @@
 //! `Err` and changes nothing (section 2.21: no answer to what we cannot
 //! authenticate).
 //!
-//! Later exchanges (CREATE_CHILD_SA, rekeying, INFORMATIONAL, Delete,
-//! dead-peer detection) are requests and responses on the same message-ID
-//! machinery; they fit as further `Phase`s and request handlers.
+//! Once established, the later exchanges run on the same message-ID
+//! machinery: CREATE_CHILD_SA rekeys CHILD SAs and the IKE SA itself
+//! (`rekey`, `ike_rekey`), INFORMATIONAL carries Delete, liveness checks
+//! and INITIAL_CONTACT (`info`), and [`Policy`] sets the lifetimes and the
+//! dead-peer detection interval those timers run on (`timers`).
+//!
+//! For the caller (the daemon): set a [`Policy`] after creating the SA;
+//! call [`IkeSa::handle_timer`] whenever [`IkeSa::next_timeout`] comes;
+//! apply actions in order (an `InstallChild` that replaces an SA comes
+//! before the `DeleteChild` of its predecessor: make-before-break); route
+//! messages by both the current SPIs and those an [`Action::IkeRekeyed`]
+//! names as `old` until the SA closes; after `Failed` (a dead peer, an
+//! expired or refused SA) reconnect with a new IKE SA, after `Closed` only
+//! if still wanted. [`IkeSa::rekey_child`], [`IkeSa::rekey_ike`],
+//! [`IkeSa::delete_child`], [`IkeSa::close`] and
+//! [`IkeSa::check_liveness`] start the same exchanges by hand, and the
+//! read-only queries ([`IkeSa::children`], [`IkeSa::rekeys`],
+//! [`IkeSa::established_at`], [`IkeSa::last_heard`], ...) feed status.
 
+mod child;
+mod ike_rekey;
+mod info;
 mod initiator;
+mod rekey;
 mod responder;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_harness;
+#[cfg(test)]
+mod tests_long;
+#[cfg(test)]
+mod tests_rekey;
+mod timers;
+
+pub use child::{ChildInfo, ChildState};
+pub use timers::Policy;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -185,6 +214,13 @@ pub enum IkeError {
     BadAnswer(&'static str),
     #[error("no answer after every retransmission")]
     Timeout,
+    /// An established IKE SA's request went unanswered after every
+    /// retransmission (section 2.4): the peer is dead, reconnect.
+    #[error("the peer stopped answering (dead peer)")]
+    DeadPeer,
+    /// The IKE SA reached its hard lifetime without being rekeyed.
+    #[error("the IKE SA expired")]
+    Expired,
     #[error("configuration lacks {0}")]
     Config(&'static str),
 }
@@ -217,6 +253,22 @@ pub enum Action {
     ChildFailed(IkeError),
     /// The IKE SA is dead: drop it after sending what precedes.
     Failed(IkeError),
+    /// Remove the CHILD SA with these SPIs in both directions: deleted by
+    /// either side, replaced by its rekeyed successor (make-before-break:
+    /// the successor's InstallChild came first), past its hard lifetime,
+    /// or its IKE SA ended (RFC 7296 sections 1.4.1, 2.8).
+    DeleteChild { inbound_spi: u32, outbound_spi: u32 },
+    /// The peer sent INITIAL_CONTACT (section 2.4): it restarted, so
+    /// every SA with this peer that this IKE SA did not create is stale
+    /// and must go. Comes before the InstallChild of the same exchange.
+    PeerRestarted,
+    /// The IKE SA was rekeyed (section 2.18): its messages now carry the
+    /// `new` SPIs. The `old` ones stay routed here until the old IKE SA's
+    /// Delete exchange ends. The CHILD SAs stay as they are.
+    IkeRekeyed { old: (u64, u64), new: (u64, u64) },
+    /// The IKE SA ended in order (a Delete either way); DeleteChild
+    /// actions for its CHILD SAs came before.
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +305,22 @@ struct Outstanding {
     bytes: Vec<u8>,
     sent: u32,
     deadline: Instant,
+    /// What the response is for, for the exchanges after IKE_AUTH.
+    purpose: Purpose,
+}
+
+/// The exchanges of an established IKE SA we start.
+enum Purpose {
+    /// IKE_SA_INIT or IKE_AUTH: `Phase` says which.
+    Setup,
+    RekeyChild(rekey::RekeyChild),
+    RekeyIke(ike_rekey::RekeyIke),
+    /// A Delete of these CHILD SAs (by our inbound SPI).
+    DeleteChildren(Vec<u32>),
+    /// A Delete of the IKE SA: the SA ends with the answer.
+    DeleteIke,
+    /// An empty INFORMATIONAL request (section 2.4).
+    Liveness,
 }
 
 /// The IKE SA's keys, by direction from our point of view.
@@ -282,6 +350,15 @@ pub struct IkeSa {
     next_peer_request_id: u32,
     /// The peer's last request and our response to it (section 2.1).
     last_exchange: Option<(Vec<u8>, Vec<u8>)>,
+    /// Lifetimes, liveness interval, PFS: see [`Policy`].
+    policy: Policy,
+    /// Timers and counters of this IKE SA after it is established.
+    life: timers::Life,
+    /// Our CHILD SAs, as handed to the key manager.
+    children: Vec<ChildInfo>,
+    /// IKE SAs this one replaced (or that lost a crossed rekey), kept
+    /// until their Delete exchanges end (sections 2.8.2, 2.18).
+    retiring: Vec<ike_rekey::Generation>,
 }
 
 impl std::fmt::Debug for IkeSa {
@@ -315,6 +392,10 @@ impl IkeSa {
             outstanding: None,
             next_peer_request_id: 0,
             last_exchange: None,
+            policy: Policy::default(),
+            life: timers::Life::default(),
+            children: Vec::new(),
+            retiring: Vec::new(),
         }
     }
 
@@ -350,14 +431,19 @@ impl IkeSa {
         }
     }
 
-    /// When [`IkeSa::handle_timeout`] must next be called.
-    pub fn next_timeout(&self) -> Option<Instant> {
-        self.outstanding.as_ref().map(|o| o.deadline)
+    /// Retransmits the outstanding request when its time has come, or
+    /// gives up after the configured number of transmissions; likewise for
+    /// the Delete of an IKE SA retired by a rekey. Only these timers: the
+    /// ones that start new exchanges need randomness, so with a [`Policy`]
+    /// that sets lifetimes or liveness checks, or after
+    /// [`IkeSa::delete_child`], call [`IkeSa::handle_timer`] instead.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = self.retiring_timeout(now);
+        actions.extend(self.retransmit(now));
+        actions
     }
 
-    /// Retransmits the outstanding request when its time has come, or
-    /// gives up after the configured number of transmissions.
-    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+    fn retransmit(&mut self, now: Instant) -> Vec<Action> {
         let Some(o) = self.outstanding.as_mut() else {
             return Vec::new();
         };
@@ -365,7 +451,23 @@ impl IkeSa {
             return Vec::new();
         }
         if o.sent >= self.config.retransmit.transmissions {
+            let deleting = matches!(o.purpose, Purpose::DeleteIke);
             self.outstanding = None;
+            if deleting {
+                // Our Delete of the IKE SA went unanswered: it ends all
+                // the same (section 1.4.1).
+                let mut actions = self.remove_all_children();
+                self.phase = Phase::Closed;
+                actions.push(Action::Closed);
+                return actions;
+            }
+            if matches!(self.phase, Phase::Established) {
+                // Section 2.4: an established SA whose request is never
+                // answered is dead, and so are its CHILD SAs.
+                let mut actions = self.remove_all_children();
+                actions.extend(self.fail(IkeError::DeadPeer));
+                return actions;
+            }
             return self.fail(IkeError::Timeout);
         }
         o.sent += 1;
@@ -385,25 +487,33 @@ impl IkeSa {
         if matches!(self.phase, Phase::Closed) && header.is_response() {
             return Err(IkeError::Unexpected("the IKE SA is closed"));
         }
+        let idle = matches!(self.phase, Phase::Idle);
+        let spis = (header.spi_i, header.spi_r);
+        if let Some(at) = self.retiring.iter().position(|g| g.spis() == spis) {
+            return self.handle_retiring(at, &header, bytes, rng);
+        }
         // Section 3.1: the I flag tells the original initiator's messages.
         if header.is_initiator() != (self.role == Role::Responder) {
             return Err(IkeError::Unexpected("wrong Initiator flag"));
         }
-        let idle = matches!(self.phase, Phase::Idle);
         if !idle && header.spi_i != self.spi_i {
             return Err(IkeError::Unexpected("unknown initiator SPI"));
         }
-        if header.is_response() {
-            self.handle_response(&header, bytes, now, rng)
+        let was_established = matches!(self.phase, Phase::Established);
+        let mut actions = if header.is_response() {
+            self.handle_response(&header, bytes, now, rng)?
         } else {
-            self.handle_request(&header, bytes, rng)
-        }
+            self.handle_request(&header, bytes, now, rng)?
+        };
+        self.after_exchange(was_established, &mut actions, now, rng);
+        Ok(actions)
     }
 
     fn handle_request(
         &mut self,
         header: &Header,
         bytes: &[u8],
+        now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         // Section 2.1: a retransmitted request gets the same response
@@ -428,6 +538,12 @@ impl IkeSa {
         match (&self.phase, header.exchange) {
             (Phase::Idle, ex::IKE_SA_INIT) => self.respond_init(header, bytes, rng),
             (Phase::InitAnswered, ex::IKE_AUTH) => self.respond_auth(header, bytes, rng),
+            (Phase::Established, ex::CREATE_CHILD_SA) => {
+                self.respond_create_child(header, bytes, now, rng)
+            }
+            (Phase::Established, ex::INFORMATIONAL) => {
+                self.respond_informational(header, bytes, now, rng)
+            }
             _ => Err(IkeError::Unexpected("request not handled in this state")),
         }
     }
@@ -454,6 +570,12 @@ impl IkeSa {
                 }
                 self.on_auth_response(bytes, rng)
             }
+            (Phase::Established, ex::CREATE_CHILD_SA | ex::INFORMATIONAL) => {
+                if header.spi_r != self.spi_r {
+                    return Err(IkeError::Unexpected("unknown responder SPI"));
+                }
+                self.on_later_response(header, bytes, now, rng)
+            }
             _ => Err(IkeError::Unexpected("response not expected in this state")),
         }
     }
@@ -467,11 +589,16 @@ impl IkeSa {
 
     /// Sends a request, to be retransmitted until answered.
     fn send_request(&mut self, bytes: Vec<u8>, now: Instant) -> Action {
+        self.send_request_for(bytes, now, Purpose::Setup)
+    }
+
+    fn send_request_for(&mut self, bytes: Vec<u8>, now: Instant, purpose: Purpose) -> Action {
         self.outstanding = Some(Outstanding {
             message_id: self.next_request_id,
             bytes: bytes.clone(),
             sent: 1,
             deadline: now + self.config.retransmit.interval(1),
+            purpose,
         });
         self.next_request_id = self.next_request_id.wrapping_add(1);
         Action::Send(bytes)
@@ -549,6 +676,7 @@ impl IkeSa {
 /// twice fails the message.
 #[derive(Default)]
 struct Found<'a> {
+    deletes: Vec<&'a super::wire::payload::Delete>,
     sa: Option<&'a [Proposal]>,
     ke: Option<&'a KeyExchange>,
     nonce: Option<&'a [u8]>,
@@ -575,7 +703,8 @@ impl<'a> Found<'a> {
                 Payload::TsI(x) => set(&mut f.tsi, x.as_slice()).ok_or_else(dup)?,
                 Payload::TsR(x) => set(&mut f.tsr, x.as_slice()).ok_or_else(dup)?,
                 Payload::Notify(n) => f.notifies.push(n),
-                // Delete, Encrypted (never inside) and unknown non-critical
+                Payload::Delete(d) => f.deletes.push(d),
+                // Encrypted (never inside) and unknown non-critical
                 // payloads (vendor IDs, CERTREQ) are not ours here.
                 _ => {}
             }

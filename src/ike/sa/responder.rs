@@ -210,13 +210,17 @@ impl IkeSa {
         let response = self.seal(&response_header, &payloads, rng)?;
         self.phase = Phase::Established;
         let send = self.answer(bytes, response);
-        Ok(vec![
-            send,
-            match child {
-                Ok((child, _)) => Action::InstallChild(child),
-                Err(e) => Action::ChildFailed(IkeError::WeRefused(e)),
-            },
-        ])
+        let mut actions = vec![send];
+        // Section 2.4: the peer restarted; what we hold from its previous
+        // life goes before the new CHILD SA comes.
+        if found.notify(notify::INITIAL_CONTACT).is_some() {
+            actions.push(Action::PeerRestarted);
+        }
+        actions.push(match child {
+            Ok((child, _)) => Action::InstallChild(child),
+            Err(e) => Action::ChildFailed(IkeError::WeRefused(e)),
+        });
+        Ok(actions)
     }
 
     /// Answers IKE_AUTH with an error and closes the SA; the answer is

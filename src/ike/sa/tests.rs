@@ -30,7 +30,7 @@ fn config(local: IpAddr, remote: IpAddr, psk: &[u8]) -> Config {
     }
 }
 
-fn pair() -> (Config, Config) {
+pub(super) fn pair() -> (Config, Config) {
     (
         config(I_ADDR, R_ADDR, b"shared secret"),
         config(R_ADDR, I_ADDR, b"shared secret"),
@@ -138,7 +138,7 @@ impl Lab {
     }
 }
 
-fn assert_matching(i: &ChildSa, r: &ChildSa) {
+pub(super) fn assert_matching(i: &ChildSa, r: &ChildSa) {
     assert_eq!(i.outbound_spi, r.inbound_spi);
     assert_eq!(i.inbound_spi, r.outbound_spi);
     assert_eq!(i.outbound.key().expose(), r.inbound.key().expose());
