@@ -481,6 +481,14 @@ fn drive(
                 Action::InstallChild(c) => child = Some(c),
                 Action::ChildFailed(e) => return Err(Driven::ChildFailed(e)),
                 Action::Failed(e) => return Err(Driven::Failed(e)),
+                // Not before the first CHILD SA: nothing to rekey or delete.
+                other @ (Action::DeleteChild { .. }
+                | Action::PeerRestarted
+                | Action::IkeRekeyed { .. }
+                | Action::Closed) => {
+                    lab.trace
+                        .push(format!("action before the CHILD SA: {other:?}"));
+                }
             }
         }
         if let Some(c) = child {

@@ -546,6 +546,19 @@ impl IkeWorker {
                     self.log_failure(i, &text, now);
                 }
                 Action::Failed(e) => self.failed(i, e, now),
+                // Interim: the SAs the key manager holds retire through its
+                // lifecycle when the next CHILD SA replaces them.
+                Action::DeleteChild {
+                    inbound_spi,
+                    outbound_spi,
+                } => {
+                    if let Some(s) = self.peers[i].slots.get_mut(slot) {
+                        s.children.retain(|c| {
+                            c.inbound_spi != inbound_spi && c.outbound_spi != outbound_spi
+                        });
+                    }
+                }
+                Action::PeerRestarted | Action::IkeRekeyed { .. } | Action::Closed => {}
             }
         }
         self.note_established(i, slot);
