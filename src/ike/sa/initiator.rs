@@ -28,11 +28,23 @@ const MAX_RESTARTS: u8 = 4;
 
 impl IkeSa {
     /// Starts an IKE SA as initiator: returns it and the IKE_SA_INIT
-    /// request to send.
+    /// request to send. No NAT detection data: [`IkeSa::initiate_from`]
+    /// adds it.
     pub fn initiate(
         config: Arc<Config>,
         now: Instant,
         rng: &mut dyn Randomness,
+    ) -> Result<(Self, Vec<Action>), IkeError> {
+        IkeSa::initiate_with(config, now, rng, |_| {})
+    }
+
+    /// [`IkeSa::initiate`], with `setup` run on the SA before its first
+    /// request is built.
+    pub(super) fn initiate_with(
+        config: Arc<Config>,
+        now: Instant,
+        rng: &mut dyn Randomness,
+        setup: impl FnOnce(&mut IkeSa),
     ) -> Result<(Self, Vec<Action>), IkeError> {
         let group = *config
             .ike
@@ -57,6 +69,7 @@ impl IkeSa {
         );
         sa.spi_i = random_spi64(rng)?;
         sa.ni = random_nonce(rng)?;
+        setup(&mut sa);
         let request = sa.init_request()?;
         let send = sa.send_request(request, now);
         Ok((sa, vec![send]))
@@ -78,6 +91,8 @@ impl IkeSa {
             data: s.dh.public().to_vec(),
         }));
         payloads.push(Payload::Nonce(self.ni.clone()));
+        // Section 2.23: the responder SPI is still zero in these hashes.
+        payloads.extend(self.natd_payloads(self.spi_i, 0));
         // Section 2.2: IKE_SA_INIT is always message ID 0, also when
         // restarted.
         let header = self.header(ex::IKE_SA_INIT, 0, false);
@@ -147,6 +162,7 @@ impl IkeSa {
         if suite.dh != state.dh.group() || ke.group != state.dh.group().id() {
             return Ok(self.fail(IkeError::BadAnswer("DH group")));
         }
+        self.detect_nat(&found, self.spi_i, header.spi_r, now);
         // The DH key is used once: take it out of the state.
         let Phase::InitSent(state) = std::mem::replace(&mut self.phase, Phase::Closed) else {
             return Err(IkeError::Unexpected("not in IKE_SA_INIT"));
@@ -319,9 +335,9 @@ impl IkeSa {
             .ok_or(IkeError::BadAnswer("ESP proposal"))?;
         let (tsi, tsr) = (found.tsi.unwrap_or(&[]), found.tsr.unwrap_or(&[]));
         let (ours, theirs) = self.host_selectors();
-        if !covers(tsi, &ours) || !covers(tsr, &theirs) {
-            return Err(IkeError::BadAnswer("traffic selectors"));
-        }
+        let original = self
+            .child_selectors(tsi, tsr)
+            .ok_or(IkeError::BadAnswer("traffic selectors"))?;
         let (keys, suite) = match (&self.keys, self.suite) {
             (Some(k), Some(s)) => (k, s),
             _ => return Err(IkeError::Unexpected("no keys yet")),
@@ -344,6 +360,8 @@ impl IkeSa {
             transport_mode: true,
             local_ts: vec![ours],
             remote_ts: vec![theirs],
+            udp_encap: self.udp_encap(),
+            original,
         })
     }
 }

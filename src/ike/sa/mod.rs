@@ -41,6 +41,7 @@ mod child;
 mod ike_rekey;
 mod info;
 mod initiator;
+mod nat;
 mod rekey;
 mod responder;
 #[cfg(test)]
@@ -50,13 +51,16 @@ mod tests_harness;
 #[cfg(test)]
 mod tests_long;
 #[cfg(test)]
+mod tests_nat;
+#[cfg(test)]
 mod tests_rekey;
 mod timers;
 
 pub use child::{ChildInfo, ChildState};
+pub use nat::{IKE_PORT, NATT_PORT, NatPolicy, NatStatus, OriginalAddrs, Output, Route, natd_hash};
 pub use timers::Policy;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -238,6 +242,14 @@ pub struct ChildSa {
     pub transport_mode: bool,
     pub local_ts: Vec<TrafficSelector>,
     pub remote_ts: Vec<TrafficSelector>,
+    /// `Some(peer)`: a NAT was detected, so ESP goes in UDP (RFC 3948)
+    /// to this address and port, from our NAT-T port, and arrives the
+    /// same way. `None`: plain ESP (and always with the entry points that
+    /// carry no addresses).
+    pub udp_encap: Option<SocketAddr>,
+    /// The inner packets' addresses, from the traffic selectors: through
+    /// a NAT they differ from the outer ones (RFC 7296 section 2.23.1).
+    pub original: OriginalAddrs,
 }
 
 /// What the caller must do.
@@ -359,6 +371,8 @@ pub struct IkeSa {
     /// IKE SAs this one replaced (or that lost a crossed rekey), kept
     /// until their Delete exchanges end (sections 2.8.2, 2.18).
     retiring: Vec<ike_rekey::Generation>,
+    /// NAT detection and traversal (section 2.23).
+    nat: nat::Nat,
 }
 
 impl std::fmt::Debug for IkeSa {
@@ -396,6 +410,7 @@ impl IkeSa {
             life: timers::Life::default(),
             children: Vec::new(),
             retiring: Vec::new(),
+            nat: nat::Nat::default(),
         }
     }
 
@@ -438,6 +453,9 @@ impl IkeSa {
     /// that sets lifetimes or liveness checks, or after
     /// [`IkeSa::delete_child`], call [`IkeSa::handle_timer`] instead.
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        // Only the address-aware entry points send keepalives; here a due
+        // one is merely rescheduled.
+        let _ = self.keepalive_due(now);
         let mut actions = self.retiring_timeout(now);
         actions.extend(self.retransmit(now));
         actions
@@ -476,7 +494,8 @@ impl IkeSa {
     }
 
     /// Handles one received IKE message (without the non-ESP marker).
-    /// `Err` means it was dropped and nothing changed.
+    /// `Err` means it was dropped and nothing changed. No NAT detection
+    /// data: [`IkeSa::handle_from`] adds the addresses NAT-T needs.
     pub fn handle(
         &mut self,
         bytes: &[u8],
@@ -536,7 +555,7 @@ impl IkeSa {
         }
         use super::wire::consts::exchange as ex;
         match (&self.phase, header.exchange) {
-            (Phase::Idle, ex::IKE_SA_INIT) => self.respond_init(header, bytes, rng),
+            (Phase::Idle, ex::IKE_SA_INIT) => self.respond_init(header, bytes, now, rng),
             (Phase::InitAnswered, ex::IKE_AUTH) => self.respond_auth(header, bytes, rng),
             (Phase::Established, ex::CREATE_CHILD_SA) => {
                 self.respond_create_child(header, bytes, now, rng)

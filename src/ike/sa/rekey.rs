@@ -231,9 +231,9 @@ impl IkeSa {
             })?;
         let (ours, theirs) = self.host_selectors();
         let (tsi, tsr) = (found.tsi.unwrap_or(&[]), found.tsr.unwrap_or(&[]));
-        if !covers(tsi, &theirs) || !covers(tsr, &ours) {
-            return Err((notify::TS_UNACCEPTABLE, Vec::new()));
-        }
+        let original = self
+            .child_selectors(tsr, tsi)
+            .ok_or((notify::TS_UNACCEPTABLE, Vec::new()))?;
         let spi = random_esp_spi(rng).map_err(|_| temporary.clone())?;
         let nr = random_nonce(rng).map_err(|_| temporary.clone())?;
         let (shared, ke) = match (group, found.ke) {
@@ -273,6 +273,8 @@ impl IkeSa {
             transport_mode: true,
             local_ts: vec![ours],
             remote_ts: vec![theirs],
+            udp_encap: self.udp_encap(),
+            original,
         };
         let mut payloads = vec![
             Payload::Notify(Notify::new(notify::USE_TRANSPORT_MODE, Vec::new())),
@@ -280,8 +282,9 @@ impl IkeSa {
             Payload::Nonce(nr),
         ];
         payloads.extend(ke.map(Payload::Ke));
-        payloads.push(Payload::TsI(vec![theirs]));
-        payloads.push(Payload::TsR(vec![ours]));
+        // As in IKE_AUTH: the selectors name the original addresses.
+        payloads.push(Payload::TsI(vec![TrafficSelector::host(original.peer)]));
+        payloads.push(Payload::TsR(vec![TrafficSelector::host(original.local)]));
         Ok((payloads, child, generation, ours_old, lowest))
     }
 
@@ -412,9 +415,9 @@ impl IkeSa {
         }
         let (ours, theirs) = self.host_selectors();
         let (tsi, tsr) = (found.tsi.unwrap_or(&[]), found.tsr.unwrap_or(&[]));
-        if !covers(tsi, &ours) || !covers(tsr, &theirs) {
-            return Err(IkeError::BadAnswer("traffic selectors"));
-        }
+        let original = self
+            .child_selectors(tsi, tsr)
+            .ok_or(IkeError::BadAnswer("traffic selectors"))?;
         let shared = match (dh, found.ke) {
             (Some(dh), Some(ke)) if ke.group == dh.group().id() => Some(dh.agree(&ke.data)?),
             (None, None) => None,
@@ -438,6 +441,8 @@ impl IkeSa {
             transport_mode: true,
             local_ts: vec![ours],
             remote_ts: vec![theirs],
+            udp_encap: self.udp_encap(),
+            original,
         })
     }
 }

@@ -33,6 +33,7 @@ impl IkeSa {
         &mut self,
         header: &Header,
         bytes: &[u8],
+        now: std::time::Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         if header.spi_r != 0 {
@@ -90,16 +91,23 @@ impl IkeSa {
         self.suite = Some(suite);
         self.keys = Some(keys);
         self.init_request = bytes.to_vec();
+        // Section 2.23: the request's hashes use a responder SPI of zero;
+        // ours answer only an initiator that sent some.
+        self.detect_nat(&found, header.spi_i, 0, now);
+        let mut payloads = vec![
+            Payload::Sa(vec![suite.answer(num)]),
+            Payload::Ke(KeyExchange {
+                group: suite.dh.id(),
+                data: public,
+            }),
+            Payload::Nonce(nr),
+        ];
+        if self.nat.status.supported {
+            payloads.extend(self.natd_payloads(self.spi_i, self.spi_r));
+        }
         let response = Message {
             header: self.header(ex::IKE_SA_INIT, 0, true),
-            payloads: vec![
-                Payload::Sa(vec![suite.answer(num)]),
-                Payload::Ke(KeyExchange {
-                    group: suite.dh.id(),
-                    data: public,
-                }),
-                Payload::Nonce(nr),
-            ],
+            payloads,
         }
         .emit()?;
         self.init_response = response.clone();
@@ -188,7 +196,10 @@ impl IkeSa {
         let child = self.choose_child(&found, rng);
         match &child {
             Ok((child, num)) => {
-                let (ours, theirs) = self.host_selectors();
+                // The selectors as the initiator sent them: through a NAT
+                // they name its original addresses (section 2.23.1).
+                let ours = TrafficSelector::host(child.original.local);
+                let theirs = TrafficSelector::host(child.original.peer);
                 payloads.push(Payload::Notify(Notify::new(
                     notify::USE_TRANSPORT_MODE,
                     Vec::new(),
@@ -262,9 +273,9 @@ impl IkeSa {
             .ok_or(ErrorNotify::NoProposalChosen)?;
         let (ours, theirs) = self.host_selectors();
         let (tsi, tsr) = (found.tsi.unwrap_or(&[]), found.tsr.unwrap_or(&[]));
-        if !covers(tsi, &theirs) || !covers(tsr, &ours) {
-            return Err(ErrorNotify::TsUnacceptable);
-        }
+        let original = self
+            .child_selectors(tsr, tsi)
+            .ok_or(ErrorNotify::TsUnacceptable)?;
         let (keys, suite) = match (&self.keys, self.suite) {
             (Some(k), Some(s)) => (k, s),
             _ => return Err(ErrorNotify::Other(notify::TEMPORARY_FAILURE)),
@@ -290,6 +301,8 @@ impl IkeSa {
                 transport_mode: true,
                 local_ts: vec![ours],
                 remote_ts: vec![theirs],
+                udp_encap: self.udp_encap(),
+                original,
             },
             num,
         ))

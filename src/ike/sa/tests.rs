@@ -14,7 +14,7 @@ use crate::ike::wire::{Message, Payload};
 const I_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
 const R_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
 
-fn config(local: IpAddr, remote: IpAddr, psk: &[u8]) -> Config {
+pub(super) fn config(local: IpAddr, remote: IpAddr, psk: &[u8]) -> Config {
     Config {
         local_id: Identification::new(id::FQDN, format!("{local}.example").into_bytes()),
         remote_id: Some(Identification::new(

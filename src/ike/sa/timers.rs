@@ -163,6 +163,7 @@ impl IkeSa {
         self.life.last_heard = Some(now);
         for a in actions.iter() {
             if let Action::InstallChild(c) = a {
+                self.nat.original = Some(c.original);
                 self.adopt(c, 0, now, rng);
             }
         }
@@ -176,6 +177,7 @@ impl IkeSa {
         let mut t: Vec<Option<Instant>> = vec![
             self.outstanding.as_ref().map(|o| o.deadline),
             self.retiring.iter().filter_map(|g| g.deadline()).min(),
+            self.nat.keepalive_at,
         ];
         if matches!(self.phase, Phase::Established) {
             t.push(self.life.expire_at);
