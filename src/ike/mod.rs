@@ -11,7 +11,10 @@
 //! - `sk`: the Encrypted payload with AES-GCM (RFC 5282).
 //! - `proposal`: what we offer and accept, and the choice among offers.
 //! - `sa`: the IKE SA state machine for IKE_SA_INIT and IKE_AUTH.
+//! - [`cookie`]: responder protection, stateless cookies and a bounded
+//!   half-open table (RFC 7296 section 2.6).
 
+pub mod cookie;
 pub mod crypto;
 pub mod proposal;
 pub mod sa;

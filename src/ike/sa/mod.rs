@@ -58,6 +58,8 @@ mod timers;
 
 pub use child::{ChildInfo, ChildState};
 pub use nat::{IKE_PORT, NATT_PORT, NatPolicy, NatStatus, OriginalAddrs, Output, Route, natd_hash};
+#[cfg(test)]
+pub(crate) use tests::pair as test_pair;
 pub use timers::Policy;
 
 use std::net::{IpAddr, SocketAddr};

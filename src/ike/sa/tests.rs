@@ -30,7 +30,9 @@ pub(super) fn config(local: IpAddr, remote: IpAddr, psk: &[u8]) -> Config {
     }
 }
 
-pub(super) fn pair() -> (Config, Config) {
+/// Two matching configurations (initiator, responder), also for tests
+/// elsewhere in `ike`.
+pub(crate) fn pair() -> (Config, Config) {
     (
         config(I_ADDR, R_ADDR, b"shared secret"),
         config(R_ADDR, I_ADDR, b"shared secret"),
