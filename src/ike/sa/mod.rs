@@ -36,6 +36,7 @@
 //! [`IkeSa::check_liveness`] start the same exchanges by hand, and the
 //! read-only queries ([`IkeSa::children`], [`IkeSa::rekeys`],
 //! [`IkeSa::established_at`], [`IkeSa::last_heard`], ...) feed status.
+//! Through NATs, use the address-aware entry points instead (`nat`).
 
 mod child;
 mod ike_rekey;

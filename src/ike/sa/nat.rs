@@ -20,6 +20,24 @@
 //! [`Output`]s, which route every datagram. The older entry points
 //! ([`IkeSa::initiate`], [`IkeSa::handle`], ...) carry no NAT detection
 //! data and never detect a NAT.
+//!
+//! For the caller, instead of the older entry points, consistently:
+//! - initiate with [`IkeSa::initiate_from`] (our port 500 socket's address
+//!   and the peer's `ip:500`); after [`IkeSa::responder`], call
+//!   [`IkeSa::set_nat_policy`];
+//! - give every received IKE message to [`IkeSa::handle_from`] with the
+//!   local address it arrived at (port 500, or the NAT-T port with the
+//!   non-ESP marker already removed) and its source;
+//! - on [`IkeSa::next_timeout`] call [`IkeSa::handle_timer_from`];
+//!   route what [`IkeSa::rekey_child`], [`IkeSa::close`] and the like
+//!   return through [`IkeSa::outputs`];
+//! - send each [`Output::Send`] to its `route.to`, from the NAT-T socket
+//!   with the non-ESP marker when `route.natt`, else from port 500; send
+//!   [`Output::SendKeepalive`] as the one byte 0xFF from the NAT-T socket;
+//! - install a CHILD SA with `udp_encap: Some(peer)` as UDP-encapsulated
+//!   ESP to `peer`, and rebuild / check inner packets with its
+//!   [`OriginalAddrs`]; on [`Output::PeerMoved`] send the CHILD SAs'
+//!   ESP (and expect it) at the new address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -353,3 +353,99 @@ fn without_addresses_no_nat_detection() {
     assert!(notify_data(&response, notify::NAT_DETECTION_SOURCE_IP).is_empty());
     assert_eq!(r.nat(), NatStatus::default());
 }
+
+/// Only authenticated messages move the peer: one whose ICV fails, sent
+/// from a new address, is dropped and moves nothing. And the older timer
+/// entry point reschedules a due keepalive rather than spinning on it.
+#[test]
+fn forged_messages_move_nothing_and_old_timers_do_not_spin() {
+    let mut rc = config(R, NAT, b"k");
+    rc.remote_id = config(R, I, b"k").remote_id;
+    let (mut lab, response, _) = init(
+        config(I, R, b"k"),
+        rc,
+        at(I, 500),
+        at(R, 500),
+        at(NAT, 61000),
+    );
+    let out = lab
+        .i
+        .handle_from(&response, at(I, 500), at(R, 500), lab.now, &mut lab.ri)
+        .expect("response");
+    let (auth, _) = sent(&out);
+    let out = lab
+        .r
+        .handle_from(&auth, at(R, 4500), at(NAT, 61001), lab.now, &mut lab.rr)
+        .expect("IKE_AUTH");
+    let (answer, _) = sent(&out);
+    lab.i
+        .handle_from(&answer, at(I, 4500), at(R, 4500), lab.now, &mut lab.ri)
+        .expect("IKE_AUTH response");
+    let due = lab.i.next_timeout().expect("keepalive");
+    assert_eq!(due, lab.now + Duration::from_secs(20));
+    assert!(lab.i.handle_timeout(due).is_empty());
+    assert_eq!(lab.i.next_timeout(), Some(due + Duration::from_secs(20)));
+
+    let check = lab
+        .i
+        .check_liveness(lab.now, &mut lab.ri)
+        .expect("liveness");
+    let (mut request, _) = sent(&lab.i.outputs(check));
+    let last = request.len() - 1;
+    request[last] ^= 1;
+    let before = lab.r.route();
+    assert!(
+        lab.r
+            .handle_from(&request, at(R, 4500), at(NAT, 9), lab.now, &mut lab.rr)
+            .is_err()
+    );
+    assert_eq!(lab.r.route(), before);
+}
+
+/// A COOKIE restart keeps the NAT detection notifies (same hashes: SPIr
+/// is still zero), behind the returned cookie.
+#[test]
+fn a_cookie_restart_keeps_nat_detection() {
+    let now = Instant::now();
+    let mut ri = TestRandomness::new(b"cookie nat");
+    let (mut i, out) = IkeSa::initiate_from(
+        Arc::new(config(I, R, b"k")),
+        at(I, 500),
+        at(R, 500),
+        NatPolicy::default(),
+        now,
+        &mut ri,
+    )
+    .expect("initiate");
+    let (first, _) = sent(&out);
+    let spi_i = i.spis().0;
+    let challenge = Message {
+        header: crate::ike::wire::Header {
+            spi_i,
+            spi_r: 0,
+            exchange: crate::ike::wire::consts::exchange::IKE_SA_INIT,
+            flags: crate::ike::wire::consts::flags::RESPONSE,
+            message_id: 0,
+        },
+        payloads: vec![Payload::Notify(crate::ike::wire::payload::Notify::new(
+            notify::COOKIE,
+            vec![7; 16],
+        ))],
+    }
+    .emit()
+    .expect("emits");
+    let out = i
+        .handle_from(&challenge, at(I, 500), at(R, 500), now, &mut ri)
+        .expect("challenge");
+    let (retry, route) = sent(&out);
+    assert_eq!(route.to, at(R, 500));
+    let msg = Message::parse(&retry).expect("parses");
+    assert!(matches!(msg.payloads.first(), Some(Payload::Notify(n)) if n.ty == notify::COOKIE));
+    for ty in [
+        notify::NAT_DETECTION_SOURCE_IP,
+        notify::NAT_DETECTION_DESTINATION_IP,
+    ] {
+        assert_eq!(notify_data(&retry, ty), notify_data(&first, ty));
+        assert_eq!(notify_data(&retry, ty).len(), 1);
+    }
+}
