@@ -184,9 +184,16 @@ impl CookieGate {
             return Verdict::Drop("not an initial IKE_SA_INIT request");
         }
         let ip = source.ip();
-        // A request for an SPI already half-open is that initiator's
-        // again (say with a cookie now): it replaces its entry.
-        self.half_open.retain(|h| h.spi_i != header.spi_i);
+        // The caller routes requests of known SPIs to their IKE SA; one
+        // that still comes here (a retransmission racing its responder's
+        // creation) is already counted.
+        if self
+            .half_open
+            .iter()
+            .any(|h| h.spi_i == header.spi_i && h.source == ip)
+        {
+            return Verdict::Accept;
+        }
         if self.half_open.len() >= self.policy.max_half_open {
             return Verdict::Drop("half-open IKE SA table full");
         }

@@ -56,36 +56,33 @@ fn with_cookie(request: &[u8], cookie: Vec<u8>) -> Vec<u8> {
     msg.emit().expect("emits")
 }
 
+fn spi_of(request: &[u8]) -> u64 {
+    Message::parse(request).expect("parses").header.spi_i
+}
+
 #[test]
 fn under_the_threshold_no_cookie() {
     let now = Instant::now();
     let mut rng = TestRandomness::new(b"gate");
     let mut gate = CookieGate::new(policy(2), now, &mut rng).expect("gate");
-    for (i, seed) in [b"a", b"b"].iter().enumerate() {
-        let (_, _, req) = initiator(*seed, now);
-        assert_eq!(
-            gate.check(&req, src(1 + i as u8), now, &mut rng),
-            Verdict::Accept
-        );
-    }
+    let first = initiator(b"a", now).2;
+    let second = initiator(b"b", now).2;
+    assert!(!gate.demanding());
+    assert_eq!(gate.check(&first, src(1), now, &mut rng), Verdict::Accept);
+    assert_eq!(gate.check(&second, src(2), now, &mut rng), Verdict::Accept);
     assert_eq!(gate.half_open(), 2);
     assert!(gate.demanding());
-    let (_, _, req) = initiator(b"c", now);
+    // The same request again is already counted, not challenged.
+    assert_eq!(gate.check(&first, src(1), now, &mut rng), Verdict::Accept);
+    assert_eq!(gate.half_open(), 2);
+    let (_, _, third) = initiator(b"c", now);
     assert!(matches!(
-        gate.check(&req, src(3), now, &mut rng),
+        gate.check(&third, src(3), now, &mut rng),
         Verdict::Challenge(_)
     ));
-    // One completes: below the threshold again, no cookie.
-    let spi = Header::parse(&IkeHeader::new_checked(&req).expect("h"))
-        .expect("h")
-        .spi_i;
-    gate.completed(spi);
-    let (_, _, first) = initiator(b"a", now);
-    let first_spi = Header::parse(&IkeHeader::new_checked(&first).expect("h"))
-        .expect("h")
-        .spi_i;
-    gate.completed(first_spi);
-    assert_eq!(gate.check(&req, src(3), now, &mut rng), Verdict::Accept);
+    // One completes IKE_AUTH: below the threshold again, no cookie.
+    gate.completed(spi_of(&first));
+    assert_eq!(gate.check(&third, src(3), now, &mut rng), Verdict::Accept);
 }
 
 #[test]
@@ -99,6 +96,29 @@ fn over_the_threshold_a_valid_cookie_passes_and_forged_or_stale_ones_do_not() {
     };
     let cookie = cookie_of(&answer);
     assert_eq!(cookie.len(), COOKIE_LEN);
+    // Section 2.6's layout: version 0, then SHA-256(Ni | IPi | SPIi |
+    // secret), the secret being the gate's first draw.
+    let mut secret = [0u8; 32];
+    crate::ike::crypto::Randomness::fill(&mut TestRandomness::new(b"gate"), &mut secret)
+        .expect("draw");
+    let msg = Message::parse(&req).expect("parses");
+    let ni = msg
+        .payloads
+        .iter()
+        .find_map(|p| match p {
+            Payload::Nonce(n) => Some(n.clone()),
+            _ => None,
+        })
+        .expect("a nonce");
+    let mut input = ni;
+    input.extend_from_slice(&[198, 18, 0, 7]);
+    input.extend_from_slice(&msg.header.spi_i.to_be_bytes());
+    input.extend_from_slice(&secret);
+    assert_eq!(&cookie[..4], &[0, 0, 0, 0]);
+    assert_eq!(
+        &cookie[4..],
+        digest::digest(&digest::SHA256, &input).as_ref()
+    );
     // Stateless: nothing counted for a challenged request.
     assert_eq!(gate.half_open(), 0);
     // Bound to the source address: another one cannot use it.
@@ -127,7 +147,7 @@ fn over_the_threshold_a_valid_cookie_passes_and_forged_or_stale_ones_do_not() {
     let later = now + gate.policy().rotate;
     assert_eq!(gate.check(&retry, src(7), later, &mut rng), Verdict::Accept);
     assert_eq!(gate.half_open(), 1);
-    gate.completed(Message::parse(&retry).expect("p").header.spi_i);
+    gate.completed(spi_of(&retry));
     // Two rotations on, the secret is gone: a new cookie is demanded.
     let stale = later + gate.policy().rotate;
     let Verdict::Challenge(again) = gate.check(&retry, src(7), stale, &mut rng) else {
