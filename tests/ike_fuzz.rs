@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use esptun::ike::crypto::{DhGroup, DhPrivate, Encr, IkeCryptoError, Randomness};
 use esptun::ike::proposal::{EspAlgorithms, IkeAlgorithms};
-use esptun::ike::sa::{Action, Config, IkeError, IkeSa, Retransmit};
+use esptun::ike::sa::{Action, Config, IkeError, IkeSa, Retransmit, Status};
 use esptun::ike::sk::{self, SkKey};
 use esptun::ike::wire::consts::{id, payload as pty};
 use esptun::ike::wire::payload::Identification;
@@ -773,8 +773,9 @@ fn seal_raw(rng: &mut Rng, p: &Protected) -> Vec<u8> {
     out
 }
 
-/// A mutated protected message, sealed with the right key.
-fn mutate_protected(rng: &mut Rng, p: &Protected) -> Vec<u8> {
+/// A mutated protected message, sealed with the right key; `msg_id`, if
+/// given, overrides the message ID after the mutations.
+fn mutate_protected(rng: &mut Rng, p: &Protected, msg_id: Option<u32>) -> Vec<u8> {
     let mut q = p.clone();
     match rng.below(8) {
         0 => {
@@ -821,6 +822,9 @@ fn mutate_protected(rng: &mut Rng, p: &Protected) -> Vec<u8> {
     if rng.chance(6) {
         mutate_header(rng, &mut q.head);
     }
+    if let Some(id) = msg_id {
+        q.head[20..24].copy_from_slice(&id.to_be_bytes());
+    }
     let mut out = seal_raw(rng, &q);
     if rng.chance(20) {
         // Past the ICV: the authentication failure paths.
@@ -847,6 +851,9 @@ struct Stats {
     max_call: Duration,
     max_alloc: usize,
     outcomes: BTreeMap<String, u64>,
+    /// Long-lived targets: the most the SA grew, and requests answered.
+    max_growth: usize,
+    answered: u64,
 }
 
 struct Campaign {
@@ -996,6 +1003,12 @@ impl Campaign {
                 st.max_alloc,
                 st.outcomes.len()
             );
+            if st.answered > 0 {
+                println!(
+                    "      long-lived: {} requests answered, the SA grew by at most {} B",
+                    st.answered, st.max_growth
+                );
+            }
             for (o, n) in &st.outcomes {
                 println!("      {n:>9}  {o}");
             }
@@ -1136,7 +1149,7 @@ fn fuzz_sk(c: &mut Campaign, s: &Seeds, n: u64) {
         .collect();
     for _ in 0..n {
         let (key, p) = &keys[c.rng.below(keys.len())];
-        let input = mutate_protected(&mut c.rng, p);
+        let input = mutate_protected(&mut c.rng, p, None);
         c.run("sk::open", &input, || sk::open(&input, key), outcome);
     }
 }
@@ -1156,7 +1169,7 @@ fn fuzz_state(c: &mut Campaign, s: &Seeds, k: usize, n: u64) {
             fresh = true;
         }
         let input = match &s.protected[k] {
-            Some(p) if !c.rng.chance(10) => mutate_protected(&mut c.rng, p),
+            Some(p) if !c.rng.chance(10) => mutate_protected(&mut c.rng, p, None),
             _ => mutate_plain(&mut c.rng, &seed),
         };
         let now = lab.now;
@@ -1211,6 +1224,85 @@ fn fuzz_state(c: &mut Campaign, s: &Seeds, k: usize, n: u64) {
     assert!(ok, "{target}: the seed itself was refused: {r:?}");
 }
 
+/// Bytes a long-lived SA may hold on top of what it held when established:
+/// the last request and response (section 2.1) and a few CHILD SAs.
+const GROWTH_BOUND: usize = 256 << 10;
+
+/// One established SA, never rebuilt while it lives, receiving message
+/// `k` mutated again and again with the message ID it expects next, so
+/// that the mutations are accepted and answered: the memory it holds must
+/// stay bounded, and so must its lists.
+fn fuzz_long(c: &mut Campaign, s: &Seeds, k: usize, n: u64) {
+    let (to, seed, what) = s.msgs[k].clone();
+    let Some(p) = s.protected[k].clone() else {
+        return;
+    };
+    let target = format!("IkeSa::handle, long-lived, message {k:02}: {what}");
+    let first_id = u32::from_be_bytes([seed[20], seed[21], seed[22], seed[23]]);
+    let mut lab = Lab::at(k);
+    let mut next_id = first_id;
+    let mut baseline = live();
+    let mut max_growth = 0usize;
+    let mut answered = 0u64;
+    for _ in 0..n {
+        let input = mutate_protected(&mut c.rng, &p, Some(next_id));
+        let now = lab.now;
+        let (sa, rng) = lab.receiver(to);
+        let r = c.run(
+            &target,
+            &input,
+            || sa.handle(&input, now, rng),
+            actions_outcome,
+        );
+        let sent = matches!(&r, Some(Ok(a)) if a.iter().any(|a| matches!(a, Action::Send(_))));
+        let lists = (sa.children().len(), sa.retiring_spis().len());
+        let mut over = sa.status() == Status::Closed || r.is_none();
+        drop(r);
+        if lists.0 > LIST_BOUND || lists.1 > LIST_BOUND {
+            let f = format!(
+                "{target}: lists grew to {lists:?} (seed {:#x}): {}",
+                c.seed,
+                hex(&input)
+            );
+            eprintln!("FAILURE {f}");
+            c.failures.push(f);
+            over = true;
+        }
+        if sent {
+            next_id = next_id.wrapping_add(1);
+            answered += 1;
+        }
+        if over {
+            // Closed (a Delete of the IKE SA got through) or broken:
+            // start again.
+            lab = Lab::at(k);
+            next_id = first_id;
+            baseline = live();
+            continue;
+        }
+        let growth = live().saturating_sub(baseline);
+        max_growth = max_growth.max(growth);
+        if growth > GROWTH_BOUND {
+            let f = format!(
+                "{target}: the SA holds {growth} more bytes than when established (seed {:#x}): {}",
+                c.seed,
+                hex(&input)
+            );
+            eprintln!("FAILURE {f}");
+            c.failures.push(f);
+            lab = Lab::at(k);
+            next_id = first_id;
+            baseline = live();
+        }
+        if c.failures.len() >= 20 {
+            return;
+        }
+    }
+    let st = c.stats.entry(target).or_default();
+    st.max_growth = st.max_growth.max(max_growth);
+    st.answered += answered;
+}
+
 fn campaign(inputs: u64, seed: u64) {
     let t = Instant::now();
     let s = seeds();
@@ -1224,20 +1316,39 @@ fn campaign(inputs: u64, seed: u64) {
             inner(info);
         }
     }));
-    // A third to the parsers, a tenth to SK, the rest over the 12 states.
+    // A third to the parsers, a tenth to SK, a tenth to the long-lived
+    // SAs, the rest over the states.
     let parsers = inputs / 3;
     let sk = inputs / 10;
+    let long = inputs / 10;
     let states = s.msgs.len();
-    let per_state = (inputs - parsers - sk) / states as u64;
+    let per_state = (inputs - parsers - sk - long) / states as u64;
+    // Long-lived: the responder's first CREATE_CHILD_SA and INFORMATIONAL
+    // requests, the initiator's INFORMATIONAL request.
+    let long_targets: Vec<usize> = [
+        "CREATE_CHILD_SA request to R",
+        "INFORMATIONAL request to R",
+        "INFORMATIONAL request to I",
+    ]
+    .iter()
+    .filter_map(|w| s.msgs.iter().position(|m| m.2 == *w))
+    .collect();
+    assert_eq!(long_targets.len(), 3, "long-lived seeds");
     fuzz_parsers(&mut c, &s, parsers);
     fuzz_sk(&mut c, &s, sk);
     for k in 0..states {
         fuzz_state(&mut c, &s, k, per_state);
     }
+    for &k in &long_targets {
+        fuzz_long(&mut c, &s, k, long / long_targets.len() as u64);
+    }
     let _ = std::panic::take_hook();
     c.report(t.elapsed());
     let total: u64 = c.stats.values().map(|s| s.inputs).sum();
-    assert!(total >= inputs - states as u64, "ran {total} of {inputs}");
+    assert!(
+        total >= inputs - 2 * states as u64,
+        "ran {total} of {inputs}"
+    );
     assert!(
         c.failures.is_empty(),
         "{} failures (seed {seed:#x}):\n{}",
