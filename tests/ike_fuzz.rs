@@ -847,7 +847,9 @@ fn break_lengths_inner(rng: &mut Rng, pt: &mut [u8]) {
 #[derive(Default)]
 struct Stats {
     inputs: u64,
+    /// In the calls under test, and in all (mutating, re-building the SA).
     time: Duration,
+    wall: Duration,
     max_call: Duration,
     max_alloc: usize,
     outcomes: BTreeMap<String, u64>,
@@ -863,6 +865,8 @@ struct Campaign {
     failures: Vec<String>,
     /// Bytes the last call left allocated (its result included).
     last_kept: isize,
+    /// When the last call returned.
+    lap: Instant,
 }
 
 /// The variant path of a result, for counting outcomes: `Err(Wire(
@@ -927,6 +931,7 @@ impl Campaign {
             stats: BTreeMap::new(),
             failures: Vec::new(),
             last_kept: 0,
+            lap: Instant::now(),
         }
     }
 
@@ -939,13 +944,17 @@ impl Campaign {
         f: impl FnOnce() -> R,
         label: impl FnOnce(&R) -> String,
     ) -> Option<R> {
+        // Since the last call: making this input, re-building the SA.
+        let between = self.lap.elapsed();
         QUIET.with(|q| q.set(true));
         let (r, d, peak, kept) = measured(|| catch_unwind(AssertUnwindSafe(f)));
         QUIET.with(|q| q.set(false));
+        self.lap = Instant::now();
         self.last_kept = kept;
         let st = self.stats.entry(target.to_string()).or_default();
         st.inputs += 1;
         st.time += d;
+        st.wall += between + d;
         st.max_call = st.max_call.max(d);
         st.max_alloc = st.max_alloc.max(peak);
         let fail = |why: String| {
@@ -993,12 +1002,13 @@ impl Campaign {
         let mut sum = 0u64;
         let mut outcomes = 0usize;
         for (name, st) in &self.stats {
-            let rate = st.inputs as f64 / st.time.as_secs_f64().max(1e-9);
             println!(
-                "  {name}: {} inputs, {:.2} s in calls, {:.0} inputs/s, max call {:?}, max alloc {} B, {} distinct outcomes",
+                "  {name}: {} inputs in {:.2} s ({:.0}/s; {:.3} s in the calls, {:.0}/s), max call {:?}, max alloc {} B, {} distinct outcomes",
                 st.inputs,
+                st.wall.as_secs_f64(),
+                st.inputs as f64 / st.wall.as_secs_f64().max(1e-9),
                 st.time.as_secs_f64(),
-                rate,
+                st.inputs as f64 / st.time.as_secs_f64().max(1e-9),
                 st.max_call,
                 st.max_alloc,
                 st.outcomes.len()
