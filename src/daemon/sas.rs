@@ -404,15 +404,54 @@ impl KeyManager for SaManager {
     }
 
     fn delete(&mut self, peer: &str, direction: Direction, spi: u32, now: Instant) {
-        let actions: Vec<_> = self
+        let mut actions = Vec::new();
+        let mut hurry = None;
+        for v in self
             .views
             .iter()
             .filter(|v| v.peer == peer && v.direction == direction && v.spi == spi)
-            .map(|v| Action::Remove {
-                id: v.id,
-                reason: RemoveReason::Deleted,
-            })
-            .collect();
+        {
+            match (direction, v.state) {
+                // Replaced by a rekey and retiring already: it keeps
+                // accepting what the peer sealed before it switched, for a
+                // short while (strongSwan's `delete_rekeyed_delay` does
+                // the same), then goes.
+                (Direction::Inbound, SaState::Retiring { at }) => {
+                    let soon = now + DELETED_GRACE;
+                    if at > soon {
+                        actions.push(Action::Retire { id: v.id, at: soon });
+                    }
+                }
+                // Its successor is pending: the Delete proves the peer
+                // holds the new SA (the rekey exchange is over), so the
+                // successor takes over now rather than leaving the peer
+                // without an outbound SA.
+                (Direction::Outbound, SaState::Active)
+                    if self.views.iter().any(|o| pending_successor(o, v)) =>
+                {
+                    hurry = Some(v.peer.clone());
+                }
+                _ => actions.push(Action::Remove {
+                    id: v.id,
+                    reason: RemoveReason::Deleted,
+                }),
+            }
+        }
+        if let Some(peer) = hurry {
+            for o in self.views.iter_mut() {
+                if o.peer == peer
+                    && o.direction == Direction::Outbound
+                    && let SaState::Pending { since, .. } = o.state
+                {
+                    // No longer awaiting the peer: it switches as soon as
+                    // the datapath has it (at once if it has).
+                    o.state = SaState::Pending {
+                        since,
+                        awaiting: None,
+                    };
+                }
+            }
+        }
         self.dispatch(&actions, &[], Vec::new(), now);
         self.expire(now);
     }
@@ -431,6 +470,19 @@ impl KeyManager for SaManager {
     fn expire(&mut self, now: Instant) {
         self.run(&[], Vec::new(), now);
     }
+}
+
+/// How long an inbound SA that a rekey replaced still accepts after the
+/// peer deleted it: packets it sealed just before its Delete may still be
+/// queued on either host.
+const DELETED_GRACE: Duration = Duration::from_secs(5);
+
+/// `o` is the pending outbound SA of `active`'s peer, which replaces it.
+fn pending_successor(o: &SaView, active: &SaView) -> bool {
+    o.peer == active.peer
+        && o.direction == Direction::Outbound
+        && o.id != active.id
+        && matches!(o.state, SaState::Pending { .. })
 }
 
 fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonError> {
@@ -553,4 +605,190 @@ pub(crate) fn claim(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, channel};
+
+    use super::*;
+    use crate::crypto::IcvLen;
+    use crate::crypto::select::{BootOptions, FailurePolicy, Mode};
+
+    const TIMING: Timing = Timing {
+        switch_after: Duration::from_secs(30),
+        retire_after: Duration::from_secs(120),
+    };
+
+    struct Rig {
+        sas: SaManager,
+        out_rx: Receiver<OutboundCommands>,
+        in_rx: Receiver<InboundCommands>,
+        events: Sender<SaEvent>,
+        selector: Selector,
+    }
+
+    fn rig() -> Rig {
+        let (out_tx, out_rx) = channel();
+        let (in_tx, in_rx) = channel();
+        let (events, ev_rx) = channel();
+        let selector = Selector::boot(
+            crate::crypto::Provider::detect_all(),
+            Mode::Auto,
+            FailurePolicy::Fallback,
+            BootOptions::default(),
+        );
+        Rig {
+            sas: SaManager::new(TIMING, out_tx, in_tx, ev_rx),
+            out_rx,
+            in_rx,
+            events,
+            selector,
+        }
+    }
+
+    /// A CHILD SA pair as the IKE thread hands it over: fresh keys, no
+    /// durable reservation.
+    fn child(selector: &Selector, inbound_spi: u32, outbound_spi: u32, seed: u8) -> PeerSas {
+        let inner = InnerAddrs::new([198, 18, 0, 1].into(), [198, 18, 0, 2].into()).expect("inner");
+        let material = |b: u8| KeyMaterial::from_bytes(&[b; 20]).expect("material");
+        let (m_in, m_out) = (material(seed), material(seed.wrapping_add(1)));
+        let keys = SaKeys::new(selector, &m_in, IcvLen::Icv16).expect("keys");
+        let inbound = InboundSa::new(inbound_spi, keys, true, inner, 64).expect("inbound");
+        let keys = SaKeys::new(selector, &m_out, IcvLen::Icv16).expect("keys");
+        let outbound = OutboundSa::new(outbound_spi, keys, true, inner).expect("outbound");
+        PeerSas {
+            peer: "b".into(),
+            endpoint: "198.18.0.2:4500".parse().expect("addr"),
+            outbound: Some(NewOutbound {
+                sa: outbound,
+                material: m_out,
+                key_file: None,
+                claimed: true,
+            }),
+            inbound: Some(NewInbound {
+                sa: inbound,
+                fp: Fingerprint::new(&m_in),
+            }),
+        }
+    }
+
+    /// Confirms every install the threads were sent, as they would.
+    fn confirm(r: &mut Rig) {
+        let mut ids = Vec::new();
+        for batch in r.out_rx.try_iter() {
+            for c in batch {
+                if let SaCommand::Install { id, .. } = c {
+                    ids.push(id);
+                }
+            }
+        }
+        for batch in r.in_rx.try_iter() {
+            for c in batch {
+                if let SaCommand::Install { id, .. } = c {
+                    ids.push(id);
+                }
+            }
+        }
+        for id in ids {
+            r.events.send(SaEvent::Installed { id }).expect("send");
+        }
+    }
+
+    fn state(r: &SaManager, direction: Direction, spi: u32) -> Option<SaState> {
+        r.views
+            .iter()
+            .find(|v| v.direction == direction && v.spi == spi)
+            .map(|v| v.state)
+    }
+
+    #[test]
+    fn a_rekeyed_child_sa_is_deleted_make_before_break() {
+        let mut r = rig();
+        let now = Instant::now();
+        let old = child(&r.selector, 0x1001, 0x2001, 1);
+        assert!(r.sas.install(vec![old], now).is_empty());
+        confirm(&mut r);
+        r.sas.expire(now);
+        // The rekey's InstallChild: the new inbound SA accepts at once, the
+        // new outbound one waits for the peer, the old pair still runs.
+        let new = child(&r.selector, 0x1002, 0x2002, 3);
+        assert!(r.sas.install(vec![new], now).is_empty());
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1002),
+            Some(SaState::Active)
+        );
+        assert!(matches!(
+            state(&r.sas, Direction::Inbound, 0x1001),
+            Some(SaState::Retiring { .. })
+        ));
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2001),
+            Some(SaState::Active)
+        );
+        assert!(matches!(
+            state(&r.sas, Direction::Outbound, 0x2002),
+            Some(SaState::Pending { .. })
+        ));
+        // The Delete of the old pair: the successor sends at once, the old
+        // inbound SA accepts a little longer, never with no SA at all.
+        let later = now + Duration::from_millis(50);
+        r.sas.delete("b", Direction::Inbound, 0x1001, later);
+        r.sas.delete("b", Direction::Outbound, 0x2001, later);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2002),
+            Some(SaState::Active)
+        );
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1001),
+            Some(SaState::Retiring {
+                at: later + DELETED_GRACE
+            })
+        );
+        r.sas.expire(later + DELETED_GRACE);
+        assert_eq!(state(&r.sas, Direction::Inbound, 0x1001), None);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1002),
+            Some(SaState::Active)
+        );
+        // A Delete of the running pair (no successor) removes it at once.
+        r.sas.delete("b", Direction::Inbound, 0x1002, later);
+        r.sas.delete("b", Direction::Outbound, 0x2002, later);
+        assert!(r.sas.views.is_empty(), "{:?}", r.sas.views);
+    }
+
+    #[test]
+    fn a_delete_before_the_successor_is_installed_switches_once_it_is() {
+        let mut r = rig();
+        let now = Instant::now();
+        assert!(
+            r.sas
+                .install(vec![child(&r.selector, 0x1001, 0x2001, 1)], now)
+                .is_empty()
+        );
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert!(
+            r.sas
+                .install(vec![child(&r.selector, 0x1002, 0x2002, 3)], now)
+                .is_empty()
+        );
+        // Not yet confirmed by the outbound thread: the old SA keeps
+        // sending until then.
+        r.sas.delete("b", Direction::Outbound, 0x2001, now);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2001),
+            Some(SaState::Active)
+        );
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2002),
+            Some(SaState::Active)
+        );
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
+    }
 }
