@@ -203,6 +203,11 @@ struct PeerIke {
     /// An IKE SA with the peer was established since we started: later
     /// ones send no INITIAL_CONTACT.
     contacted: bool,
+    /// The CHILD SA last handed to the key manager (inbound, outbound
+    /// SPI): the one it wants for the peer.
+    current: Option<(u32, u32)>,
+    /// The keys of the peer's live CHILD SAs, for [`IkeWorker::reinstate`].
+    kept: Vec<ChildSa>,
     /// Where an initiator sends: the NAT-T port when the outer mode is
     /// UDP (RFC 7296 section 2.23 allows starting there), else port 500.
     initiate_via: (Via, SocketAddr),
@@ -380,6 +385,8 @@ impl IkeWorker {
                     next_initiate: cfg.ike.initiate.then_some(now),
                     policy: policy(&cfg),
                     contacted: false,
+                    current: None,
+                    kept: Vec::new(),
                     cfg,
                     ike: Arc::new(ike),
                     initiate_via,
@@ -517,7 +524,17 @@ impl IkeWorker {
                     .next_timeout()
                     .is_some_and(|t| t <= now)
                 {
+                    let rekeying = |sa: &IkeSa| {
+                        sa.children()
+                            .iter()
+                            .filter(|c| c.state == ChildState::Rekeying)
+                            .count()
+                    };
+                    let before = rekeying(&self.peers[i].slots[s].sa);
                     let actions = self.peers[i].slots[s].sa.handle_timer(now, &mut self.rng);
+                    if rekeying(&self.peers[i].slots[s].sa) > before {
+                        self.peers[i].counters.child_rekeys_started += 1;
+                    }
                     self.act(i, s, actions, now);
                 }
             }
@@ -645,6 +662,11 @@ impl IkeWorker {
                         inbound_spi,
                         outbound_spi,
                     });
+                    p.kept.retain(|c| c.inbound_spi != inbound_spi);
+                    if p.current == Some((inbound_spi, outbound_spi)) {
+                        p.current = None;
+                        self.reinstate(i, slot, now);
+                    }
                 }
                 Action::PeerRestarted => slot = self.peer_restarted(i, slot),
                 Action::IkeRekeyed { old, new } => {
@@ -695,6 +717,40 @@ impl IkeWorker {
         });
         self.publish_keys();
         0
+    }
+
+    /// The CHILD SA the key manager wanted for the peer was deleted while
+    /// the IKE SA still holds another: after crossed rekeys (RFC 7296
+    /// section 2.8.1) the survivor may have been installed before the
+    /// redundant one that replaced it in the key manager. The survivor is
+    /// handed over again: its inbound SA, still retiring, comes back;
+    /// its outbound SA, if the redundant one's superseded it before it
+    /// ever sent, is installed again (one that sent cannot come back: the
+    /// key manager refuses a spent key).
+    fn reinstate(&mut self, i: usize, slot: usize, now: Instant) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get(slot) else {
+            return;
+        };
+        let Some(live) =
+            s.sa.children()
+                .iter()
+                .rev()
+                .find(|c| matches!(c.state, ChildState::Installed | ChildState::Rekeying))
+        else {
+            return;
+        };
+        let Some(child) = p.kept.iter().find(|c| c.inbound_spi == live.inbound_spi) else {
+            return;
+        };
+        let child = copy_child(child);
+        tracing::info!(
+            peer = %p.cfg.name,
+            inbound_spi = format_args!("{:#010x}", child.inbound_spi),
+            "IKE: the surviving CHILD SA of crossed rekeys is handed over again"
+        );
+        p.kept.retain(|c| c.inbound_spi != child.inbound_spi);
+        self.install(i, child, now);
     }
 
     /// Adds the slot's new rekeys to the peer's counters.
@@ -798,6 +854,8 @@ impl IkeWorker {
         let p = &mut self.peers[i];
         let (inbound_spi, outbound_spi) = (child.inbound_spi, child.outbound_spi);
         let esn = child.esn;
+        p.kept.push(copy_child(&child));
+        p.current = Some((inbound_spi, outbound_spi));
         match build_child(&self.shared, &p.cfg, child) {
             Ok(sas) => {
                 p.counters.children_installed += 1;
@@ -896,6 +954,15 @@ impl IkeWorker {
         if p.slots.len() != before {
             self.publish_keys();
         }
+        let p = &mut self.peers[i];
+        let slots = &p.slots;
+        p.kept.retain(|c| {
+            slots.iter().any(|s| {
+                s.sa.children()
+                    .iter()
+                    .any(|l| l.inbound_spi == c.inbound_spi)
+            })
+        });
         let p = &mut self.peers[i];
         let up = p
             .slots
@@ -1004,5 +1071,21 @@ fn child_state_name(state: ChildState) -> &'static str {
         ChildState::Rekeying => "rekeying",
         ChildState::Rekeyed => "rekeyed",
         ChildState::Deleting => "deleting",
+    }
+}
+
+/// A copy of a CHILD SA's keys and parameters (the original goes to the
+/// key manager).
+fn copy_child(c: &ChildSa) -> ChildSa {
+    ChildSa {
+        inbound_spi: c.inbound_spi,
+        outbound_spi: c.outbound_spi,
+        inbound: c.inbound.clone(),
+        outbound: c.outbound.clone(),
+        encr: c.encr,
+        esn: c.esn,
+        transport_mode: c.transport_mode,
+        local_ts: c.local_ts.clone(),
+        remote_ts: c.remote_ts.clone(),
     }
 }

@@ -149,6 +149,7 @@ fn ike(out: &mut String, s: &Status) {
                 ("message_dropped", c.messages_dropped),
                 ("ike_rekey", c.ike_rekeys),
                 ("child_rekey", c.child_rekeys),
+                ("child_rekey_started", c.child_rekeys_started),
                 ("child_deleted", c.children_deleted),
                 ("dead_peer", c.dead_peers),
                 ("expired", c.expired),

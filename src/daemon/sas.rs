@@ -88,7 +88,17 @@ pub(crate) struct SaManager {
     awaiting: Vec<(SaId, String)>,
     /// Installs sent since [`SaManager::begin`] that a thread refused.
     failed: Vec<String>,
+    /// Keys of outbound SAs that have sent (were made active), newest
+    /// last: such a key never comes back in a new SA, whose sequence
+    /// numbers would start again (RFC 4106 section 2: a nonce must never
+    /// repeat under one key). Manual keys have their durable
+    /// reservations as well; IKE CHILD SAs rely on this alone.
+    spent: Vec<Fingerprint>,
 }
+
+/// Spent outbound keys remembered: far more than the SAs one run
+/// rotates through before a key could plausibly be offered again.
+const SPENT_KEYS: usize = 4096;
 
 impl SaManager {
     pub fn new(
@@ -107,6 +117,7 @@ impl SaManager {
             unconfirmed: Vec::new(),
             awaiting: Vec::new(),
             failed: Vec::new(),
+            spent: Vec::new(),
         }
     }
 
@@ -255,6 +266,9 @@ impl SaManager {
                         continue;
                     };
                     let what = format!("peer {peer}, {direction} SA {:#x}", view.spi);
+                    if *direction == Direction::Outbound && *state == SaState::Active {
+                        spend(&mut self.spent, &view.fp);
+                    }
                     match direction {
                         Direction::Outbound => {
                             if let Some(new) = p.outbound.take() {
@@ -311,6 +325,9 @@ impl SaManager {
                     }
                     if let Some(from) = from {
                         out.push(SaCommand::Remove { id: *from });
+                    }
+                    if let Some(v) = self.views.iter().find(|v| v.id == *to) {
+                        spend(&mut self.spent, &v.fp);
                     }
                     out.push(SaCommand::SetState {
                         id: *to,
@@ -384,7 +401,30 @@ impl SaManager {
 }
 
 impl KeyManager for SaManager {
-    fn install(&mut self, peers: Vec<PeerSas>, now: Instant) -> Vec<(String, Refusal)> {
+    fn install(&mut self, mut peers: Vec<PeerSas>, now: Instant) -> Vec<(String, Refusal)> {
+        // A key without a durable reservation (an IKE CHILD SA's; manual
+        // keys come from a file and have one) that sent before may only
+        // stay in the SA that sent with it (the install changes nothing
+        // there).
+        let mut spent = Vec::new();
+        peers.retain(|p| {
+            let Some(o) = &p.outbound else {
+                return true;
+            };
+            let fp = o.fingerprint();
+            let same = |v: &SaView| {
+                v.peer == p.peer
+                    && v.direction == Direction::Outbound
+                    && v.spi == o.sa.spi
+                    && v.fp == fp
+            };
+            if o.key_file.is_none() && self.spent.contains(&fp) && !self.views.iter().any(same) {
+                tracing::error!(peer = %p.peer, spi = format_args!("{:#x}", o.sa.spi), "refused: the outbound key sent before");
+                spent.push((p.peer.clone(), Refusal::KeySpent { spi: o.sa.spi }));
+                return false;
+            }
+            true
+        });
         let wanted: Vec<WantedPeer> = peers
             .iter()
             .map(|p| WantedPeer {
@@ -400,7 +440,8 @@ impl KeyManager for SaManager {
                 }),
             })
             .collect();
-        self.run(&wanted, peers, now)
+        spent.extend(self.run(&wanted, peers, now));
+        spent
     }
 
     fn delete(&mut self, peer: &str, direction: Direction, spi: u32, now: Instant) {
@@ -476,6 +517,15 @@ impl KeyManager for SaManager {
 /// peer deleted it: packets it sealed just before its Delete may still be
 /// queued on either host.
 const DELETED_GRACE: Duration = Duration::from_secs(5);
+
+fn spend(spent: &mut Vec<Fingerprint>, fp: &Fingerprint) {
+    if !spent.contains(fp) {
+        if spent.len() >= SPENT_KEYS {
+            spent.remove(0);
+        }
+        spent.push(fp.clone());
+    }
+}
 
 /// `o` is the pending outbound SA of `active`'s peer, which replaces it.
 fn pending_successor(o: &SaView, active: &SaView) -> bool {

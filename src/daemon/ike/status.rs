@@ -107,6 +107,9 @@ pub struct IkeCounters {
     pub ike_rekeys: u64,
     #[serde(default)]
     pub child_rekeys: u64,
+    /// CHILD SA rekeys we started (our lifetime ran out first).
+    #[serde(default)]
+    pub child_rekeys_started: u64,
     /// CHILD SAs removed: deleted by either side, replaced by a rekey,
     /// expired, or gone with their IKE SA.
     #[serde(default)]

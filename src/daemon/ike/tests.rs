@@ -89,6 +89,8 @@ fn peer(cfg: &Arc<IkeConfig>) -> PeerIke {
     PeerIke {
         policy: policy(&cfg_peer),
         contacted: false,
+        current: None,
+        kept: Vec::new(),
         cfg: cfg_peer,
         ike: cfg.clone(),
         initiate_via: (Via::NatT, SocketAddr::new(cfg.remote_addr, 4500)),
