@@ -600,11 +600,14 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
         check(&lab, no_sa.saturating_sub(before) <= 3, || {
             format!("{side:?}: outbound no_sa drops during the streams: {before} -> {no_sa}")
         });
-        // Old SAs do not pile up: one active pair, retiring ones briefly.
+        // Old SAs do not pile up: one active pair, and inbound SAs
+        // replaced by a rekey only for the few seconds after their Delete
+        // (with a rekey every 2 s: a handful, not one per rekey since the
+        // start as `rekey_retire_secs` alone would keep).
         let (inb, out) = datapath_spis(&s);
         check(
             &lab,
-            !inb.is_empty() && inb.len() <= 4 && out.len() <= 2,
+            !inb.is_empty() && inb.len() <= 6 && out.len() <= 2,
             || format!("{side:?}: SAs in the datapath: in {inb:x?}, out {out:x?}"),
         );
     }
