@@ -841,4 +841,71 @@ mod tests {
         );
         assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
     }
+
+    /// Crossed rekeys (RFC 7296 section 2.8.1) as the host sees them that
+    /// installed the survivor X first and the redundant Y after it: Y's
+    /// Delete leaves the peer without the SA it wants until the IKE thread
+    /// hands X over again, which brings X's retiring inbound SA back and
+    /// installs its never-used outbound SA; then the old pair's Delete
+    /// switches to X. A key that has sent never comes back.
+    #[test]
+    fn the_survivor_of_crossed_rekeys_comes_back_and_a_spent_key_does_not() {
+        let mut r = rig();
+        let now = Instant::now();
+        for (i, o, seed) in [
+            (0x1001, 0x2001, 1),
+            (0x1003, 0x2003, 3),
+            (0x1005, 0x2005, 5),
+        ] {
+            assert!(
+                r.sas
+                    .install(vec![child(&r.selector, i, o, seed)], now)
+                    .is_empty()
+            );
+            confirm(&mut r);
+            r.sas.expire(now);
+        }
+        // Y (0x1005) is redundant and deleted: its inbound SA was the
+        // active one, its outbound SA never sent.
+        r.sas.delete("b", Direction::Inbound, 0x1005, now);
+        r.sas.delete("b", Direction::Outbound, 0x2005, now);
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2005), None);
+        // X again, with the same keys.
+        assert!(
+            r.sas
+                .install(vec![child(&r.selector, 0x1003, 0x2003, 3)], now)
+                .is_empty()
+        );
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1003),
+            Some(SaState::Active)
+        );
+        // The old pair's Delete ends the rekey on X.
+        r.sas.delete("b", Direction::Inbound, 0x1001, now);
+        r.sas.delete("b", Direction::Outbound, 0x2001, now);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2003),
+            Some(SaState::Active)
+        );
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
+        // The old outbound key sent: once nothing holds it any more it is
+        // still refused in a new SA, whose sequence numbers would start
+        // again.
+        let later = now + DELETED_GRACE;
+        r.sas.expire(later);
+        assert_eq!(state(&r.sas, Direction::Inbound, 0x1001), None);
+        let refused = r
+            .sas
+            .install(vec![child(&r.selector, 0x1007, 0x2007, 1)], later);
+        assert!(
+            matches!(refused.as_slice(), [(_, Refusal::KeySpent { spi: 0x2007 })]),
+            "{refused:?}"
+        );
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2003),
+            Some(SaState::Active)
+        );
+    }
 }
