@@ -679,6 +679,28 @@ fn a_dead_peer_is_noticed_and_the_initiator_reconnects() {
         .ping(3)
         .unwrap_or_else(|e| fail(&lab, &format!("ping: {e}")));
     check(&lab, ping.received >= 2, || format!("ping: {ping:?}"));
+    // ESP from the peer is proof of life: a stream for longer than the
+    // liveness interval, with no IKE message in between (the lifetimes are
+    // hours), needs no liveness check.
+    let busy = Instant::now();
+    let mut streams = 0;
+    while busy.elapsed() < Duration::from_secs(6) && streams < 50 {
+        streams += 1;
+        let r = lab
+            .tcp_zeros(4 * MIB, Duration::from_secs(60))
+            .unwrap_or_else(|e| fail(&lab, &format!("tcp a->b: {e}")));
+        check(&lab, r.is_clean(), || format!("tcp a->b: {r:?}"));
+    }
+    for side in [Side::A, Side::B] {
+        let s = status(&lab, side);
+        let sa = &s["ike"]["peers"][0]["sas"][0];
+        check(
+            &lab,
+            sa["last_liveness_check_secs_ago"].is_null()
+                && sa["last_heard_secs_ago"].as_u64() <= Some(1),
+            || format!("{side:?}: a liveness check despite ESP from the peer: {sa:#}"),
+        );
+    }
     let veth = lab.hosts.veth_a.clone();
     let link = |state: &str| {
         lab.hosts
