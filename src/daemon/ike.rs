@@ -710,6 +710,8 @@ impl IkeWorker {
             peer: p.cfg.name.clone(),
             endpoint,
         });
+        // The key manager holds none of the peer's SAs now.
+        p.current = None;
         let mut at = 0;
         p.slots.retain(|_| {
             at += 1;
