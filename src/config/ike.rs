@@ -539,6 +539,16 @@ psk_file = "/etc/esptun/b.psk"
         assert_eq!(s.esp.esn, vec![false, true]);
         assert_eq!(s.child_rekey, Duration::from_secs(600));
         assert_eq!(s.liveness, Duration::from_secs(5));
+        // Seconds-long lifetimes, for tests, are the shortest accepted.
+        let short = IKE.replace(
+            "psk_file",
+            "child_rekey_secs = 2\nike_rekey_secs = 2\npsk_file",
+        );
+        let v = Config::parse(&short).expect("valid");
+        assert_eq!(
+            v.ike_peers[0].ike.child_rekey,
+            Duration::from_secs(MIN_REKEY_SECS)
+        );
     }
 
     #[test]
