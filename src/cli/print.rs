@@ -277,6 +277,7 @@ fn ike_sas(out: &mut String, v: &Status) {
                 sa.remote,
                 children.join(" "),
             );
+            ike_sa_timers(out, sa);
         }
         if p.sas.is_empty() {
             let _ = writeln!(out, "  {:<12} (none)", p.peer);
@@ -298,6 +299,18 @@ fn ike_sas(out: &mut String, v: &Status) {
             c.other_failures,
             c.messages_dropped
         );
+        let _ = writeln!(
+            out,
+            "    {}: rekeys IKE {} CHILD {}, CHILD SAs deleted {}, dead peers {}, expired {}, \
+             peer restarts {}",
+            p.peer,
+            c.ike_rekeys,
+            c.child_rekeys,
+            c.children_deleted,
+            c.dead_peers,
+            c.expired,
+            c.peer_restarts
+        );
         if let Some(e) = &p.last_error {
             let _ = writeln!(out, "    last error: {e}");
         }
@@ -307,6 +320,40 @@ fn ike_sas(out: &mut String, v: &Status) {
             out,
             "  IKE messages dropped on a full queue: {}",
             ike.queue_drops
+        );
+    }
+}
+
+/// One IKE SA's rekeys and timers, and its CHILD SAs' ages.
+fn ike_sa_timers(out: &mut String, sa: &esptun::daemon::ike::IkeSaStatus) {
+    let ago = |t: Option<u64>| {
+        t.map_or("never".to_string(), |s| {
+            format!("{} ago", human_duration(s))
+        })
+    };
+    let within =
+        |t: Option<u64>| t.map_or("never".to_string(), |s| format!("in {}", human_duration(s)));
+    let _ = writeln!(
+        out,
+        "    rekeys: IKE {} CHILD {}; established {}, IKE rekey {}; last heard {}, last liveness \
+         check {}",
+        sa.ike_rekeys,
+        sa.child_rekeys,
+        ago(sa.established_secs_ago),
+        within(sa.ike_rekey_in_secs),
+        ago(sa.last_heard_secs_ago),
+        ago(sa.last_liveness_check_secs_ago),
+    );
+    for c in &sa.children {
+        let _ = writeln!(
+            out,
+            "    CHILD SA {:#010x}/{:#010x}: {}, generation {}, installed {}, rekey {}",
+            c.inbound_spi,
+            c.outbound_spi,
+            c.state,
+            c.generation,
+            ago(Some(c.installed_secs_ago)),
+            within(c.rekey_in_secs),
         );
     }
 }
@@ -443,9 +490,12 @@ self-test history (last 8):
         let ike = r#""ike":{"queue_drops":2,"peers":[{"peer":"host-b","initiate":true,
 "local_id":"198.18.0.1","remote_id":"198.18.0.2","sas":[{"role":"initiator","state":"established",
 "spi_i":"0123456789abcdef","spi_r":"fedcba9876543210","age_secs":65,"remote":"198.18.0.2:4500",
-"suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896}]}],
+"suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896,
+"state":"installed","installed_secs_ago":7,"rekey_in_secs":50,"generation":3}],"ike_rekeys":2,"child_rekeys":3,
+"established_secs_ago":20,"ike_rekey_in_secs":100,"last_heard_secs_ago":1}],
 "counters":{"established":1,"children_installed":1,"children_failed":0,"auth_failures":3,
-"proposal_mismatches":0,"ts_unacceptable":0,"timeouts":1,"other_failures":0,"messages_dropped":4},
+"proposal_mismatches":0,"ts_unacceptable":0,"timeouts":1,"other_failures":0,"messages_dropped":4,
+"ike_rekeys":2,"child_rekeys":3,"children_deleted":3,"dead_peers":1,"expired":0,"peer_restarts":1},
 "last_error":"authentication failed"}]},"offloads":"#;
         let reply = REPLY.replacen(r#""offloads":"#, ike, 1);
         let v: Status = serde_json::from_str(&reply).expect("a status");
@@ -460,6 +510,10 @@ self-test history (last 8):
             "messages dropped 4",
             "last error: authentication failed",
             "IKE messages dropped on a full queue: 2",
+            "rekeys: IKE 2 CHILD 3; established 20s ago, IKE rekey in 1m 40s; last heard 1s ago, \
+             last liveness check never",
+            "CHILD SA 0xcafebabe/0x12345678: installed, generation 3, installed 7s ago, rekey in 50s",
+            "rekeys IKE 2 CHILD 3, CHILD SAs deleted 3, dead peers 1, expired 0, peer restarts 1",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }

@@ -13,6 +13,17 @@
 //! failure, with back-off), and turns each CHILD SA into a [`PeerSas`]
 //! for the key manager.
 //!
+//! Each IKE SA runs on the peer's [`Policy`]: `child_rekey_secs`,
+//! `ike_rekey_secs` (hard lifetimes a fifth later), `liveness_secs`, and
+//! INITIAL_CONTACT on our first IKE SA with the peer since we started.
+//! What it decides reaches the main thread as [`ChildUpdate`]s, in order
+//! on one channel: a rekeyed CHILD SA's install comes before the delete of
+//! its predecessor, so the key manager can make before it breaks
+//! ([`crate::sa::keymgr::KeyManager::delete`]). ESP from the peer counts
+//! as a sign of life ([`IkeSa::peer_seen`]): the inbound SAs' packet
+//! counts, which the inbound thread publishes anyway, are compared at each
+//! status publication, so the datapath does nothing extra.
+//!
 //! Why a thread of its own rather than the main loop, which owns the key
 //! manager: the main loop sleeps in a signal wait and runs reloads that
 //! wait seconds for the datapath, and IKE must answer a peer's
@@ -37,7 +48,9 @@ use super::workers::Sockets;
 use crate::config::IkePeer;
 use crate::config::ike::{identity_text, load_psk};
 use crate::ike::crypto::SystemRandomness;
-use crate::ike::sa::{Action, ChildSa, Config as IkeConfig, IkeError, IkeSa, Role};
+use crate::ike::sa::{
+    Action, ChildSa, ChildState, Config as IkeConfig, IkeError, IkeSa, Policy, Retransmit, Role,
+};
 use crate::ike::wire::consts::exchange;
 use crate::ike::wire::{Header, IkeHeader};
 use crate::io::ike_socket::{IKE_PORT, IkeSocket, MAX_MESSAGE};
@@ -63,6 +76,24 @@ const SAS_PER_PEER: usize = 4;
 const PEER_STARTED: Duration = Duration::from_secs(30);
 /// One log line per peer at most this often (the rest are counted).
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A change the IKE thread asks of the key manager (the main thread's),
+/// applied in the order sent.
+pub(crate) enum ChildUpdate {
+    /// A new CHILD SA, or a rekeyed one replacing the peer's running SAs
+    /// (make-before-break).
+    Install(Box<PeerSas>),
+    /// Remove the CHILD SA with these SPIs (an IKE Delete, a hard
+    /// lifetime, its IKE SA's end).
+    Delete {
+        peer: String,
+        inbound_spi: u32,
+        outbound_spi: u32,
+    },
+    /// The peer restarted (INITIAL_CONTACT, RFC 7296 section 2.4): every
+    /// SA it had with us is stale and goes at once.
+    Flush { peer: String, endpoint: SocketAddr },
+}
 
 /// An IKE message from the inbound datapath (marker removed).
 pub(crate) struct IkeDatagram {
@@ -159,13 +190,24 @@ struct Slot {
     to: SocketAddr,
     created: Instant,
     established: bool,
-    children: Vec<ChildStatus>,
+    /// Rekeys (IKE, CHILD) already added to the peer's counters.
+    rekeys_counted: (u32, u32),
 }
 
 /// One peer's IKE state.
 struct PeerIke {
     cfg: IkePeer,
     ike: Arc<IkeConfig>,
+    /// Lifetimes and liveness for each new IKE SA.
+    policy: Policy,
+    /// An IKE SA with the peer was established since we started: later
+    /// ones send no INITIAL_CONTACT.
+    contacted: bool,
+    /// The CHILD SA last handed to the key manager (inbound, outbound
+    /// SPI): the one it wants for the peer.
+    current: Option<(u32, u32)>,
+    /// The keys of the peer's live CHILD SAs, for [`IkeWorker::reinstate`].
+    kept: Vec<ChildSa>,
     /// Where an initiator sends: the NAT-T port when the outer mode is
     /// UDP (RFC 7296 section 2.23 allows starting there), else port 500.
     initiate_via: (Via, SocketAddr),
@@ -186,8 +228,11 @@ pub(crate) struct IkeWorker {
     sockets: Arc<Sockets>,
     ike_sockets: Vec<IkeSocket>,
     queue: Receiver<IkeDatagram>,
-    installs: Sender<PeerSas>,
+    installs: Sender<ChildUpdate>,
     peers: Vec<PeerIke>,
+    /// Inbound CHILD SAs' packet counts at the last look (SPI, packets):
+    /// a count that grew is ESP from the peer.
+    inbound_packets: Vec<(u32, u64)>,
     rng: SystemRandomness,
     /// Messages from addresses that are no peer's, and when last logged.
     unknown: u64,
@@ -208,7 +253,7 @@ pub(crate) struct Wired {
     pub queue: Option<IkeQueue>,
     pub worker: IkeWorker,
     /// For the main thread, which owns the key manager.
-    pub installs: Receiver<PeerSas>,
+    pub installs: Receiver<ChildUpdate>,
 }
 
 impl Setup {
@@ -282,8 +327,37 @@ pub(crate) fn ike_config(peer: &IkePeer) -> Result<IkeConfig, crate::config::ike
         esp: peer.ike.esp.clone(),
         local_addr: peer.inner_local,
         remote_addr: peer.inner_remote,
-        retransmit: Default::default(),
+        retransmit: retransmit(peer.ike.liveness),
     })
+}
+
+/// The retransmission schedule follows `liveness_secs`: a liveness check
+/// that goes unanswered through every retransmission declares the peer
+/// dead (RFC 7296 section 2.4), so a short interval also means giving up
+/// sooner. The default 30 s keeps section 2.1's usual 2 s doubling to 32 s
+/// (about a minute and a half); 2 s gives up after about 15 s.
+pub(crate) fn retransmit(liveness: Duration) -> Retransmit {
+    let base = Retransmit::default();
+    Retransmit {
+        initial: (liveness / 4).clamp(Duration::from_millis(250), base.initial),
+        max_interval: (liveness * 2).clamp(Duration::from_secs(1), base.max_interval),
+        transmissions: base.transmissions,
+    }
+}
+
+/// The [`Policy`] of a peer's IKE SAs. The hard lifetimes come a fifth
+/// after the rekey times, which leave up to 10% jitter (section 2.8.1's
+/// collisions): time for a rekey to finish, even retransmitted.
+pub(crate) fn policy(peer: &IkePeer) -> Policy {
+    let s = &peer.ike;
+    Policy {
+        child_rekey: Some(s.child_rekey),
+        child_hard: Some(s.child_rekey + s.child_rekey / 5),
+        ike_rekey: Some(s.ike_rekey),
+        ike_hard: Some(s.ike_rekey + s.ike_rekey / 5),
+        liveness: Some(s.liveness),
+        ..Policy::default()
+    }
 }
 
 impl IkeWorker {
@@ -296,7 +370,7 @@ impl IkeWorker {
         sockets: Arc<Sockets>,
         ike_sockets: Vec<IkeSocket>,
         queue: Receiver<IkeDatagram>,
-        installs: Sender<PeerSas>,
+        installs: Sender<ChildUpdate>,
         peers: Vec<(IkePeer, IkeConfig)>,
     ) -> Self {
         let now = Instant::now();
@@ -309,6 +383,10 @@ impl IkeWorker {
                 };
                 PeerIke {
                     next_initiate: cfg.ike.initiate.then_some(now),
+                    policy: policy(&cfg),
+                    contacted: false,
+                    current: None,
+                    kept: Vec::new(),
                     cfg,
                     ike: Arc::new(ike),
                     initiate_via,
@@ -329,6 +407,7 @@ impl IkeWorker {
             queue,
             installs,
             peers,
+            inbound_packets: Vec::new(),
             rng: SystemRandomness::new(),
             unknown: 0,
             unknown_logged: None,
@@ -343,6 +422,7 @@ impl IkeWorker {
             self.initiate_due(now);
             self.timeouts(now);
             if now >= publish_due {
+                self.note_esp(now);
                 self.publish(now);
                 publish_due = now + Duration::from_millis(200);
             }
@@ -415,7 +495,8 @@ impl IkeWorker {
             }
             p.next_initiate = None;
             match IkeSa::initiate(p.ike.clone(), now, &mut self.rng) {
-                Ok((sa, actions)) => {
+                Ok((mut sa, actions)) => {
+                    sa.set_policy(p.slot_policy());
                     let (via, to) = p.initiate_via;
                     tracing::info!(peer = %p.cfg.name, to = %to, "IKE: initiating");
                     p.slots.push(Slot {
@@ -424,7 +505,7 @@ impl IkeWorker {
                         to,
                         created: now,
                         established: false,
-                        children: Vec::new(),
+                        rekeys_counted: (0, 0),
                     });
                     let slot = p.slots.len() - 1;
                     self.act(i, slot, actions, now);
@@ -443,7 +524,17 @@ impl IkeWorker {
                     .next_timeout()
                     .is_some_and(|t| t <= now)
                 {
-                    let actions = self.peers[i].slots[s].sa.handle_timeout(now);
+                    let rekeying = |sa: &IkeSa| {
+                        sa.children()
+                            .iter()
+                            .filter(|c| c.state == ChildState::Rekeying)
+                            .count()
+                    };
+                    let before = rekeying(&self.peers[i].slots[s].sa);
+                    let actions = self.peers[i].slots[s].sa.handle_timer(now, &mut self.rng);
+                    if rekeying(&self.peers[i].slots[s].sa) > before {
+                        self.peers[i].counters.child_rekeys_started += 1;
+                    }
                     self.act(i, s, actions, now);
                 }
             }
@@ -478,7 +569,12 @@ impl IkeWorker {
             }
         };
         let p = &mut self.peers[i];
-        let slot = match p.slots.iter().position(|s| s.sa.spis().0 == header.spi_i) {
+        // After an IKE SA rekey the old SPIs stay routed to the same SA
+        // until its Delete exchange ends (RFC 7296 section 2.18).
+        let slot = match p.slots.iter().position(|s| {
+            s.sa.spis().0 == header.spi_i
+                || s.sa.retiring_spis().iter().any(|r| r.0 == header.spi_i)
+        }) {
             Some(s) => s,
             None if !header.is_response()
                 && header.exchange == exchange::IKE_SA_INIT
@@ -496,13 +592,15 @@ impl IkeWorker {
                         }
                     }
                 }
+                let mut sa = IkeSa::responder(p.ike.clone());
+                sa.set_policy(p.slot_policy());
                 p.slots.push(Slot {
-                    sa: IkeSa::responder(p.ike.clone()),
+                    sa,
                     via,
                     to: from,
                     created: now,
                     established: false,
-                    children: Vec::new(),
+                    rekeys_counted: (0, 0),
                 });
                 p.slots.len() - 1
             }
@@ -532,36 +630,181 @@ impl IkeWorker {
         self.reap(i, now);
     }
 
-    /// Carries out an IKE SA's actions. Every `Action` is handled here:
-    /// a new kind is one more arm.
-    fn act(&mut self, i: usize, slot: usize, actions: Vec<Action>, now: Instant) {
+    /// Carries out an IKE SA's actions, in order. Every `Action` is
+    /// handled here: a new kind is one more arm.
+    fn act(&mut self, i: usize, mut slot: usize, actions: Vec<Action>, now: Instant) {
         for action in actions {
             match action {
                 Action::Send(bytes) => self.send(i, slot, &bytes),
-                Action::InstallChild(child) => self.install(i, slot, child, now),
+                Action::InstallChild(child) => self.install(i, child, now),
                 Action::ChildFailed(e) => {
                     self.peers[i].counters.children_failed += 1;
                     self.count_failure(i, &e);
                     let text = format!("the IKE SA is up but its CHILD SA failed: {e}");
                     self.log_failure(i, &text, now);
                 }
+                // The CHILD SAs' DeleteChild actions came before.
                 Action::Failed(e) => self.failed(i, e, now),
-                // Interim: the SAs the key manager holds retire through its
-                // lifecycle when the next CHILD SA replaces them.
                 Action::DeleteChild {
                     inbound_spi,
                     outbound_spi,
                 } => {
-                    if let Some(s) = self.peers[i].slots.get_mut(slot) {
-                        s.children.retain(|c| {
-                            c.inbound_spi != inbound_spi && c.outbound_spi != outbound_spi
-                        });
+                    let p = &mut self.peers[i];
+                    p.counters.children_deleted += 1;
+                    tracing::info!(
+                        peer = %p.cfg.name,
+                        inbound_spi = format_args!("{inbound_spi:#010x}"),
+                        outbound_spi = format_args!("{outbound_spi:#010x}"),
+                        "IKE: CHILD SA deleted"
+                    );
+                    let _ = self.installs.send(ChildUpdate::Delete {
+                        peer: p.cfg.name.clone(),
+                        inbound_spi,
+                        outbound_spi,
+                    });
+                    p.kept.retain(|c| c.inbound_spi != inbound_spi);
+                    if p.current == Some((inbound_spi, outbound_spi)) {
+                        p.current = None;
+                        self.reinstate(i, slot, now);
                     }
                 }
-                Action::PeerRestarted | Action::IkeRekeyed { .. } | Action::Closed => {}
+                Action::PeerRestarted => slot = self.peer_restarted(i, slot),
+                Action::IkeRekeyed { old, new } => {
+                    let p = &self.peers[i];
+                    tracing::info!(
+                        peer = %p.cfg.name,
+                        old = format_args!("{:016x}/{:016x}", old.0, old.1),
+                        new = format_args!("{:016x}/{:016x}", new.0, new.1),
+                        "IKE SA rekeyed"
+                    );
+                    // Messages for `old` find this slot through
+                    // `retiring_spis` (see `on_message`).
+                    self.publish_keys();
+                }
+                Action::Closed => {
+                    let p = &self.peers[i];
+                    tracing::info!(peer = %p.cfg.name, "IKE SA closed");
+                }
             }
         }
         self.note_established(i, slot);
+        self.count_rekeys(i, slot);
+    }
+
+    /// INITIAL_CONTACT from the peer (RFC 7296 section 2.4): it restarted,
+    /// so every SA we hold with it that the IKE SA in `slot` did not make
+    /// is stale. That IKE SA's own CHILD SA is installed after this (the
+    /// action comes first), so flushing the peer's SAs from the key
+    /// manager loses nothing. Returns the slot's new index.
+    fn peer_restarted(&mut self, i: usize, slot: usize) -> usize {
+        let p = &mut self.peers[i];
+        p.counters.peer_restarts += 1;
+        let stale = p.slots.len().saturating_sub(1);
+        tracing::info!(
+            peer = %p.cfg.name,
+            stale_ike_sas = stale,
+            "IKE: the peer restarted (INITIAL_CONTACT): its old SAs are removed"
+        );
+        let endpoint = SocketAddr::new(p.cfg.endpoint, self.shared.outer.port().unwrap_or(0));
+        let _ = self.installs.send(ChildUpdate::Flush {
+            peer: p.cfg.name.clone(),
+            endpoint,
+        });
+        // The key manager holds none of the peer's SAs now.
+        p.current = None;
+        let mut at = 0;
+        p.slots.retain(|_| {
+            at += 1;
+            at - 1 == slot
+        });
+        self.publish_keys();
+        0
+    }
+
+    /// The CHILD SA the key manager wanted for the peer was deleted while
+    /// the IKE SA still holds another: after crossed rekeys (RFC 7296
+    /// section 2.8.1) the survivor may have been installed before the
+    /// redundant one that replaced it in the key manager. The survivor is
+    /// handed over again: its inbound SA, still retiring, comes back;
+    /// its outbound SA, if the redundant one's superseded it before it
+    /// ever sent, is installed again (one that sent cannot come back: the
+    /// key manager refuses a spent key).
+    fn reinstate(&mut self, i: usize, slot: usize, now: Instant) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get(slot) else {
+            return;
+        };
+        let Some(live) =
+            s.sa.children()
+                .iter()
+                .rev()
+                .find(|c| matches!(c.state, ChildState::Installed | ChildState::Rekeying))
+        else {
+            return;
+        };
+        let Some(child) = p.kept.iter().find(|c| c.inbound_spi == live.inbound_spi) else {
+            return;
+        };
+        let child = copy_child(child);
+        tracing::info!(
+            peer = %p.cfg.name,
+            inbound_spi = format_args!("{:#010x}", child.inbound_spi),
+            "IKE: the surviving CHILD SA of crossed rekeys is handed over again"
+        );
+        p.kept.retain(|c| c.inbound_spi != child.inbound_spi);
+        self.install(i, child, now);
+    }
+
+    /// Adds the slot's new rekeys to the peer's counters.
+    fn count_rekeys(&mut self, i: usize, slot: usize) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        let (ike, child) = s.sa.rekeys();
+        let (ike0, child0) = s.rekeys_counted;
+        p.counters.ike_rekeys += u64::from(ike.saturating_sub(ike0));
+        p.counters.child_rekeys += u64::from(child.saturating_sub(child0));
+        s.rekeys_counted = (ike, child);
+    }
+
+    /// ESP from the peer, seen as grown packet counts of the inbound SAs
+    /// the inbound thread publishes, puts off the liveness checks of the
+    /// IKE SA that made them ([`IkeSa::peer_seen`]).
+    fn note_esp(&mut self, now: Instant) {
+        let rows: Vec<(String, u32, u64)> = {
+            let published = self
+                .shared
+                .in_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            published
+                .rows
+                .iter()
+                .map(|r| (r.peer.clone(), r.spi, r.packets))
+                .collect()
+        };
+        let mut next = Vec::with_capacity(rows.len());
+        for (peer, spi, packets) in rows {
+            let before = self
+                .inbound_packets
+                .iter()
+                .find(|(s, _)| *s == spi)
+                .map_or(0, |(_, n)| *n);
+            next.push((spi, packets));
+            if packets <= before {
+                continue;
+            }
+            let Some(p) = self.peers.iter_mut().find(|p| p.cfg.name == peer) else {
+                continue;
+            };
+            for s in &mut p.slots {
+                if s.sa.children().iter().any(|c| c.inbound_spi == spi) {
+                    s.sa.peer_seen(now);
+                }
+            }
+        }
+        self.inbound_packets = next;
     }
 
     fn send(&mut self, i: usize, slot: usize, bytes: &[u8]) {
@@ -609,28 +852,24 @@ impl IkeWorker {
     }
 
     /// A CHILD SA for the key manager: both directions, fresh keys.
-    fn install(&mut self, i: usize, slot: usize, child: ChildSa, now: Instant) {
+    fn install(&mut self, i: usize, child: ChildSa, now: Instant) {
         let p = &mut self.peers[i];
-        let spis = ChildStatus {
-            inbound_spi: child.inbound_spi,
-            outbound_spi: child.outbound_spi,
-        };
+        let (inbound_spi, outbound_spi) = (child.inbound_spi, child.outbound_spi);
         let esn = child.esn;
+        p.kept.push(copy_child(&child));
+        p.current = Some((inbound_spi, outbound_spi));
         match build_child(&self.shared, &p.cfg, child) {
             Ok(sas) => {
                 p.counters.children_installed += 1;
                 tracing::info!(
                     peer = %p.cfg.name,
-                    inbound_spi = format_args!("{:#010x}", spis.inbound_spi),
-                    outbound_spi = format_args!("{:#010x}", spis.outbound_spi),
+                    inbound_spi = format_args!("{inbound_spi:#010x}"),
+                    outbound_spi = format_args!("{outbound_spi:#010x}"),
                     esn,
                     "IKE: CHILD SA negotiated; installing"
                 );
-                if let Some(s) = p.slots.get_mut(slot) {
-                    s.children.push(spis);
-                }
                 // A failed send means the main thread is gone: stopping.
-                let _ = self.installs.send(sas);
+                let _ = self.installs.send(ChildUpdate::Install(Box::new(sas)));
             }
             Err(e) => {
                 p.counters.children_failed += 1;
@@ -650,6 +889,7 @@ impl IkeWorker {
         }
         s.established = true;
         p.counters.established += 1;
+        p.contacted = true;
         p.backoff = RETRY_FIRST;
         let (spi_i, spi_r) = s.sa.spis();
         tracing::info!(
@@ -717,6 +957,15 @@ impl IkeWorker {
             self.publish_keys();
         }
         let p = &mut self.peers[i];
+        let slots = &p.slots;
+        p.kept.retain(|c| {
+            slots.iter().any(|s| {
+                s.sa.children()
+                    .iter()
+                    .any(|l| l.inbound_spi == c.inbound_spi)
+            })
+        });
+        let p = &mut self.peers[i];
         let up = p
             .slots
             .iter()
@@ -753,7 +1002,28 @@ impl IkeWorker {
                             age_secs: now.saturating_duration_since(s.created).as_secs(),
                             remote: s.to.to_string(),
                             suite: s.sa.suite().map(suite_name),
-                            children: s.children.clone(),
+                            children: s
+                                .sa
+                                .children()
+                                .iter()
+                                .map(|c| ChildStatus {
+                                    inbound_spi: c.inbound_spi,
+                                    outbound_spi: c.outbound_spi,
+                                    state: child_state_name(c.state).into(),
+                                    installed_secs_ago: secs_since(now, c.installed),
+                                    rekey_in_secs: c.rekey_at.map(|t| secs_until(now, t)),
+                                    generation: c.generation,
+                                })
+                                .collect(),
+                            ike_rekeys: s.sa.rekeys().0,
+                            child_rekeys: s.sa.rekeys().1,
+                            established_secs_ago: s.sa.established_at().map(|t| secs_since(now, t)),
+                            ike_rekey_in_secs: s.sa.ike_rekey_at().map(|t| secs_until(now, t)),
+                            last_heard_secs_ago: s.sa.last_heard().map(|t| secs_since(now, t)),
+                            last_liveness_check_secs_ago: s
+                                .sa
+                                .last_liveness_check()
+                                .map(|t| secs_since(now, t)),
                         }
                     })
                     .collect(),
@@ -774,5 +1044,50 @@ impl IkeWorker {
             .filter_map(|s| wireshark_record(&s.sa))
             .collect();
         *self.ike.keys.lock().unwrap_or_else(|p| p.into_inner()) = records;
+    }
+}
+
+impl PeerIke {
+    /// The policy of a new IKE SA: INITIAL_CONTACT only until the first
+    /// one with the peer is established (RFC 7296 section 2.4: it says
+    /// "I have no other SAs with you", true only after a start).
+    fn slot_policy(&self) -> Policy {
+        Policy {
+            initial_contact: !self.contacted,
+            ..self.policy.clone()
+        }
+    }
+}
+
+fn secs_since(now: Instant, t: Instant) -> u64 {
+    now.saturating_duration_since(t).as_secs()
+}
+
+fn secs_until(now: Instant, t: Instant) -> u64 {
+    t.saturating_duration_since(now).as_secs()
+}
+
+fn child_state_name(state: ChildState) -> &'static str {
+    match state {
+        ChildState::Installed => "installed",
+        ChildState::Rekeying => "rekeying",
+        ChildState::Rekeyed => "rekeyed",
+        ChildState::Deleting => "deleting",
+    }
+}
+
+/// A copy of a CHILD SA's keys and parameters (the original goes to the
+/// key manager).
+fn copy_child(c: &ChildSa) -> ChildSa {
+    ChildSa {
+        inbound_spi: c.inbound_spi,
+        outbound_spi: c.outbound_spi,
+        inbound: c.inbound.clone(),
+        outbound: c.outbound.clone(),
+        encr: c.encr,
+        esn: c.esn,
+        transport_mode: c.transport_mode,
+        local_ts: c.local_ts.clone(),
+        remote_ts: c.remote_ts.clone(),
     }
 }

@@ -133,7 +133,8 @@ fn ike(out: &mut String, s: &Status) {
         "counter",
         "IKE events per peer: established, CHILD SAs installed and failed, authentication \
          failures, proposal mismatches, TS_UNACCEPTABLE, timeouts, other failures, messages \
-         dropped.",
+         dropped, IKE and CHILD SA rekeys, CHILD SAs deleted, dead peers (liveness checks \
+         unanswered), IKE SAs expired, peer restarts (INITIAL_CONTACT).",
         ike.peers.iter().flat_map(|p| {
             let c = &p.counters;
             [
@@ -146,6 +147,13 @@ fn ike(out: &mut String, s: &Status) {
                 ("timeout", c.timeouts),
                 ("other_failure", c.other_failures),
                 ("message_dropped", c.messages_dropped),
+                ("ike_rekey", c.ike_rekeys),
+                ("child_rekey", c.child_rekeys),
+                ("child_rekey_started", c.child_rekeys_started),
+                ("child_deleted", c.children_deleted),
+                ("dead_peer", c.dead_peers),
+                ("expired", c.expired),
+                ("peer_restarted", c.peer_restarts),
             ]
             .map(|(event, n)| (vec![("peer", p.peer.as_str()), ("event", event)], n))
         }),

@@ -215,7 +215,7 @@ pub struct Daemon {
     /// manager.
     reloads: mpsc::Receiver<mpsc::Sender<ReloadOutcome>>,
     /// CHILD SAs the IKE thread negotiated, for the key manager.
-    ike_installs: Option<mpsc::Receiver<crate::sa::keymgr::PeerSas>>,
+    ike_installs: Option<mpsc::Receiver<ike::ChildUpdate>>,
     /// Held for the life of the process: one daemon per state directory.
     _state_lock: std::fs::File,
 }
@@ -546,14 +546,51 @@ impl Daemon {
         }
     }
 
-    /// Hands the CHILD SAs the IKE thread negotiated to the key manager.
+    /// Applies what the IKE thread decided to the key manager, in the
+    /// order it was sent (a rekeyed CHILD SA's install before its
+    /// predecessor's delete: make-before-break).
     fn install_ike_children(&mut self) {
         let Some(rx) = &self.ike_installs else {
             return;
         };
-        let peers: Vec<_> = rx.try_iter().collect();
-        for (peer, refusal) in self.sas.install(peers, Instant::now()) {
-            tracing::error!(peer = %peer, "IKE CHILD SA not installed: {refusal}");
+        let updates: Vec<_> = rx.try_iter().collect();
+        let now = Instant::now();
+        for update in updates {
+            match update {
+                ike::ChildUpdate::Install(sas) => {
+                    for (peer, refusal) in self.sas.install(vec![*sas], now) {
+                        tracing::error!(peer = %peer, "IKE CHILD SA not installed: {refusal}");
+                    }
+                }
+                ike::ChildUpdate::Delete {
+                    peer,
+                    inbound_spi,
+                    outbound_spi,
+                } => {
+                    self.sas.delete(
+                        &peer,
+                        crate::sa::table::Direction::Inbound,
+                        inbound_spi,
+                        now,
+                    );
+                    self.sas.delete(
+                        &peer,
+                        crate::sa::table::Direction::Outbound,
+                        outbound_spi,
+                        now,
+                    );
+                }
+                ike::ChildUpdate::Flush { peer, endpoint } => {
+                    // A direction left `None` has its SAs removed at once.
+                    let none = crate::sa::keymgr::PeerSas {
+                        peer,
+                        endpoint,
+                        outbound: None,
+                        inbound: None,
+                    };
+                    self.sas.install(vec![none], now);
+                }
+            }
         }
     }
 

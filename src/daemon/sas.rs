@@ -88,7 +88,17 @@ pub(crate) struct SaManager {
     awaiting: Vec<(SaId, String)>,
     /// Installs sent since [`SaManager::begin`] that a thread refused.
     failed: Vec<String>,
+    /// Keys of outbound SAs that have sent (were made active), newest
+    /// last: such a key never comes back in a new SA, whose sequence
+    /// numbers would start again (RFC 4106 section 2: a nonce must never
+    /// repeat under one key). Manual keys have their durable
+    /// reservations as well; IKE CHILD SAs rely on this alone.
+    spent: Vec<Fingerprint>,
 }
+
+/// Spent outbound keys remembered: far more than the SAs one run
+/// rotates through before a key could plausibly be offered again.
+const SPENT_KEYS: usize = 4096;
 
 impl SaManager {
     pub fn new(
@@ -107,6 +117,7 @@ impl SaManager {
             unconfirmed: Vec::new(),
             awaiting: Vec::new(),
             failed: Vec::new(),
+            spent: Vec::new(),
         }
     }
 
@@ -255,6 +266,9 @@ impl SaManager {
                         continue;
                     };
                     let what = format!("peer {peer}, {direction} SA {:#x}", view.spi);
+                    if *direction == Direction::Outbound && *state == SaState::Active {
+                        spend(&mut self.spent, &view.fp);
+                    }
                     match direction {
                         Direction::Outbound => {
                             if let Some(new) = p.outbound.take() {
@@ -311,6 +325,9 @@ impl SaManager {
                     }
                     if let Some(from) = from {
                         out.push(SaCommand::Remove { id: *from });
+                    }
+                    if let Some(v) = self.views.iter().find(|v| v.id == *to) {
+                        spend(&mut self.spent, &v.fp);
                     }
                     out.push(SaCommand::SetState {
                         id: *to,
@@ -384,7 +401,30 @@ impl SaManager {
 }
 
 impl KeyManager for SaManager {
-    fn install(&mut self, peers: Vec<PeerSas>, now: Instant) -> Vec<(String, Refusal)> {
+    fn install(&mut self, mut peers: Vec<PeerSas>, now: Instant) -> Vec<(String, Refusal)> {
+        // A key without a durable reservation (an IKE CHILD SA's; manual
+        // keys come from a file and have one) that sent before may only
+        // stay in the SA that sent with it (the install changes nothing
+        // there).
+        let mut spent = Vec::new();
+        peers.retain(|p| {
+            let Some(o) = &p.outbound else {
+                return true;
+            };
+            let fp = o.fingerprint();
+            let same = |v: &SaView| {
+                v.peer == p.peer
+                    && v.direction == Direction::Outbound
+                    && v.spi == o.sa.spi
+                    && v.fp == fp
+            };
+            if o.key_file.is_none() && self.spent.contains(&fp) && !self.views.iter().any(same) {
+                tracing::error!(peer = %p.peer, spi = format_args!("{:#x}", o.sa.spi), "refused: the outbound key sent before");
+                spent.push((p.peer.clone(), Refusal::KeySpent { spi: o.sa.spi }));
+                return false;
+            }
+            true
+        });
         let wanted: Vec<WantedPeer> = peers
             .iter()
             .map(|p| WantedPeer {
@@ -400,19 +440,59 @@ impl KeyManager for SaManager {
                 }),
             })
             .collect();
-        self.run(&wanted, peers, now)
+        spent.extend(self.run(&wanted, peers, now));
+        spent
     }
 
     fn delete(&mut self, peer: &str, direction: Direction, spi: u32, now: Instant) {
-        let actions: Vec<_> = self
+        let mut actions = Vec::new();
+        let mut hurry = None;
+        for v in self
             .views
             .iter()
             .filter(|v| v.peer == peer && v.direction == direction && v.spi == spi)
-            .map(|v| Action::Remove {
-                id: v.id,
-                reason: RemoveReason::Deleted,
-            })
-            .collect();
+        {
+            match (direction, v.state) {
+                // Replaced by a rekey and retiring already: it keeps
+                // accepting what the peer sealed before it switched, for a
+                // short while (strongSwan's `delete_rekeyed_delay` does
+                // the same), then goes.
+                (Direction::Inbound, SaState::Retiring { at }) => {
+                    let soon = now + DELETED_GRACE;
+                    if at > soon {
+                        actions.push(Action::Retire { id: v.id, at: soon });
+                    }
+                }
+                // Its successor is pending: the Delete proves the peer
+                // holds the new SA (the rekey exchange is over), so the
+                // successor takes over now rather than leaving the peer
+                // without an outbound SA.
+                (Direction::Outbound, SaState::Active)
+                    if self.views.iter().any(|o| pending_successor(o, v)) =>
+                {
+                    hurry = Some(v.peer.clone());
+                }
+                _ => actions.push(Action::Remove {
+                    id: v.id,
+                    reason: RemoveReason::Deleted,
+                }),
+            }
+        }
+        if let Some(peer) = hurry {
+            for o in self.views.iter_mut() {
+                if o.peer == peer
+                    && o.direction == Direction::Outbound
+                    && let SaState::Pending { since, .. } = o.state
+                {
+                    // No longer awaiting the peer: it switches as soon as
+                    // the datapath has it (at once if it has).
+                    o.state = SaState::Pending {
+                        since,
+                        awaiting: None,
+                    };
+                }
+            }
+        }
         self.dispatch(&actions, &[], Vec::new(), now);
         self.expire(now);
     }
@@ -431,6 +511,28 @@ impl KeyManager for SaManager {
     fn expire(&mut self, now: Instant) {
         self.run(&[], Vec::new(), now);
     }
+}
+
+/// How long an inbound SA that a rekey replaced still accepts after the
+/// peer deleted it: packets it sealed just before its Delete may still be
+/// queued on either host.
+const DELETED_GRACE: Duration = Duration::from_secs(5);
+
+fn spend(spent: &mut Vec<Fingerprint>, fp: &Fingerprint) {
+    if !spent.contains(fp) {
+        if spent.len() >= SPENT_KEYS {
+            spent.remove(0);
+        }
+        spent.push(fp.clone());
+    }
+}
+
+/// `o` is the pending outbound SA of `active`'s peer, which replaces it.
+fn pending_successor(o: &SaView, active: &SaView) -> bool {
+    o.peer == active.peer
+        && o.direction == Direction::Outbound
+        && o.id != active.id
+        && matches!(o.state, SaState::Pending { .. })
 }
 
 fn load_material(peer: &ValidPeer, path: &Path) -> Result<KeyMaterial, DaemonError> {
@@ -553,4 +655,257 @@ pub(crate) fn claim(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, channel};
+
+    use super::*;
+    use crate::crypto::IcvLen;
+    use crate::crypto::select::{BootOptions, FailurePolicy, Mode};
+
+    const TIMING: Timing = Timing {
+        switch_after: Duration::from_secs(30),
+        retire_after: Duration::from_secs(120),
+    };
+
+    struct Rig {
+        sas: SaManager,
+        out_rx: Receiver<OutboundCommands>,
+        in_rx: Receiver<InboundCommands>,
+        events: Sender<SaEvent>,
+        selector: Selector,
+    }
+
+    fn rig() -> Rig {
+        let (out_tx, out_rx) = channel();
+        let (in_tx, in_rx) = channel();
+        let (events, ev_rx) = channel();
+        let selector = Selector::boot(
+            crate::crypto::Provider::detect_all(),
+            Mode::Auto,
+            FailurePolicy::Fallback,
+            BootOptions::default(),
+        );
+        Rig {
+            sas: SaManager::new(TIMING, out_tx, in_tx, ev_rx),
+            out_rx,
+            in_rx,
+            events,
+            selector,
+        }
+    }
+
+    /// A CHILD SA pair as the IKE thread hands it over: fresh keys, no
+    /// durable reservation.
+    fn child(selector: &Selector, inbound_spi: u32, outbound_spi: u32, seed: u8) -> PeerSas {
+        let inner = InnerAddrs::new([198, 18, 0, 1].into(), [198, 18, 0, 2].into()).expect("inner");
+        let material = |b: u8| KeyMaterial::from_bytes(&[b; 20]).expect("material");
+        let (m_in, m_out) = (material(seed), material(seed.wrapping_add(1)));
+        let keys = SaKeys::new(selector, &m_in, IcvLen::Icv16).expect("keys");
+        let inbound = InboundSa::new(inbound_spi, keys, true, inner, 64).expect("inbound");
+        let keys = SaKeys::new(selector, &m_out, IcvLen::Icv16).expect("keys");
+        let outbound = OutboundSa::new(outbound_spi, keys, true, inner).expect("outbound");
+        PeerSas {
+            peer: "b".into(),
+            endpoint: "198.18.0.2:4500".parse().expect("addr"),
+            outbound: Some(NewOutbound {
+                sa: outbound,
+                material: m_out,
+                key_file: None,
+                claimed: true,
+            }),
+            inbound: Some(NewInbound {
+                sa: inbound,
+                fp: Fingerprint::new(&m_in),
+            }),
+        }
+    }
+
+    /// Confirms every install the threads were sent, as they would.
+    fn confirm(r: &mut Rig) {
+        let mut ids = Vec::new();
+        for batch in r.out_rx.try_iter() {
+            for c in batch {
+                if let SaCommand::Install { id, .. } = c {
+                    ids.push(id);
+                }
+            }
+        }
+        for batch in r.in_rx.try_iter() {
+            for c in batch {
+                if let SaCommand::Install { id, .. } = c {
+                    ids.push(id);
+                }
+            }
+        }
+        for id in ids {
+            r.events.send(SaEvent::Installed { id }).expect("send");
+        }
+    }
+
+    fn state(r: &SaManager, direction: Direction, spi: u32) -> Option<SaState> {
+        r.views
+            .iter()
+            .find(|v| v.direction == direction && v.spi == spi)
+            .map(|v| v.state)
+    }
+
+    #[test]
+    fn a_rekeyed_child_sa_is_deleted_make_before_break() {
+        let mut r = rig();
+        let now = Instant::now();
+        let old = child(&r.selector, 0x1001, 0x2001, 1);
+        assert!(r.sas.install(vec![old], now).is_empty());
+        confirm(&mut r);
+        r.sas.expire(now);
+        // The rekey's InstallChild: the new inbound SA accepts at once, the
+        // new outbound one waits for the peer, the old pair still runs.
+        let new = child(&r.selector, 0x1002, 0x2002, 3);
+        assert!(r.sas.install(vec![new], now).is_empty());
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1002),
+            Some(SaState::Active)
+        );
+        assert!(matches!(
+            state(&r.sas, Direction::Inbound, 0x1001),
+            Some(SaState::Retiring { .. })
+        ));
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2001),
+            Some(SaState::Active)
+        );
+        assert!(matches!(
+            state(&r.sas, Direction::Outbound, 0x2002),
+            Some(SaState::Pending { .. })
+        ));
+        // The Delete of the old pair: the successor sends at once, the old
+        // inbound SA accepts a little longer, never with no SA at all.
+        let later = now + Duration::from_millis(50);
+        r.sas.delete("b", Direction::Inbound, 0x1001, later);
+        r.sas.delete("b", Direction::Outbound, 0x2001, later);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2002),
+            Some(SaState::Active)
+        );
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1001),
+            Some(SaState::Retiring {
+                at: later + DELETED_GRACE
+            })
+        );
+        r.sas.expire(later + DELETED_GRACE);
+        assert_eq!(state(&r.sas, Direction::Inbound, 0x1001), None);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1002),
+            Some(SaState::Active)
+        );
+        // A Delete of the running pair (no successor) removes it at once.
+        r.sas.delete("b", Direction::Inbound, 0x1002, later);
+        r.sas.delete("b", Direction::Outbound, 0x2002, later);
+        assert!(r.sas.views.is_empty(), "{:?}", r.sas.views);
+    }
+
+    #[test]
+    fn a_delete_before_the_successor_is_installed_switches_once_it_is() {
+        let mut r = rig();
+        let now = Instant::now();
+        assert!(
+            r.sas
+                .install(vec![child(&r.selector, 0x1001, 0x2001, 1)], now)
+                .is_empty()
+        );
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert!(
+            r.sas
+                .install(vec![child(&r.selector, 0x1002, 0x2002, 3)], now)
+                .is_empty()
+        );
+        // Not yet confirmed by the outbound thread: the old SA keeps
+        // sending until then.
+        r.sas.delete("b", Direction::Outbound, 0x2001, now);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2001),
+            Some(SaState::Active)
+        );
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2002),
+            Some(SaState::Active)
+        );
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
+    }
+
+    /// Crossed rekeys (RFC 7296 section 2.8.1) as the host sees them that
+    /// installed the survivor X first and the redundant Y after it: Y's
+    /// Delete leaves the peer without the SA it wants until the IKE thread
+    /// hands X over again, which brings X's retiring inbound SA back and
+    /// installs its never-used outbound SA; then the old pair's Delete
+    /// switches to X. A key that has sent never comes back.
+    #[test]
+    fn the_survivor_of_crossed_rekeys_comes_back_and_a_spent_key_does_not() {
+        let mut r = rig();
+        let now = Instant::now();
+        for (i, o, seed) in [
+            (0x1001, 0x2001, 1),
+            (0x1003, 0x2003, 3),
+            (0x1005, 0x2005, 5),
+        ] {
+            assert!(
+                r.sas
+                    .install(vec![child(&r.selector, i, o, seed)], now)
+                    .is_empty()
+            );
+            confirm(&mut r);
+            r.sas.expire(now);
+        }
+        // Y (0x1005) is redundant and deleted: its inbound SA was the
+        // active one, its outbound SA never sent.
+        r.sas.delete("b", Direction::Inbound, 0x1005, now);
+        r.sas.delete("b", Direction::Outbound, 0x2005, now);
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2005), None);
+        // X again, with the same keys.
+        assert!(
+            r.sas
+                .install(vec![child(&r.selector, 0x1003, 0x2003, 3)], now)
+                .is_empty()
+        );
+        confirm(&mut r);
+        r.sas.expire(now);
+        assert_eq!(
+            state(&r.sas, Direction::Inbound, 0x1003),
+            Some(SaState::Active)
+        );
+        // The old pair's Delete ends the rekey on X.
+        r.sas.delete("b", Direction::Inbound, 0x1001, now);
+        r.sas.delete("b", Direction::Outbound, 0x2001, now);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2003),
+            Some(SaState::Active)
+        );
+        assert_eq!(state(&r.sas, Direction::Outbound, 0x2001), None);
+        // The old outbound key sent: once nothing holds it any more it is
+        // still refused in a new SA, whose sequence numbers would start
+        // again.
+        let later = now + DELETED_GRACE;
+        r.sas.expire(later);
+        assert_eq!(state(&r.sas, Direction::Inbound, 0x1001), None);
+        let refused = r
+            .sas
+            .install(vec![child(&r.selector, 0x1007, 0x2007, 1)], later);
+        assert!(
+            matches!(refused.as_slice(), [(_, Refusal::KeySpent { spi: 0x2007 })]),
+            "{refused:?}"
+        );
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2003),
+            Some(SaState::Active)
+        );
+    }
 }

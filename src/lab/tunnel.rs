@@ -108,6 +108,8 @@ pub struct LabOptions {
     pub inner_extra: String,
     /// Key the tunnel by IKE (`[peer.ike]`) instead of by hand.
     pub ike: Option<LabIke>,
+    /// Extra lines for `[peer.ike]`, e.g. `child_rekey_secs = 3`.
+    pub ike_extra: String,
 }
 
 /// IKE in the lab: which side initiates, and whether the two PSKs differ.
@@ -138,6 +140,7 @@ impl Default for LabOptions {
             router_mtu: None,
             inner_extra: String::new(),
             ike: None,
+            ike_extra: String::new(),
         }
     }
 }
@@ -412,9 +415,10 @@ impl TunnelLab {
                 icv = self.options.icv,
             ),
             Some(ike) => format!(
-                "[peer.ike]\npsk_file = \"{}\"\ninitiate = {}\n",
+                "[peer.ike]\npsk_file = \"{}\"\ninitiate = {}\n{}\n",
                 self.psk_file(side).display(),
-                ike.initiator == side
+                ike.initiator == side,
+                self.options.ike_extra
             ),
         };
         format!(

@@ -56,8 +56,13 @@ pub trait KeyManager {
     /// stay; the refusals are returned.
     fn install(&mut self, peers: Vec<PeerSas>, now: Instant) -> Vec<(String, Refusal)>;
 
-    /// Removes the peer's SA in `direction` with this SPI at once (an IKE
-    /// Delete, or a hard lifetime: RFC 7296 section 1.4.1).
+    /// Removes the peer's SA in `direction` with this SPI (an IKE Delete,
+    /// or a hard lifetime: RFC 7296 section 1.4.1): at once, unless a
+    /// rekey already replaced it. Then make-before-break finishes
+    /// instead: a replaced inbound SA retires a few seconds later, and an
+    /// outbound SA whose successor is pending hands over to it (the
+    /// successor does not wait for the peer any longer), so no packet is
+    /// left without an SA.
     fn delete(&mut self, peer: &str, direction: Direction, spi: u32, now: Instant);
 
     /// The peer's outer address changed (a NAT mapping, RFC 7296 section

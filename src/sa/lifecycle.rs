@@ -107,6 +107,11 @@ pub enum Refusal {
         "inbound SPI {spi:#x} already belongs to peer {holder_peer}: every inbound SA needs its own SPI"
     )]
     SpiInUse { spi: u32, holder_peer: String },
+    #[error(
+        "the new outbound SA {spi:#x} uses a key that an earlier outbound SA sent with: its \
+         sequence numbers would start again and reuse GCM nonces"
+    )]
+    KeySpent { spi: u32 },
 }
 
 /// Why an SA leaves the table.

@@ -16,6 +16,8 @@ pub(super) fn count(c: &mut IkeCounters, e: &IkeError) {
             _ => c.other_failures += 1,
         },
         IkeError::Timeout => c.timeouts += 1,
+        IkeError::DeadPeer => c.dead_peers += 1,
+        IkeError::Expired => c.expired += 1,
         _ => c.other_failures += 1,
     }
 }

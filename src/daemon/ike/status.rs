@@ -39,14 +39,48 @@ pub struct IkeSaStatus {
     pub remote: String,
     /// The negotiated suite, e.g. `aes256gcm16-prfsha256-x25519`.
     pub suite: Option<String>,
-    /// The CHILD SAs it installed: (inbound SPI, outbound SPI).
+    /// The CHILD SAs it installed and still holds, oldest first.
     pub children: Vec<ChildStatus>,
+    /// Rekeys of this IKE SA (RFC 7296 section 2.18) and of its CHILD SAs
+    /// (section 2.8) so far.
+    #[serde(default)]
+    pub ike_rekeys: u32,
+    #[serde(default)]
+    pub child_rekeys: u32,
+    /// Seconds since the current IKE SA generation was established (after
+    /// a rekey: since the rekey).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established_secs_ago: Option<u64>,
+    /// Seconds until the IKE SA rekeys (0: due now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ike_rekey_in_secs: Option<u64>,
+    /// Seconds since the last authenticated message, or ESP packet, from
+    /// the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_secs_ago: Option<u64>,
+    /// Seconds since our last liveness check (section 2.4); absent: none
+    /// yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_liveness_check_secs_ago: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildStatus {
     pub inbound_spi: u32,
     pub outbound_spi: u32,
+    /// `installed`, `rekeying`, `rekeyed` (its successor runs; a Delete
+    /// removes it) or `deleting`.
+    #[serde(default)]
+    pub state: String,
+    /// Seconds since it was installed.
+    #[serde(default)]
+    pub installed_secs_ago: u64,
+    /// Seconds until we rekey it (0: due now); absent: no lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey_in_secs: Option<u64>,
+    /// How many rekeys lie behind it (0: made by IKE_AUTH).
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// Per peer, since start.
@@ -68,4 +102,25 @@ pub struct IkeCounters {
     pub other_failures: u64,
     /// Messages dropped unprocessed (malformed, failed ICV, unexpected).
     pub messages_dropped: u64,
+    /// IKE SA and CHILD SA rekeys (either side started them).
+    #[serde(default)]
+    pub ike_rekeys: u64,
+    #[serde(default)]
+    pub child_rekeys: u64,
+    /// CHILD SA rekeys we started (our lifetime ran out first).
+    #[serde(default)]
+    pub child_rekeys_started: u64,
+    /// CHILD SAs removed: deleted by either side, replaced by a rekey,
+    /// expired, or gone with their IKE SA.
+    #[serde(default)]
+    pub children_deleted: u64,
+    /// IKE SAs given up because the peer stopped answering (section 2.4).
+    #[serde(default)]
+    pub dead_peers: u64,
+    /// IKE SAs that reached their hard lifetime unrekeyed.
+    #[serde(default)]
+    pub expired: u64,
+    /// INITIAL_CONTACT received: the peer restarted, its old SAs went.
+    #[serde(default)]
+    pub peer_restarts: u64,
 }

@@ -61,28 +61,37 @@ fn exchange(psk_b: &[u8]) -> (IkeSa, IkeSa) {
     (a, b)
 }
 
+fn ike_peer(cfg: &Arc<IkeConfig>, remote_id: Identification) -> IkePeer {
+    IkePeer {
+        name: "b".into(),
+        local: cfg.local_addr,
+        endpoint: cfg.remote_addr,
+        inner_local: cfg.local_addr,
+        inner_remote: cfg.remote_addr,
+        ike: crate::config::IkeSettings {
+            psk_file: "/etc/esptun/b.psk".into(),
+            local_id: cfg.local_id.clone(),
+            remote_id,
+            initiate: true,
+            ike: cfg.ike.clone(),
+            esp: cfg.esp.clone(),
+            ike_rekey: Duration::from_secs(14400),
+            child_rekey: Duration::from_secs(3600),
+            liveness: Duration::from_secs(30),
+        },
+    }
+}
+
 /// A peer as the IKE thread holds it, for [`explain`].
 fn peer(cfg: &Arc<IkeConfig>) -> PeerIke {
     let remote_id = cfg.remote_id.clone().expect("a remote id");
+    let cfg_peer = ike_peer(cfg, remote_id);
     PeerIke {
-        cfg: IkePeer {
-            name: "b".into(),
-            local: cfg.local_addr,
-            endpoint: cfg.remote_addr,
-            inner_local: cfg.local_addr,
-            inner_remote: cfg.remote_addr,
-            ike: crate::config::IkeSettings {
-                psk_file: "/etc/esptun/b.psk".into(),
-                local_id: cfg.local_id.clone(),
-                remote_id,
-                initiate: true,
-                ike: cfg.ike.clone(),
-                esp: cfg.esp.clone(),
-                ike_rekey: Duration::from_secs(14400),
-                child_rekey: Duration::from_secs(3600),
-                liveness: Duration::from_secs(30),
-            },
-        },
+        policy: policy(&cfg_peer),
+        contacted: false,
+        current: None,
+        kept: Vec::new(),
+        cfg: cfg_peer,
         ike: cfg.clone(),
         initiate_via: (Via::NatT, SocketAddr::new(cfg.remote_addr, 4500)),
         slots: Vec::new(),
@@ -213,4 +222,30 @@ fn suites_read_as_configured() {
         dh: DhGroup::Curve25519,
     };
     assert_eq!(suite_name(s), crate::config::ike::DEFAULT_IKE_PROPOSAL);
+}
+
+#[test]
+fn the_configured_lifetimes_and_liveness_become_the_policy_and_retransmissions() {
+    let cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
+    let mut p = ike_peer(&cfg, cfg.remote_id.clone().expect("id"));
+    p.ike.child_rekey = Duration::from_secs(5);
+    p.ike.ike_rekey = Duration::from_secs(20);
+    p.ike.liveness = Duration::from_secs(2);
+    let policy = policy(&p);
+    assert_eq!(policy.child_rekey, Some(Duration::from_secs(5)));
+    assert_eq!(policy.child_hard, Some(Duration::from_secs(6)));
+    assert_eq!(policy.ike_rekey, Some(Duration::from_secs(20)));
+    assert_eq!(policy.ike_hard, Some(Duration::from_secs(24)));
+    assert_eq!(policy.liveness, Some(Duration::from_secs(2)));
+    // A short liveness interval gives up on a silent peer sooner ...
+    let short = retransmit(Duration::from_secs(2));
+    assert_eq!(short.initial, Duration::from_millis(500));
+    assert_eq!(short.max_interval, Duration::from_secs(4));
+    // ... the default keeps RFC 7296's usual schedule.
+    assert_eq!(retransmit(Duration::from_secs(30)), Retransmit::default());
+    // INITIAL_CONTACT only until the first IKE SA with the peer is up.
+    let mut peer = peer(&cfg);
+    assert!(peer.slot_policy().initial_contact);
+    peer.contacted = true;
+    assert!(!peer.slot_policy().initial_contact);
 }
