@@ -1089,5 +1089,7 @@ fn copy_child(c: &ChildSa) -> ChildSa {
         transport_mode: c.transport_mode,
         local_ts: c.local_ts.clone(),
         remote_ts: c.remote_ts.clone(),
+        udp_encap: c.udp_encap,
+        original: c.original,
     }
 }
