@@ -854,14 +854,14 @@ fn ipv6_destination_options_cross_and_router_headers_are_refused() {
         assert_eq!(v, Verdict::Deliver, "{proto}");
         assert_same_inner(&plain, &got);
     }
-    for (next, what) in [
-        (protocol::IPV6_HOP_BY_HOP, "hop-by-hop"),
-        (protocol::IPV6_ROUTING, "routing"),
+    for (next, reason) in [
+        (protocol::IPV6_HOP_BY_HOP, DropReason::HopByHop),
+        (protocol::IPV6_ROUTING, DropReason::RoutingHeader),
     ] {
         let mut p = with_dest_opts(&packet(true, protocol::UDP, b"x"));
         p[6] = next;
         let (v, _) = l.seal(&p);
-        assert_eq!(v, Verdict::Drop(DropReason::ExtensionHeader), "{what}");
+        assert_eq!(v, Verdict::Drop(reason), "{next}");
     }
 }
 

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::outbound::{PathMtus, clamp_limit};
-use super::{Counters, DropContext, DropReason, Flow, SaDrops, Verdict};
+use super::{ByReason, Counters, DropContext, DropReason, Flow, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
 use crate::packet::PacketBuf;
@@ -45,7 +45,7 @@ pub struct Inbound {
     /// what was dropped after it was found.
     pub sas: SaTable<InboundSa, SaDrops>,
     /// Per reason, the latest [`Self::process`] call's last drop.
-    last_drops: [Option<DropContext>; DropReason::ALL.len()],
+    last_drops: ByReason<Option<DropContext>>,
     /// `[inner] clamp_mss`, the tunnel MTU and the path MTU per peer (a
     /// copy of what the outbound side learned), for SYNs from the peer.
     pub clamp_mss: MssClamp,
@@ -90,7 +90,7 @@ impl Inbound {
         verdicts: &mut Vec<Verdict>,
     ) {
         verdicts.clear();
-        self.last_drops = [None; DropReason::ALL.len()];
+        self.last_drops = ByReason::default();
         let provider = selector.active();
         for (packet, buf) in batch.iter_mut().enumerate() {
             let mut context = DropContext {
