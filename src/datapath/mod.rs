@@ -42,8 +42,9 @@ pub enum DropReason {
     /// to the outer header (RFC 4303 section 3.1.1) and is not carried.
     HopByHop,
     /// An IPv6 routing header, which in transport mode belongs to the
-    /// outer header, where Linux's sockets cannot set it (only type 2,
-    /// Mobile IPv6, through `IPV6_RTHDR`).
+    /// outer header, and lists addresses on the way to the inner
+    /// destination, not the outer path's (Linux's `IPV6_RTHDR` takes only
+    /// types 2 and 4 anyway).
     RoutingHeader,
     /// A protocol without a checksum esptun can verify.
     UnverifiableProtocol,
@@ -195,8 +196,8 @@ impl DropReason {
                  IPV6_HOPOPTS, or use tunnel mode",
             ),
             DropReason::RoutingHeader => Some(
-                "in transport mode an IPv6 routing header belongs to the outer header, where \
-                 sockets cannot set it (Linux IPV6_RTHDR takes only type 2): send without it",
+                "in transport mode an IPv6 routing header belongs to the outer header, and its \
+                 addresses are not the outer path's: esptun does not carry it, send without it",
             ),
             _ => None,
         }

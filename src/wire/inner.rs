@@ -77,9 +77,9 @@ pub enum InnerError {
     )]
     HopByHop,
     /// RFC 8200 section 4.4: processed by the nodes it lists, so in
-    /// transport mode it belongs to the outer header; Linux's sockets set
-    /// only type 2 (Mobile IPv6) on an outgoing packet, so it cannot be
-    /// carried there either.
+    /// transport mode it belongs to the outer header; the addresses it
+    /// lists lead to the inner destination, not along the outer path, so
+    /// it is not moved there either.
     #[error(
         "IPv6 routing header (in transport mode it belongs to the outer header, and cannot be carried)"
     )]
