@@ -5,7 +5,9 @@
 //! The application inside the tunnel sets its hop-by-hop options the way
 //! applications do (the `IPV6_HOPOPTS` socket option, which needs
 //! CAP_NET_RAW); the routing header comes from a raw socket that writes
-//! the whole packet.
+//! the whole packet. A third test asks the kernel what carrying them would
+//! rest on: `IPV6_HOPOPTS` on send and `IPV6_RECVHOPOPTS` on receive, on
+//! UDP and raw ESP sockets.
 //!
 //! Needs root. Without it every test says it skipped; with
 //! `ESPTUN_REQUIRE_NETNS=1` (CI) a skip fails. Each lab has its own
@@ -255,4 +257,168 @@ fn router_headers_are_dropped_by_name_raw_esp() {
         91,
         Encap::RawEsp,
     );
+}
+
+/// What the socket half of carrying hop-by-hop options rests on, asked of
+/// the kernel: an `IPV6_HOPOPTS` control message on sendmsg puts the header
+/// on the packet, and a socket with `IPV6_RECVHOPOPTS` gets it back as a
+/// control message, on a UDP socket (NAT-T) and on a raw `IPPROTO_ESP`
+/// socket (raw ESP) alike. Over loopback in a namespace of its own.
+#[test]
+fn the_kernel_carries_hop_by_hop_options_on_udp_and_raw_esp_sockets() {
+    let test = "the_kernel_carries_hop_by_hop_options_on_udp_and_raw_esp_sockets";
+    if !common::require_root(test, "a network namespace, CAP_NET_RAW") {
+        return;
+    }
+    let name = format!("{}hbh", esptun::lab::unique_prefix("k"));
+    let ns = esptun::lab::Netns::create(&name).unwrap_or_else(|e| panic!("{test}: {e}"));
+    let results = ns
+        .run(|| {
+            [
+                (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+                (libc::SOCK_RAW, libc::IPPROTO_ESP),
+            ]
+            .map(|(kind, proto)| probe(kind, proto))
+        })
+        .unwrap_or_else(|e| panic!("{test}: entering the namespace: {e}"));
+    for (result, what) in results.into_iter().zip(["UDP", "raw ESP"]) {
+        let (header, payload) = result.unwrap_or_else(|e| panic!("{test}: {what}: {e}"));
+        assert_eq!(payload, b"esp-ish payload", "{what}");
+        // The kernel reports the header as it went out: its next header
+        // is the packet's protocol, the options as sent.
+        let proto = if what == "UDP" { 17 } else { 50 };
+        assert_eq!(header.first(), Some(&proto), "{what}: {header:02x?}");
+        assert_eq!(header.get(1..), Some(&HOPOPTS[1..]), "{what}");
+    }
+}
+
+/// Sends one datagram over ::1 between two sockets of `kind`/`proto`, with
+/// `HOPOPTS` in an `IPV6_HOPOPTS` control message; returns the header the
+/// receiver's `IPV6_RECVHOPOPTS` message reported and the payload.
+fn probe(kind: libc::c_int, proto: libc::c_int) -> Result<(Vec<u8>, Vec<u8>), String> {
+    use std::mem::{size_of, zeroed};
+    let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    let open = || {
+        // SAFETY: plain socket(2) call; the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET6, kind, proto) };
+        if fd < 0 {
+            return Err(os("socket"));
+        }
+        // SAFETY: fd is a new descriptor nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let (rx, tx) = (open()?, open()?);
+    let one: libc::c_int = 1;
+    // SAFETY: the value is a live c_int of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            rx.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVHOPOPTS,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(os("IPV6_RECVHOPOPTS"));
+    }
+    // Bounded: a datagram that never comes fails the test in 2 s.
+    let timeout = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: the value is a live timeval of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            rx.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(os("SO_RCVTIMEO"));
+    }
+    // SAFETY: sockaddr_in6 is plain data; all-zero is a valid one.
+    let mut addr: libc::sockaddr_in6 = unsafe { zeroed() };
+    addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    addr.sin6_addr.s6_addr[15] = 1; // ::1
+    if kind == libc::SOCK_DGRAM {
+        addr.sin6_port = 5091u16.to_be();
+        // SAFETY: addr is a live sockaddr_in6 of the length passed.
+        let rc = unsafe {
+            libc::bind(
+                rx.as_raw_fd(),
+                (&addr as *const libc::sockaddr_in6).cast(),
+                size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(os("bind"));
+        }
+    }
+    let payload = b"esp-ish payload";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    #[repr(C, align(8))]
+    struct Control([u8; 128]);
+    let mut control = Control([0; 128]);
+    // SAFETY: msghdr is plain data; all-zero is a valid empty one.
+    let mut h: libc::msghdr = unsafe { zeroed() };
+    h.msg_name = (&mut addr as *mut libc::sockaddr_in6).cast();
+    h.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a length.
+    h.msg_controllen = unsafe { libc::CMSG_SPACE(HOPOPTS.len() as u32) } as _;
+    // SAFETY: the control buffer is aligned and 128 bytes, more than
+    // CMSG_SPACE(8); the first header and its 8 data bytes lie within it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&h);
+        (*c).cmsg_level = libc::IPPROTO_IPV6;
+        (*c).cmsg_type = libc::IPV6_HOPOPTS;
+        (*c).cmsg_len = libc::CMSG_LEN(HOPOPTS.len() as u32) as _;
+        std::ptr::copy_nonoverlapping(HOPOPTS.as_ptr(), libc::CMSG_DATA(c), HOPOPTS.len());
+    }
+    // SAFETY: h points at live buffers of the lengths it states.
+    if unsafe { libc::sendmsg(tx.as_raw_fd(), &h, 0) } < 0 {
+        return Err(os("sendmsg with IPV6_HOPOPTS"));
+    }
+    let mut buf = [0u8; 256];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = Control([0; 128]);
+    // SAFETY: as above.
+    let mut h: libc::msghdr = unsafe { zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = control.0.as_mut_ptr().cast();
+    h.msg_controllen = 128;
+    // SAFETY: h points at live buffers of the lengths it states.
+    let n = unsafe { libc::recvmsg(rx.as_raw_fd(), &mut h, 0) };
+    if n < 0 {
+        return Err(os("recvmsg"));
+    }
+    let mut header = None;
+    // SAFETY: the kernel filled msg_controllen bytes with cmsghdrs;
+    // CMSG_FIRSTHDR/NXTHDR stay within them, each read within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&h);
+        while !c.is_null() {
+            if ((*c).cmsg_level, (*c).cmsg_type) == (libc::IPPROTO_IPV6, libc::IPV6_HOPOPTS) {
+                let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                header = Some(std::slice::from_raw_parts(libc::CMSG_DATA(c), len).to_vec());
+            }
+            c = libc::CMSG_NXTHDR(&h, c);
+        }
+    }
+    let header = header.ok_or("no IPV6_HOPOPTS message received")?;
+    // A raw IPv6 socket delivers no IPv6 header (raw(7)): the payload.
+    Ok((header, buf[..n as usize].to_vec()))
 }
