@@ -81,7 +81,7 @@ pub(crate) fn read(h: &libc::msghdr, out: &mut [u8; MAX_LEN]) -> Option<usize> {
         while !c.is_null() {
             if ((*c).cmsg_level, (*c).cmsg_type) == (libc::IPPROTO_IPV6, libc::IPV6_HOPOPTS) {
                 let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
-                if len < 2 || len > MAX_LEN {
+                if !(2..=MAX_LEN).contains(&len) {
                     return None;
                 }
                 std::ptr::copy_nonoverlapping(libc::CMSG_DATA(c), out.as_mut_ptr(), len);
