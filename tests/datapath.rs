@@ -992,6 +992,26 @@ fn ipv6_hop_by_hop_headers_are_sealed_behind_and_kept_for_the_socket() {
     l.out.process(&l.selector, &mut batch, &mut verdicts);
     assert!(matches!(verdicts[0], Verdict::Send { .. }));
     assert_eq!(verdicts[1], Verdict::Drop(DropReason::HopByHop));
+    // The receiving pipeline does the same from what its socket reported.
+    let mut slots = Slots::new(1);
+    assert!(slots.set(0, &reported));
+    l.inb.hop_by_hop = Some(slots);
+    let (v, wire) = l.seal(&sent);
+    assert!(matches!(v, Verdict::Send { .. }), "{v:?}");
+    let (v, got) = l.open(Encap::NATT, &wire);
+    assert_eq!(v, Verdict::Deliver);
+    assert_eq!(got[..7], sent[..7], "version, class, length, next header");
+    assert_eq!(got[8..], sent[8..], "addresses, hop-by-hop header, segment");
+    // A corrupted payload behind the header is still caught.
+    let (_, mut bad) = l.seal(&sent);
+    let at = bad.len() - 40;
+    bad[at] ^= 1;
+    assert_eq!(
+        l.open(Encap::NATT, &bad).0,
+        Verdict::Drop(DropReason::IcvFailure)
+    );
+    l.inb.hop_by_hop = None;
+
     // Behind a carried header, a routing header is still refused by name.
     let mut routed = sent.clone();
     routed[40] = protocol::IPV6_ROUTING;
