@@ -17,11 +17,15 @@ pub const VNET_HDR_LEN: usize = 10;
 /// put there for a single write without moving the packet.
 pub const VNET_HDR_ROOM: usize = 12;
 
-/// Bytes in front of the data: inbound rebuilds a 40-byte IPv6 header
-/// where a 16-byte ESP header and IV were (24 more bytes), and a
-/// virtio-net header may precede that.
-pub const HEADROOM: usize = 64;
-const _: () = assert!(HEADROOM >= 40 - (esp::HEADER_LEN + esp::IV_LEN) + VNET_HDR_ROOM);
+/// Bytes in front of the data: inbound rebuilds a 40-byte IPv6 header,
+/// and a carried hop-by-hop header of up to 64 bytes behind it
+/// ([`crate::wire::hop_by_hop`]), where a 16-byte ESP header and IV were
+/// (88 more bytes), and a virtio-net header may precede that.
+pub const HEADROOM: usize = 128;
+const _: () = assert!(
+    HEADROOM
+        >= 40 + crate::wire::hop_by_hop::MAX_LEN - (esp::HEADER_LEN + esp::IV_LEN) + VNET_HDR_ROOM
+);
 /// Bytes behind the data: outbound appends padding, trailer and ICV.
 pub const TAILROOM: usize = esp::MAX_TAIL;
 

@@ -854,14 +854,14 @@ fn ipv6_destination_options_cross_and_router_headers_are_refused() {
         assert_eq!(v, Verdict::Deliver, "{proto}");
         assert_same_inner(&plain, &got);
     }
-    for (next, what) in [
-        (protocol::IPV6_HOP_BY_HOP, "hop-by-hop"),
-        (protocol::IPV6_ROUTING, "routing"),
+    for (next, reason) in [
+        (protocol::IPV6_HOP_BY_HOP, DropReason::HopByHop),
+        (protocol::IPV6_ROUTING, DropReason::RoutingHeader),
     ] {
         let mut p = with_dest_opts(&packet(true, protocol::UDP, b"x"));
         p[6] = next;
         let (v, _) = l.seal(&p);
-        assert_eq!(v, Verdict::Drop(DropReason::ExtensionHeader), "{what}");
+        assert_eq!(v, Verdict::Drop(reason), "{next}");
     }
 }
 
@@ -918,4 +918,102 @@ fn dscp_and_ecn_cross_the_pipelines() {
             }
         }
     }
+}
+
+/// `[inner] ipv6_hop_by_hop = "carry"`, the pipeline half: ESP is sealed
+/// behind the hop-by-hop header, whose bytes are kept for the socket
+/// (`IPV6_HOPOPTS`) under the packet's batch index; the receiver's
+/// pipeline opens the ESP packet as any other, and putting the header the
+/// socket reported back in front of it gives the packet that was sent.
+#[test]
+fn ipv6_hop_by_hop_headers_are_sealed_behind_and_kept_for_the_socket() {
+    use esptun::wire::hop_by_hop::{self, Slots};
+    let mut l = link(LinkSpec {
+        v6: true,
+        ..LinkSpec::default()
+    });
+    // PadN and an experimental option (RFC 4727): 16 bytes.
+    let options = [0x1e, 4, 0xde, 0xad, 0xbe, 0xef, 1, 6, 0, 0, 0, 0, 0, 0];
+    let with_hbh = |plain: &[u8]| {
+        let mut p = plain[..40].to_vec();
+        p.extend_from_slice(&[plain[6], 1]);
+        p.extend_from_slice(&options);
+        p.extend_from_slice(&plain[40..]);
+        p[6] = protocol::IPV6_HOP_BY_HOP;
+        let len = u16::from_be_bytes([p[4], p[5]]) + 16;
+        p[4..6].copy_from_slice(&len.to_be_bytes());
+        p
+    };
+    let plain = packet(true, protocol::UDP, &[0x5a; 300]);
+    let sent = with_hbh(&plain);
+    // Not carried by default.
+    assert_eq!(l.seal(&sent).0, Verdict::Drop(DropReason::HopByHop));
+
+    l.out.hop_by_hop = Some(Slots::new(1));
+    let (v, wire) = l.seal(&sent);
+    assert!(matches!(v, Verdict::Send { .. }), "{v:?}");
+    let kept = l.out.hop_by_hop.as_ref().expect("slots").get(0).to_vec();
+    assert_eq!(kept, sent[40..56], "the header as sent, for IPV6_HOPOPTS");
+    // The ESP packet is the plain packet's: the header is not inside.
+    let (plain_v, plain_wire) = link(LinkSpec {
+        v6: true,
+        ..LinkSpec::default()
+    })
+    .seal(&plain);
+    assert!(matches!(plain_v, Verdict::Send { .. }));
+    assert_eq!(wire.len(), plain_wire.len());
+    let (v, got) = l.open(Encap::NATT, &wire);
+    assert_eq!(v, Verdict::Deliver);
+    assert_same_inner(&plain, &got);
+    // What the receiver's socket reports (next header: the outer packet's
+    // protocol, UDP for NAT-T), put back in front of the payload.
+    let mut reported = kept.clone();
+    reported[0] = protocol::UDP;
+    let mut storage = vec![0u8; 128 + got.len()];
+    storage[128..128 + got.len() - 40].copy_from_slice(&got[40..]);
+    let start = hop_by_hop::rebuild_v6(
+        &mut storage,
+        128,
+        got.len() - 40,
+        got[6],
+        IpAddr::from(A6),
+        IpAddr::from(B6),
+        sent[7],
+        0,
+        &reported,
+    )
+    .expect("room");
+    assert_eq!(&storage[start..128 + got.len() - 40], &sent[..]);
+
+    // A second packet in the same batch has no slot: dropped by name,
+    // never sent without its header.
+    let mut batch = [buf(&sent), buf(&sent)];
+    let mut verdicts = Vec::new();
+    l.out.process(&l.selector, &mut batch, &mut verdicts);
+    assert!(matches!(verdicts[0], Verdict::Send { .. }));
+    assert_eq!(verdicts[1], Verdict::Drop(DropReason::HopByHop));
+    // The receiving pipeline does the same from what its socket reported.
+    let mut slots = Slots::new(1);
+    assert!(slots.set(0, &reported));
+    l.inb.hop_by_hop = Some(slots);
+    let (v, wire) = l.seal(&sent);
+    assert!(matches!(v, Verdict::Send { .. }), "{v:?}");
+    let (v, got) = l.open(Encap::NATT, &wire);
+    assert_eq!(v, Verdict::Deliver);
+    assert_eq!(got[..7], sent[..7], "version, class, length, next header");
+    assert_eq!(got[8..], sent[8..], "addresses, hop-by-hop header, segment");
+    // A corrupted payload behind the header is still caught.
+    let (_, mut bad) = l.seal(&sent);
+    let at = bad.len() - 40;
+    bad[at] ^= 1;
+    assert_eq!(
+        l.open(Encap::NATT, &bad).0,
+        Verdict::Drop(DropReason::IcvFailure)
+    );
+    l.inb.hop_by_hop = None;
+
+    // Behind a carried header, a routing header is still refused by name.
+    let mut routed = sent.clone();
+    routed[40] = protocol::IPV6_ROUTING;
+    assert_eq!(l.seal(&routed).0, Verdict::Drop(DropReason::RoutingHeader));
 }

@@ -517,7 +517,7 @@ mod tests {
             seq_used: 3,
             seq_reserved: 4,
             soft_limit_reached: true,
-            drops: sa_drops(Some(&[1; DropReason::ALL.len()])),
+            drops: sa_drops(Some(&crate::datapath::ByReason([1; DropReason::ALL.len()]))),
             last_packet_ms_ago: Some(400),
             path_mtu: Some(1280),
             inner_mtu: Some(1238),

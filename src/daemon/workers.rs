@@ -84,6 +84,7 @@ impl DropLog {
             .seq
             .map_or_else(|| "-".to_string(), |s| s.to_string());
         let flow = flow.as_deref().unwrap_or("-");
+        let hint = reason.hint().unwrap_or("-");
         // Routine noise (the kernel's own IPv6 chatter into the TUN,
         // keepalives) at debug; everything else says something is wrong.
         if matches!(reason, DropReason::NoSa | DropReason::Keepalive) {
@@ -94,6 +95,7 @@ impl DropLog {
                 seq,
                 flow,
                 suppressed = more,
+                hint,
                 "dropped"
             );
         } else {
@@ -104,6 +106,7 @@ impl DropLog {
                 seq,
                 flow,
                 suppressed = more,
+                hint,
                 "dropped"
             );
         }

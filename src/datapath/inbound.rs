@@ -12,14 +12,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::outbound::{PathMtus, clamp_limit};
-use super::{Counters, DropContext, DropReason, Flow, SaDrops, Verdict};
+use super::{ByReason, Counters, DropContext, DropReason, Flow, SaDrops, Verdict};
 use crate::crypto::ProviderId;
 use crate::crypto::select::Selector;
 use crate::packet::PacketBuf;
 use crate::sa::InboundSa;
 use crate::sa::replay::ReplayError;
 use crate::sa::table::{SaId, SaMeta, SaTable, TableError};
-use crate::wire::ecn;
 use crate::wire::esp::{self, EspPacket, UdpPayload};
 use crate::wire::icmp::{self, MssClamp};
 use crate::wire::inner::{self, InnerPolicy, Pseudo};
@@ -28,6 +27,7 @@ use crate::wire::ip::{self, IPV4_HEADER_LEN, IPV6_HEADER_LEN, protocol};
 /// keepalive or IKE) versus raw ESP (outer header already removed) matters
 /// here.
 pub use crate::wire::outer::Encap;
+use crate::wire::{ecn, hop_by_hop};
 
 /// Hop limit of rebuilt headers: the outer packet's is not visible to a
 /// UDP socket without extra control messages, and the packet has arrived.
@@ -45,7 +45,14 @@ pub struct Inbound {
     /// what was dropped after it was found.
     pub sas: SaTable<InboundSa, SaDrops>,
     /// Per reason, the latest [`Self::process`] call's last drop.
-    last_drops: [Option<DropContext>; DropReason::ALL.len()],
+    last_drops: ByReason<Option<DropContext>>,
+    /// `Some` to carry IPv6 hop-by-hop headers ([`crate::wire::hop_by_hop`]):
+    /// the caller puts the header its socket reported for each received
+    /// datagram (`IPV6_RECVHOPOPTS`) under the packet's batch index, and
+    /// the rebuilt inner packet gets it back between its IPv6 header and
+    /// the decrypted payload. `None` (the default), or an empty slot: no
+    /// header. (Not yet filled by the daemon.)
+    pub hop_by_hop: Option<hop_by_hop::Slots>,
     /// `[inner] clamp_mss`, the tunnel MTU and the path MTU per peer (a
     /// copy of what the outbound side learned), for SYNs from the peer.
     pub clamp_mss: MssClamp,
@@ -90,14 +97,14 @@ impl Inbound {
         verdicts: &mut Vec<Verdict>,
     ) {
         verdicts.clear();
-        self.last_drops = [None; DropReason::ALL.len()];
+        self.last_drops = ByReason::default();
         let provider = selector.active();
         for (packet, buf) in batch.iter_mut().enumerate() {
             let mut context = DropContext {
                 packet,
                 ..DropContext::default()
             };
-            let verdict = match self.open_one(provider, encap, buf, &mut context) {
+            let verdict = match self.open_one(provider, encap, packet, buf, &mut context) {
                 Ok(()) => Verdict::Deliver,
                 Err(DropReason::Ike) if self.ike_handler => Verdict::Ike,
                 Err(reason) => {
@@ -117,6 +124,7 @@ impl Inbound {
         &mut self,
         provider: Option<ProviderId>,
         encap: Encap,
+        index: usize,
         buf: &mut PacketBuf,
         context: &mut DropContext,
     ) -> Result<(), DropReason> {
@@ -178,15 +186,34 @@ impl Inbound {
         }
         let payload_end = ciphertext_start + payload_len;
         let (remote, local) = (sa.inner.remote, sa.inner.local);
-        let header_start = rebuild_header(
-            storage,
-            ciphertext_start,
-            payload_len,
-            next_header,
-            remote,
-            local,
-            tos,
-        )?;
+        let reported = self.hop_by_hop.as_ref().map_or(&[][..], |s| s.get(index));
+        let header_start = if reported.is_empty() {
+            rebuild_header(
+                storage,
+                ciphertext_start,
+                payload_len,
+                next_header,
+                remote,
+                local,
+                tos,
+            )?
+        } else {
+            // The outer packet's hop-by-hop header goes back where the
+            // sender took it from; the transport checksum below does not
+            // cover it (RFC 8200 section 8.1). (icmp::clamp_mss finds no
+            // TCP header behind it: such SYNs keep their MSS.)
+            hop_by_hop::rebuild_v6(
+                storage,
+                ciphertext_start,
+                payload_len,
+                next_header,
+                remote,
+                local,
+                REBUILT_TTL,
+                tos,
+                reported,
+            )?
+        };
         // The check Linux skips for transport-mode NAT-T: against the
         // addresses this SA stands for, which are the ones just written.
         let pseudo = match (remote, local) {

@@ -35,10 +35,17 @@ pub enum DropReason {
     ZeroUdpChecksum,
     /// An IP fragment, whose checksum cannot be verified alone.
     Fragment,
-    /// An IPv6 hop-by-hop or routing header, which in transport mode
-    /// belongs to the outer header and is not carried, or a chain of more
-    /// than 8 extension headers. (Destination options are carried.)
+    /// A chain of more than 8 IPv6 extension headers. (Destination
+    /// options are carried inside ESP.)
     ExtensionHeader,
+    /// An IPv6 hop-by-hop options header, which in transport mode belongs
+    /// to the outer header (RFC 4303 section 3.1.1) and is not carried.
+    HopByHop,
+    /// An IPv6 routing header, which in transport mode belongs to the
+    /// outer header, and lists addresses on the way to the inner
+    /// destination, not the outer path's (Linux's `IPV6_RTHDR` takes only
+    /// types 2 and 4 anyway).
+    RoutingHeader,
     /// A protocol without a checksum esptun can verify.
     UnverifiableProtocol,
     /// UDP-Lite whose checksum does not cover the whole datagram.
@@ -105,12 +112,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 31] = [
+    pub const ALL: [DropReason; 33] = [
         DropReason::InnerHeader,
         DropReason::InnerChecksum,
         DropReason::ZeroUdpChecksum,
         DropReason::Fragment,
         DropReason::ExtensionHeader,
+        DropReason::HopByHop,
+        DropReason::RoutingHeader,
         DropReason::UnverifiableProtocol,
         DropReason::PartialCoverage,
         DropReason::NoProvider,
@@ -146,6 +155,8 @@ impl DropReason {
             DropReason::ZeroUdpChecksum => "zero_udp_checksum",
             DropReason::Fragment => "fragment",
             DropReason::ExtensionHeader => "extension_header",
+            DropReason::HopByHop => "hop_by_hop",
+            DropReason::RoutingHeader => "routing_header",
             DropReason::UnverifiableProtocol => "unverifiable_protocol",
             DropReason::PartialCoverage => "partial_coverage",
             DropReason::NoProvider => "no_provider",
@@ -172,6 +183,23 @@ impl DropReason {
             DropReason::ReassemblyTooBig => "reassembly_too_big",
             DropReason::ReassemblyMemory => "reassembly_memory",
             DropReason::ReassemblyMalformed => "reassembly_malformed",
+        }
+    }
+
+    /// What an operator can do about drops of this reason, for the
+    /// (rate-limited) drop log; `None` where the reason says it all.
+    pub fn hint(self) -> Option<&'static str> {
+        match self {
+            DropReason::HopByHop => Some(
+                "in transport mode an IPv6 hop-by-hop options header belongs to the outer \
+                 header (RFC 4303 section 3.1.1); esptun does not carry it: send without \
+                 IPV6_HOPOPTS, or use tunnel mode",
+            ),
+            DropReason::RoutingHeader => Some(
+                "in transport mode an IPv6 routing header belongs to the outer header, and its \
+                 addresses are not the outer path's: esptun does not carry it, send without it",
+            ),
+            _ => None,
         }
     }
 
@@ -202,6 +230,8 @@ impl From<InnerError> for DropReason {
             InnerError::ZeroUdpChecksum => DropReason::ZeroUdpChecksum,
             InnerError::Fragment => DropReason::Fragment,
             InnerError::ExtensionHeader => DropReason::ExtensionHeader,
+            InnerError::HopByHop => DropReason::HopByHop,
+            InnerError::RoutingHeader => DropReason::RoutingHeader,
             InnerError::Unverifiable(_) => DropReason::UnverifiableProtocol,
             InnerError::PartialCoverage => DropReason::PartialCoverage,
         }
@@ -318,7 +348,33 @@ pub struct DropContext {
 }
 
 /// One SA's drops, by [`DropReason::index`].
-pub type SaDrops = [u64; DropReason::ALL.len()];
+pub type SaDrops = ByReason<u64>;
+
+/// One `T` per [`DropReason`], indexed by [`DropReason::index`]. A newtype
+/// because the standard library implements `Default` for arrays of at most
+/// 32 elements, and there are more reasons than that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByReason<T>(pub [T; DropReason::ALL.len()]);
+
+impl<T: Copy + Default> Default for ByReason<T> {
+    fn default() -> Self {
+        ByReason([T::default(); DropReason::ALL.len()])
+    }
+}
+
+/// Reads and writes as the array it wraps.
+impl<T> std::ops::Deref for ByReason<T> {
+    type Target = [T; DropReason::ALL.len()];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for ByReason<T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
 
 /// Per-direction counters, readable from another thread.
 #[derive(Debug)]

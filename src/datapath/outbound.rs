@@ -26,11 +26,11 @@ use crate::crypto::select::Selector;
 use crate::packet::PacketBuf;
 use crate::sa::table::{SaId, SaMeta, SaState, SaTable, TableError};
 use crate::sa::{OutboundSa, SeqError};
-use crate::wire::esp;
 use crate::wire::icmp::{self, IPV4_MIN_MTU, IPV6_MIN_MTU, MssClamp};
 use crate::wire::inner::{self, InnerPolicy, InnerVerdict};
 use crate::wire::ip::{self, protocol};
 use crate::wire::outer::Encap;
+use crate::wire::{esp, hop_by_hop};
 
 /// The path MTU learned for each peer endpoint (outer address), and the
 /// encapsulation the arithmetic needs. Few peers: a short list, with its
@@ -166,6 +166,14 @@ pub struct Outbound {
     /// The last batch's [`DropReason::PacketTooBig`] drops: (index in the
     /// batch, inner MTU to advertise). Its capacity is reused.
     pub too_big: Vec<(usize, u16)>,
+    /// `Some` to carry IPv6 hop-by-hop headers on the outer packet
+    /// ([`crate::wire::hop_by_hop`]): ESP is sealed behind the header, and
+    /// the header's bytes are kept here under the packet's batch index for
+    /// the socket to send (`IPV6_HOPOPTS`); a batch longer than the slots
+    /// drops the rest of its hop-by-hop packets. `None` (the default):
+    /// such packets are dropped as `hop_by_hop`. (Not yet set by the
+    /// daemon: its sockets do not send the slots yet.)
+    pub hop_by_hop: Option<hop_by_hop::Slots>,
 }
 
 impl Outbound {
@@ -196,12 +204,15 @@ impl Outbound {
     ) {
         verdicts.clear();
         self.too_big.clear();
+        if let Some(slots) = &mut self.hop_by_hop {
+            slots.clear_all();
+        }
         // Once per batch: a provider switch takes effect at batch edges.
         let provider = selector.active();
         for (index, buf) in batch.iter_mut().enumerate() {
             let mut matched = None;
             let mut too_big = None;
-            let verdict = match self.seal_one(provider, buf, &mut matched, &mut too_big) {
+            let verdict = match self.seal_one(provider, index, buf, &mut matched, &mut too_big) {
                 Ok(sa) => Verdict::Send { sa },
                 Err(reason) => {
                     if let Some(mtu) = too_big {
@@ -221,13 +232,22 @@ impl Outbound {
     fn seal_one(
         &mut self,
         provider: Option<ProviderId>,
+        index: usize,
         buf: &mut PacketBuf,
         matched: &mut Option<SaId>,
         too_big: &mut Option<u16>,
     ) -> Result<SaId, DropReason> {
+        // A hop-by-hop header to carry stays in front of ESP, and its
+        // bytes are kept before sealing writes the ESP header over them.
+        let carried = match self.hop_by_hop {
+            Some(_) => hop_by_hop::first_header(buf.data())?,
+            None => None,
+        };
         // Corruption between the kernel and the cipher is caught here,
         // before a valid ICV would vouch for it.
-        let mut shape = if self.policy.fill_udp4_zero_checksum {
+        let mut shape = if carried.is_some() {
+            hop_by_hop::validate_behind(buf.data(), self.policy)?.0
+        } else if self.policy.fill_udp4_zero_checksum {
             // A zero UDP checksum is filled in below, so it passes here.
             let policy = InnerPolicy {
                 allow_udp4_zero_checksum: true,
@@ -271,7 +291,9 @@ impl Outbound {
         let payload_len = shape.total_len - shape.header_len;
         let encap = self.path_mtu.encap;
         let v6 = shape.src.is_ipv6();
-        let outer_len = icmp::outer_len(payload_len, encap, v6, icv);
+        // The outer packet carries the hop-by-hop header too.
+        let hbh_len = carried.map_or(0, |h| h.len);
+        let outer_len = icmp::outer_len(payload_len, encap, v6, icv) + hbh_len;
         // Before a sequence number is taken: a refused packet costs none.
         // A datagram the sender fragmented goes whole, its outer packet
         // fragmented by the host (PacketMeta::reassembled).
@@ -282,7 +304,9 @@ impl Outbound {
             *too_big = Some(mtu);
             return Err(DropReason::PacketTooBig);
         }
-        if matches!(shape.protocol, protocol::TCP | protocol::IPV6_DEST_OPTS) {
+        // (icmp::clamp_mss finds no TCP header behind a hop-by-hop one:
+        // such SYNs keep their MSS.)
+        if carried.is_none() && matches!(shape.protocol, protocol::TCP | protocol::IPV6_DEST_OPTS) {
             let limit = clamp_limit(
                 self.clamp_mss,
                 &self.path_mtu,
@@ -298,6 +322,18 @@ impl Outbound {
                 // so a wrong update is a drop, never a sent packet.
                 inner::validate(buf.data(), self.policy)?;
                 self.counters.mss_clamped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Kept only for a packet that is sealed; a verdict other than
+        // Send leaves its slot unused.
+        if let Some(h) = carried {
+            let kept = self.hop_by_hop.as_mut().is_some_and(|slots| {
+                buf.data()
+                    .get(ip::IPV6_HEADER_LEN..ip::IPV6_HEADER_LEN + h.len)
+                    .is_some_and(|bytes| slots.set(index, bytes))
+            });
+            if !kept {
+                return Err(DropReason::HopByHop);
             }
         }
         let pad = esp::pad_len(payload_len);

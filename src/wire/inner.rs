@@ -70,9 +70,21 @@ pub enum InnerError {
     ZeroUdpChecksum,
     #[error("IP fragment: its transport checksum cannot be verified alone")]
     Fragment,
+    /// RFC 8200 section 4.3: for every node on the path, so in transport
+    /// mode it belongs to the outer header (RFC 4303 section 3.1.1).
     #[error(
-        "IPv6 hop-by-hop or routing header (in transport mode these belong to the outer header and are not carried), or more than 8 extension headers"
+        "IPv6 hop-by-hop options header (in transport mode it belongs to the outer header, and is not carried)"
     )]
+    HopByHop,
+    /// RFC 8200 section 4.4: processed by the nodes it lists, so in
+    /// transport mode it belongs to the outer header; the addresses it
+    /// lists lead to the inner destination, not along the outer path, so
+    /// it is not moved there either.
+    #[error(
+        "IPv6 routing header (in transport mode it belongs to the outer header, and cannot be carried)"
+    )]
+    RoutingHeader,
+    #[error("more than 8 IPv6 extension headers")]
     ExtensionHeader,
     #[error("protocol {0} has no checksum esptun can verify")]
     Unverifiable(u8),
@@ -171,9 +183,8 @@ fn upper_layer_v6(mut proto: u8, segment: &[u8]) -> Result<(u8, &[u8]), InnerErr
                 rest = &rest[n..];
             }
             protocol::IPV6_FRAGMENT => return Err(InnerError::Fragment),
-            protocol::IPV6_HOP_BY_HOP | protocol::IPV6_ROUTING => {
-                return Err(InnerError::ExtensionHeader);
-            }
+            protocol::IPV6_HOP_BY_HOP => return Err(InnerError::HopByHop),
+            protocol::IPV6_ROUTING => return Err(InnerError::RoutingHeader),
             _ => return Ok((proto, rest)),
         }
     }
@@ -608,7 +619,9 @@ mod tests {
         assert_eq!(validate(&frag, p), Err(InnerError::Fragment));
         let mut ext = ipv6(A6, B6, protocol::UDP, b"x");
         ext[6] = protocol::IPV6_HOP_BY_HOP;
-        assert_eq!(validate(&ext, p), Err(InnerError::ExtensionHeader));
+        assert_eq!(validate(&ext, p), Err(InnerError::HopByHop));
+        ext[6] = protocol::IPV6_ROUTING;
+        assert_eq!(validate(&ext, p), Err(InnerError::RoutingHeader));
         // Also on the inbound path, and whatever the policy for unknown
         // protocols: the TCP/UDP behind the extension is never checked.
         let open = InnerPolicy {
@@ -616,11 +629,12 @@ mod tests {
             ..p
         };
         // Hop-by-hop and routing headers belong to the outer header in
-        // transport mode: not carried. A fragment header is a fragment.
-        for next in [0, 43] {
+        // transport mode: not carried, each by its own name. A fragment
+        // header is a fragment.
+        for (next, refused) in [(0, InnerError::HopByHop), (43, InnerError::RoutingHeader)] {
             assert_eq!(
                 validate_segment(Pseudo::V6(A6, B6), next, &ext[40..], open),
-                Err(InnerError::ExtensionHeader)
+                Err(refused)
             );
         }
         assert_eq!(

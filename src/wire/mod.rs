@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod ecn;
 pub mod esp;
 pub mod gso;
+pub mod hop_by_hop;
 pub mod icmp;
 pub mod inner;
 pub mod ip;

@@ -27,6 +27,8 @@
 #[allow(unsafe_code)]
 mod addr;
 #[allow(unsafe_code)]
+mod hopopts;
+#[allow(unsafe_code)]
 mod mmsg;
 #[allow(unsafe_code)]
 mod options;
