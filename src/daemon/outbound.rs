@@ -383,23 +383,36 @@ impl OutboundWorker {
     /// segment size of a UDP GSO train.
     fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
         for v6 in [false, true] {
-            // The ESP packet plus the outer IP and UDP headers.
-            let limit = usize::from(self.outer_mtu).saturating_sub(if v6 { 48 } else { 28 });
-            let packets = |large: bool| {
-                bufs.iter()
-                    .zip(verdicts)
-                    .filter_map(move |(buf, v)| match v {
-                        Verdict::Send { .. } if (buf.len() > limit) == large => buf
-                            .meta
-                            .peer
-                            .filter(|to| to.is_ipv6() == v6)
-                            .map(|to| (buf.data(), to, buf.meta.tos)),
-                        _ => None,
-                    })
+            // The ESP packet plus the outer IP and UDP headers. Raw ESP has
+            // no GSO trains, so nothing needs to go alone there.
+            let limit = if self.sockets.encap.is_udp() {
+                usize::from(self.outer_mtu).saturating_sub(if v6 { 48 } else { 28 })
+            } else {
+                usize::MAX
             };
-            self.send_family(v6, packets(false));
-            for packet in packets(true) {
-                self.send_family(v6, std::iter::once(packet));
+            let ours = |i: usize| -> Option<(&[u8], std::net::SocketAddr, u8)> {
+                let (buf, v) = (bufs.get(i)?, verdicts.get(i)?);
+                match v {
+                    Verdict::Send { .. } => buf
+                        .meta
+                        .peer
+                        .filter(|to| to.is_ipv6() == v6)
+                        .map(|to| (buf.data(), to, buf.meta.tos)),
+                    _ => None,
+                }
+            };
+            // In sequence-number order: the packets up to a large one in
+            // one call, then the large one alone, and so on. Sending the
+            // large ones after the rest reordered the stream by up to a
+            // batch, beyond a 32-packet replay window (strongSwan's default).
+            let is_large = |i: usize| ours(i).is_some_and(|(data, _, _)| data.len() > limit);
+            let mut start = 0;
+            while let Some((run, large)) = next_run(start, bufs.len(), is_large) {
+                self.send_family(v6, run.clone().filter_map(ours));
+                if let Some(i) = large {
+                    self.send_family(v6, ours(i).into_iter());
+                }
+                start = large.map_or(run.end, |i| i + 1);
             }
         }
     }
@@ -744,9 +757,51 @@ fn take_packet(
     filled + 1
 }
 
+/// From `start` of `n` packets: the packets before the next large one,
+/// and that large one; `None` when nothing is left. Sent in this order,
+/// run by run, the packets leave in the order of their sequence numbers.
+fn next_run(
+    start: usize,
+    n: usize,
+    is_large: impl Fn(usize) -> bool,
+) -> Option<(std::ops::Range<usize>, Option<usize>)> {
+    if start >= n {
+        return None;
+    }
+    let large = (start..n).find(|&i| is_large(i));
+    Some((start..large.unwrap_or(n), large))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Large packets go alone but in their place: the order of the
+    /// sends is the order of the batch.
+    #[test]
+    fn runs_keep_the_batch_order_around_large_packets() {
+        for large in [
+            vec![],
+            vec![0],
+            vec![3],
+            vec![0, 1, 5],
+            vec![7],
+            vec![2, 3, 4],
+        ] {
+            let n = 8;
+            let mut order = Vec::new();
+            let mut start = 0;
+            while let Some((run, alone)) = next_run(start, n, |i| large.contains(&i)) {
+                assert!(run.clone().all(|i| !large.contains(&i)), "{large:?}");
+                order.extend(run.clone());
+                if let Some(i) = alone {
+                    order.push(i);
+                }
+                start = alone.map_or(run.end, |i| i + 1);
+            }
+            assert_eq!(order, (0..n).collect::<Vec<_>>(), "large {large:?}");
+        }
+    }
     use crate::wire::gso::testutil::{Spec, payload};
     use crate::wire::inner::validate;
     use crate::wire::ip::protocol;
