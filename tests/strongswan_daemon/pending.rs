@@ -339,3 +339,50 @@ fn strongswan_daemon_wireshark_child_keys() {
         }
     }
 }
+
+/// charon narrows the traffic selectors to UDP; esptun refuses the CHILD
+/// SA (it wants host to host) and must then delete it on charon's side
+/// (RFC 7296 section 1.4.1), or charon keeps a CHILD SA, in the guest
+/// kernel too, that esptun never uses. Today esptun refuses silently.
+#[test]
+fn strongswan_daemon_narrowed_child_deleted() {
+    let test = "strongswan_daemon_narrowed_child_deleted";
+    if !enabled(
+        test,
+        "an INFORMATIONAL Delete of a CHILD SA the daemon refuses after charon installed it",
+    ) {
+        return;
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let psk = random_psk();
+    let swan = Swan {
+        ts: Some(("198.18.52.2/32[17]", "198.18.52.1/32[17]")),
+        ..Swan::new(IKE, ESP, &psk)
+    };
+    let side = Side::new(true, IKE, ESP, &psk);
+    let Some(mut lab) = Lab::boot(test) else {
+        return;
+    };
+    if let Err(e) = lab.load_swan(&swan).and_then(|()| lab.start_esptun(&side)) {
+        lab.fail(&e);
+    }
+    let deadline = Instant::now() + IKE_TIMEOUT;
+    loop {
+        let s = lab.status().unwrap_or_else(|e| lab.fail(&e));
+        if s["ike"]["peers"][0]["counters"]["children_failed"].as_u64() >= Some(1) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            lab.fail("esptun did not refuse the narrowed CHILD SA in time");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let sas = lab.sh("/usr/sbin/swanctl --list-sas").unwrap_or_else(|e| e);
+    let xfrm = lab.sh("/sbin/ip xfrm state").unwrap_or_else(|e| e);
+    if sas.contains("INSTALLED") || !xfrm.trim().is_empty() {
+        lab.fail(&format!(
+            "esptun refused the narrowed CHILD SA but charon keeps it:\n{sas}\n{xfrm}"
+        ));
+    }
+}
