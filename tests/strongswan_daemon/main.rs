@@ -23,13 +23,17 @@
 //! traffic selectors charon refuses or narrows: each fails on both sides,
 //! with the reason in esptun's log and counters and in charon's log.
 //!
+//! esptun restarted: its new IKE_AUTH carries INITIAL_CONTACT and charon
+//! replaces the old IKE and CHILD SAs (`strongswan_daemon_esptun_restarted`).
+//!
 //! Cases waiting for other work (rekey, INITIAL_CONTACT, DPD, NAT-T) are
 //! in [`pending`], each its own test function, run only with
 //! `ESPTUN_SWAN_PENDING=1` (otherwise a SKIPPED line says what it waits
 //! for).
 //!
 //! Addresses: 198.18.52.1 (the TAP in the namespace) and 198.18.52.2 (the
-//! guest). Needs root and qemu; without either prints a SKIPPED line (a
+//! guest). qemu uses KVM where /dev/kvm opens, else TCG
+//! (`ESPTUN_GUEST_TCG=1` forces TCG). Needs root and qemu; without either prints a SKIPPED line (a
 //! failure under `ESPTUN_REQUIRE_NETNS=1`). A failure prints charon's log,
 //! `swanctl --list-sas`, `ip xfrm state`, the guest's console and
 //! counters, and esptun's status and log. `ESPTUN_SWAN_KEEP=1` keeps the
@@ -223,4 +227,46 @@ fn strongswan_daemon_refusals() {
         started.elapsed().as_secs_f64(),
         lines.join("\n    ")
     );
+}
+
+/// esptun restarts and initiates with INITIAL_CONTACT: charon replaces
+/// its old IKE and CHILD SAs (RFC 7296 section 2.4).
+#[test]
+fn strongswan_daemon_esptun_restarted() {
+    let test = "strongswan_daemon_esptun_restarted";
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let psk = random_psk();
+    let swan = Swan::new(pending::IKE, pending::ESP, &psk);
+    let side = Side::new(true, pending::IKE, pending::ESP, &psk);
+    let Some((mut lab, first)) = pending::up(test, &swan, &side) else {
+        return;
+    };
+    pending::traffic(&mut lab, "before esptun's restart");
+    if let Err(e) = lab.restart_esptun(&side) {
+        lab.fail(&format!("restarting esptun: {e}"));
+    }
+    let now = match workload::wait_established(&mut lab, IKE_TIMEOUT) {
+        Ok((n, _)) => n,
+        Err(e) => lab.fail(&format!("after esptun's restart: {e}")),
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let ike = pending::ike_sas_on_charon(&mut lab);
+    let children = pending::charon_children(&mut lab);
+    let log = lab.charon_case_log();
+    let contact = log
+        .lines()
+        .filter(|l| l.contains("parsed IKE_AUTH request") && l.contains("N(INIT_CONTACT)"))
+        .count();
+    if ike != 1 || children.len() != 1 || now.0 == first.0 || contact < 2 {
+        lab.fail(&format!(
+            "after esptun's INITIAL_CONTACT ({contact} IKE_AUTH requests with it) charon keeps \
+             {ike} IKE SA(s), CHILD SAs {children:?}"
+        ));
+    }
+    eprintln!(
+        "{test}: esptun restarted: its new IKE SA {} (the old {}) carried INITIAL_CONTACT; \
+         charon keeps {ike} IKE SA and CHILD SAs {children:?}",
+        now.0, first.0
+    );
+    pending::traffic(&mut lab, "after esptun's restart");
 }
