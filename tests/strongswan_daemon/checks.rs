@@ -6,7 +6,7 @@
 //! The ESP records come from the guest kernel's SAs (`ip xfrm state`, the
 //! keys charon derived): `esptun wireshark-keys -c` reads the static key
 //! files of a configuration and has no records for a `[peer.ike]` peer
-//! (that gap is [`crate::pending`]'s `strongswan_daemon_wireshark_child_keys`).
+//! (that gap is [`crate::lifecycle`]'s `strongswan_daemon_wireshark_child_keys`).
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};

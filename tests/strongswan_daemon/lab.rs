@@ -27,7 +27,8 @@ pub struct Swan {
     pub remote_id: Option<&'static str>,
     /// charon's local/remote traffic selectors (default: the addresses).
     pub ts: Option<(&'static str, &'static str)>,
-    /// (IKE, CHILD) rekey_time in seconds; 0 disables.
+    /// (IKE, CHILD) rekey_time in seconds; 0 disables. The CHILD SA's
+    /// without jitter (`rand_time = 0s`), for simultaneous rekeys.
     pub rekey: (u32, u32),
     pub dpd_delay: u32,
     pub encap: bool,
@@ -84,6 +85,7 @@ impl Swan {
         replay_window = 1024
 {ts}        start_action = none
         rekey_time = {child_rekey}s
+        rand_time = 0s
         dpd_action = clear
       }}
     }}

@@ -27,13 +27,13 @@
 //! replaces the old IKE and CHILD SAs (`strongswan_daemon_esptun_restarted`).
 //!
 //! Cases waiting for other work (rekey, INITIAL_CONTACT, DPD, NAT-T) are
-//! in [`pending`], each its own test function, run only with
+//! in [`lifecycle`], each its own test function, run only with
 //! `ESPTUN_SWAN_PENDING=1` (otherwise a SKIPPED line says what it waits
 //! for).
 //!
 //! Addresses: 198.18.52.1 (the TAP in the namespace) and 198.18.52.2 (the
-//! guest). qemu uses KVM where /dev/kvm opens, else TCG
-//! (`ESPTUN_GUEST_TCG=1` forces TCG). Needs root and qemu; without either prints a SKIPPED line (a
+//! guest). qemu runs the guest under TCG, or KVM with `ESPTUN_GUEST_KVM=1`
+//! (see `tests/interop/guest.rs`). Needs root and qemu; without either prints a SKIPPED line (a
 //! failure under `ESPTUN_REQUIRE_NETNS=1`). A failure prints charon's log,
 //! `swanctl --list-sas`, `ip xfrm state`, the guest's console and
 //! counters, and esptun's status and log. `ESPTUN_SWAN_KEEP=1` keeps the
@@ -50,7 +50,7 @@ mod traffic;
 
 mod checks;
 mod lab;
-mod pending;
+mod lifecycle;
 mod refusals;
 mod workload;
 
@@ -236,12 +236,12 @@ fn strongswan_daemon_esptun_restarted() {
     let test = "strongswan_daemon_esptun_restarted";
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let psk = random_psk();
-    let swan = Swan::new(pending::IKE, pending::ESP, &psk);
-    let side = Side::new(true, pending::IKE, pending::ESP, &psk);
-    let Some((mut lab, first)) = pending::up(test, &swan, &side) else {
+    let swan = Swan::new(lifecycle::IKE, lifecycle::ESP, &psk);
+    let side = Side::new(true, lifecycle::IKE, lifecycle::ESP, &psk);
+    let Some((mut lab, first)) = lifecycle::up(test, &swan, &side) else {
         return;
     };
-    pending::traffic(&mut lab, "before esptun's restart");
+    lifecycle::traffic(&mut lab, "before esptun's restart");
     if let Err(e) = lab.restart_esptun(&side) {
         lab.fail(&format!("restarting esptun: {e}"));
     }
@@ -250,8 +250,8 @@ fn strongswan_daemon_esptun_restarted() {
         Err(e) => lab.fail(&format!("after esptun's restart: {e}")),
     };
     std::thread::sleep(Duration::from_secs(2));
-    let ike = pending::ike_sas_on_charon(&mut lab);
-    let children = pending::charon_children(&mut lab);
+    let ike = lifecycle::ike_sas_on_charon(&mut lab);
+    let children = lifecycle::charon_children(&mut lab);
     let log = lab.charon_case_log();
     let contact = log
         .lines()
@@ -268,5 +268,5 @@ fn strongswan_daemon_esptun_restarted() {
          charon keeps {ike} IKE SA and CHILD SAs {children:?}",
         now.0, first.0
     );
-    pending::traffic(&mut lab, "after esptun's restart");
+    lifecycle::traffic(&mut lab, "after esptun's restart");
 }
