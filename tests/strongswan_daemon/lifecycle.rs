@@ -78,12 +78,6 @@ pub fn ike_sas_on_charon(lab: &mut Lab) -> usize {
 #[test]
 fn strongswan_daemon_rekey_by_charon() {
     let test = "strongswan_daemon_rekey_by_charon";
-    if !enabled(
-        test,
-        "CREATE_CHILD_SA rekeying in the daemon (src/daemon/ike.rs)",
-    ) {
-        return;
-    }
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let psk = random_psk();
     let swan = Swan {
