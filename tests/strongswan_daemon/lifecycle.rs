@@ -154,6 +154,14 @@ fn strongswan_daemon_rekey_simultaneous() {
         "{test}: {rounds} TCP rounds; first {first:?}, now {now:?}; charon:\n    {}",
         rekeys.join("\n    ")
     );
+    // Both sides must have started a rekey: esptun's request parsed by
+    // charon next to charon's own (else this was charon's rekey alone).
+    if !rekeys
+        .iter()
+        .any(|l| l.contains("parsed CREATE_CHILD_SA request"))
+    {
+        lab.fail("esptun never started a CHILD SA rekey (child_rekey_secs = 60): no collision");
+    }
 }
 
 /// charon dies and comes back, initiating with INITIAL_CONTACT: esptun
