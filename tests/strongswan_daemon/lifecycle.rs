@@ -111,7 +111,7 @@ fn strongswan_daemon_rekey_simultaneous() {
     let test = "strongswan_daemon_rekey_simultaneous";
     if !enabled(
         test,
-        "CREATE_CHILD_SA rekeying with collisions in the daemon",
+        "CHILD SA rekeys started by the daemon (child_rekey_secs) and their collisions",
     ) {
         return;
     }
