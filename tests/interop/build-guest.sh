@@ -3,13 +3,14 @@
 # its strongSwan interop (tests/strongswan.rs): a Debian kernel and a small
 # initramfs (static busybox, iproute2's real `ip` with its libraries, the
 # kernel modules ESP needs, nettool, and strongSwan's charon and swanctl
-# with the few plugins IKEv2 with a PSK, AES-GCM and X25519 need), cached in
+# with the few plugins IKEv2 with a PSK, AES-GCM, X25519 and ECP-256 need), cached in
 # ${ESPTUN_INTEROP_CACHE:-/var/cache/esptun-interop}. Idempotent: a second run
 # with the same inputs does nothing and prints the same paths.
 #
 # strongSwan comes from this machine's apt sources (`apt-get download`,
 # `dpkg-deb -x`), never installed: libstrongswan, its standard plugins (gcm),
-# its extra plugins (curve25519: X25519 without OpenSSL's 4 MB libcrypto),
+# its extra plugins (curve25519: X25519; ECP-256 comes from the openssl
+# plugin and the host's libcrypto),
 # strongswan-libcharon, strongswan-charon and strongswan-swanctl. Its shared
 # libraries (libcap, libsystemd and what that pulls in) are the host's, as
 # ldd finds them.
@@ -112,8 +113,10 @@ fi
 # charon's plugins: sockets and the kernel's xfrm (netlink), randomness and
 # nonces, AES-GCM, HMAC-SHA2 PRFs and prf+ (kdf), X25519, SHA-1 (charon's
 # SA managers and NAT detection require it), and vici for swanctl. A PSK
-# needs no certificate or key parser.
-ss_plugins="random nonce aes gcm sha1 sha2 hmac kdf curve25519 kernel-netlink socket-default vici"
+# needs no certificate or key parser. openssl (with the host's libcrypto)
+# for ECP-256, which no other packaged plugin here offers
+# (tests/strongswan_daemon/ negotiates it).
+ss_plugins="random nonce aes gcm sha1 sha2 hmac kdf curve25519 openssl kernel-netlink socket-default vici"
 
 # Everything the initramfs is made of decides whether to rebuild it.
 stamp=$( {

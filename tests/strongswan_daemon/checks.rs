@@ -1,0 +1,481 @@
+//! The independent checks of the first case: tshark decrypts the IKE
+//! exchange (keys from `esptun wireshark-keys --ike`) and every captured
+//! ESP packet, and esptun drops the corrupted-block packet of
+//! `tests/interop/corrupt.rs` on the IKE-made CHILD SA as `inner_checksum`.
+//!
+//! The ESP records come from the guest kernel's SAs (`ip xfrm state`, the
+//! keys charon derived): `esptun wireshark-keys -c` reads the static key
+//! files of a configuration and has no records for a `[peer.ike]` peer
+//! (that gap is [`crate::lifecycle`]'s `strongswan_daemon_wireshark_child_keys`).
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use esptun::crypto::{IcvLen, soft};
+use esptun::sa::KeyMaterial;
+use esptun::wire::esp;
+
+use crate::common::{run_bounded, wait_bounded};
+use crate::lab::{GUEST, HOST, Lab};
+use crate::workload::Established;
+use crate::{UDP_COUNT, UDP_SIZE};
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.exists())
+}
+
+/// dumpcap on the TAP: IKE (500, 4500) and ESP.
+pub struct Capture {
+    child: Option<Child>,
+    file: PathBuf,
+    tshark: PathBuf,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Capture {
+    /// `None` (after a SKIPPED line, a failure under
+    /// `ESPTUN_REQUIRE_TSHARK=1`) without tshark and dumpcap.
+    pub fn start(lab: &Lab, test: &str) -> Option<Capture> {
+        let (Some(tshark), Some(dumpcap)) = (find_tool("tshark"), find_tool("dumpcap")) else {
+            crate::common::skip_unless_required(
+                test,
+                "ESPTUN_REQUIRE_TSHARK",
+                "tshark/dumpcap are not installed: the independent decoder is skipped",
+            );
+            return None;
+        };
+        let file = lab.dir.join("wire.pcapng");
+        let log = lab.dir.join("dumpcap.log");
+        let child = lab
+            .ns
+            .command(&dumpcap)
+            .args([
+                "-q",
+                "-i",
+                "tap0",
+                "-f",
+                "esp or udp port 500 or udp port 4500",
+            ])
+            .arg("-w")
+            .arg(&file)
+            .args(["-a", "duration:900"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("dumpcap log"))
+            .spawn()
+            .expect("starting dumpcap");
+        let capture = Capture {
+            child: Some(child),
+            file,
+            tshark,
+        };
+        for _ in 0..300 {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("Capturing on")
+            {
+                std::thread::sleep(Duration::from_millis(500));
+                return Some(capture);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "dumpcap did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn stop(mut self) -> Result<PathBuf, String> {
+        let mut child = self.child.take().ok_or("dumpcap is not running")?;
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // Our own child, not yet reaped.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+        wait_bounded(&mut child, Duration::from_secs(15))?;
+        Ok(self.file.clone())
+    }
+}
+
+/// One SA of the guest kernel: (src, dst, SPI, key and salt).
+type XfrmSa = (IpAddr, IpAddr, u32, Vec<u8>);
+
+/// The guest's `ip xfrm state`, parsed.
+fn guest_sas(lab: &mut Lab) -> Result<Vec<XfrmSa>, String> {
+    let text = lab.sh("/sbin/ip xfrm state")?;
+    let mut sas = Vec::new();
+    let mut cur: Option<(IpAddr, IpAddr, u32)> = None;
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["src", s, "dst", d, ..] => {
+                cur = s.parse().ok().zip(d.parse().ok()).map(|(s, d)| (s, d, 0));
+            }
+            ["proto", "esp", "spi", spi, ..] => {
+                if let (Some(c), Ok(v)) = (
+                    cur.as_mut(),
+                    u32::from_str_radix(spi.trim_start_matches("0x"), 16),
+                ) {
+                    c.2 = v;
+                }
+            }
+            ["aead", _, key, "128"] => {
+                if let Some((s, d, spi)) = cur {
+                    let key = unhex(key.trim_start_matches("0x"))
+                        .ok_or_else(|| format!("xfrm key {key}"))?;
+                    sas.push((s, d, spi, key));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(sas)
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn run_tshark(
+    tshark: &Path,
+    file: &Path,
+    dir: &Path,
+    opts: &[String],
+    fields: &[&str],
+    filter: &str,
+) -> Result<Vec<Vec<String>>, String> {
+    let mut cmd = Command::new(tshark);
+    cmd.arg("-n").arg("-r").arg(file);
+    for o in opts {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.args(["-Y", filter, "-T", "fields", "-E", "separator=|"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let (status, out, err) = run_bounded(cmd, dir, "tshark", Duration::from_secs(180))?;
+    if !status.success() {
+        return Err(format!("tshark exited with {status}: {err}"));
+    }
+    Ok(out
+        .lines()
+        .map(|l| l.split('|').map(str::to_string).collect())
+        .collect())
+}
+
+/// tshark on the capture of the first case; lines for the report.
+pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    let (tshark_bin, dir) = (capture.tshark.clone(), lab.dir.clone());
+    // The IKE SA keys, from the running daemon.
+    let out = Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "--ike", "-c"])
+        .arg(lab.config())
+        .output()
+        .map_err(|e| format!("wireshark-keys --ike: {e}"))?;
+    let ike_records: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    if !out.status.success() || ike_records.is_empty() {
+        return Err(format!(
+            "wireshark-keys --ike: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let sas = guest_sas(lab)?;
+    let file = capture.stop()?;
+    let mut opts: Vec<String> = ike_records
+        .iter()
+        .map(|r| format!("uat:ikev2_decryption_table:{r}"))
+        .collect();
+    opts.push("esp.enable_encryption_decode:TRUE".into());
+    for (s, d, spi, key) in &sas {
+        opts.push(format!(
+            "uat:esp_sa:\"IPv4\",\"{s}\",\"{d}\",\"0x{spi:08x}\",\"{}\",\"0x{}\",\"NULL\",\"\"",
+            esptun::tools::wireshark::encryption_algorithm(IcvLen::Icv16),
+            hex(key)
+        ));
+    }
+    // IKE_AUTH both ways, decrypted: the identities inside SK.
+    let auth = run_tshark(
+        &tshark_bin,
+        &file,
+        &dir,
+        &opts,
+        &[
+            "isakmp.ispi",
+            "isakmp.id.data.ipv4_addr",
+            "isakmp.auth.method",
+            "isakmp.ts.start_ipv4",
+        ],
+        "isakmp.exchangetype == 35",
+    )?;
+    let ids: Vec<&str> = auth
+        .iter()
+        .filter_map(|f| f.get(1).map(String::as_str))
+        .collect();
+    let spi_i = sa.0.trim_start_matches("0x").to_lowercase();
+    if auth.len() < 2
+        || !auth.iter().all(|f| f[0].contains(&spi_i))
+        || !ids.contains(&HOST.to_string().as_str())
+        || !ids.contains(&GUEST.to_string().as_str())
+    {
+        return Err(format!(
+            "tshark did not decrypt the IKE_AUTH exchange of {spi_i}: {auth:?} \
+             (records {} ike)",
+            ike_records.len()
+        ));
+    }
+    lines.push(format!(
+        "tshark decrypted IKE_AUTH with `wireshark-keys --ike`: {} messages, IDs {ids:?}, \
+         TS {:?}",
+        auth.len(),
+        auth.iter().filter_map(|f| f.get(3)).collect::<Vec<_>>()
+    ));
+    // ESP: every packet of the CHILD SA decrypted, both ways.
+    let esp = run_tshark(
+        &tshark_bin,
+        &file,
+        &dir,
+        &opts,
+        &[
+            "esp.spi",
+            "esp.protocol",
+            "data.len",
+            "tcp.len",
+            "icmp.type",
+        ],
+        "esp",
+    )?;
+    let (inb, out) = *sa.2.last().ok_or("no CHILD SA")?;
+    for (spi, what) in [(out, "host->guest (esptun)"), (inb, "guest->host (kernel)")] {
+        let rows: Vec<&Vec<String>> = esp
+            .iter()
+            .filter(|f| {
+                u32::from_str_radix(f[0].trim_start_matches("0x"), 16).ok()
+                    == u32::try_from(spi).ok()
+            })
+            .collect();
+        let decrypted = rows
+            .iter()
+            .filter(|f| f.get(1).is_some_and(|p| !p.is_empty()))
+            .count();
+        let udp = rows
+            .iter()
+            .filter(|f| {
+                f.get(2)
+                    .is_some_and(|n| n.split(',').any(|n| n == UDP_SIZE.to_string()))
+            })
+            .count();
+        let tcp = rows
+            .iter()
+            .filter(|f| {
+                f.get(3)
+                    .is_some_and(|n| n.split(',').any(|n| n.parse::<u32>().is_ok_and(|n| n > 0)))
+            })
+            .count();
+        let icmp = rows
+            .iter()
+            .filter(|f| f.get(4).is_some_and(|t| !t.is_empty()))
+            .count();
+        if rows.is_empty()
+            || decrypted != rows.len()
+            || udp < UDP_COUNT as usize
+            || tcp == 0
+            || icmp < 3
+        {
+            return Err(format!(
+                "tshark on {what} SPI {spi:08x}: {} ESP, {decrypted} decrypted, {udp} UDP/{UDP_SIZE}, \
+                 {tcp} TCP with data, {icmp} ICMP (capture {})",
+                rows.len(),
+                file.display()
+            ));
+        }
+        lines.push(format!(
+            "tshark decrypted all {} ESP packets {what} SPI {spi:08x} ({udp} UDP/{UDP_SIZE}, \
+             {tcp} TCP with data, {icmp} ICMP), keys from the guest's xfrm state",
+            rows.len()
+        ));
+    }
+    Ok(lines)
+}
+
+/// Internet checksum over `parts`.
+fn csum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for p in parts {
+        for c in p.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from(c[0]) << 8
+            };
+            sum += u32::from(w);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A UDP datagram guest:7001 -> host:7000 with a right checksum.
+fn udp_segment(payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(8 + payload.len()).expect("small");
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&7001u16.to_be_bytes());
+    seg.extend_from_slice(&7000u16.to_be_bytes());
+    seg.extend_from_slice(&len.to_be_bytes());
+    seg.extend_from_slice(&[0, 0]);
+    seg.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&GUEST.octets());
+    pseudo.extend_from_slice(&HOST.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    let c = csum(&[&pseudo, &seg]);
+    seg[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    seg
+}
+
+/// The ESP packet (SPI onwards) of tests/interop/corrupt.rs's `craft`:
+/// with `corrupt`, plaintext block 2 replaced by block 1 before a valid
+/// seal.
+fn craft(
+    key: &KeyMaterial,
+    spi: u32,
+    seq: u64,
+    esn: bool,
+    segment: &[u8],
+    corrupt: bool,
+) -> Vec<u8> {
+    let pad = esp::pad_len(segment.len());
+    let mut plaintext = segment.to_vec();
+    plaintext.resize(segment.len() + pad + esp::TRAILER_LEN, 0);
+    esp::emit_trailer(&mut plaintext[segment.len()..], 17);
+    if corrupt {
+        let (head, tail) = plaintext.split_at_mut(32);
+        tail[..16].copy_from_slice(&head[16..32]);
+    }
+    let mut header = [0u8; esp::HEADER_LEN + esp::IV_LEN];
+    esp::emit_header(&mut header, spi, seq);
+    let nonce = esp::nonce(*key.salt(), seq.to_be_bytes());
+    let (aad, aad_len) = esp::aad(spi, seq, esn);
+    let sealer = soft::provider()
+        .new_key(key.key(), IcvLen::Icv16)
+        .expect("soft provider key");
+    let mut tag = [0u8; 16];
+    sealer
+        .seal_in_place(&nonce, &aad[..aad_len], &mut plaintext, &mut tag)
+        .expect("seal");
+    let mut packet = header.to_vec();
+    packet.extend_from_slice(&plaintext);
+    packet.extend_from_slice(&tag);
+    packet
+}
+
+/// Raw ESP from "the guest" (an IPv4 header written here) to esptun,
+/// through the namespace's own stack.
+fn inject(lab: &Lab, esp_packet: &[u8]) -> Result<(), String> {
+    let total = u16::try_from(20 + esp_packet.len()).map_err(|e| e.to_string())?;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 50, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&GUEST.octets());
+    ip.extend_from_slice(&HOST.octets());
+    let c = csum(&[&ip]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(esp_packet);
+    lab.ns
+        .run(move || -> Result<(), String> {
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+            )
+            .map_err(|e| format!("raw socket: {e}"))?;
+            s.send_to(&ip, &SocketAddr::new(IpAddr::V4(HOST), 0).into())
+                .map_err(|e| format!("send: {e}"))?;
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// The control packet reaches the UDP socket; its corrupted twin is
+/// dropped by esptun as `inner_checksum`.
+/// `esn`: the CHILD SA's (its sequence numbers' high half is in the AAD,
+/// RFC 4106 section 5).
+pub fn corrupted_block(lab: &mut Lab, sa: &Established, esn: bool) -> Result<Vec<String>, String> {
+    let (inb, _) = *sa.2.last().ok_or("no CHILD SA")?;
+    let inb = u32::try_from(inb).map_err(|e| e.to_string())?;
+    let (_, _, _, key) = guest_sas(lab)?
+        .into_iter()
+        .find(|s| s.2 == inb && s.0 == IpAddr::V4(GUEST))
+        .ok_or_else(|| format!("no guest SA {inb:08x}"))?;
+    let key = KeyMaterial::from_bytes(&key).map_err(|e| e.to_string())?;
+    let payload: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(0x41))
+        .collect();
+    let seg = udp_segment(&payload);
+    let seq = 1u64 << 22;
+    let good = craft(&key, inb, seq, esn, &seg, false);
+    let bad = craft(&key, inb, seq + 1, esn, &seg, true);
+    let sock = lab
+        .ns
+        .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(HOST), 7000)))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let drops = |lab: &Lab| -> Result<u64, String> {
+        Ok(lab.status()?["inbound"]["drops"]["inner_checksum"]
+            .as_u64()
+            .unwrap_or(u64::MAX))
+    };
+    let before = drops(lab)?;
+    inject(lab, &good)?;
+    let mut buf = [0u8; 2048];
+    let got = sock
+        .recv(&mut buf)
+        .map_err(|e| format!("the control datagram did not arrive: {e}"))?;
+    if buf[..got] != payload[..] {
+        return Err("the control datagram arrived changed".into());
+    }
+    inject(lab, &bad)?;
+    if let Ok(n) = sock.recv(&mut buf) {
+        return Err(format!("the corrupted datagram was delivered ({n} bytes)"));
+    }
+    let after = drops(lab)?;
+    if after != before + 1 {
+        return Err(format!("inner_checksum drops {before} -> {after}, want +1"));
+    }
+    Ok(vec![format!(
+        "corrupted block on the CHILD SA {inb:08x} (ESN {esn}): control datagram delivered \
+         intact, corrupted twin dropped, inner_checksum {before} -> {after}"
+    )])
+}
