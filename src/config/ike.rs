@@ -16,6 +16,8 @@
 //! ike_rekey_secs = 14400
 //! child_rekey_secs = 3600
 //! liveness_secs = 30
+//! force_encap = false                    # true: fake NAT detection, ESP in UDP
+//! cookie_threshold = 16                  # half-open IKE SAs before cookies
 //! ```
 //!
 //! A proposal string names one algorithm of each kind, strongSwan style,
@@ -61,6 +63,15 @@ pub struct RawIke {
     pub child_rekey_secs: u64,
     #[serde(default = "default_liveness")]
     pub liveness_secs: u64,
+    /// Fakes our NAT detection source hash (like strongSwan's `encap =
+    /// yes`): IKE moves to the NAT-T port and ESP goes in UDP even
+    /// without a NAT (RFC 7296 section 2.23 allows it).
+    #[serde(default)]
+    pub force_encap: bool,
+    /// Half-open IKE SAs from which the responder demands a COOKIE (RFC
+    /// 7296 section 2.6); the daemon's one gate uses the lowest of its
+    /// peers'. Default 16.
+    pub cookie_threshold: Option<usize>,
 }
 
 fn default_ike_rekey() -> u64 {
@@ -93,6 +104,10 @@ pub struct IkeSettings {
     pub child_rekey: Duration,
     /// Between liveness checks of a quiet peer (RFC 7296 section 2.4).
     pub liveness: Duration,
+    /// Fake NAT detection to force UDP encapsulation.
+    pub force_encap: bool,
+    /// See [`RawIke::cookie_threshold`].
+    pub cookie_threshold: Option<usize>,
 }
 
 /// A validated peer keyed by IKE.
@@ -363,6 +378,8 @@ pub(super) fn settings(
         ike_rekey: Duration::from_secs(ike_s),
         child_rekey: Duration::from_secs(child_s),
         liveness: Duration::from_secs(raw.liveness_secs),
+        force_encap: raw.force_encap,
+        cookie_threshold: raw.cookie_threshold,
     })
     .filter(|_| ok)
 }
