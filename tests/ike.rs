@@ -805,3 +805,126 @@ fn initial_contact_from_a_killed_and_restarted_peer_clears_stale_sas() {
         format!("ping after the restart: {ping:?}")
     });
 }
+
+/// Brings the lab's IKE SA up with (b) responder first and checks ping
+/// and echoed UDP through it.
+fn carries_ping_and_udp(lab: &TunnelLab) {
+    let ping = lab
+        .ping(10)
+        .unwrap_or_else(|e| fail(lab, &format!("ping: {e}")));
+    check(lab, ping.received >= 9, || format!("ping: {ping:?}"));
+    let udp = lab
+        .udp_exchange(200, 1200)
+        .unwrap_or_else(|e| fail(lab, &format!("udp: {e}")));
+    check(lab, udp.mismatched == 0 && udp.echoed_ok >= 190, || {
+        format!("udp: {udp:?}")
+    });
+}
+
+/// `force_encap` (strongSwan's `encap = yes`): without any NAT, the
+/// faked NAT detection hash moves IKE from port 500 to 4500 after
+/// IKE_SA_INIT (RFC 7296 section 2.23) and the CHILD SA's ESP into UDP;
+/// the tunnel carries traffic, the inner checksums validate, and status
+/// shows the (faked) NAT and the keepalives of the side "behind" it.
+#[test]
+fn a_peer_faking_nat_moves_ike_and_esp_to_4500() {
+    let Some(lab) = ike_lab_with(
+        "ike_force_encap",
+        "ikef",
+        81,
+        Encap::NATT,
+        false,
+        false,
+        "force_encap = true\n",
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    let [a, _] = wait_established(&lab);
+    carries_ping_and_udp(&lab);
+    for side in [Side::A, Side::B] {
+        let s = status(&lab, side);
+        let sa = s["ike"]["peers"][0]["sas"]
+            .as_array()
+            .and_then(|sas| sas.iter().find(|sa| sa["spi_i"] == a.0.as_str()))
+            .cloned()
+            .unwrap_or_else(|| fail(&lab, &format!("{side:?}: no IKE SA {}: {s:#}", a.0)));
+        let nat = &sa["nat"];
+        check(
+            &lab,
+            nat["supported"] == true
+                && nat["natt"] == true
+                && nat["local_behind"] == true
+                && nat["keepalives"] == true,
+            || format!("{side:?}: NAT-T not in use: {sa:#}"),
+        );
+        check(
+            &lab,
+            sa["remote"].as_str().is_some_and(|r| r.ends_with(":4500")),
+            || format!("{side:?}: IKE did not move to port 4500: {sa:#}"),
+        );
+        check(&lab, s["inbound"]["drops"]["inner_checksum"] == 0, || {
+            format!("{side:?}: inner checksum drops: {s:#}")
+        });
+    }
+    for side in [Side::A, Side::B] {
+        let status = lab
+            .stop(side)
+            .unwrap_or_else(|e| fail(&lab, &format!("stopping {side:?}: {e}")));
+        check(&lab, status.success(), || {
+            format!("{side:?} exit: {status}")
+        });
+    }
+}
+
+/// RFC 7296 section 2.6: with a cookie threshold of 0 the responder
+/// answers every new IKE_SA_INIT with a COOKIE and keeps nothing; the
+/// initiator returns it and the IKE SA comes up. Status and metrics
+/// count the cookie sent and accepted.
+#[test]
+fn a_responder_under_load_demands_a_cookie_and_the_initiator_returns_it() {
+    let Some(lab) = ike_lab_with(
+        "ike_cookie",
+        "ikec",
+        82,
+        Encap::NATT,
+        false,
+        false,
+        "cookie_threshold = 0\n",
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    wait_established(&lab);
+    carries_ping_and_udp(&lab);
+    let s = status(&lab, Side::B);
+    let c = &s["ike"]["cookies"];
+    check(
+        &lab,
+        c["sent"].as_u64() >= Some(1)
+            && c["accepted"].as_u64() >= Some(1)
+            && c["half_open"] == 0
+            && c["demanding"] == true,
+        || format!("b's cookie counters: {c:#}"),
+    );
+    let metrics = lab
+        .metrics(Side::B)
+        .unwrap_or_else(|e| fail(&lab, &format!("metrics: {e}")));
+    for want in [
+        "esptun_ike_cookies_total{event=\"sent\"} ",
+        "esptun_ike_cookies_total{event=\"accepted\"} ",
+        "esptun_ike_half_open_sas 0",
+    ] {
+        check(&lab, metrics.contains(want), || {
+            format!("metrics lack {want}:\n{metrics}")
+        });
+    }
+    for side in [Side::A, Side::B] {
+        let status = lab
+            .stop(side)
+            .unwrap_or_else(|e| fail(&lab, &format!("stopping {side:?}: {e}")));
+        check(&lab, status.success(), || {
+            format!("{side:?} exit: {status}")
+        });
+    }
+}
