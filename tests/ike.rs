@@ -928,3 +928,152 @@ fn a_responder_under_load_demands_a_cookie_and_the_initiator_returns_it() {
         });
     }
 }
+
+/// The named IKE SA of a side's one peer as status shows it.
+fn ike_sa(lab: &TunnelLab, side: Side) -> serde_json::Value {
+    let s = status(lab, side);
+    s["ike"]["peers"][0]["sas"]
+        .as_array()
+        .and_then(|sas| sas.iter().find(|sa| sa["state"] == "established"))
+        .cloned()
+        .unwrap_or_else(|| fail(lab, &format!("{side:?}: no established IKE SA: {s:#}")))
+}
+
+/// A real NAT (RFC 7296 section 2.23, RFC 3948): a — router masquerading
+/// a's packets — b, a initiating. NAT detection finds a behind the NAT,
+/// the CHILD SA is UDP-encapsulated, and ping, byte-checked TCP both ways
+/// and UDP pass with no inner checksum drop (the inner packets are
+/// rebuilt with the original, traffic selector, addresses). Then the NAT
+/// forgets a's mapping and makes a new one on another port: b's IKE SA
+/// sees a's next authenticated message from there (a liveness check,
+/// every 2 s here), reports the move, and b's ESP follows it.
+#[test]
+fn behind_a_nat_ike_moves_esp_into_udp_and_follows_a_new_mapping() {
+    let subnet = 83;
+    let Some(lab) = common::lab(
+        "ike_nat",
+        LabOptions {
+            tag: "ikenat".into(),
+            subnet,
+            encap: Encap::NATT,
+            overlay: true,
+            router_mtu: Some(1500),
+            nat: true,
+            ike: Some(LabIke {
+                initiator: Side::A,
+                wrong_psk: false,
+            }),
+            metrics: true,
+            ike_extra: "liveness_secs = 2\n".into(),
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    wait_established(&lab);
+    let (a, b) = (ike_sa(&lab, Side::A), ike_sa(&lab, Side::B));
+    check(
+        &lab,
+        a["nat"]["local_behind"] == true
+            && a["nat"]["peer_behind"] == false
+            && a["nat"]["natt"] == true
+            && a["nat"]["keepalives"] == true,
+        || format!("a should see itself behind the NAT: {a:#}"),
+    );
+    let router = format!("198.18.{subnet}.254:");
+    check(
+        &lab,
+        b["nat"]["peer_behind"] == true
+            && b["nat"]["local_behind"] == false
+            && b["nat"]["keepalives"] == false
+            && b["remote"].as_str().is_some_and(|r| r.starts_with(&router)),
+        || format!("b should see a behind the NAT at {router}: {b:#}"),
+    );
+    carries_ping_and_udp(&lab);
+    let r = lab
+        .tcp_zeros(2 * MIB, Duration::from_secs(60))
+        .unwrap_or_else(|e| fail(&lab, &format!("tcp a->b: {e}")));
+    check(&lab, r.is_clean() && r.bytes_received == 2 * MIB, || {
+        format!("tcp a->b: {r:?}")
+    });
+    let back = esptun::lab::tcp_zeros(
+        &lab.hosts.a,
+        &lab.hosts.b,
+        SocketAddr::new(lab.a_inner, 5003),
+        2 * MIB,
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| fail(&lab, &format!("tcp b->a: {e}")));
+    check(
+        &lab,
+        back.is_clean() && back.bytes_received == 2 * MIB,
+        || format!("tcp b->a: {back:?}"),
+    );
+
+    // A new mapping: UDP conntrack entries live 1 s, and new ones take
+    // ports 20000-20099.
+    let router_ns = lab
+        .hosts
+        .router
+        .as_ref()
+        .unwrap_or_else(|| fail(&lab, "no router"));
+    router_ns
+        .run(|| -> std::io::Result<()> {
+            std::fs::write("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "1")?;
+            std::fs::write(
+                "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream",
+                "1",
+            )
+        })
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| fail(&lab, "setting the router's conntrack timeouts"));
+    lab.router_nft(&format!(
+        "flush chain ip esptun_nat post\n\
+         add rule ip esptun_nat post ip saddr 198.18.{subnet}.0/25 \
+         ip daddr 198.18.{subnet}.128/25 meta l4proto udp masquerade to :20000-20099\n\
+         add rule ip esptun_nat post ip saddr 198.18.{subnet}.0/25 \
+         ip daddr 198.18.{subnet}.128/25 masquerade\n"
+    ))
+    .unwrap_or_else(|e| fail(&lab, &format!("changing the NAT: {e}")));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let b = ike_sa(&lab, Side::B);
+        let moved = counter(&status(&lab, Side::B), "peer_moved") >= 1
+            && b["remote"]
+                .as_str()
+                .and_then(|r| r.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some_and(|p| (20000..20100).contains(&p));
+        if moved && lab.ping(3).is_ok_and(|p| p.received >= 2) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            fail(
+                &lab,
+                &format!(
+                    "traffic did not resume on the new mapping within 40 s:\na: {:#}\nb: {:#}",
+                    status(&lab, Side::A)["ike"],
+                    status(&lab, Side::B)["ike"]
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    carries_ping_and_udp(&lab);
+    for side in [Side::A, Side::B] {
+        let s = status(&lab, side);
+        check(&lab, s["inbound"]["drops"]["inner_checksum"] == 0, || {
+            format!("{side:?}: inner checksum drops: {s:#}")
+        });
+    }
+    for side in [Side::A, Side::B] {
+        let status = lab
+            .stop(side)
+            .unwrap_or_else(|e| fail(&lab, &format!("stopping {side:?}: {e}")));
+        check(&lab, status.success(), || {
+            format!("{side:?} exit: {status}")
+        });
+    }
+}
