@@ -3,7 +3,9 @@
 //! sides, the CHILD SA it installs carries ping, byte-checked TCP both
 //! ways and UDP; a wrong PSK fails cleanly, said in the log and counted,
 //! with nothing installed. Both outer modes: NAT-T (IKE on 4500 behind
-//! the non-ESP marker) and raw ESP (IKE on 500).
+//! the non-ESP marker) and raw ESP (IKE on 500). NAT traversal: through a
+//! real NAT (nftables masquerade in a router namespace), with a faked NAT
+//! (`force_encap`), and a responder demanding a COOKIE.
 
 mod common;
 

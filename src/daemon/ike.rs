@@ -31,6 +31,23 @@
 //! the main thread's alone: new CHILD SAs reach it over a channel, and it
 //! installs them on its next tick (at most 100 ms later).
 //!
+//! NAT traversal (RFC 7296 section 2.23, RFC 3948) is the sans-IO IKE SA's
+//! ([`crate::ike::sa`]'s `nat` module): this thread gives it the addresses
+//! of each message (our peer's configured `local`, at port 500 or the
+//! NAT-T port; the source), sends each [`Output`] on its route, sends the
+//! keepalives it asks for, and turns `PeerMoved` into a
+//! [`ChildUpdate::Endpoint`]. A CHILD SA with `udp_encap` goes to the key
+//! manager with that endpoint and its inner addresses from the traffic
+//! selectors. The datapath carries one outer mode: with raw ESP there is
+//! no NAT-T socket, so an IKE SA that detects a NAT is dropped, logged
+//! ("NAT traversal needs outer = \"udp\"") and counted. `force_encap`
+//! reports an unspecified address of ours in IKE_SA_INIT, so the NAT
+//! detection hash matches nothing and both sides use NAT-T.
+//!
+//! New IKE_SA_INIT requests pass one [`CookieGate`] (RFC 7296 section
+//! 2.6) before a responder is made: above the threshold it answers with a
+//! COOKIE and keeps nothing; half-open responders it gives up are dropped.
+//!
 //! Time is read here, at the edge (`Instant::now()`), and randomness comes
 //! from the OS ([`SystemRandomness`], ring's `SystemRandom`).
 
