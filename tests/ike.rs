@@ -1079,3 +1079,61 @@ fn behind_a_nat_ike_moves_esp_into_udp_and_follows_a_new_mapping() {
         });
     }
 }
+
+/// Raw ESP cannot cross a NAT and a raw-ESP daemon has no NAT-T socket:
+/// when NAT detection finds one, the IKE SA is dropped with a log line
+/// that names the fix (`outer = "udp"`), counted, and nothing installed
+/// (in IKE_SA_INIT, before any CHILD SA exists).
+#[test]
+fn a_nat_with_raw_esp_is_refused_clearly() {
+    let Some(lab) = common::lab(
+        "ike_nat_raw",
+        LabOptions {
+            tag: "ikenr".into(),
+            subnet: 84,
+            encap: Encap::RawEsp,
+            overlay: true,
+            router_mtu: Some(1500),
+            nat: true,
+            ike: Some(LabIke {
+                initiator: Side::A,
+                wrong_psk: false,
+            }),
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    start_both(&lab);
+    wait_for(
+        &lab,
+        Side::B,
+        Duration::from_secs(20),
+        "the NAT refused with raw ESP",
+        |s| counter(s, "nat_refused") >= 1,
+    );
+    for side in [Side::A, Side::B] {
+        let s = status(&lab, side);
+        check(
+            &lab,
+            spis(&s, "inbound").is_empty() && spis(&s, "outbound").is_empty(),
+            || format!("{side:?}: SAs installed despite the NAT: {s:#}"),
+        );
+    }
+    // The responder, b, finds the NAT in IKE_SA_INIT and answers nothing
+    // (a retries, timing out); a, behind the NAT, would say the same.
+    let log = std::fs::read_to_string(&lab.b.log).unwrap_or_default();
+    check(
+        &lab,
+        log.contains("NAT traversal needs outer = \"udp\""),
+        || format!("b's log does not say why:\n{log}"),
+    );
+    for side in [Side::A, Side::B] {
+        let status = lab
+            .stop(side)
+            .unwrap_or_else(|e| fail(&lab, &format!("stopping {side:?}: {e}")));
+        check(&lab, status.success(), || {
+            format!("{side:?} exit: {status}")
+        });
+    }
+}
