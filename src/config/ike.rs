@@ -531,6 +531,22 @@ psk_file = "/etc/esptun/b.psk"
         assert_eq!(s.child_rekey, Duration::from_secs(3600));
         assert_eq!(s.ike_rekey, Duration::from_secs(14400));
         assert_eq!(s.liveness, Duration::from_secs(30));
+        assert!(!s.force_encap);
+        assert_eq!(s.cookie_threshold, None);
+    }
+
+    #[test]
+    fn force_encap_and_the_cookie_threshold_are_read() {
+        let text = IKE.replace(
+            "psk_file",
+            "force_encap = true\ncookie_threshold = 0\npsk_file",
+        );
+        let v = Config::parse(&text).expect("valid");
+        let s = &v.ike_peers[0].ike;
+        assert!(s.force_encap);
+        assert_eq!(s.cookie_threshold, Some(0));
+        let bad = IKE.replace("psk_file", "cookie_threshold = -1\npsk_file");
+        assert!(Config::parse(&bad).is_err(), "a negative threshold");
     }
 
     #[test]
