@@ -951,11 +951,23 @@ fn ike_sa(lab: &TunnelLab, side: Side) -> serde_json::Value {
 /// every 2 s here), reports the move, and b's ESP follows it.
 #[test]
 fn behind_a_nat_ike_moves_esp_into_udp_and_follows_a_new_mapping() {
-    let subnet = 83;
+    behind_a_nat("ike_nat", "ikenat", 83, false);
+}
+
+/// The same with b not knowing the NAT's address: its peer `a` has
+/// `any_source = true` and a's own (unNATed) address as `endpoint`; a's
+/// IKE_SA_INIT from the NAT's address is matched to it, and IKE_AUTH
+/// checks who it is.
+#[test]
+fn a_peer_behind_an_unknown_nat_is_found_by_any_source() {
+    behind_a_nat("ike_nat_any", "ikenay", 85, true);
+}
+
+fn behind_a_nat(test: &str, tag: &str, subnet: u8, any_source: bool) {
     let Some(lab) = common::lab(
-        "ike_nat",
+        test,
         LabOptions {
-            tag: "ikenat".into(),
+            tag: tag.into(),
             subnet,
             encap: Encap::NATT,
             overlay: true,
@@ -972,6 +984,18 @@ fn behind_a_nat_ike_moves_esp_into_udp_and_follows_a_new_mapping() {
     ) else {
         return;
     };
+    if any_source {
+        let path = &lab.b.config;
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| fail(&lab, &format!("reading b's config: {e}")));
+        let nat = format!("endpoint = \"198.18.{subnet}.254\"");
+        check(&lab, text.contains(&nat), || format!("b's config: {text}"));
+        let text = text
+            .replace(&nat, &format!("endpoint = \"198.18.{subnet}.1\""))
+            .replace("[peer.ike]\n", "[peer.ike]\nany_source = true\n");
+        lab.write_config_text(Side::B, &text)
+            .unwrap_or_else(|e| fail(&lab, &format!("writing b's config: {e}")));
+    }
     start_both(&lab);
     wait_established(&lab);
     let (a, b) = (ike_sa(&lab, Side::A), ike_sa(&lab, Side::B));

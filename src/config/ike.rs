@@ -18,6 +18,7 @@
 //! liveness_secs = 30
 //! force_encap = false                    # true: fake NAT detection, ESP in UDP
 //! cookie_threshold = 16                  # half-open IKE SAs before cookies
+//! any_source = false                     # true: the peer's NAT address is learned
 //! ```
 //!
 //! A proposal string names one algorithm of each kind, strongSwan style,
@@ -72,6 +73,12 @@ pub struct RawIke {
     /// 7296 section 2.6); the daemon's one gate uses the lowest of its
     /// peers'. Default 16.
     pub cookie_threshold: Option<usize>,
+    /// The peer is behind a NAT whose address is not known beforehand:
+    /// its IKE_SA_INIT is accepted from any address no other peer has
+    /// (IKE_AUTH still checks its PSK and `remote_id`), and its ESP goes
+    /// where its IKE comes from. The first such peer takes them.
+    #[serde(default)]
+    pub any_source: bool,
 }
 
 fn default_ike_rekey() -> u64 {
@@ -108,6 +115,8 @@ pub struct IkeSettings {
     pub force_encap: bool,
     /// See [`RawIke::cookie_threshold`].
     pub cookie_threshold: Option<usize>,
+    /// See [`RawIke::any_source`].
+    pub any_source: bool,
 }
 
 /// A validated peer keyed by IKE.
@@ -380,6 +389,7 @@ pub(super) fn settings(
         liveness: Duration::from_secs(raw.liveness_secs),
         force_encap: raw.force_encap,
         cookie_threshold: raw.cookie_threshold,
+        any_source: raw.any_source,
     })
     .filter(|_| ok)
 }
@@ -533,6 +543,7 @@ psk_file = "/etc/esptun/b.psk"
         assert_eq!(s.liveness, Duration::from_secs(30));
         assert!(!s.force_encap);
         assert_eq!(s.cookie_threshold, None);
+        assert!(!s.any_source);
     }
 
     #[test]

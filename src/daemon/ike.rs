@@ -614,7 +614,8 @@ impl IkeWorker {
     /// One received IKE message.
     fn on_message(&mut self, bytes: &[u8], from: SocketAddr, via: Via) {
         let now = Instant::now();
-        let Some(i) = self.peers.iter().position(|p| p.cfg.endpoint == from.ip()) else {
+        let header = IkeHeader::new_checked(bytes).and_then(|h| Header::parse(&h));
+        let Some(i) = self.peer_of(header.as_ref().ok(), from) else {
             self.unknown += 1;
             if self
                 .unknown_logged
@@ -629,7 +630,7 @@ impl IkeWorker {
             }
             return;
         };
-        let header = match IkeHeader::new_checked(bytes).and_then(|h| Header::parse(&h)) {
+        let header = match header {
             Ok(h) => h,
             Err(e) => {
                 self.peers[i].counters.messages_dropped += 1;
@@ -739,6 +740,32 @@ impl IkeWorker {
             }
         }
         self.reap(i, now);
+    }
+
+    /// The peer a message is for: the one whose IKE SA has its SPI (a NAT
+    /// may have changed the address it comes from: RFC 7296 section 2.23
+    /// lets the IKE SA, which authenticates it, decide), else the one at
+    /// its source address, else, for a new IKE_SA_INIT, the first peer
+    /// with `any_source` (behind a NAT of unknown address; IKE_AUTH
+    /// checks its identity and PSK).
+    fn peer_of(&self, header: Option<&Header>, from: SocketAddr) -> Option<usize> {
+        let by_spi = header.filter(|h| h.spi_i != 0).and_then(|h| {
+            self.peers.iter().position(|p| {
+                p.slots.iter().any(|s| {
+                    s.sa.spis().0 == h.spi_i || s.sa.retiring_spis().iter().any(|r| r.0 == h.spi_i)
+                })
+            })
+        });
+        by_spi
+            .or_else(|| self.peers.iter().position(|p| p.cfg.endpoint == from.ip()))
+            .or_else(|| {
+                let h = header?;
+                let init = !h.is_response() && h.exchange == exchange::IKE_SA_INIT && h.spi_r == 0;
+                if !init {
+                    return None;
+                }
+                self.peers.iter().position(|p| p.cfg.ike.any_source)
+            })
     }
 
     /// Our address for a message of peer `i` on `via`: the peer's
@@ -1105,7 +1132,20 @@ impl IkeWorker {
         let esn = child.esn;
         p.kept.push(copy_child(&child));
         p.current = Some((inbound_spi, outbound_spi));
-        match build_child(&self.shared, &p.cfg, child) {
+        // An `any_source` peer is where its IKE SA last heard it.
+        let learned = p
+            .cfg
+            .ike
+            .any_source
+            .then(|| {
+                p.slots
+                    .iter()
+                    .find(|s| s.sa.children().iter().any(|c| c.inbound_spi == inbound_spi))
+                    .and_then(|s| s.sa.route())
+                    .map(|r| r.to.ip())
+            })
+            .flatten();
+        match build_child(&self.shared, &p.cfg, child, learned) {
             Ok(sas) => {
                 p.counters.children_installed += 1;
                 tracing::info!(

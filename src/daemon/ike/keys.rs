@@ -25,6 +25,7 @@ pub(super) fn build_child(
     shared: &Shared,
     peer: &IkePeer,
     child: ChildSa,
+    learned: Option<std::net::IpAddr>,
 ) -> Result<PeerSas, crate::sa::SaError> {
     // Transport mode through a NAT (RFC 3948 section 3.1.2, RFC 7296
     // section 2.23.1): the peer's inner checksums cover the original
@@ -45,11 +46,15 @@ pub(super) fn build_child(
     sa.set_ceiling(hard_limit(child.esn));
     let material = child.outbound;
     // Through a NAT, where the IKE SA last heard the peer (its NAT's
-    // mapping, RFC 3948); else the configured endpoint, as for manual
+    // mapping, RFC 3948); else the address learned for an `any_source`
+    // peer, or the configured endpoint, as for manual
     // keys (raw ESP has no port).
-    let endpoint = child
-        .udp_encap
-        .unwrap_or_else(|| SocketAddr::new(peer.endpoint, shared.outer.port().unwrap_or(0)));
+    let endpoint = child.udp_encap.unwrap_or_else(|| {
+        SocketAddr::new(
+            learned.unwrap_or(peer.endpoint),
+            shared.outer.port().unwrap_or(0),
+        )
+    });
     Ok(PeerSas {
         peer: peer.name.clone(),
         endpoint,

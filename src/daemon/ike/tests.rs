@@ -80,6 +80,7 @@ fn ike_peer(cfg: &Arc<IkeConfig>, remote_id: Identification) -> IkePeer {
             liveness: Duration::from_secs(30),
             force_encap: false,
             cookie_threshold: None,
+            any_source: false,
         },
     }
 }
