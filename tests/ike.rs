@@ -1088,6 +1088,22 @@ fn behind_a_nat(test: &str, tag: &str, subnet: u8, any_source: bool) {
         std::thread::sleep(Duration::from_millis(500));
     }
     carries_ping_and_udp(&lab);
+    // a, behind the NAT, sends a keepalive every 20 s (RFC 3948 section
+    // 4); b sends none.
+    if !any_source {
+        wait_for(
+            &lab,
+            Side::A,
+            Duration::from_secs(30),
+            "a NAT keepalive from a",
+            |s| counter(s, "keepalives") >= 1,
+        );
+        check(
+            &lab,
+            counter(&status(&lab, Side::B), "keepalives") == 0,
+            || "b, not behind a NAT, sent keepalives".to_string(),
+        );
+    }
     for side in [Side::A, Side::B] {
         let s = status(&lab, side);
         check(&lab, s["inbound"]["drops"]["inner_checksum"] == 0, || {
