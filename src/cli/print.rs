@@ -278,6 +278,19 @@ fn ike_sas(out: &mut String, v: &Status) {
                 children.join(" "),
             );
             ike_sa_timers(out, sa);
+            let n = &sa.nat;
+            if n.natt || n.local_behind || n.peer_behind {
+                let _ = writeln!(
+                    out,
+                    "      NAT: we are behind one: {}, the peer: {}; NAT-T {}; keepalives {} \
+                     (sent {})",
+                    yes_no(n.local_behind),
+                    yes_no(n.peer_behind),
+                    if n.natt { "in use" } else { "off" },
+                    if n.keepalives { "on" } else { "off" },
+                    n.keepalives_sent
+                );
+            }
         }
         if p.sas.is_empty() {
             let _ = writeln!(out, "  {:<12} (none)", p.peer);
@@ -311,9 +324,33 @@ fn ike_sas(out: &mut String, v: &Status) {
             c.expired,
             c.peer_restarts
         );
+        if c.peer_moved + c.keepalives + c.nat_refused > 0 {
+            let _ = writeln!(
+                out,
+                "    {}: NAT: peer moved {}, keepalives sent {}, refused with raw ESP {}",
+                p.peer, c.peer_moved, c.keepalives, c.nat_refused
+            );
+        }
         if let Some(e) = &p.last_error {
             let _ = writeln!(out, "    last error: {e}");
         }
+    }
+    let k = &ike.cookies;
+    if k.sent + k.accepted + k.refused + k.expired + k.half_open > 0 || k.demanding {
+        let _ = writeln!(
+            out,
+            "  COOKIEs: sent {}, accepted {}, refused {}; half-open IKE SAs {} (expired {}){}",
+            k.sent,
+            k.accepted,
+            k.refused,
+            k.half_open,
+            k.expired,
+            if k.demanding {
+                "; demanding cookies"
+            } else {
+                ""
+            }
+        );
     }
     if ike.queue_drops > 0 {
         let _ = writeln!(
@@ -397,6 +434,10 @@ fn providers(out: &mut String, v: &Status) {
             e.detail,
         );
     }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }
 
 #[cfg(test)]
@@ -492,11 +533,14 @@ self-test history (last 8):
 "spi_i":"0123456789abcdef","spi_r":"fedcba9876543210","age_secs":65,"remote":"198.18.0.2:4500",
 "suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896,
 "state":"installed","installed_secs_ago":7,"rekey_in_secs":50,"generation":3}],"ike_rekeys":2,"child_rekeys":3,
-"established_secs_ago":20,"ike_rekey_in_secs":100,"last_heard_secs_ago":1}],
+"established_secs_ago":20,"ike_rekey_in_secs":100,"last_heard_secs_ago":1,
+"nat":{"supported":true,"local_behind":true,"peer_behind":false,"natt":true,"keepalives":true,
+"keepalives_sent":4}}],
 "counters":{"established":1,"children_installed":1,"children_failed":0,"auth_failures":3,
 "proposal_mismatches":0,"ts_unacceptable":0,"timeouts":1,"other_failures":0,"messages_dropped":4,
 "ike_rekeys":2,"child_rekeys":3,"children_deleted":3,"dead_peers":1,"expired":0,"peer_restarts":1},
-"last_error":"authentication failed"}]},"offloads":"#;
+"last_error":"authentication failed"}],"cookies":{"sent":5,"accepted":2,"refused":1,
+"half_open":3,"expired":0,"demanding":true}},"offloads":"#;
         let reply = REPLY.replacen(r#""offloads":"#, ike, 1);
         let v: Status = serde_json::from_str(&reply).expect("a status");
         let text = status(&v);
@@ -514,6 +558,8 @@ self-test history (last 8):
              last liveness check never",
             "CHILD SA 0xcafebabe/0x12345678: installed, generation 3, installed 7s ago, rekey in 50s",
             "rekeys IKE 2 CHILD 3, CHILD SAs deleted 3, dead peers 1, expired 0, peer restarts 1",
+            "NAT: we are behind one: yes, the peer: no; NAT-T in use; keepalives on (sent 4)",
+            "COOKIEs: sent 5, accepted 2, refused 1; half-open IKE SAs 3 (expired 0); demanding",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");
         }

@@ -16,6 +16,9 @@
 //! ike_rekey_secs = 14400
 //! child_rekey_secs = 3600
 //! liveness_secs = 30
+//! force_encap = false                    # true: fake NAT detection, ESP in UDP
+//! cookie_threshold = 16                  # half-open IKE SAs before cookies
+//! any_source = false                     # true: the peer's NAT address is learned
 //! ```
 //!
 //! A proposal string names one algorithm of each kind, strongSwan style,
@@ -61,6 +64,21 @@ pub struct RawIke {
     pub child_rekey_secs: u64,
     #[serde(default = "default_liveness")]
     pub liveness_secs: u64,
+    /// Fakes our NAT detection source hash (like strongSwan's `encap =
+    /// yes`): IKE moves to the NAT-T port and ESP goes in UDP even
+    /// without a NAT (RFC 7296 section 2.23 allows it).
+    #[serde(default)]
+    pub force_encap: bool,
+    /// Half-open IKE SAs from which the responder demands a COOKIE (RFC
+    /// 7296 section 2.6); the daemon's one gate uses the lowest of its
+    /// peers'. Default 16.
+    pub cookie_threshold: Option<usize>,
+    /// The peer is behind a NAT whose address is not known beforehand:
+    /// its IKE_SA_INIT is accepted from any address no other peer has
+    /// (IKE_AUTH still checks its PSK and `remote_id`), and its ESP goes
+    /// where its IKE comes from. The first such peer takes them.
+    #[serde(default)]
+    pub any_source: bool,
 }
 
 fn default_ike_rekey() -> u64 {
@@ -93,6 +111,12 @@ pub struct IkeSettings {
     pub child_rekey: Duration,
     /// Between liveness checks of a quiet peer (RFC 7296 section 2.4).
     pub liveness: Duration,
+    /// Fake NAT detection to force UDP encapsulation.
+    pub force_encap: bool,
+    /// See [`RawIke::cookie_threshold`].
+    pub cookie_threshold: Option<usize>,
+    /// See [`RawIke::any_source`].
+    pub any_source: bool,
 }
 
 /// A validated peer keyed by IKE.
@@ -363,6 +387,9 @@ pub(super) fn settings(
         ike_rekey: Duration::from_secs(ike_s),
         child_rekey: Duration::from_secs(child_s),
         liveness: Duration::from_secs(raw.liveness_secs),
+        force_encap: raw.force_encap,
+        cookie_threshold: raw.cookie_threshold,
+        any_source: raw.any_source,
     })
     .filter(|_| ok)
 }
@@ -514,6 +541,23 @@ psk_file = "/etc/esptun/b.psk"
         assert_eq!(s.child_rekey, Duration::from_secs(3600));
         assert_eq!(s.ike_rekey, Duration::from_secs(14400));
         assert_eq!(s.liveness, Duration::from_secs(30));
+        assert!(!s.force_encap);
+        assert_eq!(s.cookie_threshold, None);
+        assert!(!s.any_source);
+    }
+
+    #[test]
+    fn force_encap_and_the_cookie_threshold_are_read() {
+        let text = IKE.replace(
+            "psk_file",
+            "force_encap = true\ncookie_threshold = 0\npsk_file",
+        );
+        let v = Config::parse(&text).expect("valid");
+        let s = &v.ike_peers[0].ike;
+        assert!(s.force_encap);
+        assert_eq!(s.cookie_threshold, Some(0));
+        let bad = IKE.replace("psk_file", "cookie_threshold = -1\npsk_file");
+        assert!(Config::parse(&bad).is_err(), "a negative threshold");
     }
 
     #[test]

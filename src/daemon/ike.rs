@@ -31,6 +31,23 @@
 //! the main thread's alone: new CHILD SAs reach it over a channel, and it
 //! installs them on its next tick (at most 100 ms later).
 //!
+//! NAT traversal (RFC 7296 section 2.23, RFC 3948) is the sans-IO IKE SA's
+//! ([`crate::ike::sa`]'s `nat` module): this thread gives it the addresses
+//! of each message (our peer's configured `local`, at port 500 or the
+//! NAT-T port; the source), sends each [`Output`] on its route, sends the
+//! keepalives it asks for, and turns `PeerMoved` into a
+//! [`ChildUpdate::Endpoint`]. A CHILD SA with `udp_encap` goes to the key
+//! manager with that endpoint and its inner addresses from the traffic
+//! selectors. The datapath carries one outer mode: with raw ESP there is
+//! no NAT-T socket, so an IKE SA that detects a NAT is dropped, logged
+//! ("NAT traversal needs outer = \"udp\"") and counted. `force_encap`
+//! reports an unspecified address of ours in IKE_SA_INIT, so the NAT
+//! detection hash matches nothing and both sides use NAT-T.
+//!
+//! New IKE_SA_INIT requests pass one [`CookieGate`] (RFC 7296 section
+//! 2.6) before a responder is made: above the threshold it answers with a
+//! COOKIE and keeps nothing; half-open responders it gives up are dropped.
+//!
 //! Time is read here, at the edge (`Instant::now()`), and randomness comes
 //! from the OS ([`SystemRandomness`], ring's `SystemRandom`).
 
@@ -47,9 +64,11 @@ use super::shared::Shared;
 use super::workers::Sockets;
 use crate::config::IkePeer;
 use crate::config::ike::{identity_text, load_psk};
+use crate::ike::cookie::{CookieGate, CookiePolicy, Verdict};
 use crate::ike::crypto::SystemRandomness;
 use crate::ike::sa::{
-    Action, ChildSa, ChildState, Config as IkeConfig, IkeError, IkeSa, Policy, Retransmit, Role,
+    Action, ChildSa, ChildState, Config as IkeConfig, IkeError, IkeSa, NATT_PORT, NatPolicy,
+    Output, Policy, Retransmit, Role, Route,
 };
 use crate::ike::wire::consts::exchange;
 use crate::ike::wire::{Header, IkeHeader};
@@ -93,6 +112,9 @@ pub(crate) enum ChildUpdate {
     /// The peer restarted (INITIAL_CONTACT, RFC 7296 section 2.4): every
     /// SA it had with us is stale and goes at once.
     Flush { peer: String, endpoint: SocketAddr },
+    /// The peer's NAT mapping changed: its SAs' ESP goes to this address
+    /// ([`crate::sa::keymgr::KeyManager::update_endpoint`]).
+    Endpoint { peer: String, endpoint: SocketAddr },
 }
 
 /// An IKE message from the inbound datapath (marker removed).
@@ -132,6 +154,7 @@ impl IkeQueue {
 pub(crate) struct IkeShared {
     pub queue_drops: AtomicU64,
     pub status: Mutex<Vec<IkePeerStatus>>,
+    pub cookies: Mutex<CookieCounters>,
     /// One `ikev2_decryption_table` record per established IKE SA.
     pub keys: Mutex<Vec<Zeroizing<String>>>,
 }
@@ -140,6 +163,11 @@ impl IkeShared {
     pub fn snapshot(&self) -> IkeStatus {
         IkeStatus {
             queue_drops: self.queue_drops.load(Ordering::Relaxed),
+            cookies: self
+                .cookies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             peers: self
                 .status
                 .lock()
@@ -172,7 +200,9 @@ mod tests;
 use explain::{count, explain, role_name, suite_name};
 use keys::{build_child, wireshark_record};
 
-pub use status::{ChildStatus, IkeCounters, IkePeerStatus, IkeSaStatus, IkeStatus};
+pub use status::{
+    ChildStatus, CookieCounters, IkeCounters, IkePeerStatus, IkeSaStatus, IkeStatus, NatSaStatus,
+};
 
 /// How a message arrived, and so how an answer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,8 +216,9 @@ enum Via {
 /// One IKE SA and what the daemon knows around it.
 struct Slot {
     sa: IkeSa,
-    via: Via,
+    /// Where the peer was last heard (status only: the IKE SA routes).
     to: SocketAddr,
+    keepalives: u64,
     created: Instant,
     established: bool,
     /// Rekeys (IKE, CHILD) already added to the peer's counters.
@@ -209,7 +240,8 @@ struct PeerIke {
     /// The keys of the peer's live CHILD SAs, for [`IkeWorker::reinstate`].
     kept: Vec<ChildSa>,
     /// Where an initiator sends: the NAT-T port when the outer mode is
-    /// UDP (RFC 7296 section 2.23 allows starting there), else port 500.
+    /// UDP (RFC 7296 section 2.23 allows starting there), else port 500
+    /// (also with `force_encap`, so that NAT detection moves it).
     initiate_via: (Via, SocketAddr),
     slots: Vec<Slot>,
     /// When to initiate next (initiators only) and the current back-off.
@@ -234,6 +266,13 @@ pub(crate) struct IkeWorker {
     /// a count that grew is ESP from the peer.
     inbound_packets: Vec<(u32, u64)>,
     rng: SystemRandomness,
+    /// RFC 7296 section 2.6: cookies and the half-open table, for every
+    /// responder.
+    gate: Option<CookieGate>,
+    cookies: CookieCounters,
+    /// Our NAT-T port (the outer UDP port, or 4500 with raw ESP, where no
+    /// NAT-T socket exists).
+    natt_port: u16,
     /// Messages from addresses that are no peer's, and when last logged.
     unknown: u64,
     unknown_logged: Option<Instant>,
@@ -378,8 +417,10 @@ impl IkeWorker {
             .into_iter()
             .map(|(cfg, ike)| {
                 let initiate_via = match sockets.encap {
-                    Encap::Udp { port } => (Via::NatT, SocketAddr::new(cfg.endpoint, port)),
-                    Encap::RawEsp => (Via::Ike, SocketAddr::new(cfg.endpoint, IKE_PORT)),
+                    Encap::Udp { port } if !cfg.ike.force_encap => {
+                        (Via::NatT, SocketAddr::new(cfg.endpoint, port))
+                    }
+                    _ => (Via::Ike, SocketAddr::new(cfg.endpoint, IKE_PORT)),
                 };
                 PeerIke {
                     next_initiate: cfg.ike.initiate.then_some(now),
@@ -398,7 +439,25 @@ impl IkeWorker {
                     suppressed: 0,
                 }
             })
-            .collect();
+            .collect::<Vec<PeerIke>>();
+        let policy = CookiePolicy {
+            threshold: peers
+                .iter()
+                .filter_map(|p| p.cfg.ike.cookie_threshold)
+                .min()
+                .unwrap_or(CookiePolicy::default().threshold),
+            ..CookiePolicy::default()
+        };
+        let mut rng = SystemRandomness::new();
+        let gate = match CookieGate::new(policy, now, &mut rng) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                // Without randomness no responder could work either.
+                tracing::error!("IKE: no COOKIE secret ({e}): responders unprotected");
+                None
+            }
+        };
+        let natt_port = sockets.encap.port().unwrap_or(NATT_PORT);
         IkeWorker {
             shared,
             ike,
@@ -408,7 +467,10 @@ impl IkeWorker {
             installs,
             peers,
             inbound_packets: Vec::new(),
-            rng: SystemRandomness::new(),
+            rng,
+            gate,
+            cookies: CookieCounters::default(),
+            natt_port,
             unknown: 0,
             unknown_logged: None,
         }
@@ -475,6 +537,7 @@ impl IkeWorker {
                     .filter_map(|s| s.sa.next_timeout())
                     .chain(p.next_initiate)
             })
+            .chain(self.gate.as_ref().and_then(|g| g.next_timeout()))
             .min()
     }
 
@@ -494,21 +557,24 @@ impl IkeWorker {
                 continue;
             }
             p.next_initiate = None;
-            match IkeSa::initiate(p.ike.clone(), now, &mut self.rng) {
-                Ok((mut sa, actions)) => {
+            let (via, to) = p.initiate_via;
+            let local = self.local(i, via, true);
+            let nat = self.nat_policy();
+            let p = &mut self.peers[i];
+            match IkeSa::initiate_from(p.ike.clone(), local, to, nat, now, &mut self.rng) {
+                Ok((mut sa, out)) => {
                     sa.set_policy(p.slot_policy());
-                    let (via, to) = p.initiate_via;
                     tracing::info!(peer = %p.cfg.name, to = %to, "IKE: initiating");
                     p.slots.push(Slot {
                         sa,
-                        via,
                         to,
+                        keepalives: 0,
                         created: now,
                         established: false,
                         rekeys_counted: (0, 0),
                     });
                     let slot = p.slots.len() - 1;
-                    self.act(i, slot, actions, now);
+                    self.act(i, slot, out, now);
                 }
                 Err(e) => self.failed(i, e, now),
             }
@@ -517,6 +583,7 @@ impl IkeWorker {
     }
 
     fn timeouts(&mut self, now: Instant) {
+        self.expire_half_open(now);
         for i in 0..self.peers.len() {
             for s in 0..self.peers[i].slots.len() {
                 if self.peers[i].slots[s]
@@ -531,7 +598,9 @@ impl IkeWorker {
                             .count()
                     };
                     let before = rekeying(&self.peers[i].slots[s].sa);
-                    let actions = self.peers[i].slots[s].sa.handle_timer(now, &mut self.rng);
+                    let actions = self.peers[i].slots[s]
+                        .sa
+                        .handle_timer_from(now, &mut self.rng);
                     if rekeying(&self.peers[i].slots[s].sa) > before {
                         self.peers[i].counters.child_rekeys_started += 1;
                     }
@@ -545,7 +614,8 @@ impl IkeWorker {
     /// One received IKE message.
     fn on_message(&mut self, bytes: &[u8], from: SocketAddr, via: Via) {
         let now = Instant::now();
-        let Some(i) = self.peers.iter().position(|p| p.cfg.endpoint == from.ip()) else {
+        let header = IkeHeader::new_checked(bytes).and_then(|h| Header::parse(&h));
+        let Some(i) = self.peer_of(header.as_ref().ok(), from) else {
             self.unknown += 1;
             if self
                 .unknown_logged
@@ -560,7 +630,7 @@ impl IkeWorker {
             }
             return;
         };
-        let header = match IkeHeader::new_checked(bytes).and_then(|h| Header::parse(&h)) {
+        let header = match header {
             Ok(h) => h,
             Err(e) => {
                 self.peers[i].counters.messages_dropped += 1;
@@ -568,10 +638,10 @@ impl IkeWorker {
                 return;
             }
         };
-        let p = &mut self.peers[i];
+        let local = self.local(i, via, header.exchange == exchange::IKE_SA_INIT);
         // After an IKE SA rekey the old SPIs stay routed to the same SA
         // until its Delete exchange ends (RFC 7296 section 2.18).
-        let slot = match p.slots.iter().position(|s| {
+        let slot = match self.peers[i].slots.iter().position(|s| {
             s.sa.spis().0 == header.spi_i
                 || s.sa.retiring_spis().iter().any(|r| r.0 == header.spi_i)
         }) {
@@ -580,24 +650,36 @@ impl IkeWorker {
                 && header.exchange == exchange::IKE_SA_INIT
                 && header.spi_r == 0 =>
             {
+                if !self.admit(i, bytes, from, via, now) {
+                    return;
+                }
+                let nat = self.nat_policy();
+                let p = &mut self.peers[i];
                 if p.slots.len() >= SAS_PER_PEER {
                     // The oldest one not established makes room.
                     match p.slots.iter().position(|s| !s.established) {
                         Some(old) => {
-                            p.slots.remove(old);
+                            let gone = p.slots.remove(old);
+                            if let Some(g) = self.gate.as_mut() {
+                                g.completed(gone.sa.spis().0);
+                            }
                         }
                         None => {
                             p.counters.messages_dropped += 1;
+                            if let Some(g) = self.gate.as_mut() {
+                                g.completed(header.spi_i);
+                            }
                             return;
                         }
                     }
                 }
                 let mut sa = IkeSa::responder(p.ike.clone());
                 sa.set_policy(p.slot_policy());
+                sa.set_nat_policy(nat);
                 p.slots.push(Slot {
                     sa,
-                    via,
                     to: from,
+                    keepalives: 0,
                     created: now,
                     established: false,
                     rekeys_counted: (0, 0),
@@ -605,37 +687,198 @@ impl IkeWorker {
                 p.slots.len() - 1
             }
             None => {
+                let p = &mut self.peers[i];
                 p.counters.messages_dropped += 1;
                 tracing::debug!(peer = %p.cfg.name, "IKE: message for no IKE SA of ours dropped");
                 return;
             }
         };
+        let p = &mut self.peers[i];
+        let raw = !self.sockets.encap.is_udp();
         let s = &mut p.slots[slot];
-        match s.sa.handle(bytes, now, &mut self.rng) {
-            Ok(actions) => {
-                // Answers go back the way the peer's message came.
-                s.via = via;
-                s.to = from;
-                self.act(i, slot, actions, now);
+        match s.sa.handle_from(bytes, local, from, now, &mut self.rng) {
+            Ok(_) if raw && s.sa.use_natt() => {
+                // The datapath carries one outer mode: raw ESP has no
+                // NAT-T socket, and ESP cannot cross a NAT unencapsulated
+                // (RFC 3948 section 1). Refused before anything is sent.
+                let nat = s.sa.nat();
+                let spi_i = s.sa.spis().0;
+                p.slots.remove(slot);
+                p.counters.nat_refused += 1;
+                if let Some(g) = self.gate.as_mut() {
+                    g.completed(spi_i);
+                }
+                let text = format!(
+                    "NAT detected (we are behind one: {}, the peer: {}) but outer = \"esp\": \
+                     NAT traversal needs outer = \"udp\"; IKE SA dropped",
+                    nat.local_behind, nat.peer_behind
+                );
+                self.log_failure(i, &text, now);
+                let p = &mut self.peers[i];
+                if p.cfg.ike.initiate {
+                    p.next_initiate = Some(now + p.backoff);
+                    p.backoff = (p.backoff * 2).min(RETRY_MAX);
+                }
+            }
+            Ok(out) => {
+                if let Some(r) = s.sa.route() {
+                    s.to = r.to;
+                }
+                self.act(i, slot, out, now);
             }
             Err(e) => {
                 p.counters.messages_dropped += 1;
                 tracing::debug!(peer = %p.cfg.name, "IKE: message dropped: {e}");
                 // A responder that never got a valid request holds nothing.
                 if s.sa.role() == Role::Responder && s.sa.spis().1 == 0 {
+                    let spi_i = s.sa.spis().0;
                     p.slots.remove(slot);
+                    if let Some(g) = self.gate.as_mut() {
+                        g.completed(spi_i);
+                    }
                 }
             }
         }
         self.reap(i, now);
     }
 
+    /// The peer a message is for: the one whose IKE SA has its SPI (a NAT
+    /// may have changed the address it comes from: RFC 7296 section 2.23
+    /// lets the IKE SA, which authenticates it, decide), else the one at
+    /// its source address, else, for a new IKE_SA_INIT, the first peer
+    /// with `any_source` (behind a NAT of unknown address; IKE_AUTH
+    /// checks its identity and PSK).
+    fn peer_of(&self, header: Option<&Header>, from: SocketAddr) -> Option<usize> {
+        let by_spi = header.filter(|h| h.spi_i != 0).and_then(|h| {
+            self.peers.iter().position(|p| {
+                p.slots.iter().any(|s| {
+                    s.sa.spis().0 == h.spi_i || s.sa.retiring_spis().iter().any(|r| r.0 == h.spi_i)
+                })
+            })
+        });
+        by_spi
+            .or_else(|| self.peers.iter().position(|p| p.cfg.endpoint == from.ip()))
+            .or_else(|| {
+                let h = header?;
+                let init = !h.is_response() && h.exchange == exchange::IKE_SA_INIT && h.spi_r == 0;
+                if !init {
+                    return None;
+                }
+                self.peers.iter().position(|p| p.cfg.ike.any_source)
+            })
+    }
+
+    /// Our address for a message of peer `i` on `via`: the peer's
+    /// configured `local`, at port 500 or the NAT-T port. With
+    /// `force_encap`, IKE_SA_INIT is told an unspecified address of the
+    /// same port instead, so that our NAT detection source hash matches
+    /// nothing and both sides see a NAT (strongSwan's `encap = yes`).
+    fn local(&self, i: usize, via: Via, init: bool) -> SocketAddr {
+        let p = &self.peers[i];
+        let port = match via {
+            Via::Ike => IKE_PORT,
+            Via::NatT => self.natt_port,
+        };
+        let ip = if init && p.cfg.ike.force_encap {
+            match p.cfg.local {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            }
+        } else {
+            p.cfg.local
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    fn nat_policy(&self) -> NatPolicy {
+        NatPolicy {
+            port: self.natt_port,
+            ..NatPolicy::default()
+        }
+    }
+
+    /// The COOKIE gate's verdict on an IKE_SA_INIT request of peer `i`
+    /// that matches no IKE SA: whether to create a responder.
+    fn admit(&mut self, i: usize, bytes: &[u8], from: SocketAddr, via: Via, now: Instant) -> bool {
+        let Some(gate) = self.gate.as_mut() else {
+            return true;
+        };
+        let demanding = gate.demanding();
+        let verdict = gate.check(bytes, from, now, &mut self.rng);
+        self.cookies.half_open = gate.half_open() as u64;
+        self.cookies.demanding = gate.demanding();
+        match verdict {
+            Verdict::Accept => {
+                if demanding {
+                    self.cookies.accepted += 1;
+                }
+                true
+            }
+            Verdict::Challenge(answer) => {
+                self.cookies.sent += 1;
+                tracing::debug!(peer = %self.peers[i].cfg.name, from = %from, "IKE: COOKIE demanded");
+                let route = Route {
+                    to: from,
+                    natt: via == Via::NatT,
+                };
+                self.send(i, route, &answer);
+                false
+            }
+            Verdict::Drop(why) => {
+                self.cookies.refused += 1;
+                self.peers[i].counters.messages_dropped += 1;
+                tracing::debug!(peer = %self.peers[i].cfg.name, from = %from, "IKE: IKE_SA_INIT refused: {why}");
+                false
+            }
+        }
+    }
+
+    /// Gives up the responders the COOKIE gate found half-open too long.
+    fn expire_half_open(&mut self, now: Instant) {
+        let Some(gate) = self.gate.as_mut() else {
+            return;
+        };
+        if gate.next_timeout().is_none_or(|t| now < t) {
+            return;
+        }
+        let gone = gate.expire(now, &mut self.rng);
+        self.cookies.half_open = gate.half_open() as u64;
+        self.cookies.demanding = gate.demanding();
+        self.cookies.expired += gone.len() as u64;
+        for p in &mut self.peers {
+            p.slots.retain(|s| {
+                s.established || s.sa.role() != Role::Responder || !gone.contains(&s.sa.spis().0)
+            });
+        }
+    }
+
     /// Carries out an IKE SA's actions, in order. Every `Action` is
     /// handled here: a new kind is one more arm.
-    fn act(&mut self, i: usize, mut slot: usize, actions: Vec<Action>, now: Instant) {
-        for action in actions {
+    fn act(&mut self, i: usize, mut slot: usize, outputs: Vec<Output>, now: Instant) {
+        for output in outputs {
+            let action = match output {
+                Output::Send { bytes, route } => {
+                    self.send(i, route, &bytes);
+                    continue;
+                }
+                Output::SendKeepalive(route) => {
+                    self.keepalive(i, slot, route);
+                    continue;
+                }
+                Output::PeerMoved(to) => {
+                    self.peer_moved(i, slot, to);
+                    continue;
+                }
+                Output::Act(action) => action,
+            };
             match action {
-                Action::Send(bytes) => self.send(i, slot, &bytes),
+                Action::Send(bytes) => {
+                    // `outputs` routes every send; this arm is unreachable
+                    // in practice.
+                    if let Some(route) = self.peers[i].slots.get(slot).and_then(|s| s.sa.route()) {
+                        self.send(i, route, &bytes);
+                    }
+                }
                 Action::InstallChild(child) => self.install(i, child, now),
                 Action::ChildFailed(e) => {
                     self.peers[i].counters.children_failed += 1;
@@ -807,48 +1050,79 @@ impl IkeWorker {
         self.inbound_packets = next;
     }
 
-    fn send(&mut self, i: usize, slot: usize, bytes: &[u8]) {
-        let Some(s) = self.peers[i].slots.get(slot) else {
-            return;
-        };
-        let (via, to) = (s.via, s.to);
-        let result = match via {
-            Via::Ike => {
-                let family_v6 = to.is_ipv6();
-                let socket = self
-                    .ike_sockets
-                    .iter()
-                    .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6));
-                match socket {
-                    Some(socket) => socket.send_to(bytes, to).map(|_| ()),
-                    None => Err(std::io::Error::other("no IKE socket of this family")),
-                }
-            }
-            Via::NatT => {
-                let socket = if to.is_ipv6() {
-                    self.sockets.v6.as_ref()
-                } else {
-                    self.sockets.v4.as_ref()
-                };
-                let mut framed = Vec::with_capacity(NON_ESP_MARKER.len() + bytes.len());
-                framed.extend_from_slice(&NON_ESP_MARKER);
-                framed.extend_from_slice(bytes);
-                match socket {
-                    Some(socket) => match socket.send_batch(&[(&framed, to)]) {
-                        Ok(r) if r.failed == 0 => Ok(()),
-                        Ok(r) => Err(r
-                            .last_error
-                            .unwrap_or_else(|| std::io::Error::other("not sent"))),
-                        Err(e) => Err(e),
-                    },
-                    None => Err(std::io::Error::other("no NAT-T socket of this family")),
-                }
+    /// Sends an IKE message on its route: from port 500, or from the
+    /// NAT-T socket behind the non-ESP marker (RFC 3948 section 2.2).
+    fn send(&mut self, i: usize, route: Route, bytes: &[u8]) {
+        let to = route.to;
+        let result = if route.natt {
+            let mut framed = Vec::with_capacity(NON_ESP_MARKER.len() + bytes.len());
+            framed.extend_from_slice(&NON_ESP_MARKER);
+            framed.extend_from_slice(bytes);
+            self.send_natt(to, &framed)
+        } else {
+            let family_v6 = to.is_ipv6();
+            let socket = self
+                .ike_sockets
+                .iter()
+                .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6));
+            match socket {
+                Some(socket) => socket.send_to(bytes, to).map(|_| ()),
+                None => Err(std::io::Error::other("no IKE socket of this family")),
             }
         };
         if let Err(e) = result {
             // Retransmission (RFC 7296 section 2.1) covers a lost send.
             tracing::debug!(peer = %self.peers[i].cfg.name, to = %to, "IKE: send failed: {e}");
         }
+    }
+
+    /// One datagram from the NAT-T socket (the outer UDP socket).
+    fn send_natt(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<()> {
+        let socket = if to.is_ipv6() {
+            self.sockets.v6.as_ref()
+        } else {
+            self.sockets.v4.as_ref()
+        };
+        match socket {
+            Some(socket) if self.sockets.encap.is_udp() => {
+                match socket.send_batch(&[(datagram, to)]) {
+                    Ok(r) if r.failed == 0 => Ok(()),
+                    Ok(r) => Err(r
+                        .last_error
+                        .unwrap_or_else(|| std::io::Error::other("not sent"))),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => Err(std::io::Error::other("no NAT-T socket of this family")),
+        }
+    }
+
+    /// RFC 3948 section 4: the one byte 0xFF keeps our NAT's mapping.
+    fn keepalive(&mut self, i: usize, slot: usize, route: Route) {
+        if let Err(e) = self.send_natt(route.to, &[0xFF]) {
+            tracing::debug!(peer = %self.peers[i].cfg.name, to = %route.to, "IKE: NAT keepalive not sent: {e}");
+            return;
+        }
+        let p = &mut self.peers[i];
+        p.counters.keepalives += 1;
+        if let Some(s) = p.slots.get_mut(slot) {
+            s.keepalives += 1;
+        }
+    }
+
+    /// The peer's NAT mapping changed (RFC 7296 section 2.23): its ESP
+    /// goes to, and is expected from, the new address.
+    fn peer_moved(&mut self, i: usize, slot: usize, to: SocketAddr) {
+        let p = &mut self.peers[i];
+        p.counters.peer_moved += 1;
+        if let Some(s) = p.slots.get_mut(slot) {
+            s.to = to;
+        }
+        tracing::info!(peer = %p.cfg.name, to = %to, "IKE: the peer's address changed (NAT); ESP follows");
+        let _ = self.installs.send(ChildUpdate::Endpoint {
+            peer: p.cfg.name.clone(),
+            endpoint: to,
+        });
     }
 
     /// A CHILD SA for the key manager: both directions, fresh keys.
@@ -858,7 +1132,20 @@ impl IkeWorker {
         let esn = child.esn;
         p.kept.push(copy_child(&child));
         p.current = Some((inbound_spi, outbound_spi));
-        match build_child(&self.shared, &p.cfg, child) {
+        // An `any_source` peer is where its IKE SA last heard it.
+        let learned = p
+            .cfg
+            .ike
+            .any_source
+            .then(|| {
+                p.slots
+                    .iter()
+                    .find(|s| s.sa.children().iter().any(|c| c.inbound_spi == inbound_spi))
+                    .and_then(|s| s.sa.route())
+                    .map(|r| r.to.ip())
+            })
+            .flatten();
+        match build_child(&self.shared, &p.cfg, child, learned) {
             Ok(sas) => {
                 p.counters.children_installed += 1;
                 tracing::info!(
@@ -889,6 +1176,11 @@ impl IkeWorker {
         }
         s.established = true;
         p.counters.established += 1;
+        if let Some(g) = self.gate.as_mut() {
+            g.completed(s.sa.spis().0);
+            self.cookies.half_open = g.half_open() as u64;
+            self.cookies.demanding = g.demanding();
+        }
         p.contacted = true;
         p.backoff = RETRY_FIRST;
         let (spi_i, spi_r) = s.sa.spis();
@@ -951,8 +1243,14 @@ impl IkeWorker {
     fn reap(&mut self, i: usize, now: Instant) {
         let p = &mut self.peers[i];
         let before = p.slots.len();
-        p.slots
-            .retain(|s| s.sa.status() != crate::ike::sa::Status::Closed);
+        let gate = &mut self.gate;
+        p.slots.retain(|s| {
+            let closed = s.sa.status() == crate::ike::sa::Status::Closed;
+            if closed && let Some(g) = gate.as_mut() {
+                g.completed(s.sa.spis().0);
+            }
+            !closed
+        });
         if p.slots.len() != before {
             self.publish_keys();
         }
@@ -1024,6 +1322,17 @@ impl IkeWorker {
                                 .sa
                                 .last_liveness_check()
                                 .map(|t| secs_since(now, t)),
+                            nat: {
+                                let n = s.sa.nat();
+                                NatSaStatus {
+                                    supported: n.supported,
+                                    local_behind: n.local_behind,
+                                    peer_behind: n.peer_behind,
+                                    natt: s.sa.use_natt(),
+                                    keepalives: n.local_behind,
+                                    keepalives_sent: s.keepalives,
+                                }
+                            },
                         }
                     })
                     .collect(),
@@ -1032,6 +1341,7 @@ impl IkeWorker {
             })
             .collect();
         *self.ike.status.lock().unwrap_or_else(|p| p.into_inner()) = rows;
+        *self.ike.cookies.lock().unwrap_or_else(|p| p.into_inner()) = self.cookies.clone();
     }
 
     /// The established IKE SAs' keys, for `esptun wireshark-keys`.

@@ -134,7 +134,8 @@ fn ike(out: &mut String, s: &Status) {
         "IKE events per peer: established, CHILD SAs installed and failed, authentication \
          failures, proposal mismatches, TS_UNACCEPTABLE, timeouts, other failures, messages \
          dropped, IKE and CHILD SA rekeys, CHILD SAs deleted, dead peers (liveness checks \
-         unanswered), IKE SAs expired, peer restarts (INITIAL_CONTACT).",
+         unanswered), IKE SAs expired, peer restarts (INITIAL_CONTACT), peer addresses \
+         changed under a NAT, NAT keepalives sent, CHILD SAs refused for a NAT with raw ESP.",
         ike.peers.iter().flat_map(|p| {
             let c = &p.counters;
             [
@@ -154,6 +155,9 @@ fn ike(out: &mut String, s: &Status) {
                 ("dead_peer", c.dead_peers),
                 ("expired", c.expired),
                 ("peer_restarted", c.peer_restarts),
+                ("peer_moved", c.peer_moved),
+                ("nat_keepalive", c.keepalives),
+                ("nat_refused", c.nat_refused),
             ]
             .map(|(event, n)| (vec![("peer", p.peer.as_str()), ("event", event)], n))
         }),
@@ -164,6 +168,28 @@ fn ike(out: &mut String, s: &Status) {
         "counter",
         "IKE messages on the NAT-T port dropped because the IKE thread's queue was full.",
         [(vec![], ike.queue_drops)],
+    );
+    let c = &ike.cookies;
+    family(
+        out,
+        "esptun_ike_cookies_total",
+        "counter",
+        "IKE_SA_INIT requests at the COOKIE gate (RFC 7296 section 2.6): challenges sent, \
+         requests accepted with a valid cookie, requests refused, half-open IKE SAs expired.",
+        [
+            ("sent", c.sent),
+            ("accepted", c.accepted),
+            ("refused", c.refused),
+            ("expired", c.expired),
+        ]
+        .map(|(event, n)| (vec![("event", event)], n)),
+    );
+    family(
+        out,
+        "esptun_ike_half_open_sas",
+        "gauge",
+        "Half-open IKE SAs (IKE_SA_INIT answered, IKE_AUTH not yet done).",
+        [(vec![], c.half_open)],
     );
 }
 

@@ -590,6 +590,9 @@ impl Daemon {
                     };
                     self.sas.install(vec![none], now);
                 }
+                ike::ChildUpdate::Endpoint { peer, endpoint } => {
+                    self.sas.update_endpoint(&peer, endpoint, now);
+                }
             }
         }
     }

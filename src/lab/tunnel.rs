@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use crate::crypto::KeySize;
 use crate::crypto::select::Mode;
 use crate::daemon::control;
-use crate::lab::{self, LabError, TwoHosts};
+use crate::lab::{self, LabError, Netns, TwoHosts};
 use crate::sa::KeyMaterial;
 use crate::sa::reservation::ReservationStore;
 use crate::wire::outer::Encap;
@@ -110,6 +110,10 @@ pub struct LabOptions {
     pub ike: Option<LabIke>,
     /// Extra lines for `[peer.ike]`, e.g. `child_rekey_secs = 3`.
     pub ike_extra: String,
+    /// With `router_mtu` (IPv4): the router masquerades a's packets to b
+    /// behind its own address (nftables SNAT, table `ip esptun_nat`), so
+    /// a is behind a NAT; b's peer endpoint is the router's address.
+    pub nat: bool,
 }
 
 /// IKE in the lab: which side initiates, and whether the two PSKs differ.
@@ -141,6 +145,7 @@ impl Default for LabOptions {
             inner_extra: String::new(),
             ike: None,
             ike_extra: String::new(),
+            nat: false,
         }
     }
 }
@@ -221,6 +226,9 @@ impl TunnelLab {
             None => TwoHosts::create(&options.tag, options.subnet)?,
             Some(mtu) => TwoHosts::create_routed(&options.tag, options.subnet, mtu)?,
         };
+        if options.nat {
+            nat_router(&hosts, options.subnet)?;
+        }
         let dir = std::env::temp_dir().join(format!("esptun-{}", hosts.a.name()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new()
@@ -272,8 +280,25 @@ impl TunnelLab {
         lab.write_keys()?;
         lab.write_psks()?;
         lab.write_config(Side::A, a_outer, b_outer)?;
-        lab.write_config(Side::B, b_outer, a_outer)?;
+        // Behind the NAT, a reaches b from the router's address.
+        let a_seen = if lab.options.nat {
+            Ipv4Addr::new(198, 18, lab.options.subnet, 254).into()
+        } else {
+            a_outer
+        };
+        lab.write_config(Side::B, b_outer, a_seen)?;
         Ok(lab)
+    }
+
+    /// Runs an nftables script in the router's namespace (with `nat`:
+    /// to change the NAT's mapping).
+    pub fn router_nft(&self, script: &str) -> Result<(), DemoError> {
+        let router = self
+            .hosts
+            .router
+            .as_ref()
+            .ok_or_else(|| DemoError::Lab(LabError::Invalid("no router in this lab".into())))?;
+        nft(router, script).map_err(DemoError::Lab)
     }
 
     pub fn endpoint(&self, side: Side) -> &Endpoint {
@@ -415,9 +440,16 @@ impl TunnelLab {
                 icv = self.options.icv,
             ),
             Some(ike) => format!(
-                "[peer.ike]\npsk_file = \"{}\"\ninitiate = {}\n{}\n",
+                "[peer.ike]\npsk_file = \"{}\"\ninitiate = {}\n{}{}\n",
                 self.psk_file(side).display(),
                 ike.initiator == side,
+                // Behind the NAT, a's identity is still its own address,
+                // not the endpoint b sees it at (RFC 7296 section 2.23).
+                if self.options.nat && side == Side::B {
+                    format!("remote_id = \"{}\"\n", self.hosts.a_v4)
+                } else {
+                    String::new()
+                },
                 self.options.ike_extra
             ),
         };
@@ -767,4 +799,51 @@ impl Drop for TunnelLab {
         let _ = std::fs::remove_dir_all(&self.dir);
         // The namespaces go with `hosts`.
     }
+}
+
+/// Masquerades what the router forwards from a's subnet to b's (IPv4).
+fn nat_router(hosts: &TwoHosts, subnet: u8) -> Result<(), LabError> {
+    let router = hosts
+        .router
+        .as_ref()
+        .ok_or_else(|| LabError::Invalid("a NAT needs the routed lab (router_mtu)".into()))?;
+    nft(
+        router,
+        &format!(
+            "table ip esptun_nat {{\n\
+             chain post {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ip saddr 198.18.{subnet}.0/25 ip daddr 198.18.{subnet}.128/25 masquerade\n\
+             }}\n\
+             }}\n"
+        ),
+    )
+}
+
+/// `nft -f -` in `ns`.
+fn nft(ns: &Netns, script: &str) -> Result<(), LabError> {
+    use std::io::Write;
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::Invalid(format!("running nft: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| LabError::Invalid(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| LabError::Invalid(format!("waiting for nft: {e}")))?;
+    if !out.status.success() {
+        return Err(LabError::Invalid(format!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }

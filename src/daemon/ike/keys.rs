@@ -25,8 +25,13 @@ pub(super) fn build_child(
     shared: &Shared,
     peer: &IkePeer,
     child: ChildSa,
+    learned: Option<std::net::IpAddr>,
 ) -> Result<PeerSas, crate::sa::SaError> {
-    let inner = InnerAddrs::new(peer.inner_local, peer.inner_remote)?;
+    // Transport mode through a NAT (RFC 3948 section 3.1.2, RFC 7296
+    // section 2.23.1): the peer's inner checksums cover the original
+    // addresses of the traffic selectors, so inner packets are rebuilt
+    // with them. Without a NAT they are the configured inner addresses.
+    let inner = InnerAddrs::new(child.original.local, child.original.peer)?;
     // ESP AES-GCM as negotiated: the 16-byte ICV (ENCR_AES_GCM_16, RFC
     // 4106 section 8).
     let icv = IcvLen::Icv16;
@@ -40,8 +45,16 @@ pub(super) fn build_child(
     let mut sa = OutboundSa::new(child.outbound_spi, keys, child.esn, inner)?;
     sa.set_ceiling(hard_limit(child.esn));
     let material = child.outbound;
-    // The configured endpoint, as for manual keys (raw ESP has no port).
-    let endpoint = SocketAddr::new(peer.endpoint, shared.outer.port().unwrap_or(0));
+    // Through a NAT, where the IKE SA last heard the peer (its NAT's
+    // mapping, RFC 3948); else the address learned for an `any_source`
+    // peer, or the configured endpoint, as for manual
+    // keys (raw ESP has no port).
+    let endpoint = child.udp_encap.unwrap_or_else(|| {
+        SocketAddr::new(
+            learned.unwrap_or(peer.endpoint),
+            shared.outer.port().unwrap_or(0),
+        )
+    });
     Ok(PeerSas {
         peer: peer.name.clone(),
         endpoint,

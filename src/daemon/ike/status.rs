@@ -9,6 +9,9 @@ pub struct IkeStatus {
     /// was full.
     pub queue_drops: u64,
     pub peers: Vec<IkePeerStatus>,
+    /// The responders' COOKIE gate (RFC 7296 section 2.6).
+    #[serde(default)]
+    pub cookies: CookieCounters,
 }
 
 /// One peer keyed by IKE.
@@ -62,6 +65,43 @@ pub struct IkeSaStatus {
     /// yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_liveness_check_secs_ago: Option<u64>,
+    /// NAT detection's outcome (RFC 7296 section 2.23).
+    #[serde(default)]
+    pub nat: NatSaStatus,
+}
+
+/// What NAT detection found for one IKE SA, and what follows from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatSaStatus {
+    /// The peer sent NAT detection notifies.
+    pub supported: bool,
+    /// A NAT rewrote our address (or we fake it: `force_encap`).
+    pub local_behind: bool,
+    /// The peer is behind a NAT (or pretends to be).
+    pub peer_behind: bool,
+    /// IKE on the NAT-T port and ESP in UDP.
+    pub natt: bool,
+    /// We send NAT keepalives (RFC 3948 section 4): we are behind the NAT.
+    pub keepalives: bool,
+    /// NAT keepalives sent by this IKE SA.
+    pub keepalives_sent: u64,
+}
+
+/// The COOKIE gate's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CookieCounters {
+    /// COOKIE challenges sent.
+    pub sent: u64,
+    /// IKE_SA_INIT requests let through with a valid cookie.
+    pub accepted: u64,
+    /// IKE_SA_INIT requests refused (half-open table full, malformed).
+    pub refused: u64,
+    /// Half-open IKE SAs now.
+    pub half_open: u64,
+    /// Half-open IKE SAs given up after their timeout.
+    pub expired: u64,
+    /// Whether cookies are demanded now.
+    pub demanding: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,4 +163,13 @@ pub struct IkeCounters {
     /// INITIAL_CONTACT received: the peer restarted, its old SAs went.
     #[serde(default)]
     pub peer_restarts: u64,
+    /// The peer's address changed under a NAT (RFC 7296 section 2.23).
+    #[serde(default)]
+    pub peer_moved: u64,
+    /// NAT keepalives sent (RFC 3948 section 4).
+    #[serde(default)]
+    pub keepalives: u64,
+    /// CHILD SAs refused because a NAT was detected with `outer = "esp"`.
+    #[serde(default)]
+    pub nat_refused: u64,
 }

@@ -78,6 +78,9 @@ fn ike_peer(cfg: &Arc<IkeConfig>, remote_id: Identification) -> IkePeer {
             ike_rekey: Duration::from_secs(14400),
             child_rekey: Duration::from_secs(3600),
             liveness: Duration::from_secs(30),
+            force_encap: false,
+            cookie_threshold: None,
+            any_source: false,
         },
     }
 }
