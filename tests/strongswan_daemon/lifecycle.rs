@@ -20,7 +20,10 @@ fn enabled(name: &str, feature: &str) -> bool {
     if std::env::var("ESPTUN_SWAN_PENDING").as_deref() == Ok("1") {
         return true;
     }
-    eprintln!("SKIPPED {name}: waits for {feature} (set ESPTUN_SWAN_PENDING=1 to run it)");
+    crate::common::skip(
+        name,
+        &format!("waits for {feature} (set ESPTUN_SWAN_PENDING=1 to run it)"),
+    );
     false
 }
 
