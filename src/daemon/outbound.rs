@@ -381,19 +381,29 @@ impl OutboundWorker {
     /// longer than the outer MTU (a reassembled datagram, which the kernel
     /// fragments) in a call of its own, so that it never becomes the
     /// segment size of a UDP GSO train.
+    ///
+    /// With `[inner] ipv6_hop_by_hop = "carry"` each packet goes with the
+    /// hop-by-hop header the pipeline kept under its batch index (empty:
+    /// none), which the socket puts on the outer packet (IPV6_HOPOPTS).
     fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        // Taken out for the sends (which borrow the worker mutably) and
+        // put back: no copy, no allocation.
+        let taken = self.outbound.hop_by_hop.take();
+        let slots = &taken;
         for v6 in [false, true] {
             // The ESP packet plus the outer IP and UDP headers.
             let limit = usize::from(self.outer_mtu).saturating_sub(if v6 { 48 } else { 28 });
             let packets = |large: bool| {
                 bufs.iter()
                     .zip(verdicts)
-                    .filter_map(move |(buf, v)| match v {
-                        Verdict::Send { .. } if (buf.len() > limit) == large => buf
-                            .meta
-                            .peer
-                            .filter(|to| to.is_ipv6() == v6)
-                            .map(|to| (buf.data(), to, buf.meta.tos)),
+                    .enumerate()
+                    .filter_map(move |(index, (buf, v))| match v {
+                        Verdict::Send { .. } if (buf.len() > limit) == large => {
+                            buf.meta.peer.filter(|to| to.is_ipv6() == v6).map(|to| {
+                                let hop_by_hop = slots.as_ref().map_or(&[][..], |s| s.get(index));
+                                (buf.data(), to, buf.meta.tos, hop_by_hop)
+                            })
+                        }
                         _ => None,
                     })
             };
@@ -402,13 +412,14 @@ impl OutboundWorker {
                 self.send_family(v6, std::iter::once(packet));
             }
         }
+        self.outbound.hop_by_hop = taken;
     }
 
     /// One `sendmmsg` of `packets` on the socket of one address family.
     fn send_family<'a>(
         &mut self,
         v6: bool,
-        packets: impl Iterator<Item = (&'a [u8], std::net::SocketAddr, u8)> + Clone,
+        packets: impl Iterator<Item = (&'a [u8], std::net::SocketAddr, u8, &'a [u8])> + Clone,
     ) {
         let count = packets.clone().count() as u64;
         if count == 0 {
@@ -420,7 +431,7 @@ impl OutboundWorker {
             &self.sockets.v4
         };
         let result = match socket {
-            Some(socket) => socket.send_iter_with_tos(packets),
+            Some(socket) => socket.send_iter_marked(packets),
             None => Err(std::io::Error::other(
                 "no outer socket of this address family",
             )),
