@@ -35,8 +35,10 @@ use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::table::{SaId, SaState};
 use crate::wire::gso::{GsoError, Splitter, complete_single};
+use crate::wire::hop_by_hop;
 use crate::wire::icmp;
-use crate::wire::inner::InnerPolicy;
+use crate::wire::inner::{InnerError, InnerPolicy};
+use crate::wire::ip::{self, protocol};
 use crate::wire::vnet::{GsoType, VirtioNetHdr};
 
 /// TUN -> ESP -> socket.
@@ -650,6 +652,31 @@ fn offload_reason(e: &GsoError) -> DropReason {
     }
 }
 
+/// RFC 8200 section 8.1: an IPv6 UDP checksum that computes to zero is
+/// sent as 0xFFFF (zero means "none", which IPv6 does not allow).
+/// `complete_single` does this for UDP right behind the IPv6 header; this
+/// does it for UDP behind a hop-by-hop header, which it leaves alone.
+fn udp6_zero_checksum_behind_hop_by_hop(hdr: &VirtioNetHdr, packet: &mut [u8]) {
+    /// The UDP checksum's offset in its header (RFC 768).
+    const UDP_CHECKSUM: usize = 6;
+    let Ok(Some(h)) = hop_by_hop::first_header(packet) else {
+        return;
+    };
+    let start = usize::from(hdr.csum_start);
+    if !hdr.needs_csum()
+        || h.next != protocol::UDP
+        || start != ip::IPV6_HEADER_LEN + h.len
+        || usize::from(hdr.csum_offset) != UDP_CHECKSUM
+    {
+        return;
+    }
+    if let Some(field) = packet.get_mut(start + UDP_CHECKSUM..start + UDP_CHECKSUM + 2)
+        && field == [0, 0]
+    {
+        field.copy_from_slice(&[0xFF, 0xFF]);
+    }
+}
+
 /// Moves one packet read from the TUN device into `batch` at `filled`,
 /// calling `full` with the batch whenever it fills up (the caller seals
 /// and sends it; it is then empty); returns the new fill, never above the
@@ -739,12 +766,20 @@ fn take_packet(
             }
             return filled;
         }
-        Some(hdr) => {
-            if let Err(e) = complete_single(&hdr, slot.data_mut(), policy) {
+        Some(hdr) => match complete_single(&hdr, slot.data_mut(), policy) {
+            Ok(_) => {}
+            // An IPv6 hop-by-hop header in front of the transport header:
+            // the checksum behind it is filled in, and the pipeline
+            // decides (carried, validated behind the header, or dropped
+            // as hop_by_hop, counted there once).
+            Err(GsoError::Inner(InnerError::HopByHop)) => {
+                udp6_zero_checksum_behind_hop_by_hop(&hdr, slot.data_mut());
+            }
+            Err(e) => {
                 drop(offload_reason(&e));
                 return filled;
             }
-        }
+        },
         None => {}
     }
     // A whole packet: handed over, not copied. A split before it may have
