@@ -1,6 +1,6 @@
 //! Carrying an inner IPv6 hop-by-hop options header on the outer packet:
-//! the wire half of `[inner] ipv6_hop_by_hop = "carry"` (not yet wired
-//! into the pipelines; today such packets are dropped as `hop_by_hop`).
+//! the wire half of `[inner] ipv6_hop_by_hop = "carry"` (by default such
+//! packets are dropped as `hop_by_hop`).
 //!
 //! In transport mode ESP goes after the hop-by-hop, routing and fragment
 //! headers (RFC 4303 section 3.1.1): they are the outer header's. So the
