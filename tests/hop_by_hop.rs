@@ -675,6 +675,50 @@ fn hop_by_hop_is_carried(test: &str, subnet: u8, encap: Encap) {
         )
     });
 
+    // A burst of equal-sized ones, which the sender may send as UDP GSO
+    // trains (one header for the train) and the receiver's kernel may
+    // merge by GRO: each still arrives whole, with its header.
+    const BURST: usize = 40;
+    let burst: Vec<Vec<u8>> = (0..BURST)
+        .map(|i| (0..1000).map(|k| (k as u8).wrapping_add(i as u8)).collect())
+        .collect();
+    for (i, p) in burst.iter().enumerate() {
+        if let Err(e) = sender.send_to(p, to) {
+            fail(&lab, &format!("burst send {i}: {e}"));
+        }
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got < BURST && Instant::now() < deadline {
+        let Some((data, header)) = recv_with_hop_by_hop(receiver.as_raw_fd()) else {
+            continue;
+        };
+        check(&lab, burst.contains(&data), || {
+            format!(
+                "a burst datagram of {} bytes arrived that was not sent",
+                data.len()
+            )
+        });
+        check(
+            &lab,
+            header.as_deref().and_then(|h| h.get(1..)) == Some(&CARRIED[1..]),
+            || format!("burst datagram with hop-by-hop header {header:02x?}"),
+        );
+        got += 1;
+    }
+    check(&lab, got >= BURST - 5, || {
+        format!("only {got} of {BURST} burst datagrams arrived")
+    });
+    // A train with a header never switches GSO off for everything.
+    let status = lab
+        .status(Side::A)
+        .unwrap_or_else(|e| fail(&lab, &format!("status of a: {e}")));
+    check(
+        &lab,
+        encap != Encap::NATT || status["offloads"]["udp_gso"] == serde_json::json!(true),
+        || format!("UDP GSO was switched off: {}", status["offloads"]),
+    );
+
     // A TCP stream beside them, byte-checked.
     tcp_stream_checked(&lab, PORT + 1, 2 << 20);
 

@@ -361,6 +361,18 @@ impl OuterSocket {
                         gso_refused = true;
                         break;
                     }
+                    // A train with a hop-by-hop header: GSO with an
+                    // extension header is this kernel's to refuse (it
+                    // accepts it on Linux 6.x), which says nothing about
+                    // GSO itself: the rest of the chunk goes plain, GSO
+                    // stays on.
+                    libc::EIO | libc::EINVAL
+                        if train > 1 && !hbhs[first + trains[next].0].is_empty() =>
+                    {
+                        plain = true;
+                        gso_refused = true;
+                        break;
+                    }
                     libc::EIO | libc::EINVAL if train > 1 => {
                         self.gso.store(false, Ordering::Relaxed);
                         self.gso_refused.fetch_add(1, Ordering::Relaxed);
