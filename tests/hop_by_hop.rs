@@ -10,7 +10,8 @@
 //! UDP and raw ESP sockets. With `[inner] ipv6_hop_by_hop = "carry"` the
 //! header travels on the outer packet instead: the receiving application
 //! sees the sender's options and payload byte for byte, and a TCP stream
-//! beside them is unaffected.
+//! beside them is unaffected; a receiver that drops counts the header it
+//! does not pass on.
 //!
 //! Needs root. Without it every test says it skipped; with
 //! `ESPTUN_REQUIRE_NETNS=1` (CI) a skip fails. Each lab has its own
@@ -740,4 +741,122 @@ fn hop_by_hop_is_carried_nat_t() {
 #[test]
 fn hop_by_hop_is_carried_raw_esp() {
     hop_by_hop_is_carried("hop_by_hop_is_carried_raw_esp", 93, Encap::RawEsp);
+}
+
+/// A peer that carries, a receiver that drops: the receiver's kernel
+/// processes the outer packet's hop-by-hop header, esptun does not pass
+/// it on (the datagram is delivered without it) and counts it as
+/// `io.outer_hop_by_hop_not_carried`.
+#[test]
+fn an_outer_hop_by_hop_header_is_counted_in_drop_mode() {
+    let Some(lab) = lab(
+        "an_outer_hop_by_hop_header_is_counted_in_drop_mode",
+        LabOptions {
+            tag: "hbo".into(),
+            subnet: 94,
+            ipv6: true,
+            encap: Encap::NATT,
+            inner_extra: "ipv6_hop_by_hop = \"carry\"".into(),
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    let b_config = std::fs::read_to_string(&lab.b.config)
+        .unwrap_or_else(|e| fail(&lab, &format!("b's config: {e}")));
+    let dropping = b_config.replace("ipv6_hop_by_hop = \"carry\"", "ipv6_hop_by_hop = \"drop\"");
+    check(&lab, dropping != b_config, || {
+        "no carry line in b's config".into()
+    });
+    if let Err(e) = lab.write_config_text(Side::B, &dropping) {
+        fail(&lab, &format!("b's config: {e}"));
+    }
+    for side in [Side::A, Side::B] {
+        if let Err(e) = lab.start(side, &[]) {
+            fail(&lab, &format!("starting {side:?}: {e}"));
+        }
+    }
+    let plain = exchange(&lab, false);
+    check(&lab, plain >= MIN_ARRIVED, || {
+        format!("only {plain} of {COUNT} plain datagrams arrived")
+    });
+    let counted = |lab: &TunnelLab| {
+        let s = lab
+            .status(Side::B)
+            .unwrap_or_else(|e| fail(lab, &format!("status of b: {e}")));
+        s["io"]["outer_hop_by_hop_not_carried"]
+            .as_u64()
+            .unwrap_or_else(|| fail(lab, &format!("no counter in {}", s["io"])))
+    };
+    let before = counted(&lab);
+    check(&lab, before == 0, || {
+        format!("{before} before any was sent")
+    });
+
+    let to = SocketAddr::new(lab.b_inner, PORT);
+    let receiver = lab
+        .hosts
+        .b
+        .run(|| UdpSocket::bind(to))
+        .unwrap_or_else(|e| fail(&lab, &format!("entering b: {e}")))
+        .unwrap_or_else(|e| fail(&lab, &format!("receiver: {e}")));
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap_or_else(|e| fail(&lab, &format!("receive timeout: {e}")));
+    set_int(
+        &lab,
+        receiver.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVHOPOPTS,
+        "IPV6_RECVHOPOPTS on the receiver",
+    );
+    let sender = lab
+        .hosts
+        .a
+        .run(|| UdpSocket::bind(SocketAddr::new(lab.a_inner, 0)))
+        .unwrap_or_else(|e| fail(&lab, &format!("entering a: {e}")))
+        .unwrap_or_else(|e| fail(&lab, &format!("sender: {e}")));
+    // SAFETY: the fd is the live socket `sender` owns; the option value
+    // is a valid buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sender.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPOPTS,
+            CARRIED.as_ptr().cast(),
+            CARRIED.len() as libc::socklen_t,
+        )
+    };
+    check(&lab, rc == 0, || {
+        format!(
+            "IPV6_HOPOPTS on the sender: {}",
+            std::io::Error::last_os_error()
+        )
+    });
+    for i in 0..COUNT {
+        if let Err(e) = sender.send_to(&[i as u8; 200], to) {
+            fail(&lab, &format!("send {i}: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got < COUNT && Instant::now() < deadline {
+        let Some((data, header)) = recv_with_hop_by_hop(receiver.as_raw_fd()) else {
+            continue;
+        };
+        check(&lab, data.len() == 200, || format!("{} bytes", data.len()));
+        check(&lab, header.is_none(), || {
+            format!("delivered with a hop-by-hop header in drop mode: {header:02x?}")
+        });
+        got += 1;
+    }
+    check(&lab, got >= MIN_ARRIVED, || {
+        format!("only {got} of {COUNT} datagrams arrived")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counted(&lab);
+    check(&lab, after >= before + got as u64, || {
+        format!("outer_hop_by_hop_not_carried went from {before} to {after}, {got} arrived")
+    });
 }

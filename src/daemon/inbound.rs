@@ -93,14 +93,12 @@ impl InboundWorker {
         let mut rx = Batch::new(RX_BATCH, BUF_CAPACITY);
         let mut batch = Batch::new(BATCH, BUF_CAPACITY);
         let mut verdicts = Vec::with_capacity(BATCH);
-        // `[inner] ipv6_hop_by_hop = "carry"`: the hop-by-hop header each
-        // received datagram came with, by its index in `rx`; each packet
-        // takes its datagram's along into the pipeline's slots.
-        let mut rx_hop_by_hop = self
-            .inbound
-            .hop_by_hop
-            .is_some()
-            .then(|| hop_by_hop::Slots::new(RX_BATCH));
+        // The hop-by-hop header each received datagram came with, by its
+        // index in `rx`. Carrying (`[inner] ipv6_hop_by_hop = "carry"`),
+        // each packet takes its datagram's along into the pipeline's
+        // slots; dropping, they are only counted.
+        let mut rx_hop_by_hop = hop_by_hop::Slots::new(RX_BATCH);
+        let carrying = self.inbound.hop_by_hop.is_some();
         let mut next_check = Instant::now() + self.shared.selftest_interval;
         let mut next_publish = Instant::now();
         let sockets = self.sockets.clone();
@@ -141,7 +139,7 @@ impl InboundWorker {
                 if !ready.is_ready(i) {
                     continue;
                 }
-                let n = match socket.recv_batch_carrying(rx.slots(), rx_hop_by_hop.as_mut()) {
+                let n = match socket.recv_batch_carrying(rx.slots(), Some(&mut rx_hop_by_hop)) {
                     Ok(n) => n,
                     Err(e) => {
                         count(&self.shared.io.recv_errors);
@@ -151,13 +149,26 @@ impl InboundWorker {
                     }
                 };
                 rx.set_len(n);
+                let rx_hop_by_hop = if carrying {
+                    Some(&rx_hop_by_hop)
+                } else {
+                    let with = (0..n)
+                        .filter(|&i| {
+                            !rx_hop_by_hop.get(i).is_empty() || rx_hop_by_hop.is_too_long(i)
+                        })
+                        .count();
+                    if with > 0 {
+                        IoCounters::add(&self.shared.io.outer_hop_by_hop_not_carried, with as u64);
+                    }
+                    None
+                };
                 let mut filled = 0;
                 for (index, slot) in rx.packets_mut().iter_mut().enumerate() {
                     let segment = usize::from(slot.meta.segment_size);
                     if segment == 0 || slot.len() <= segment {
                         // One datagram: handed over, not copied.
                         std::mem::swap(slot, &mut batch.slots()[filled]);
-                        self.take_hop_by_hop(rx_hop_by_hop.as_ref(), index, filled);
+                        self.take_hop_by_hop(rx_hop_by_hop, index, filled);
                         filled += 1;
                     } else {
                         // A GRO train: its ESP packets, in order.
@@ -184,7 +195,7 @@ impl InboundWorker {
                             out.fill(chunk);
                             out.meta.peer = peer;
                             out.meta.tos = tos;
-                            self.take_hop_by_hop(rx_hop_by_hop.as_ref(), index, filled);
+                            self.take_hop_by_hop(rx_hop_by_hop, index, filled);
                             filled += 1;
                         }
                     }

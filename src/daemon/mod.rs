@@ -237,9 +237,11 @@ fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
                 gro: config.offloads.udp_gro,
             });
             tracing::debug!(v6, gso = on.gso, gro = on.gro, "outer socket offloads");
-            // Carrying: each datagram's hop-by-hop header is reported
-            // (IPV6_RECVHOPOPTS) to be put back on the inner packet.
-            if v6 && config.ipv6_hop_by_hop == HopByHopMode::Carry {
+            // Each datagram's hop-by-hop header is reported
+            // (IPV6_RECVHOPOPTS): carrying, to be put back on the inner
+            // packet; dropping, to be counted (the kernel adds the message
+            // only to datagrams that have one: cheap).
+            if v6 {
                 socket
                     .enable_hop_by_hop_receive()
                     .map_err(|source| IoSetupError::Socket {
