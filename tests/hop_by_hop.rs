@@ -7,7 +7,11 @@
 //! CAP_NET_RAW); the routing header comes from a raw socket that writes
 //! the whole packet. A third test asks the kernel what carrying them would
 //! rest on: `IPV6_HOPOPTS` on send and `IPV6_RECVHOPOPTS` on receive, on
-//! UDP and raw ESP sockets.
+//! UDP and raw ESP sockets. With `[inner] ipv6_hop_by_hop = "carry"` the
+//! header travels on the outer packet instead: the receiving application
+//! sees the sender's options and payload byte for byte, and a TCP stream
+//! beside them is unaffected; a receiver that drops counts the header it
+//! does not pass on.
 //!
 //! Needs root. Without it every test says it skipped; with
 //! `ESPTUN_REQUIRE_NETNS=1` (CI) a skip fails. Each lab has its own
@@ -18,7 +22,8 @@ mod common;
 
 use common::{check, fail, lab};
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -421,4 +426,437 @@ fn probe(kind: libc::c_int, proto: libc::c_int) -> Result<(Vec<u8>, Vec<u8>), St
     let header = header.ok_or("no IPV6_HOPOPTS message received")?;
     // A raw IPv6 socket delivers no IPv6 header (raw(7)): the payload.
     Ok((header, buf[..n as usize].to_vec()))
+}
+
+/// A 16-byte hop-by-hop header carried end to end: the experimental
+/// options 0x1E and 0x3E (RFC 4727; top bits 00: skipped by a node that
+/// does not know them) with 4 and 2 data bytes, then PadN (RFC 8200
+/// section 4.2) with 2 zeros (Linux refuses more than 7 bytes of padding
+/// in a row, `ip6_parse_tlv`). The kernel fills in the next header byte.
+const CARRIED: [u8; 16] = [
+    0, 1, 0x1e, 4, 0xde, 0xad, 0xbe, 0xef, 0x3e, 2, 0xca, 0xfe, 1, 2, 0, 0,
+];
+
+/// Receives one datagram on `fd` (IPV6_RECVHOPOPTS set, a receive timeout
+/// set): its payload and the hop-by-hop header reported with it, if any;
+/// None on timeout.
+fn recv_with_hop_by_hop(fd: libc::c_int) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    use std::mem::zeroed;
+    let mut buf = [0u8; 2048];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    #[repr(C, align(8))]
+    struct Control([u8; 256]);
+    let mut control = Control([0; 256]);
+    // SAFETY: msghdr is plain data; all-zero is a valid empty one.
+    let mut h: libc::msghdr = unsafe { zeroed() };
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = control.0.as_mut_ptr().cast();
+    h.msg_controllen = 256;
+    // SAFETY: h points at live buffers of the lengths it states.
+    let n = unsafe { libc::recvmsg(fd, &mut h, 0) };
+    if n < 0 {
+        return None;
+    }
+    let mut header = None;
+    // SAFETY: the kernel filled msg_controllen bytes with cmsghdrs;
+    // CMSG_FIRSTHDR/NXTHDR stay within them, each read within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&h);
+        while !c.is_null() {
+            if ((*c).cmsg_level, (*c).cmsg_type) == (libc::IPPROTO_IPV6, libc::IPV6_HOPOPTS) {
+                let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                header = Some(std::slice::from_raw_parts(libc::CMSG_DATA(c), len).to_vec());
+            }
+            c = libc::CMSG_NXTHDR(&h, c);
+        }
+    }
+    Some((buf[..n as usize].to_vec(), header))
+}
+
+fn set_int(lab: &TunnelLab, fd: libc::c_int, level: libc::c_int, name: libc::c_int, what: &str) {
+    let one: libc::c_int = 1;
+    // SAFETY: the value is a live c_int of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(lab, rc == 0, || {
+        format!("{what}: {}", std::io::Error::last_os_error())
+    });
+}
+
+/// A byte-checked TCP stream from a to b through the tunnel: b reads
+/// `total` bytes of a known pattern and compares every one.
+fn tcp_stream_checked(lab: &TunnelLab, port: u16, total: usize) {
+    let pattern = |i: usize| (i.wrapping_mul(31) ^ (i >> 8)) as u8;
+    let at = SocketAddr::new(lab.b_inner, port);
+    let listener = lab
+        .hosts
+        .b
+        .run(|| TcpListener::bind(at))
+        .unwrap_or_else(|e| fail(lab, &format!("entering b: {e}")))
+        .unwrap_or_else(|e| fail(lab, &format!("listener: {e}")));
+    let reader = std::thread::spawn(move || -> Result<usize, String> {
+        listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        let mut got = 0usize;
+        let mut buf = [0u8; 65536];
+        while got < total {
+            let n = conn
+                .read(&mut buf)
+                .map_err(|e| format!("read at {got}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            for (k, &b) in buf[..n].iter().enumerate() {
+                if b != pattern(got + k) {
+                    return Err(format!(
+                        "byte {} is {b:#x}, sent {:#x}",
+                        got + k,
+                        pattern(got + k)
+                    ));
+                }
+            }
+            got += n;
+        }
+        Ok(got)
+    });
+    let mut conn = lab
+        .hosts
+        .a
+        .run(|| TcpStream::connect_timeout(&at, Duration::from_secs(5)))
+        .unwrap_or_else(|e| fail(lab, &format!("entering a: {e}")))
+        .unwrap_or_else(|e| fail(lab, &format!("connect: {e}")));
+    conn.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| fail(lab, &format!("write timeout: {e}")));
+    let data: Vec<u8> = (0..total).map(pattern).collect();
+    if let Err(e) = conn.write_all(&data) {
+        fail(lab, &format!("write: {e}"));
+    }
+    drop(conn);
+    match reader.join() {
+        Ok(Ok(got)) => check(lab, got == total, || {
+            format!("the TCP stream ended after {got} of {total} bytes")
+        }),
+        Ok(Err(e)) => fail(lab, &format!("TCP stream: {e}")),
+        Err(_) => fail(lab, "the TCP reader panicked"),
+    }
+}
+
+fn hop_by_hop_is_carried(test: &str, subnet: u8, encap: Encap) {
+    let Some(lab) = lab(
+        test,
+        LabOptions {
+            tag: "hbc".into(),
+            subnet,
+            ipv6: true,
+            encap,
+            inner_extra: "ipv6_hop_by_hop = \"carry\"".into(),
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    for side in [Side::A, Side::B] {
+        if let Err(e) = lab.start(side, &[]) {
+            fail(&lab, &format!("starting {side:?}: {e}"));
+        }
+    }
+    // The path works: plain datagrams arrive (and neighbours are known).
+    let plain = exchange(&lab, false);
+    check(&lab, plain >= MIN_ARRIVED, || {
+        format!("only {plain} of {COUNT} plain datagrams arrived")
+    });
+    let counted = |lab: &TunnelLab| {
+        [
+            drops(lab, Side::A, "outbound", "hop_by_hop"),
+            drops(lab, Side::B, "inbound", "hop_by_hop"),
+            drops(lab, Side::B, "inbound", "inner_checksum"),
+            drops(lab, Side::B, "inbound", "icv_failure"),
+        ]
+    };
+    let before = counted(&lab);
+
+    let to = SocketAddr::new(lab.b_inner, PORT);
+    let receiver = lab
+        .hosts
+        .b
+        .run(|| UdpSocket::bind(to))
+        .unwrap_or_else(|e| fail(&lab, &format!("entering b: {e}")))
+        .unwrap_or_else(|e| fail(&lab, &format!("receiver: {e}")));
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap_or_else(|e| fail(&lab, &format!("receive timeout: {e}")));
+    set_int(
+        &lab,
+        receiver.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVHOPOPTS,
+        "IPV6_RECVHOPOPTS on the receiver",
+    );
+    let sender = lab
+        .hosts
+        .a
+        .run(|| UdpSocket::bind(SocketAddr::new(lab.a_inner, 0)))
+        .unwrap_or_else(|e| fail(&lab, &format!("entering a: {e}")))
+        .unwrap_or_else(|e| fail(&lab, &format!("sender: {e}")));
+    // SAFETY: the fd is the live socket `sender` owns; the option value
+    // is a valid buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sender.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPOPTS,
+            CARRIED.as_ptr().cast(),
+            CARRIED.len() as libc::socklen_t,
+        )
+    };
+    check(&lab, rc == 0, || {
+        format!(
+            "IPV6_HOPOPTS on the sender: {}",
+            std::io::Error::last_os_error()
+        )
+    });
+    // Distinct payloads of several sizes (odd ones too, for the checksum).
+    let payload = |i: usize| -> Vec<u8> {
+        (0..(100 + i * 37))
+            .map(|k| (k as u8) ^ (i as u8).wrapping_mul(13))
+            .collect()
+    };
+    let sent: Vec<Vec<u8>> = (0..COUNT).map(payload).collect();
+    for (i, p) in sent.iter().enumerate() {
+        if let Err(e) = sender.send_to(p, to) {
+            fail(&lab, &format!("send {i}: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got < COUNT && Instant::now() < deadline {
+        let Some((data, header)) = recv_with_hop_by_hop(receiver.as_raw_fd()) else {
+            continue;
+        };
+        check(&lab, sent.contains(&data), || {
+            format!(
+                "a datagram of {} bytes arrived that was not sent",
+                data.len()
+            )
+        });
+        let header = header
+            .unwrap_or_else(|| fail(&lab, "a datagram arrived without its hop-by-hop header"));
+        // As sent, with UDP as the next header.
+        check(&lab, header.first() == Some(&17), || {
+            format!("{header:02x?}")
+        });
+        check(&lab, header.get(1..) == Some(&CARRIED[1..]), || {
+            format!("hop-by-hop header {header:02x?}, sent {CARRIED:02x?}")
+        });
+        got += 1;
+    }
+    check(&lab, got >= MIN_ARRIVED, || {
+        format!(
+            "only {got} of {COUNT} datagrams with hop-by-hop options arrived; a: {}; b: {}",
+            lab.status(Side::A)
+                .map(|s| s["outbound"].to_string())
+                .unwrap_or_default(),
+            lab.status(Side::B)
+                .map(|s| s["inbound"].to_string())
+                .unwrap_or_default()
+        )
+    });
+
+    // A burst of equal-sized ones, which the sender may send as UDP GSO
+    // trains (one header for the train) and the receiver's kernel may
+    // merge by GRO: each still arrives whole, with its header.
+    const BURST: usize = 40;
+    let burst: Vec<Vec<u8>> = (0..BURST)
+        .map(|i| (0..1000).map(|k| (k as u8).wrapping_add(i as u8)).collect())
+        .collect();
+    for (i, p) in burst.iter().enumerate() {
+        if let Err(e) = sender.send_to(p, to) {
+            fail(&lab, &format!("burst send {i}: {e}"));
+        }
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got < BURST && Instant::now() < deadline {
+        let Some((data, header)) = recv_with_hop_by_hop(receiver.as_raw_fd()) else {
+            continue;
+        };
+        check(&lab, burst.contains(&data), || {
+            format!(
+                "a burst datagram of {} bytes arrived that was not sent",
+                data.len()
+            )
+        });
+        check(
+            &lab,
+            header.as_deref().and_then(|h| h.get(1..)) == Some(&CARRIED[1..]),
+            || format!("burst datagram with hop-by-hop header {header:02x?}"),
+        );
+        got += 1;
+    }
+    check(&lab, got >= BURST - 5, || {
+        format!("only {got} of {BURST} burst datagrams arrived")
+    });
+    // A train with a header never switches GSO off for everything.
+    let status = lab
+        .status(Side::A)
+        .unwrap_or_else(|e| fail(&lab, &format!("status of a: {e}")));
+    check(
+        &lab,
+        encap != Encap::NATT || status["offloads"]["udp_gso"] == serde_json::json!(true),
+        || format!("UDP GSO was switched off: {}", status["offloads"]),
+    );
+
+    // A TCP stream beside them, byte-checked.
+    tcp_stream_checked(&lab, PORT + 1, 2 << 20);
+
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counted(&lab);
+    check(&lab, after == before, || {
+        format!(
+            "drops (a hop_by_hop, b hop_by_hop, b inner_checksum, b icv_failure) went from \
+             {before:?} to {after:?}"
+        )
+    });
+}
+
+#[test]
+fn hop_by_hop_is_carried_nat_t() {
+    hop_by_hop_is_carried("hop_by_hop_is_carried_nat_t", 92, Encap::NATT);
+}
+
+#[test]
+fn hop_by_hop_is_carried_raw_esp() {
+    hop_by_hop_is_carried("hop_by_hop_is_carried_raw_esp", 93, Encap::RawEsp);
+}
+
+/// A peer that carries, a receiver that drops: the receiver's kernel
+/// processes the outer packet's hop-by-hop header, esptun does not pass
+/// it on (the datagram is delivered without it) and counts it as
+/// `io.outer_hop_by_hop_not_carried`.
+#[test]
+fn an_outer_hop_by_hop_header_is_counted_in_drop_mode() {
+    let Some(lab) = lab(
+        "an_outer_hop_by_hop_header_is_counted_in_drop_mode",
+        LabOptions {
+            tag: "hbo".into(),
+            subnet: 94,
+            ipv6: true,
+            encap: Encap::NATT,
+            inner_extra: "ipv6_hop_by_hop = \"carry\"".into(),
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    let b_config = std::fs::read_to_string(&lab.b.config)
+        .unwrap_or_else(|e| fail(&lab, &format!("b's config: {e}")));
+    let dropping = b_config.replace("ipv6_hop_by_hop = \"carry\"", "ipv6_hop_by_hop = \"drop\"");
+    check(&lab, dropping != b_config, || {
+        "no carry line in b's config".into()
+    });
+    if let Err(e) = lab.write_config_text(Side::B, &dropping) {
+        fail(&lab, &format!("b's config: {e}"));
+    }
+    for side in [Side::A, Side::B] {
+        if let Err(e) = lab.start(side, &[]) {
+            fail(&lab, &format!("starting {side:?}: {e}"));
+        }
+    }
+    let plain = exchange(&lab, false);
+    check(&lab, plain >= MIN_ARRIVED, || {
+        format!("only {plain} of {COUNT} plain datagrams arrived")
+    });
+    let counted = |lab: &TunnelLab| {
+        let s = lab
+            .status(Side::B)
+            .unwrap_or_else(|e| fail(lab, &format!("status of b: {e}")));
+        s["io"]["outer_hop_by_hop_not_carried"]
+            .as_u64()
+            .unwrap_or_else(|| fail(lab, &format!("no counter in {}", s["io"])))
+    };
+    let before = counted(&lab);
+    check(&lab, before == 0, || {
+        format!("{before} before any was sent")
+    });
+
+    let to = SocketAddr::new(lab.b_inner, PORT);
+    let receiver = lab
+        .hosts
+        .b
+        .run(|| UdpSocket::bind(to))
+        .unwrap_or_else(|e| fail(&lab, &format!("entering b: {e}")))
+        .unwrap_or_else(|e| fail(&lab, &format!("receiver: {e}")));
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap_or_else(|e| fail(&lab, &format!("receive timeout: {e}")));
+    set_int(
+        &lab,
+        receiver.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVHOPOPTS,
+        "IPV6_RECVHOPOPTS on the receiver",
+    );
+    let sender = lab
+        .hosts
+        .a
+        .run(|| UdpSocket::bind(SocketAddr::new(lab.a_inner, 0)))
+        .unwrap_or_else(|e| fail(&lab, &format!("entering a: {e}")))
+        .unwrap_or_else(|e| fail(&lab, &format!("sender: {e}")));
+    // SAFETY: the fd is the live socket `sender` owns; the option value
+    // is a valid buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sender.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPOPTS,
+            CARRIED.as_ptr().cast(),
+            CARRIED.len() as libc::socklen_t,
+        )
+    };
+    check(&lab, rc == 0, || {
+        format!(
+            "IPV6_HOPOPTS on the sender: {}",
+            std::io::Error::last_os_error()
+        )
+    });
+    for i in 0..COUNT {
+        if let Err(e) = sender.send_to(&[i as u8; 200], to) {
+            fail(&lab, &format!("send {i}: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got < COUNT && Instant::now() < deadline {
+        let Some((data, header)) = recv_with_hop_by_hop(receiver.as_raw_fd()) else {
+            continue;
+        };
+        check(&lab, data.len() == 200, || format!("{} bytes", data.len()));
+        check(&lab, header.is_none(), || {
+            format!("delivered with a hop-by-hop header in drop mode: {header:02x?}")
+        });
+        got += 1;
+    }
+    check(&lab, got >= MIN_ARRIVED, || {
+        format!("only {got} of {COUNT} datagrams arrived")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counted(&lab);
+    check(&lab, after >= before + got as u64, || {
+        format!("outer_hop_by_hop_not_carried went from {before} to {after}, {got} arrived")
+    });
 }

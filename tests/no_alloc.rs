@@ -323,3 +323,95 @@ fn reassembly_allocates_nothing_once_warm() {
     }
     assert_eq!(allocations() - before, 0, "reassembly allocated");
 }
+
+/// Carrying hop-by-hop headers allocates nothing either: the sender keeps
+/// each header in its fixed slot, the receiver's slots are filled by copy,
+/// and the rebuilt packet is the one sent.
+#[test]
+fn carrying_hop_by_hop_headers_allocates_nothing() {
+    use esptun::wire::hop_by_hop::Slots;
+    use std::net::IpAddr;
+    let selector = Selector::boot(
+        Provider::detect_all(),
+        Mode::Auto,
+        FailurePolicy::Fallback,
+        BootOptions::default(),
+    );
+    let a: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let b: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let material = KeyMaterial::from_bytes(&[5u8; 36]).expect("material");
+    let addrs = |l: [u8; 16], r: [u8; 16]| {
+        InnerAddrs::new(IpAddr::from(l), IpAddr::from(r)).expect("addrs")
+    };
+    let meta = || {
+        SaMeta::active(
+            "b",
+            SocketAddr::from((b, 4500)),
+            Fingerprint::new(&material),
+        )
+    };
+    let mut out = Outbound::new(InnerPolicy::default());
+    out.hop_by_hop = Some(Slots::new(4));
+    let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
+    let id = out
+        .add_sa(
+            OutboundSa::new(0x3100, keys, true, addrs(a, b)).expect("sa"),
+            meta(),
+        )
+        .expect("table");
+    out.sa_mut(id).expect("sa").set_ceiling(u64::MAX);
+    let mut inb = Inbound::new(InnerPolicy::default());
+    inb.hop_by_hop = Some(Slots::new(4));
+    let keys = SaKeys::new(&selector, &material, IcvLen::Icv16).expect("keys");
+    inb.add_sa(
+        InboundSa::new(0x3100, keys, true, addrs(b, a), 4096).expect("sa"),
+        meta(),
+    )
+    .expect("table");
+
+    // A UDP packet with an 8-byte hop-by-hop header (experimental option
+    // 0x1E, RFC 4727) between its IPv6 and UDP headers.
+    let plain = build::ipv6(a, b, protocol::UDP, &[7u8; 300]);
+    let mut packet = plain[..40].to_vec();
+    packet[6] = 0;
+    let len = u16::from_be_bytes([packet[4], packet[5]]) + 8;
+    packet[4..6].copy_from_slice(&len.to_be_bytes());
+    packet.extend_from_slice(&[protocol::UDP, 0, 0x1e, 4, 1, 2, 3, 4]);
+    packet.extend_from_slice(&plain[40..]);
+    let inputs = [&packet[..], &plain[..]];
+    let mut batch: Vec<PacketBuf> = inputs.iter().map(|_| PacketBuf::new(2048)).collect();
+    let mut verdicts = Vec::with_capacity(batch.len());
+    let mut delivered = 0usize;
+    let mut round = |delivered: &mut usize| {
+        for (buf, input) in batch.iter_mut().zip(inputs) {
+            assert!(buf.fill(input));
+        }
+        out.process(&selector, &mut batch, &mut verdicts);
+        assert!(verdicts.iter().all(|v| matches!(v, Verdict::Send { .. })));
+        // What the receiving socket would report, for the first packet
+        // only: the header as kept (the kernel's copy has the outer next
+        // header byte, which the rebuild replaces either way).
+        let sent = out.hop_by_hop.as_ref().expect("slots");
+        let receiver = inb.hop_by_hop.as_mut().expect("slots");
+        receiver.copy_from(0, sent, 0);
+        receiver.copy_from(1, sent, 1);
+        assert_eq!(receiver.get(0).len(), 8);
+        assert!(receiver.get(1).is_empty());
+        inb.process(&selector, Encap::NATT, &mut batch, &mut verdicts);
+        assert_eq!(verdicts, [Verdict::Deliver, Verdict::Deliver]);
+        assert_eq!(batch[0].data(), &packet[..], "rebuilt as sent");
+        assert_eq!(batch[1].data(), &plain[..]);
+        *delivered += 2;
+    };
+    round(&mut delivered);
+    let before = allocations();
+    for _ in 0..1000 {
+        round(&mut delivered);
+    }
+    let allocated = allocations() - before;
+    assert_eq!(delivered, 2002);
+    assert_eq!(
+        allocated, 0,
+        "{allocated} allocations carrying hop-by-hop headers"
+    );
+}

@@ -259,6 +259,70 @@ fn without_the_capabilities_run_says_which_is_missing_and_how_to_grant_it() {
     }
 }
 
+/// `[inner] ipv6_hop_by_hop = "carry"` needs CAP_NET_RAW in NAT-T mode
+/// too (Linux sends IPV6_HOPOPTS only for it): without it the daemon says
+/// so and how to do without; with it the tunnel runs.
+#[test]
+fn carrying_hop_by_hop_headers_needs_net_raw_also_with_nat_t() {
+    let exe = Exe::new("hbh");
+    let Some(lab) = lab(
+        "carrying_hop_by_hop_headers_needs_net_raw_also_with_nat_t",
+        &exe.path,
+        LabOptions {
+            tag: "prh".into(),
+            subnet: 53,
+            encap: Encap::NATT,
+            inner_extra: "ipv6_hop_by_hop = \"carry\"".into(),
+            ..LabOptions::default()
+        },
+    ) else {
+        return;
+    };
+    let node = hand_over(&lab);
+    let wrap = wrapper(&node, &["net_admin"]);
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    if let Err(e) = lab.spawn_under(Side::A, &[], &wrap) {
+        fail(&lab, &format!("spawn: {e}"));
+    }
+    let (code, log) = wait_exit(&lab, Side::A);
+    assert_eq!(code, Some(1), "{log}");
+    for part in [
+        "needs root or CAP_NET_RAW",
+        "ipv6_hop_by_hop = \"drop\"",
+        "IPV6_HOPOPTS",
+        "AmbientCapabilities=",
+        "uid 64917",
+    ] {
+        assert!(log.contains(part), "{part} missing from {log}");
+    }
+    let links = lab.hosts.a.ip_output(&["link", "show"]).expect("ip link");
+    assert!(!links.contains("esptun0"), "{links}");
+    // With CAP_NET_RAW as well, it runs and carries traffic.
+    let wrap = wrapper(&node, &["net_admin", "net_raw"]);
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    for side in [Side::A, Side::B] {
+        let _ = std::fs::remove_file(&lab.endpoint(side).log);
+        if let Err(e) = lab
+            .spawn_under(side, &[], &wrap)
+            .and_then(|()| lab.wait_ready(side))
+        {
+            fail(&lab, &format!("starting {side:?} as uid {UID}: {e}"));
+        }
+    }
+    let udp = lab
+        .udp_exchange(20, 600)
+        .unwrap_or_else(|e| fail(&lab, &format!("udp: {e}")));
+    if udp.echoed_ok != udp.sent || udp.mismatched != 0 {
+        fail(&lab, &format!("udp through the tunnel: {udp:?}"));
+    }
+    for side in [Side::A, Side::B] {
+        let status = lab
+            .stop(side)
+            .unwrap_or_else(|e| fail(&lab, &format!("stopping {side:?}: {e}")));
+        assert!(status.success(), "{side:?}: {status}");
+    }
+}
+
 #[test]
 fn a_start_that_fails_claims_no_sequence_numbers() {
     let exe = Path::new(env!("CARGO_BIN_EXE_esptun"));

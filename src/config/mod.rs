@@ -23,6 +23,7 @@
 //! allow_unverifiable_protocols = false    # protocols without a checksum esptun knows
 //! allow_udplite_partial_coverage = false  # UDP-Lite covering part of the datagram
 //! clamp_mss = "auto"                      # TCP SYN MSS: "auto", "off" or a number
+//! ipv6_hop_by_hop = "drop"                # inner IPv6 hop-by-hop header: "drop" or "carry"
 //! ```
 //!
 //! The optional `[reassembly]` table limits the outbound reassembly of the
@@ -142,6 +143,9 @@ pub struct Config {
     pub inner: InnerPolicy,
     /// `[inner] clamp_mss`: TCP MSS clamping of SYNs ([`MssClamp`]).
     pub clamp_mss: MssClamp,
+    /// `[inner] ipv6_hop_by_hop`: what becomes of inner IPv6 packets with
+    /// a hop-by-hop options header ([`HopByHopMode`]).
+    pub ipv6_hop_by_hop: HopByHopMode,
     /// `[offloads]`: which kernel offloads may be used.
     pub offloads: Offloads,
     /// `[reassembly]`: the outbound reassembly of fragments.
@@ -150,6 +154,19 @@ pub struct Config {
     pub peers: Vec<Peer>,
     /// The peers keyed by IKE (`[peer.ike]`).
     pub ike_peers: Vec<IkePeer>,
+}
+
+/// `[inner] ipv6_hop_by_hop`. In transport mode ESP goes after the IPv6
+/// hop-by-hop header, which belongs to the outer packet (RFC 4303 section
+/// 3.1.1). `Drop` (the default): inner packets with one are dropped as
+/// `hop_by_hop`. `Carry`: the header goes on the outer packet
+/// (IPV6_HOPOPTS, which Linux allows only with CAP_NET_RAW, so the daemon
+/// needs it in NAT-T mode too) and the receiver puts it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HopByHopMode {
+    #[default]
+    Drop,
+    Carry,
 }
 
 /// `[offloads]`: each true unless turned `"off"`. The daemon uses what the
@@ -392,6 +409,30 @@ inbound = { spi = 0x2001, key_file = "/etc/esptun/b-to-a.key" }
         let err = Config::parse(&format!("[inner]\nallow_udp4_zero_checksum = 1\n{MINIMAL}"))
             .expect_err("not a bool");
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn ipv6_hop_by_hop_is_drop_unless_set_to_carry() {
+        assert_eq!(
+            Config::parse(MINIMAL).expect("valid").ipv6_hop_by_hop,
+            HopByHopMode::Drop
+        );
+        for (value, want) in [("drop", HopByHopMode::Drop), ("carry", HopByHopMode::Carry)] {
+            let v = Config::parse(&format!(
+                "[inner]\nipv6_hop_by_hop = \"{value}\"\n{MINIMAL}"
+            ))
+            .expect("valid");
+            assert_eq!(v.ipv6_hop_by_hop, want, "{value}");
+        }
+        for bad in ["\"pass\"", "\"Carry\"", "true"] {
+            let e = Config::parse(&format!("[inner]\nipv6_hop_by_hop = {bad}\n{MINIMAL}"))
+                .expect_err(bad);
+            let text = e.to_string();
+            assert!(
+                text.contains("ipv6_hop_by_hop"),
+                "{bad}: the error names the field: {text}"
+            );
+        }
     }
 
     #[test]

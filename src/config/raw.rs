@@ -102,6 +102,27 @@ pub struct RawInner {
     pub fill_udp4_zero_checksum: Option<bool>,
     /// `"off"`, `"auto"` or a number: see [`crate::wire::icmp::MssClamp`].
     pub clamp_mss: Option<RawClamp>,
+    /// `"drop"` or `"carry"`: see [`super::HopByHopMode`].
+    pub ipv6_hop_by_hop: Option<RawHopByHop>,
+}
+
+/// `[inner] ipv6_hop_by_hop` as written (an unknown word is
+/// [`RawHopByHop::Unknown`], which validation reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawHopByHop {
+    Drop,
+    Carry,
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for RawHopByHop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match String::deserialize(d)?.as_str() {
+            "drop" => RawHopByHop::Drop,
+            "carry" => RawHopByHop::Carry,
+            _ => RawHopByHop::Unknown,
+        })
+    }
 }
 
 /// `[inner] clamp_mss` as written: a word or a number (kept `Copy`, like

@@ -12,8 +12,8 @@ use super::raw::{
     DEFAULT_FWMARK, DropCaptureConfig, RawConfig, RawOffloads, RawPeer, RawReassembly, RawSa,
 };
 use super::{
-    Config, CryptoConfig, IkePeer, InterfaceConfig, Offloads, OperationsConfig, OuterConfig, Peer,
-    Problem, RekeyConfig, Sa,
+    Config, CryptoConfig, HopByHopMode, IkePeer, InterfaceConfig, Offloads, OperationsConfig,
+    OuterConfig, Peer, Problem, RekeyConfig, Sa,
 };
 use crate::crypto::IcvLen;
 use crate::crypto::select::{FailurePolicy, Mode};
@@ -51,6 +51,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     let operations = operations(raw, &mut p);
     let inner = raw.inner.policy();
     let clamp_mss = clamp_mss(raw.inner.clamp_mss, &mut p);
+    let ipv6_hop_by_hop = ipv6_hop_by_hop(raw.inner.ipv6_hop_by_hop, &mut p);
     let offloads = offloads(&raw.offloads, &mut p);
     let reassembly = reassembly(&raw.reassembly, &mut p);
     let (peers, ike_peers) = peers(&raw.peers, &mut p);
@@ -66,6 +67,7 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         operations,
         inner,
         clamp_mss,
+        ipv6_hop_by_hop,
         offloads,
         reassembly,
         peers,
@@ -177,6 +179,23 @@ fn clamp_mss(raw: Option<super::raw::RawClamp>, p: &mut Problems) -> MssClamp {
                 "use \"off\", \"auto\" (the default) or a number of bytes",
             );
             MssClamp::Auto
+        }
+    }
+}
+
+/// `[inner] ipv6_hop_by_hop`: `"drop"` when absent.
+fn ipv6_hop_by_hop(raw: Option<super::raw::RawHopByHop>, p: &mut Problems) -> HopByHopMode {
+    use super::raw::RawHopByHop;
+    match raw {
+        None | Some(RawHopByHop::Drop) => HopByHopMode::Drop,
+        Some(RawHopByHop::Carry) => HopByHopMode::Carry,
+        Some(RawHopByHop::Unknown) => {
+            p.add(
+                "inner.ipv6_hop_by_hop",
+                "use \"drop\" (the default: such packets are dropped as hop_by_hop) or \"carry\" \
+                 (the header goes on the outer packet; needs CAP_NET_RAW)",
+            );
+            HopByHopMode::Drop
         }
     }
 }

@@ -20,6 +20,10 @@ pub enum Capability {
     NetAdmin,
     /// The raw IP socket of `outer = "esp"` (protocol 50).
     NetRaw,
+    /// The same capability, needed for `[inner] ipv6_hop_by_hop = "carry"`
+    /// in any outer mode: Linux sends an IPV6_HOPOPTS control message only
+    /// for CAP_NET_RAW (`ip6_datagram_send_ctl`), UDP sockets included.
+    NetRawForHopByHop,
 }
 
 impl Capability {
@@ -27,7 +31,7 @@ impl Capability {
     pub fn bit(self) -> u32 {
         match self {
             Capability::NetAdmin => 12,
-            Capability::NetRaw => 13,
+            Capability::NetRaw | Capability::NetRawForHopByHop => 13,
         }
     }
 
@@ -35,7 +39,7 @@ impl Capability {
     pub fn name(self) -> &'static str {
         match self {
             Capability::NetAdmin => "CAP_NET_ADMIN",
-            Capability::NetRaw => "CAP_NET_RAW",
+            Capability::NetRaw | Capability::NetRawForHopByHop => "CAP_NET_RAW",
         }
     }
 
@@ -44,6 +48,12 @@ impl Capability {
         match self {
             Capability::NetAdmin => "the TUN device, its routes and policy rules, and SO_MARK",
             Capability::NetRaw => "the raw ESP socket of outer = \"esp\"",
+            Capability::NetRawForHopByHop => {
+                "[inner] ipv6_hop_by_hop = \"carry\": Linux sends the IPV6_HOPOPTS control \
+                 message that puts the header on the outer packet only for CAP_NET_RAW, also on \
+                 the UDP socket of NAT-T; grant it, or set ipv6_hop_by_hop = \"drop\" (the \
+                 default) to run without it"
+            }
         }
     }
 }
@@ -170,6 +180,24 @@ mod tests {
             Err(Lacking::Missing(Capability::NetRaw))
         );
         assert_eq!(check(65534, &admin, &all[..1], true), Ok(()));
+        // Carrying hop-by-hop headers needs the same bit, named for why.
+        assert_eq!(
+            check(65534, &admin, &[Capability::NetRawForHopByHop], true),
+            Err(Lacking::Missing(Capability::NetRawForHopByHop))
+        );
+        assert_eq!(
+            check(65534, &both, &[Capability::NetRawForHopByHop], true),
+            Ok(())
+        );
+        assert_eq!(
+            Capability::NetRawForHopByHop.bit(),
+            Capability::NetRaw.bit()
+        );
+        assert!(
+            Capability::NetRawForHopByHop
+                .purpose()
+                .contains("ipv6_hop_by_hop")
+        );
         // Root without the capability (a container's bounding set) lacks it.
         let nothing = CapSets {
             effective: 0,

@@ -23,6 +23,7 @@ use crate::io::socket::OuterSocket;
 use crate::io::tun::Tun;
 use crate::packet::{Batch, PacketBuf};
 use crate::sa::table::SaId;
+use crate::wire::hop_by_hop;
 
 /// ICV failures, with no packet ever authenticated, after which an SA's
 /// keying is called into question in the log (once per SA).
@@ -92,6 +93,12 @@ impl InboundWorker {
         let mut rx = Batch::new(RX_BATCH, BUF_CAPACITY);
         let mut batch = Batch::new(BATCH, BUF_CAPACITY);
         let mut verdicts = Vec::with_capacity(BATCH);
+        // The hop-by-hop header each received datagram came with, by its
+        // index in `rx`. Carrying (`[inner] ipv6_hop_by_hop = "carry"`),
+        // each packet takes its datagram's along into the pipeline's
+        // slots; dropping, they are only counted.
+        let mut rx_hop_by_hop = hop_by_hop::Slots::new(RX_BATCH);
+        let carrying = self.inbound.hop_by_hop.is_some();
         let mut next_check = Instant::now() + self.shared.selftest_interval;
         let mut next_publish = Instant::now();
         let sockets = self.sockets.clone();
@@ -132,7 +139,7 @@ impl InboundWorker {
                 if !ready.is_ready(i) {
                     continue;
                 }
-                let n = match socket.recv_batch(rx.slots()) {
+                let n = match socket.recv_batch_carrying(rx.slots(), Some(&mut rx_hop_by_hop)) {
                     Ok(n) => n,
                     Err(e) => {
                         count(&self.shared.io.recv_errors);
@@ -142,12 +149,26 @@ impl InboundWorker {
                     }
                 };
                 rx.set_len(n);
+                let rx_hop_by_hop = if carrying {
+                    Some(&rx_hop_by_hop)
+                } else {
+                    let with = (0..n)
+                        .filter(|&i| {
+                            !rx_hop_by_hop.get(i).is_empty() || rx_hop_by_hop.is_too_long(i)
+                        })
+                        .count();
+                    if with > 0 {
+                        IoCounters::add(&self.shared.io.outer_hop_by_hop_not_carried, with as u64);
+                    }
+                    None
+                };
                 let mut filled = 0;
-                for slot in rx.packets_mut() {
+                for (index, slot) in rx.packets_mut().iter_mut().enumerate() {
                     let segment = usize::from(slot.meta.segment_size);
                     if segment == 0 || slot.len() <= segment {
                         // One datagram: handed over, not copied.
                         std::mem::swap(slot, &mut batch.slots()[filled]);
+                        self.take_hop_by_hop(rx_hop_by_hop, index, filled);
                         filled += 1;
                     } else {
                         // A GRO train: its ESP packets, in order.
@@ -156,6 +177,11 @@ impl InboundWorker {
                         // differ (IPv4 GRO: "all fields must match except length and
                         // checksum"; IPv6 GRO: "flush if Traffic Class fields
                         // are different").
+                        // One hop-by-hop header too: GRO merges only
+                        // packets whose extension headers are the same
+                        // (ipv6_gro_receive compares the bytes between
+                        // the IPv6 and transport headers, and flushes on
+                        // a difference).
                         let (peer, tos) = (slot.meta.peer, slot.meta.tos);
                         for chunk in slot.data().chunks(segment) {
                             if filled == BATCH {
@@ -169,6 +195,7 @@ impl InboundWorker {
                             out.fill(chunk);
                             out.meta.peer = peer;
                             out.meta.tos = tos;
+                            self.take_hop_by_hop(rx_hop_by_hop, index, filled);
                             filled += 1;
                         }
                     }
@@ -188,6 +215,15 @@ impl InboundWorker {
             self.warn_only_icv_failures();
         }
         self.publish();
+    }
+
+    /// Carrying hop-by-hop headers: the pipeline's slot `to` gets what the
+    /// socket reported for received datagram `index` (a header, none, or
+    /// one too long to carry).
+    fn take_hop_by_hop(&mut self, received: Option<&hop_by_hop::Slots>, index: usize, to: usize) {
+        if let (Some(from), Some(slots)) = (received, self.inbound.hop_by_hop.as_mut()) {
+            slots.copy_from(to, from, index);
+        }
     }
 
     /// Opens a batch, writes what is delivered to TUN, and reports drops.

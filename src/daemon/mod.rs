@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, ConfigError, Valid, ValidPeer};
+use crate::config::{Config, ConfigError, HopByHopMode, Valid, ValidPeer};
 use crate::crypto::Provider;
 use crate::crypto::select::{BootOptions, Selector};
 use crate::datapath::Counters;
@@ -48,6 +48,7 @@ use crate::sa::SaError;
 use crate::sa::keymgr::KeyManager;
 use crate::sa::lifecycle::{Refusal, Timing};
 use crate::sa::reservation::{ReservationError, ReservationStore};
+use crate::wire::hop_by_hop;
 use caps::Capability;
 use control::{ControlError, ControlSocket};
 use netcfg::{NetConfig, NetError};
@@ -236,6 +237,18 @@ fn outer_sockets(config: &Valid) -> Result<workers::Sockets, DaemonError> {
                 gro: config.offloads.udp_gro,
             });
             tracing::debug!(v6, gso = on.gso, gro = on.gro, "outer socket offloads");
+            // Each datagram's hop-by-hop header is reported
+            // (IPV6_RECVHOPOPTS): carrying, to be put back on the inner
+            // packet; dropping, to be counted (the kernel adds the message
+            // only to datagrams that have one: cheap).
+            if v6 {
+                socket
+                    .enable_hop_by_hop_receive()
+                    .map_err(|source| IoSetupError::Socket {
+                        what: "IPV6_RECVHOPOPTS on the IPv6 outer socket",
+                        source,
+                    })?;
+            }
             Ok(Some(socket))
         } else {
             Ok(None)
@@ -262,6 +275,12 @@ impl Daemon {
         let config = Config::load_checked(config_path)?;
         if !config.outer.encap.is_udp() {
             require(&[Capability::NetRaw])?;
+        }
+        // Linux sends an IPV6_HOPOPTS control message only for CAP_NET_RAW
+        // (ip6_datagram_send_ctl: "if (!ns_capable(net->user_ns,
+        // CAP_NET_RAW)) goto exit_f" with EPERM), on UDP sockets too.
+        if config.ipv6_hop_by_hop == HopByHopMode::Carry {
+            require(&[Capability::NetRawForHopByHop])?;
         }
         let providers = Provider::detect_all();
         // The field failure: hardware that passes its boot tests and then
@@ -423,6 +442,9 @@ impl Daemon {
         pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
         pipeline.clamp_mss = daemon.config.clamp_mss;
         pipeline.tunnel_mtu = daemon.config.interface.mtu;
+        let carry = daemon.config.ipv6_hop_by_hop == HopByHopMode::Carry;
+        // One slot per packet of a batch, allocated once.
+        pipeline.hop_by_hop = carry.then(|| hop_by_hop::Slots::new(workers::BATCH));
         let reassembler = daemon.config.reassembly.enabled.then(|| {
             Reassembler::new(
                 daemon.config.reassembly,
@@ -445,6 +467,7 @@ impl Daemon {
         pipeline.path_mtu = crate::datapath::outbound::PathMtus::new(daemon.config.outer.encap);
         pipeline.clamp_mss = daemon.config.clamp_mss;
         pipeline.tunnel_mtu = daemon.config.interface.mtu;
+        pipeline.hop_by_hop = carry.then(|| hop_by_hop::Slots::new(workers::BATCH));
         let ike = ike.map(|setup| setup.wire(&shared, &sockets, &mut pipeline));
         let mut inbound = inbound::InboundWorker::new(
             shared.clone(),

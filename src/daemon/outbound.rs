@@ -35,8 +35,10 @@ use crate::sa::hard_limit;
 use crate::sa::reservation::{DEFAULT_BLOCK, ReservationStore};
 use crate::sa::table::{SaId, SaState};
 use crate::wire::gso::{GsoError, Splitter, complete_single};
+use crate::wire::hop_by_hop;
 use crate::wire::icmp;
-use crate::wire::inner::InnerPolicy;
+use crate::wire::inner::{InnerError, InnerPolicy};
+use crate::wire::ip::{self, protocol};
 use crate::wire::vnet::{GsoType, VirtioNetHdr};
 
 /// TUN -> ESP -> socket.
@@ -377,11 +379,19 @@ impl OutboundWorker {
     }
 
     /// One `sendmmsg` per address family, straight from the batch, each
-    /// packet with its inner packet's DSCP and ECN (wire::ecn); a packet
-    /// longer than the outer MTU (a reassembled datagram, which the kernel
-    /// fragments) in a call of its own, so that it never becomes the
-    /// segment size of a UDP GSO train.
+    /// packet with its inner packet's DSCP and ECN (wire::ecn); over UDP a
+    /// packet longer than the outer MTU (a reassembled datagram, which the
+    /// kernel fragments) in a call of its own, in its place, so that it
+    /// never becomes the segment size of a UDP GSO train.
+    ///
+    /// With `[inner] ipv6_hop_by_hop = "carry"` each packet goes with the
+    /// hop-by-hop header the pipeline kept under its batch index (empty:
+    /// none), which the socket puts on the outer packet (IPV6_HOPOPTS).
     fn send(&mut self, bufs: &[PacketBuf], verdicts: &[Verdict]) {
+        // Taken out for the sends (which borrow the worker mutably) and
+        // put back: no copy, no allocation.
+        let taken = self.outbound.hop_by_hop.take();
+        let slots = &taken;
         for v6 in [false, true] {
             // The ESP packet plus the outer IP and UDP headers. Raw ESP has
             // no GSO trains, so nothing needs to go alone there.
@@ -390,14 +400,15 @@ impl OutboundWorker {
             } else {
                 usize::MAX
             };
-            let ours = |i: usize| -> Option<(&[u8], std::net::SocketAddr, u8)> {
+            let ours = |i: usize| -> Option<(&[u8], std::net::SocketAddr, u8, &[u8])> {
                 let (buf, v) = (bufs.get(i)?, verdicts.get(i)?);
                 match v {
-                    Verdict::Send { .. } => buf
-                        .meta
-                        .peer
-                        .filter(|to| to.is_ipv6() == v6)
-                        .map(|to| (buf.data(), to, buf.meta.tos)),
+                    Verdict::Send { .. } => {
+                        buf.meta.peer.filter(|to| to.is_ipv6() == v6).map(|to| {
+                            let hop_by_hop = slots.as_ref().map_or(&[][..], |s| s.get(i));
+                            (buf.data(), to, buf.meta.tos, hop_by_hop)
+                        })
+                    }
                     _ => None,
                 }
             };
@@ -405,7 +416,7 @@ impl OutboundWorker {
             // one call, then the large one alone, and so on. Sending the
             // large ones after the rest reordered the stream by up to a
             // batch, beyond a 32-packet replay window (strongSwan's default).
-            let is_large = |i: usize| ours(i).is_some_and(|(data, _, _)| data.len() > limit);
+            let is_large = |i: usize| ours(i).is_some_and(|(data, ..)| data.len() > limit);
             let mut start = 0;
             while let Some((run, large)) = next_run(start, bufs.len(), is_large) {
                 self.send_family(v6, run.clone().filter_map(ours));
@@ -415,13 +426,14 @@ impl OutboundWorker {
                 start = large.map_or(run.end, |i| i + 1);
             }
         }
+        self.outbound.hop_by_hop = taken;
     }
 
     /// One `sendmmsg` of `packets` on the socket of one address family.
     fn send_family<'a>(
         &mut self,
         v6: bool,
-        packets: impl Iterator<Item = (&'a [u8], std::net::SocketAddr, u8)> + Clone,
+        packets: impl Iterator<Item = (&'a [u8], std::net::SocketAddr, u8, &'a [u8])> + Clone,
     ) {
         let count = packets.clone().count() as u64;
         if count == 0 {
@@ -433,7 +445,7 @@ impl OutboundWorker {
             &self.sockets.v4
         };
         let result = match socket {
-            Some(socket) => socket.send_iter_with_tos(packets),
+            Some(socket) => socket.send_iter_marked(packets),
             None => Err(std::io::Error::other(
                 "no outer socket of this address family",
             )),
@@ -652,6 +664,31 @@ fn offload_reason(e: &GsoError) -> DropReason {
     }
 }
 
+/// RFC 8200 section 8.1: an IPv6 UDP checksum that computes to zero is
+/// sent as 0xFFFF (zero means "none", which IPv6 does not allow).
+/// `complete_single` does this for UDP right behind the IPv6 header; this
+/// does it for UDP behind a hop-by-hop header, which it leaves alone.
+fn udp6_zero_checksum_behind_hop_by_hop(hdr: &VirtioNetHdr, packet: &mut [u8]) {
+    /// The UDP checksum's offset in its header (RFC 768).
+    const UDP_CHECKSUM: usize = 6;
+    let Ok(Some(h)) = hop_by_hop::first_header(packet) else {
+        return;
+    };
+    let start = usize::from(hdr.csum_start);
+    if !hdr.needs_csum()
+        || h.next != protocol::UDP
+        || start != ip::IPV6_HEADER_LEN + h.len
+        || usize::from(hdr.csum_offset) != UDP_CHECKSUM
+    {
+        return;
+    }
+    if let Some(field) = packet.get_mut(start + UDP_CHECKSUM..start + UDP_CHECKSUM + 2)
+        && field == [0, 0]
+    {
+        field.copy_from_slice(&[0xFF, 0xFF]);
+    }
+}
+
 /// Moves one packet read from the TUN device into `batch` at `filled`,
 /// calling `full` with the batch whenever it fills up (the caller seals
 /// and sends it; it is then empty); returns the new fill, never above the
@@ -741,12 +778,20 @@ fn take_packet(
             }
             return filled;
         }
-        Some(hdr) => {
-            if let Err(e) = complete_single(&hdr, slot.data_mut(), policy) {
+        Some(hdr) => match complete_single(&hdr, slot.data_mut(), policy) {
+            Ok(_) => {}
+            // An IPv6 hop-by-hop header in front of the transport header:
+            // the checksum behind it is filled in, and the pipeline
+            // decides (carried, validated behind the header, or dropped
+            // as hop_by_hop, counted there once).
+            Err(GsoError::Inner(InnerError::HopByHop)) => {
+                udp6_zero_checksum_behind_hop_by_hop(&hdr, slot.data_mut());
+            }
+            Err(e) => {
                 drop(offload_reason(&e));
                 return filled;
             }
-        }
+        },
         None => {}
     }
     // A whole packet: handed over, not copied. A split before it may have

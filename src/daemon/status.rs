@@ -118,6 +118,10 @@ pub struct IoCounters {
     /// Coalesced (GSO) writes the TUN device refused, which turned
     /// coalescing off (0 or 1).
     pub tun_gso_refused: AtomicU64,
+    /// `[inner] ipv6_hop_by_hop = "drop"`: ESP datagrams that arrived
+    /// with a hop-by-hop header on the outer packet, which the kernel
+    /// processed and esptun does not pass on (IPV6_RECVHOPOPTS).
+    pub outer_hop_by_hop_not_carried: AtomicU64,
 }
 
 impl IoCounters {
@@ -136,6 +140,10 @@ impl IoCounters {
             ("socket_rx_overflows", &self.socket_rx_overflows),
             ("connections_refused", &self.connections_refused),
             ("tun_gso_refused", &self.tun_gso_refused),
+            (
+                "outer_hop_by_hop_not_carried",
+                &self.outer_hop_by_hop_not_carried,
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (Cow::Borrowed(k), v.load(Ordering::Relaxed)))

@@ -51,7 +51,8 @@ pub struct Inbound {
     /// datagram (`IPV6_RECVHOPOPTS`) under the packet's batch index, and
     /// the rebuilt inner packet gets it back between its IPv6 header and
     /// the decrypted payload. `None` (the default), or an empty slot: no
-    /// header. (Not yet filled by the daemon.)
+    /// header (the daemon fills them with `[inner] ipv6_hop_by_hop =
+    /// "carry"`); one marked too long: dropped as `hop_by_hop`.
     pub hop_by_hop: Option<hop_by_hop::Slots>,
     /// `[inner] clamp_mss`, the tunnel MTU and the path MTU per peer (a
     /// copy of what the outbound side learned), for SYNs from the peer.
@@ -186,6 +187,15 @@ impl Inbound {
         }
         let payload_end = ciphertext_start + payload_len;
         let (remote, local) = (sa.inner.remote, sa.inner.local);
+        // The outer packet came with a hop-by-hop header too long to
+        // carry (or cut short): dropped, never delivered without it.
+        if self
+            .hop_by_hop
+            .as_ref()
+            .is_some_and(|s| s.is_too_long(index))
+        {
+            return Err(DropReason::HopByHop);
+        }
         let reported = self.hop_by_hop.as_ref().map_or(&[][..], |s| s.get(index));
         let header_start = if reported.is_empty() {
             rebuild_header(

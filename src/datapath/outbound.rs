@@ -171,8 +171,8 @@ pub struct Outbound {
     /// the header's bytes are kept here under the packet's batch index for
     /// the socket to send (`IPV6_HOPOPTS`); a batch longer than the slots
     /// drops the rest of its hop-by-hop packets. `None` (the default):
-    /// such packets are dropped as `hop_by_hop`. (Not yet set by the
-    /// daemon: its sockets do not send the slots yet.)
+    /// such packets are dropped as `hop_by_hop`. The daemon sets it with
+    /// `[inner] ipv6_hop_by_hop = "carry"`.
     pub hop_by_hop: Option<hop_by_hop::Slots>,
 }
 

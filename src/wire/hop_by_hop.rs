@@ -1,6 +1,6 @@
 //! Carrying an inner IPv6 hop-by-hop options header on the outer packet:
-//! the wire half of `[inner] ipv6_hop_by_hop = "carry"` (not yet wired
-//! into the pipelines; today such packets are dropped as `hop_by_hop`).
+//! the wire half of `[inner] ipv6_hop_by_hop = "carry"` (by default such
+//! packets are dropped as `hop_by_hop`).
 //!
 //! In transport mode ESP goes after the hop-by-hop, routing and fragment
 //! headers (RFC 4303 section 3.1.1): they are the outer header's. So the
@@ -21,6 +21,9 @@ use super::ip::{self, IPV6_HEADER_LEN, Ipv6Packet, protocol};
 /// (RFC 2711) or a few small options with room to spare, and bounds the
 /// per-packet side buffer. Larger ones are dropped as `hop_by_hop`.
 pub const MAX_LEN: usize = 64;
+
+/// A slot length no header has: "came with one too long to carry".
+const TOO_LONG: u8 = u8::MAX;
 
 /// An inner packet's hop-by-hop header, where it sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,11 +177,36 @@ impl Slots {
         }
     }
 
-    /// Packet `index`'s header; empty if none.
+    /// Packet `index`'s header; empty if none (or too long, see
+    /// [`Self::set_too_long`]).
     pub fn get(&self, index: usize) -> &[u8] {
         match (self.bytes.get(index), self.lens.get(index)) {
-            (Some(slot), Some(&len)) => &slot[..usize::from(len)],
+            (Some(slot), Some(&len)) if usize::from(len) <= MAX_LEN => &slot[..usize::from(len)],
             _ => &[],
+        }
+    }
+
+    /// Marks packet `index` as having come with a header this side does
+    /// not carry (longer than [`MAX_LEN`], or cut short by the socket's
+    /// control buffer): the receiver drops it as `hop_by_hop` rather than
+    /// deliver it without the header.
+    pub fn set_too_long(&mut self, index: usize) {
+        if let Some(len) = self.lens.get_mut(index) {
+            *len = TOO_LONG;
+        }
+    }
+
+    pub fn is_too_long(&self, index: usize) -> bool {
+        self.lens.get(index) == Some(&TOO_LONG)
+    }
+
+    /// Makes slot `to` what `from`'s slot `index` is (a header, none, or
+    /// too long): a packet keeps its header when it moves in the batch.
+    pub fn copy_from(&mut self, to: usize, from: &Slots, index: usize) {
+        if from.is_too_long(index) {
+            self.set_too_long(to);
+        } else if !self.set(to, from.get(index)) {
+            self.clear(to);
         }
     }
 
@@ -373,5 +401,19 @@ mod tests {
         s.clear_all();
         assert!(s.get(3).is_empty());
         assert!(s.get(99).is_empty());
+        // Too long: no header, but marked, and copied as such.
+        s.set_too_long(2);
+        assert!(s.get(2).is_empty() && s.is_too_long(2));
+        let mut t = Slots::new(2);
+        t.copy_from(0, &s, 2);
+        assert!(t.is_too_long(0));
+        assert!(s.set(1, &[7; 8]));
+        t.copy_from(0, &s, 1);
+        assert!(!t.is_too_long(0));
+        assert_eq!(t.get(0), &[7; 8]);
+        t.copy_from(0, &s, 0);
+        assert!(t.get(0).is_empty() && !t.is_too_long(0));
+        assert!(s.set(2, &[1; 8]), "a set header replaces the mark");
+        assert!(!s.is_too_long(2));
     }
 }

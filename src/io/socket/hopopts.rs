@@ -1,12 +1,12 @@
 //! The `IPV6_HOPOPTS` control message (RFC 3542 section 6.3, ipv6(7)):
 //! the socket half of carrying an inner hop-by-hop header on the outer
-//! packet (see `wire::hop_by_hop`; not yet wired into the send and receive
-//! paths). On send, one message per datagram puts the header on the
+//! packet (see `wire::hop_by_hop`). The send path writes its message
+//! among the others (`mmsg::Control::put`); the receive path reads it
+//! with [`read`]. On send, one message per datagram puts the header on the
 //! outer packet (Linux: `ip6_datagram_send_ctl` requires CAP_NET_RAW for
 //! it); on receive, with `IPV6_RECVHOPOPTS` set, the kernel reports the
 //! outer packet's header the same way. The data is the whole extension
 //! header, its next-header byte included (the kernel rewrites it on send).
-#![allow(dead_code)]
 
 use std::io;
 use std::mem::size_of;
@@ -23,10 +23,14 @@ pub(crate) const SPACE: usize = unsafe { libc::CMSG_SPACE(MAX_LEN as u32) } as u
 
 /// A control buffer for one `IPV6_HOPOPTS` message, aligned as a cmsghdr
 /// (fixed size: nothing is allocated per packet).
+// A one-message encoder: what `read` is tested against (the send path
+// writes its message among the others, `mmsg::Control::put`).
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
 pub(crate) struct Control(pub [u8; SPACE]);
 
+#[cfg_attr(not(test), allow(dead_code))]
 impl Control {
     pub const EMPTY: Control = Control([0; SPACE]);
 }
@@ -39,6 +43,9 @@ pub(crate) fn enable_receive(sock: &Socket) -> io::Result<()> {
 /// Attaches `control` to `h` holding one `IPV6_HOPOPTS` message with
 /// `header`; false (and `h` untouched) for an empty header or one longer
 /// than [`MAX_LEN`].
+// A one-message encoder: what `read` is tested against (the send path
+// writes its message among the others, `mmsg::Control::put`).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn put(control: &mut Control, h: &mut libc::msghdr, header: &[u8]) -> bool {
     if header.is_empty() || header.len() > MAX_LEN {
         return false;

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags};
 
 use super::addr::{EMPTY_ADDR, RawAddr};
+use super::hopopts;
 use super::{Encap, Family, MAX_BATCH, OuterSocket, SEND_MAX_WAITS, SendReport};
 use crate::io::{last_errno, poll_fds};
 use crate::packet::PacketBuf;
+use crate::wire::hop_by_hop::{self, Slots};
 use crate::wire::ip::{self, IPV4_HEADER_LEN, Ipv4Packet};
 
 const EMPTY_IOVEC: libc::iovec = libc::iovec {
@@ -44,6 +46,24 @@ impl OuterSocket {
     /// has no options (almost always); with options, it must fit within
     /// the buffer plus 20 bytes.
     pub fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        self.recv_batch_carrying(bufs, None)
+    }
+
+    /// [`Self::recv_batch`], and with `hop_by_hop` (on a socket with
+    /// `IPV6_RECVHOPOPTS`, [`Self::enable_hop_by_hop_receive`]) each
+    /// datagram's hop-by-hop header as the kernel reported it, in the slot
+    /// of its buffer's index: empty for none, marked too long for one of
+    /// more than [`hop_by_hop::MAX_LEN`] bytes or cut short (MSG_CTRUNC),
+    /// which the inbound pipeline drops as `hop_by_hop`. A GRO train has
+    /// one header for all its segments: the kernel merges only packets
+    /// whose extension headers are the same (`ipv6_gro_receive`: "flush if
+    /// ... the extension headers differ", it compares the bytes from the
+    /// IPv6 header to the transport header).
+    pub fn recv_batch_carrying(
+        &self,
+        bufs: &mut [PacketBuf],
+        mut hop_by_hop: Option<&mut Slots>,
+    ) -> io::Result<usize> {
         let count = bufs.len().min(MAX_BATCH);
         if count == 0 {
             return Ok(0);
@@ -163,13 +183,30 @@ impl OuterSocket {
             if let Some(n) = found.rx_overflows {
                 self.rx_overflows.fetch_max(u64::from(n), Ordering::Relaxed);
             }
+            if let Some(slots) = hop_by_hop.as_deref_mut() {
+                // The control buffer has room for the largest header
+                // carried besides the other messages; a truncated one may
+                // have lost it, so it counts as one too long.
+                let truncated = m.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0;
+                let mut header = [0u8; hop_by_hop::MAX_LEN];
+                if found.hop_by_hop || truncated {
+                    match hopopts::read(&m.msg_hdr, &mut header) {
+                        Some(n) if !truncated => {
+                            slots.set(i, &header[..n]);
+                        }
+                        _ => slots.set_too_long(i),
+                    }
+                } else {
+                    slots.clear(i);
+                }
+            }
         }
         Ok(received)
     }
 
     pub(super) fn send_chunk<'a>(
         &self,
-        packets: impl Iterator<Item = (&'a [u8], SocketAddr, Option<u8>)>,
+        packets: impl Iterator<Item = (&'a [u8], SocketAddr, Option<u8>, &'a [u8])>,
         report: &mut SendReport,
         deadline: Instant,
         waits: &mut u32,
@@ -179,16 +216,32 @@ impl OuterSocket {
         let mut iovs = [EMPTY_IOVEC; MAX_BATCH];
         let mut dsts = [None::<SocketAddr>; MAX_BATCH];
         let mut toses = [None::<u8>; MAX_BATCH];
+        let mut hbhs = [&[][..]; MAX_BATCH];
         let mut n = 0;
         // Packets to the other family never reach the kernel (the IPv6
         // socket is IPV6_V6ONLY).
-        for (packet, dst, tos) in packets {
+        for (packet, dst, tos, hop_by_hop) in packets {
             if dst.is_ipv4() != (self.family == Family::V4) {
                 report.fail(
                     1,
                     io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!("destination {dst} is not of the socket's family"),
+                    ),
+                );
+                continue;
+            }
+            // IPV6_HOPOPTS is IPv6's (ipv6(7)); an IPv4 outer packet has
+            // no place for the header, and sending without it would
+            // deliver the packet changed.
+            if !hop_by_hop.is_empty()
+                && (self.family == Family::V4 || hop_by_hop.len() > hop_by_hop::MAX_LEN)
+            {
+                report.fail(
+                    1,
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a hop-by-hop header goes only on an IPv6 outer packet",
                     ),
                 );
                 continue;
@@ -200,6 +253,7 @@ impl OuterSocket {
             };
             dsts[n] = Some(dst);
             toses[n] = tos;
+            hbhs[n] = hop_by_hop;
             n += 1;
         }
 
@@ -219,6 +273,7 @@ impl OuterSocket {
                 &iovs[first..n],
                 &dsts[first..n],
                 &toses[first..n],
+                &hbhs[first..n],
                 gso,
                 lone_heads,
                 &mut trains,
@@ -240,7 +295,12 @@ impl OuterSocket {
                 h.msg_iovlen = count as _;
                 let segment_size = (count > 1).then(|| iovs[first + start].iov_len as u16);
                 let tos = toses[first + start];
-                controls[k].put(h, segment_size, tos.map(|t| (self.family, t)));
+                controls[k].put(
+                    h,
+                    segment_size,
+                    tos.map(|t| (self.family, t)),
+                    hbhs[first + start],
+                );
             }
 
             let mut next = 0;
@@ -297,6 +357,18 @@ impl OuterSocket {
                     // which the host may fragment (IP_PMTUDISC_WANT). Not a
                     // refusal of GSO itself, which stays on.
                     libc::EMSGSIZE if train > 1 => {
+                        plain = true;
+                        gso_refused = true;
+                        break;
+                    }
+                    // A train with a hop-by-hop header: GSO with an
+                    // extension header is this kernel's to refuse (it
+                    // accepts it on Linux 6.x), which says nothing about
+                    // GSO itself: the rest of the chunk goes plain, GSO
+                    // stays on.
+                    libc::EIO | libc::EINVAL
+                        if train > 1 && !hbhs[first + trains[next].0].is_empty() =>
+                    {
                         plain = true;
                         gso_refused = true;
                         break;
@@ -396,7 +468,8 @@ const MAX_TRAIN_BYTES: usize = 65_535 - 40 - 8;
 /// `trains`; returns how many. Without `gso` every packet is its own
 /// message. With it, packets to the same destination with the same TOS
 /// byte (`toses`: a train's one IP_TOS/IPV6_TCLASS message sets every
-/// segment's) and of the same size share a train, which a shorter packet
+/// segment's), the same hop-by-hop header or none (`hbhs`: likewise one
+/// IPV6_HOPOPTS message for the train) and of the same size share a train, which a shorter packet
 /// ends (it is the train's last segment, as udp(7) allows); limits:
 /// [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`].
 ///
@@ -409,6 +482,7 @@ fn group_trains(
     iovs: &[libc::iovec],
     dsts: &[Option<SocketAddr>],
     toses: &[Option<u8>],
+    hbhs: &[&[u8]],
     gso: bool,
     lone_heads: bool,
     trains: &mut [(usize, usize)],
@@ -433,6 +507,7 @@ fn group_trains(
             && count < MAX_TRAIN
             && dsts[i + count] == dsts[i]
             && toses.get(i + count) == toses.get(i)
+            && hbhs.get(i + count) == hbhs.get(i)
             && iovs[i + count].iov_len <= size
             && iovs[i + count].iov_len > 0
             && bytes + iovs[i + count].iov_len <= MAX_TRAIN_BYTES
@@ -454,11 +529,14 @@ fn group_trains(
 /// and an IP_TOS or IPV6_TCLASS (int); on receive UDP_GRO (int),
 /// SO_RXQ_OVFL (u32) and IP_TOS (u8) or IPV6_TCLASS (int). Each takes
 /// CMSG_SPACE(4) = 24 bytes on 64-bit; one more fits, so an unexpected
-/// message does not truncate (MSG_CTRUNC) the ones read.
-const CONTROL_LEN: usize = 4 * 24;
+/// message does not truncate (MSG_CTRUNC) the ones read. Both ways, an
+/// IPV6_HOPOPTS message of up to `hop_by_hop::MAX_LEN` bytes besides
+/// (`hopopts::SPACE`).
+const CONTROL_LEN: usize = 4 * 24 + hopopts::SPACE;
 // SAFETY: CMSG_SPACE only computes a length.
 const _: () = assert!(
-    unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize * 4 <= CONTROL_LEN
+    unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize * 4 + hopopts::SPACE
+        <= CONTROL_LEN
 );
 
 /// A message's control buffer (fixed size, on the stack: nothing is
@@ -473,18 +551,38 @@ impl Control {
     /// Attaches this buffer to `h` with a UDP_SEGMENT message for a train
     /// of `segment_size`, and an IP_TOS (IPv4) or IPV6_TCLASS (IPv6)
     /// message with the TOS byte for the datagram, or for each segment of
-    /// the train (ip(7), ipv6(7): an int; raw sockets honour them too).
-    /// Neither: no control data.
-    fn put(&mut self, h: &mut libc::msghdr, segment_size: Option<u16>, tos: Option<(Family, u8)>) {
-        if segment_size.is_none() && tos.is_none() {
+    /// the train (ip(7), ipv6(7): an int; raw sockets honour them too),
+    /// and an IPV6_HOPOPTS message with `hop_by_hop` unless it is empty
+    /// (RFC 3542 section 6.3; the kernel puts it on each segment). None of
+    /// them: no control data.
+    fn put(
+        &mut self,
+        h: &mut libc::msghdr,
+        segment_size: Option<u16>,
+        tos: Option<(Family, u8)>,
+        hop_by_hop: &[u8],
+    ) {
+        // The caller never passes a longer one; refused rather than cut.
+        let hop_by_hop = if hop_by_hop.len() <= hop_by_hop::MAX_LEN {
+            hop_by_hop
+        } else {
+            &[]
+        };
+        if segment_size.is_none() && tos.is_none() && hop_by_hop.is_empty() {
             return;
         }
         h.msg_control = self.0.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE only computes a length.
         let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
         let total = segment_size.map_or(0, |_| space(size_of::<u16>()))
-            + tos.map_or(0, |_| space(size_of::<libc::c_int>()));
-        // Within CONTROL_LEN (48 of 96 bytes, the assertion above).
+            + tos.map_or(0, |_| space(size_of::<libc::c_int>()))
+            + if hop_by_hop.is_empty() {
+                0
+            } else {
+                space(hop_by_hop.len())
+            };
+        // Within CONTROL_LEN (48 + hopopts::SPACE of 96 + hopopts::SPACE
+        // bytes, the assertion above).
         h.msg_controllen = total as _;
         // SAFETY: `h` points at this buffer, which is cmsghdr-aligned and
         // at least `total` bytes long (two CMSG_SPACE(4) at most), so each
@@ -516,6 +614,17 @@ impl Control {
                 (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
                 let value = libc::c_int::from(tos);
                 std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), value);
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+            if !hop_by_hop.is_empty() && !c.is_null() {
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_HOPOPTS;
+                (*c).cmsg_len = libc::CMSG_LEN(hop_by_hop.len() as u32) as _;
+                std::ptr::copy_nonoverlapping(
+                    hop_by_hop.as_ptr(),
+                    libc::CMSG_DATA(c),
+                    hop_by_hop.len(),
+                );
             }
         }
     }
@@ -531,6 +640,9 @@ struct Received {
     /// IP_TOS (IP_RECVTOS) or IPV6_TCLASS (IPV6_RECVTCLASS): the TOS
     /// byte or traffic class the datagram arrived with.
     tos: Option<u8>,
+    /// IPV6_HOPOPTS (IPV6_RECVHOPOPTS): the datagram came with a
+    /// hop-by-hop header (read by `hopopts::read`).
+    hop_by_hop: bool,
 }
 
 fn read_control(h: &libc::msghdr) -> Received {
@@ -565,6 +677,7 @@ fn read_control(h: &libc::msghdr) -> Received {
                     let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
                     found.tos = u8::try_from(v).ok();
                 }
+                (libc::IPPROTO_IPV6, libc::IPV6_HOPOPTS) => found.hop_by_hop = true,
                 _ => {}
             }
             c = libc::CMSG_NXTHDR(h, c);
@@ -628,9 +741,25 @@ mod tests {
             let dsts: Vec<_> = packets.iter().map(|(_, d)| Some(*d)).collect();
             let toses = vec![Some(0xB8); packets.len()];
             let mut trains = [(0, 0); MAX_BATCH];
-            let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
+            let m = group_trains(
+                &iovs,
+                &dsts,
+                &toses,
+                &vec![&[][..]; iovs.len()],
+                true,
+                false,
+                &mut trains,
+            );
             assert_eq!(&trains[..m], *want, "{packets:?}");
-            let m = group_trains(&iovs, &dsts, &toses, false, false, &mut trains);
+            let m = group_trains(
+                &iovs,
+                &dsts,
+                &toses,
+                &vec![&[][..]; iovs.len()],
+                false,
+                false,
+                &mut trains,
+            );
             assert_eq!(m, packets.len(), "without GSO one message per packet");
         }
         // At most MAX_TRAIN segments and MAX_TRAIN_BYTES bytes per train.
@@ -638,11 +767,27 @@ mod tests {
         let dsts = vec![Some(a); 150];
         let toses = vec![None; 150];
         let mut trains = [(0, 0); MAX_BATCH];
-        let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
+        let m = group_trains(
+            &iovs,
+            &dsts,
+            &toses,
+            &vec![&[][..]; iovs.len()],
+            true,
+            false,
+            &mut trains,
+        );
         assert_eq!(&trains[..m], &[(0, 64), (64, 64), (128, 22)]);
         let iovs = vec![iov(1500); 60];
         let dsts = vec![Some(a); 60];
-        let m = group_trains(&iovs, &dsts, &toses[..60], true, false, &mut trains);
+        let m = group_trains(
+            &iovs,
+            &dsts,
+            &toses[..60],
+            &[&[][..]; 60],
+            true,
+            false,
+            &mut trains,
+        );
         assert_eq!(&trains[..m], &[(0, 43), (43, 17)], "65,487 bytes at most");
     }
 
@@ -661,12 +806,36 @@ mod tests {
         let dsts = vec![Some(dst); sizes.len()];
         let toses = vec![None; sizes.len()];
         let mut trains = [(0usize, 0usize); MAX_BATCH];
-        let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
+        let m = group_trains(
+            &iovs,
+            &dsts,
+            &toses,
+            &vec![&[][..]; iovs.len()],
+            true,
+            false,
+            &mut trains,
+        );
         assert_eq!(&trains[..m], &[(0, 5), (5, 2)]);
-        let m = group_trains(&iovs, &dsts, &toses, true, true, &mut trains);
+        let m = group_trains(
+            &iovs,
+            &dsts,
+            &toses,
+            &vec![&[][..]; iovs.len()],
+            true,
+            true,
+            &mut trains,
+        );
         assert_eq!(&trains[..m], &[(0, 1), (1, 4), (5, 1), (6, 1)]);
         // Without GSO every packet is alone anyway.
-        let m = group_trains(&iovs, &dsts, &toses, false, true, &mut trains);
+        let m = group_trains(
+            &iovs,
+            &dsts,
+            &toses,
+            &vec![&[][..]; iovs.len()],
+            false,
+            true,
+            &mut trains,
+        );
         assert_eq!(m, sizes.len());
     }
 
@@ -693,7 +862,15 @@ mod tests {
             None,
         ];
         let mut trains = [(0, 0); MAX_BATCH];
-        let m = group_trains(&iovs, &dsts, &toses, true, false, &mut trains);
+        let m = group_trains(
+            &iovs,
+            &dsts,
+            &toses,
+            &vec![&[][..]; iovs.len()],
+            true,
+            false,
+            &mut trains,
+        );
         assert_eq!(&trains[..m], &[(0, 2), (2, 1), (3, 2), (5, 2)]);
         for &(first, count) in &trains[..m] {
             let t = toses[first];
@@ -704,6 +881,7 @@ mod tests {
             &iovs[..2],
             &dsts[..2],
             &[Some(2), Some(3)],
+            &[&[], &[]],
             true,
             false,
             &mut trains,
@@ -712,18 +890,71 @@ mod tests {
     }
 
     #[test]
+    fn a_train_carries_one_hop_by_hop_header() {
+        let a: SocketAddr = "[2001:db8::2]:4500".parse().expect("addr");
+        let iovs = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 1400,
+            };
+            7
+        ];
+        let dsts = vec![Some(a); 7];
+        let toses = vec![None; 7];
+        let x: &[u8] = &[0, 0, 0x1e, 4, 1, 2, 3, 4];
+        let y: &[u8] = &[0, 0, 0x1e, 4, 1, 2, 3, 5];
+        // With, with, without, without, another, with, with.
+        let hbhs = [x, x, &[], &[], y, x, x];
+        let mut trains = [(0, 0); MAX_BATCH];
+        let m = group_trains(&iovs, &dsts, &toses, &hbhs, true, false, &mut trains);
+        assert_eq!(&trains[..m], &[(0, 2), (2, 2), (4, 1), (5, 2)]);
+        for &(first, count) in &trains[..m] {
+            let h = hbhs[first];
+            assert!(hbhs[first..first + count].iter().all(|&x| x == h));
+        }
+        // Without GSO: one message each, as always.
+        let m = group_trains(&iovs, &dsts, &toses, &hbhs, false, false, &mut trains);
+        assert_eq!(m, 7);
+    }
+
+    #[test]
     fn control_messages_fit_the_buffer() {
         let mut control = Control::EMPTY;
         // SAFETY: an all-zero msghdr is valid (no pointers in use).
         let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-        control.put(&mut h, Some(1400), Some((Family::V6, 0xBA)));
+        control.put(&mut h, Some(1400), Some((Family::V6, 0xBA)), &[]);
         assert!(h.msg_controllen <= CONTROL_LEN);
         let found = read_control(&h);
         assert_eq!(found.tos, Some(0xBA), "IPV6_TCLASS reads back");
+        assert!(!found.hop_by_hop);
         // SAFETY: as above.
         let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-        control.put(&mut h, None, None);
+        control.put(&mut h, None, None, &[]);
         assert!(h.msg_control.is_null() && h.msg_controllen == 0);
+        // All three, the largest hop-by-hop header carried among them.
+        let mut header = [0u8; hop_by_hop::MAX_LEN];
+        header[1] = (hop_by_hop::MAX_LEN / 8 - 1) as u8;
+        header[2] = 0x1e;
+        header[3] = 60;
+        // SAFETY: as above.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        control.put(&mut h, Some(1400), Some((Family::V6, 0xBA)), &header);
+        assert!(h.msg_controllen <= CONTROL_LEN);
+        let found = read_control(&h);
+        assert_eq!(found.tos, Some(0xBA));
+        assert!(found.hop_by_hop);
+        let mut out = [0u8; hop_by_hop::MAX_LEN];
+        assert_eq!(hopopts::read(&h, &mut out), Some(header.len()));
+        assert_eq!(out, header);
+        // Only the hop-by-hop header.
+        // SAFETY: as above.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        control.put(&mut h, None, None, &header[..8]);
+        assert!(!h.msg_control.is_null());
+        assert_eq!(hopopts::read(&h, &mut out), None, "its length byte says 64");
+        header[1] = 0;
+        control.put(&mut h, None, None, &header[..8]);
+        assert_eq!(hopopts::read(&h, &mut out), Some(8));
     }
 
     #[test]

@@ -351,7 +351,7 @@ impl OuterSocket {
         &self,
         packets: impl IntoIterator<Item = (&'a [u8], SocketAddr)>,
     ) -> io::Result<SendReport> {
-        self.send_marked(packets.into_iter().map(|(p, to)| (p, to, None)))
+        self.send_marked(packets.into_iter().map(|(p, to)| (p, to, None, &[][..])))
     }
 
     /// [`Self::send_iter`] with each packet's TOS byte (IPv4) or traffic
@@ -362,12 +362,47 @@ impl OuterSocket {
         &self,
         packets: impl IntoIterator<Item = (&'a [u8], SocketAddr, u8)>,
     ) -> io::Result<SendReport> {
-        self.send_marked(packets.into_iter().map(|(p, to, tos)| (p, to, Some(tos))))
+        self.send_marked(
+            packets
+                .into_iter()
+                .map(|(p, to, tos)| (p, to, Some(tos), &[][..])),
+        )
+    }
+
+    /// [`Self::send_iter_with_tos`] with each packet's hop-by-hop header
+    /// (empty: none), sent in an IPV6_HOPOPTS control message (RFC 3542
+    /// section 6.3) so that the outer packet carries it in front of ESP
+    /// (RFC 4303 section 3.1.1). Linux lets only CAP_NET_RAW set it
+    /// (`ip6_datagram_send_ctl`: EPERM otherwise). Packets with different
+    /// headers, or one with and one without, never share a GSO train; a
+    /// header on an IPv4 socket fails that packet.
+    pub fn send_iter_marked<'a>(
+        &self,
+        packets: impl IntoIterator<Item = (&'a [u8], SocketAddr, u8, &'a [u8])>,
+    ) -> io::Result<SendReport> {
+        self.send_marked(
+            packets
+                .into_iter()
+                .map(|(p, to, tos, hbh)| (p, to, Some(tos), hbh)),
+        )
+    }
+
+    /// Asks the kernel to report each received datagram's hop-by-hop
+    /// header (IPV6_RECVHOPOPTS), for [`Self::recv_batch_carrying`]; IPv6
+    /// sockets only.
+    pub fn enable_hop_by_hop_receive(&self) -> io::Result<()> {
+        if self.family != Family::V6 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "IPV6_RECVHOPOPTS on an IPv4 socket",
+            ));
+        }
+        hopopts::enable_receive(&self.sock)
     }
 
     fn send_marked<'a>(
         &self,
-        packets: impl Iterator<Item = (&'a [u8], SocketAddr, Option<u8>)>,
+        packets: impl Iterator<Item = (&'a [u8], SocketAddr, Option<u8>, &'a [u8])>,
     ) -> io::Result<SendReport> {
         let mut report = SendReport::default();
         let deadline = Instant::now() + SEND_WAIT_BUDGET;
