@@ -2,7 +2,12 @@
 //! ([`crate::config::IkePeer`]), driven by the sans-IO [`IkeSa`].
 //!
 //! One thread owns every `IkeSa`. It reads IKE messages from its own UDP
-//! 500 socket(s) and, for NAT-T, from the inbound datapath, which hands
+//! 500 socket(s); with raw ESP also from its own UDP 4500 socket(s), for
+//! IKE only (behind the non-ESP marker; keepalives ignored, ESP in UDP
+//! dropped and counted as `ike.natt_non_ike`), because a peer supporting
+//! NAT-T may move IKE there without a NAT (strongSwan does whenever it
+//! could use MOBIKE, RFC 4555 section 3.2) while ESP stays raw; and with
+//! `outer = "udp"` from the inbound datapath, which hands
 //! over what it classified as IKE on port 4500 (non-ESP marker, RFC 3948
 //! section 2.2) through a bounded channel: the datapath never blocks on
 //! IKE, a full channel drops the message and counts it
@@ -38,9 +43,9 @@
 //! keepalives it asks for, and turns `PeerMoved` into a
 //! [`ChildUpdate::Endpoint`]. A CHILD SA with `udp_encap` goes to the key
 //! manager with that endpoint and its inner addresses from the traffic
-//! selectors. The datapath carries one outer mode: with raw ESP there is
-//! no NAT-T socket, so an IKE SA that detects a NAT is dropped, logged
-//! ("NAT traversal needs outer = \"udp\"") and counted. `force_encap`
+//! selectors. The datapath carries one outer mode: with raw ESP the port
+//! 4500 sockets carry IKE only, so an IKE SA that detects a NAT is
+//! dropped, logged ("NAT traversal needs outer = \"udp\"") and counted. `force_encap`
 //! reports an unspecified address of ours in IKE_SA_INIT, so the NAT
 //! detection hash matches nothing and both sides use NAT-T.
 //!
@@ -214,7 +219,8 @@ pub use status::{
 enum Via {
     /// Port 500, no marker.
     Ike,
-    /// The NAT-T socket, with the non-ESP marker.
+    /// The NAT-T socket (with raw ESP, our IKE-only port 4500 socket),
+    /// with the non-ESP marker.
     NatT,
 }
 
@@ -283,8 +289,8 @@ pub(crate) struct IkeWorker {
     /// responder.
     gate: Option<CookieGate>,
     cookies: CookieCounters,
-    /// Our NAT-T port (the outer UDP port, or 4500 with raw ESP, where no
-    /// NAT-T socket exists).
+    /// Our NAT-T port (the outer UDP port, or 4500 with raw ESP, where
+    /// `natt_sockets` listen).
     natt_port: u16,
     /// Messages from addresses that are no peer's, and when last logged.
     unknown: u64,
