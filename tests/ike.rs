@@ -219,6 +219,9 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap,
             format!("{side:?}: inner checksum drops: {s:#}")
         });
     }
+    if encap == Encap::RawEsp {
+        raw_mode_listens_for_ike_on_4500(&lab);
+    }
     // The text status shows the IKE SA.
     let text = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
         .args(["status", "--socket"])
@@ -280,6 +283,53 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap,
             format!("{side:?} exit: {status}")
         });
     }
+}
+
+/// With raw ESP, b also listens on UDP 4500 for IKE only, as a peer that
+/// supports NAT-T may move IKE there without a NAT (strongSwan does, RFC
+/// 4555 section 3.2): from a's address, a keepalive is ignored, ESP in UDP
+/// is dropped and counted, and an IKE message behind the non-ESP marker
+/// reaches the IKE SAs (one for no IKE SA of b's: dropped as such).
+fn raw_mode_listens_for_ike_on_4500(lab: &TunnelLab) {
+    let (a_outer, b_outer) = lab.outer(Side::A);
+    let before = status(lab, Side::B);
+    let dropped = counter(&before, "messages_dropped");
+    check(lab, before["ike"]["natt_non_ike"] == 0, || {
+        format!(
+            "b: non-IKE on 4500 before any was sent: {:#}",
+            before["ike"]
+        )
+    });
+    // An IKE_AUTH request header (RFC 7296 section 3.1) of unknown SPIs.
+    let mut ike = vec![0u8; 4];
+    ike.extend_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
+    ike.extend_from_slice(&0x99aa_bbcc_ddee_ff00u64.to_be_bytes());
+    ike.extend_from_slice(&[0, 0x20, 35, 0x08, 0, 0, 0, 1, 0, 0, 0, 28]);
+    let esp_in_udp = [0u8, 0, 0, 1, 0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef];
+    lab.hosts
+        .a
+        .run(move || -> std::io::Result<()> {
+            let sock = std::net::UdpSocket::bind(SocketAddr::new(a_outer, 0))?;
+            let to = SocketAddr::new(b_outer, 4500);
+            for d in [&[0xffu8][..], &esp_in_udp[..], &ike[..]] {
+                sock.send_to(d, to)?;
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| fail(lab, &format!("sending to b:4500: {e}")))
+        .unwrap_or_else(|e| fail(lab, &format!("sending to b:4500: {e}")));
+    let after = wait_for(
+        lab,
+        Side::B,
+        Duration::from_secs(5),
+        "IKE on 4500 dispatched and ESP in UDP counted",
+        |s| counter(s, "messages_dropped") > dropped && s["ike"]["natt_non_ike"] == 1,
+    );
+    check(
+        lab,
+        counter(&after, "messages_dropped") == dropped + 1,
+        || format!("b: the keepalive or ESP reached IKE: {:#}", after["ike"]),
+    );
 }
 
 #[test]

@@ -2,7 +2,12 @@
 //! ([`crate::config::IkePeer`]), driven by the sans-IO [`IkeSa`].
 //!
 //! One thread owns every `IkeSa`. It reads IKE messages from its own UDP
-//! 500 socket(s) and, for NAT-T, from the inbound datapath, which hands
+//! 500 socket(s); with raw ESP also from its own UDP 4500 socket(s), for
+//! IKE only (behind the non-ESP marker; keepalives ignored, ESP in UDP
+//! dropped and counted as `ike.natt_non_ike`), because a peer supporting
+//! NAT-T may move IKE there without a NAT (strongSwan does whenever it
+//! could use MOBIKE, RFC 4555 section 3.2) while ESP stays raw; and with
+//! `outer = "udp"` from the inbound datapath, which hands
 //! over what it classified as IKE on port 4500 (non-ESP marker, RFC 3948
 //! section 2.2) through a bounded channel: the datapath never blocks on
 //! IKE, a full channel drops the message and counts it
@@ -38,9 +43,9 @@
 //! keepalives it asks for, and turns `PeerMoved` into a
 //! [`ChildUpdate::Endpoint`]. A CHILD SA with `udp_encap` goes to the key
 //! manager with that endpoint and its inner addresses from the traffic
-//! selectors. The datapath carries one outer mode: with raw ESP there is
-//! no NAT-T socket, so an IKE SA that detects a NAT is dropped, logged
-//! ("NAT traversal needs outer = \"udp\"") and counted. `force_encap`
+//! selectors. The datapath carries one outer mode: with raw ESP the port
+//! 4500 sockets carry IKE only, so an IKE SA that detects a NAT is
+//! dropped, logged ("NAT traversal needs outer = \"udp\"") and counted. `force_encap`
 //! reports an unspecified address of ours in IKE_SA_INIT, so the NAT
 //! detection hash matches nothing and both sides use NAT-T.
 //!
@@ -153,6 +158,10 @@ impl IkeQueue {
 #[derive(Default)]
 pub(crate) struct IkeShared {
     pub queue_drops: AtomicU64,
+    /// With raw ESP: datagrams on our IKE-only UDP 4500 sockets that were
+    /// neither IKE (non-ESP marker) nor a keepalive, i.e. ESP in UDP,
+    /// which raw mode has no SA for: dropped.
+    pub natt_non_ike: AtomicU64,
     pub status: Mutex<Vec<IkePeerStatus>>,
     pub cookies: Mutex<CookieCounters>,
     /// One `ikev2_decryption_table` record per established IKE SA.
@@ -163,6 +172,7 @@ impl IkeShared {
     pub fn snapshot(&self) -> IkeStatus {
         IkeStatus {
             queue_drops: self.queue_drops.load(Ordering::Relaxed),
+            natt_non_ike: self.natt_non_ike.load(Ordering::Relaxed),
             cookies: self
                 .cookies
                 .lock()
@@ -209,7 +219,8 @@ pub use status::{
 enum Via {
     /// Port 500, no marker.
     Ike,
-    /// The NAT-T socket, with the non-ESP marker.
+    /// The NAT-T socket (with raw ESP, our IKE-only port 4500 socket),
+    /// with the non-ESP marker.
     NatT,
 }
 
@@ -259,6 +270,14 @@ pub(crate) struct IkeWorker {
     ike: Arc<IkeShared>,
     sockets: Arc<Sockets>,
     ike_sockets: Vec<IkeSocket>,
+    /// With raw ESP: our UDP 4500 sockets, for IKE only (a peer that
+    /// supports NAT-T may move IKE there without a NAT, RFC 7296 section
+    /// 2.23, as strongSwan does whenever it could use MOBIKE, RFC 4555
+    /// section 3.2; ESP stays raw then). Empty with `outer = "udp"`, whose
+    /// NAT-T socket is the datapath's.
+    natt_sockets: Vec<IkeSocket>,
+    /// When a non-IKE datagram on `natt_sockets` was last logged.
+    natt_non_ike_logged: Option<Instant>,
     queue: Receiver<IkeDatagram>,
     installs: Sender<ChildUpdate>,
     peers: Vec<PeerIke>,
@@ -270,8 +289,8 @@ pub(crate) struct IkeWorker {
     /// responder.
     gate: Option<CookieGate>,
     cookies: CookieCounters,
-    /// Our NAT-T port (the outer UDP port, or 4500 with raw ESP, where no
-    /// NAT-T socket exists).
+    /// Our NAT-T port (the outer UDP port, or 4500 with raw ESP, where
+    /// `natt_sockets` listen).
     natt_port: u16,
     /// Messages from addresses that are no peer's, and when last logged.
     unknown: u64,
@@ -279,10 +298,12 @@ pub(crate) struct IkeWorker {
 }
 
 /// The IKE side of `Daemon::start`, made before anything on the system
-/// changes: the port 500 sockets (the NAT-T socket is the datapath's) and
-/// each peer's configuration with its PSK, read once.
+/// changes: the port 500 sockets (with `outer = "udp"` the NAT-T socket is
+/// the datapath's; with raw ESP, IKE-only port 4500 sockets too) and each
+/// peer's configuration with its PSK, read once.
 pub(crate) struct Setup {
     sockets: Vec<IkeSocket>,
+    natt_sockets: Vec<IkeSocket>,
     peers: Vec<(IkePeer, IkeConfig)>,
 }
 
@@ -301,7 +322,13 @@ impl Setup {
         if config.ike_peers.is_empty() {
             return Ok(None);
         }
-        let sockets = open_sockets(&config.ike_peers, config.outer.fwmark)?;
+        let sockets = open_sockets(&config.ike_peers, IKE_PORT, config.outer.fwmark)?;
+        // Port 4500 is above 1024: binding it needs no capability.
+        let natt_sockets = if config.outer.encap.is_udp() {
+            Vec::new()
+        } else {
+            open_sockets(&config.ike_peers, NATT_PORT, config.outer.fwmark)?
+        };
         let mut peers = Vec::with_capacity(config.ike_peers.len());
         for peer in &config.ike_peers {
             let ike = ike_config(peer).map_err(|source| super::DaemonError::Psk {
@@ -310,7 +337,11 @@ impl Setup {
             })?;
             peers.push((peer.clone(), ike));
         }
-        Ok(Some(Setup { sockets, peers }))
+        Ok(Some(Setup {
+            sockets,
+            natt_sockets,
+            peers,
+        }))
     }
 
     /// Has the inbound pipeline hand over IKE on the NAT-T port, and
@@ -328,7 +359,7 @@ impl Setup {
             shared: shared.ike.clone(),
         });
         let (installs_tx, installs) = std::sync::mpsc::channel();
-        let worker = IkeWorker::new(
+        let mut worker = IkeWorker::new(
             shared.clone(),
             shared.ike.clone(),
             sockets.clone(),
@@ -337,6 +368,7 @@ impl Setup {
             installs_tx,
             self.peers,
         );
+        worker.natt_sockets = self.natt_sockets;
         Wired {
             queue,
             worker,
@@ -345,15 +377,40 @@ impl Setup {
     }
 }
 
-/// Opens the port 500 sockets the IKE peers need (one per family).
-fn open_sockets(peers: &[IkePeer], fwmark: u32) -> Result<Vec<IkeSocket>, crate::io::IoSetupError> {
+/// Opens the IKE sockets on `port` the IKE peers need (one per family).
+fn open_sockets(
+    peers: &[IkePeer],
+    port: u16,
+    fwmark: u32,
+) -> Result<Vec<IkeSocket>, crate::io::IoSetupError> {
     let mut out = Vec::new();
     for v6 in [false, true] {
         if peers.iter().any(|p| p.endpoint.is_ipv6() == v6) {
-            out.push(IkeSocket::open(v6, IKE_PORT, Some(fwmark))?);
+            out.push(IkeSocket::open(v6, port, Some(fwmark))?);
         }
     }
     Ok(out)
+}
+
+/// What a datagram on a port 4500 socket is (RFC 3948 section 2).
+#[derive(Debug, PartialEq, Eq)]
+enum NattDatagram<'a> {
+    /// IKE, the non-ESP marker removed.
+    Ike(&'a [u8]),
+    /// A NAT-keepalive.
+    Keepalive,
+    /// ESP in UDP (or junk).
+    Other,
+}
+
+fn classify_natt(data: &[u8]) -> NattDatagram<'_> {
+    match data {
+        [0xff] => NattDatagram::Keepalive,
+        _ => match data.strip_prefix(&NON_ESP_MARKER[..]) {
+            Some(ike) => NattDatagram::Ike(ike),
+            None => NattDatagram::Other,
+        },
+    }
 }
 
 /// A peer's `ike::sa::Config`, with its PSK read now.
@@ -463,6 +520,8 @@ impl IkeWorker {
             ike,
             sockets,
             ike_sockets,
+            natt_sockets: Vec::new(),
+            natt_non_ike_logged: None,
             queue,
             installs,
             peers,
@@ -491,7 +550,12 @@ impl IkeWorker {
             let wait = self
                 .next_deadline()
                 .map_or(TICK, |d| d.saturating_duration_since(now).min(TICK));
-            let fds: Vec<_> = self.ike_sockets.iter().map(|s| s.as_fd()).collect();
+            let fds: Vec<_> = self
+                .ike_sockets
+                .iter()
+                .chain(&self.natt_sockets)
+                .map(|s| s.as_fd())
+                .collect();
             let ready = match crate::io::poll_readable(&fds, wait) {
                 Ok(r) => r,
                 Err(e) => {
@@ -501,16 +565,25 @@ impl IkeWorker {
                 }
             };
             drop(fds);
-            for i in 0..self.ike_sockets.len() {
+            let plain = self.ike_sockets.len();
+            for i in 0..plain + self.natt_sockets.len() {
                 if !ready.is_ready(i) {
                     continue;
                 }
                 // Bounded: a flood cannot keep the thread from its timers.
                 for _ in 0..64 {
-                    match self.ike_sockets[i].recv_from(&mut buf) {
-                        Ok((n, from)) => {
+                    let socket = match i.checked_sub(plain) {
+                        None => &self.ike_sockets[i],
+                        Some(n) => &self.natt_sockets[n],
+                    };
+                    match socket.recv_from(&mut buf) {
+                        Ok((n, from)) if i < plain => {
                             let bytes = buf[..n].to_vec();
                             self.on_message(&bytes, from, Via::Ike);
+                        }
+                        Ok((n, from)) => {
+                            let bytes = buf[..n].to_vec();
+                            self.on_natt_datagram(&bytes, from);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => {
@@ -526,6 +599,33 @@ impl IkeWorker {
             }
         }
         self.publish(Instant::now());
+    }
+
+    /// One datagram on a raw-mode IKE-only port 4500 socket (RFC 3948
+    /// section 2): IKE behind the non-ESP marker goes to the IKE SAs, a
+    /// NAT-keepalive (one 0xFF byte, section 2.3) is ignored, and anything
+    /// else is ESP in UDP, which raw ESP cannot have SAs for: dropped,
+    /// counted, logged now and then.
+    fn on_natt_datagram(&mut self, data: &[u8], from: SocketAddr) {
+        match classify_natt(data) {
+            NattDatagram::Ike(bytes) => self.on_message(bytes, from, Via::NatT),
+            NattDatagram::Keepalive => {}
+            NattDatagram::Other => {
+                let total = self.ike.natt_non_ike.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = Instant::now();
+                if self
+                    .natt_non_ike_logged
+                    .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+                {
+                    self.natt_non_ike_logged = Some(now);
+                    tracing::warn!(
+                        from = %from,
+                        total,
+                        "IKE: ESP in UDP on port 4500 but outer = \"esp\" (raw ESP): dropped"
+                    );
+                }
+            }
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1076,8 +1176,20 @@ impl IkeWorker {
         }
     }
 
-    /// One datagram from the NAT-T socket (the outer UDP socket).
+    /// One datagram from the NAT-T socket: the outer UDP socket, or with
+    /// raw ESP our IKE-only port 4500 socket.
     fn send_natt(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<()> {
+        if !self.sockets.encap.is_udp() {
+            let family_v6 = to.is_ipv6();
+            let socket = self
+                .natt_sockets
+                .iter()
+                .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6));
+            return match socket {
+                Some(socket) => socket.send_to(datagram, to).map(|_| ()),
+                None => Err(std::io::Error::other("no port 4500 socket of this family")),
+            };
+        }
         let socket = if to.is_ipv6() {
             self.sockets.v6.as_ref()
         } else {

@@ -1,7 +1,8 @@
 //! The IKE socket on UDP port 500 (RFC 7296 section 2): plain datagrams,
 //! one at a time, no marker. (IKE on port 4500 shares the datapath's
 //! NAT-T socket, where the non-ESP marker tells it from ESP: RFC 3948
-//! section 2.2.) Like the outer sockets it carries the daemon's SO_MARK,
+//! section 2.2; with raw ESP, the IKE thread opens this kind of socket on
+//! port 4500 too, for IKE behind the marker only.) Like the outer sockets it carries the daemon's SO_MARK,
 //! so that policy routing keeps IKE toward a peer out of the TUN routes
 //! that classic transport mode installs for that same address.
 

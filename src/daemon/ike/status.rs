@@ -8,6 +8,10 @@ pub struct IkeStatus {
     /// IKE messages on port 4500 dropped because the IKE thread's queue
     /// was full.
     pub queue_drops: u64,
+    /// With raw ESP: datagrams on the IKE-only port 4500 sockets that
+    /// were no IKE message and no keepalive (ESP in UDP), dropped.
+    #[serde(default)]
+    pub natt_non_ike: u64,
     pub peers: Vec<IkePeerStatus>,
     /// The responders' COOKIE gate (RFC 7296 section 2.6).
     #[serde(default)]

@@ -252,3 +252,20 @@ fn the_configured_lifetimes_and_liveness_become_the_policy_and_retransmissions()
     peer.contacted = true;
     assert!(!peer.slot_policy().initial_contact);
 }
+
+#[test]
+fn port_4500_datagrams_are_told_apart_by_the_non_esp_marker() {
+    use super::{NattDatagram, classify_natt};
+    assert_eq!(classify_natt(&[0xff]), NattDatagram::Keepalive);
+    assert_eq!(
+        classify_natt(&[0, 0, 0, 0, 0x11, 0x22]),
+        NattDatagram::Ike(&[0x11, 0x22])
+    );
+    // ESP in UDP: a non-zero SPI where the marker would be.
+    assert_eq!(
+        classify_natt(&[0, 0, 0, 1, 0, 0, 0, 1]),
+        NattDatagram::Other
+    );
+    assert_eq!(classify_natt(&[0xff, 0xff]), NattDatagram::Other);
+    assert_eq!(classify_natt(&[]), NattDatagram::Other);
+}
