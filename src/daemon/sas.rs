@@ -464,9 +464,13 @@ impl KeyManager for SaManager {
                     }
                 }
                 // Its successor is pending: the Delete proves the peer
-                // holds the new SA (the rekey exchange is over), so the
-                // successor takes over now rather than leaving the peer
-                // without an outbound SA.
+                // negotiated the new SA (the rekey exchange is over), so the
+                // successor takes over soon rather than leaving the peer
+                // without an outbound SA. Not at once: the peer's IKE
+                // thread may send its Delete before its own datapath has
+                // installed the new inbound SA, and packets sealed with it
+                // would then meet an unknown SPI there. The old SA stays
+                // valid at the peer for its grace (DELETED_GRACE).
                 (Direction::Outbound, SaState::Active)
                     if self.views.iter().any(|o| pending_successor(o, v)) =>
                 {
@@ -482,13 +486,16 @@ impl KeyManager for SaManager {
             for o in self.views.iter_mut() {
                 if o.peer == peer
                     && o.direction == Direction::Outbound
-                    && let SaState::Pending { since, .. } = o.state
+                    && let SaState::Pending { since, awaiting } = o.state
                 {
-                    // No longer awaiting the peer: it switches as soon as
-                    // the datapath has it (at once if it has).
+                    // It switches when the peer is seen on our new inbound
+                    // SA, or HURRY_AFTER_DELETE from now at the latest.
+                    let hurried = (now + HURRY_AFTER_DELETE)
+                        .checked_sub(self.timing.switch_after)
+                        .unwrap_or(since);
                     o.state = SaState::Pending {
-                        since,
-                        awaiting: None,
+                        since: since.min(hurried),
+                        awaiting,
                     };
                 }
             }
@@ -512,6 +519,12 @@ impl KeyManager for SaManager {
         self.run(&[], Vec::new(), now);
     }
 }
+
+/// How long after the peer's Delete of the SA it replaces a pending
+/// outbound SA switches at the latest if the peer has not been seen on our
+/// new inbound SA: far longer than the peer needs to install its new
+/// inbound SA after sending its Delete, far shorter than [`DELETED_GRACE`].
+const HURRY_AFTER_DELETE: Duration = Duration::from_secs(1);
 
 /// How long an inbound SA that a rekey replaced still accepts after the
 /// peer deleted it: packets it sealed just before its Delete may still be
@@ -782,11 +795,19 @@ mod tests {
             state(&r.sas, Direction::Outbound, 0x2002),
             Some(SaState::Pending { .. })
         ));
-        // The Delete of the old pair: the successor sends at once, the old
-        // inbound SA accepts a little longer, never with no SA at all.
+        // The Delete of the old pair: the successor sends soon (when the
+        // peer is seen on the new SA, or HURRY_AFTER_DELETE later, time
+        // for the peer's datapath to install it), the old inbound SA
+        // accepts a little longer, never with no SA at all.
         let later = now + Duration::from_millis(50);
         r.sas.delete("b", Direction::Inbound, 0x1001, later);
         r.sas.delete("b", Direction::Outbound, 0x2001, later);
+        assert_eq!(
+            state(&r.sas, Direction::Outbound, 0x2001),
+            Some(SaState::Active),
+            "not before the peer can have installed its new inbound SA"
+        );
+        r.sas.expire(later + HURRY_AFTER_DELETE);
         assert_eq!(
             state(&r.sas, Direction::Outbound, 0x2002),
             Some(SaState::Active)
@@ -834,7 +855,7 @@ mod tests {
             Some(SaState::Active)
         );
         confirm(&mut r);
-        r.sas.expire(now);
+        r.sas.expire(now + HURRY_AFTER_DELETE);
         assert_eq!(
             state(&r.sas, Direction::Outbound, 0x2002),
             Some(SaState::Active)
@@ -885,6 +906,7 @@ mod tests {
         // The old pair's Delete ends the rekey on X.
         r.sas.delete("b", Direction::Inbound, 0x1001, now);
         r.sas.delete("b", Direction::Outbound, 0x2001, now);
+        r.sas.expire(now + HURRY_AFTER_DELETE);
         assert_eq!(
             state(&r.sas, Direction::Outbound, 0x2003),
             Some(SaState::Active)

@@ -60,9 +60,10 @@ pub trait KeyManager {
     /// or a hard lifetime: RFC 7296 section 1.4.1): at once, unless a
     /// rekey already replaced it. Then make-before-break finishes
     /// instead: a replaced inbound SA retires a few seconds later, and an
-    /// outbound SA whose successor is pending hands over to it (the
-    /// successor does not wait for the peer any longer), so no packet is
-    /// left without an SA.
+    /// outbound SA whose successor is pending hands over to it when the
+    /// peer is seen on the new SA or a second later at the latest (time
+    /// for the peer's datapath to install what its IKE thread negotiated),
+    /// so no packet is left without an SA.
     fn delete(&mut self, peer: &str, direction: Direction, spi: u32, now: Instant);
 
     /// The peer's outer address changed (a NAT mapping, RFC 7296 section
