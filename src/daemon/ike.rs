@@ -378,6 +378,12 @@ impl Setup {
 }
 
 /// Opens the IKE sockets on `port` the IKE peers need (one per family).
+/// How long a message that goes with a new CHILD SA waits for the inbound
+/// thread to hold it: the main thread's tick (100 ms) and the inbound
+/// thread's publication (200 ms) with room to spare, well inside a peer's
+/// first retransmission (strongSwan: 4 s).
+const INSTALL_WAIT: Duration = Duration::from_millis(1500);
+
 fn open_sockets(
     peers: &[IkePeer],
     port: u16,
@@ -955,8 +961,26 @@ impl IkeWorker {
     /// Carries out an IKE SA's actions, in order. Every `Action` is
     /// handled here: a new kind is one more arm.
     fn act(&mut self, i: usize, mut slot: usize, outputs: Vec<Output>, now: Instant) {
+        // A message that goes with a new CHILD SA (our CREATE_CHILD_SA
+        // response, or the Delete that follows our rekey) leaves only once
+        // the inbound thread holds the new inbound SA: the peer may seal
+        // with it the moment it reads the message (the kernel does), and
+        // the SA travels through the main thread and the inbound thread's
+        // commands first.
+        let installs: Vec<u32> = outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Act(Action::InstallChild(c)) => Some(c.inbound_spi),
+                _ => None,
+            })
+            .collect();
+        let mut held = Vec::new();
         for output in outputs {
             let action = match output {
+                Output::Send { bytes, route } if !installs.is_empty() => {
+                    held.push((bytes, route));
+                    continue;
+                }
                 Output::Send { bytes, route } => {
                     self.send(i, route, &bytes);
                     continue;
@@ -1030,8 +1054,46 @@ impl IkeWorker {
                 }
             }
         }
+        if !held.is_empty() {
+            if !self.wait_inbound(&installs, INSTALL_WAIT) {
+                // Sent anyway: the peer retransmits otherwise, and a few
+                // packets dropped as unknown_spi cost less than that.
+                tracing::warn!(
+                    peer = %self.peers[i].cfg.name,
+                    "IKE: the new inbound SA was not installed within {INSTALL_WAIT:?}; \
+                     answering anyway"
+                );
+            }
+            for (bytes, route) in held {
+                self.send(i, route, &bytes);
+            }
+        }
         self.note_established(i, slot);
         self.count_rekeys(i, slot);
+    }
+
+    /// Waits, at most `timeout`, until the inbound thread publishes an SA
+    /// for each of `spis`; whether it did.
+    fn wait_inbound(&self, spis: &[u32], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = {
+                let published = self
+                    .shared
+                    .in_status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                spis.iter()
+                    .all(|spi| published.rows.iter().any(|r| r.spi == *spi))
+            };
+            if all {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// INITIAL_CONTACT from the peer (RFC 7296 section 2.4): it restarted,
