@@ -123,6 +123,19 @@ pub fn check_owner(path: &Path, meta: &Metadata, root_ok: bool) -> Result<(), Un
     }
 }
 
+/// Opens a secret (key or PSK file) for reading without following a
+/// symbolic link or waiting on a FIFO (O_NOFOLLOW | O_NONBLOCK): `Err(Ok)`
+/// names a link, `Err(Err)` is any other open error. The caller checks the
+/// descriptor's metadata, not the path's.
+pub fn open_secret(path: &Path) -> Result<std::fs::File, Result<Unsafe, std::io::Error>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| symlink_error(path, &e).ok_or(e))
+}
+
 /// Turns an open(2) error on a path opened with O_NOFOLLOW into the
 /// message for a symbolic link (ELOOP), leaving other errors alone.
 pub fn symlink_error(path: &Path, e: &std::io::Error) -> Option<Unsafe> {

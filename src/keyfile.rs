@@ -127,14 +127,10 @@ pub fn load(path: &Path) -> Result<KeyMaterial, KeyFileError> {
         source,
     };
     // O_NONBLOCK: opening a FIFO for reading would wait for a writer.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match fsperm::symlink_error(path, &e) {
-            Some(link) => KeyFileError::Unsafe(link),
-            None => read_err(e),
-        })?;
+    let file = fsperm::open_secret(path).map_err(|e| match e {
+        Ok(link) => KeyFileError::Unsafe(link),
+        Err(e) => read_err(e),
+    })?;
     let meta = file.metadata().map_err(read_err)?;
     if meta.is_dir() {
         return Err(KeyFileError::Directory {

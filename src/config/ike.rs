@@ -31,10 +31,9 @@
 //! file owned by the daemon's user or root, no group or other access. Its
 //! contents, without a trailing newline, are the key.
 
-use std::fs::OpenOptions;
 use std::io::Read;
 use std::net::IpAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -437,14 +436,10 @@ pub fn load_psk(path: &Path) -> Result<Zeroizing<Vec<u8>>, PskError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match fsperm::symlink_error(path, &e) {
-            Some(link) => PskError::Unsafe(link),
-            None => read_err(e),
-        })?;
+    let file = fsperm::open_secret(path).map_err(|e| match e {
+        Ok(link) => PskError::Unsafe(link),
+        Err(e) => read_err(e),
+    })?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
         return Err(PskError::Unsafe(fsperm::Unsafe::Type {
