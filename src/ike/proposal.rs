@@ -280,6 +280,37 @@ impl EspAlgorithms {
         }
         p
     }
+
+    /// The offer of a CHILD SA rekey (sections 1.3.3, 2.8): first a
+    /// proposal of exactly what the SA being rekeyed uses (`current`: its
+    /// ENCR with key size and its ESN choice) with `ke`, the group of our
+    /// KE payload, if any; then [`EspAlgorithms::offer_pfs`] with the
+    /// groups `pfs`, unless it would say the same again. A responder that
+    /// takes the first acceptable proposal keeps the suite, and one whose
+    /// configuration allows only that suite finds it first (charon puts
+    /// the current proposal first too). A suite we no longer allow, or a
+    /// KE group outside `pfs`, is not offered again.
+    pub fn offer_rekey(
+        &self,
+        spi: u32,
+        current: EspSuite,
+        ke: Option<DhGroup>,
+        pfs: &[DhGroup],
+    ) -> Vec<Proposal> {
+        let mut all = self.offer_pfs(spi, pfs);
+        let allowed = self.encr.contains(&current.encr)
+            && self.esn.contains(&current.esn)
+            && ke.map_or(pfs.is_empty(), |g| pfs.contains(&g));
+        if !allowed {
+            return vec![all];
+        }
+        let first = Self::answer_pfs(1, spi, current, ke);
+        if same_transforms(&first, &all) {
+            return vec![first];
+        }
+        all.num = 2;
+        vec![first, all]
+    }
 }
 
 impl IkeAlgorithms {
@@ -299,6 +330,28 @@ impl IkeAlgorithms {
             .find(|p| p.num == num && p.protocol == protocol::IKE)?;
         let spi = u64::from_be_bytes(p.spi.as_slice().try_into().ok()?);
         (spi != 0).then_some((num, spi, suite))
+    }
+
+    /// The offer of an IKE SA rekey (sections 1.3.2, 2.18): first a
+    /// proposal of exactly `current`, the rekeyed SA's ENCR and PRF with
+    /// the group of our KE payload, then [`IkeAlgorithms::offer_rekey`]
+    /// unless it would say the same again (see
+    /// [`EspAlgorithms::offer_rekey`] for why). A suite we do not allow is
+    /// not offered again.
+    pub fn offer_rekey_keeping(&self, spi: u64, current: IkeSuite) -> Vec<Proposal> {
+        let mut all = self.offer_rekey(spi);
+        let allowed = self.encr.contains(&current.encr)
+            && self.prf.contains(&current.prf)
+            && self.dh.contains(&current.dh);
+        if !allowed {
+            return vec![all];
+        }
+        let first = current.answer_rekey(1, spi);
+        if same_transforms(&first, &all) {
+            return vec![first];
+        }
+        all.num = 2;
+        vec![first, all]
     }
 
     /// As initiator of an IKE SA rekey: the answer and the responder's new SPI.
@@ -354,6 +407,12 @@ fn acceptable_types(p: &Proposal, known: &[u8]) -> bool {
 fn no_integrity(p: &Proposal) -> bool {
     let integ: Vec<_> = p.transforms.iter().filter(|x| x.ty == t::INTEG).collect();
     integ.is_empty() || integ.iter().any(|x| x.id == 0)
+}
+
+/// Whether two proposals hold the same transforms, in any order.
+fn same_transforms(a: &Proposal, b: &Proposal) -> bool {
+    a.transforms.len() == b.transforms.len()
+        && a.transforms.iter().all(|x| b.transforms.contains(x))
 }
 
 fn offers_transform(p: &Proposal, ty: u8, id: u16) -> bool {

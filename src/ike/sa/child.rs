@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::super::crypto::{Encr, Randomness};
+use super::super::crypto::{DhGroup, Encr, Randomness};
 use super::{Action, ChildSa, IkeSa};
 
 /// Where a CHILD SA is in its life.
@@ -29,6 +29,9 @@ pub struct ChildInfo {
     pub outbound_spi: u32,
     pub encr: Encr,
     pub esn: bool,
+    /// The PFS group of the exchange that made it (None: IKE_AUTH's, or
+    /// a rekey without PFS); its own rekey offers it first.
+    pub pfs: Option<DhGroup>,
     pub installed: Instant,
     /// When we start rekeying it (the policy's lifetime minus jitter).
     pub rekey_at: Option<Instant>,
@@ -53,10 +56,12 @@ impl IkeSa {
         self.children.iter_mut().find(|c| c.outbound_spi == spi)
     }
 
-    /// Starts tracking a CHILD SA we are about to install.
+    /// Starts tracking a CHILD SA we are about to install, made with the
+    /// PFS group `pfs` (if any).
     pub(super) fn adopt(
         &mut self,
         child: &ChildSa,
+        pfs: Option<DhGroup>,
         generation: u32,
         now: Instant,
         rng: &mut dyn Randomness,
@@ -74,6 +79,7 @@ impl IkeSa {
             outbound_spi: child.outbound_spi,
             encr: child.encr,
             esn: child.esn,
+            pfs,
             installed: now,
             rekey_at,
             expire_at,

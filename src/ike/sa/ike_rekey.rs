@@ -18,7 +18,7 @@
 
 use std::time::Instant;
 
-use super::super::crypto::{DhPrivate, IkeKeys, Randomness};
+use super::super::crypto::{DhGroup, DhPrivate, IkeKeys, Randomness};
 use super::super::proposal::IkeSuite;
 use super::super::sk::SkKey;
 use super::super::wire::consts::{exchange as ex, notify, protocol};
@@ -65,6 +65,8 @@ pub(super) struct RekeyIke {
     new_spi: u64,
     ni: Vec<u8>,
     dh: DhPrivate,
+    /// Requests this rekey already sent again after INVALID_KE_PAYLOAD.
+    ke_retries: u8,
     /// The SA we made answering the peer's rekey that crossed ours.
     pub(super) crossed: Option<Box<NewIke>>,
 }
@@ -142,6 +144,7 @@ impl IkeSa {
         self.swap_generation(&mut g);
         self.retiring.push(g);
         self.life.ike_rekeys += 1;
+        self.life.ike_rekey_failure = None;
         self.start_ike_life(now, rng);
         Ok(Action::IkeRekeyed {
             old,
@@ -190,6 +193,19 @@ impl IkeSa {
         now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
+        let suite = self.suite.ok_or(IkeError::Unexpected("no keys yet"))?;
+        self.rekey_ike_with(suite.dh, 0, now, rng)
+    }
+
+    /// [`IkeSa::rekey_ike`] with a KE payload of `group`, after
+    /// `ke_retries` INVALID_KE_PAYLOAD answers.
+    fn rekey_ike_with(
+        &mut self,
+        group: DhGroup,
+        ke_retries: u8,
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Result<Vec<Action>, IkeError> {
         let busy = self.outstanding.is_some()
             || self.retiring.len() >= MAX_RETIRING
             || self
@@ -200,11 +216,19 @@ impl IkeSa {
             return Err(IkeError::Unexpected("no IKE SA rekey possible now"));
         }
         let suite = self.suite.ok_or(IkeError::Unexpected("no keys yet"))?;
+        // The KE payload's group is among those the SA payload offers.
+        if !self.config.ike.dh.contains(&group) {
+            return Err(IkeError::Config("the DH group among the IKE groups"));
+        }
         let new_spi = random_spi64(rng)?;
         let ni = random_nonce(rng)?;
-        let dh = rng.dh_private(suite.dh)?;
+        let dh = rng.dh_private(group)?;
+        // Sections 1.3.2, 2.8: the SA's own ENCR and PRF first, with the
+        // group of this KE payload (the SA's own unless the peer asked
+        // for another).
+        let current = IkeSuite { dh: group, ..suite };
         let payloads = [
-            Payload::Sa(vec![self.config.ike.offer_rekey(new_spi)]),
+            Payload::Sa(self.config.ike.offer_rekey_keeping(new_spi, current)),
             Payload::Nonce(ni.clone()),
             Payload::Ke(KeyExchange {
                 group: dh.group().id(),
@@ -217,6 +241,7 @@ impl IkeSa {
             new_spi,
             ni,
             dh,
+            ke_retries,
             crossed: None,
         });
         Ok(vec![self.send_request_for(bytes, now, purpose)])
@@ -315,20 +340,26 @@ impl IkeSa {
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let crossed = r.crossed.take();
+        // Section 1.3: the responder names the group it wants; if it is
+        // another one we offered, a new request (message ID, SPI, nonce,
+        // KE) tries again with it at once, while the old SA carries on.
+        // Not past MAX_KE_RETRIES: then, as for a group we did not offer,
+        // the rekey fails. A crossed rekey of the peer's that went through
+        // makes ours moot (below).
+        let (sent, retries) = (r.dh.group(), r.ke_retries);
+        let wanted = super::rekey::ke_retry_group(found, Some(sent), &self.config.ike.dh, retries);
+        if let Some(g) = wanted.filter(|_| crossed.is_none()) {
+            return match self.rekey_ike_with(g, retries + 1, now, rng) {
+                Ok(sent) => Ok(sent),
+                Err(e) => Ok(self.ike_rekey_failed(e, now, rng)),
+            };
+        }
         let ours = match (self.accept_rekey_ike(r, found), crossed) {
             (Ok(ours), crossed) => (ours, crossed),
             // Ours failed but the peer's went through: it is the new SA,
             // and the peer deletes the old one.
             (Err(_), Some(theirs)) => return Ok(vec![self.switch_to(*theirs, now, rng)?]),
-            (Err(_), None) => {
-                // Refused or unusable: the old SA carries on, and a
-                // policy's rekey tries again a little later (or the SA
-                // reaches its hard lifetime).
-                if self.life.rekey_at.is_some() {
-                    self.life.rekey_at = Some(now + super::rekey::retry_delay(rng));
-                }
-                return Ok(Vec::new());
-            }
+            (Err(e), None) => return Ok(self.ike_rekey_failed(e, now, rng)),
         };
         let mut actions = Vec::new();
         match ours {
@@ -352,6 +383,23 @@ impl IkeSa {
             }
         }
         Ok(actions)
+    }
+
+    /// Our IKE SA rekey was refused or unusable (`e`, kept for
+    /// [`IkeSa::ike_rekey_failure`]): the old SA carries on, and a
+    /// policy's rekey tries again a little later (or the SA reaches its
+    /// hard lifetime).
+    fn ike_rekey_failed(
+        &mut self,
+        e: IkeError,
+        now: Instant,
+        rng: &mut dyn Randomness,
+    ) -> Vec<Action> {
+        self.life.ike_rekey_failure = Some(e);
+        if self.life.rekey_at.is_some() {
+            self.life.rekey_at = Some(now + super::rekey::retry_delay(rng));
+        }
+        Vec::new()
     }
 
     fn accept_rekey_ike(&self, r: RekeyIke, found: &Found<'_>) -> Result<NewIke, IkeError> {

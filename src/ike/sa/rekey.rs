@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use super::super::crypto::{DhGroup, DhPrivate, Randomness, child_keys};
-use super::super::proposal::EspAlgorithms;
+use super::super::proposal::{EspAlgorithms, EspSuite};
 use super::super::wire::consts::{exchange as ex, notify, protocol};
 use super::super::wire::header::Header;
 use super::super::wire::payload::{KeyExchange, Notify, Payload};
@@ -25,9 +25,51 @@ pub(super) struct RekeyChild {
     new: u32,
     ni: Vec<u8>,
     dh: Option<DhPrivate>,
+    /// The PFS groups the request offered (none without a KE payload).
+    offered: Vec<DhGroup>,
+    /// Requests this rekey already sent again after INVALID_KE_PAYLOAD.
+    ke_retries: u8,
     /// The lowest nonce of the peer's rekey of the same CHILD SA, which
     /// crossed ours (section 2.8.1).
     crossed: Option<Vec<u8>>,
+}
+
+/// How often one rekey (CHILD or IKE SA) sends its request again with
+/// the group an INVALID_KE_PAYLOAD asks for. With two groups one retry is
+/// all an honest peer needs; the bound keeps forged or confused answers
+/// from making a loop.
+pub(super) const MAX_KE_RETRIES: u8 = 2;
+
+/// Section 1.3: the group an INVALID_KE_PAYLOAD answer asks for, if the
+/// rekey may try again with it: one the request `offered`, not the one
+/// whose KE payload it `sent`, and fewer than [`MAX_KE_RETRIES`] retries
+/// behind it (`retries`). Otherwise the rekey fails.
+pub(super) fn ke_retry_group(
+    found: &Found<'_>,
+    sent: Option<DhGroup>,
+    offered: &[DhGroup],
+    retries: u8,
+) -> Option<DhGroup> {
+    let n = found.notify(notify::INVALID_KE_PAYLOAD)?;
+    let wanted = <[u8; 2]>::try_from(n.data.as_slice())
+        .ok()
+        .map(u16::from_be_bytes)
+        .and_then(DhGroup::from_id)?;
+    let fresh = sent.is_some_and(|s| s != wanted);
+    (fresh && offered.contains(&wanted) && retries < MAX_KE_RETRIES).then_some(wanted)
+}
+
+/// What answering the peer's CHILD SA rekey makes.
+struct Answered {
+    payloads: Vec<Payload>,
+    child: ChildSa,
+    /// Its PFS group, if any.
+    pfs: Option<DhGroup>,
+    generation: u32,
+    /// Our inbound SPI of the SA it replaces.
+    ours_old: u32,
+    /// The exchange's lowest nonce (section 2.8.1).
+    lowest: Vec<u8>,
 }
 
 /// After TEMPORARY_FAILURE or a refused rekey, try again this much later
@@ -52,27 +94,45 @@ impl IkeSa {
         now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
-        let group = self.policy.pfs.first().copied();
-        self.rekey_child_with(inbound_spi, group, now, rng)
+        // Section 2.8: the SA's own PFS group first, if it had one and we
+        // still allow it (and what kept it going will likely again).
+        let own = self
+            .children
+            .iter()
+            .find(|c| c.inbound_spi == inbound_spi)
+            .and_then(|c| c.pfs)
+            .filter(|g| self.policy.pfs.contains(g));
+        let group = own.or_else(|| self.policy.pfs.first().copied());
+        self.rekey_child_with(inbound_spi, group, 0, now, rng)
     }
 
-    /// [`IkeSa::rekey_child`] with this PFS group (or none).
+    /// [`IkeSa::rekey_child`] with this PFS group (or none), after
+    /// `ke_retries` INVALID_KE_PAYLOAD answers.
     fn rekey_child_with(
         &mut self,
         inbound_spi: u32,
         group: Option<DhGroup>,
+        ke_retries: u8,
         now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         if !matches!(self.phase, Phase::Established) || self.outstanding.is_some() {
             return Err(IkeError::Unexpected("no rekey possible now"));
         }
-        let installed = self
+        let Some(current) = self
             .children
             .iter()
-            .any(|c| c.inbound_spi == inbound_spi && c.state == ChildState::Installed);
-        if !installed {
+            .find(|c| c.inbound_spi == inbound_spi && c.state == ChildState::Installed)
+            .map(|c| EspSuite {
+                encr: c.encr,
+                esn: c.esn,
+            })
+        else {
             return Err(IkeError::Unexpected("no such CHILD SA to rekey"));
+        };
+        // The KE payload's group is among those the SA payload offers.
+        if group.is_some_and(|g| !self.policy.pfs.contains(&g)) {
+            return Err(IkeError::Config("the PFS group among the PFS groups"));
         }
         let new = random_esp_spi(rng)?;
         let ni = random_nonce(rng)?;
@@ -90,7 +150,12 @@ impl IkeSa {
             Payload::Notify(rekey),
             // Section 1.3.1: every rekey of a transport-mode SA repeats it.
             Payload::Notify(Notify::new(notify::USE_TRANSPORT_MODE, Vec::new())),
-            Payload::Sa(vec![self.config.esp.offer_pfs(new, &self.policy.pfs)]),
+            // Sections 1.3.3, 2.8: the SA's own algorithms first.
+            Payload::Sa(
+                self.config
+                    .esp
+                    .offer_rekey(new, current, group, &self.policy.pfs),
+            ),
             Payload::Nonce(ni.clone()),
         ];
         if let Some(d) = &dh {
@@ -106,11 +171,18 @@ impl IkeSa {
         if let Some(c) = self.child_by_inbound(inbound_spi) {
             c.state = ChildState::Rekeying;
         }
+        let offered = if dh.is_some() {
+            self.policy.pfs.clone()
+        } else {
+            Vec::new()
+        };
         let purpose = Purpose::RekeyChild(RekeyChild {
             old: inbound_spi,
             new,
             ni,
             dh,
+            offered,
+            ke_retries,
             crossed: None,
         });
         Ok(vec![self.send_request_for(bytes, now, purpose)])
@@ -147,15 +219,15 @@ impl IkeSa {
             return self.refuse_create(bytes, &rh, notify::NO_ADDITIONAL_SAS, Vec::new(), rng);
         };
         match self.answer_rekey_child(rekey, &found, now, rng) {
-            Ok((payloads, child, generation, ours_old, lowest)) => {
-                let response = self.seal(&rh, &payloads, rng)?;
+            Ok(a) => {
+                let response = self.seal(&rh, &a.payloads, rng)?;
                 // Answered: from here on the state changes.
-                self.mark_rekeyed_by_peer(ours_old, lowest);
-                self.adopt(&child, generation, now, rng);
+                self.mark_rekeyed_by_peer(a.ours_old, a.lowest);
+                self.adopt(&a.child, a.pfs, a.generation, now, rng);
                 self.life.child_rekeys += 1;
                 Ok(vec![
                     self.answer(bytes, response),
-                    Action::InstallChild(child),
+                    Action::InstallChild(a.child),
                 ])
             }
             Err((ty, data)) => self.refuse_create(bytes, &rh, ty, data, rng),
@@ -176,15 +248,16 @@ impl IkeSa {
     }
 
     /// The responder's side of a CHILD SA rekey: the response payloads,
-    /// the new CHILD SA and its generation, or the error to answer with.
-    #[allow(clippy::type_complexity)]
+    /// the new CHILD SA and what goes with it, or the error to answer
+    /// with. Section 1.3: a KE payload of another group than the chosen
+    /// proposal's is answered with INVALID_KE_PAYLOAD naming ours.
     fn answer_rekey_child(
         &mut self,
         rekey: &Notify,
         found: &Found<'_>,
         _now: Instant,
         rng: &mut dyn Randomness,
-    ) -> Result<(Vec<Payload>, ChildSa, u32, u32, Vec<u8>), (u16, Vec<u8>)> {
+    ) -> Result<Answered, (u16, Vec<u8>)> {
         let temporary = (notify::TEMPORARY_FAILURE, Vec::new());
         let Ok(peer_old) = <[u8; 4]>::try_from(rekey.spi.as_slice()).map(u32::from_be_bytes) else {
             return Err((notify::INVALID_SYNTAX, Vec::new()));
@@ -285,7 +358,14 @@ impl IkeSa {
         // As in IKE_AUTH: the selectors name the original addresses.
         payloads.push(Payload::TsI(vec![TrafficSelector::host(original.peer)]));
         payloads.push(Payload::TsR(vec![TrafficSelector::host(original.local)]));
-        Ok((payloads, child, generation, ours_old, lowest))
+        Ok(Answered {
+            payloads,
+            child,
+            pfs: group,
+            generation,
+            ours_old,
+            lowest,
+        })
     }
 
     /// The peer rekeyed our CHILD SA `ours_old`: it is replaced, unless a
@@ -321,7 +401,7 @@ impl IkeSa {
             .map_or(1, |c| c.generation + 1);
         match self.accept_rekey_child(&r, dh, found) {
             Ok(child) => {
-                self.adopt(&child, generation, now, rng);
+                self.adopt(&child, dh_group, generation, now, rng);
                 self.life.child_rekeys += 1;
                 let mut actions = vec![Action::InstallChild(child)];
                 // Section 2.8.1: of two crossed rekeys, the SA made with
@@ -353,17 +433,25 @@ impl IkeSa {
                 }
                 let crossed = r.crossed.is_some();
                 // Section 1.3: the responder names the PFS group it wants;
-                // if it is another of ours, try again with it at once.
-                let wanted = found
-                    .notify(notify::INVALID_KE_PAYLOAD)
-                    .and_then(|n| <[u8; 2]>::try_from(n.data.as_slice()).ok())
-                    .and_then(|b| DhGroup::from_id(u16::from_be_bytes(b)))
-                    .filter(|g| self.policy.pfs.contains(g) && Some(*g) != dh_group);
+                // if it is another one we offered, a new request (message
+                // ID, SPI, nonce, KE) tries again with it at once, while
+                // the old SA carries on. Not past MAX_KE_RETRIES: then, as
+                // for a group we did not offer, the rekey fails.
+                let wanted = ke_retry_group(found, dh_group, &r.offered, r.ke_retries);
                 if let Some(g) = wanted.filter(|_| !crossed)
                     && let Some(c) = self.child_by_inbound(r.old)
+                    && c.state == ChildState::Rekeying
                 {
                     c.state = ChildState::Installed;
-                    return self.rekey_child_with(r.old, Some(g), now, rng);
+                    match self.rekey_child_with(r.old, Some(g), r.ke_retries + 1, now, rng) {
+                        Ok(sent) => return Ok(sent),
+                        // Nothing went out: the rekey fails like any other.
+                        Err(_) => {
+                            if let Some(c) = self.child_by_inbound(r.old) {
+                                c.state = ChildState::Rekeying;
+                            }
+                        }
+                    }
                 }
                 if let Some(c) = self.child_by_inbound(r.old) {
                     if crossed {

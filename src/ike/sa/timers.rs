@@ -67,6 +67,8 @@ pub(super) struct Life {
     pub(super) last_liveness: Option<Instant>,
     pub(super) ike_rekeys: u32,
     pub(super) child_rekeys: u32,
+    /// Why our last IKE SA rekey failed, until one succeeds.
+    pub(super) ike_rekey_failure: Option<IkeError>,
     /// Deletes of our CHILD SAs (inbound SPIs) waiting for the window,
     /// and since when.
     pub(super) pending_deletes: Vec<u32>,
@@ -114,6 +116,15 @@ impl IkeSa {
 
     pub fn ike_rekey_at(&self) -> Option<Instant> {
         self.life.rekey_at
+    }
+
+    /// Why our last IKE SA rekey failed (refused, an unusable answer, an
+    /// INVALID_KE_PAYLOAD for a group we did not offer or once too
+    /// often), until a rekey succeeds. A CHILD SA rekey's failure comes
+    /// as [`Action::ChildFailed`]; an IKE SA rekey's has no action, since
+    /// the old SA carries on and the policy tries again.
+    pub fn ike_rekey_failure(&self) -> Option<IkeError> {
+        self.life.ike_rekey_failure
     }
 
     /// `lifetime` minus a random margin of up to `jitter_percent`.
@@ -164,7 +175,7 @@ impl IkeSa {
         for a in actions.iter() {
             if let Action::InstallChild(c) = a {
                 self.nat.original = Some(c.original);
-                self.adopt(c, 0, now, rng);
+                self.adopt(c, None, 0, now, rng);
             }
         }
     }
