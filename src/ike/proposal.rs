@@ -2,9 +2,10 @@
 //!
 //! We offer one proposal per protocol holding every algorithm we allow
 //! (section 3.3: several transforms of one type in a proposal are
-//! alternatives), and as responder choose, in the first of the peer's
-//! proposals that we can accept, one transform of each type by our own
-//! order of preference. The peer's choice is then checked against our
+//! alternatives); a rekey puts before it one proposal of exactly the
+//! algorithms the SA being rekeyed uses. As responder we choose, in the
+//! first of the peer's proposals that we can accept, one transform of
+//! each type by our own order of preference. The peer's choice is then checked against our
 //! offer: one transform of each type, each one we offered.
 
 use super::crypto::{DhGroup, Encr, Prf};
@@ -588,6 +589,70 @@ mod tests {
             ours.accept(&[suite.answer_rekey(num, 1)]),
             None,
             "IKE_SA_INIT takes none"
+        );
+    }
+
+    #[test]
+    fn rekey_offers_put_the_current_suite_first() {
+        let ours = EspAlgorithms::default();
+        let (x, p) = (DhGroup::Curve25519, DhGroup::Ecp256);
+        let current = EspSuite {
+            encr: Encr::AesGcm16_128,
+            esn: false,
+        };
+        let offer = ours.offer_rekey(0x1234, current, Some(p), &[x, p]);
+        assert_eq!(offer.len(), 2);
+        assert_eq!(
+            offer[0],
+            EspAlgorithms::answer_pfs(1, 0x1234, current, Some(p))
+        );
+        let mut all = ours.offer_pfs(0x1234, &[x, p]);
+        all.num = 2;
+        assert_eq!(offer[1], all);
+        // A responder preferring AES-256 with ESN still keeps the suite:
+        // the first proposal it can accept.
+        let chosen = ours.choose_pfs(&offer, &[x, p], true, Some(p.id()));
+        assert_eq!(chosen, Ok((1, 0x1234, current, Some(p))));
+        // Nothing more to say: one proposal.
+        let narrow = EspAlgorithms {
+            encr: vec![Encr::AesGcm16_128],
+            esn: vec![false],
+        };
+        assert_eq!(narrow.offer_rekey(0x1234, current, None, &[]).len(), 1);
+        // A suite or group we no longer allow is not offered.
+        let other = EspAlgorithms {
+            encr: vec![Encr::AesGcm16_256],
+            ..EspAlgorithms::default()
+        };
+        let offer = other.offer_rekey(0x1234, current, Some(p), &[x, p]);
+        assert_eq!(offer, vec![other.offer_pfs(0x1234, &[x, p])]);
+        let offer = ours.offer_rekey(0x1234, current, Some(p), &[x]);
+        assert_eq!(offer, vec![ours.offer_pfs(0x1234, &[x])]);
+
+        let ours = IkeAlgorithms::default();
+        let current = IkeSuite {
+            encr: Encr::AesGcm16_128,
+            prf: Prf::HmacSha512,
+            dh: p,
+        };
+        let offer = ours.offer_rekey_keeping(0xabc, current);
+        assert_eq!(offer.len(), 2);
+        assert_eq!(offer[0], current.answer_rekey(1, 0xabc));
+        assert_eq!(offer[1].num, 2);
+        assert_eq!(ours.choose_rekey(&offer, p.id()), Some((1, 0xabc, current)));
+        let narrow = IkeAlgorithms {
+            encr: vec![Encr::AesGcm16_128],
+            prf: vec![Prf::HmacSha512],
+            dh: vec![p],
+        };
+        assert_eq!(narrow.offer_rekey_keeping(0xabc, current).len(), 1);
+        let other = IkeAlgorithms {
+            prf: vec![Prf::HmacSha256],
+            ..IkeAlgorithms::default()
+        };
+        assert_eq!(
+            other.offer_rekey_keeping(0xabc, current),
+            vec![other.offer_rekey(0xabc)]
         );
     }
 }

@@ -7,6 +7,14 @@
 //! exchange, and its first key runs from this exchange's initiator to its
 //! responder (section 2.17) — which is the original responder when it is
 //! the one rekeying.
+//!
+//! The request offers the old SA's own algorithms first (ENCR with key
+//! size, ESN, its PFS group), then the configured ones, so that a peer
+//! allowing only the current suite still finds it. An INVALID_KE_PAYLOAD
+//! answer (section 1.3) naming another group we offered gets a new
+//! request with that group, at most [`MAX_KE_RETRIES`] times per rekey;
+//! any other ends the rekey with the old SA still in use. Both rules hold
+//! for the IKE SA rekey too (`ike_rekey`).
 
 use std::time::{Duration, Instant};
 
