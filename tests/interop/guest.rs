@@ -263,6 +263,10 @@ impl Guest {
             "grep -E '^(Udp|Tcp):' /proc/net/snmp",
             "grep -E '^(Udp6|Icmp6In)' /proc/net/snmp6",
             "/sbin/ip -s link show eth0",
+            // A stalled virtio-net transmit queue (seen once under TCG:
+            // nothing left the guest, RetransSegs stayed 0) shows here as
+            // a NETDEV WATCHDOG line.
+            "busybox dmesg | tail -n 15",
             "tail -n 5 /tmp/out/*",
         ] {
             let _ = writeln!(s, "--- guest: {cmd} ---");

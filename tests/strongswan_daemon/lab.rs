@@ -434,6 +434,23 @@ impl Lab {
         }
         let diag = self.guest().diagnostics();
         s.push_str(&diag);
+        // The host's end of the guest's link: whether the guest's frames
+        // still arrive.
+        let tap = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.ns.name(),
+                "ip",
+                "-s",
+                "link",
+                "show",
+                "tap0",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("(failed: {e})"));
+        let _ = writeln!(s, "--- host: ip -s link show tap0 ---\n{tap}");
         let status = match self.status() {
             Ok(v) => format!("{v:#}"),
             Err(e) => format!("(no status: {e})"),

@@ -6,11 +6,13 @@
 //! each their own test function, run only with `ESPTUN_SWAN_PENDING=1`;
 //! without it each prints `SKIPPED <name>: waits for <feature>`.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::lab::{Lab, Side, Swan, random_psk};
+use crate::lab::{HOST, Lab, Side, Swan, random_psk};
+use crate::traffic::tcp_sink;
 use crate::workload::{self, Established};
-use crate::{IKE_TIMEOUT, ONE_GUEST, establish};
+use crate::{IKE_TIMEOUT, ONE_GUEST, TRAFFIC_TIMEOUT, establish};
 
 pub const IKE: &str = "aes256gcm16-prfsha256-x25519";
 pub const ESP: &str = "aes256gcm16-esn";
@@ -161,14 +163,25 @@ fn strongswan_daemon_rekey_simultaneous() {
     }
 }
 
-/// charon dies and comes back, initiating with INITIAL_CONTACT: esptun
-/// drops its stale SAs and keeps only the new ones.
+/// Packets the inbound SA `spi` has taken, from esptun's status.
+fn inbound_packets(s: &serde_json::Value, spi: u64) -> u64 {
+    s["inbound_sas"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["spi"].as_u64() == Some(spi)))
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or(0)
+}
+
+/// How much the guest sends while charon is killed and restarted.
+const RESTART_STREAM: u64 = 64 << 20;
+
+/// charon dies mid-stream and comes back, initiating with INITIAL_CONTACT:
+/// esptun drops its stale SAs, keeps only the new ones and uses the new
+/// outbound SA at once, and the guest's TCP stream, stalled in between,
+/// completes byte-exact on the new CHILD SA.
 #[test]
 fn strongswan_daemon_charon_restarted() {
     let test = "strongswan_daemon_charon_restarted";
-    if !enabled(test, "INITIAL_CONTACT handling in the daemon") {
-        return;
-    }
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let psk = random_psk();
     let swan = Swan::new(IKE, ESP, &psk);
@@ -177,8 +190,34 @@ fn strongswan_daemon_charon_restarted() {
         return;
     };
     traffic(&mut lab, "before charon's restart");
+    let old_in = first.2.last().map_or(0, |c| c.0);
+    let s = lab.status().unwrap_or_else(|e| lab.fail(&e));
+    let base = inbound_packets(&s, old_in);
+    // Guest -> host TCP, running when charon dies.
+    let rx = tcp_sink(&lab.ns, IpAddr::V4(HOST));
+    if let Err(e) = lab.guest().spawn(
+        "stream",
+        &format!(
+            "nettool tcp-zeros {HOST} 5004 {RESTART_STREAM} {}",
+            TRAFFIC_TIMEOUT.as_millis()
+        ),
+    ) {
+        lab.fail(&format!("starting the stream: {e}"));
+    }
+    // Bounded: the stream has moved about 3 MB over the old SA.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let s = lab.status().unwrap_or_else(|e| lab.fail(&e));
+        let n = inbound_packets(&s, old_in).saturating_sub(base);
+        if n >= 2_000 || Instant::now() >= deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // charon's xfrm states go with it (as after a reboot); its policies
+    // stay, so the guest sends nothing in plaintext meanwhile.
     let r = (|| -> Result<(), String> {
-        lab.sh("kill -9 $(pidof charon); sleep 1; /sbin/ip xfrm state flush; /sbin/ip xfrm policy flush")?;
+        lab.sh("kill -9 $(pidof charon); sleep 1; /sbin/ip xfrm state flush")?;
         lab.spawn_charon()?;
         lab.sh("/usr/sbin/swanctl --load-all")?;
         lab.guest().spawn(
@@ -192,6 +231,7 @@ fn strongswan_daemon_charon_restarted() {
     if let Err(e) = r {
         lab.fail(&format!("restarting charon: {e}"));
     }
+    let restarted = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     let s = lab.status().unwrap_or_else(|e| lab.fail(&e));
     let sas = s["ike"]["peers"][0]["sas"].as_array().map_or(0, Vec::len);
@@ -204,8 +244,11 @@ fn strongswan_daemon_charon_restarted() {
     }
     // The new CHILD SA's outbound half must be in use at once: charon
     // dropped the old SAs, so esptun must not wait for the peer to use
-    // the new inbound SA first (it would wait forever for a ping).
-    let out_spi = now.as_ref().and_then(|n| n.2.last()).map_or(0, |c| c.1);
+    // the new inbound SA first.
+    let (new_in, out_spi) = now
+        .as_ref()
+        .and_then(|n| n.2.last().copied())
+        .unwrap_or((0, 0));
     let outs: Vec<(u64, String)> = s["outbound_sas"]
         .as_array()
         .map(|a| {
@@ -219,15 +262,40 @@ fn strongswan_daemon_charon_restarted() {
                 .collect()
         })
         .unwrap_or_default();
-    if !outs
-        .iter()
-        .any(|(spi, st)| *spi == out_spi && st == "active")
-    {
+    if outs.len() != 1 || outs[0] != (out_spi, "active".to_string()) {
         lab.fail(&format!(
             "after charon's INITIAL_CONTACT esptun's outbound SAs are {outs:?}: the new one \
              ({out_spi}) should be active and the stale one gone"
         ));
     }
+    let got = rx
+        .recv_timeout(TRAFFIC_TIMEOUT)
+        .map_err(|e| format!("host TCP sink: {e}"))
+        .and_then(|r| r);
+    let resumed = restarted.elapsed();
+    let s = lab.status().unwrap_or_else(|e| lab.fail(&e));
+    let on_new = inbound_packets(&s, new_in);
+    match got {
+        Ok((total, 0)) if total == RESTART_STREAM => {}
+        other => lab.fail(&format!(
+            "the guest's {RESTART_STREAM}-byte stream across charon's restart: {other:?} \
+             (total, non-zero bytes)"
+        )),
+    }
+    // Mid-stream for real: part of it came on the new CHILD SA.
+    if on_new < 1_000 {
+        lab.fail(&format!(
+            "only {on_new} packets of the stream came on the new CHILD SA ({before} on the \
+             old one before the restart): the restart was not mid-stream"
+        ));
+    }
+    eprintln!(
+        "{test}: {RESTART_STREAM} bytes guest -> host intact across charon's restart: {before} \
+         packets on the old CHILD SA before it, {on_new} on the new one; done {:.1} s after the \
+         new SA; esptun keeps 1 IKE SA {:?}",
+        resumed.as_secs_f64(),
+        now.map(|n| (n.0, n.2))
+    );
     traffic(&mut lab, "after charon's restart");
 }
 
