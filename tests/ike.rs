@@ -275,6 +275,7 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap,
             && fields[7] == "\"NONE [RFC4306]\"",
         || format!("not an ikev2_decryption_table record: {record}"),
     );
+    child_sa_esp_records(&lab, a_child);
     for side in [Side::A, Side::B] {
         let status = lab
             .stop(side)
@@ -283,6 +284,76 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap,
             format!("{side:?} exit: {status}")
         });
     }
+}
+
+/// `esptun wireshark-keys -c` of a side: its `esp_sa` records (the
+/// command must succeed and warn about the keys on stderr).
+fn esp_sa_records(lab: &TunnelLab, side: Side) -> Vec<String> {
+    let config = match side {
+        Side::A => &lab.a.config,
+        Side::B => &lab.b.config,
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "-c"])
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| fail(lab, &format!("wireshark-keys of {side:?}: {e}")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(
+        lab,
+        out.status.success() && stderr.contains("SECRET KEYS"),
+        || format!("wireshark-keys of {side:?}: {} {stderr}", out.status),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The IKE-made CHILD SA `a_child` (a's inbound SPI, a's outbound SPI),
+/// as `esptun wireshark-keys -c` of each side prints it: one `esp_sa`
+/// record per direction, from the running daemons, with the outer
+/// addresses, and the same records on both sides (a's outbound SA is b's
+/// inbound SA: same SPI, key and addresses).
+fn child_sa_esp_records(lab: &TunnelLab, a_child: (u64, u64)) {
+    let (a_outer, b_outer) = lab.outer(Side::A);
+    let family = if a_outer.is_ipv4() { "IPv4" } else { "IPv6" };
+    let a = esp_sa_records(lab, Side::A);
+    let b = esp_sa_records(lab, Side::B);
+    for (spi, src, dst) in [(a_child.1, a_outer, b_outer), (a_child.0, b_outer, a_outer)] {
+        let head = format!("\"{family}\",\"{src}\",\"{dst}\",\"0x{spi:08x}\",");
+        let find = |records: &[String]| -> Vec<String> {
+            records
+                .iter()
+                .filter(|r| r.contains(&format!("\"0x{spi:08x}\"")))
+                .cloned()
+                .collect()
+        };
+        let (in_a, in_b) = (find(&a), find(&b));
+        check(
+            lab,
+            in_a.len() == 1
+                && in_a == in_b
+                && in_a[0].starts_with(&head)
+                && in_a[0].contains("\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x")
+                && in_a[0].ends_with(",\"NULL\",\"\""),
+            || {
+                format!(
+                    "SPI {spi:#010x}: want one record {head}... on both sides, alike; a has \
+                     {} record(s), b {} (keys not shown)",
+                    in_a.len(),
+                    in_b.len()
+                )
+            },
+        );
+    }
+    check(lab, a.len() == 2 && b.len() == 2, || {
+        format!(
+            "one CHILD SA, two records per side: a {}, b {}",
+            a.len(),
+            b.len()
+        )
+    });
 }
 
 /// With raw ESP, b also listens on UDP 4500 for IKE only, as a peer that
