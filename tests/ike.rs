@@ -536,6 +536,81 @@ fn check_config_refuses_a_psk_file_others_can_read() {
     );
 }
 
+/// `esptun wireshark-keys -c` with no daemon running: the manual SAs'
+/// records are printed anyway, and stderr names the IKE peer whose CHILD
+/// SA keys could not be fetched and the control socket it tried; with only
+/// IKE peers nothing can be printed, which fails.
+#[test]
+fn wireshark_keys_without_a_daemon_prints_the_manual_sas_and_names_the_ike_peers() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("esptun-ike-wskeys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let private = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    };
+    let psk = private("b.psk", "0123456789abcdef0123456789abcdef\n");
+    let key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fcafebabe\n";
+    let (out_key, in_key) = (private("m.out", key), private("m.in", key));
+    let control = dir.join("none.sock");
+    let head = format!(
+        "state_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+        dir.join("state").display(),
+        control.display()
+    );
+    let ike_peer = format!(
+        "\n[[peer]]\nname = \"b\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.18.0.2\"\n\n\
+         [peer.ike]\npsk_file = \"{}\"\ninitiate = true\nremote_id = \"b.example\"\n",
+        psk.display()
+    );
+    let manual_peer = format!(
+        "\n[[peer]]\nname = \"m\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.18.0.3\"\n\
+         outbound = {{ spi = 0xa001, key_file = \"{}\" }}\n\
+         inbound = {{ spi = 0xb001, key_file = \"{}\" }}\n",
+        out_key.display(),
+        in_key.display()
+    );
+    let run = |name: &str, text: &str| {
+        let config = dir.join(name);
+        std::fs::write(&config, text).expect("config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+            .args(["wireshark-keys", "-c"])
+            .arg(&config)
+            .output()
+            .expect("esptun wireshark-keys");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let both = run("both.toml", &format!("{head}{manual_peer}{ike_peer}"));
+    let ike_only = run("ike.toml", &format!("{head}{ike_peer}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (status, stdout, stderr) = &both;
+    let spis: Vec<&str> = stdout.lines().filter_map(|l| l.split(',').nth(3)).collect();
+    assert!(
+        status.success()
+            && spis == ["\"0x0000a001\"", "\"0x0000b001\""]
+            && stderr.contains("SECRET KEYS")
+            && stderr.contains("IKE peer(s) b could not be fetched")
+            && stderr.contains(&control.display().to_string()),
+        "manual and IKE peers, no daemon: {status} {spis:?}\n{stderr}"
+    );
+    let (status, stdout, stderr) = &ike_only;
+    assert!(
+        !status.success()
+            && stdout.is_empty()
+            && stderr.contains("IKE peer(s) b could not be fetched")
+            && stderr.contains(&control.display().to_string()),
+        "only an IKE peer, no daemon: {status} {stdout:?}\n{stderr}"
+    );
+}
+
 /// The initiator restarts: it negotiates a new IKE SA, which replaces the
 /// old one on the responder (one established IKE SA each, matching SPIs),
 /// and traffic flows on the new CHILD SA.

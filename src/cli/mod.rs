@@ -472,8 +472,8 @@ fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 failed = true;
                 eprintln!(
-                    "esptun: the CHILD SA keys of IKE peer(s) {} could not be fetched: they exist \
-                     only in the running daemon, and {e:#}",
+                    "esptun: the CHILD SA keys of IKE peer(s) {} could not be fetched from the \
+                     running daemon, the only place they exist: {e}",
                     ike_peers.join(", ")
                 );
             }
