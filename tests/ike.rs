@@ -809,6 +809,7 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
             || format!("{side:?}: SAs in the datapath: in {inb:x?}, out {out:x?}"),
         );
     }
+    rekeyed_child_sas_in_wireshark_keys(&lab);
     let metrics = lab
         .metrics(Side::A)
         .unwrap_or_else(|e| fail(&lab, &format!("metrics: {e}")));
@@ -829,6 +830,53 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
         text.contains("rekeys: IKE ") && text.contains("CHILD SA 0x"),
         || format!("esptun status text lacks the rekeys:\n{text}"),
     );
+}
+
+/// After CHILD SA rekeys, `esptun wireshark-keys -c` of each side prints
+/// exactly the CHILD SAs its IKE SAs hold (rekeyed ones included until
+/// their Delete), one record per direction: the daemon republishes them
+/// as they come and go. With a rekey every 2 s the status and the records
+/// are compared until two status reads around the records agree
+/// (bounded).
+fn rekeyed_child_sas_in_wireshark_keys(lab: &TunnelLab) {
+    let children = |side: Side| -> std::collections::BTreeSet<u64> {
+        let s = status(lab, side);
+        s["ike"]["peers"][0]["sas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|sa| sa["children"].as_array().into_iter().flatten())
+            .flat_map(|c| [c["inbound_spi"].as_u64(), c["outbound_spi"].as_u64()])
+            .flatten()
+            .collect()
+    };
+    for side in [Side::A, Side::B] {
+        let mut last = String::new();
+        let agreed = (0..20).any(|_| {
+            let before = children(side);
+            let records = esp_sa_records(lab, side);
+            let after = children(side);
+            let spis: std::collections::BTreeSet<u64> = records
+                .iter()
+                .filter_map(|r| r.split(',').nth(3))
+                .filter_map(|f| {
+                    u64::from_str_radix(f.trim_matches('"').trim_start_matches("0x"), 16).ok()
+                })
+                .collect();
+            last = format!(
+                "status {before:x?} / {after:x?}, {} record(s) with SPIs {spis:x?}",
+                records.len()
+            );
+            if before != after {
+                std::thread::sleep(Duration::from_millis(50));
+                return false;
+            }
+            !before.is_empty() && spis == before && records.len() == before.len()
+        });
+        check(lab, agreed, || {
+            format!("{side:?}: wireshark-keys does not follow the CHILD SAs: {last}")
+        });
+    }
 }
 
 /// Waits (bounded) until `done` holds for a side's status.
