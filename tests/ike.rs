@@ -1207,6 +1207,50 @@ fn a_peer_behind_an_unknown_nat_is_found_by_any_source() {
     behind_a_nat("ike_nat_any", "ikenay", 85, true);
 }
 
+/// Through the NAT the two ends' `esp_sa` records of the CHILD SA name
+/// different outer addresses, each what its own wire shows: b's name the
+/// NAT's address (198.18.SUBNET.254, also with `any_source`, whose
+/// configured endpoint is a's own address), a's its own address. SPI and
+/// key (and so decryption) are the same on both ends.
+fn nat_child_sa_esp_records(lab: &TunnelLab, subnet: u8) {
+    let nat = format!("\"198.18.{subnet}.254\"");
+    let a_own = format!("\"198.18.{subnet}.1\"");
+    let a = esp_sa_records(lab, Side::A);
+    let b = esp_sa_records(lab, Side::B);
+    // Eight fields, padded, so that a short line fails the check, not
+    // the indexing.
+    let fields = |r: &String| -> Vec<String> {
+        let mut f: Vec<String> = r.split(',').map(str::to_string).collect();
+        f.resize(8.max(f.len()), String::new());
+        f
+    };
+    let shown =
+        |rs: &[String]| -> Vec<String> { rs.iter().map(|r| fields(r)[..4].join(",")).collect() };
+    let ok = a.len() == 2
+        && b.len() == 2
+        && b.iter().all(|r| {
+            let f = fields(r);
+            (f[1] == nat || f[2] == nat) && f[1] != a_own && f[2] != a_own
+        })
+        && a.iter().all(|r| {
+            let f = fields(r);
+            (f[1] == a_own || f[2] == a_own) && f[1] != nat && f[2] != nat
+        })
+        && a.iter().all(|r| {
+            // b's record of the same SA: a's own address replaced by the
+            // NAT's, all else equal.
+            let want = r.replace(&a_own, &nat);
+            b.contains(&want)
+        });
+    check(lab, ok, || {
+        format!(
+            "CHILD SA records through the NAT (keys not shown): a {:?}, b {:?}",
+            shown(&a),
+            shown(&b)
+        )
+    });
+}
+
 fn behind_a_nat(test: &str, tag: &str, subnet: u8, any_source: bool) {
     let Some(lab) = common::lab(
         test,
@@ -1260,6 +1304,7 @@ fn behind_a_nat(test: &str, tag: &str, subnet: u8, any_source: bool) {
             && b["remote"].as_str().is_some_and(|r| r.starts_with(&router)),
         || format!("b should see a behind the NAT at {router}: {b:#}"),
     );
+    nat_child_sa_esp_records(&lab, subnet);
     carries_ping_and_udp(&lab);
     let r = lab
         .tcp_zeros(2 * MIB, Duration::from_secs(60))
