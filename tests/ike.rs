@@ -275,6 +275,7 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap,
             && fields[7] == "\"NONE [RFC4306]\"",
         || format!("not an ikev2_decryption_table record: {record}"),
     );
+    child_sa_esp_records(&lab, a_child);
     for side in [Side::A, Side::B] {
         let status = lab
             .stop(side)
@@ -283,6 +284,76 @@ fn keyed_by_ike_carries_traffic(test: &str, tag: &str, subnet: u8, encap: Encap,
             format!("{side:?} exit: {status}")
         });
     }
+}
+
+/// `esptun wireshark-keys -c` of a side: its `esp_sa` records (the
+/// command must succeed and warn about the keys on stderr).
+fn esp_sa_records(lab: &TunnelLab, side: Side) -> Vec<String> {
+    let config = match side {
+        Side::A => &lab.a.config,
+        Side::B => &lab.b.config,
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+        .args(["wireshark-keys", "-c"])
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| fail(lab, &format!("wireshark-keys of {side:?}: {e}")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check(
+        lab,
+        out.status.success() && stderr.contains("SECRET KEYS"),
+        || format!("wireshark-keys of {side:?}: {} {stderr}", out.status),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The IKE-made CHILD SA `a_child` (a's inbound SPI, a's outbound SPI),
+/// as `esptun wireshark-keys -c` of each side prints it: one `esp_sa`
+/// record per direction, from the running daemons, with the outer
+/// addresses, and the same records on both sides (a's outbound SA is b's
+/// inbound SA: same SPI, key and addresses).
+fn child_sa_esp_records(lab: &TunnelLab, a_child: (u64, u64)) {
+    let (a_outer, b_outer) = lab.outer(Side::A);
+    let family = if a_outer.is_ipv4() { "IPv4" } else { "IPv6" };
+    let a = esp_sa_records(lab, Side::A);
+    let b = esp_sa_records(lab, Side::B);
+    for (spi, src, dst) in [(a_child.1, a_outer, b_outer), (a_child.0, b_outer, a_outer)] {
+        let head = format!("\"{family}\",\"{src}\",\"{dst}\",\"0x{spi:08x}\",");
+        let find = |records: &[String]| -> Vec<String> {
+            records
+                .iter()
+                .filter(|r| r.contains(&format!("\"0x{spi:08x}\"")))
+                .cloned()
+                .collect()
+        };
+        let (in_a, in_b) = (find(&a), find(&b));
+        check(
+            lab,
+            in_a.len() == 1
+                && in_a == in_b
+                && in_a[0].starts_with(&head)
+                && in_a[0].contains("\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x")
+                && in_a[0].ends_with(",\"NULL\",\"\""),
+            || {
+                format!(
+                    "SPI {spi:#010x}: want one record {head}... on both sides, alike; a has \
+                     {} record(s), b {} (keys not shown)",
+                    in_a.len(),
+                    in_b.len()
+                )
+            },
+        );
+    }
+    check(lab, a.len() == 2 && b.len() == 2, || {
+        format!(
+            "one CHILD SA, two records per side: a {}, b {}",
+            a.len(),
+            b.len()
+        )
+    });
 }
 
 /// With raw ESP, b also listens on UDP 4500 for IKE only, as a peer that
@@ -462,6 +533,81 @@ fn check_config_refuses_a_psk_file_others_can_read() {
         "a private PSK file: {}{}",
         String::from_utf8_lossy(&ok.stdout),
         String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+/// `esptun wireshark-keys -c` with no daemon running: the manual SAs'
+/// records are printed anyway, and stderr names the IKE peer whose CHILD
+/// SA keys could not be fetched and the control socket it tried; with only
+/// IKE peers nothing can be printed, which fails.
+#[test]
+fn wireshark_keys_without_a_daemon_prints_the_manual_sas_and_names_the_ike_peers() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("esptun-ike-wskeys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let private = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    };
+    let psk = private("b.psk", "0123456789abcdef0123456789abcdef\n");
+    let key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fcafebabe\n";
+    let (out_key, in_key) = (private("m.out", key), private("m.in", key));
+    let control = dir.join("none.sock");
+    let head = format!(
+        "state_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+        dir.join("state").display(),
+        control.display()
+    );
+    let ike_peer = format!(
+        "\n[[peer]]\nname = \"b\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.18.0.2\"\n\n\
+         [peer.ike]\npsk_file = \"{}\"\ninitiate = true\nremote_id = \"b.example\"\n",
+        psk.display()
+    );
+    let manual_peer = format!(
+        "\n[[peer]]\nname = \"m\"\nlocal = \"198.18.0.1\"\nendpoint = \"198.18.0.3\"\n\
+         outbound = {{ spi = 0xa001, key_file = \"{}\" }}\n\
+         inbound = {{ spi = 0xb001, key_file = \"{}\" }}\n",
+        out_key.display(),
+        in_key.display()
+    );
+    let run = |name: &str, text: &str| {
+        let config = dir.join(name);
+        std::fs::write(&config, text).expect("config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_esptun"))
+            .args(["wireshark-keys", "-c"])
+            .arg(&config)
+            .output()
+            .expect("esptun wireshark-keys");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let both = run("both.toml", &format!("{head}{manual_peer}{ike_peer}"));
+    let ike_only = run("ike.toml", &format!("{head}{ike_peer}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (status, stdout, stderr) = &both;
+    let spis: Vec<&str> = stdout.lines().filter_map(|l| l.split(',').nth(3)).collect();
+    assert!(
+        status.success()
+            && spis == ["\"0x0000a001\"", "\"0x0000b001\""]
+            && stderr.contains("SECRET KEYS")
+            && stderr.contains("IKE peer(s) b could not be fetched")
+            && stderr.contains(&control.display().to_string()),
+        "manual and IKE peers, no daemon: {status} {spis:?}\n{stderr}"
+    );
+    let (status, stdout, stderr) = &ike_only;
+    assert!(
+        !status.success()
+            && stdout.is_empty()
+            && stderr.contains("IKE peer(s) b could not be fetched")
+            && stderr.contains(&control.display().to_string()),
+        "only an IKE peer, no daemon: {status} {stdout:?}\n{stderr}"
     );
 }
 
@@ -663,6 +809,7 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
             || format!("{side:?}: SAs in the datapath: in {inb:x?}, out {out:x?}"),
         );
     }
+    rekeyed_child_sas_in_wireshark_keys(&lab);
     let metrics = lab
         .metrics(Side::A)
         .unwrap_or_else(|e| fail(&lab, &format!("metrics: {e}")));
@@ -683,6 +830,53 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
         text.contains("rekeys: IKE ") && text.contains("CHILD SA 0x"),
         || format!("esptun status text lacks the rekeys:\n{text}"),
     );
+}
+
+/// After CHILD SA rekeys, `esptun wireshark-keys -c` of each side prints
+/// exactly the CHILD SAs its IKE SAs hold (rekeyed ones included until
+/// their Delete), one record per direction: the daemon republishes them
+/// as they come and go. With a rekey every 2 s the status and the records
+/// are compared until two status reads around the records agree
+/// (bounded).
+fn rekeyed_child_sas_in_wireshark_keys(lab: &TunnelLab) {
+    let children = |side: Side| -> std::collections::BTreeSet<u64> {
+        let s = status(lab, side);
+        s["ike"]["peers"][0]["sas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|sa| sa["children"].as_array().into_iter().flatten())
+            .flat_map(|c| [c["inbound_spi"].as_u64(), c["outbound_spi"].as_u64()])
+            .flatten()
+            .collect()
+    };
+    for side in [Side::A, Side::B] {
+        let mut last = String::new();
+        let agreed = (0..20).any(|_| {
+            let before = children(side);
+            let records = esp_sa_records(lab, side);
+            let after = children(side);
+            let spis: std::collections::BTreeSet<u64> = records
+                .iter()
+                .filter_map(|r| r.split(',').nth(3))
+                .filter_map(|f| {
+                    u64::from_str_radix(f.trim_matches('"').trim_start_matches("0x"), 16).ok()
+                })
+                .collect();
+            last = format!(
+                "status {before:x?} / {after:x?}, {} record(s) with SPIs {spis:x?}",
+                records.len()
+            );
+            if before != after {
+                std::thread::sleep(Duration::from_millis(50));
+                return false;
+            }
+            !before.is_empty() && spis == before && records.len() == before.len()
+        });
+        check(lab, agreed, || {
+            format!("{side:?}: wireshark-keys does not follow the CHILD SAs: {last}")
+        });
+    }
 }
 
 /// Waits (bounded) until `done` holds for a side's status.
@@ -1013,6 +1207,50 @@ fn a_peer_behind_an_unknown_nat_is_found_by_any_source() {
     behind_a_nat("ike_nat_any", "ikenay", 85, true);
 }
 
+/// Through the NAT the two ends' `esp_sa` records of the CHILD SA name
+/// different outer addresses, each what its own wire shows: b's name the
+/// NAT's address (198.18.SUBNET.254, also with `any_source`, whose
+/// configured endpoint is a's own address), a's its own address. SPI and
+/// key (and so decryption) are the same on both ends.
+fn nat_child_sa_esp_records(lab: &TunnelLab, subnet: u8) {
+    let nat = format!("\"198.18.{subnet}.254\"");
+    let a_own = format!("\"198.18.{subnet}.1\"");
+    let a = esp_sa_records(lab, Side::A);
+    let b = esp_sa_records(lab, Side::B);
+    // Eight fields, padded, so that a short line fails the check, not
+    // the indexing.
+    let fields = |r: &String| -> Vec<String> {
+        let mut f: Vec<String> = r.split(',').map(str::to_string).collect();
+        f.resize(8.max(f.len()), String::new());
+        f
+    };
+    let shown =
+        |rs: &[String]| -> Vec<String> { rs.iter().map(|r| fields(r)[..4].join(",")).collect() };
+    let ok = a.len() == 2
+        && b.len() == 2
+        && b.iter().all(|r| {
+            let f = fields(r);
+            (f[1] == nat || f[2] == nat) && f[1] != a_own && f[2] != a_own
+        })
+        && a.iter().all(|r| {
+            let f = fields(r);
+            (f[1] == a_own || f[2] == a_own) && f[1] != nat && f[2] != nat
+        })
+        && a.iter().all(|r| {
+            // b's record of the same SA: a's own address replaced by the
+            // NAT's, all else equal.
+            let want = r.replace(&a_own, &nat);
+            b.contains(&want)
+        });
+    check(lab, ok, || {
+        format!(
+            "CHILD SA records through the NAT (keys not shown): a {:?}, b {:?}",
+            shown(&a),
+            shown(&b)
+        )
+    });
+}
+
 fn behind_a_nat(test: &str, tag: &str, subnet: u8, any_source: bool) {
     let Some(lab) = common::lab(
         test,
@@ -1066,6 +1304,7 @@ fn behind_a_nat(test: &str, tag: &str, subnet: u8, any_source: bool) {
             && b["remote"].as_str().is_some_and(|r| r.starts_with(&router)),
         || format!("b should see a behind the NAT at {router}: {b:#}"),
     );
+    nat_child_sa_esp_records(&lab, subnet);
     carries_ping_and_udp(&lab);
     let r = lab
         .tcp_zeros(2 * MIB, Duration::from_secs(60))

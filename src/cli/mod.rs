@@ -164,6 +164,12 @@ enum Command {
     /// `esp_sa`), so that a capture of the wire can be decrypted. THE OUTPUT
     /// CONTAINS THE SECRET KEYS.
     ///
+    /// Manual SAs are read from their key files (root). The CHILD SAs of
+    /// peers keyed by IKE (`[peer.ike]`) exist only in the running daemon:
+    /// their records are asked over its control socket and appended (if it
+    /// does not answer, the manual ones are printed anyway, with a note on
+    /// stderr).
+    ///
     /// One record per SA and direction, outer addresses, for Wireshark 3.x/4.0:
     /// `"IPv4","SRC","DST","0xSPI","AES-GCM with 16 octet ICV [RFC4106]","0xKEY+SALT","NULL",""`.
     /// Use it as the file `~/.config/wireshark/esp_sa` (replaces the ESP SAs
@@ -172,7 +178,7 @@ enum Command {
     /// ESP in UDP is decoded on port 4500; for another port add
     /// `-d udp.port==PORT,udpencap`. Anyone with this output can decrypt the
     /// tunnel's traffic and forge packets: keep it private, delete it after
-    /// use, roll the keys if it leaks. Reads the key files (root).
+    /// use, roll the keys if it leaks.
     WiresharkKeys {
         /// The configuration file whose SAs to print.
         #[arg(short, long)]
@@ -424,11 +430,58 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 
 /// Prints the SAs as Wireshark `esp_sa` records: secret keys, on purpose,
 /// to stdout only (never through a logger), after a warning on stderr.
+/// Manual SAs come from their key files; the CHILD SAs of peers keyed by
+/// IKE exist only in the running daemon, which is asked for them. A
+/// daemon that does not answer costs only those: the manual records are
+/// printed anyway, and the command fails only if it printed nothing.
 fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     use std::io::Write;
 
     let valid = esptun::config::Config::load(path)?;
-    let records = esptun::tools::wireshark::esp_sa_records(&valid)?;
+    let mut records = esptun::tools::wireshark::esp_sa_records(&valid)?;
+    let ike_peers: Vec<&str> = valid.ike_peers.iter().map(|p| p.name.as_str()).collect();
+    let mut failed = false;
+    if !ike_peers.is_empty() {
+        match daemon_esp_records(&valid.operations.control_socket) {
+            Ok(reply) => {
+                // Sized once: a growing string would leave copies of the
+                // keys behind in freed memory.
+                let mut all =
+                    zeroize::Zeroizing::new(String::with_capacity(records.len() + reply.len()));
+                all.push_str(&records);
+                let mut empty = Vec::new();
+                for line in reply.lines() {
+                    if let Some(rest) = line.strip_prefix("# peer ") {
+                        if let Some(name) = rest.strip_suffix(": 0 record(s)") {
+                            empty.push(name);
+                        }
+                    } else if !line.starts_with('#') && !line.is_empty() {
+                        all.push_str(line);
+                        all.push('\n');
+                    }
+                }
+                records = all;
+                if !empty.is_empty() {
+                    eprintln!(
+                        "esptun: the daemon holds no CHILD SA (yet) for IKE peer(s) {}: no \
+                         records for them",
+                        empty.join(", ")
+                    );
+                }
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!(
+                    "esptun: the CHILD SA keys of IKE peer(s) {} could not be fetched from the \
+                     running daemon, the only place they exist: {e}",
+                    ike_peers.join(", ")
+                );
+            }
+        }
+    }
+    if records.is_empty() && failed {
+        return Ok(ExitCode::FAILURE);
+    }
     eprintln!(
         "esptun: WARNING: the output contains the SECRET KEYS of every SA in {}: anyone who has \
          it can decrypt this tunnel's traffic and forge packets. Keep it private (umask 077), \
@@ -441,6 +494,18 @@ fn wireshark_keys(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         .and_then(|()| stdout.flush())
         .context("writing the records to stdout")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The running daemon's `esp-keys` reply (secret: CHILD SA keys).
+fn daemon_esp_records(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let asked = std::time::Instant::now();
+    let reply = zeroize::Zeroizing::new(
+        esptun::daemon::control::query(path, "esp-keys").map_err(|e| unanswered(path, asked, e))?,
+    );
+    if reply.trim_start().starts_with('{') {
+        bail!("the daemon at {} refused: {}", path.display(), reply.trim());
+    }
+    Ok(reply)
 }
 
 /// Prints the running daemon's IKE SA keys as Wireshark IKEv2 decryption

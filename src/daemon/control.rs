@@ -181,6 +181,12 @@ pub(crate) trait Backend {
     fn ike_keys(&self) -> String {
         "# no IKE SAs".into()
     }
+    /// The `esp-keys` reply: the CHILD SAs' keys as Wireshark `esp_sa`
+    /// records, after a `#` comment line and, per IKE peer, a line
+    /// `# peer NAME: N record(s)` (secret, as [`Backend::ike_keys`]).
+    fn esp_keys(&self) -> String {
+        "# no CHILD SAs".into()
+    }
 }
 
 /// Which listener a client came from.
@@ -346,6 +352,7 @@ impl Client {
                     "status" => line(backend.status_json()),
                     "reload" => return Phase::Waiting(backend.reload()),
                     "ike-keys" => line(backend.ike_keys()),
+                    "esp-keys" => line(backend.esp_keys()),
                     other => line(error_json(&format!(
                         "unknown request {other:?}: try \"status\" or \"reload\""
                     ))),

@@ -154,7 +154,8 @@ impl IkeQueue {
 }
 
 /// What the IKE thread shares: its status for `esptun status`, the IKE
-/// SA keys for `esptun wireshark-keys`, and the queue's drop count.
+/// and CHILD SA keys for `esptun wireshark-keys`, and the queue's drop
+/// count.
 #[derive(Default)]
 pub(crate) struct IkeShared {
     pub queue_drops: AtomicU64,
@@ -166,6 +167,9 @@ pub(crate) struct IkeShared {
     pub cookies: Mutex<CookieCounters>,
     /// One `ikev2_decryption_table` record per established IKE SA.
     pub keys: Mutex<Vec<Zeroizing<String>>>,
+    /// Per peer (by name, every IKE peer): one Wireshark `esp_sa` record
+    /// per direction of each CHILD SA its IKE SAs hold.
+    pub esp_keys: Mutex<Vec<(String, Vec<Zeroizing<String>>)>>,
 }
 
 impl IkeShared {
@@ -199,6 +203,27 @@ impl IkeShared {
         }
         out
     }
+
+    /// The CHILD SA keys as Wireshark's ESP SA table: for each IKE peer a
+    /// comment line `# peer NAME: N record(s)`, then its records, one a
+    /// line.
+    pub fn esp_key_records(&self) -> Zeroizing<String> {
+        let peers = self.esp_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let size = peers
+            .iter()
+            .map(|(name, r)| 32 + name.len() + r.iter().map(|k| k.len() + 1).sum::<usize>())
+            .sum();
+        // Sized once, so that no reallocation leaves a copy of a key behind.
+        let mut out = Zeroizing::new(String::with_capacity(size));
+        for (name, records) in peers.iter() {
+            out.push_str(&format!("# peer {name}: {} record(s)\n", records.len()));
+            for r in records {
+                out.push_str(r);
+                out.push('\n');
+            }
+        }
+        out
+    }
 }
 
 mod explain;
@@ -208,7 +233,7 @@ mod status;
 mod tests;
 
 use explain::{count, explain, role_name, suite_name};
-use keys::{build_child, wireshark_record};
+use keys::{build_child, peer_esp_sa_records, wireshark_record};
 
 pub use status::{
     ChildStatus, CookieCounters, IkeCounters, IkePeerStatus, IkeSaStatus, IkeStatus, NatSaStatus,
@@ -974,6 +999,15 @@ impl IkeWorker {
                 _ => None,
             })
             .collect();
+        // CHILD SAs come and go, or the peer's address moves: the
+        // published `esp_sa` records change.
+        let esp_changed = outputs.iter().any(|o| {
+            matches!(
+                o,
+                Output::PeerMoved(_)
+                    | Output::Act(Action::InstallChild(_) | Action::DeleteChild { .. })
+            )
+        });
         let mut held = Vec::new();
         for output in outputs {
             let action = match output {
@@ -1070,6 +1104,9 @@ impl IkeWorker {
         }
         self.note_established(i, slot);
         self.count_rekeys(i, slot);
+        if esp_changed {
+            self.publish_keys();
+        }
     }
 
     /// Waits, at most `timeout`, until the inbound thread publishes an SA
@@ -1518,7 +1555,8 @@ impl IkeWorker {
         *self.ike.cookies.lock().unwrap_or_else(|p| p.into_inner()) = self.cookies.clone();
     }
 
-    /// The established IKE SAs' keys, for `esptun wireshark-keys`.
+    /// The established IKE SAs' keys and the CHILD SAs' keys, for
+    /// `esptun wireshark-keys`.
     fn publish_keys(&self) {
         let records = self
             .peers
@@ -1528,6 +1566,12 @@ impl IkeWorker {
             .filter_map(|s| wireshark_record(&s.sa))
             .collect();
         *self.ike.keys.lock().unwrap_or_else(|p| p.into_inner()) = records;
+        let esp = self
+            .peers
+            .iter()
+            .map(|p| (p.cfg.name.clone(), peer_esp_sa_records(p)))
+            .collect();
+        *self.ike.esp_keys.lock().unwrap_or_else(|p| p.into_inner()) = esp;
     }
 }
 

@@ -851,6 +851,15 @@ impl control::Backend for ControlBackend {
             records.trim_end()
         )
     }
+
+    fn esp_keys(&self) -> String {
+        let records = self.shared.ike.esp_key_records();
+        format!(
+            "# esp_sa: {} CHILD SA record(s)\n{}",
+            records.lines().filter(|l| !l.starts_with('#')).count(),
+            records.trim_end()
+        )
+    }
 }
 
 impl Drop for Daemon {

@@ -4,9 +4,10 @@
 //! `tests/interop/corrupt.rs` on the IKE-made CHILD SA as `inner_checksum`.
 //!
 //! The ESP records come from the guest kernel's SAs (`ip xfrm state`, the
-//! keys charon derived): `esptun wireshark-keys -c` reads the static key
-//! files of a configuration and has no records for a `[peer.ike]` peer
-//! (that gap is [`crate::lifecycle`]'s `strongswan_daemon_wireshark_child_keys`).
+//! keys charon derived), so that the decoder does not depend on esptun's
+//! own export; that `esptun wireshark-keys -c` prints the same records
+//! for the `[peer.ike]` peer is [`crate::lifecycle`]'s
+//! `strongswan_daemon_wireshark_child_keys`.
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -114,10 +115,10 @@ impl Capture {
 }
 
 /// One SA of the guest kernel: (src, dst, SPI, key and salt).
-type XfrmSa = (IpAddr, IpAddr, u32, Vec<u8>);
+pub type XfrmSa = (IpAddr, IpAddr, u32, Vec<u8>);
 
 /// The guest's `ip xfrm state`, parsed.
-fn guest_sas(lab: &mut Lab) -> Result<Vec<XfrmSa>, String> {
+pub fn guest_sas(lab: &mut Lab) -> Result<Vec<XfrmSa>, String> {
     let text = lab.sh("/sbin/ip xfrm state")?;
     let mut sas = Vec::new();
     let mut cur: Option<(IpAddr, IpAddr, u32)> = None;
@@ -155,7 +156,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn hex(b: &[u8]) -> String {
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

@@ -1,8 +1,9 @@
 //! The SA life cycle: rekeys (by charon, and simultaneous), dead peer
 //! detection with the guest's link cut, NAT-T with charon's `encap = yes`,
-//! and restarts. Cases that wait for work not yet in the daemon (charon
-//! restarted: INITIAL_CONTACT must retire esptun's old outbound SA at
-//! once; CHILD SA keys for Wireshark; a Delete for a refused CHILD SA) are
+//! restarts, and the CHILD SA keys `esptun wireshark-keys -c` gets from the
+//! daemon, checked against the guest kernel's. Cases that wait for work
+//! not yet in the daemon (charon restarted: INITIAL_CONTACT must retire
+//! esptun's old outbound SA at once; a Delete for a refused CHILD SA) are
 //! each their own test function, run only with `ESPTUN_SWAN_PENDING=1`;
 //! without it each prints `SKIPPED <name>: waits for <feature>`.
 
@@ -378,16 +379,13 @@ fn strongswan_daemon_natt() {
 }
 
 /// `esptun wireshark-keys -c` prints `esp_sa` records for a `[peer.ike]`
-/// peer's CHILD SA (today it prints none: it reads static key files).
+/// peer's CHILD SA, asked from the running daemon: one per direction,
+/// each exactly the record the guest kernel's SA of that SPI makes
+/// (`ip xfrm state`: the addresses and the key charon derived), so a
+/// capture decrypts with esptun's export alone.
 #[test]
 fn strongswan_daemon_wireshark_child_keys() {
     let test = "strongswan_daemon_wireshark_child_keys";
-    if !enabled(
-        test,
-        "CHILD SA records in `esptun wireshark-keys` for [peer.ike] peers",
-    ) {
-        return;
-    }
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let psk = random_psk();
     let swan = Swan::new(IKE, ESP, &psk);
@@ -400,18 +398,50 @@ fn strongswan_daemon_wireshark_child_keys() {
         .arg(lab.config())
         .output()
         .unwrap_or_else(|e| lab.fail(&format!("wireshark-keys: {e}")));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = zeroize::Zeroizing::new(String::from_utf8_lossy(&out.stdout).into_owned());
+    let records: Vec<&str> = text.lines().collect();
+    // Failures show the records without their keys (field 6).
+    let shown = || {
+        records
+            .iter()
+            .map(|r| {
+                r.split(',')
+                    .enumerate()
+                    .map(|(i, f)| if i == 5 { "\"<key>\"" } else { f })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if !out.status.success() || !stderr.contains("SECRET KEYS") || records.len() != 2 {
+        lab.fail(&format!(
+            "`esptun wireshark-keys` ({}) should print the one CHILD SA's two records:\n{}\n{stderr}",
+            out.status,
+            shown()
+        ));
+    }
+    let guest = crate::checks::guest_sas(&mut lab).unwrap_or_else(|e| lab.fail(&e));
     let (inb, outb) = sa.2[0];
     for spi in [inb, outb] {
-        if !text.contains(&format!("0x{spi:08x}")) {
+        let Some((src, dst, _, key)) = guest.iter().find(|g| u64::from(g.2) == spi) else {
+            lab.fail(&format!("the guest has no SA of SPI {spi:08x}"));
+        };
+        let want = zeroize::Zeroizing::new(format!(
+            "\"{}\",\"{src}\",\"{dst}\",\"0x{spi:08x}\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x{}\",\"NULL\",\"\"",
+            if src.is_ipv4() { "IPv4" } else { "IPv6" },
+            crate::checks::hex(key)
+        ));
+        if !records.contains(&want.as_str()) {
             lab.fail(&format!(
-                "`esptun wireshark-keys` has no record for the CHILD SA's SPI {spi:08x} \
-                 ({}): {text:?} {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                "no record equals the guest kernel's SA {src} -> {dst} SPI {spi:08x} (addresses \
+                 or key differ):\n{}",
+                shown()
             ));
         }
     }
+    eprintln!("{test}: both CHILD SA records equal the guest kernel's SAs");
 }
 
 /// charon narrows the traffic selectors to UDP; esptun refuses the CHILD

@@ -26,8 +26,11 @@
 //! esptun restarted: its new IKE_AUTH carries INITIAL_CONTACT and charon
 //! replaces the old IKE and CHILD SAs (`strongswan_daemon_esptun_restarted`).
 //!
-//! Cases waiting for other work (rekey, INITIAL_CONTACT, DPD, NAT-T) are
-//! in [`lifecycle`], each its own test function, run only with
+//! The SA life cycle (rekeys, DPD, NAT-T, restarts) and the CHILD SA keys
+//! `esptun wireshark-keys -c` gets from the daemon, checked against the
+//! guest kernel's, are in [`lifecycle`]. Its cases waiting for other work
+//! (INITIAL_CONTACT from a restarted charon, a Delete for a refused CHILD
+//! SA) are each their own test function, run only with
 //! `ESPTUN_SWAN_PENDING=1` (otherwise a SKIPPED line says what it waits
 //! for).
 //!

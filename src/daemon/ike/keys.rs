@@ -1,11 +1,12 @@
 //! What leaves the IKE thread with keys in it: CHILD SAs for the key
-//! manager, and IKE SA keys for a debugger's decryption table.
+//! manager, and IKE and CHILD SA keys for a debugger's decryption tables.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use zeroize::Zeroizing;
 
 use super::super::shared::Shared;
+use super::PeerIke;
 use crate::config::IkePeer;
 use crate::crypto::IcvLen;
 use crate::ike::crypto::Encr;
@@ -97,4 +98,84 @@ pub(super) fn wireshark_record(sa: &IkeSa) -> Option<Zeroizing<String>> {
     line.push_str(&er);
     line.push_str(&format!(",\"{encr}\",,,\"NONE [RFC4306]\""));
     Some(line)
+}
+
+/// The Wireshark `esp_sa` records of a CHILD SA whose ESP goes between our
+/// outer address `local` and the peer's outer address `peer`: outbound,
+/// then inbound. The same formatter as for manual SAs
+/// ([`crate::tools::wireshark::esp_sa_record`]), so the two kinds of
+/// record cannot drift apart. ESP here is always AES-GCM with a 16-byte
+/// ICV (see [`build_child`]).
+pub(super) fn esp_sa_records(
+    child: &ChildSa,
+    local: IpAddr,
+    peer: IpAddr,
+) -> [Zeroizing<String>; 2] {
+    use crate::tools::wireshark::esp_sa_record;
+    [
+        esp_sa_record(
+            local,
+            peer,
+            child.outbound_spi,
+            IcvLen::Icv16,
+            &child.outbound,
+        ),
+        esp_sa_record(
+            peer,
+            local,
+            child.inbound_spi,
+            IcvLen::Icv16,
+            &child.inbound,
+        ),
+    ]
+}
+
+/// The `esp_sa` records of every CHILD SA the peer's IKE SAs still hold
+/// (installed, rekeying, or rekeyed and waiting for its Delete: the
+/// peer may still send on a retiring one), oldest first. The addresses
+/// are the ones the datapath puts on the wire, as in [`build_child`]:
+/// through a NAT (UDP encapsulation), or for an `any_source` peer, where
+/// the IKE SA now hears the peer (it follows the peer's NAT mapping);
+/// else the configured endpoint.
+pub(super) fn peer_esp_sa_records(p: &PeerIke) -> Vec<Zeroizing<String>> {
+    let mut out = Vec::new();
+    for child in &p.kept {
+        let Some(slot) = p.slots.iter().find(|s| {
+            s.sa.children()
+                .iter()
+                .any(|c| c.inbound_spi == child.inbound_spi)
+        }) else {
+            continue;
+        };
+        let peer = if child.udp_encap.is_some() || p.cfg.ike.any_source {
+            slot.sa
+                .route()
+                .map(|r| r.to.ip())
+                .or(child.udp_encap.map(|a| a.ip()))
+                .unwrap_or(p.cfg.endpoint)
+        } else {
+            p.cfg.endpoint
+        };
+        out.extend(esp_sa_records(child, outer_source(p.cfg.local, peer), peer));
+    }
+    out
+}
+
+/// Our outer address towards `peer`: the configured `local`, which the
+/// IKE SA was set up from and the datapath sends from. A wildcard
+/// `local` (0.0.0.0 or ::) leaves the choice to the kernel's route to
+/// the peer, so the kernel is asked: a UDP socket connected to the peer
+/// (nothing is sent) is bound to the source address that route picks.
+/// If that fails the wildcard stays, which Wireshark matches to nothing.
+fn outer_source(local: IpAddr, peer: IpAddr) -> IpAddr {
+    if !local.is_unspecified() {
+        return local;
+    }
+    UdpSocket::bind(SocketAddr::new(local, 0))
+        .and_then(|s| {
+            s.connect(SocketAddr::new(peer, 4500))?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(local)
 }

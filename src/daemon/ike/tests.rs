@@ -269,3 +269,109 @@ fn port_4500_datagrams_are_told_apart_by_the_non_esp_marker() {
     assert_eq!(classify_natt(&[0xff, 0xff]), NattDatagram::Other);
     assert_eq!(classify_natt(&[]), NattDatagram::Other);
 }
+
+/// Runs IKE_SA_INIT and IKE_AUTH in memory like [`run`], keeping the
+/// CHILD SA each side hands to its key manager.
+fn exchange_with_children() -> ((IkeSa, ChildSa), (IkeSa, ChildSa)) {
+    let a_cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
+    let b_cfg = config([198, 18, 0, 2], [198, 18, 0, 1], PSK);
+    let mut rng = SystemRandomness::new();
+    let now = Instant::now();
+    let (mut a, mut to_b) = IkeSa::initiate(a_cfg, now, &mut rng).expect("initiate");
+    let mut b = IkeSa::responder(b_cfg);
+    let (mut a_child, mut b_child) = (None, None);
+    for _ in 0..4 {
+        let mut to_a = Vec::new();
+        for action in to_b.drain(..) {
+            match action {
+                Action::Send(bytes) => {
+                    to_a.extend(b.handle(&bytes, now, &mut rng).unwrap_or_default())
+                }
+                Action::InstallChild(c) => a_child = Some(c),
+                _ => {}
+            }
+        }
+        for action in to_a {
+            match action {
+                Action::Send(bytes) => {
+                    to_b.extend(a.handle(&bytes, now, &mut rng).unwrap_or_default())
+                }
+                Action::InstallChild(c) => b_child = Some(c),
+                _ => {}
+            }
+        }
+    }
+    for action in to_b {
+        if let Action::InstallChild(c) = action {
+            a_child = Some(c);
+        }
+    }
+    (
+        (a, a_child.expect("a installs a CHILD SA")),
+        (b, b_child.expect("b installs a CHILD SA")),
+    )
+}
+
+/// The IKE thread's view of one end: the peer with its IKE SA and kept
+/// CHILD SA.
+fn holding(local: [u8; 4], remote: [u8; 4], sa: IkeSa, child: ChildSa) -> PeerIke {
+    let cfg = config(local, remote, PSK);
+    let mut p = peer(&cfg);
+    p.kept.push(child);
+    p.slots.push(Slot {
+        to: SocketAddr::new(cfg.remote_addr, 500),
+        sa,
+        keepalives: 0,
+        created: Instant::now(),
+        established: true,
+        rekeys_counted: (0, 0),
+    });
+    p
+}
+
+#[test]
+fn both_ends_of_an_ike_child_sa_print_matching_esp_sa_records() {
+    let ((a, a_child), (b, b_child)) = exchange_with_children();
+    let (a_spis, b_spis) = (
+        (a_child.inbound_spi, a_child.outbound_spi),
+        (b_child.inbound_spi, b_child.outbound_spi),
+    );
+    assert_eq!(
+        a_spis,
+        (b_spis.1, b_spis.0),
+        "one CHILD SA, seen from both ends"
+    );
+    let ra = peer_esp_sa_records(&holding([198, 18, 0, 1], [198, 18, 0, 2], a, a_child));
+    let rb = peer_esp_sa_records(&holding([198, 18, 0, 2], [198, 18, 0, 1], b, b_child));
+    assert_eq!(ra.len(), 2, "one record per direction");
+    assert_eq!(rb.len(), 2, "one record per direction");
+    // a's outbound is b's inbound and the other way round: same SPI, key
+    // and (swapped, outer) addresses, so the two records are equal.
+    assert_eq!(ra[0].as_str(), rb[1].as_str());
+    assert_eq!(ra[1].as_str(), rb[0].as_str());
+    assert_ne!(ra[0].as_str(), ra[1].as_str());
+    let fields: Vec<&str> = ra[0].split(',').collect();
+    assert_eq!(fields.len(), 8, "{}", ra[0].as_str());
+    assert_eq!(
+        &fields[..5],
+        [
+            "\"IPv4\"",
+            "\"198.18.0.1\"",
+            "\"198.18.0.2\"",
+            format!("\"0x{:08x}\"", a_spis.1).as_str(),
+            "\"AES-GCM with 16 octet ICV [RFC4106]\"",
+        ]
+    );
+    // AES-256 key and salt: "0x" and 72 hex digits, quoted.
+    assert_eq!(fields[5].len(), 2 + 2 + 72, "{}", fields[5]);
+    assert_eq!(&fields[6..], ["\"NULL\"", "\"\""]);
+    let back: Vec<&str> = ra[1].split(',').collect();
+    assert_eq!(
+        &back[1..4],
+        [
+            "\"198.18.0.2\"",
+            "\"198.18.0.1\"",
+            format!("\"0x{:08x}\"", a_spis.0).as_str()
+        ]
+    );
+}
