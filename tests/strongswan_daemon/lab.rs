@@ -3,7 +3,7 @@
 //! esptun configurations of a case; the failure report.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +15,18 @@ use crate::{CMD_TIMEOUT, READY_TIMEOUT};
 
 pub const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 52, 1);
 pub const GUEST: Ipv4Addr = Ipv4Addr::new(198, 18, 52, 2);
+/// The same ends over IPv6 (`nodad`: usable at once).
+pub const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x52, 0, 0, 0, 0, 1);
+pub const GUEST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x52, 0, 0, 0, 0, 2);
+
+/// (host, guest): the IPv4 or the IPv6 addresses of the two ends.
+pub fn addrs(v6: bool) -> (IpAddr, IpAddr) {
+    if v6 {
+        (IpAddr::V6(HOST6), IpAddr::V6(GUEST6))
+    } else {
+        (IpAddr::V4(HOST), IpAddr::V4(GUEST))
+    }
+}
 
 /// charon's side of a case: one connection `esptun` with one CHILD SA
 /// `host` in transport mode.
@@ -32,6 +44,8 @@ pub struct Swan {
     pub rekey: (u32, u32),
     pub dpd_delay: u32,
     pub encap: bool,
+    /// Addresses (and so default identities) over IPv6.
+    pub v6: bool,
 }
 
 impl Swan {
@@ -45,6 +59,7 @@ impl Swan {
             rekey: (0, 0),
             dpd_delay: 0,
             encap: false,
+            v6: false,
         }
     }
 
@@ -58,19 +73,20 @@ impl Swan {
             Some((l, r)) => format!("        local_ts = {l}\n        remote_ts = {r}\n"),
             None => String::new(),
         };
+        let (host, guest) = addrs(self.v6);
         let text = format!(
             "connections {{
   esptun {{
     version = 2
-    local_addrs = {GUEST}
-    remote_addrs = {HOST}
+    local_addrs = {guest}
+    remote_addrs = {host}
     proposals = {ike}
     rekey_time = {ike_rekey}s
     dpd_delay = {dpd}s
     encap = {encap}
     local {{
       auth = psk
-      id = {GUEST}
+      id = {guest}
     }}
     remote {{
       auth = psk
@@ -100,7 +116,10 @@ secrets {{
             child_rekey = self.rekey.1,
             dpd = self.dpd_delay,
             encap = if self.encap { "yes" } else { "no" },
-            remote_id = self.remote_id.unwrap_or("198.18.52.1"),
+            remote_id = match self.remote_id {
+                Some(id) => id.to_string(),
+                None => host.to_string(),
+            },
             psk = self.psk,
         );
         text.lines().map(str::to_string).collect()
@@ -120,6 +139,8 @@ pub struct Side {
     pub natt: bool,
     pub rekey_secs: Option<(u64, u64)>,
     pub liveness_secs: Option<u64>,
+    /// `local` and `endpoint` (and so the default identities) over IPv6.
+    pub v6: bool,
 }
 
 impl Side {
@@ -134,6 +155,7 @@ impl Side {
             natt: false,
             rekey_secs: None,
             liveness_secs: None,
+            v6: false,
         }
     }
 }
@@ -161,6 +183,9 @@ pub struct Lab {
     pub case: PathBuf,
     pub cases: usize,
     pub test: String,
+    /// The current case runs over IPv6 (set by [`Lab::load_swan`] and
+    /// [`Lab::restart_esptun`]): the workload's addresses.
+    pub v6: bool,
 }
 
 impl Drop for Lab {
@@ -196,6 +221,7 @@ impl Lab {
         for args in [
             vec!["tuntap", "add", "mode", "tap", "name", "tap0"],
             vec!["addr", "add", "198.18.52.1/24", "dev", "tap0"],
+            vec!["addr", "add", "2001:db8:52::1/64", "dev", "tap0", "nodad"],
             vec!["link", "set", "tap0", "up"],
         ] {
             ns.ip(&args).expect("TAP in the namespace");
@@ -218,11 +244,17 @@ impl Lab {
             dir,
             cases: 0,
             test: test.to_string(),
+            v6: false,
         };
         if let Err(e) = lab.start_charon() {
             lab.fail(&format!("starting charon in the guest: {e}"));
         }
         Some(lab)
+    }
+
+    /// (host, guest) addresses of the current case.
+    pub fn addrs(&self) -> (IpAddr, IpAddr) {
+        addrs(self.v6)
     }
 
     pub fn guest(&mut self) -> &mut Guest {
@@ -240,11 +272,20 @@ impl Lab {
     }
 
     fn start_charon(&mut self) -> Result<(), String> {
-        self.sh("/sbin/ip link set eth0 up && /sbin/ip addr add 198.18.52.2/24 dev eth0")?;
-        let p = lab::ping(&self.ns, IpAddr::V4(GUEST), 3, Duration::from_secs(30))
-            .map_err(|e| e.to_string())?;
-        if p.received == 0 {
-            return Err(format!("the guest does not answer plain ping: {p:?}"));
+        self.sh(
+            "/sbin/ip link set eth0 up && /sbin/ip addr add 198.18.52.2/24 dev eth0 && \
+             /sbin/ip -6 addr add 2001:db8:52::2/64 dev eth0 nodad",
+        )?;
+        // The plain path of both families first, so a failure later is
+        // about IKE.
+        for guest in [IpAddr::V4(GUEST), IpAddr::V6(GUEST6)] {
+            let p = lab::ping(&self.ns, guest, 3, Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            if p.received == 0 {
+                return Err(format!(
+                    "the guest does not answer plain ping {guest}: {p:?}"
+                ));
+            }
         }
         self.spawn_charon()
     }
@@ -269,6 +310,7 @@ impl Lab {
     /// closes every SA charon has.
     pub fn load_swan(&mut self, swan: &Swan) -> Result<(), String> {
         self.cases += 1;
+        self.v6 = swan.v6;
         let _ = self.guest().run(
             "/usr/sbin/swanctl --terminate --ike esptun --force",
             CMD_TIMEOUT,
@@ -306,6 +348,8 @@ impl Lab {
     /// keeps its log: appended).
     pub fn restart_esptun(&mut self, side: &Side) -> Result<(), String> {
         self.stop_esptun();
+        self.v6 = side.v6;
+        let (host, guest) = self.addrs();
         let psk = self.case.join("peer.psk");
         let _ = std::fs::remove_file(&psk);
         write_private(&psk, side.psk.as_bytes())?;
@@ -339,8 +383,8 @@ impl Lab {
              \n\
              [[peer]]\n\
              name = \"charon\"\n\
-             local = \"{HOST}\"\n\
-             endpoint = \"{GUEST}\"\n\
+             local = \"{host}\"\n\
+             endpoint = \"{guest}\"\n\
              \n\
              [peer.ike]\n{ike}",
             outer = if side.natt { "udp" } else { "esp" },

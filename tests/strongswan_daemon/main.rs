@@ -11,13 +11,16 @@
 //! Working cases (the matrix covers each value at least once): who
 //! initiates (esptun, or charon by `swanctl --initiate`), AES-128 and
 //! AES-256 GCM-16 (IKE and ESP), Curve25519 and ECP-256, ESN on and off,
-//! raw ESP. Each carries ping both ways, 20 UDP datagrams both ways
-//! byte-exact, 16 MiB of TCP zeros both ways checked byte by byte, and
-//! esptun's drop counters and the guest's `/proc/net/xfrm_stat` must not
-//! move. The first case also goes to tshark (IKE decrypted with `esptun
+//! raw ESP, IPv4 and IPv6 (both ends' addresses, so IKE, ESP, the default
+//! identities and the traffic; each side initiates once over IPv6). Each
+//! carries ping both ways, 20 UDP datagrams both ways byte-exact, 16 MiB
+//! of TCP zeros both ways checked byte by byte, and esptun's drop
+//! counters and the guest's `/proc/net/xfrm_stat` must not move. The
+//! first case (IPv4) also goes to tshark (IKE decrypted with `esptun
 //! wireshark-keys --ike`, ESP with `esptun wireshark-keys`), and takes the
 //! corrupted-block packet of `tests/interop/corrupt.rs` on its CHILD SA:
-//! esptun drops it as `inner_checksum`.
+//! esptun drops it as `inner_checksum`. The IPv6 cases skip both (their
+//! helpers build and filter IPv4).
 //!
 //! Refusals: wrong PSK, mismatched identity, a proposal charon refuses,
 //! traffic selectors charon refuses or narrows: each fails on both sides,
@@ -34,13 +37,15 @@
 //! `ESPTUN_SWAN_PENDING=1` (otherwise a SKIPPED line says what it waits
 //! for).
 //!
-//! Addresses: 198.18.52.1 (the TAP in the namespace) and 198.18.52.2 (the
-//! guest). qemu runs the guest under TCG, or KVM with `ESPTUN_GUEST_KVM=1`
-//! (see `tests/interop/guest.rs`). Needs root and qemu; without either prints a SKIPPED line (a
-//! failure under `ESPTUN_REQUIRE_NETNS=1`). A failure prints charon's log,
-//! `swanctl --list-sas`, `ip xfrm state`, the guest's console and
-//! counters, and esptun's status and log. `ESPTUN_SWAN_KEEP=1` keeps the
-//! files (captures, logs).
+//! Addresses: 198.18.52.1 and 2001:db8:52::1 (the TAP in the namespace)
+//! and 198.18.52.2 and 2001:db8:52::2 (the guest), the IPv6 ones `nodad`;
+//! a plain ping of each family before charon starts. qemu runs the guest
+//! under TCG, or KVM with `ESPTUN_GUEST_KVM=1` (see
+//! `tests/interop/guest.rs`). Needs root and qemu; without either prints
+//! a SKIPPED line (a failure under `ESPTUN_REQUIRE_NETNS=1`). A failure
+//! prints charon's log, `swanctl --list-sas`, `ip xfrm state`, the
+//! guest's console and counters, and esptun's status and log.
+//! `ESPTUN_SWAN_KEEP=1` keeps the files (captures, logs).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -91,11 +96,13 @@ struct Case {
     /// charon's spelling of the same.
     swan_ike: &'static str,
     swan_esp: &'static str,
-    /// tshark and the corrupted block.
+    /// tshark and the corrupted block (IPv4 only).
     checks: bool,
+    /// Both ends' addresses (IKE, ESP, identities, traffic) over IPv6.
+    v6: bool,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 5] = [
     Case {
         name: "esptun initiates, AES-256-GCM-16 x25519, ESN",
         esptun_initiates: true,
@@ -104,6 +111,7 @@ const CASES: [Case; 3] = [
         swan_ike: "aes256gcm16-prfsha256-x25519",
         swan_esp: "aes256gcm16-esn",
         checks: true,
+        v6: false,
     },
     Case {
         name: "charon initiates, AES-128-GCM-16 ECP-256, no ESN",
@@ -113,6 +121,7 @@ const CASES: [Case; 3] = [
         swan_ike: "aes128gcm16-prfsha256-ecp256",
         swan_esp: "aes128gcm16-noesn",
         checks: false,
+        v6: false,
     },
     Case {
         name: "charon initiates, AES-256 ESP ESN over AES-128 IKE x25519 prfsha384",
@@ -122,6 +131,27 @@ const CASES: [Case; 3] = [
         swan_ike: "aes128gcm16-prfsha384-x25519",
         swan_esp: "aes256gcm16-esn",
         checks: false,
+        v6: false,
+    },
+    Case {
+        name: "esptun initiates over IPv6, AES-128-GCM-16 x25519, no ESN, raw ESP",
+        esptun_initiates: true,
+        ike: "aes128gcm16-prfsha256-x25519",
+        esp: "aes128gcm16-noesn",
+        swan_ike: "aes128gcm16-prfsha256-x25519",
+        swan_esp: "aes128gcm16-noesn",
+        checks: false,
+        v6: true,
+    },
+    Case {
+        name: "charon initiates over IPv6, AES-256-GCM-16 ECP-256, ESN",
+        esptun_initiates: false,
+        ike: "aes256gcm16-prfsha256-ecp256",
+        esp: "aes256gcm16-esn",
+        swan_ike: "aes256gcm16-prfsha256-ecp256",
+        swan_esp: "aes256gcm16-esn",
+        checks: false,
+        v6: true,
     },
 ];
 
@@ -157,8 +187,14 @@ fn strongswan_daemon_matrix() {
     for case in &CASES {
         let t = Instant::now();
         let psk = random_psk();
-        let swan = Swan::new(case.swan_ike, case.swan_esp, &psk);
-        let side = Side::new(case.esptun_initiates, case.ike, case.esp, &psk);
+        let swan = Swan {
+            v6: case.v6,
+            ..Swan::new(case.swan_ike, case.swan_esp, &psk)
+        };
+        let side = Side {
+            v6: case.v6,
+            ..Side::new(case.esptun_initiates, case.ike, case.esp, &psk)
+        };
         let capture = if case.checks {
             checks::Capture::start(&lab, test)
         } else {
@@ -169,8 +205,25 @@ fn strongswan_daemon_matrix() {
             Err(e) => lab.fail(&format!("[{}] establishing: {e}", case.name)),
         };
         let up = t.elapsed();
+        // The case's family end to end: charon's IKE SA runs between
+        // (and identifies) the case's addresses (port 500, or 4500 where
+        // charon initiates and floats), and its traffic selectors
+        // are theirs.
+        let (host, guest) = lab.addrs();
+        let ends = [
+            format!("local  '{guest}' @ {guest}["),
+            format!("remote '{host}' @ {host}["),
+            format!("local  {guest}/"),
+            format!("remote {host}/"),
+        ];
+        if let Some(missing) = ends.iter().find(|e| !sas.contains(e.as_str())) {
+            lab.fail(&format!(
+                "[{}] charon's SAs lack {missing:?}:\n{sas}",
+                case.name
+            ));
+        }
         let mut lines = vec![format!(
-            "IKE SA {}/{} with CHILD SA(s) {:x?} after {:.1} s; charon: {}",
+            "IKE SA {}/{} with CHILD SA(s) {:x?} after {:.1} s, {host} <-> {guest}; charon: {}",
             sa.0,
             sa.1,
             sa.2,

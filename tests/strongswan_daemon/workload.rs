@@ -3,12 +3,11 @@
 //! checked byte by byte; then esptun's drop counters and the guest's
 //! `/proc/net/xfrm_stat` must not have moved.
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use esptun::lab;
 
-use crate::lab::{GUEST, HOST, Lab};
+use crate::lab::Lab;
 use crate::traffic::{tcp_send_zeros, tcp_sink, udp_echo, udp_sink};
 use crate::{CMD_TIMEOUT, TCP_BYTES, TRAFFIC_TIMEOUT, UDP_COUNT, UDP_SIZE};
 
@@ -84,7 +83,7 @@ pub fn drops(s: &serde_json::Value) -> (u64, u64) {
 /// The traffic of one case; lines for the report.
 pub fn run(lab: &mut Lab) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
-    let (host, guest) = (IpAddr::V4(HOST), IpAddr::V4(GUEST));
+    let (host, guest) = lab.addrs();
     let stat_before = lab.sh("cat /proc/net/xfrm_stat")?;
     let drops_before = drops(&lab.status()?);
 
@@ -93,7 +92,8 @@ pub fn run(lab: &mut Lab) -> Result<Vec<String>, String> {
     if ping.received != 5 {
         return Err(format!("host -> guest ping: {ping:?}"));
     }
-    let out = lab.sh(&format!("ping -c 3 -W 3 {host}"))?;
+    let ping_cmd = if host.is_ipv6() { "ping6" } else { "ping" };
+    let out = lab.sh(&format!("{ping_cmd} -c 3 -W 3 {host}"))?;
     if !out.contains("3 packets received") {
         return Err(format!("guest -> host ping: {out}"));
     }
@@ -199,7 +199,7 @@ fn stage(lab: &mut Lab, before: &str, what: &str) -> Result<(), String> {
 
 /// TCP zeros host -> guest, then guest -> host, every byte checked.
 pub fn tcp_both_ways(lab: &mut Lab) -> Result<(Duration, Duration), String> {
-    let (host, guest) = (IpAddr::V4(HOST), IpAddr::V4(GUEST));
+    let (host, guest) = lab.addrs();
     let stat = lab.sh("cat /proc/net/xfrm_stat")?;
     lab.guest().spawn(
         "sink",
