@@ -21,7 +21,10 @@
 //!
 //! Refusals: wrong PSK, mismatched identity, a proposal charon refuses,
 //! traffic selectors charon refuses or narrows: each fails on both sides,
-//! with the reason in esptun's log and counters and in charon's log.
+//! with the reason in esptun's log and counters and in charon's log. A
+//! CHILD SA charon narrowed esptun also deletes on charon's side, then its
+//! IKE SA, and tries again with back-off
+//! ([`lifecycle`]'s `strongswan_daemon_narrowed_child_deleted`).
 //!
 //! esptun restarted: its new IKE_AUTH carries INITIAL_CONTACT and charon
 //! replaces the old IKE and CHILD SAs (`strongswan_daemon_esptun_restarted`).
