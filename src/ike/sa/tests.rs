@@ -880,22 +880,23 @@ fn a_narrowed_child_sa_is_refused_and_deleted() {
 #[test]
 fn a_child_sa_in_tunnel_mode_or_with_a_foreign_proposal_is_deleted() {
     use crate::ike::wire::consts::protocol;
-    let tunnel = |p: &mut Vec<Payload>| {
-        p.retain(|x| !matches!(x, Payload::Notify(n) if n.ty == notify::USE_TRANSPORT_MODE))
-    };
-    let foreign = |p: &mut Vec<Payload>| {
-        for x in p.iter_mut() {
-            // Two proposals in an answer: not one we can use.
-            if let Payload::Sa(props) = x
-                && let Some(first) = props.first().cloned()
-            {
-                props.push(first);
+    for why in ["tunnel mode", "ESP proposal"] {
+        let edit = |p: &mut Vec<Payload>| {
+            if why == "tunnel mode" {
+                p.retain(
+                    |x| !matches!(x, Payload::Notify(n) if n.ty == notify::USE_TRANSPORT_MODE),
+                );
+                return;
             }
-        }
-    };
-    let edits: [(&dyn Fn(&mut Vec<Payload>), &str); 2] =
-        [(&tunnel, "tunnel mode"), (&foreign, "ESP proposal")];
-    for (edit, why) in edits {
+            for x in p.iter_mut() {
+                // Two proposals in an answer: not one we can use.
+                if let Payload::Sa(props) = x
+                    && let Some(first) = props.first().cloned()
+                {
+                    props.push(first);
+                }
+            }
+        };
         let (lab, esp_spi, out) = auth_with_response(edit);
         assert_eq!(failures(&lab.i_actions), vec![IkeError::BadAnswer(why)]);
         assert!(child(&lab.i_actions).is_none());
