@@ -259,6 +259,9 @@ struct Slot {
     established: bool,
     /// Rekeys (IKE, CHILD) already added to the peer's counters.
     rekeys_counted: (u32, u32),
+    /// Left without a CHILD SA: deleted once its outstanding request (the
+    /// Delete of the refused CHILD SA) is answered ([`IkeWorker::close_idle`]).
+    close_when_idle: bool,
 }
 
 /// One peer's IKE state.
@@ -703,6 +706,7 @@ impl IkeWorker {
                         created: now,
                         established: false,
                         rekeys_counted: (0, 0),
+                        close_when_idle: false,
                     });
                     let slot = p.slots.len() - 1;
                     self.act(i, slot, out, now);
@@ -814,6 +818,7 @@ impl IkeWorker {
                     created: now,
                     established: false,
                     rekeys_counted: (0, 0),
+                    close_when_idle: false,
                 });
                 p.slots.len() - 1
             }
@@ -1009,6 +1014,8 @@ impl IkeWorker {
             )
         });
         let mut held = Vec::new();
+        // The IKE SA (by SPIs: slots may move below) whose CHILD SA failed.
+        let mut child_failed = None;
         for output in outputs {
             let action = match output {
                 Output::Send { bytes, route } if !installs.is_empty() => {
@@ -1043,6 +1050,7 @@ impl IkeWorker {
                     self.count_failure(i, &e);
                     let text = format!("the IKE SA is up but its CHILD SA failed: {e}");
                     self.log_failure(i, &text, now);
+                    child_failed = self.peers[i].slots.get(slot).map(|s| s.sa.spis());
                 }
                 // The CHILD SAs' DeleteChild actions came before.
                 Action::Failed(e) => self.failed(i, e, now),
@@ -1106,6 +1114,77 @@ impl IkeWorker {
         self.count_rekeys(i, slot);
         if esp_changed {
             self.publish_keys();
+        }
+        if let Some(spis) = child_failed
+            && let Some(at) = self.peers[i].slots.iter().position(|s| s.sa.spis() == spis)
+        {
+            self.close_if_childless(i, at, now);
+        }
+        self.close_idle(i, now);
+    }
+
+    /// After a CHILD SA failed: an IKE SA that holds no usable CHILD SA
+    /// (IKE_AUTH's was refused, by either side; not a failed rekey, whose
+    /// old CHILD SA lives on) carries nothing between two hosts, so it is
+    /// deleted, and an initiator tries again after the back-off. The
+    /// peer will likely answer the same again (it narrows the selectors,
+    /// it wants another proposal), so the back-off keeps doubling: the
+    /// establishment before the failure did not reset it (only an
+    /// installed CHILD SA does, in [`IkeWorker::install`]).
+    ///
+    /// Not deleted at once: when we refused a CHILD SA the peer had
+    /// created, the IKE SA has just sent its Delete (RFC 7296 section
+    /// 2.9), and with a window of one (section 2.3) a Delete of the IKE
+    /// SA now would abandon it: the peer, still waiting for that message
+    /// ID, could ignore the next one. Deleting the IKE SA alone would
+    /// also remove the CHILD SA (section 1.4.1), but the library has
+    /// already spent the message ID; so: the CHILD SA's Delete, its
+    /// answer, then the IKE SA's Delete ([`IkeWorker::close_idle`]). A
+    /// peer that never answers ends the IKE SA as dead (section 2.4).
+    fn close_if_childless(&mut self, i: usize, slot: usize, now: Instant) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        let usable =
+            s.sa.children()
+                .iter()
+                .any(|c| c.state != ChildState::Deleting);
+        if usable || s.sa.status() != crate::ike::sa::Status::Established {
+            return;
+        }
+        s.close_when_idle = true;
+        if p.cfg.ike.initiate {
+            let wait = p.back_off(now);
+            tracing::info!(
+                peer = %p.cfg.name,
+                "IKE: the IKE SA has no CHILD SA: deleting it; initiating again in {wait:?}"
+            );
+        } else {
+            tracing::info!(peer = %p.cfg.name, "IKE: the IKE SA has no CHILD SA: deleting it");
+        }
+    }
+
+    /// Deletes the IKE SAs of peer `i` marked by
+    /// [`IkeWorker::close_if_childless`] whose window is free.
+    fn close_idle(&mut self, i: usize, now: Instant) {
+        for slot in 0..self.peers[i].slots.len() {
+            let Some(s) = self.peers[i].slots.get_mut(slot) else {
+                break;
+            };
+            if !s.close_when_idle || s.sa.request_outstanding() {
+                continue;
+            }
+            s.close_when_idle = false;
+            match s.sa.close(now, &mut self.rng) {
+                Ok(actions) => {
+                    let out = s.sa.outputs(actions);
+                    self.act(i, slot, out, now);
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %self.peers[i].cfg.name, "IKE: IKE SA not deleted: {e}");
+                }
+            }
         }
     }
 
@@ -1359,6 +1438,9 @@ impl IkeWorker {
         match build_child(&self.shared, &p.cfg, child, learned) {
             Ok(sas) => {
                 p.counters.children_installed += 1;
+                // Success is a CHILD SA, not an IKE SA alone: see
+                // `close_if_childless`.
+                p.backoff = RETRY_FIRST;
                 tracing::info!(
                     peer = %p.cfg.name,
                     inbound_spi = format_args!("{inbound_spi:#010x}"),
@@ -1393,7 +1475,6 @@ impl IkeWorker {
             self.cookies.demanding = g.demanding();
         }
         p.contacted = true;
-        p.backoff = RETRY_FIRST;
         let (spi_i, spi_r) = s.sa.spis();
         tracing::info!(
             peer = %p.cfg.name,
@@ -1425,9 +1506,8 @@ impl IkeWorker {
             .iter()
             .any(|s| s.established && s.sa.status() == crate::ike::sa::Status::Established);
         if p.cfg.ike.initiate && !established {
-            p.next_initiate = Some(now + p.backoff);
-            tracing::info!(peer = %p.cfg.name, "IKE: initiating again in {:?}", p.backoff);
-            p.backoff = (p.backoff * 2).min(RETRY_MAX);
+            let wait = p.back_off(now);
+            tracing::info!(peer = %p.cfg.name, "IKE: initiating again in {wait:?}");
         }
     }
 
@@ -1576,6 +1656,15 @@ impl IkeWorker {
 }
 
 impl PeerIke {
+    /// Plans the next initiation after the current back-off, doubles it
+    /// (up to [`RETRY_MAX`]), and returns the wait.
+    fn back_off(&mut self, now: Instant) -> Duration {
+        let wait = self.backoff;
+        self.next_initiate = Some(now + wait);
+        self.backoff = (wait * 2).min(RETRY_MAX);
+        wait
+    }
+
     /// The policy of a new IKE SA: INITIAL_CONTACT only until the first
     /// one with the peer is established (RFC 7296 section 2.4: it says
     /// "I have no other SAs with you", true only after a start).

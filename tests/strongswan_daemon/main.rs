@@ -24,18 +24,18 @@
 //!
 //! Refusals: wrong PSK, mismatched identity, a proposal charon refuses,
 //! traffic selectors charon refuses or narrows: each fails on both sides,
-//! with the reason in esptun's log and counters and in charon's log.
+//! with the reason in esptun's log and counters and in charon's log. A
+//! CHILD SA charon narrowed esptun also deletes on charon's side, then its
+//! IKE SA, and tries again with back-off
+//! ([`lifecycle`]'s `strongswan_daemon_narrowed_child_deleted`).
 //!
 //! esptun restarted: its new IKE_AUTH carries INITIAL_CONTACT and charon
 //! replaces the old IKE and CHILD SAs (`strongswan_daemon_esptun_restarted`).
 //!
-//! The SA life cycle (rekeys, DPD, NAT-T, restarts) and the CHILD SA keys
-//! `esptun wireshark-keys -c` gets from the daemon, checked against the
-//! guest kernel's, are in [`lifecycle`]. Its cases waiting for other work
-//! (INITIAL_CONTACT from a restarted charon, a Delete for a refused CHILD
-//! SA) are each their own test function, run only with
-//! `ESPTUN_SWAN_PENDING=1` (otherwise a SKIPPED line says what it waits
-//! for).
+//! The SA life cycle (rekeys, DPD, NAT-T, charon killed mid-stream and
+//! back with INITIAL_CONTACT) and the CHILD SA keys `esptun
+//! wireshark-keys -c` gets from the daemon, checked against the guest
+//! kernel's, are in [`lifecycle`], each its own test function.
 //!
 //! Addresses: 198.18.52.1 and 2001:db8:52::1 (the TAP in the namespace)
 //! and 198.18.52.2 and 2001:db8:52::2 (the guest), the IPv6 ones `nodad`;

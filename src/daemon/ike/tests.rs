@@ -253,6 +253,19 @@ fn the_configured_lifetimes_and_liveness_become_the_policy_and_retransmissions()
     assert!(!peer.slot_policy().initial_contact);
 }
 
+/// Each failed attempt (an IKE SA that failed, or one left without a
+/// CHILD SA) doubles the wait before the next, up to the maximum: a peer
+/// that always narrows our selectors is not asked again every 2 s.
+#[test]
+fn attempts_back_off_doubling_up_to_the_maximum() {
+    let cfg = config([198, 18, 0, 1], [198, 18, 0, 2], PSK);
+    let mut p = peer(&cfg);
+    let now = Instant::now();
+    let waits: Vec<u64> = (0..9).map(|_| p.back_off(now).as_secs()).collect();
+    assert_eq!(waits, [2, 4, 8, 16, 32, 64, 120, 120, 120]);
+    assert_eq!(p.next_initiate, Some(now + RETRY_MAX));
+}
+
 #[test]
 fn port_4500_datagrams_are_told_apart_by_the_non_esp_marker() {
     use super::{NattDatagram, classify_natt};
@@ -325,6 +338,7 @@ fn holding(local: [u8; 4], remote: [u8; 4], sa: IkeSa, child: ChildSa) -> PeerIk
         created: Instant::now(),
         established: true,
         rekeys_counted: (0, 0),
+        close_when_idle: false,
     });
     p
 }

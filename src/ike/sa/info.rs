@@ -202,6 +202,14 @@ impl IkeSa {
         self.send_delete_children(vec![inbound_spi], now, rng)
     }
 
+    /// Whether a request of ours awaits its response (the window is one,
+    /// section 2.3): a caller that wants an exchange finished first, such
+    /// as the Delete of a refused CHILD SA before [`IkeSa::close`], waits
+    /// until this is false.
+    pub fn request_outstanding(&self) -> bool {
+        self.outstanding.is_some()
+    }
+
     /// Deletes the IKE SA and with it every CHILD SA (section 1.4.1). The
     /// answer (or the retransmissions running out) ends it with
     /// [`Action::Closed`]. An outstanding request is abandoned.

@@ -244,6 +244,7 @@ impl IkeSa {
     pub(super) fn on_auth_response(
         &mut self,
         bytes: &[u8],
+        now: Instant,
         rng: &mut dyn Randomness,
     ) -> Result<Vec<Action>, IkeError> {
         let opened = match self.open(bytes) {
@@ -309,13 +310,31 @@ impl IkeSa {
             actions.push(Action::PeerRestarted);
         }
         if let Some(e) = error {
+            // The responder refused the CHILD SA and so created none:
+            // nothing of it to delete.
             actions.push(Action::ChildFailed(IkeError::PeerRefused(e)));
             return Ok(actions);
         }
-        actions.push(match self.accept_child(&found, esp_spi) {
-            Ok(child) => Action::InstallChild(child),
-            Err(e) => Action::ChildFailed(e),
-        });
+        match self.accept_child(&found, esp_spi) {
+            Ok(child) => actions.push(Action::InstallChild(child)),
+            Err(e) => {
+                if found.sa.is_some() {
+                    // An SA payload means the responder created the CHILD
+                    // SA (and installed it) before we saw it: narrowed
+                    // selectors, a proposal or mode we cannot use. Section
+                    // 2.9: an initiator that does not accept the narrowed
+                    // selectors deletes the CHILD SA (section 1.4.1), by
+                    // the SPI we receive on (section 3.11), which the
+                    // responder knows as its outbound one. The IKE SA
+                    // stays (section 1.2); whether it is worth keeping
+                    // without a CHILD SA is the caller's decision.
+                    if let Ok(send) = self.send_delete_children(vec![esp_spi], now, rng) {
+                        actions.extend(send);
+                    }
+                }
+                actions.push(Action::ChildFailed(e));
+            }
+        }
         Ok(actions)
     }
 

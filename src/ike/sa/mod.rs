@@ -264,7 +264,11 @@ pub enum Action {
     /// Install these SAs (through `sa::keymgr::KeyManager`).
     InstallChild(ChildSa),
     /// The IKE SA is up but its CHILD SA could not be created (section
-    /// 1.2: the IKE SA stays).
+    /// 1.2: the IKE SA stays). When we refused a CHILD SA the responder
+    /// of IKE_AUTH had already created (narrowed selectors, RFC 7296
+    /// section 2.9), a Delete of it (our inbound SPI) precedes this;
+    /// an IKE SA left without CHILD SAs is the caller's to keep or
+    /// [`IkeSa::close`].
     ChildFailed(IkeError),
     /// The IKE SA is dead: drop it after sending what precedes.
     Failed(IkeError),
@@ -590,7 +594,7 @@ impl IkeSa {
                 if header.spi_r != self.spi_r {
                     return Err(IkeError::Unexpected("unknown responder SPI"));
                 }
-                self.on_auth_response(bytes, rng)
+                self.on_auth_response(bytes, now, rng)
             }
             (Phase::Established, ex::CREATE_CHILD_SA | ex::INFORMATIONAL) => {
                 if header.spi_r != self.spi_r {
