@@ -94,7 +94,19 @@ pub(crate) struct SaManager {
     /// repeat under one key). Manual keys have their durable
     /// reservations as well; IKE CHILD SAs rely on this alone.
     spent: Vec<Fingerprint>,
+    /// How long a first outbound SA waits for the inbound thread to hold
+    /// the inbound SA installed with it ([`INBOUND_FIRST`]).
+    inbound_first: Duration,
 }
+
+/// At most this long the activation of a peer's first outbound SA waits
+/// until the inbound thread confirms the inbound SA that came with it.
+/// The two threads apply their commands independently: an outbound SA
+/// active first lets our first packet (a TCP SYN) out, and the peer's
+/// answer could arrive before our inbound SA is there (`unknown_spi`).
+/// A rekeyed outbound SA needs no wait: it stays pending until the peer
+/// is seen on the new inbound SA.
+const INBOUND_FIRST: Duration = Duration::from_millis(500);
 
 /// Spent outbound keys remembered: far more than the SAs one run
 /// rotates through before a key could plausibly be offered again.
@@ -118,6 +130,29 @@ impl SaManager {
             awaiting: Vec::new(),
             failed: Vec::new(),
             spent: Vec::new(),
+            inbound_first: INBOUND_FIRST,
+        }
+    }
+
+    /// Waits, at most `timeout`, until the inbound thread has installed
+    /// (or refused) each of `ids`, handling every event meanwhile.
+    fn wait_installed(&mut self, ids: &[SaId], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = ids
+                .iter()
+                .any(|id| self.views.iter().any(|v| v.id == *id && !v.installed));
+            if !pending {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.events.recv_timeout(left) {
+                Ok(event) => self.handle(event),
+                Err(_) => return,
+            }
         }
     }
 
@@ -390,8 +425,21 @@ impl SaManager {
         }
         // A send fails only if the thread is gone, which the main loop
         // notices and reports.
+        let new_inbound: Vec<SaId> = inb
+            .iter()
+            .filter_map(|c| match c {
+                SaCommand::Install { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let activates = out
+            .iter()
+            .any(|c| matches!(c, SaCommand::Install { meta, .. } if meta.state == SaState::Active));
         if !inb.is_empty() {
             let _ = self.in_tx.send(inb);
+        }
+        if activates && !new_inbound.is_empty() {
+            self.wait_installed(&new_inbound, self.inbound_first);
         }
         if !out.is_empty() {
             let _ = self.out_tx.send(out);
@@ -702,7 +750,11 @@ mod tests {
             BootOptions::default(),
         );
         Rig {
-            sas: SaManager::new(TIMING, out_tx, in_tx, ev_rx),
+            sas: SaManager {
+                // No inbound thread here confirms by itself.
+                inbound_first: Duration::ZERO,
+                ..SaManager::new(TIMING, out_tx, in_tx, ev_rx)
+            },
             out_rx,
             in_rx,
             events,
@@ -763,6 +815,47 @@ mod tests {
             .iter()
             .find(|v| v.direction == direction && v.spi == spi)
             .map(|v| v.state)
+    }
+
+    /// A peer's first CHILD SA: the outbound SA, active at once, reaches
+    /// the outbound thread only after the inbound thread holds the
+    /// inbound SA (else the peer's answer to our first packet could meet
+    /// no SA).
+    #[test]
+    fn a_first_outbound_sa_waits_for_its_inbound_sa() {
+        let mut r = rig();
+        r.sas.inbound_first = Duration::from_secs(5);
+        let (in_rx, out_rx, events) = (r.in_rx, r.out_rx, r.events.clone());
+        // The inbound thread: installs late, and looks whether the
+        // outbound thread got anything before.
+        let inbound = std::thread::spawn(move || {
+            let batch = in_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the inbound install");
+            std::thread::sleep(Duration::from_millis(150));
+            let early = out_rx.try_recv().is_ok();
+            for c in batch {
+                if let SaCommand::Install { id, .. } = c {
+                    let _ = events.send(SaEvent::Installed { id });
+                }
+            }
+            (early, out_rx)
+        });
+        let started = Instant::now();
+        let first = child(&r.selector, 0x1001, 0x2001, 1);
+        assert!(r.sas.install(vec![first], started).is_empty());
+        let waited = started.elapsed();
+        let (early, out_rx) = inbound.join().expect("inbound thread");
+        assert!(
+            !early,
+            "the outbound SA went out before the inbound SA was installed"
+        );
+        let batch = out_rx.try_recv().expect("the outbound install, after");
+        assert!(batch.iter().any(|c| matches!(
+            c,
+            SaCommand::Install { meta, .. } if meta.state == SaState::Active
+        )));
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     }
 
     #[test]
