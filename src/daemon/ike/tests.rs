@@ -78,6 +78,7 @@ fn ike_peer(cfg: &Arc<IkeConfig>, remote_id: Identification) -> IkePeer {
             ike_rekey: Duration::from_secs(14400),
             child_rekey: Duration::from_secs(3600),
             liveness: Duration::from_secs(30),
+            keepalive: Duration::from_secs(20),
             force_encap: false,
             cookie_threshold: None,
             any_source: false,
@@ -268,4 +269,65 @@ fn port_4500_datagrams_are_told_apart_by_the_non_esp_marker() {
     );
     assert_eq!(classify_natt(&[0xff, 0xff]), NattDatagram::Other);
     assert_eq!(classify_natt(&[]), NattDatagram::Other);
+}
+
+#[test]
+fn a_nat_keepalive_is_skipped_only_when_esp_went_out_in_the_interval() {
+    use super::esp_sent;
+    // No outbound SA, or one that sent nothing: the keepalive goes.
+    assert!(!esp_sent(&[], &[]));
+    assert!(!esp_sent(&[], &[(0xa001, 0)]));
+    assert!(!esp_sent(&[(0xa001, 5)], &[(0xa001, 5)]));
+    // ESP went out since the last look: skipped (RFC 3948 section 4).
+    assert!(esp_sent(&[(0xa001, 5)], &[(0xa001, 6)]));
+    // A rekeyed SA that sent counts; the old one gone does not hide it.
+    assert!(esp_sent(&[(0xa001, 5)], &[(0xa002, 1)]));
+    // The old SA gone and the new one silent: the keepalive goes.
+    assert!(!esp_sent(&[(0xa001, 5)], &[(0xa002, 0)]));
+}
+
+/// An established IKE SA in a slot created at `created`, up at `up_at`.
+fn slot(created: Instant, up_at: Instant) -> Slot {
+    let (a, _) = exchange(PSK);
+    assert_eq!(a.status(), crate::ike::sa::Status::Established);
+    let mut s = Slot::new(a, SocketAddr::from(([198, 18, 0, 2], 500)), created);
+    s.established = true;
+    s.up_at = Some(up_at);
+    s
+}
+
+#[test]
+fn of_two_ike_sas_set_up_at_once_both_sides_keep_the_same_one() {
+    let t0 = Instant::now();
+    let rank = |s: &Slot| {
+        let (i, r) = s.sa.spis();
+        (i.min(r), i.max(r))
+    };
+    // Both sides initiated: each one's new IKE SA was created before the
+    // other came up. Either order of establishment keeps the same one.
+    let x = slot(t0, t0 + Duration::from_millis(30));
+    let y = slot(t0 + Duration::from_millis(1), t0 + Duration::from_millis(20));
+    let winner = if rank(&x) > rank(&y) { x.sa.spis() } else { y.sa.spis() };
+    let mut here = vec![y, x];
+    // x just came up here; y was up before.
+    let kept = survivor(&here, 1);
+    assert_eq!(here[kept].sa.spis(), winner);
+    // The mirror image: y comes up last.
+    here.swap(0, 1);
+    let (x_up, y_up) = (here[0].up_at, here[1].up_at);
+    here[0].up_at = y_up;
+    here[1].up_at = x_up;
+    let kept = survivor(&here, 1);
+    assert_eq!(here[kept].sa.spis(), winner);
+    // A later IKE SA (the peer reconnected) replaces an earlier one, SPIs
+    // regardless.
+    let old = slot(t0, t0 + Duration::from_millis(10));
+    let new = slot(t0 + Duration::from_secs(5), t0 + Duration::from_secs(5));
+    let slots = vec![old, new];
+    assert_eq!(survivor(&slots, 1), 1);
+    // One being deleted already is no contender.
+    let mut slots = slots;
+    slots[1].created = t0;
+    slots[0].closing = true;
+    assert_eq!(survivor(&slots, 1), 1);
 }
