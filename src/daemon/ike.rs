@@ -105,6 +105,12 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// the request, the answer only spares a retransmission, and a stop must
 /// stay prompt.
 const STOP_WAIT: Duration = Duration::from_secs(1);
+/// Two IKE SAs with a peer count as set up at once (both sides initiated)
+/// when the newer was created at most this long after the older came up:
+/// the responder creates its slot only when the IKE_SA_INIT arrives, which
+/// after a lost first request is a retransmission (RFC 7296 section 2.1:
+/// seconds) later than the initiator did, and both sides must agree.
+const SETUP_RACE: Duration = Duration::from_secs(10);
 
 /// A change the IKE thread asks of the key manager (the main thread's),
 /// applied in the order sent.
@@ -677,10 +683,7 @@ impl IkeWorker {
         let deadline = now + STOP_WAIT;
         let mut publish_due = now;
         while Instant::now() < deadline
-            && self
-                .peers
-                .iter()
-                .any(|p| p.slots.iter().any(|s| s.closing))
+            && self.peers.iter().any(|p| p.slots.iter().any(|s| s.closing))
         {
             self.step(buf, &mut publish_due, Some(deadline));
         }
@@ -930,9 +933,7 @@ impl IkeWorker {
                 // its request closed it.
                 if !header.is_response()
                     && header.exchange == exchange::INFORMATIONAL
-                    && out
-                        .iter()
-                        .any(|o| matches!(o, Output::Act(Action::Closed)))
+                    && out.iter().any(|o| matches!(o, Output::Act(Action::Closed)))
                 {
                     p.counters.deletes_received += 1;
                     tracing::info!(peer = %p.cfg.name, "IKE: the peer deleted the IKE SA");
@@ -1238,8 +1239,7 @@ impl IkeWorker {
         // meanwhile is no stale one. Not a restart: `note_established`
         // keeps one of the two.
         let created = new.created;
-        if p
-            .slots
+        if p.slots
             .iter()
             .any(|o| o.live() && o.up_at.is_some_and(|t| created <= t))
         {
@@ -1250,7 +1250,12 @@ impl IkeWorker {
             return slot;
         }
         p.counters.peer_restarts += 1;
-        let stale = p.slots.len().saturating_sub(1);
+        let stale = p
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(k, s)| k != slot && s.sa.status() != crate::ike::sa::Status::Connecting)
+            .count();
         tracing::info!(
             peer = %p.cfg.name,
             stale_ike_sas = stale,
@@ -1447,8 +1452,7 @@ impl IkeWorker {
                 .rows
                 .iter()
                 .filter(|r| {
-                    r.peer == *name
-                        && s.sa.children().iter().any(|c| c.outbound_spi == r.spi)
+                    r.peer == *name && s.sa.children().iter().any(|c| c.outbound_spi == r.spi)
                 })
                 .map(|r| (r.spi, r.packets))
                 .collect()
@@ -1557,6 +1561,19 @@ impl IkeWorker {
             suite = s.sa.suite().map(suite_name).unwrap_or_default(),
             "IKE SA established"
         );
+        // Our IKE SAs still connecting (both sides initiated) must not
+        // send INITIAL_CONTACT any more: "no other SAs with you" is no
+        // longer true, and the peer would drop the one now up as stale.
+        for o in &mut p.slots {
+            if o.sa.status() == crate::ike::sa::Status::Connecting && o.sa.policy().initial_contact
+            {
+                let policy = Policy {
+                    initial_contact: false,
+                    ..o.sa.policy().clone()
+                };
+                o.sa.set_policy(policy);
+            }
+        }
         // One IKE SA stands for the peer: the others are deleted (RFC
         // 7296 section 1.4.1), not dropped silently, so the peer frees
         // them too; each stays until its Delete is answered, so that the
@@ -1759,8 +1776,8 @@ fn child_state_name(state: ChildState) -> &'static str {
 
 /// Which IKE SA stands for the peer once the one in `slot` is
 /// established: `slot`, unless it and a live one were set up at the same
-/// time (both sides initiating: the other came up after `slot` was
-/// created) and that one wins the tie. RFC 7296 has no rule for this;
+/// time (both sides initiating: `slot` was created before the other came
+/// up, give or take [`SETUP_RACE`]) and that one wins the tie. RFC 7296 has no rule for this;
 /// like its rule for crossed CHILD SA rekeys (section 2.8.1: the SA with
 /// the lowest nonce is redundant), the one whose lower SPI is the lowest
 /// is redundant, which both sides know of both. An IKE SA set up after
@@ -1777,7 +1794,10 @@ fn survivor(slots: &[Slot], slot: usize) -> usize {
         .iter()
         .enumerate()
         .filter(|&(k, o)| {
-            k != slot && o.live() && o.up_at.is_some_and(|t| new.created <= t) && rank(o) > rank(new)
+            k != slot
+                && o.live()
+                && o.up_at.is_some_and(|t| new.created <= t + SETUP_RACE)
+                && rank(o) > rank(new)
         })
         .max_by_key(|(_, o)| rank(o))
         .map_or(slot, |(k, _)| k)

@@ -614,7 +614,10 @@ mod tests {
         ] {
             assert!(out.lines().any(|l| l == want), "{want} in\n{out}");
         }
-        assert!(out.contains("# TYPE esptun_ike_natt_non_ike_total counter"), "{out}");
+        assert!(
+            out.contains("# TYPE esptun_ike_natt_non_ike_total counter"),
+            "{out}"
+        );
     }
 
     #[test]

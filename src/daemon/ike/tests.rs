@@ -306,8 +306,15 @@ fn of_two_ike_sas_set_up_at_once_both_sides_keep_the_same_one() {
     // Both sides initiated: each one's new IKE SA was created before the
     // other came up. Either order of establishment keeps the same one.
     let x = slot(t0, t0 + Duration::from_millis(30));
-    let y = slot(t0 + Duration::from_millis(1), t0 + Duration::from_millis(20));
-    let winner = if rank(&x) > rank(&y) { x.sa.spis() } else { y.sa.spis() };
+    let y = slot(
+        t0 + Duration::from_millis(1),
+        t0 + Duration::from_millis(20),
+    );
+    let winner = if rank(&x) > rank(&y) {
+        x.sa.spis()
+    } else {
+        y.sa.spis()
+    };
     let mut here = vec![y, x];
     // x just came up here; y was up before.
     let kept = survivor(&here, 1);
@@ -322,11 +329,21 @@ fn of_two_ike_sas_set_up_at_once_both_sides_keep_the_same_one() {
     // A later IKE SA (the peer reconnected) replaces an earlier one, SPIs
     // regardless.
     let old = slot(t0, t0 + Duration::from_millis(10));
-    let new = slot(t0 + Duration::from_secs(5), t0 + Duration::from_secs(5));
+    let new = slot(t0 + Duration::from_secs(15), t0 + Duration::from_secs(15));
     let slots = vec![old, new];
     assert_eq!(survivor(&slots, 1), 1);
-    // One being deleted already is no contender.
+    // Within SETUP_RACE of the other coming up it is a race: the
+    // responder creates its slot only when a retransmission arrives.
     let mut slots = slots;
+    slots[1].created = t0 + Duration::from_secs(5);
+    let race = survivor(&slots, 1);
+    let winner = if rank(&slots[0]) > rank(&slots[1]) {
+        0
+    } else {
+        1
+    };
+    assert_eq!(race, winner);
+    // One being deleted already is no contender.
     slots[1].created = t0;
     slots[0].closing = true;
     assert_eq!(survivor(&slots, 1), 1);
