@@ -36,11 +36,20 @@
 //! the main thread's alone: new CHILD SAs reach it over a channel, and it
 //! installs them on its next tick (at most 100 ms later).
 //!
+//! One IKE SA stands for a peer: another that comes up (both sides
+//! initiated, or the peer connected again) is deleted with an
+//! INFORMATIONAL Delete (RFC 7296 section 1.4.1), both sides choosing the
+//! same one ([`survivor`]), and only the survivor's CHILD SA reaches the key
+//! manager. When the daemon stops, each established IKE SA is deleted the
+//! same way, the answers awaited for at most [`STOP_WAIT`].
+//!
 //! NAT traversal (RFC 7296 section 2.23, RFC 3948) is the sans-IO IKE SA's
 //! ([`crate::ike::sa`]'s `nat` module): this thread gives it the addresses
 //! of each message (our peer's configured `local`, at port 500 or the
 //! NAT-T port; the source), sends each [`Output`] on its route, sends the
-//! keepalives it asks for, and turns `PeerMoved` into a
+//! keepalives it asks for unless ESP went to the peer since the last one
+//! (RFC 3948 section 4; the outbound SAs' published packet counts tell),
+//! and turns `PeerMoved` into a
 //! [`ChildUpdate::Endpoint`]. A CHILD SA with `udp_encap` goes to the key
 //! manager with that endpoint and its inner addresses from the traffic
 //! selectors. The datapath carries one outer mode: with raw ESP the port
