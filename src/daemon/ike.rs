@@ -39,9 +39,9 @@
 //! One IKE SA stands for a peer: another that comes up (both sides
 //! initiated, or the peer connected again) is deleted with an
 //! INFORMATIONAL Delete (RFC 7296 section 1.4.1), both sides choosing the
-//! same one ([`survivor`]), and only the survivor's CHILD SA reaches the key
+//! same one (`survivor`), and only the survivor's CHILD SA reaches the key
 //! manager. When the daemon stops, each established IKE SA is deleted the
-//! same way, the answers awaited for at most [`STOP_WAIT`].
+//! same way, the answers awaited for at most `STOP_WAIT`.
 //!
 //! NAT traversal (RFC 7296 section 2.23, RFC 3948) is the sans-IO IKE SA's
 //! ([`crate::ike::sa`]'s `nat` module): this thread gives it the addresses
@@ -345,7 +345,7 @@ pub(crate) struct IkeWorker {
     /// Messages from addresses that are no peer's, and when last logged.
     unknown: u64,
     unknown_logged: Option<Instant>,
-    /// The daemon stops ([`IkeWorker::delete_all`]): nothing waits for
+    /// The daemon stops (`delete_all`): nothing waits for
     /// the inbound thread any more.
     stopping: bool,
 }
