@@ -324,11 +324,19 @@ fn ike_sas(out: &mut String, v: &Status) {
             c.expired,
             c.peer_restarts
         );
-        if c.peer_moved + c.keepalives + c.nat_refused > 0 {
+        if c.peer_moved + c.keepalives + c.keepalives_skipped + c.nat_refused > 0 {
             let _ = writeln!(
                 out,
-                "    {}: NAT: peer moved {}, keepalives sent {}, refused with raw ESP {}",
-                p.peer, c.peer_moved, c.keepalives, c.nat_refused
+                "    {}: NAT: peer moved {}, keepalives sent {} (skipped while ESP flowed {}), \
+                 refused with raw ESP {}",
+                p.peer, c.peer_moved, c.keepalives, c.keepalives_skipped, c.nat_refused
+            );
+        }
+        if c.deletes_sent + c.deletes_received > 0 {
+            let _ = writeln!(
+                out,
+                "    {}: IKE SA Deletes sent {}, received {}",
+                p.peer, c.deletes_sent, c.deletes_received
             );
         }
         if let Some(e) = &p.last_error {
@@ -357,6 +365,13 @@ fn ike_sas(out: &mut String, v: &Status) {
             out,
             "  IKE messages dropped on a full queue: {}",
             ike.queue_drops
+        );
+    }
+    if ike.natt_non_ike > 0 {
+        let _ = writeln!(
+            out,
+            "  ESP in UDP on port 4500 dropped (outer = \"esp\"): {}",
+            ike.natt_non_ike
         );
     }
 }
@@ -528,7 +543,7 @@ self-test history (last 8):
 
     #[test]
     fn ike_sas_and_their_failures_are_shown() {
-        let ike = r#""ike":{"queue_drops":2,"peers":[{"peer":"host-b","initiate":true,
+        let ike = r#""ike":{"queue_drops":2,"natt_non_ike":6,"peers":[{"peer":"host-b","initiate":true,
 "local_id":"198.18.0.1","remote_id":"198.18.0.2","sas":[{"role":"initiator","state":"established",
 "spi_i":"0123456789abcdef","spi_r":"fedcba9876543210","age_secs":65,"remote":"198.18.0.2:4500",
 "suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896,
@@ -554,6 +569,7 @@ self-test history (last 8):
             "messages dropped 4",
             "last error: authentication failed",
             "IKE messages dropped on a full queue: 2",
+            "ESP in UDP on port 4500 dropped (outer = \"esp\"): 6",
             "rekeys: IKE 2 CHILD 3; established 20s ago, IKE rekey in 1m 40s; last heard 1s ago, \
              last liveness check never",
             "CHILD SA 0xcafebabe/0x12345678: installed, generation 3, installed 7s ago, rekey in 50s",

@@ -16,6 +16,7 @@
 //! ike_rekey_secs = 14400
 //! child_rekey_secs = 3600
 //! liveness_secs = 30
+//! keepalive_secs = 20                    # NAT keepalives behind a NAT, when idle
 //! force_encap = false                    # true: fake NAT detection, ESP in UDP
 //! cookie_threshold = 16                  # half-open IKE SAs before cookies
 //! any_source = false                     # true: the peer's NAT address is learned
@@ -63,6 +64,10 @@ pub struct RawIke {
     pub child_rekey_secs: u64,
     #[serde(default = "default_liveness")]
     pub liveness_secs: u64,
+    /// Behind a NAT: a NAT keepalive (RFC 3948 section 4) after this many
+    /// seconds without ESP to the peer.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
     /// Fakes our NAT detection source hash (like strongSwan's `encap =
     /// yes`): IKE moves to the NAT-T port and ESP goes in UDP even
     /// without a NAT (RFC 7296 section 2.23 allows it).
@@ -89,6 +94,10 @@ fn default_child_rekey() -> u64 {
 fn default_liveness() -> u64 {
     30
 }
+/// RFC 3948 section 4 suggests 20 seconds.
+fn default_keepalive() -> u64 {
+    20
+}
 
 /// The default IKE proposal: AES-GCM-16-256, PRF HMAC-SHA2-256, X25519.
 pub const DEFAULT_IKE_PROPOSAL: &str = "aes256gcm16-prfsha256-x25519";
@@ -110,6 +119,8 @@ pub struct IkeSettings {
     pub child_rekey: Duration,
     /// Between liveness checks of a quiet peer (RFC 7296 section 2.4).
     pub liveness: Duration,
+    /// Behind a NAT, the NAT keepalive interval (RFC 3948 section 4).
+    pub keepalive: Duration,
     /// Fake NAT detection to force UDP encapsulation.
     pub force_encap: bool,
     /// See [`RawIke::cookie_threshold`].
@@ -376,6 +387,17 @@ pub(super) fn settings(
         );
         ok = false;
     }
+    if !(1..=3600).contains(&raw.keepalive_secs) {
+        add(
+            "keepalive_secs",
+            format!(
+                "{} is out of range: use 1 to 3600 seconds, below the NAT's mapping timeout \
+                 (default 20)",
+                raw.keepalive_secs
+            ),
+        );
+        ok = false;
+    }
     Some(IkeSettings {
         psk_file: raw.psk_file.clone(),
         local_id: local_id?,
@@ -386,6 +408,7 @@ pub(super) fn settings(
         ike_rekey: Duration::from_secs(ike_s),
         child_rekey: Duration::from_secs(child_s),
         liveness: Duration::from_secs(raw.liveness_secs),
+        keepalive: Duration::from_secs(raw.keepalive_secs),
         force_encap: raw.force_encap,
         cookie_threshold: raw.cookie_threshold,
         any_source: raw.any_source,
@@ -536,9 +559,32 @@ psk_file = "/etc/esptun/b.psk"
         assert_eq!(s.child_rekey, Duration::from_secs(3600));
         assert_eq!(s.ike_rekey, Duration::from_secs(14400));
         assert_eq!(s.liveness, Duration::from_secs(30));
+        assert_eq!(s.keepalive, Duration::from_secs(20));
         assert!(!s.force_encap);
         assert_eq!(s.cookie_threshold, None);
         assert!(!s.any_source);
+    }
+
+    #[test]
+    fn keepalive_secs_is_read_and_checked() {
+        let text = IKE.replace("psk_file", "keepalive_secs = 5\npsk_file");
+        let v = Config::parse(&text).expect("valid");
+        assert_eq!(v.ike_peers[0].ike.keepalive, Duration::from_secs(5));
+        let top = IKE.replace("psk_file", "keepalive_secs = 3600\npsk_file");
+        let v = Config::parse(&top).expect("valid");
+        assert_eq!(v.ike_peers[0].ike.keepalive, Duration::from_secs(3600));
+        for bad in ["0", "3601"] {
+            let text = IKE.replace("psk_file", &format!("keepalive_secs = {bad}\npsk_file"));
+            let found = problems(&text);
+            let field = "peer[0] (b).ike.keepalive_secs";
+            let p = found
+                .iter()
+                .find(|p| p.field == field)
+                .unwrap_or_else(|| panic!("{field} for {bad} in {found:#?}"));
+            assert!(p.message.contains("1 to 3600"), "{p}");
+        }
+        let negative = IKE.replace("psk_file", "keepalive_secs = -1\npsk_file");
+        assert!(Config::parse(&negative).is_err(), "a negative interval");
     }
 
     #[test]

@@ -510,7 +510,7 @@ fn peers(raw: &[RawPeer], p: &mut Problems) -> (Vec<Peer>, Vec<IkePeer>) {
     for (i, peer_raw) in raw.iter().enumerate() {
         match peer(i, peer_raw, &mut seen, p) {
             Some(Keyed::Manual(peer)) => manual.push(peer),
-            Some(Keyed::Ike(peer)) => ike.push(peer),
+            Some(Keyed::Ike(peer)) => ike.push(*peer),
             None => {}
         }
     }
@@ -520,7 +520,8 @@ fn peers(raw: &[RawPeer], p: &mut Problems) -> (Vec<Peer>, Vec<IkePeer>) {
 /// A valid peer, by how it is keyed.
 enum Keyed {
     Manual(Peer),
-    Ike(IkePeer),
+    // Boxed: an IKE peer's settings are twice a manual peer's size.
+    Ike(Box<IkePeer>),
 }
 
 fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Keyed> {
@@ -534,14 +535,14 @@ fn peer(i: usize, raw: &RawPeer, seen: &mut Seen, p: &mut Problems) -> Option<Ke
             let [local, endpoint, inner_local, inner_remote] = addresses?;
             let mut add = |f: &str, m: String| p.add(&at(&format!("ike.{f}")), m);
             let settings = super::ike::settings(ike, Some(local), Some(endpoint), &mut add)?;
-            return Some(Keyed::Ike(IkePeer {
+            return Some(Keyed::Ike(Box::new(IkePeer {
                 name: raw.name.clone(),
                 local,
                 endpoint,
                 inner_local,
                 inner_remote,
                 ike: settings,
-            }));
+            })));
         }
         (Some(o), Some(i), None) => (o, i),
         (_, _, Some(_)) => {

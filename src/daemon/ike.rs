@@ -36,11 +36,20 @@
 //! the main thread's alone: new CHILD SAs reach it over a channel, and it
 //! installs them on its next tick (at most 100 ms later).
 //!
+//! One IKE SA stands for a peer: another that comes up (both sides
+//! initiated, or the peer connected again) is deleted with an
+//! INFORMATIONAL Delete (RFC 7296 section 1.4.1), both sides choosing the
+//! same one (`survivor`), and only the survivor's CHILD SA reaches the key
+//! manager. When the daemon stops, each established IKE SA is deleted the
+//! same way, the answers awaited for at most `STOP_WAIT`.
+//!
 //! NAT traversal (RFC 7296 section 2.23, RFC 3948) is the sans-IO IKE SA's
 //! ([`crate::ike::sa`]'s `nat` module): this thread gives it the addresses
 //! of each message (our peer's configured `local`, at port 500 or the
 //! NAT-T port; the source), sends each [`Output`] on its route, sends the
-//! keepalives it asks for, and turns `PeerMoved` into a
+//! keepalives it asks for unless ESP went to the peer since the last one
+//! (RFC 3948 section 4; the outbound SAs' published packet counts tell),
+//! and turns `PeerMoved` into a
 //! [`ChildUpdate::Endpoint`]. A CHILD SA with `udp_encap` goes to the key
 //! manager with that endpoint and its inner addresses from the traffic
 //! selectors. The datapath carries one outer mode: with raw ESP the port
@@ -100,6 +109,17 @@ const SAS_PER_PEER: usize = 4;
 const PEER_STARTED: Duration = Duration::from_secs(30);
 /// One log line per peer at most this often (the rest are counted).
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// On stop, how long the IKE thread waits for the answers to its Deletes
+/// (RFC 7296 section 1.4.1) before it exits regardless: the peer acts on
+/// the request, the answer only spares a retransmission, and a stop must
+/// stay prompt.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+/// Two IKE SAs with a peer count as set up at once (both sides initiated)
+/// when the newer was created at most this long after the older came up:
+/// the responder creates its slot only when the IKE_SA_INIT arrives, which
+/// after a lost first request is a retransmission (RFC 7296 section 2.1:
+/// seconds) later than the initiator did, and both sides must agree.
+const SETUP_RACE: Duration = Duration::from_secs(10);
 
 /// A change the IKE thread asks of the key manager (the main thread's),
 /// applied in the order sent.
@@ -257,11 +277,42 @@ struct Slot {
     keepalives: u64,
     created: Instant,
     established: bool,
+    /// When it was first established (`note_established`): tells two IKE
+    /// SAs set up at once from a later one replacing an earlier.
+    up_at: Option<Instant>,
+    /// Our Delete of it is out (RFC 7296 section 1.4.1): it stays until
+    /// the answer, or the retransmissions running out, closes it.
+    closing: bool,
+    /// Its outbound CHILD SAs' packet counts at the last NAT keepalive
+    /// decision (SPI, packets): a count that grew is ESP sent since.
+    out_packets: Vec<(u32, u64)>,
     /// Rekeys (IKE, CHILD) already added to the peer's counters.
     rekeys_counted: (u32, u32),
     /// Left without a CHILD SA: deleted once its outstanding request (the
     /// Delete of the refused CHILD SA) is answered ([`IkeWorker::close_idle`]).
     close_when_idle: bool,
+}
+
+impl Slot {
+    fn new(sa: IkeSa, to: SocketAddr, now: Instant) -> Slot {
+        Slot {
+            sa,
+            to,
+            keepalives: 0,
+            created: now,
+            established: false,
+            up_at: None,
+            closing: false,
+            out_packets: Vec::new(),
+            rekeys_counted: (0, 0),
+            close_when_idle: false,
+        }
+    }
+
+    /// Established and not being deleted: one that stands for the peer.
+    fn live(&self) -> bool {
+        self.established && !self.closing && self.sa.status() == crate::ike::sa::Status::Established
+    }
 }
 
 /// One peer's IKE state.
@@ -323,6 +374,9 @@ pub(crate) struct IkeWorker {
     /// Messages from addresses that are no peer's, and when last logged.
     unknown: u64,
     unknown_logged: Option<Instant>,
+    /// The daemon stops (`delete_all`): nothing waits for
+    /// the inbound thread any more.
+    stopping: bool,
 }
 
 /// The IKE side of `Daemon::start`, made before anything on the system
@@ -566,6 +620,7 @@ impl IkeWorker {
             natt_port,
             unknown: 0,
             unknown_logged: None,
+            stopping: false,
         }
     }
 
@@ -573,66 +628,134 @@ impl IkeWorker {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut publish_due = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {
-            let now = Instant::now();
-            self.initiate_due(now);
-            self.timeouts(now);
-            if now >= publish_due {
-                self.note_esp(now);
-                self.publish(now);
-                publish_due = now + Duration::from_millis(200);
+            self.initiate_due(Instant::now());
+            self.step(&mut buf, &mut publish_due, None);
+        }
+        self.delete_all(&mut buf);
+        self.publish(Instant::now());
+    }
+
+    /// One turn of the thread: timers, the status, then what arrived
+    /// within [`TICK`] (or until `until`).
+    fn step(&mut self, buf: &mut [u8], publish_due: &mut Instant, until: Option<Instant>) {
+        let now = Instant::now();
+        self.timeouts(now);
+        if now >= *publish_due {
+            self.note_esp(now);
+            self.publish(now);
+            *publish_due = now + Duration::from_millis(200);
+        }
+        let wait = self
+            .next_deadline()
+            .into_iter()
+            .chain(until)
+            .min()
+            .map_or(TICK, |d| d.saturating_duration_since(now).min(TICK));
+        let fds: Vec<_> = self
+            .ike_sockets
+            .iter()
+            .chain(&self.natt_sockets)
+            .map(|s| s.as_fd())
+            .collect();
+        let ready = match crate::io::poll_readable(&fds, wait) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("IKE: poll failed: {e}");
+                std::thread::sleep(wait);
+                return;
             }
-            let wait = self
-                .next_deadline()
-                .map_or(TICK, |d| d.saturating_duration_since(now).min(TICK));
-            let fds: Vec<_> = self
-                .ike_sockets
-                .iter()
-                .chain(&self.natt_sockets)
-                .map(|s| s.as_fd())
-                .collect();
-            let ready = match crate::io::poll_readable(&fds, wait) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("IKE: poll failed: {e}");
-                    std::thread::sleep(TICK);
-                    continue;
-                }
-            };
-            drop(fds);
-            let plain = self.ike_sockets.len();
-            for i in 0..plain + self.natt_sockets.len() {
-                if !ready.is_ready(i) {
-                    continue;
-                }
-                // Bounded: a flood cannot keep the thread from its timers.
-                for _ in 0..64 {
-                    let socket = match i.checked_sub(plain) {
-                        None => &self.ike_sockets[i],
-                        Some(n) => &self.natt_sockets[n],
-                    };
-                    match socket.recv_from(&mut buf) {
-                        Ok((n, from)) if i < plain => {
-                            let bytes = buf[..n].to_vec();
-                            self.on_message(&bytes, from, Via::Ike);
-                        }
-                        Ok((n, from)) => {
-                            let bytes = buf[..n].to_vec();
-                            self.on_natt_datagram(&bytes, from);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            tracing::debug!("IKE: receive failed: {e}");
-                            break;
-                        }
+        };
+        drop(fds);
+        let plain = self.ike_sockets.len();
+        for i in 0..plain + self.natt_sockets.len() {
+            if !ready.is_ready(i) {
+                continue;
+            }
+            // Bounded: a flood cannot keep the thread from its timers.
+            for _ in 0..64 {
+                let socket = match i.checked_sub(plain) {
+                    None => &self.ike_sockets[i],
+                    Some(n) => &self.natt_sockets[n],
+                };
+                match socket.recv_from(buf) {
+                    Ok((n, from)) if i < plain => {
+                        let bytes = buf[..n].to_vec();
+                        self.on_message(&bytes, from, Via::Ike);
+                    }
+                    Ok((n, from)) => {
+                        let bytes = buf[..n].to_vec();
+                        self.on_natt_datagram(&bytes, from);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("IKE: receive failed: {e}");
+                        break;
                     }
                 }
             }
-            for _ in 0..QUEUE {
-                let Ok(d) = self.queue.try_recv() else { break };
-                self.on_message(&d.bytes, d.from, Via::NatT);
+        }
+        for _ in 0..QUEUE {
+            let Ok(d) = self.queue.try_recv() else { break };
+            self.on_message(&d.bytes, d.from, Via::NatT);
+        }
+    }
+
+    /// The daemon stops: each established IKE SA is deleted (RFC 7296
+    /// section 1.4.1: its CHILD SAs go with it), so the peer clears its
+    /// SAs now instead of after its dead peer detection, and stops
+    /// sending ESP into a tunnel that is gone. Answers are taken for at
+    /// most [`STOP_WAIT`]; nothing new is started meanwhile. With
+    /// `outer = "udp"` the answers come through the inbound thread, which
+    /// is stopping too: then the wait simply runs out.
+    fn delete_all(&mut self, buf: &mut [u8]) {
+        self.stopping = true;
+        let now = Instant::now();
+        for i in 0..self.peers.len() {
+            for slot in 0..self.peers[i].slots.len() {
+                if self.peers[i].slots[slot].live() {
+                    self.close_slot(i, slot, now);
+                }
+            }
+            self.reap(i, now);
+        }
+        let deadline = now + STOP_WAIT;
+        let mut publish_due = now;
+        while Instant::now() < deadline
+            && self.peers.iter().any(|p| p.slots.iter().any(|s| s.closing))
+        {
+            self.step(buf, &mut publish_due, Some(deadline));
+        }
+    }
+
+    /// Sends the Delete of the IKE SA in `slot` (RFC 7296 section 1.4.1).
+    /// The slot stays, marked closing, until the answer or the end of its
+    /// retransmissions closes it; its CHILD SAs go then.
+    fn close_slot(&mut self, i: usize, slot: usize, now: Instant) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        s.closing = true;
+        let (spi_i, spi_r) = s.sa.spis();
+        match s.sa.close(now, &mut self.rng) {
+            Ok(actions) => {
+                let out = s.sa.outputs(actions);
+                p.counters.deletes_sent += 1;
+                tracing::info!(
+                    peer = %p.cfg.name,
+                    spi_i = format_args!("{spi_i:016x}"),
+                    spi_r = format_args!("{spi_r:016x}"),
+                    "IKE: deleting the IKE SA"
+                );
+                self.act(i, slot, out, now);
+            }
+            Err(e) => {
+                // Sealing failed (not expected with working crypto): the
+                // SA stays as it was; its lifetimes or liveness end it.
+                s.closing = false;
+                tracing::warn!(peer = %p.cfg.name, "IKE: the Delete could not be sent: {e}");
             }
         }
-        self.publish(Instant::now());
     }
 
     /// One datagram on a raw-mode IKE-only port 4500 socket (RFC 3948
@@ -693,21 +816,13 @@ impl IkeWorker {
             p.next_initiate = None;
             let (via, to) = p.initiate_via;
             let local = self.local(i, via, true);
-            let nat = self.nat_policy();
+            let nat = self.nat_policy(i);
             let p = &mut self.peers[i];
             match IkeSa::initiate_from(p.ike.clone(), local, to, nat, now, &mut self.rng) {
                 Ok((mut sa, out)) => {
                     sa.set_policy(p.slot_policy());
                     tracing::info!(peer = %p.cfg.name, to = %to, "IKE: initiating");
-                    p.slots.push(Slot {
-                        sa,
-                        to,
-                        keepalives: 0,
-                        created: now,
-                        established: false,
-                        rekeys_counted: (0, 0),
-                        close_when_idle: false,
-                    });
+                    p.slots.push(Slot::new(sa, to, now));
                     let slot = p.slots.len() - 1;
                     self.act(i, slot, out, now);
                 }
@@ -788,7 +903,7 @@ impl IkeWorker {
                 if !self.admit(i, bytes, from, via, now) {
                     return;
                 }
-                let nat = self.nat_policy();
+                let nat = self.nat_policy(i);
                 let p = &mut self.peers[i];
                 if p.slots.len() >= SAS_PER_PEER {
                     // The oldest one not established makes room.
@@ -811,15 +926,7 @@ impl IkeWorker {
                 let mut sa = IkeSa::responder(p.ike.clone());
                 sa.set_policy(p.slot_policy());
                 sa.set_nat_policy(nat);
-                p.slots.push(Slot {
-                    sa,
-                    to: from,
-                    keepalives: 0,
-                    created: now,
-                    established: false,
-                    rekeys_counted: (0, 0),
-                    close_when_idle: false,
-                });
+                p.slots.push(Slot::new(sa, from, now));
                 p.slots.len() - 1
             }
             None => {
@@ -859,6 +966,15 @@ impl IkeWorker {
             Ok(out) => {
                 if let Some(r) = s.sa.route() {
                     s.to = r.to;
+                }
+                // The peer deleted the IKE SA (RFC 7296 section 1.4.1):
+                // its request closed it.
+                if !header.is_response()
+                    && header.exchange == exchange::INFORMATIONAL
+                    && out.iter().any(|o| matches!(o, Output::Act(Action::Closed)))
+                {
+                    p.counters.deletes_received += 1;
+                    tracing::info!(peer = %p.cfg.name, "IKE: the peer deleted the IKE SA");
                 }
                 self.act(i, slot, out, now);
             }
@@ -926,10 +1042,12 @@ impl IkeWorker {
         SocketAddr::new(ip, port)
     }
 
-    fn nat_policy(&self) -> NatPolicy {
+    /// NAT-T for peer `i`'s IKE SAs: our port, and its keepalive
+    /// interval (`keepalive_secs`).
+    fn nat_policy(&self, i: usize) -> NatPolicy {
         NatPolicy {
             port: self.natt_port,
-            ..NatPolicy::default()
+            keepalive: Some(self.peers[i].cfg.ike.keepalive),
         }
     }
 
@@ -997,6 +1115,20 @@ impl IkeWorker {
         // with it the moment it reads the message (the kernel does), and
         // the SA travels through the main thread and the inbound thread's
         // commands first.
+        // An IKE SA that just came up as the redundant one of two set up
+        // at once (see `survivor`) is deleted right after: its CHILD SA
+        // would only displace the survivor's in the key manager.
+        let redundant = self.peers[i].slots.get(slot).is_some_and(|s| {
+            !s.established && s.sa.status() == crate::ike::sa::Status::Established
+        }) && survivor(&self.peers[i].slots, slot) != slot;
+        let outputs: Vec<Output> = if redundant {
+            outputs
+                .into_iter()
+                .filter(|o| !matches!(o, Output::Act(Action::InstallChild(_))))
+                .collect()
+        } else {
+            outputs
+        };
         let installs: Vec<u32> = outputs
             .iter()
             .filter_map(|o| match o {
@@ -1052,7 +1184,11 @@ impl IkeWorker {
                     self.log_failure(i, &text, now);
                     child_failed = self.peers[i].slots.get(slot).map(|s| s.sa.spis());
                 }
-                // The CHILD SAs' DeleteChild actions came before.
+                // The CHILD SAs' DeleteChild actions came before. One we
+                // were deleting anyway is no failure.
+                Action::Failed(e) if self.peers[i].slots.get(slot).is_some_and(|s| s.closing) => {
+                    tracing::debug!(peer = %self.peers[i].cfg.name, "IKE: the IKE SA being deleted ended: {e}");
+                }
                 Action::Failed(e) => self.failed(i, e, now),
                 Action::DeleteChild {
                     inbound_spi,
@@ -1097,7 +1233,7 @@ impl IkeWorker {
             }
         }
         if !held.is_empty() {
-            if !self.wait_inbound(&installs, INSTALL_WAIT) {
+            if !self.stopping && !self.wait_inbound(&installs, INSTALL_WAIT) {
                 // Sent anyway: the peer retransmits otherwise, and a few
                 // packets dropped as unknown_spi cost less than that.
                 tracing::warn!(
@@ -1110,7 +1246,7 @@ impl IkeWorker {
                 self.send(i, route, &bytes);
             }
         }
-        self.note_established(i, slot);
+        self.note_established(i, slot, now);
         self.count_rekeys(i, slot);
         if esp_changed {
             self.publish_keys();
@@ -1176,15 +1312,7 @@ impl IkeWorker {
                 continue;
             }
             s.close_when_idle = false;
-            match s.sa.close(now, &mut self.rng) {
-                Ok(actions) => {
-                    let out = s.sa.outputs(actions);
-                    self.act(i, slot, out, now);
-                }
-                Err(e) => {
-                    tracing::debug!(peer = %self.peers[i].cfg.name, "IKE: IKE SA not deleted: {e}");
-                }
-            }
+            self.close_slot(i, slot, now);
         }
     }
 
@@ -1219,8 +1347,31 @@ impl IkeWorker {
     /// manager loses nothing. Returns the slot's new index.
     fn peer_restarted(&mut self, i: usize, slot: usize) -> usize {
         let p = &mut self.peers[i];
+        let Some(new) = p.slots.get(slot) else {
+            return slot;
+        };
+        // Both sides initiated at once: the peer had no IKE SA with us
+        // when it sent INITIAL_CONTACT, but the one we set up with it
+        // meanwhile is no stale one. Not a restart: `note_established`
+        // keeps one of the two.
+        let created = new.created;
+        if p.slots
+            .iter()
+            .any(|o| o.live() && o.up_at.is_some_and(|t| created <= t))
+        {
+            tracing::info!(
+                peer = %p.cfg.name,
+                "IKE: INITIAL_CONTACT on an IKE SA set up at the same time as ours: not a restart"
+            );
+            return slot;
+        }
         p.counters.peer_restarts += 1;
-        let stale = p.slots.len().saturating_sub(1);
+        let stale = p
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(k, s)| k != slot && s.sa.status() != crate::ike::sa::Status::Connecting)
+            .count();
         tracing::info!(
             peer = %p.cfg.name,
             stale_ike_sas = stale,
@@ -1233,13 +1384,23 @@ impl IkeWorker {
         });
         // The key manager holds none of the peer's SAs now.
         p.current = None;
+        // IKE SAs still being set up are no stale ones: with the peer's
+        // restart they go to its new instance (ours initiating may have
+        // crossed its own).
+        let keep: Vec<bool> = p
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(k, s)| k == slot || s.sa.status() == crate::ike::sa::Status::Connecting)
+            .collect();
+        let new_index = keep[..slot].iter().filter(|&&k| k).count();
         let mut at = 0;
         p.slots.retain(|_| {
             at += 1;
-            at - 1 == slot
+            keep[at - 1]
         });
         self.publish_keys();
-        0
+        new_index
     }
 
     /// The CHILD SA the key manager wanted for the peer was deleted while
@@ -1387,8 +1548,41 @@ impl IkeWorker {
         }
     }
 
-    /// RFC 3948 section 4: the one byte 0xFF keeps our NAT's mapping.
+    /// RFC 3948 section 4: the one byte 0xFF keeps our NAT's mapping,
+    /// sent only "if no other packet to the peer was sent in the interval":
+    /// the IKE SA asks every interval, and ESP that went out through one
+    /// of its CHILD SAs since the last time (the outbound thread's
+    /// published packet counts) did the job already.
     fn keepalive(&mut self, i: usize, slot: usize, route: Route) {
+        let Some(s) = self.peers[i].slots.get(slot) else {
+            return;
+        };
+        let counts: Vec<(u32, u64)> = {
+            let published = self
+                .shared
+                .out_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let name = &self.peers[i].cfg.name;
+            published
+                .rows
+                .iter()
+                .filter(|r| {
+                    r.peer == *name && s.sa.children().iter().any(|c| c.outbound_spi == r.spi)
+                })
+                .map(|r| (r.spi, r.packets))
+                .collect()
+        };
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        let sent = esp_sent(&s.out_packets, &counts);
+        s.out_packets = counts;
+        if sent {
+            p.counters.keepalives_skipped += 1;
+            return;
+        }
         if let Err(e) = self.send_natt(route.to, &[0xFF]) {
             tracing::debug!(peer = %self.peers[i].cfg.name, to = %route.to, "IKE: NAT keepalive not sent: {e}");
             return;
@@ -1459,7 +1653,7 @@ impl IkeWorker {
         }
     }
 
-    fn note_established(&mut self, i: usize, slot: usize) {
+    fn note_established(&mut self, i: usize, slot: usize, now: Instant) {
         let p = &mut self.peers[i];
         let Some(s) = p.slots.get_mut(slot) else {
             return;
@@ -1468,6 +1662,7 @@ impl IkeWorker {
             return;
         }
         s.established = true;
+        s.up_at = Some(now);
         p.counters.established += 1;
         if let Some(g) = self.gate.as_mut() {
             g.completed(s.sa.spis().0);
@@ -1484,11 +1679,32 @@ impl IkeWorker {
             suite = s.sa.suite().map(suite_name).unwrap_or_default(),
             "IKE SA established"
         );
-        // The newest established IKE SA stands for the peer; older ones
-        // are dropped (their CHILD SAs are replaced by the new install).
-        // TODO(ike): send an INFORMATIONAL Delete once src/ike has it.
-        let keep = s.sa.spis();
-        p.slots.retain(|o| !o.established || o.sa.spis() == keep);
+        // Our IKE SAs still connecting (both sides initiated) must not
+        // send INITIAL_CONTACT any more: "no other SAs with you" is no
+        // longer true, and the peer would drop the one now up as stale.
+        for o in &mut p.slots {
+            if o.sa.status() == crate::ike::sa::Status::Connecting && o.sa.policy().initial_contact
+            {
+                let policy = Policy {
+                    initial_contact: false,
+                    ..o.sa.policy().clone()
+                };
+                o.sa.set_policy(policy);
+            }
+        }
+        // One IKE SA stands for the peer: the others are deleted (RFC
+        // 7296 section 1.4.1), not dropped silently, so the peer frees
+        // them too; each stays until its Delete is answered, so that the
+        // answer finds it. Their CHILD SAs' deletes then name only their
+        // own SPIs, never the survivor's (see `Action::DeleteChild`).
+        let keep = survivor(&p.slots, slot);
+        let others: Vec<usize> = (0..p.slots.len())
+            .filter(|&k| k != keep && p.slots[k].live())
+            .collect();
+        for k in others {
+            tracing::info!(peer = %self.peers[i].cfg.name, "IKE: a duplicate IKE SA with the peer is deleted");
+            self.close_slot(i, k, now);
+        }
         self.publish_keys();
     }
 
@@ -1501,10 +1717,7 @@ impl IkeWorker {
         self.log_failure(i, &text, now);
         let p = &mut self.peers[i];
         // A stray SA failing next to an established one changes nothing.
-        let established = p
-            .slots
-            .iter()
-            .any(|s| s.established && s.sa.status() == crate::ike::sa::Status::Established);
+        let established = p.slots.iter().any(Slot::live);
         if p.cfg.ike.initiate && !established {
             let wait = p.back_off(now);
             tracing::info!(peer = %p.cfg.name, "IKE: initiating again in {wait:?}");
@@ -1582,6 +1795,7 @@ impl IkeWorker {
                             role: role_name(s.sa.role()).into(),
                             state: match s.sa.status() {
                                 crate::ike::sa::Status::Connecting => "connecting",
+                                crate::ike::sa::Status::Established if s.closing => "deleting",
                                 crate::ike::sa::Status::Established => "established",
                                 crate::ike::sa::Status::Closed => "closed",
                             }
@@ -1691,6 +1905,59 @@ fn child_state_name(state: ChildState) -> &'static str {
         ChildState::Rekeyed => "rekeyed",
         ChildState::Deleting => "deleting",
     }
+}
+
+/// Which IKE SA stands for the peer once the one in `slot` is
+/// established: `slot`, unless it and a live one were set up at the same
+/// time (both sides initiating: `slot` was created before the other came
+/// up, give or take [`SETUP_RACE`]) and that one wins the tie. RFC 7296 has no rule for this;
+/// like its rule for crossed CHILD SA rekeys (section 2.8.1: the SA with
+/// the lowest nonce is redundant), the one whose lower SPI is the lowest
+/// is redundant, which both sides know of both. An IKE SA set up after
+/// another was up replaces it (the peer reconnected).
+fn survivor(slots: &[Slot], slot: usize) -> usize {
+    let Some(new) = slots.get(slot) else {
+        return slot;
+    };
+    // An IKE SA whose CHILD SA was refused never replaces one that
+    // carries traffic: it is deleted itself (`close_if_childless`).
+    let carries = |s: &Slot| {
+        s.sa.children()
+            .iter()
+            .any(|c| c.state != ChildState::Deleting)
+    };
+    if !carries(new)
+        && let Some(k) =
+            (0..slots.len()).find(|&k| k != slot && slots[k].live() && carries(&slots[k]))
+    {
+        return k;
+    }
+    let rank = |s: &Slot| {
+        let (i, r) = s.sa.spis();
+        (i.min(r), i.max(r))
+    };
+    slots
+        .iter()
+        .enumerate()
+        .filter(|&(k, o)| {
+            k != slot
+                && o.live()
+                && o.up_at.is_some_and(|t| new.created <= t + SETUP_RACE)
+                && rank(o) > rank(new)
+        })
+        .max_by_key(|(_, o)| rank(o))
+        .map_or(slot, |(k, _)| k)
+}
+
+/// Whether ESP went out since the last look: an outbound SA's packet
+/// count (SPI, packets) grew over `before`, or a new SA has sent.
+fn esp_sent(before: &[(u32, u64)], now: &[(u32, u64)]) -> bool {
+    now.iter().any(|&(spi, n)| {
+        n > before
+            .iter()
+            .find(|&&(s, _)| s == spi)
+            .map_or(0, |&(_, b)| b)
+    })
 }
 
 /// A copy of a CHILD SA's keys and parameters (the original goes to the

@@ -112,16 +112,19 @@ fn family<'a>(
 
 /// The IKE families (only with peers keyed by IKE).
 fn ike(out: &mut String, s: &Status) {
-    let Some(ike) = &s.ike else {
-        return;
-    };
+    if let Some(ike) = &s.ike {
+        ike_families(out, ike);
+    }
+}
+
+fn ike_families(out: &mut String, ike: &super::ike::IkeStatus) {
     family(
         out,
         "esptun_ike_sas",
         "gauge",
         "IKE SAs per peer and state.",
         ike.peers.iter().flat_map(|p| {
-            ["connecting", "established"].map(|state| {
+            ["connecting", "established", "deleting"].map(|state| {
                 let n = p.sas.iter().filter(|sa| sa.state == state).count() as u64;
                 (vec![("peer", p.peer.as_str()), ("state", state)], n)
             })
@@ -135,7 +138,9 @@ fn ike(out: &mut String, s: &Status) {
          failures, proposal mismatches, TS_UNACCEPTABLE, timeouts, other failures, messages \
          dropped, IKE and CHILD SA rekeys, CHILD SAs deleted, dead peers (liveness checks \
          unanswered), IKE SAs expired, peer restarts (INITIAL_CONTACT), peer addresses \
-         changed under a NAT, NAT keepalives sent, CHILD SAs refused for a NAT with raw ESP.",
+         changed under a NAT, NAT keepalives sent and skipped (ESP went out in the \
+         interval), CHILD SAs refused for a NAT with raw ESP, Deletes of an IKE SA sent and \
+         received.",
         ike.peers.iter().flat_map(|p| {
             let c = &p.counters;
             [
@@ -157,7 +162,10 @@ fn ike(out: &mut String, s: &Status) {
                 ("peer_restarted", c.peer_restarts),
                 ("peer_moved", c.peer_moved),
                 ("nat_keepalive", c.keepalives),
+                ("nat_keepalive_skipped", c.keepalives_skipped),
                 ("nat_refused", c.nat_refused),
+                ("delete_sent", c.deletes_sent),
+                ("delete_received", c.deletes_received),
             ]
             .map(|(event, n)| (vec![("peer", p.peer.as_str()), ("event", event)], n))
         }),
@@ -168,6 +176,14 @@ fn ike(out: &mut String, s: &Status) {
         "counter",
         "IKE messages on the NAT-T port dropped because the IKE thread's queue was full.",
         [(vec![], ike.queue_drops)],
+    );
+    family(
+        out,
+        "esptun_ike_natt_non_ike_total",
+        "counter",
+        "With raw ESP: datagrams on the IKE-only UDP 4500 sockets that were neither IKE nor a \
+         NAT keepalive (ESP in UDP, which raw ESP has no SA for), dropped.",
+        [(vec![], ike.natt_non_ike)],
     );
     let c = &ike.cookies;
     family(
@@ -570,6 +586,38 @@ mod tests {
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()))
             .sum();
         assert_eq!(active, 1, "exactly one provider carries traffic");
+    }
+
+    #[test]
+    fn ike_queue_drops_and_non_ike_on_4500_are_exported() {
+        let mut out = String::new();
+        let status = crate::daemon::ike::IkeStatus {
+            queue_drops: 2,
+            natt_non_ike: 7,
+            peers: vec![crate::daemon::ike::IkePeerStatus {
+                peer: "b".into(),
+                counters: crate::daemon::ike::IkeCounters {
+                    deletes_received: 1,
+                    keepalives_skipped: 3,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        ike_families(&mut out, &status);
+        for want in [
+            "esptun_ike_queue_drops_total 2",
+            "esptun_ike_natt_non_ike_total 7",
+            "esptun_ike_events_total{peer=\"b\",event=\"delete_received\"} 1",
+            "esptun_ike_events_total{peer=\"b\",event=\"nat_keepalive_skipped\"} 3",
+        ] {
+            assert!(out.lines().any(|l| l == want), "{want} in\n{out}");
+        }
+        assert!(
+            out.contains("# TYPE esptun_ike_natt_non_ike_total counter"),
+            "{out}"
+        );
     }
 
     #[test]

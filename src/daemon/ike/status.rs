@@ -36,7 +36,8 @@ pub struct IkePeerStatus {
 pub struct IkeSaStatus {
     /// `initiator` or `responder`.
     pub role: String,
-    /// `connecting`, `established` or `closed`.
+    /// `connecting`, `established`, `deleting` (our Delete awaits its
+    /// answer) or `closed`.
     pub state: String,
     /// The IKE SPIs, 16 hex digits each.
     pub spi_i: String,
@@ -176,4 +177,16 @@ pub struct IkeCounters {
     /// CHILD SAs refused because a NAT was detected with `outer = "esp"`.
     #[serde(default)]
     pub nat_refused: u64,
+    /// Deletes of an IKE SA we sent (RFC 7296 section 1.4.1): on stop,
+    /// and for a duplicate IKE SA with the peer.
+    #[serde(default)]
+    pub deletes_sent: u64,
+    /// Deletes of an IKE SA the peer sent (it stopped, or closed a
+    /// duplicate): its CHILD SAs went at once.
+    #[serde(default)]
+    pub deletes_received: u64,
+    /// NAT keepalives not sent because ESP had gone to the peer within the
+    /// interval (RFC 3948 section 4).
+    #[serde(default)]
+    pub keepalives_skipped: u64,
 }

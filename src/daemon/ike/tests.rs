@@ -78,6 +78,7 @@ fn ike_peer(cfg: &Arc<IkeConfig>, remote_id: Identification) -> IkePeer {
             ike_rekey: Duration::from_secs(14400),
             child_rekey: Duration::from_secs(3600),
             liveness: Duration::from_secs(30),
+            keepalive: Duration::from_secs(20),
             force_encap: false,
             cookie_threshold: None,
             any_source: false,
@@ -331,15 +332,9 @@ fn holding(local: [u8; 4], remote: [u8; 4], sa: IkeSa, child: ChildSa) -> PeerIk
     let cfg = config(local, remote, PSK);
     let mut p = peer(&cfg);
     p.kept.push(child);
-    p.slots.push(Slot {
-        to: SocketAddr::new(cfg.remote_addr, 500),
-        sa,
-        keepalives: 0,
-        created: Instant::now(),
-        established: true,
-        rekeys_counted: (0, 0),
-        close_when_idle: false,
-    });
+    let mut slot = Slot::new(sa, SocketAddr::new(cfg.remote_addr, 500), Instant::now());
+    slot.established = true;
+    p.slots.push(slot);
     p
 }
 
@@ -388,4 +383,91 @@ fn both_ends_of_an_ike_child_sa_print_matching_esp_sa_records() {
             format!("\"0x{:08x}\"", a_spis.0).as_str()
         ]
     );
+}
+
+#[test]
+fn a_nat_keepalive_is_skipped_only_when_esp_went_out_in_the_interval() {
+    use super::esp_sent;
+    // No outbound SA, or one that sent nothing: the keepalive goes.
+    assert!(!esp_sent(&[], &[]));
+    assert!(!esp_sent(&[], &[(0xa001, 0)]));
+    assert!(!esp_sent(&[(0xa001, 5)], &[(0xa001, 5)]));
+    // ESP went out since the last look: skipped (RFC 3948 section 4).
+    assert!(esp_sent(&[(0xa001, 5)], &[(0xa001, 6)]));
+    // A rekeyed SA that sent counts; the old one gone does not hide it.
+    assert!(esp_sent(&[(0xa001, 5)], &[(0xa002, 1)]));
+    // The old SA gone and the new one silent: the keepalive goes.
+    assert!(!esp_sent(&[(0xa001, 5)], &[(0xa002, 0)]));
+}
+
+/// An established IKE SA in a slot created at `created`, up at `up_at`.
+fn slot(created: Instant, up_at: Instant) -> Slot {
+    let (a, _) = exchange(PSK);
+    assert_eq!(a.status(), crate::ike::sa::Status::Established);
+    let mut s = Slot::new(a, SocketAddr::from(([198, 18, 0, 2], 500)), created);
+    s.established = true;
+    s.up_at = Some(up_at);
+    s
+}
+
+#[test]
+fn of_two_ike_sas_set_up_at_once_both_sides_keep_the_same_one() {
+    let t0 = Instant::now();
+    let rank = |s: &Slot| {
+        let (i, r) = s.sa.spis();
+        (i.min(r), i.max(r))
+    };
+    // Both sides initiated: each one's new IKE SA was created before the
+    // other came up. Either order of establishment keeps the same one.
+    let x = slot(t0, t0 + Duration::from_millis(30));
+    let y = slot(
+        t0 + Duration::from_millis(1),
+        t0 + Duration::from_millis(20),
+    );
+    let winner = if rank(&x) > rank(&y) {
+        x.sa.spis()
+    } else {
+        y.sa.spis()
+    };
+    let mut here = vec![y, x];
+    // x just came up here; y was up before.
+    let kept = survivor(&here, 1);
+    assert_eq!(here[kept].sa.spis(), winner);
+    // The mirror image: y comes up last.
+    here.swap(0, 1);
+    let (x_up, y_up) = (here[0].up_at, here[1].up_at);
+    here[0].up_at = y_up;
+    here[1].up_at = x_up;
+    let kept = survivor(&here, 1);
+    assert_eq!(here[kept].sa.spis(), winner);
+    // A later IKE SA (the peer reconnected) replaces an earlier one, SPIs
+    // regardless.
+    let old = slot(t0, t0 + Duration::from_millis(10));
+    let new = slot(t0 + Duration::from_secs(15), t0 + Duration::from_secs(15));
+    let slots = vec![old, new];
+    assert_eq!(survivor(&slots, 1), 1);
+    // Within SETUP_RACE of the other coming up it is a race: the
+    // responder creates its slot only when a retransmission arrives.
+    let mut slots = slots;
+    slots[1].created = t0 + Duration::from_secs(5);
+    let race = survivor(&slots, 1);
+    let winner = if rank(&slots[0]) > rank(&slots[1]) {
+        0
+    } else {
+        1
+    };
+    assert_eq!(race, winner);
+    // One being deleted already is no contender.
+    slots[1].created = t0;
+    slots[0].closing = true;
+    assert_eq!(survivor(&slots, 1), 1);
+    // A later IKE SA left without a CHILD SA (ours refused, or being
+    // deleted) never replaces one that carries traffic.
+    let old = slot(t0, t0 + Duration::from_millis(10));
+    let mut new = slot(t0 + Duration::from_secs(15), t0 + Duration::from_secs(15));
+    let spi = new.sa.children()[0].inbound_spi;
+    new.sa
+        .delete_child(spi, t0, &mut SystemRandomness::new())
+        .expect("delete");
+    assert_eq!(survivor(&[old, new], 1), 0);
 }
