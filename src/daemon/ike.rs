@@ -1118,9 +1118,17 @@ impl IkeWorker {
         // An IKE SA that just came up as the redundant one of two set up
         // at once (see `survivor`) is deleted right after: its CHILD SA
         // would only displace the survivor's in the key manager.
-        let redundant = self.peers[i].slots.get(slot).is_some_and(|s| {
-            !s.established && s.sa.status() == crate::ike::sa::Status::Established
-        }) && survivor(&self.peers[i].slots, slot) != slot;
+        // Not when it comes with the peer's INITIAL_CONTACT after a
+        // restart: then the others are stale and go (`peer_restarted`).
+        let restarted = outputs
+            .iter()
+            .any(|o| matches!(o, Output::Act(Action::PeerRestarted)))
+            && !set_up_alongside(&self.peers[i].slots, slot);
+        let redundant = !restarted
+            && self.peers[i].slots.get(slot).is_some_and(|s| {
+                !s.established && s.sa.status() == crate::ike::sa::Status::Established
+            })
+            && survivor(&self.peers[i].slots, slot) != slot;
         let outputs: Vec<Output> = if redundant {
             outputs
                 .into_iter()
@@ -1347,18 +1355,14 @@ impl IkeWorker {
     /// manager loses nothing. Returns the slot's new index.
     fn peer_restarted(&mut self, i: usize, slot: usize) -> usize {
         let p = &mut self.peers[i];
-        let Some(new) = p.slots.get(slot) else {
+        if slot >= p.slots.len() {
             return slot;
-        };
+        }
         // Both sides initiated at once: the peer had no IKE SA with us
         // when it sent INITIAL_CONTACT, but the one we set up with it
         // meanwhile is no stale one. Not a restart: `note_established`
         // keeps one of the two.
-        let created = new.created;
-        if p.slots
-            .iter()
-            .any(|o| o.live() && o.up_at.is_some_and(|t| created <= t))
-        {
+        if set_up_alongside(&p.slots, slot) {
             tracing::info!(
                 peer = %p.cfg.name,
                 "IKE: INITIAL_CONTACT on an IKE SA set up at the same time as ours: not a restart"
@@ -1915,6 +1919,19 @@ fn child_state_name(state: ChildState) -> &'static str {
 /// the lowest nonce is redundant), the one whose lower SPI is the lowest
 /// is redundant, which both sides know of both. An IKE SA set up after
 /// another was up replaces it (the peer reconnected).
+/// Whether another live IKE SA came up after the one in `slot` was
+/// created: both were set up at the same time (both sides initiated), so
+/// an INITIAL_CONTACT on `slot` is no restart of the peer.
+fn set_up_alongside(slots: &[Slot], slot: usize) -> bool {
+    let Some(created) = slots.get(slot).map(|s| s.created) else {
+        return false;
+    };
+    slots
+        .iter()
+        .enumerate()
+        .any(|(k, o)| k != slot && o.live() && o.up_at.is_some_and(|t| created <= t))
+}
+
 fn survivor(slots: &[Slot], slot: usize) -> usize {
     let Some(new) = slots.get(slot) else {
         return slot;

@@ -471,3 +471,22 @@ fn of_two_ike_sas_set_up_at_once_both_sides_keep_the_same_one() {
         .expect("delete");
     assert_eq!(survivor(&[old, new], 1), 0);
 }
+
+/// INITIAL_CONTACT on an IKE SA created after our other one came up is a
+/// restart of the peer (the old one is stale, the new one's CHILD SA is
+/// installed), whatever the SPIs; created before ours came up, it is
+/// both sides initiating at once.
+#[test]
+fn initial_contact_after_ours_came_up_is_a_restart_not_a_race() {
+    use super::set_up_alongside;
+    let t0 = Instant::now();
+    let old = slot(t0, t0 + Duration::from_millis(10));
+    let mut new = slot(t0 + Duration::from_secs(1), t0 + Duration::from_secs(1));
+    new.established = false;
+    new.up_at = None;
+    let slots = vec![old, new];
+    assert!(!set_up_alongside(&slots, 1));
+    let mut slots = slots;
+    slots[0].up_at = Some(t0 + Duration::from_secs(2));
+    assert!(set_up_alongside(&slots, 1));
+}
