@@ -314,10 +314,11 @@ fn ike_sas(out: &mut String, v: &Status) {
         );
         let _ = writeln!(
             out,
-            "    {}: rekeys IKE {} CHILD {}, CHILD SAs deleted {}, dead peers {}, expired {}, \
-             peer restarts {}",
+            "    {}: rekeys IKE {} (ours failed {}) CHILD {}, CHILD SAs deleted {}, dead peers {}, \
+             expired {}, peer restarts {}",
             p.peer,
             c.ike_rekeys,
+            c.ike_rekeys_failed,
             c.child_rekeys,
             c.children_deleted,
             c.dead_peers,

@@ -288,6 +288,8 @@ struct Slot {
     out_packets: Vec<(u32, u64)>,
     /// Rekeys (IKE, CHILD) already added to the peer's counters.
     rekeys_counted: (u32, u32),
+    /// The IKE SA rekey failure already counted and logged.
+    rekey_failure: Option<IkeError>,
     /// Left without a CHILD SA: deleted once its outstanding request (the
     /// Delete of the refused CHILD SA) is answered ([`IkeWorker::close_idle`]).
     close_when_idle: bool,
@@ -305,6 +307,7 @@ impl Slot {
             closing: false,
             out_packets: Vec::new(),
             rekeys_counted: (0, 0),
+            rekey_failure: None,
             close_when_idle: false,
         }
     }
@@ -1255,7 +1258,7 @@ impl IkeWorker {
             }
         }
         self.note_established(i, slot, now);
-        self.count_rekeys(i, slot);
+        self.count_rekeys(i, slot, now);
         if esp_changed {
             self.publish_keys();
         }
@@ -1441,8 +1444,26 @@ impl IkeWorker {
         self.install(i, child, now);
     }
 
-    /// Adds the slot's new rekeys to the peer's counters.
-    fn count_rekeys(&mut self, i: usize, slot: usize) {
+    /// Adds the slot's new rekeys to the peer's counters, and a failed
+    /// IKE SA rekey of ours (the library has no action for it: the old
+    /// IKE SA carries on, and its lifetime tries again).
+    fn count_rekeys(&mut self, i: usize, slot: usize, now: Instant) {
+        let p = &mut self.peers[i];
+        let Some(s) = p.slots.get_mut(slot) else {
+            return;
+        };
+        let failure = s.sa.ike_rekey_failure();
+        if failure != s.rekey_failure {
+            s.rekey_failure = failure;
+            if let Some(e) = failure {
+                p.counters.ike_rekeys_failed += 1;
+                let text = format!(
+                    "the IKE SA rekey failed ({}); the IKE SA carries on and tries again",
+                    explain(p, &e)
+                );
+                self.log_failure(i, &text, now);
+            }
+        }
         let p = &mut self.peers[i];
         let Some(s) = p.slots.get_mut(slot) else {
             return;

@@ -156,6 +156,7 @@ fn ike_families(out: &mut String, ike: &super::ike::IkeStatus) {
                 ("ike_rekey", c.ike_rekeys),
                 ("child_rekey", c.child_rekeys),
                 ("child_rekey_started", c.child_rekeys_started),
+                ("ike_rekey_failed", c.ike_rekeys_failed),
                 ("child_deleted", c.children_deleted),
                 ("dead_peer", c.dead_peers),
                 ("expired", c.expired),

@@ -155,6 +155,11 @@ pub struct IkeCounters {
     /// CHILD SA rekeys we started (our lifetime ran out first).
     #[serde(default)]
     pub child_rekeys_started: u64,
+    /// IKE SA rekeys of ours that failed (refused, or INVALID_KE_PAYLOAD
+    /// naming a group we cannot use): the old IKE SA carries on and its
+    /// lifetime tries again.
+    #[serde(default)]
+    pub ike_rekeys_failed: u64,
     /// CHILD SAs removed: deleted by either side, replaced by a rekey,
     /// expired, or gone with their IKE SA.
     #[serde(default)]
