@@ -1,8 +1,11 @@
 //! Unit tests of the IKE thread's pieces: records, failures, the queue.
 
+use super::explain::{count, explain, suite_name};
+use super::keys::{peer_esp_sa_records, wireshark_record};
+use super::slots::survivor;
 use super::*;
 use crate::ike::crypto::Encr;
-use crate::ike::sa::ErrorNotify;
+use crate::ike::sa::{Action, ErrorNotify};
 use crate::ike::wire::consts::id;
 use crate::ike::wire::payload::Identification;
 
@@ -269,7 +272,7 @@ fn attempts_back_off_doubling_up_to_the_maximum() {
 
 #[test]
 fn port_4500_datagrams_are_told_apart_by_the_non_esp_marker() {
-    use super::{NattDatagram, classify_natt};
+    use super::receive::{NattDatagram, classify_natt};
     assert_eq!(classify_natt(&[0xff]), NattDatagram::Keepalive);
     assert_eq!(
         classify_natt(&[0, 0, 0, 0, 0x11, 0x22]),
@@ -387,7 +390,7 @@ fn both_ends_of_an_ike_child_sa_print_matching_esp_sa_records() {
 
 #[test]
 fn a_nat_keepalive_is_skipped_only_when_esp_went_out_in_the_interval() {
-    use super::esp_sent;
+    use super::send::esp_sent;
     // No outbound SA, or one that sent nothing: the keepalive goes.
     assert!(!esp_sent(&[], &[]));
     assert!(!esp_sent(&[], &[(0xa001, 0)]));
@@ -478,7 +481,7 @@ fn of_two_ike_sas_set_up_at_once_both_sides_keep_the_same_one() {
 /// both sides initiating at once.
 #[test]
 fn initial_contact_after_ours_came_up_is_a_restart_not_a_race() {
-    use super::set_up_alongside;
+    use super::slots::set_up_alongside;
     let t0 = Instant::now();
     let old = slot(t0, t0 + Duration::from_millis(10));
     let mut new = slot(t0 + Duration::from_secs(1), t0 + Duration::from_secs(1));
