@@ -584,7 +584,7 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
             let (child_rekeys, ike_rekeys) =
                 (ike_counter(a, "child_rekeys"), ike_counter(a, "ike_rekeys"));
             out.line(&format!(
-                "IKE  a initiated, suite {}: {child_rekeys} CHILD SA rekeys and {ike_rekeys} IKE SA \
+                "IKE  a initiated, IKE SA suite {}: {child_rekeys} CHILD SA rekeys and {ike_rekeys} IKE SA \
                  rekey{} on a ({} and {} on b), {} and {} while the streams ran{}; {}",
                 sa["suite"].as_str().unwrap_or("?"),
                 if ike_rekeys == 1 { "" } else { "s" },
