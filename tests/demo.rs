@@ -35,6 +35,8 @@ fn demo_passes_and_counts_no_kernel_chatter_as_a_drop() {
     assert_eq!(v["tcp"]["intact"], true, "{v:#}");
     assert_eq!(v["tcp"]["bytes_received"], 1_000_000, "{v:#}");
     assert!(v["corruption"].is_null(), "{v:#}");
+    assert!(v["ike"].is_null(), "{v:#}");
+    assert_eq!(v["tcp"]["streams"], 1, "{v:#}");
     // Datagrams over the tunnel MTU, both ways, byte by byte.
     let large = &v["udp_large"];
     assert!(large["sent"].as_u64().unwrap_or(0) >= 30, "{v:#}");
@@ -94,6 +96,96 @@ fn demo_corrupt_refuses_a_mode_that_cannot_switch_to_soft() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--crypto auto"), "{err}");
+}
+
+/// `esptun demo --ike ARGS` checked: every stream intact, a's CHILD SAs
+/// rekeyed at least twice and its IKE SA at least once while the streams
+/// ran, and no packet on either side met an unknown SPI, failed its ICV,
+/// was a replay or failed its inner checksum.
+fn demo_ike_checked(test: &str, bytes: u64, args: &[&str]) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    let bytes_arg = bytes.to_string();
+    let mut all = vec!["--ike", "--bytes", &bytes_arg];
+    all.extend_from_slice(args);
+    let v = demo_json(test, &all);
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(v["passed"], true, "{v:#}");
+    let tcp = &v["tcp"];
+    let streams = tcp["streams"].as_u64().unwrap_or(0);
+    assert!(streams >= 1, "{v:#}");
+    // Each stream was --bytes long, all of it received, all of it zeros.
+    assert_eq!(tcp["intact"], true, "{v:#}");
+    assert_eq!(tcp["bytes_sent"], streams * bytes, "{v:#}");
+    assert_eq!(tcp["bytes_received"], streams * bytes, "{v:#}");
+    assert_eq!(tcp["nonzero_bytes"], 0, "{v:#}");
+    let ike = &v["ike"];
+    assert_eq!(ike["passed"], true, "{v:#}");
+    assert_eq!(ike["initiator"], "a", "{v:#}");
+    assert!(ike["child_rekeys"].as_u64().unwrap_or(0) >= 2, "{v:#}");
+    assert!(ike["ike_rekeys"].as_u64().unwrap_or(0) >= 1, "{v:#}");
+    // Under the streams, not only in the UDP and ping afterwards.
+    assert!(
+        ike["during_streams"]["child_rekeys"].as_u64().unwrap_or(0) >= 2,
+        "{v:#}"
+    );
+    assert!(
+        ike["during_streams"]["ike_rekeys"].as_u64().unwrap_or(0) >= 1,
+        "{v:#}"
+    );
+    for side in ["a", "b"] {
+        for reason in ["unknown_spi", "icv_failure", "replay", "inner_checksum"] {
+            assert_eq!(ike["drops"][side][reason], 0, "{side} {reason}: {v:#}");
+        }
+    }
+    // The same seen from the hosts' own counters (the demo's drops are
+    // counted from the moment the SAs were up; these from the start).
+    for h in v["hosts"].as_array().expect("hosts") {
+        for reason in ["unknown_spi", "icv_failure", "replay", "inner_checksum"] {
+            assert!(
+                h["inbound"]["drops"][reason].is_null(),
+                "{} inbound {reason}: {v:#}",
+                h["host"]
+            );
+        }
+    }
+    assert!(v["corruption"].is_null(), "{v:#}");
+    v
+}
+
+/// The acceptance run: 256 MiB of zeros, byte-checked, while
+/// CHILD SAs rekey every 3 s and the IKE SA every 8 s.
+#[test]
+fn demo_ike_streams_256_mib_across_child_and_ike_sa_rekeys() {
+    if !common::require_root("demo_ike", "network namespaces") {
+        return;
+    }
+    let v = demo_ike_checked("demo-ike", 256 << 20, &[]);
+    assert_eq!(v["outer"], "udp", "{v:#}");
+}
+
+/// The same over raw ESP (IKE on port 500) and IPv6, shorter streams.
+#[test]
+fn demo_ike_over_raw_esp_and_ipv6() {
+    if !common::require_root("demo_ike_esp6", "network namespaces") {
+        return;
+    }
+    let v = demo_ike_checked("demo-ike-esp6", 16 << 20, &["--outer", "esp", "--ipv6"]);
+    assert_eq!(v["outer"], "esp", "{v:#}");
+    assert_eq!(v["ipv6"], true, "{v:#}");
+}
+
+#[test]
+fn demo_ike_refuses_corrupt() {
+    if !common::require_root("demo_ike_corrupt", "the demo checks root first") {
+        return;
+    }
+    let out = Command::new(exe())
+        .args(["demo", "--ike", "--corrupt"])
+        .output()
+        .expect("run esptun");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--corrupt and --ike"), "{err}");
 }
 
 #[test]

@@ -118,6 +118,15 @@ enum Command {
         /// hardware provider and --crypto auto.
         #[arg(long)]
         corrupt: bool,
+        /// Key the tunnel by IKEv2 instead of by hand: both endpoints get
+        /// a generated PSK, a initiates, CHILD SAs rekey every 3 s and the
+        /// IKE SA every 8 s. Streams of --bytes follow one another until a
+        /// has seen at least 2 CHILD SA rekeys and 1 IKE SA rekey while
+        /// they ran (90 s at most); every byte is checked, and no packet
+        /// may meet an unknown SPI, fail its ICV, be a replay or fail its
+        /// inner checksum. Not with --corrupt.
+        #[arg(long)]
+        ike: bool,
         /// Print the summary as one JSON object (progress goes to stderr).
         #[arg(long)]
         json: bool,
@@ -326,6 +335,7 @@ pub fn main() -> ExitCode {
             crypto,
             bits,
             corrupt,
+            ike,
             json,
             verbose,
         } => esptun::lab::demo::run(&esptun::lab::demo::DemoOptions {
@@ -335,6 +345,7 @@ pub fn main() -> ExitCode {
             crypto,
             key_bits: bits,
             corrupt,
+            ike,
             json,
             verbose,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("esptun")),

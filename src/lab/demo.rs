@@ -1,6 +1,7 @@
 //! `esptun demo`: a [`TunnelLab`] with traffic checked byte by byte, a
-//! summary a user can read, and with `--corrupt` the field failure replayed
-//! live.
+//! summary a user can read, with `--corrupt` the field failure replayed
+//! live, and with `--ike` the tunnel keyed by IKEv2 and rekeyed every few
+//! seconds under the stream.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,9 @@ use crate::crypto::select::Mode;
 use crate::lab;
 use crate::wire::outer::Encap;
 
-pub use super::tunnel::{Cleanup, DemoError, Endpoint, LabOptions, METRICS_ADDR, Side, TunnelLab};
+pub use super::tunnel::{
+    Cleanup, DemoError, Endpoint, LabIke, LabOptions, METRICS_ADDR, Side, TunnelLab,
+};
 
 /// What `esptun demo` runs.
 #[derive(Debug, Clone)]
@@ -24,6 +27,9 @@ pub struct DemoOptions {
     pub key_bits: u32,
     /// Replay the field failure on the sender (a) and show it caught.
     pub corrupt: bool,
+    /// Key both endpoints by IKEv2 (a initiates) with short lifetimes, and
+    /// stream until CHILD SAs and the IKE SA have been rekeyed.
+    pub ike: bool,
     /// The summary as one JSON object on stdout; progress on stderr.
     pub json: bool,
     pub verbose: bool,
@@ -40,6 +46,24 @@ const CORRUPT_SELFTEST_SECS: u64 = 2;
 /// the sender to the soft provider.
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// With `--ike`: the CHILD SA and IKE SA lifetimes (the configuration's
+/// minimum is 2 s). Short, so that a stream of a few seconds runs across
+/// several CHILD SA rekeys and at least one IKE SA rekey.
+const IKE_CHILD_REKEY_SECS: u64 = 3;
+const IKE_SA_REKEY_SECS: u64 = 8;
+/// How long the endpoints may take to set up the IKE SA and its CHILD SA
+/// (a debug build on a loaded machine included).
+const IKE_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// With `--ike`, streams follow one another until a has seen this many
+/// rekeys during them, or until the deadline (then the demo fails).
+const IKE_WANT_CHILD_REKEYS: u64 = 2;
+const IKE_WANT_IKE_REKEYS: u64 = 1;
+const IKE_REKEY_DEADLINE: Duration = Duration::from_secs(90);
+/// Inbound drops that a rekey done right never causes: a packet under an
+/// SA the receiver no longer (or not yet) has, under the wrong key, twice,
+/// or corrupted.
+const IKE_CLEAN_DROPS: [&str; 4] = ["unknown_spi", "icv_failure", "replay", "inner_checksum"];
+
 /// The large UDP datagrams the demo echoes, each size this many times.
 const UDP_LARGE_SIZES: [usize; 3] = [2_000, 9_000, 65_000];
 const UDP_LARGE_COUNT: u32 = 10;
@@ -51,6 +75,12 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<ExitCode> {
         anyhow::bail!(
             "esptun demo needs root: it creates network namespaces, veth and TUN devices \
              (run it with sudo; it removes everything it creates)"
+        );
+    }
+    if options.corrupt && options.ike {
+        anyhow::bail!(
+            "--corrupt and --ike are two separate demos: run `esptun demo --corrupt` and \
+             `esptun demo --ike` one after the other"
         );
     }
     if options.corrupt {
@@ -203,6 +233,105 @@ fn wait_for_soft(lab: &TunnelLab, side: Side) -> Result<serde_json::Value, DemoE
     }
 }
 
+/// Two streams' reports as one: bytes and time summed, the first
+/// non-zero offset and interruption kept.
+fn add_reports(t: lab::TcpZerosReport, one: lab::TcpZerosReport) -> lab::TcpZerosReport {
+    lab::TcpZerosReport {
+        bytes_sent: t.bytes_sent + one.bytes_sent,
+        bytes_received: t.bytes_received + one.bytes_received,
+        nonzero_bytes: t.nonzero_bytes + one.nonzero_bytes,
+        first_nonzero_offset: t.first_nonzero_offset.or(one.first_nonzero_offset),
+        elapsed: t.elapsed + one.elapsed,
+        interrupted: t.interrupted.or(one.interrupted),
+    }
+}
+
+/// A side's one IKE peer's counter (`esptun status --json`).
+fn ike_counter(s: &serde_json::Value, name: &str) -> u64 {
+    count(&s["ike"]["peers"][0]["counters"][name])
+}
+
+/// The established IKE SA of a side's one peer, if any (the newest while
+/// a rekey briefly holds two).
+fn established_ike_sa(s: &serde_json::Value) -> Option<&serde_json::Value> {
+    s["ike"]["peers"][0]["sas"]
+        .as_array()?
+        .iter()
+        .filter(|sa| sa["state"] == "established")
+        .min_by_key(|sa| count(&sa["age_secs"]))
+}
+
+/// The newest CHILD SA of an IKE SA: (inbound SPI, outbound SPI).
+fn newest_child(sa: &serde_json::Value) -> Option<(u64, u64)> {
+    sa["children"]
+        .as_array()?
+        .iter()
+        .max_by_key(|c| count(&c["generation"]))
+        .map(|c| (count(&c["inbound_spi"]), count(&c["outbound_spi"])))
+}
+
+/// The SPIs of a side's datapath SAs in one direction.
+fn datapath_spis(s: &serde_json::Value, direction: &str) -> Vec<u64> {
+    s[format!("{direction}_sas")]
+        .as_array()
+        .map(|rows| rows.iter().filter_map(|r| r["spi"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// A side's CHILD SA is up: an established IKE SA with a CHILD SA whose
+/// inbound and outbound SAs are in the datapath (the key manager installs
+/// them within its tick).
+fn child_sa_up(s: &serde_json::Value) -> bool {
+    let Some((inbound, outbound)) = established_ike_sa(s).and_then(newest_child) else {
+        return false;
+    };
+    datapath_spis(s, "inbound").contains(&inbound)
+        && datapath_spis(s, "outbound").contains(&outbound)
+}
+
+/// Waits (bounded) until both sides have the IKE SA and a CHILD SA in
+/// their datapaths; traffic before that would only meet no SA.
+fn wait_ike_up(lab: &TunnelLab) -> Result<[serde_json::Value; 2], DemoError> {
+    let deadline = Instant::now() + IKE_UP_TIMEOUT;
+    loop {
+        let (a, b) = (lab.status(Side::A)?, lab.status(Side::B)?);
+        if child_sa_up(&a) && child_sa_up(&b) {
+            return Ok([a, b]);
+        }
+        if Instant::now() >= deadline {
+            let state = |s: &serde_json::Value| {
+                let peer = &s["ike"]["peers"][0];
+                format!(
+                    "IKE SAs {}, last error {}",
+                    peer["sas"],
+                    peer["last_error"].as_str().unwrap_or("none")
+                )
+            };
+            return Err(DemoError::Other(format!(
+                "IKE did not set up an IKE SA and a CHILD SA on both endpoints within \
+                 {IKE_UP_TIMEOUT:?}\na: {}\nb: {}\n--- log of endpoint a ---\n{}\n\
+                 --- log of endpoint b ---\n{}",
+                state(&a),
+                state(&b),
+                lab.log_tail(Side::A),
+                lab.log_tail(Side::B)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A side's inbound drops of [`IKE_CLEAN_DROPS`] since `before`.
+fn clean_drops_moved(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
+    let mut moved = serde_json::Map::new();
+    for reason in IKE_CLEAN_DROPS {
+        let n = count(&after["inbound"]["drops"][reason])
+            .saturating_sub(count(&before["inbound"]["drops"][reason]));
+        moved.insert(reason.to_string(), n.into());
+    }
+    moved.into()
+}
+
 fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result<ExitCode> {
     let out = Out { json: options.json };
     let lab_options = LabOptions {
@@ -216,6 +345,20 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
             CORRUPT_SELFTEST_SECS
         } else {
             LabOptions::default().selftest_interval_secs
+        },
+        ike: options.ike.then_some(LabIke {
+            initiator: Side::A,
+            wrong_psk: false,
+        }),
+        // The ESP suite follows --bits as the manual keys do.
+        ike_extra: if options.ike {
+            format!(
+                "child_rekey_secs = {IKE_CHILD_REKEY_SECS}\nike_rekey_secs = {IKE_SA_REKEY_SECS}\n\
+                 esp_proposals = [\"aes{}gcm16-esn\"]\n",
+                options.key_bits
+            )
+        } else {
+            String::new()
         },
         ..LabOptions::default()
     };
@@ -254,7 +397,28 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
         ));
     }
 
+    // With --ike, the baseline of each side (its drops) once both have
+    // their SAs: what moves after it happened during the run.
+    let ike_up = if options.ike {
+        let up = wait_ike_up(&lab)?;
+        let sa = established_ike_sa(&up[0]).cloned().unwrap_or_default();
+        let (inbound, outbound) = newest_child(&sa).unwrap_or_default();
+        out.line(&format!(
+            "IKE  keyed by IKEv2 with a generated PSK: a initiated, b responded; IKE SA \
+             {}/{} ({}), CHILD SA {inbound:#010x}/{outbound:#010x} (in/out on a); CHILD SAs \
+             rekey every {IKE_CHILD_REKEY_SECS} s, the IKE SA every {IKE_SA_REKEY_SECS} s",
+            sa["spi_i"].as_str().unwrap_or("?"),
+            sa["spi_r"].as_str().unwrap_or("?"),
+            sa["suite"].as_str().unwrap_or("?"),
+        ));
+        Some(up)
+    } else {
+        None
+    };
+
     let mut ok = true;
+    // With --ike: a's CHILD SA and IKE SA rekeys while the streams ran.
+    let mut ike_during = (0u64, 0u64);
     // With --corrupt, streams follow one another until the sender's
     // periodic self-test moves it to soft, so that the whole window in
     // which the fault is live carries traffic: a stream of zeros only
@@ -269,14 +433,7 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
             let clean = one.is_clean();
             total = Some(match total {
                 None => one,
-                Some(t) => lab::TcpZerosReport {
-                    bytes_sent: t.bytes_sent + one.bytes_sent,
-                    bytes_received: t.bytes_received + one.bytes_received,
-                    nonzero_bytes: t.nonzero_bytes + one.nonzero_bytes,
-                    first_nonzero_offset: t.first_nonzero_offset.or(one.first_nonzero_offset),
-                    elapsed: t.elapsed + one.elapsed,
-                    interrupted: t.interrupted.or(one.interrupted),
-                },
+                Some(t) => add_reports(t, one),
             });
             let a = lab.status(Side::A)?;
             if !clean || a["provider"] == "soft" || Instant::now() >= deadline {
@@ -291,6 +448,33 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
         };
         let tcp = total.ok_or_else(|| DemoError::Other("no stream ran".into()))?;
         (tcp, streams, Some(sender))
+    } else if ike_up.is_some() {
+        // With --ike, streams follow one another until a has seen enough
+        // rekeys while they ran, each byte of each stream checked.
+        let rekeys =
+            |s: &serde_json::Value| (ike_counter(s, "child_rekeys"), ike_counter(s, "ike_rekeys"));
+        let (child0, ike0) = rekeys(&lab.status(Side::A)?);
+        let deadline = Instant::now() + IKE_REKEY_DEADLINE;
+        let mut total: Option<lab::TcpZerosReport> = None;
+        let mut streams = 0u32;
+        loop {
+            let one = lab.tcp_zeros(options.bytes, Duration::from_secs(300))?;
+            streams += 1;
+            let clean = one.is_clean() && one.nonzero_bytes == 0;
+            total = Some(match total {
+                None => one,
+                Some(t) => add_reports(t, one),
+            });
+            let (child, ike) = rekeys(&lab.status(Side::A)?);
+            ike_during = (child.saturating_sub(child0), ike.saturating_sub(ike0));
+            let enough =
+                ike_during.0 >= IKE_WANT_CHILD_REKEYS && ike_during.1 >= IKE_WANT_IKE_REKEYS;
+            if !clean || enough || Instant::now() >= deadline {
+                break;
+            }
+        }
+        let tcp = total.ok_or_else(|| DemoError::Other("no stream ran".into()))?;
+        (tcp, streams, None)
     } else {
         let tcp = lab.tcp_zeros(options.bytes, Duration::from_secs(300))?;
         (tcp, 1, None)
@@ -302,7 +486,14 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
         lab.a_inner,
         lab.b_inner,
         if streams > 1 {
-            format!("{streams} streams until the switch, ")
+            format!(
+                "{streams} streams until {}, ",
+                if options.ike {
+                    "enough rekeys"
+                } else {
+                    "the switch"
+                }
+            )
         } else {
             String::new()
         },
@@ -360,11 +551,86 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
     // Let both threads publish their last SA state.
     std::thread::sleep(Duration::from_millis(400));
     let mut hosts = Vec::new();
+    let mut last = Vec::new();
     for side in [Side::A, Side::B] {
-        let h = host_summary(side, &lab.status(side)?);
+        let s = lab.status(side)?;
+        let h = host_summary(side, &s);
         out.line(&host_line(&h));
         hosts.push(h);
+        last.push(s);
     }
+    let ike = match &ike_up {
+        None => serde_json::Value::Null,
+        Some(up) => {
+            let (a, b) = (&last[0], &last[1]);
+            let drops = [clean_drops_moved(&up[0], a), clean_drops_moved(&up[1], b)];
+            let moved: Vec<String> = [Side::A, Side::B]
+                .iter()
+                .zip(&drops)
+                .flat_map(|(side, d)| {
+                    d.as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(_, n)| count(n) > 0)
+                        .map(move |(r, n)| format!("{} {r} {n}", side.name()))
+                })
+                .collect();
+            let rekeyed =
+                ike_during.0 >= IKE_WANT_CHILD_REKEYS && ike_during.1 >= IKE_WANT_IKE_REKEYS;
+            let passed = rekeyed && moved.is_empty() && tcp_ok;
+            ok &= passed;
+            let sa = established_ike_sa(a).cloned().unwrap_or_default();
+            let (child_in, child_out) = newest_child(&sa).unwrap_or_default();
+            let (child_rekeys, ike_rekeys) =
+                (ike_counter(a, "child_rekeys"), ike_counter(a, "ike_rekeys"));
+            out.line(&format!(
+                "IKE  a initiated, IKE SA suite {}: {child_rekeys} CHILD SA rekeys and {ike_rekeys} IKE SA \
+                 rekey{} on a ({} and {} on b), {} and {} while the streams ran{}; {}",
+                sa["suite"].as_str().unwrap_or("?"),
+                if ike_rekeys == 1 { "" } else { "s" },
+                ike_counter(b, "child_rekeys"),
+                ike_counter(b, "ike_rekeys"),
+                ike_during.0,
+                ike_during.1,
+                if rekeyed {
+                    String::new()
+                } else {
+                    format!(
+                        " (FAILED: wanted at least {IKE_WANT_CHILD_REKEYS} and \
+                         {IKE_WANT_IKE_REKEYS} within {IKE_REKEY_DEADLINE:?})"
+                    )
+                },
+                if moved.is_empty() {
+                    "no packet met an unknown SPI, failed its ICV, was a replay or failed its \
+                     inner checksum on either side"
+                        .to_string()
+                } else {
+                    format!("DROPS during the run: {}", moved.join(", "))
+                }
+            ));
+            serde_json::json!({
+                "passed": passed,
+                "initiator": "a",
+                "suite": sa["suite"],
+                "child_rekey_secs": IKE_CHILD_REKEY_SECS,
+                "ike_rekey_secs": IKE_SA_REKEY_SECS,
+                "child_rekeys": child_rekeys,
+                "ike_rekeys": ike_rekeys,
+                "during_streams": { "child_rekeys": ike_during.0, "ike_rekeys": ike_during.1 },
+                "b": {
+                    "child_rekeys": ike_counter(b, "child_rekeys"),
+                    "ike_rekeys": ike_counter(b, "ike_rekeys"),
+                },
+                "drops": { "a": drops[0], "b": drops[1] },
+                "final": {
+                    "ike_spi_i": sa["spi_i"],
+                    "ike_spi_r": sa["spi_r"],
+                    "a_inbound_spi": child_in,
+                    "a_outbound_spi": child_out,
+                },
+            })
+        }
+    };
     let corruption = match &sender {
         None => serde_json::Value::Null,
         Some(a) => {
@@ -469,6 +735,7 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
                 "seconds": tcp.elapsed.as_secs_f64(),
                 "mbit_per_s": tcp.mbit_per_s(),
                 "intact": tcp_ok,
+                "streams": streams,
                 "interrupted": tcp.interrupted.as_ref().map(ToString::to_string),
             },
             "udp": {
@@ -487,6 +754,7 @@ fn demo(options: &DemoOptions, registry: &Arc<Mutex<Cleanup>>) -> anyhow::Result
             "ping": { "sent": ping.sent, "received": ping.received },
             "hosts": hosts,
             "corruption": corruption,
+            "ike": ike,
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
