@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::wire::inner::build::{ipv4, ipv6};
 use crate::wire::inner::{InnerPolicy, InnerVerdict, validate};
+use crate::wire::ip::protocol;
 
 const A4: [u8; 4] = [198, 18, 0, 1];
 const B4: [u8; 4] = [198, 19, 0, 2];
