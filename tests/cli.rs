@@ -730,3 +730,58 @@ fn status_against_a_daemon_that_does_not_answer_says_it_timed_out() {
     );
     assert!(!err.contains("temporarily unavailable"), "{err}");
 }
+
+/// `deploy/ike/`: the two esptun configurations README's IKEv2 section
+/// tells users to start from pass `check-config` as shipped (with the
+/// paths moved into a temporary directory and a PSK file written), and
+/// the strongSwan peer's `swanctl.conf` asks for the same algorithms,
+/// addresses and identities.
+#[test]
+fn the_shipped_ike_configurations_check_and_match_the_strongswan_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ike");
+    let dir = std::env::temp_dir().join(format!("esptun-cli-ike-deploy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (file, psk) in [("host-a.toml", "host-b.psk"), ("host-b.toml", "host-a.psk")] {
+        let text = std::fs::read_to_string(deploy.join(file)).expect("deploy/ike config");
+        let moved = text
+            .replace("/etc/esptun/", &format!("{}/", dir.display()))
+            .replace("/var/lib/esptun", &dir.join("state").display().to_string());
+        let psk_path = dir.join(psk);
+        std::fs::write(&psk_path, "c2VjcmV0IHNoYXJlZCBieSBhbmQgYiwgMzIgYnl0ZXMh\n").expect("psk");
+        std::fs::set_permissions(&psk_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let config = dir.join(file);
+        std::fs::write(&config, moved).expect("config");
+        let out = esptun(&["check-config", "-c", config.to_str().expect("utf-8")]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = std::fs::read_to_string(deploy.join("host-a.toml")).expect("host-a.toml");
+    let swan = std::fs::read_to_string(deploy.join("swanctl.conf")).expect("swanctl.conf");
+    for needle in [
+        "local_addrs = 198.19.0.2",
+        "remote_addrs = 198.18.0.1",
+        "proposals = aes256gcm16-prfsha256-x25519",
+        "esp_proposals = aes256gcm16-esn",
+        "mode = transport",
+        "id = 198.18.0.1",
+        "id = 198.19.0.2",
+    ] {
+        assert!(swan.contains(needle), "swanctl.conf lacks {needle:?}");
+    }
+    for needle in [
+        "local = \"198.18.0.1\"",
+        "endpoint = \"198.19.0.2\"",
+        "ike_proposals = [\"aes256gcm16-prfsha256-x25519\"]",
+        "esp_proposals = [\"aes256gcm16-esn\"]",
+    ] {
+        assert!(a.contains(needle), "host-a.toml lacks {needle:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
