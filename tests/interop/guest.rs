@@ -59,21 +59,42 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// Boots with KVM where `/dev/kvm` can run the guest, else TCG: a KVM
+    /// boot that does not reach the shell within [`KVM_BOOT_TIMEOUT`] is
+    /// given up, remembered ([`kvm_unusable`]) and done again under TCG.
     pub fn boot(ns: &Netns, image: &GuestImage, dir: &Path) -> Result<Guest, String> {
+        if accelerator() == "KVM" {
+            match Guest::boot_with(ns, image, dir, "KVM", KVM_BOOT_TIMEOUT) {
+                Ok(g) => return Ok(g),
+                Err(e) => {
+                    let marker = remember_kvm_unusable(&e);
+                    eprintln!(
+                        "KVM did not boot the guest ({e}); booting under TCG (remembered in {})",
+                        marker.display()
+                    );
+                }
+            }
+        }
+        Guest::boot_with(ns, image, dir, "TCG", BOOT_TIMEOUT)
+    }
+
+    fn boot_with(
+        ns: &Netns,
+        image: &GuestImage,
+        dir: &Path,
+        accel: &str,
+        timeout: Duration,
+    ) -> Result<Guest, String> {
         let console = dir.join("console.log");
         let sock = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&sock);
         let qemu_log = File::create(dir.join("qemu.log")).map_err(|e| e.to_string())?;
         let mut cmd = ns.command("qemu-system-x86_64");
-        let accel = accelerator();
         cmd.args(["-machine", "q35"]);
-        // qemu takes the first accelerator that initialises: KVM if asked
-        // for and it initialises, else TCG.
-        if accel == "KVM" {
-            cmd.args(["-accel", "kvm"]);
-        }
+        // One accelerator, so that a KVM that initialises but cannot run
+        // the guest is told apart from a slow boot.
+        cmd.args(["-accel", if accel == "KVM" { "kvm" } else { "tcg" }]);
         cmd.args([
-            "-accel",
-            "tcg",
             "-cpu",
             "max",
             "-smp",
@@ -106,7 +127,7 @@ impl Guest {
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let ctl = loop {
             match UnixStream::connect(&sock) {
                 Ok(s) => break s,
@@ -133,7 +154,7 @@ impl Guest {
             pending: Vec::new(),
         };
         let started = Instant::now();
-        guest.read_until(|b| find(b, b"@@READY\n").map(|i| i + 8), BOOT_TIMEOUT)?;
+        guest.read_until(|b| find(b, b"@@READY\n").map(|i| i + 8), timeout)?;
         eprintln!(
             "guest booted to its control shell in {:.1} s ({accel})",
             started.elapsed().as_secs_f64()
@@ -291,22 +312,57 @@ impl Drop for Guest {
     }
 }
 
-/// "KVM" when asked for (`ESPTUN_GUEST_KVM=1`) and /dev/kvm opens
-/// read-write, else "TCG". Not the default: on a machine whose /dev/kvm
-/// opens but cannot run a guest (nested virtualisation without its
-/// support) qemu starts and the guest never prints a byte, which only a
-/// boot timeout would tell.
+/// How long a KVM boot may take before KVM is taken for unusable here
+/// (under KVM the guest reaches its shell in a second or two).
+const KVM_BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// "KVM" when `/dev/kvm` opens read-write and KVM has not failed to boot
+/// the guest on this machine before ([`kvm_unusable`]), else "TCG".
+/// `ESPTUN_GUEST_KVM=0` forces TCG, `=1` tries KVM despite a remembered
+/// failure. Some machines' /dev/kvm opens but cannot run the guest
+/// (nested virtualisation without its support): qemu starts and the guest
+/// never prints a byte; [`Guest::boot`] then falls back to TCG.
 pub fn accelerator() -> &'static str {
+    let forced = std::env::var("ESPTUN_GUEST_KVM").ok();
+    if forced.as_deref() == Some("0") {
+        return "TCG";
+    }
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    if kvm && std::env::var("ESPTUN_GUEST_KVM").as_deref() == Ok("1") {
+    if kvm && (forced.as_deref() == Some("1") || !kvm_unusable()) {
         "KVM"
     } else {
         "TCG"
     }
+}
+
+/// Where a failed KVM boot is remembered: beside the guest image cache
+/// (`ESPTUN_INTEROP_CACHE`, default /var/cache/esptun-interop), so that
+/// later test binaries and runs go straight to TCG. Delete it to try KVM
+/// again.
+fn kvm_marker() -> PathBuf {
+    std::env::var_os("ESPTUN_INTEROP_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/esptun-interop"), PathBuf::from)
+        .join("kvm-unusable")
+}
+
+fn kvm_unusable() -> bool {
+    kvm_marker().exists()
+}
+
+fn remember_kvm_unusable(why: &str) -> PathBuf {
+    let marker = kvm_marker();
+    if let Some(parent) = marker.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(
+        &marker,
+        format!("KVM did not boot the interop guest within {KVM_BOOT_TIMEOUT:?}: {why}\n"),
+    );
+    marker
 }
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -40,7 +40,7 @@
 //! Addresses: 198.18.52.1 and 2001:db8:52::1 (the TAP in the namespace)
 //! and 198.18.52.2 and 2001:db8:52::2 (the guest), the IPv6 ones `nodad`;
 //! a plain ping of each family before charon starts. qemu runs the guest
-//! under TCG, or KVM with `ESPTUN_GUEST_KVM=1` (see
+//! under KVM where `/dev/kvm` can boot it, else TCG (see
 //! `tests/interop/guest.rs`). Needs root and qemu; without either prints
 //! a SKIPPED line (a failure under `ESPTUN_REQUIRE_NETNS=1`). A failure
 //! prints charon's log, `swanctl --list-sas`, `ip xfrm state`, the
