@@ -554,7 +554,7 @@ self-test history (last 8):
 "keepalives_sent":4}}],
 "counters":{"established":1,"children_installed":1,"children_failed":0,"auth_failures":3,
 "proposal_mismatches":0,"ts_unacceptable":0,"timeouts":1,"other_failures":0,"messages_dropped":4,
-"ike_rekeys":2,"child_rekeys":3,"children_deleted":3,"dead_peers":1,"expired":0,"peer_restarts":1},
+"ike_rekeys":2,"ike_rekeys_failed":1,"child_rekeys":3,"children_deleted":3,"dead_peers":1,"expired":0,"peer_restarts":1},
 "last_error":"authentication failed"}],"cookies":{"sent":5,"accepted":2,"refused":1,
 "half_open":3,"expired":0,"demanding":true}},"offloads":"#;
         let reply = REPLY.replacen(r#""offloads":"#, ike, 1);
@@ -574,7 +574,7 @@ self-test history (last 8):
             "rekeys: IKE 2 CHILD 3; established 20s ago, IKE rekey in 1m 40s; last heard 1s ago, \
              last liveness check never",
             "CHILD SA 0xcafebabe/0x12345678: installed, generation 3, installed 7s ago, rekey in 50s",
-            "rekeys IKE 2 CHILD 3, CHILD SAs deleted 3, dead peers 1, expired 0, peer restarts 1",
+            "rekeys IKE 2 (ours failed 1) CHILD 3, CHILD SAs deleted 3, dead peers 1, expired 0, peer restarts 1",
             "NAT: we are behind one: yes, the peer: no; NAT-T in use; keepalives on (sent 4)",
             "COOKIEs: sent 5, accepted 2, refused 1; half-open IKE SAs 3 (expired 0); demanding",
         ] {
