@@ -55,6 +55,8 @@ mod tests_long;
 mod tests_nat;
 #[cfg(test)]
 mod tests_rekey;
+#[cfg(test)]
+mod tests_rekey_suite;
 mod timers;
 
 pub use child::{ChildInfo, ChildState};
