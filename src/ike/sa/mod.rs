@@ -48,6 +48,8 @@ mod responder;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_child_refused;
+#[cfg(test)]
 mod tests_harness;
 #[cfg(test)]
 mod tests_long;
