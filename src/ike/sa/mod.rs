@@ -48,6 +48,8 @@ mod responder;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_child_refused;
+#[cfg(test)]
 mod tests_harness;
 #[cfg(test)]
 mod tests_long;
@@ -55,6 +57,8 @@ mod tests_long;
 mod tests_nat;
 #[cfg(test)]
 mod tests_rekey;
+#[cfg(test)]
+mod tests_rekey_suite;
 mod timers;
 
 pub use child::{ChildInfo, ChildState};
