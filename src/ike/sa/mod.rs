@@ -39,6 +39,7 @@
 //! Through NATs, use the address-aware entry points instead (`nat`).
 
 mod child;
+mod found;
 mod ike_rekey;
 mod info;
 mod initiator;
@@ -67,6 +68,8 @@ pub use nat::{IKE_PORT, NATT_PORT, NatPolicy, NatStatus, OriginalAddrs, Output, 
 pub(crate) use tests::pair as test_pair;
 pub use timers::Policy;
 
+use found::Found;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,8 +81,7 @@ use super::proposal::{EspAlgorithms, IkeAlgorithms, IkeSuite};
 use super::sk::{self, SkError, SkKey};
 use super::wire::consts::{flags, notify};
 use super::wire::header::Header;
-use super::wire::payload::{Auth, Identification, KeyExchange, Notify, Payload, TrafficSelector};
-use super::wire::sa_payload::Proposal;
+use super::wire::payload::{Identification, Notify, Payload, TrafficSelector};
 use super::wire::{IkeHeader, WireError};
 use crate::sa::KeyMaterial;
 
@@ -698,69 +700,6 @@ impl IkeSa {
             .as_ref()
             .is_none_or(|want| want.id_type == id.id_type && want.data == id.data)
     }
-}
-
-/// The payloads of one message by type, in whatever order they came
-/// (section 3.2 fixes no order but for SK being last; peers put notifies
-/// before or after SA and TS). A payload that may appear once and appears
-/// twice fails the message.
-#[derive(Default)]
-struct Found<'a> {
-    deletes: Vec<&'a super::wire::payload::Delete>,
-    sa: Option<&'a [Proposal]>,
-    ke: Option<&'a KeyExchange>,
-    nonce: Option<&'a [u8]>,
-    idi: Option<&'a Identification>,
-    idr: Option<&'a Identification>,
-    auth: Option<&'a Auth>,
-    tsi: Option<&'a [TrafficSelector]>,
-    tsr: Option<&'a [TrafficSelector]>,
-    notifies: Vec<&'a Notify>,
-}
-
-impl<'a> Found<'a> {
-    fn new(payloads: &'a [Payload]) -> Result<Self, IkeError> {
-        let mut f = Found::default();
-        let dup = || IkeError::Wire(WireError::Invalid("repeated payload"));
-        for p in payloads {
-            match p {
-                Payload::Sa(x) => set(&mut f.sa, x.as_slice()).ok_or_else(dup)?,
-                Payload::Ke(x) => set(&mut f.ke, x).ok_or_else(dup)?,
-                Payload::Nonce(x) => set(&mut f.nonce, x.as_slice()).ok_or_else(dup)?,
-                Payload::IdI(x) => set(&mut f.idi, x).ok_or_else(dup)?,
-                Payload::IdR(x) => set(&mut f.idr, x).ok_or_else(dup)?,
-                Payload::Auth(x) => set(&mut f.auth, x).ok_or_else(dup)?,
-                Payload::TsI(x) => set(&mut f.tsi, x.as_slice()).ok_or_else(dup)?,
-                Payload::TsR(x) => set(&mut f.tsr, x.as_slice()).ok_or_else(dup)?,
-                Payload::Notify(n) => f.notifies.push(n),
-                Payload::Delete(d) => f.deletes.push(d),
-                // Encrypted (never inside) and unknown non-critical
-                // payloads (vendor IDs, CERTREQ) are not ours here.
-                _ => {}
-            }
-        }
-        Ok(f)
-    }
-
-    fn notify(&self, ty: u16) -> Option<&'a Notify> {
-        self.notifies.iter().copied().find(|n| n.ty == ty)
-    }
-
-    /// The first error notification, if any (section 3.10.1).
-    fn error(&self) -> Option<ErrorNotify> {
-        self.notifies
-            .iter()
-            .find(|n| n.is_error())
-            .map(|n| ErrorNotify::from_type(n.ty))
-    }
-}
-
-fn set<'a, T: ?Sized>(slot: &mut Option<&'a T>, v: &'a T) -> Option<()> {
-    if slot.is_some() {
-        return None;
-    }
-    *slot = Some(v);
-    Some(())
 }
 
 fn random_spi64(rng: &mut dyn Randomness) -> Result<u64, IkeError> {

@@ -7,6 +7,7 @@ use crate::ike::crypto::{DhGroup, Encr, Prf};
 use crate::ike::proposal::{EspAlgorithms, EspSuite, IkeSuite};
 use crate::ike::sk;
 use crate::ike::wire::consts::{exchange, notify};
+use crate::ike::wire::sa_payload::Proposal;
 
 const X: DhGroup = DhGroup::Curve25519;
 const P: DhGroup = DhGroup::Ecp256;
