@@ -698,7 +698,9 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
         Encap::NATT,
         false,
         false,
-        "child_rekey_secs = 2\nike_rekey_secs = 7\nliveness_secs = 5\n",
+        // PFS: every CHILD SA rekey with a fresh X25519 exchange.
+        "child_rekey_secs = 2\nike_rekey_secs = 7\nliveness_secs = 5\n\
+         esp_proposals = [\"aes256gcm16-x25519-esn\"]\n",
     ) else {
         return;
     };
@@ -774,6 +776,10 @@ fn child_and_ike_sa_rekeys_under_load_lose_nothing() {
                 && sa["children"][0]["generation"].as_u64() >= Some(1),
             || format!("{side:?}: the IKE SA's status lacks its rekeys: {sa:#}"),
         );
+        // Made by a rekey with a fresh key exchange (PFS).
+        check(&lab, sa["children"][0]["pfs"] == "x25519", || {
+            format!("{side:?}: the rekeyed CHILD SA has no PFS: {sa:#}")
+        });
         check(&lab, counter(&s, "children_deleted") >= 5, || {
             format!("{side:?}: CHILD SAs deleted: {:#}", s["ike"])
         });

@@ -400,11 +400,15 @@ fn ike_sa_timers(out: &mut String, sa: &esptun::daemon::ike::IkeSaStatus) {
     for c in &sa.children {
         let _ = writeln!(
             out,
-            "    CHILD SA {:#010x}/{:#010x}: {}, generation {}, installed {}, rekey {}",
+            "    CHILD SA {:#010x}/{:#010x}: {}, generation {}{}, installed {}, rekey {}",
             c.inbound_spi,
             c.outbound_spi,
             c.state,
             c.generation,
+            c.pfs
+                .as_deref()
+                .map(|g| format!(" (PFS {g})"))
+                .unwrap_or_default(),
             ago(Some(c.installed_secs_ago)),
             within(c.rekey_in_secs),
         );
@@ -548,7 +552,7 @@ self-test history (last 8):
 "local_id":"198.18.0.1","remote_id":"198.18.0.2","sas":[{"role":"initiator","state":"established",
 "spi_i":"0123456789abcdef","spi_r":"fedcba9876543210","age_secs":65,"remote":"198.18.0.2:4500",
 "suite":"aes256gcm16-prfsha256-x25519","children":[{"inbound_spi":3405691582,"outbound_spi":305419896,
-"state":"installed","installed_secs_ago":7,"rekey_in_secs":50,"generation":3}],"ike_rekeys":2,"child_rekeys":3,
+"state":"installed","installed_secs_ago":7,"rekey_in_secs":50,"generation":3,"pfs":"x25519"}],"ike_rekeys":2,"child_rekeys":3,
 "established_secs_ago":20,"ike_rekey_in_secs":100,"last_heard_secs_ago":1,
 "nat":{"supported":true,"local_behind":true,"peer_behind":false,"natt":true,"keepalives":true,
 "keepalives_sent":4}}],
@@ -573,7 +577,7 @@ self-test history (last 8):
             "ESP in UDP on port 4500 dropped (outer = \"esp\"): 6",
             "rekeys: IKE 2 CHILD 3; established 20s ago, IKE rekey in 1m 40s; last heard 1s ago, \
              last liveness check never",
-            "CHILD SA 0xcafebabe/0x12345678: installed, generation 3, installed 7s ago, rekey in 50s",
+            "CHILD SA 0xcafebabe/0x12345678: installed, generation 3 (PFS x25519), installed 7s ago, rekey in 50s",
             "rekeys IKE 2 (ours failed 1) CHILD 3, CHILD SAs deleted 3, dead peers 1, expired 0, peer restarts 1",
             "NAT: we are behind one: yes, the peer: no; NAT-T in use; keepalives on (sent 4)",
             "COOKIEs: sent 5, accepted 2, refused 1; half-open IKE SAs 3 (expired 0); demanding",

@@ -113,6 +113,9 @@ pub struct IkeSettings {
     pub initiate: bool,
     pub ike: IkeAlgorithms,
     pub esp: EspAlgorithms,
+    /// DH groups for a fresh key exchange in CHILD SA rekeys we start
+    /// (empty: none; as responder we follow a peer that asks for one).
+    pub pfs: Vec<DhGroup>,
     /// When to rekey the IKE SA and the CHILD SA (the jitter is the IKE
     /// module's business).
     pub ike_rekey: Duration,
@@ -270,40 +273,63 @@ pub fn parse_ike_proposals(list: &[String]) -> Result<IkeAlgorithms, String> {
     Ok(out)
 }
 
-/// The ESP proposals, merged into one offer.
-pub fn parse_esp_proposals(list: &[String]) -> Result<EspAlgorithms, String> {
+/// The ESP proposals, merged into one offer, and the PFS groups: a DH
+/// group in an ESP proposal (strongSwan's `aes128gcm16-x25519`) asks for a
+/// fresh key exchange in every CHILD SA rekey (RFC 7296 section 1.3.1);
+/// IKE_AUTH's CHILD SA has none (section 1.2: no KE payload there).
+pub fn parse_esp_proposals(list: &[String]) -> Result<(EspAlgorithms, Vec<DhGroup>), String> {
     let mut out = EspAlgorithms {
         encr: Vec::new(),
         esn: Vec::new(),
     };
+    let mut pfs = Vec::new();
     if list.is_empty() {
         return Err(format!(
             "is empty: list at least one proposal, such as \"{DEFAULT_ESP_PROPOSAL}\""
         ));
     }
+    let usage = |p: &str| {
+        format!(
+            "{p:?} is not an ESP proposal: use aes256gcm16 or aes128gcm16, then optionally a \
+             DH group for PFS in rekeys (x25519 or ecp256), then optionally -esn (the default) \
+             or -noesn (e.g. \"{DEFAULT_ESP_PROPOSAL}\", \"aes128gcm16-x25519-esn\")"
+        )
+    };
+    let mut with_group = None;
     for p in list {
-        let mut parts = p.split('-');
-        let encr = parts.next().and_then(encr_name);
+        let mut parts = p.split('-').peekable();
+        let Some(encr) = parts.next().and_then(encr_name) else {
+            return Err(usage(p));
+        };
+        let group = match parts.peek().copied() {
+            Some("x25519" | "curve25519") => Some(DhGroup::Curve25519),
+            Some("ecp256") => Some(DhGroup::Ecp256),
+            _ => None,
+        };
+        if group.is_some() {
+            parts.next();
+        }
         let esn = match parts.next() {
             None | Some("esn") => true,
             Some("noesn") => false,
-            Some(_) => {
-                return Err(format!(
-                    "{p:?} is not an ESP proposal: use aes256gcm16 or aes128gcm16, then \
-                     optionally -esn (the default) or -noesn (e.g. \"{DEFAULT_ESP_PROPOSAL}\")"
-                ));
-            }
+            Some(_) => return Err(usage(p)),
         };
-        let (Some(e), None) = (encr, parts.next()) else {
+        if parts.next().is_some() {
+            return Err(usage(p));
+        }
+        if with_group.is_some_and(|w| w != group.is_some()) {
             return Err(format!(
-                "{p:?} is not an ESP proposal: use aes256gcm16 or aes128gcm16, then optionally \
-                 -esn (the default) or -noesn (e.g. \"{DEFAULT_ESP_PROPOSAL}\")"
+                "{p:?}: name a DH group in every ESP proposal (PFS in every rekey) or in none"
             ));
-        };
-        push_new(&mut out.encr, e);
+        }
+        with_group = Some(group.is_some());
+        push_new(&mut out.encr, encr);
         push_new(&mut out.esn, esn);
+        if let Some(g) = group {
+            push_new(&mut pfs, g);
+        }
     }
-    Ok(out)
+    Ok((out, pfs))
 }
 
 fn encr_name(part: &str) -> Option<Encr> {
@@ -345,12 +371,16 @@ pub(super) fn settings(
     }
     .map_err(|e| add("ike_proposals", e))
     .ok();
-    let esp = match &raw.esp_proposals {
+    let esp_pfs = match &raw.esp_proposals {
         None => parse_esp_proposals(&[DEFAULT_ESP_PROPOSAL.to_string()]),
         Some(list) => parse_esp_proposals(list),
     }
     .map_err(|e| add("esp_proposals", e))
     .ok();
+    let (esp, pfs) = match esp_pfs {
+        Some((e, p)) => (Some(e), p),
+        None => (None, Vec::new()),
+    };
     if !raw.psk_file.is_absolute() {
         add(
             "psk_file",
@@ -405,6 +435,7 @@ pub(super) fn settings(
         initiate: raw.initiate,
         ike: ike?,
         esp: esp?,
+        pfs,
         ike_rekey: Duration::from_secs(ike_s),
         child_rekey: Duration::from_secs(child_s),
         liveness: Duration::from_secs(raw.liveness_secs),
@@ -665,6 +696,44 @@ psk_file = "/etc/esptun/b.psk"
         assert!(parse_ike_proposals(&["aes256gcm16-aes128gcm16-prfsha256-x25519".into()]).is_err());
         assert!(parse_esp_proposals(&["aes256gcm16-esn-noesn".into()]).is_err());
         assert!(parse_ike_proposals(&[]).is_err());
+    }
+
+    /// A DH group in the ESP proposals (strongSwan's spelling) asks for
+    /// PFS in every CHILD SA rekey; in all of them or in none.
+    #[test]
+    fn esp_proposals_may_name_a_pfs_group() {
+        let (esp, pfs) = parse_esp_proposals(&[
+            "aes128gcm16-x25519-esn".into(),
+            "aes256gcm16-ecp256".into(),
+            "aes256gcm16-x25519-noesn".into(),
+        ])
+        .expect("valid");
+        assert_eq!(esp.encr, vec![Encr::AesGcm16_128, Encr::AesGcm16_256]);
+        assert_eq!(esp.esn, vec![true, false]);
+        assert_eq!(pfs, vec![DhGroup::Curve25519, DhGroup::Ecp256]);
+        let (_, none) = parse_esp_proposals(&["aes256gcm16-esn".into()]).expect("valid");
+        assert!(none.is_empty());
+        let mixed = parse_esp_proposals(&["aes256gcm16-x25519".into(), "aes128gcm16".into()]);
+        assert!(mixed.is_err_and(|e| e.contains("every ESP proposal")));
+        for bad in [
+            "aes256gcm16-esn-x25519",
+            "aes256gcm16-x25519-ecp256",
+            "aes256gcm16-modp2048",
+        ] {
+            assert!(parse_esp_proposals(&[bad.into()]).is_err(), "{bad}");
+        }
+        let v = Config::parse(&IKE.replace(
+            "[peer.ike]",
+            "[peer.ike]\nesp_proposals = [\"aes256gcm16-ecp256-esn\"]",
+        ))
+        .expect("valid");
+        assert_eq!(v.ike_peers[0].ike.pfs, vec![DhGroup::Ecp256]);
+        assert!(
+            Config::parse(IKE).expect("valid").ike_peers[0]
+                .ike
+                .pfs
+                .is_empty()
+        );
     }
 
     #[test]

@@ -459,6 +459,7 @@ pub(crate) fn policy(peer: &IkePeer) -> Policy {
         ike_rekey: Some(s.ike_rekey),
         ike_hard: Some(s.ike_rekey + s.ike_rekey / 5),
         liveness: Some(s.liveness),
+        pfs: s.pfs.clone(),
         ..Policy::default()
     }
 }

@@ -15,6 +15,30 @@ use crate::{IKE_TIMEOUT, ONE_GUEST, TRAFFIC_TIMEOUT, establish};
 
 pub const IKE: &str = "aes256gcm16-prfsha256-x25519";
 pub const ESP: &str = "aes256gcm16-esn";
+/// With a DH group: PFS in every CHILD SA rekey (the same spelling on
+/// both sides).
+const ESP_PFS_X25519: &str = "aes256gcm16-x25519-esn";
+const ESP_PFS_ECP256: &str = "aes128gcm16-ecp256-esn";
+
+/// Whether charon's log shows a CHILD SA rekey request with a KE payload
+/// (`parsed` when esptun sent it, `generating` when charon did).
+fn pfs_rekey_in(log: &str, verb: &str) -> bool {
+    log.lines().any(|l| {
+        l.contains(&format!("{verb} CREATE_CHILD_SA request"))
+            && l.contains("N(REKEY_SA)")
+            && l.contains(" KE ")
+    })
+}
+
+/// The DH group esptun's status gives its current CHILD SA.
+fn child_pfs(s: &serde_json::Value) -> String {
+    s["ike"]["peers"][0]["sas"]
+        .as_array()
+        .and_then(|a| a.iter().find(|sa| sa["state"] == "established"))
+        .and_then(|sa| sa["children"][0]["pfs"].as_str())
+        .unwrap_or("none")
+        .to_string()
+}
 
 /// Boots, configures and establishes; `None` when the test skips.
 pub fn up(test: &str, swan: &Swan, side: &Side) -> Option<(Lab, Established)> {
@@ -74,9 +98,9 @@ fn strongswan_daemon_rekey_by_charon() {
     let psk = random_psk();
     let swan = Swan {
         rekey: (45, 20),
-        ..Swan::new(IKE, ESP, &psk)
+        ..Swan::new(IKE, ESP_PFS_X25519, &psk)
     };
-    let side = Side::new(true, IKE, ESP, &psk);
+    let side = Side::new(true, IKE, ESP_PFS_X25519, &psk);
     let Some((mut lab, first)) = up(test, &swan, &side) else {
         return;
     };
@@ -92,8 +116,20 @@ fn strongswan_daemon_rekey_by_charon() {
             "after 70 s of rekeys esptun's SA is {now:?}, first {first:?}; charon's CHILD SAs {children:?}"
         ));
     }
+    // charon's rekeys carried a fresh X25519 exchange, which esptun
+    // followed: its current CHILD SA says so.
+    let log = lab.charon_case_log();
+    let pfs = child_pfs(&s);
+    if !pfs_rekey_in(&log, "generating") || pfs != "x25519" {
+        lab.fail(&format!(
+            "charon's CHILD SA rekeys should carry a KE (esp_proposals {ESP_PFS_X25519}) and \
+             esptun's CHILD SA show PFS x25519, not {pfs}"
+        ));
+    }
     traffic(&mut lab, "after the rekeys");
-    eprintln!("{test}: {rounds} TCP rounds across the rekeys; first {first:?}, now {now:?}");
+    eprintln!(
+        "{test}: {rounds} TCP rounds across the rekeys (PFS {pfs}); first {first:?}, now {now:?}"
+    );
 }
 
 /// Both sides rekey the CHILD SA at 60 s (charon without jitter):
@@ -105,11 +141,11 @@ fn strongswan_daemon_rekey_simultaneous() {
     let psk = random_psk();
     let swan = Swan {
         rekey: (0, 60),
-        ..Swan::new(IKE, ESP, &psk)
+        ..Swan::new(IKE, ESP_PFS_ECP256, &psk)
     };
     let side = Side {
         rekey_secs: Some((600, 60)),
-        ..Side::new(true, IKE, ESP, &psk)
+        ..Side::new(true, IKE, ESP_PFS_ECP256, &psk)
     };
     let Some((mut lab, first)) = up(test, &swan, &side) else {
         return;
@@ -147,6 +183,16 @@ fn strongswan_daemon_rekey_simultaneous() {
         .any(|l| l.contains("parsed CREATE_CHILD_SA request"))
     {
         lab.fail("esptun never started a CHILD SA rekey (child_rekey_secs = 60): no collision");
+    }
+    // Both rekeys with a fresh ECP-256 exchange (esptun's PFS from its
+    // esp_proposals), and the survivor says so.
+    let s = lab.status().unwrap_or_else(|e| lab.fail(&e));
+    if !pfs_rekey_in(&log, "parsed") || child_pfs(&s) != "ecp256" {
+        lab.fail(&format!(
+            "esptun's CHILD SA rekey should carry a KE (esp_proposals {ESP_PFS_ECP256}) and its \
+             CHILD SA show PFS ecp256, not {}",
+            child_pfs(&s)
+        ));
     }
 }
 

@@ -37,17 +37,21 @@ pub(super) fn encr_name(e: Encr) -> &'static str {
 }
 
 pub(super) fn suite_name(s: crate::ike::proposal::IkeSuite) -> String {
-    use crate::ike::crypto::{DhGroup, Prf};
+    use crate::ike::crypto::Prf;
     let prf = match s.prf {
         Prf::HmacSha256 => "prfsha256",
         Prf::HmacSha384 => "prfsha384",
         Prf::HmacSha512 => "prfsha512",
     };
-    let dh = match s.dh {
+    format!("{}-{prf}-{}", encr_name(s.encr), dh_name(s.dh))
+}
+
+pub(super) fn dh_name(g: crate::ike::crypto::DhGroup) -> &'static str {
+    use crate::ike::crypto::DhGroup;
+    match g {
         DhGroup::Curve25519 => "x25519",
         DhGroup::Ecp256 => "ecp256",
-    };
-    format!("{}-{prf}-{dh}", encr_name(s.encr))
+    }
 }
 
 /// What a failure means for the operator; never a secret.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::explain::{role_name, suite_name};
+use super::explain::{dh_name, role_name, suite_name};
 use super::keys::{peer_esp_sa_records, wireshark_record};
 use super::{ChildStatus, IkePeerStatus, IkeSaStatus, IkeWorker, NatSaStatus};
 use crate::config::ike::identity_text;
@@ -49,6 +49,7 @@ impl IkeWorker {
                                     installed_secs_ago: secs_since(now, c.installed),
                                     rekey_in_secs: c.rekey_at.map(|t| secs_until(now, t)),
                                     generation: c.generation,
+                                    pfs: c.pfs.map(|g| dh_name(g).to_string()),
                                 })
                                 .collect(),
                             ike_rekeys: s.sa.rekeys().0,

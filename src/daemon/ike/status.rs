@@ -126,6 +126,9 @@ pub struct ChildStatus {
     /// How many rekeys lie behind it (0: made by IKE_AUTH).
     #[serde(default)]
     pub generation: u32,
+    /// The DH group of the rekey that made it (PFS); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pfs: Option<String>,
 }
 
 /// Per peer, since start.

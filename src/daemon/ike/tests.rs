@@ -78,6 +78,7 @@ fn ike_peer(cfg: &Arc<IkeConfig>, remote_id: Identification) -> IkePeer {
             initiate: true,
             ike: cfg.ike.clone(),
             esp: cfg.esp.clone(),
+            pfs: Vec::new(),
             ike_rekey: Duration::from_secs(14400),
             child_rekey: Duration::from_secs(3600),
             liveness: Duration::from_secs(30),
