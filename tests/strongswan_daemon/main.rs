@@ -11,8 +11,10 @@
 //! Working cases (the matrix covers each value at least once): who
 //! initiates (esptun, or charon by `swanctl --initiate`), AES-128 and
 //! AES-256 GCM-16 (IKE and ESP), Curve25519 and ECP-256, ESN on and off,
-//! raw ESP, IPv4 and IPv6 (both ends' addresses, so IKE, ESP, the default
-//! identities and the traffic; each side initiates once over IPv6). Each
+//! raw ESP, ESP proposals with and without a DH group (PFS for rekeys;
+//! IKE_AUTH's CHILD SA has no key exchange either way), IPv4 and IPv6
+//! (both ends' addresses, so IKE, ESP, the default identities and the
+//! traffic; each side initiates once over IPv6). Each
 //! carries ping both ways, 20 UDP datagrams both ways byte-exact, 16 MiB
 //! of TCP zeros both ways checked byte by byte, and esptun's drop
 //! counters and the guest's `/proc/net/xfrm_stat` must not move. The
@@ -104,22 +106,22 @@ struct Case {
 
 const CASES: [Case; 5] = [
     Case {
-        name: "esptun initiates, AES-256-GCM-16 x25519, ESN",
+        name: "esptun initiates, AES-256-GCM-16 x25519, ESN, PFS x25519 configured",
         esptun_initiates: true,
         ike: "aes256gcm16-prfsha256-x25519",
-        esp: "aes256gcm16-esn",
+        esp: "aes256gcm16-x25519-esn",
         swan_ike: "aes256gcm16-prfsha256-x25519",
-        swan_esp: "aes256gcm16-esn",
+        swan_esp: "aes256gcm16-x25519-esn",
         checks: true,
         v6: false,
     },
     Case {
-        name: "charon initiates, AES-128-GCM-16 ECP-256, no ESN",
+        name: "charon initiates, AES-128-GCM-16 ECP-256, no ESN, PFS ecp256 configured",
         esptun_initiates: false,
         ike: "aes128gcm16-prfsha256-ecp256",
-        esp: "aes128gcm16-noesn",
+        esp: "aes128gcm16-ecp256-noesn",
         swan_ike: "aes128gcm16-prfsha256-ecp256",
-        swan_esp: "aes128gcm16-noesn",
+        swan_esp: "aes128gcm16-ecp256-noesn",
         checks: false,
         v6: false,
     },
