@@ -95,13 +95,18 @@ fn established(s: &serde_json::Value) -> Option<Established> {
 /// CHILD SA, and their SAs are in the datapath.
 fn wait_established(lab: &TunnelLab) -> [Established; 2] {
     let deadline = Instant::now() + Duration::from_secs(30);
+    // Established, and its CHILD SA in both directions of the datapath
+    // (the threads install it a moment after the IKE thread reports it).
+    let ready = |side: Side| {
+        let s = status(lab, side);
+        established(&s).filter(|e| {
+            let (inb, out) = datapath_spis(&s);
+            e.2.last()
+                .is_some_and(|c| inb.contains(&c.0) && out.contains(&c.1))
+        })
+    };
     loop {
-        let a = established(&status(lab, Side::A));
-        let b = established(&status(lab, Side::B));
-        if let (Some(a), Some(b)) = (a, b)
-            && !a.2.is_empty()
-            && !b.2.is_empty()
-        {
+        if let (Some(a), Some(b)) = (ready(Side::A), ready(Side::B)) {
             return [a, b];
         }
         if Instant::now() >= deadline {
@@ -1509,12 +1514,17 @@ fn stop_deletes_the_ike_sa(test: &str, tag: &str, subnet: u8, encap: Encap) {
     start_both(&lab);
     let [_, on_b] = wait_established(&lab);
     let child = on_b.2[0];
-    let before = status(&lab, Side::B);
-    let (inb, out) = datapath_spis(&before);
-    check(
+    // The datapath threads install the CHILD SA a moment after the IKE
+    // thread reports it (the outbound SA once the inbound one is in).
+    wait_for(
         &lab,
-        inb.contains(&child.0) && out.contains(&child.1),
-        || format!("b's datapath lacks the CHILD SA {child:x?}: {inb:x?} {out:x?}"),
+        Side::B,
+        Duration::from_secs(5),
+        "the CHILD SA in b's datapath",
+        |s| {
+            let (inb, out) = datapath_spis(s);
+            inb.contains(&child.0) && out.contains(&child.1)
+        },
     );
     let asked = Instant::now();
     let exit = lab
