@@ -12,7 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{check, fail};
+use common::{Established, check, established, fail};
 use esptun::lab::demo::{LabOptions, Side, TunnelLab};
 use esptun::lab::tunnel::LabIke;
 use esptun::wire::outer::Encap;
@@ -61,34 +61,6 @@ fn ike_lab_with(
 fn status(lab: &TunnelLab, side: Side) -> serde_json::Value {
     lab.status(side)
         .unwrap_or_else(|e| fail(lab, &format!("status of {side:?}: {e}")))
-}
-
-/// An established IKE SA as `status` shows it: (SPIi, SPIr, CHILD SAs as
-/// (inbound SPI, outbound SPI)).
-type Established = (String, String, Vec<(u64, u64)>);
-
-/// The established IKE SA of a side's one peer, once there is one.
-fn established(s: &serde_json::Value) -> Option<Established> {
-    let peer = &s["ike"]["peers"][0];
-    let sa = peer["sas"]
-        .as_array()?
-        .iter()
-        .find(|sa| sa["state"] == "established")?;
-    let children = sa["children"]
-        .as_array()?
-        .iter()
-        .map(|c| {
-            (
-                c["inbound_spi"].as_u64().unwrap_or(0),
-                c["outbound_spi"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    Some((
-        sa["spi_i"].as_str()?.to_string(),
-        sa["spi_r"].as_str()?.to_string(),
-        children,
-    ))
 }
 
 /// Waits (bounded) until both sides show an established IKE SA with a

@@ -209,3 +209,31 @@ pub fn check(lab: &esptun::lab::demo::TunnelLab, ok: bool, message: impl FnOnce(
         fail(lab, &message());
     }
 }
+
+/// An established IKE SA as `status` shows it: (SPIi, SPIr, CHILD SAs as
+/// (inbound SPI, outbound SPI)).
+pub type Established = (String, String, Vec<(u64, u64)>);
+
+/// The established IKE SA of a side's one peer, once there is one.
+pub fn established(s: &serde_json::Value) -> Option<Established> {
+    let peer = &s["ike"]["peers"][0];
+    let sa = peer["sas"]
+        .as_array()?
+        .iter()
+        .find(|sa| sa["state"] == "established")?;
+    let children = sa["children"]
+        .as_array()?
+        .iter()
+        .map(|c| {
+            (
+                c["inbound_spi"].as_u64().unwrap_or(0),
+                c["outbound_spi"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    Some((
+        sa["spi_i"].as_str()?.to_string(),
+        sa["spi_r"].as_str()?.to_string(),
+        children,
+    ))
+}

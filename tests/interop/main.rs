@@ -59,6 +59,7 @@ mod common;
 mod cases;
 mod corrupt;
 mod counters;
+mod craft;
 mod guest;
 mod host;
 mod report;

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use esptun::crypto::{IcvLen, soft};
+use esptun::crypto::IcvLen;
 use esptun::sa::KeyMaterial;
-use esptun::wire::esp;
 
 use crate::common::{run_bounded, wait_bounded};
+use crate::craft::{UDP, craft, crafted_payload, udp_segment};
 use crate::lab::{GUEST, HOST, Lab};
 use crate::workload::Established;
 use crate::{UDP_COUNT, UDP_SIZE};
@@ -327,80 +327,6 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
     Ok(lines)
 }
 
-/// Internet checksum over `parts`.
-fn csum(parts: &[&[u8]]) -> u16 {
-    let mut sum = 0u32;
-    for p in parts {
-        for c in p.chunks(2) {
-            let w = if c.len() == 2 {
-                u16::from_be_bytes([c[0], c[1]])
-            } else {
-                u16::from(c[0]) << 8
-            };
-            sum += u32::from(w);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A UDP datagram guest:7001 -> host:7000 with a right checksum.
-fn udp_segment(payload: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(8 + payload.len()).expect("small");
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&7001u16.to_be_bytes());
-    seg.extend_from_slice(&7000u16.to_be_bytes());
-    seg.extend_from_slice(&len.to_be_bytes());
-    seg.extend_from_slice(&[0, 0]);
-    seg.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&GUEST.octets());
-    pseudo.extend_from_slice(&HOST.octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&len.to_be_bytes());
-    let c = csum(&[&pseudo, &seg]);
-    seg[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
-    seg
-}
-
-/// The ESP packet (SPI onwards) of tests/interop/corrupt.rs's `craft`:
-/// with `corrupt`, plaintext block 2 replaced by block 1 before a valid
-/// seal.
-fn craft(
-    key: &KeyMaterial,
-    spi: u32,
-    seq: u64,
-    esn: bool,
-    segment: &[u8],
-    corrupt: bool,
-) -> Vec<u8> {
-    let pad = esp::pad_len(segment.len());
-    let mut plaintext = segment.to_vec();
-    plaintext.resize(segment.len() + pad + esp::TRAILER_LEN, 0);
-    esp::emit_trailer(&mut plaintext[segment.len()..], 17);
-    if corrupt {
-        let (head, tail) = plaintext.split_at_mut(32);
-        tail[..16].copy_from_slice(&head[16..32]);
-    }
-    let mut header = [0u8; esp::HEADER_LEN + esp::IV_LEN];
-    esp::emit_header(&mut header, spi, seq);
-    let nonce = esp::nonce(*key.salt(), seq.to_be_bytes());
-    let (aad, aad_len) = esp::aad(spi, seq, esn);
-    let sealer = soft::provider()
-        .new_key(key.key(), IcvLen::Icv16)
-        .expect("soft provider key");
-    let mut tag = [0u8; 16];
-    sealer
-        .seal_in_place(&nonce, &aad[..aad_len], &mut plaintext, &mut tag)
-        .expect("seal");
-    let mut packet = header.to_vec();
-    packet.extend_from_slice(&plaintext);
-    packet.extend_from_slice(&tag);
-    packet
-}
-
 /// Raw ESP from "the guest" (an IPv4 header written here) to esptun,
 /// through the namespace's own stack.
 fn inject(lab: &Lab, esp_packet: &[u8]) -> Result<(), String> {
@@ -409,7 +335,7 @@ fn inject(lab: &Lab, esp_packet: &[u8]) -> Result<(), String> {
     ip[2..4].copy_from_slice(&total.to_be_bytes());
     ip.extend_from_slice(&GUEST.octets());
     ip.extend_from_slice(&HOST.octets());
-    let c = csum(&[&ip]);
+    let c = esptun::wire::checksum::finish(esptun::wire::checksum::sum(&ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     ip.extend_from_slice(esp_packet);
     lab.ns
@@ -439,13 +365,12 @@ pub fn corrupted_block(lab: &mut Lab, sa: &Established, esn: bool) -> Result<Vec
         .find(|s| s.2 == inb && s.0 == IpAddr::V4(GUEST))
         .ok_or_else(|| format!("no guest SA {inb:08x}"))?;
     let key = KeyMaterial::from_bytes(&key).map_err(|e| e.to_string())?;
-    let payload: Vec<u8> = (0..64u8)
-        .map(|i| i.wrapping_mul(7).wrapping_add(0x41))
-        .collect();
-    let seg = udp_segment(&payload);
+    // The datagram of tests/interop/corrupt.rs: guest:7001 -> host:7000.
+    let payload = crafted_payload();
+    let seg = udp_segment(IpAddr::V4(GUEST), IpAddr::V4(HOST), 7001, 7000, &payload);
     let seq = 1u64 << 22;
-    let good = craft(&key, inb, seq, esn, &seg, false);
-    let bad = craft(&key, inb, seq + 1, esn, &seg, true);
+    let (good, _) = craft(&key, inb, seq, esn, UDP, &seg, false);
+    let (bad, _) = craft(&key, inb, seq + 1, esn, UDP, &seg, true);
     let sock = lab
         .ns
         .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(HOST), 7000)))

@@ -52,6 +52,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 #[allow(dead_code)]
+#[path = "../interop/craft.rs"]
+mod craft;
+#[allow(dead_code)]
 #[path = "../interop/guest.rs"]
 mod guest;
 #[allow(dead_code)]

@@ -11,31 +11,7 @@ use crate::lab::Lab;
 use crate::traffic::{tcp_send_zeros, tcp_sink, udp_echo, udp_sink};
 use crate::{CMD_TIMEOUT, TCP_BYTES, TRAFFIC_TIMEOUT, UDP_COUNT, UDP_SIZE};
 
-/// The established IKE SA of esptun's one peer: (SPIi, SPIr, CHILD SAs
-/// as (inbound SPI, outbound SPI)).
-pub type Established = (String, String, Vec<(u64, u64)>);
-
-pub fn established(s: &serde_json::Value) -> Option<Established> {
-    let sa = s["ike"]["peers"][0]["sas"]
-        .as_array()?
-        .iter()
-        .find(|sa| sa["state"] == "established")?;
-    let children: Vec<(u64, u64)> = sa["children"]
-        .as_array()?
-        .iter()
-        .map(|c| {
-            (
-                c["inbound_spi"].as_u64().unwrap_or(0),
-                c["outbound_spi"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    Some((
-        sa["spi_i"].as_str()?.to_string(),
-        sa["spi_r"].as_str()?.to_string(),
-        children,
-    ))
-}
+pub use crate::common::{Established, established};
 
 /// Waits (bounded) until esptun shows an established IKE SA with a CHILD
 /// SA in its datapath and charon an INSTALLED CHILD SA with the same

@@ -1,5 +1,6 @@
 //! Rekeys offer the current suite first (RFC 7296 1.3.2, 1.3.3, 2.8); INVALID_KE_PAYLOAD retries.
 
+use super::tests::sends;
 use super::tests_harness::{Net, Party};
 use super::tests_rekey::{assert_keymat, failures_of, nonce, only_child};
 use super::*;
@@ -11,17 +12,6 @@ use crate::ike::wire::sa_payload::Proposal;
 
 const X: DhGroup = DhGroup::Curve25519;
 const P: DhGroup = DhGroup::Ecp256;
-
-/// The bytes the actions send.
-fn sends(actions: &[Action]) -> Vec<Vec<u8>> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send(b) => Some(b.clone()),
-            _ => None,
-        })
-        .collect()
-}
 
 /// The one request a rekey sends.
 fn the_request(actions: &[Action]) -> Vec<u8> {
