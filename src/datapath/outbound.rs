@@ -245,8 +245,8 @@ impl Outbound {
         };
         // Corruption between the kernel and the cipher is caught here,
         // before a valid ICV would vouch for it.
-        let mut shape = if carried.is_some() {
-            hop_by_hop::validate_behind(buf.data(), self.policy)?.0
+        let mut shape = if let Some(h) = carried {
+            hop_by_hop::validate_behind(buf.data(), h, self.policy)?
         } else if self.policy.fill_udp4_zero_checksum {
             // A zero UDP checksum is filled in below, so it passes here.
             let policy = InnerPolicy {

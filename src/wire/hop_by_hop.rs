@@ -63,14 +63,16 @@ pub fn first_header(packet: &[u8]) -> Result<Option<HopByHop>, InnerError> {
 /// Validates an IPv6 packet with a hop-by-hop header as it will be sealed:
 /// the transport checksum behind the header (destination options walked
 /// as usual; a second hop-by-hop header or a routing header is refused).
-/// The result's `header_len` covers the IPv6 and hop-by-hop headers, which
-/// stay outside ESP, so the ESP header goes right behind them, and its
-/// `protocol` is the header after the hop-by-hop header: ESP's next header.
+/// `hbh` is the packet's header as [`first_header`] found it (taken, not
+/// parsed again). The result's `header_len` covers the IPv6 and hop-by-hop
+/// headers, which stay outside ESP, so the ESP header goes right behind
+/// them, and its `protocol` is the header after the hop-by-hop header:
+/// ESP's next header.
 pub fn validate_behind(
     packet: &[u8],
+    hbh: HopByHop,
     policy: InnerPolicy,
-) -> Result<(Validated, HopByHop), InnerError> {
-    let hbh = first_header(packet)?.ok_or(InnerError::TransportHeader)?;
+) -> Result<Validated, InnerError> {
     let ip = Ipv6Packet::new_checked(packet)?;
     let (src, dst) = (ip.src(), ip.dst());
     let total_len = IPV6_HEADER_LEN + usize::from(ip.payload_len());
@@ -79,17 +81,14 @@ pub fn validate_behind(
         .get(hbh.len..)
         .ok_or(InnerError::TransportHeader)?;
     let verdict = inner::validate_segment(Pseudo::V6(src, dst), hbh.next, segment, policy)?;
-    Ok((
-        Validated {
-            verdict,
-            header_len: IPV6_HEADER_LEN + hbh.len,
-            total_len,
-            protocol: hbh.next,
-            src: IpAddr::from(src),
-            dst: IpAddr::from(dst),
-        },
-        hbh,
-    ))
+    Ok(Validated {
+        verdict,
+        header_len: IPV6_HEADER_LEN + hbh.len,
+        total_len,
+        protocol: hbh.next,
+        src: IpAddr::from(src),
+        dst: IpAddr::from(dst),
+    })
 }
 
 /// Inbound: writes `hop_by_hop` (as the socket reported the outer packet's,
@@ -259,7 +258,8 @@ mod tests {
                 validate(&p, InnerPolicy::default()),
                 Err(InnerError::HopByHop)
             );
-            let (v, hbh) = validate_behind(&p, InnerPolicy::default()).expect("valid");
+            let hbh = first_header(&p).expect("valid").expect("has one");
+            let v = validate_behind(&p, hbh, InnerPolicy::default()).expect("valid");
             assert_eq!(
                 hbh,
                 HopByHop {
@@ -278,7 +278,7 @@ mod tests {
             let last = bad.len() - 1;
             bad[last] ^= 1;
             assert_eq!(
-                validate_behind(&bad, InnerPolicy::default()).map(|v| v.0.verdict),
+                validate_behind(&bad, hbh, InnerPolicy::default()).map(|v| v.verdict),
                 Err(InnerError::Checksum)
             );
         }
@@ -302,7 +302,8 @@ mod tests {
                 next: protocol::UDP
             }))
         );
-        assert!(validate_behind(&most, InnerPolicy::default()).is_ok());
+        let hbh = first_header(&most).expect("valid").expect("has one");
+        assert!(validate_behind(&most, hbh, InnerPolicy::default()).is_ok());
         let long = with_hop_by_hop(
             &plain,
             &[1, 68].iter().copied().chain([0; 68]).collect::<Vec<_>>(),
@@ -314,12 +315,14 @@ mod tests {
         // A routing header behind it is still refused by name.
         let mut routed = with_hop_by_hop(&plain, &OPTIONS);
         routed[40] = protocol::IPV6_ROUTING;
+        let hbh = first_header(&routed).expect("valid").expect("has one");
         assert_eq!(
-            validate_behind(&routed, InnerPolicy::default()).map(|v| v.1),
+            validate_behind(&routed, hbh, InnerPolicy::default()).map(|v| v.verdict),
             Err(InnerError::RoutingHeader)
         );
+        // A header that is not there (more bytes than follow IPv6).
         assert_eq!(
-            validate_behind(&plain, InnerPolicy::default()).map(|v| v.1),
+            validate_behind(&plain, hbh, InnerPolicy::default()).map(|v| v.verdict),
             Err(InnerError::TransportHeader)
         );
     }
@@ -329,7 +332,8 @@ mod tests {
         for proto in [protocol::TCP, protocol::UDP, protocol::ICMPV6] {
             let plain = build::ipv6(A6, B6, proto, b"round trip");
             let sent = with_hop_by_hop(&plain, &OPTIONS);
-            let (v, hbh) = validate_behind(&sent, InnerPolicy::default()).expect("valid");
+            let hbh = first_header(&sent).expect("valid").expect("has one");
+            let v = validate_behind(&sent, hbh, InnerPolicy::default()).expect("valid");
             // What the receiver has: the decrypted payload at some offset,
             // and the header as IPV6_RECVHOPOPTS reports it (the outer
             // packet's next header there, ESP's 50, not the inner one).

@@ -350,32 +350,28 @@ impl OuterSocket {
                         *waits += 1;
                         self.wait_writable(code, deadline - now);
                     }
-                    // A device or kernel that cannot segment (udp(7):
-                    // EIO without checksum offload, EINVAL on some point
-                    // releases): GSO off for good, the rest resent plain.
                     // A train whose segments exceed the path MTU the
                     // kernel learned (udp_send_skb: a GSO segment is never
                     // fragmented; EMSGSIZE, EINVAL before Linux 6.x when
                     // the segment does not fit): sent again one by one,
-                    // which the host may fragment (IP_PMTUDISC_WANT). Not a
-                    // refusal of GSO itself, which stays on.
-                    libc::EMSGSIZE if train > 1 => {
-                        plain = true;
-                        gso_refused = true;
-                        break;
-                    }
-                    // A train with a hop-by-hop header: GSO with an
+                    // which the host may fragment (IP_PMTUDISC_WANT). And
+                    // a train with a hop-by-hop header: GSO with an
                     // extension header is this kernel's to refuse (it
-                    // accepts it on Linux 6.x), which says nothing about
+                    // accepts it on Linux 6.x). Neither is a refusal of
                     // GSO itself: the rest of the chunk goes plain, GSO
                     // stays on.
-                    libc::EIO | libc::EINVAL
-                        if train > 1 && !hbhs[first + trains[next].0].is_empty() =>
+                    libc::EMSGSIZE | libc::EIO | libc::EINVAL
+                        if train > 1
+                            && (code == libc::EMSGSIZE
+                                || !hbhs[first + trains[next].0].is_empty()) =>
                     {
                         plain = true;
                         gso_refused = true;
                         break;
                     }
+                    // A device or kernel that cannot segment (udp(7):
+                    // EIO without checksum offload, EINVAL on some point
+                    // releases): GSO off for good, the rest resent plain.
                     libc::EIO | libc::EINVAL if train > 1 => {
                         self.gso.store(false, Ordering::Relaxed);
                         self.gso_refused.fetch_add(1, Ordering::Relaxed);

@@ -242,6 +242,61 @@ fn control_messages_fit_the_buffer() {
     assert_eq!(hopopts::read(&h, &mut out), Some(8));
 }
 
+// `hopopts::read` against the encoder the send path uses.
+#[test]
+fn a_header_round_trips_through_the_control_message() {
+    for header in [
+        &[0u8, 0, 1, 4, 0, 0, 0, 0][..],
+        &[
+            17, 1, 0x1e, 4, 0xde, 0xad, 0xbe, 0xef, 1, 6, 0, 0, 0, 0, 0, 0,
+        ][..],
+        &{
+            let mut h = [0u8; hop_by_hop::MAX_LEN];
+            h[1] = 7;
+            h[2] = 1;
+            h[3] = 60;
+            h
+        }[..],
+    ] {
+        let mut control = Control::EMPTY;
+        // SAFETY: an all-zero msghdr is valid (no pointers in use).
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        control.put(&mut h, None, None, header);
+        assert!(!h.msg_control.is_null());
+        // SAFETY: CMSG_SPACE only computes a length.
+        let space = unsafe { libc::CMSG_SPACE(header.len() as u32) } as usize;
+        assert_eq!(h.msg_controllen, space);
+        assert!(h.msg_controllen <= hopopts::SPACE);
+        let mut out = [0u8; hop_by_hop::MAX_LEN];
+        assert_eq!(hopopts::read(&h, &mut out), Some(header.len()));
+        assert_eq!(&out[..header.len()], header);
+    }
+}
+
+#[test]
+fn empty_long_absent_and_inconsistent_headers_are_refused() {
+    let mut control = Control::EMPTY;
+    // SAFETY: an all-zero msghdr is valid (no pointers in use).
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    control.put(&mut h, None, None, &[]);
+    assert!(h.msg_control.is_null() && h.msg_controllen == 0);
+    control.put(&mut h, None, None, &[0; hop_by_hop::MAX_LEN + 8]);
+    assert!(h.msg_control.is_null(), "left untouched");
+    assert_eq!(h.msg_controllen, 0);
+    let mut out = [0u8; hop_by_hop::MAX_LEN];
+    assert_eq!(hopopts::read(&h, &mut out), None, "no control data");
+    // A header whose length byte claims 16 bytes in an 8-byte message.
+    control.put(&mut h, None, None, &[0, 1, 1, 4, 0, 0, 0, 0]);
+    assert!(!h.msg_control.is_null());
+    assert_eq!(hopopts::read(&h, &mut out), None);
+    // Another message type is not taken for one.
+    control.put(&mut h, None, None, &[0, 0, 1, 4, 0, 0, 0, 0]);
+    assert_eq!(hopopts::read(&h, &mut out), Some(8));
+    // SAFETY: `h` points at `control`, which `put` just filled.
+    unsafe { (*libc::CMSG_FIRSTHDR(&h)).cmsg_type = libc::IPV6_TCLASS };
+    assert_eq!(hopopts::read(&h, &mut out), None);
+}
+
 #[test]
 fn ipv4_header_strip() {
     let mut header = [0u8; IPV4_HEADER_LEN];

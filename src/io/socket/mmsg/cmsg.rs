@@ -46,7 +46,9 @@ impl Control {
         tos: Option<(Family, u8)>,
         hop_by_hop: &[u8],
     ) {
-        // The caller never passes a longer one; refused rather than cut.
+        // `send_chunk` never passes a longer one, but this safe function
+        // does not rely on it: the bound keeps the writes below within
+        // CONTROL_LEN. Refused rather than cut.
         let hop_by_hop = if hop_by_hop.len() <= hop_by_hop::MAX_LEN {
             hop_by_hop
         } else {
