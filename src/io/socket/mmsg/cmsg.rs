@@ -71,7 +71,8 @@ impl Control {
         // bytes, the assertion above).
         h.msg_controllen = total as _;
         // SAFETY: `h` points at this buffer, which is cmsghdr-aligned and
-        // at least `total` bytes long (two CMSG_SPACE(4) at most), so each
+        // at least `total` bytes long (two CMSG_SPACE(4) and one of a
+        // header of at most hop_by_hop::MAX_LEN bytes), so each
         // header CMSG_FIRSTHDR/CMSG_NXTHDR returns and its data lie within
         // it; both are non-null because `total` leaves room for each
         // message written (checked, not assumed).
