@@ -378,8 +378,6 @@ impl IkeWorker {
         p.counters.established += 1;
         if let Some(g) = self.gate.as_mut() {
             g.completed(s.sa.spis().0);
-            self.cookies.half_open = g.half_open() as u64;
-            self.cookies.demanding = g.demanding();
         }
         p.contacted = true;
         let (spi_i, spi_r) = s.sa.spis();

@@ -325,8 +325,6 @@ impl IkeWorker {
         };
         let demanding = gate.demanding();
         let verdict = gate.check(bytes, from, now, &mut self.rng);
-        self.cookies.half_open = gate.half_open() as u64;
-        self.cookies.demanding = gate.demanding();
         match verdict {
             Verdict::Accept => {
                 if demanding {
@@ -362,8 +360,6 @@ impl IkeWorker {
             return;
         }
         let gone = gate.expire(now, &mut self.rng);
-        self.cookies.half_open = gate.half_open() as u64;
-        self.cookies.demanding = gate.demanding();
         self.cookies.expired += gone.len() as u64;
         for p in &mut self.peers {
             p.slots.retain(|s| {
