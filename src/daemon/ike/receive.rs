@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{
-    IkeWorker, LOG_EVERY, NON_ESP_MARKER, PEER_STARTED, RETRY_MAX, SAS_PER_PEER, Slot, Via,
-};
+use super::{IkeWorker, LOG_EVERY, NON_ESP_MARKER, PEER_STARTED, SAS_PER_PEER, Slot, Via};
 use crate::ike::cookie::Verdict;
 use crate::ike::sa::{Action, ChildState, IkeSa, NatPolicy, Output, Role, Route};
 use crate::ike::wire::consts::exchange;
@@ -225,8 +223,7 @@ impl IkeWorker {
                 self.log_failure(i, &text, now);
                 let p = &mut self.peers[i];
                 if p.cfg.ike.initiate {
-                    p.next_initiate = Some(now + p.backoff);
-                    p.backoff = (p.backoff * 2).min(RETRY_MAX);
+                    p.back_off(now);
                 }
             }
             Ok(out) => {
