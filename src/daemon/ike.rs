@@ -329,6 +329,13 @@ impl Slot {
     fn live(&self) -> bool {
         self.established && !self.closing && self.sa.status() == crate::ike::sa::Status::Established
     }
+
+    /// Whether messages with initiator SPI `spi_i` belong to this IKE SA:
+    /// its own, or after a rekey the old SPIs, which stay routed to it
+    /// until their Delete exchange ends (RFC 7296 section 2.18).
+    fn owns(&self, spi_i: u64) -> bool {
+        self.sa.spis().0 == spi_i || self.sa.retiring_spis().iter().any(|r| r.0 == spi_i)
+    }
 }
 
 /// One peer's IKE state.

@@ -155,10 +155,11 @@ impl IkeWorker {
         let local = self.local(i, via, header.exchange == exchange::IKE_SA_INIT);
         // After an IKE SA rekey the old SPIs stay routed to the same SA
         // until its Delete exchange ends (RFC 7296 section 2.18).
-        let slot = match self.peers[i].slots.iter().position(|s| {
-            s.sa.spis().0 == header.spi_i
-                || s.sa.retiring_spis().iter().any(|r| r.0 == header.spi_i)
-        }) {
+        let slot = match self.peers[i]
+            .slots
+            .iter()
+            .position(|s| s.owns(header.spi_i))
+        {
             Some(s) => s,
             None if !header.is_response()
                 && header.exchange == exchange::IKE_SA_INIT
@@ -265,11 +266,9 @@ impl IkeWorker {
     /// checks its identity and PSK).
     fn peer_of(&self, header: Option<&Header>, from: SocketAddr) -> Option<usize> {
         let by_spi = header.filter(|h| h.spi_i != 0).and_then(|h| {
-            self.peers.iter().position(|p| {
-                p.slots.iter().any(|s| {
-                    s.sa.spis().0 == h.spi_i || s.sa.retiring_spis().iter().any(|r| r.0 == h.spi_i)
-                })
-            })
+            self.peers
+                .iter()
+                .position(|p| p.slots.iter().any(|s| s.owns(h.spi_i)))
         });
         by_spi
             .or_else(|| self.peers.iter().position(|p| p.cfg.endpoint == from.ip()))
