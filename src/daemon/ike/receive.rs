@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::send::packets_grew;
 use super::{IkeWorker, LOG_EVERY, NON_ESP_MARKER, PEER_STARTED, SAS_PER_PEER, Slot, Via};
 use crate::ike::cookie::Verdict;
 use crate::ike::sa::{Action, ChildState, IkeSa, NatPolicy, Output, Role, Route};
@@ -382,13 +383,9 @@ impl IkeWorker {
         };
         let mut next = Vec::with_capacity(rows.len());
         for (peer, spi, packets) in rows {
-            let before = self
-                .inbound_packets
-                .iter()
-                .find(|(s, _)| *s == spi)
-                .map_or(0, |(_, n)| *n);
+            let grew = packets_grew(&self.inbound_packets, spi, packets);
             next.push((spi, packets));
-            if packets <= before {
+            if !grew {
                 continue;
             }
             let Some(p) = self.peers.iter_mut().find(|p| p.cfg.name == peer) else {

@@ -132,10 +132,14 @@ impl IkeWorker {
 /// Whether ESP went out since the last look: an outbound SA's packet
 /// count (SPI, packets) grew over `before`, or a new SA has sent.
 pub(super) fn esp_sent(before: &[(u32, u64)], now: &[(u32, u64)]) -> bool {
-    now.iter().any(|&(spi, n)| {
-        n > before
-            .iter()
-            .find(|&&(s, _)| s == spi)
-            .map_or(0, |&(_, b)| b)
-    })
+    now.iter().any(|&(spi, n)| packets_grew(before, spi, n))
+}
+
+/// Whether SA `spi`'s packet count `n` grew over its count in the
+/// snapshot `before` (SPI, packets); an SA not in it counted none.
+pub(super) fn packets_grew(before: &[(u32, u64)], spi: u32, n: u64) -> bool {
+    n > before
+        .iter()
+        .find(|&&(s, _)| s == spi)
+        .map_or(0, |&(_, b)| b)
 }
