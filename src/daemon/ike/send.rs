@@ -54,16 +54,14 @@ impl IkeWorker {
             self.sockets.v4.as_ref()
         };
         match socket {
-            Some(socket) if self.sockets.encap.is_udp() => {
-                match socket.send_batch(&[(datagram, to)]) {
-                    Ok(r) if r.failed == 0 => Ok(()),
-                    Ok(r) => Err(r
-                        .last_error
-                        .unwrap_or_else(|| std::io::Error::other("not sent"))),
-                    Err(e) => Err(e),
-                }
-            }
-            _ => Err(std::io::Error::other("no NAT-T socket of this family")),
+            Some(socket) => match socket.send_batch(&[(datagram, to)]) {
+                Ok(r) if r.failed == 0 => Ok(()),
+                Ok(r) => Err(r
+                    .last_error
+                    .unwrap_or_else(|| std::io::Error::other("not sent"))),
+                Err(e) => Err(e),
+            },
+            None => Err(std::io::Error::other("no NAT-T socket of this family")),
         }
     }
 
