@@ -95,7 +95,9 @@ use crate::config::IkePeer;
 use crate::config::ike::load_psk;
 use crate::ike::cookie::CookieGate;
 use crate::ike::crypto::SystemRandomness;
-use crate::ike::sa::{ChildSa, Config as IkeConfig, IkeError, IkeSa, Policy, Retransmit};
+use crate::ike::sa::{
+    ChildSa, ChildState, Config as IkeConfig, IkeError, IkeSa, Policy, Retransmit,
+};
 use crate::io::ike_socket::{IkeSocket, MAX_MESSAGE};
 use crate::sa::keymgr::PeerSas;
 
@@ -328,6 +330,15 @@ impl Slot {
     /// Established and not being deleted: one that stands for the peer.
     fn live(&self) -> bool {
         self.established && !self.closing && self.sa.status() == crate::ike::sa::Status::Established
+    }
+
+    /// Whether it has a usable CHILD SA (one not being deleted): one
+    /// that carries traffic.
+    fn carries(&self) -> bool {
+        self.sa
+            .children()
+            .iter()
+            .any(|c| c.state != ChildState::Deleting)
     }
 
     /// Whether messages with initiator SPI `spi_i` belong to this IKE SA:
