@@ -240,11 +240,7 @@ pub fn parse_ike_proposals(list: &[String]) -> Result<IkeAlgorithms, String> {
                 _ => None,
             } {
                 prf.replace(f).is_none()
-            } else if let Some(g) = match part {
-                "x25519" | "curve25519" | "modp-x25519" => Some(DhGroup::Curve25519),
-                "ecp256" => Some(DhGroup::Ecp256),
-                _ => None,
-            } {
+            } else if let Some(g) = dh_group_name(part) {
                 dh.replace(g).is_none()
             } else {
                 return Err(format!(
@@ -301,11 +297,7 @@ pub fn parse_esp_proposals(list: &[String]) -> Result<(EspAlgorithms, Vec<DhGrou
         let Some(encr) = parts.next().and_then(encr_name) else {
             return Err(usage(p));
         };
-        let group = match parts.peek().copied() {
-            Some("x25519" | "curve25519") => Some(DhGroup::Curve25519),
-            Some("ecp256") => Some(DhGroup::Ecp256),
-            _ => None,
-        };
+        let group = parts.peek().copied().and_then(dh_group_name);
         if group.is_some() {
             parts.next();
         }
@@ -336,6 +328,15 @@ fn encr_name(part: &str) -> Option<Encr> {
     match part {
         "aes256gcm16" | "aes256gcm" => Some(Encr::AesGcm16_256),
         "aes128gcm16" | "aes128gcm" => Some(Encr::AesGcm16_128),
+        _ => None,
+    }
+}
+
+/// A DH group's name in a proposal, for IKE and ESP (PFS) alike.
+fn dh_group_name(part: &str) -> Option<DhGroup> {
+    match part {
+        "x25519" | "curve25519" | "modp-x25519" => Some(DhGroup::Curve25519),
+        "ecp256" => Some(DhGroup::Ecp256),
         _ => None,
     }
 }

@@ -95,7 +95,9 @@ use crate::config::IkePeer;
 use crate::config::ike::load_psk;
 use crate::ike::cookie::CookieGate;
 use crate::ike::crypto::SystemRandomness;
-use crate::ike::sa::{ChildSa, Config as IkeConfig, IkeError, IkeSa, Policy, Retransmit};
+use crate::ike::sa::{
+    ChildSa, ChildState, Config as IkeConfig, IkeError, IkeSa, Policy, Retransmit,
+};
 use crate::io::ike_socket::{IkeSocket, MAX_MESSAGE};
 use crate::sa::keymgr::PeerSas;
 
@@ -328,6 +330,22 @@ impl Slot {
     /// Established and not being deleted: one that stands for the peer.
     fn live(&self) -> bool {
         self.established && !self.closing && self.sa.status() == crate::ike::sa::Status::Established
+    }
+
+    /// Whether it has a usable CHILD SA (one not being deleted): one
+    /// that carries traffic.
+    fn carries(&self) -> bool {
+        self.sa
+            .children()
+            .iter()
+            .any(|c| c.state != ChildState::Deleting)
+    }
+
+    /// Whether messages with initiator SPI `spi_i` belong to this IKE SA:
+    /// its own, or after a rekey the old SPIs, which stay routed to it
+    /// until their Delete exchange ends (RFC 7296 section 2.18).
+    fn owns(&self, spi_i: u64) -> bool {
+        self.sa.spis().0 == spi_i || self.sa.retiring_spis().iter().any(|r| r.0 == spi_i)
     }
 }
 

@@ -280,7 +280,7 @@ impl IkeWorker {
         let Some(child) = p.kept.iter().find(|c| c.inbound_spi == live.inbound_spi) else {
             return;
         };
-        let child = copy_child(child);
+        let child = child.clone();
         tracing::info!(
             peer = %p.cfg.name,
             inbound_spi = format_args!("{:#010x}", child.inbound_spi),
@@ -326,7 +326,7 @@ impl IkeWorker {
         let p = &mut self.peers[i];
         let (inbound_spi, outbound_spi) = (child.inbound_spi, child.outbound_spi);
         let esn = child.esn;
-        p.kept.push(copy_child(&child));
+        p.kept.push(child.clone());
         p.current = Some((inbound_spi, outbound_spi));
         // An `any_source` peer is where its IKE SA last heard it.
         let learned = p
@@ -378,8 +378,6 @@ impl IkeWorker {
         p.counters.established += 1;
         if let Some(g) = self.gate.as_mut() {
             g.completed(s.sa.spis().0);
-            self.cookies.half_open = g.half_open() as u64;
-            self.cookies.demanding = g.demanding();
         }
         p.contacted = true;
         let (spi_i, spi_r) = s.sa.spis();
@@ -418,23 +416,5 @@ impl IkeWorker {
             self.close_slot(i, k, now);
         }
         self.publish_keys();
-    }
-}
-
-/// A copy of a CHILD SA's keys and parameters (the original goes to the
-/// key manager).
-fn copy_child(c: &ChildSa) -> ChildSa {
-    ChildSa {
-        inbound_spi: c.inbound_spi,
-        outbound_spi: c.outbound_spi,
-        inbound: c.inbound.clone(),
-        outbound: c.outbound.clone(),
-        encr: c.encr,
-        esn: c.esn,
-        transport_mode: c.transport_mode,
-        local_ts: c.local_ts.clone(),
-        remote_ts: c.remote_ts.clone(),
-        udp_encap: c.udp_encap,
-        original: c.original,
     }
 }

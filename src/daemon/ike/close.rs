@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::explain::{count, explain};
 use super::{IkeWorker, LOG_EVERY, STOP_WAIT, Slot};
-use crate::ike::sa::{ChildState, IkeError, Role};
+use crate::ike::sa::{IkeError, Role};
 
 impl IkeWorker {
     /// The daemon stops: each established IKE SA is deleted (RFC 7296
@@ -89,11 +89,7 @@ impl IkeWorker {
         let Some(s) = p.slots.get_mut(slot) else {
             return;
         };
-        let usable =
-            s.sa.children()
-                .iter()
-                .any(|c| c.state != ChildState::Deleting);
-        if usable || s.sa.status() != crate::ike::sa::Status::Established {
+        if s.carries() || s.sa.status() != crate::ike::sa::Status::Established {
             return;
         }
         s.close_when_idle = true;

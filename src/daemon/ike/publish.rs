@@ -80,7 +80,14 @@ impl IkeWorker {
             })
             .collect();
         *self.ike.status.lock().unwrap_or_else(|p| p.into_inner()) = rows;
-        *self.ike.cookies.lock().unwrap_or_else(|p| p.into_inner()) = self.cookies.clone();
+        // The gauges are read from the gate itself: it changes wherever a
+        // responder completes or is given up, so a stored copy went stale.
+        let mut cookies = self.cookies.clone();
+        if let Some(g) = self.gate.as_ref() {
+            cookies.half_open = g.half_open() as u64;
+            cookies.demanding = g.demanding();
+        }
+        *self.ike.cookies.lock().unwrap_or_else(|p| p.into_inner()) = cookies;
     }
 
     /// The established IKE SAs' keys and the CHILD SAs' keys, for

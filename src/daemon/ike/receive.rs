@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{
-    IkeWorker, LOG_EVERY, NON_ESP_MARKER, PEER_STARTED, RETRY_MAX, SAS_PER_PEER, Slot, Via,
-};
+use super::send::packets_grew;
+use super::{IkeWorker, LOG_EVERY, NON_ESP_MARKER, PEER_STARTED, SAS_PER_PEER, Slot, Via};
 use crate::ike::cookie::Verdict;
 use crate::ike::sa::{Action, ChildState, IkeSa, NatPolicy, Output, Role, Route};
 use crate::ike::wire::consts::exchange;
@@ -157,10 +156,11 @@ impl IkeWorker {
         let local = self.local(i, via, header.exchange == exchange::IKE_SA_INIT);
         // After an IKE SA rekey the old SPIs stay routed to the same SA
         // until its Delete exchange ends (RFC 7296 section 2.18).
-        let slot = match self.peers[i].slots.iter().position(|s| {
-            s.sa.spis().0 == header.spi_i
-                || s.sa.retiring_spis().iter().any(|r| r.0 == header.spi_i)
-        }) {
+        let slot = match self.peers[i]
+            .slots
+            .iter()
+            .position(|s| s.owns(header.spi_i))
+        {
             Some(s) => s,
             None if !header.is_response()
                 && header.exchange == exchange::IKE_SA_INIT
@@ -225,8 +225,7 @@ impl IkeWorker {
                 self.log_failure(i, &text, now);
                 let p = &mut self.peers[i];
                 if p.cfg.ike.initiate {
-                    p.next_initiate = Some(now + p.backoff);
-                    p.backoff = (p.backoff * 2).min(RETRY_MAX);
+                    p.back_off(now);
                 }
             }
             Ok(out) => {
@@ -268,11 +267,9 @@ impl IkeWorker {
     /// checks its identity and PSK).
     fn peer_of(&self, header: Option<&Header>, from: SocketAddr) -> Option<usize> {
         let by_spi = header.filter(|h| h.spi_i != 0).and_then(|h| {
-            self.peers.iter().position(|p| {
-                p.slots.iter().any(|s| {
-                    s.sa.spis().0 == h.spi_i || s.sa.retiring_spis().iter().any(|r| r.0 == h.spi_i)
-                })
-            })
+            self.peers
+                .iter()
+                .position(|p| p.slots.iter().any(|s| s.owns(h.spi_i)))
         });
         by_spi
             .or_else(|| self.peers.iter().position(|p| p.cfg.endpoint == from.ip()))
@@ -325,8 +322,6 @@ impl IkeWorker {
         };
         let demanding = gate.demanding();
         let verdict = gate.check(bytes, from, now, &mut self.rng);
-        self.cookies.half_open = gate.half_open() as u64;
-        self.cookies.demanding = gate.demanding();
         match verdict {
             Verdict::Accept => {
                 if demanding {
@@ -362,8 +357,6 @@ impl IkeWorker {
             return;
         }
         let gone = gate.expire(now, &mut self.rng);
-        self.cookies.half_open = gate.half_open() as u64;
-        self.cookies.demanding = gate.demanding();
         self.cookies.expired += gone.len() as u64;
         for p in &mut self.peers {
             p.slots.retain(|s| {
@@ -390,13 +383,9 @@ impl IkeWorker {
         };
         let mut next = Vec::with_capacity(rows.len());
         for (peer, spi, packets) in rows {
-            let before = self
-                .inbound_packets
-                .iter()
-                .find(|(s, _)| *s == spi)
-                .map_or(0, |(_, n)| *n);
+            let grew = packets_grew(&self.inbound_packets, spi, packets);
             next.push((spi, packets));
-            if packets <= before {
+            if !grew {
                 continue;
             }
             let Some(p) = self.peers.iter_mut().find(|p| p.cfg.name == peer) else {

@@ -54,16 +54,14 @@ impl IkeWorker {
             self.sockets.v4.as_ref()
         };
         match socket {
-            Some(socket) if self.sockets.encap.is_udp() => {
-                match socket.send_batch(&[(datagram, to)]) {
-                    Ok(r) if r.failed == 0 => Ok(()),
-                    Ok(r) => Err(r
-                        .last_error
-                        .unwrap_or_else(|| std::io::Error::other("not sent"))),
-                    Err(e) => Err(e),
-                }
-            }
-            _ => Err(std::io::Error::other("no NAT-T socket of this family")),
+            Some(socket) => match socket.send_batch(&[(datagram, to)]) {
+                Ok(r) if r.failed == 0 => Ok(()),
+                Ok(r) => Err(r
+                    .last_error
+                    .unwrap_or_else(|| std::io::Error::other("not sent"))),
+                Err(e) => Err(e),
+            },
+            None => Err(std::io::Error::other("no NAT-T socket of this family")),
         }
     }
 
@@ -132,10 +130,14 @@ impl IkeWorker {
 /// Whether ESP went out since the last look: an outbound SA's packet
 /// count (SPI, packets) grew over `before`, or a new SA has sent.
 pub(super) fn esp_sent(before: &[(u32, u64)], now: &[(u32, u64)]) -> bool {
-    now.iter().any(|&(spi, n)| {
-        n > before
-            .iter()
-            .find(|&&(s, _)| s == spi)
-            .map_or(0, |&(_, b)| b)
-    })
+    now.iter().any(|&(spi, n)| packets_grew(before, spi, n))
+}
+
+/// Whether SA `spi`'s packet count `n` grew over its count in the
+/// snapshot `before` (SPI, packets); an SA not in it counted none.
+pub(super) fn packets_grew(before: &[(u32, u64)], spi: u32, n: u64) -> bool {
+    n > before
+        .iter()
+        .find(|&&(s, _)| s == spi)
+        .map_or(0, |&(_, b)| b)
 }

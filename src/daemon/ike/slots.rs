@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{PeerIke, RETRY_MAX, SETUP_RACE, Slot};
-use crate::ike::sa::{ChildState, Policy};
+use crate::ike::sa::Policy;
 
 impl PeerIke {
     /// Plans the next initiation after the current back-off, doubles it
@@ -54,14 +54,9 @@ pub(super) fn survivor(slots: &[Slot], slot: usize) -> usize {
     };
     // An IKE SA whose CHILD SA was refused never replaces one that
     // carries traffic: it is deleted itself (`close_if_childless`).
-    let carries = |s: &Slot| {
-        s.sa.children()
-            .iter()
-            .any(|c| c.state != ChildState::Deleting)
-    };
-    if !carries(new)
+    if !new.carries()
         && let Some(k) =
-            (0..slots.len()).find(|&k| k != slot && slots[k].live() && carries(&slots[k]))
+            (0..slots.len()).find(|&k| k != slot && slots[k].live() && slots[k].carries())
     {
         return k;
     }

@@ -239,8 +239,9 @@ pub enum IkeError {
 }
 
 /// A CHILD SA ready for the key manager: both directions, from our point
-/// of view. KeyMaterial's `Debug` does not print keys.
-#[derive(Debug)]
+/// of view. KeyMaterial's `Debug` does not print keys; its `Clone` keeps
+/// the copy zeroizing.
+#[derive(Debug, Clone)]
 pub struct ChildSa {
     pub inbound_spi: u32,
     pub outbound_spi: u32,
