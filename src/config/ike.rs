@@ -335,7 +335,7 @@ fn encr_name(part: &str) -> Option<Encr> {
 /// A DH group's name in a proposal, for IKE and ESP (PFS) alike.
 fn dh_group_name(part: &str) -> Option<DhGroup> {
     match part {
-        "x25519" | "curve25519" | "modp-x25519" => Some(DhGroup::Curve25519),
+        "x25519" | "curve25519" => Some(DhGroup::Curve25519),
         "ecp256" => Some(DhGroup::Ecp256),
         _ => None,
     }
