@@ -465,8 +465,10 @@ impl Lab {
 
     /// Everything a failure needs: charon's log, its SAs, the kernel's,
     /// the guest console (in the diagnostics), esptun's log and status.
+    /// A short summary comes first: a CI log keeps the head of a long
+    /// failure and its last lines, and drops the middle.
     pub fn report(&mut self) -> String {
-        let mut s = String::new();
+        let mut s = self.summary();
         let charon = self.charon_case_log();
         let _ = writeln!(s, "--- charon's log (this case) ---\n{charon}");
         for cmd in ["/usr/sbin/swanctl --list-sas", "/sbin/ip xfrm state"] {
@@ -506,6 +508,51 @@ impl Lab {
         for l in tail.iter().rev() {
             let _ = writeln!(s, "{l}");
         }
+        s
+    }
+
+    /// At most about 70 lines: esptun's last INFO-and-above lines, both
+    /// ends of the guest's link (whether frames still move, a stalled
+    /// virtio-net queue), the guest's ESP SAs and charon's last lines.
+    fn summary(&mut self) -> String {
+        let mut s = String::from("--- summary (the full report follows) ---\n");
+        let log = self.esptun_log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+            .collect();
+        let _ = writeln!(s, "esptun's log, INFO and above (last 25 lines):");
+        for l in &lines[lines.len().saturating_sub(25)..] {
+            let _ = writeln!(s, "  {l}");
+        }
+        let tap = self
+            .ns
+            .command("ip")
+            .args(["-s", "link", "show", "tap0"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("(failed: {e})"));
+        let _ = writeln!(s, "host tap0 (its RX is what the guest sent):\n{tap}");
+        for (what, cmd) in [
+            ("guest eth0", "/sbin/ip -s link show eth0"),
+            (
+                "guest kernel: watchdog and virtio lines",
+                "busybox dmesg | grep -iE 'watchdog|timed out|virtio|oom|soft lockup' | tail -n 4",
+            ),
+            ("guest TCP counters", "grep -E '^Tcp:' /proc/net/snmp"),
+            (
+                "guest ESP SAs",
+                "/sbin/ip xfrm state | grep -E '^src|proto esp'",
+            ),
+            ("charon's last lines", "tail -n 20 /tmp/charon.log"),
+        ] {
+            let out = match self.guest().run(cmd, Duration::from_secs(10)) {
+                Ok((_, out)) => out,
+                Err(e) => format!("(failed: {e})\n"),
+            };
+            let _ = write!(s, "{what}:\n{out}");
+        }
+        s.push_str("--- end of summary ---\n");
         s
     }
 
