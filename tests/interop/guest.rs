@@ -230,6 +230,45 @@ impl Guest {
         Ok((rc, output.to_string()))
     }
 
+    /// Whether the guest's NIC stopped transmitting, and how it shows: the
+    /// kernel's transmit watchdog fired (a queue stopped for 5 s), or
+    /// frames the guest must send (ARP requests for 198.18.52.3, a
+    /// neighbour nobody answers, outside every IPsec policy) leave its
+    /// transmit counter where it was. Under TCG, on a loaded machine, the
+    /// virtio-net transmit queue has stalled for good a few times in long
+    /// streams: nothing left the guest, its TCP counted no
+    /// retransmissions, charon's IKE messages never reached the host.
+    /// `None` also when the guest does not answer (that is no NIC stall).
+    pub fn nic_stalled(&mut self) -> Option<String> {
+        const COUNTERS: &str = "cat /sys/class/net/eth0/statistics/tx_packets \
+             /sys/class/net/eth0/queues/tx-0/tx_timeout 2>/dev/null";
+        let read = |g: &mut Guest| -> Option<(u64, u64)> {
+            let (_, out) = g.run(COUNTERS, Duration::from_secs(10)).ok()?;
+            let mut n = out.split_whitespace().map(|w| w.parse::<u64>().ok());
+            let tx = n.next()??;
+            Some((tx, n.next().flatten().unwrap_or(0)))
+        };
+        let (tx_before, _) = read(self)?;
+        // busybox ping: three ARP requests in 3 s, then it gives up.
+        let _ = self.run(
+            "busybox ping -c 3 -W 1 198.18.52.3 >/dev/null 2>&1; true",
+            Duration::from_secs(15),
+        );
+        let (tx_after, timeouts) = read(self)?;
+        if timeouts > 0 {
+            Some(format!(
+                "its transmit watchdog fired {timeouts} time(s) (NETDEV WATCHDOG: eth0 stopped \
+                 for 5 s); tx_packets {tx_before} -> {tx_after}"
+            ))
+        } else if tx_after == tx_before {
+            Some(format!(
+                "3 ARP requests left tx_packets at {tx_after}: nothing leaves eth0"
+            ))
+        } else {
+            None
+        }
+    }
+
     /// Reads a background command's output file until `key` appears.
     pub fn wait_output(
         &mut self,

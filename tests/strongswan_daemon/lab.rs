@@ -556,11 +556,29 @@ impl Lab {
         s
     }
 
+    /// Fails the test with the report; raises [`GuestNicStalled`] instead
+    /// when the guest's NIC stopped transmitting (see
+    /// [`Guest::nic_stalled`]), which [`crate::retry_after_guest_stall`]
+    /// runs again on a fresh guest once.
     pub fn fail(&mut self, what: &str) -> ! {
+        let stalled = self.guest().nic_stalled();
         let report = self.report();
-        panic!("{}: {what}\n{report}", self.test)
+        let verdict = match &stalled {
+            Some(how) => format!("the guest's NIC stalled: {how}"),
+            None => "the guest's NIC transmits".to_string(),
+        };
+        let msg = format!("{}: {what}\n{verdict}\n{report}", self.test);
+        if stalled.is_some() {
+            eprintln!("{msg}");
+            std::panic::panic_any(GuestNicStalled(msg));
+        }
+        panic!("{msg}")
     }
 }
+
+/// A failure during which the guest's NIC had stopped transmitting: the
+/// emulated machine's fault, not esptun's or charon's.
+pub struct GuestNicStalled(pub String);
 
 /// A file only its owner reads (the PSK rules of `[peer.ike]`).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {

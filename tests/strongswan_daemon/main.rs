@@ -46,7 +46,10 @@
 //! `tests/interop/guest.rs`). Needs root and qemu; without either prints
 //! a SKIPPED line (a failure under `ESPTUN_REQUIRE_NETNS=1`). A failure
 //! prints charon's log, `swanctl --list-sas`, `ip xfrm state`, the
-//! guest's console and counters, and esptun's status and log.
+//! guest's console and counters, and esptun's status and log, after a
+//! short summary. A failure during which the guest's NIC stopped
+//! transmitting (an emulation fault seen under TCG) runs the test function
+//! once more on a fresh guest ([`retry_after_guest_stall`]).
 //! `ESPTUN_SWAN_KEEP=1` keeps the files (captures, logs).
 
 #[path = "../common/mod.rs"]
@@ -86,6 +89,32 @@ pub const TCP_BYTES: u64 = 16 << 20;
 
 /// One guest at a time: two TCG guests at once would only slow both.
 pub static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+/// Runs a test function's body, and once more on a fresh guest when it
+/// failed because the guest's NIC had stopped transmitting
+/// ([`lab::GuestNicStalled`], an emulation fault seen under TCG on a loaded
+/// machine). Any other failure, and a second stall, fail the test.
+pub fn retry_after_guest_stall(test: &str, body: impl Fn()) {
+    use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+    let Err(first) = catch_unwind(AssertUnwindSafe(&body)) else {
+        return;
+    };
+    match first.downcast::<lab::GuestNicStalled>() {
+        Ok(stall) => eprintln!(
+            "{test}: RETRYING ONCE on a fresh guest: the guest's NIC stopped transmitting \
+             ({} accelerator); the failure it caused:\n{}",
+            guest::accelerator(),
+            stall.0.lines().take(3).collect::<Vec<_>>().join("\n")
+        ),
+        Err(other) => resume_unwind(other),
+    }
+    if let Err(second) = catch_unwind(AssertUnwindSafe(&body)) {
+        match second.downcast::<lab::GuestNicStalled>() {
+            Ok(stall) => panic!("{test}: the guest's NIC stalled twice\n{}", stall.0),
+            Err(other) => resume_unwind(other),
+        }
+    }
+}
 
 pub fn in_path(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -184,110 +213,114 @@ pub fn establish(
 fn strongswan_daemon_matrix() {
     let test = "strongswan_daemon_matrix";
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let started = Instant::now();
-    let Some(mut lab) = Lab::boot(test) else {
-        return;
-    };
-    let mut summary = Vec::new();
-    for case in &CASES {
-        let t = Instant::now();
-        let psk = random_psk();
-        let swan = Swan {
-            v6: case.v6,
-            ..Swan::new(case.swan_ike, case.swan_esp, &psk)
+    crate::retry_after_guest_stall(test, || {
+        let started = Instant::now();
+        let Some(mut lab) = Lab::boot(test) else {
+            return;
         };
-        let side = Side {
-            v6: case.v6,
-            ..Side::new(case.esptun_initiates, case.ike, case.esp, &psk)
-        };
-        let capture = if case.checks {
-            checks::Capture::start(&lab, test)
-        } else {
-            None
-        };
-        let (sa, sas) = match establish(&mut lab, &swan, &side) {
-            Ok(x) => x,
-            Err(e) => lab.fail(&format!("[{}] establishing: {e}", case.name)),
-        };
-        let up = t.elapsed();
-        // The case's family end to end: charon's IKE SA runs between
-        // (and identifies) the case's addresses (port 500, or 4500 where
-        // charon initiates and floats), and its traffic selectors
-        // are theirs.
-        let (host, guest) = lab.addrs();
-        let ends = [
-            format!("local  '{guest}' @ {guest}["),
-            format!("remote '{host}' @ {host}["),
-            format!("local  {guest}/"),
-            format!("remote {host}/"),
-        ];
-        if let Some(missing) = ends.iter().find(|e| !sas.contains(e.as_str())) {
-            lab.fail(&format!(
-                "[{}] charon's SAs lack {missing:?}:\n{sas}",
-                case.name
-            ));
-        }
-        let mut lines = vec![format!(
-            "IKE SA {}/{} with CHILD SA(s) {:x?} after {:.1} s, {host} <-> {guest}; charon: {}",
-            sa.0,
-            sa.1,
-            sa.2,
-            up.as_secs_f64(),
-            sas.lines()
-                .filter(|l| l.contains("ESTABLISHED") || l.contains("INSTALLED"))
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )];
-        match workload::run(&mut lab) {
-            Ok(l) => lines.extend(l),
-            Err(e) => lab.fail(&format!("[{}] traffic: {e}", case.name)),
-        }
-        if let Some(capture) = capture {
-            match checks::tshark(&mut lab, capture, &sa) {
-                Ok(l) => lines.extend(l),
-                Err(e) => lab.fail(&format!("[{}] tshark: {e}", case.name)),
+        let mut summary = Vec::new();
+        for case in &CASES {
+            let t = Instant::now();
+            let psk = random_psk();
+            let swan = Swan {
+                v6: case.v6,
+                ..Swan::new(case.swan_ike, case.swan_esp, &psk)
+            };
+            let side = Side {
+                v6: case.v6,
+                ..Side::new(case.esptun_initiates, case.ike, case.esp, &psk)
+            };
+            let capture = if case.checks {
+                checks::Capture::start(&lab, test)
+            } else {
+                None
+            };
+            let (sa, sas) = match establish(&mut lab, &swan, &side) {
+                Ok(x) => x,
+                Err(e) => lab.fail(&format!("[{}] establishing: {e}", case.name)),
+            };
+            let up = t.elapsed();
+            // The case's family end to end: charon's IKE SA runs between
+            // (and identifies) the case's addresses (port 500, or 4500 where
+            // charon initiates and floats), and its traffic selectors
+            // are theirs.
+            let (host, guest) = lab.addrs();
+            let ends = [
+                format!("local  '{guest}' @ {guest}["),
+                format!("remote '{host}' @ {host}["),
+                format!("local  {guest}/"),
+                format!("remote {host}/"),
+            ];
+            if let Some(missing) = ends.iter().find(|e| !sas.contains(e.as_str())) {
+                lab.fail(&format!(
+                    "[{}] charon's SAs lack {missing:?}:\n{sas}",
+                    case.name
+                ));
             }
-        }
-        if case.checks {
-            match checks::corrupted_block(&mut lab, &sa, !case.esp.ends_with("-noesn")) {
+            let mut lines = vec![format!(
+                "IKE SA {}/{} with CHILD SA(s) {:x?} after {:.1} s, {host} <-> {guest}; charon: {}",
+                sa.0,
+                sa.1,
+                sa.2,
+                up.as_secs_f64(),
+                sas.lines()
+                    .filter(|l| l.contains("ESTABLISHED") || l.contains("INSTALLED"))
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            )];
+            match workload::run(&mut lab) {
                 Ok(l) => lines.extend(l),
-                Err(e) => lab.fail(&format!("[{}] corrupted block: {e}", case.name)),
+                Err(e) => lab.fail(&format!("[{}] traffic: {e}", case.name)),
             }
+            if let Some(capture) = capture {
+                match checks::tshark(&mut lab, capture, &sa) {
+                    Ok(l) => lines.extend(l),
+                    Err(e) => lab.fail(&format!("[{}] tshark: {e}", case.name)),
+                }
+            }
+            if case.checks {
+                match checks::corrupted_block(&mut lab, &sa, !case.esp.ends_with("-noesn")) {
+                    Ok(l) => lines.extend(l),
+                    Err(e) => lab.fail(&format!("[{}] corrupted block: {e}", case.name)),
+                }
+            }
+            let text = format!(
+                "[{}] passed in {:.1} s\n    {}",
+                case.name,
+                t.elapsed().as_secs_f64(),
+                lines.join("\n    ")
+            );
+            eprintln!("{text}");
+            summary.push(text);
         }
-        let text = format!(
-            "[{}] passed in {:.1} s\n    {}",
-            case.name,
-            t.elapsed().as_secs_f64(),
-            lines.join("\n    ")
+        lab.stop_esptun();
+        eprintln!(
+            "{test}: {} cases in {:.1} s:\n{}",
+            CASES.len(),
+            started.elapsed().as_secs_f64(),
+            summary.join("\n")
         );
-        eprintln!("{text}");
-        summary.push(text);
-    }
-    lab.stop_esptun();
-    eprintln!(
-        "{test}: {} cases in {:.1} s:\n{}",
-        CASES.len(),
-        started.elapsed().as_secs_f64(),
-        summary.join("\n")
-    );
+    });
 }
 
 #[test]
 fn strongswan_daemon_refusals() {
     let test = "strongswan_daemon_refusals";
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let started = Instant::now();
-    let Some(mut lab) = Lab::boot(test) else {
-        return;
-    };
-    let lines = refusals::run(&mut lab);
-    eprintln!(
-        "{test}: {} refusals in {:.1} s:\n    {}",
-        lines.len(),
-        started.elapsed().as_secs_f64(),
-        lines.join("\n    ")
-    );
+    crate::retry_after_guest_stall(test, || {
+        let started = Instant::now();
+        let Some(mut lab) = Lab::boot(test) else {
+            return;
+        };
+        let lines = refusals::run(&mut lab);
+        eprintln!(
+            "{test}: {} refusals in {:.1} s:\n    {}",
+            lines.len(),
+            started.elapsed().as_secs_f64(),
+            lines.join("\n    ")
+        );
+    });
 }
 
 /// esptun restarts and initiates with INITIAL_CONTACT: charon replaces
@@ -296,38 +329,52 @@ fn strongswan_daemon_refusals() {
 fn strongswan_daemon_esptun_restarted() {
     let test = "strongswan_daemon_esptun_restarted";
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let psk = random_psk();
-    let swan = Swan::new(lifecycle::IKE, lifecycle::ESP, &psk);
-    let side = Side::new(true, lifecycle::IKE, lifecycle::ESP, &psk);
-    let Some((mut lab, first)) = lifecycle::up(test, &swan, &side) else {
-        return;
-    };
-    lifecycle::traffic(&mut lab, "before esptun's restart");
-    if let Err(e) = lab.restart_esptun(&side) {
-        lab.fail(&format!("restarting esptun: {e}"));
-    }
-    let now = match workload::wait_established(&mut lab, IKE_TIMEOUT) {
-        Ok((n, _)) => n,
-        Err(e) => lab.fail(&format!("after esptun's restart: {e}")),
-    };
-    std::thread::sleep(Duration::from_secs(2));
-    let ike = lifecycle::ike_sas_on_charon(&mut lab);
-    let children = lifecycle::charon_children(&mut lab);
-    let log = lab.charon_case_log();
-    let contact = log
-        .lines()
-        .filter(|l| l.contains("parsed IKE_AUTH request") && l.contains("N(INIT_CONTACT)"))
-        .count();
-    if ike != 1 || children.len() != 1 || now.0 == first.0 || contact < 2 {
-        lab.fail(&format!(
-            "after esptun's INITIAL_CONTACT ({contact} IKE_AUTH requests with it) charon keeps \
-             {ike} IKE SA(s), CHILD SAs {children:?}"
-        ));
-    }
-    eprintln!(
-        "{test}: esptun restarted: its new IKE SA {} (the old {}) carried INITIAL_CONTACT; \
-         charon keeps {ike} IKE SA and CHILD SAs {children:?}",
-        now.0, first.0
-    );
-    lifecycle::traffic(&mut lab, "after esptun's restart");
+    crate::retry_after_guest_stall(test, || {
+        let psk = random_psk();
+        let swan = Swan::new(lifecycle::IKE, lifecycle::ESP, &psk);
+        let side = Side::new(true, lifecycle::IKE, lifecycle::ESP, &psk);
+        let Some((mut lab, first)) = lifecycle::up(test, &swan, &side) else {
+            return;
+        };
+        lifecycle::traffic(&mut lab, "before esptun's restart");
+        if let Err(e) = lab.restart_esptun(&side) {
+            lab.fail(&format!("restarting esptun: {e}"));
+        }
+        let now = match workload::wait_established(&mut lab, IKE_TIMEOUT) {
+            Ok((n, _)) => n,
+            Err(e) => lab.fail(&format!("after esptun's restart: {e}")),
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        let ike = lifecycle::ike_sas_on_charon(&mut lab);
+        let children = lifecycle::charon_children(&mut lab);
+        let log = lab.charon_case_log();
+        let contact = log
+            .lines()
+            .filter(|l| l.contains("parsed IKE_AUTH request") && l.contains("N(INIT_CONTACT)"))
+            .count();
+        if ike != 1 || children.len() != 1 || now.0 == first.0 || contact < 2 {
+            lab.fail(&format!(
+                "after esptun's INITIAL_CONTACT ({contact} IKE_AUTH requests with it) charon keeps \
+                 {ike} IKE SA(s), CHILD SAs {children:?}"
+            ));
+        }
+        eprintln!(
+            "{test}: esptun restarted: its new IKE SA {} (the old {}) carried INITIAL_CONTACT; \
+             charon keeps {ike} IKE SA and CHILD SAs {children:?}",
+            now.0, first.0
+        );
+        lifecycle::traffic(&mut lab, "after esptun's restart");
+        // The check `retry_after_guest_stall` relies on: a guest that just
+        // carried the traffic transmits; one whose eth0 is down does not.
+        if let Some(how) = lab.guest().nic_stalled() {
+            panic!("{test}: a working guest's NIC reported as stalled: {how}");
+        }
+        if let Err(e) = lab.guest().run("/sbin/ip link set eth0 down", CMD_TIMEOUT) {
+            panic!("{test}: ip link set eth0 down in the guest: {e}");
+        }
+        match lab.guest().nic_stalled() {
+            Some(how) => eprintln!("{test}: with eth0 down the stall check says: {how}"),
+            None => panic!("{test}: the stall check missed a guest whose eth0 is down"),
+        }
+    });
 }
