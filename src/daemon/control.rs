@@ -29,6 +29,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags};
+use zeroize::Zeroizing;
 
 use super::metrics::MetricsServer;
 use super::status::ReloadOutcome;
@@ -178,14 +179,14 @@ pub(crate) trait Backend {
     /// The `ike-keys` reply: the IKE SAs' keys as Wireshark's IKEv2
     /// decryption table, after a `#` comment line (secret: the socket is
     /// the owner's alone, mode 0600 in a 0700 directory).
-    fn ike_keys(&self) -> String {
-        "# no IKE SAs".into()
+    fn ike_keys(&self) -> Zeroizing<String> {
+        Zeroizing::new("# no IKE SAs".into())
     }
     /// The `esp-keys` reply: the CHILD SAs' keys as Wireshark `esp_sa`
     /// records, after a `#` comment line and, per IKE peer, a line
     /// `# peer NAME: N record(s)` (secret, as [`Backend::ike_keys`]).
-    fn esp_keys(&self) -> String {
-        "# no CHILD SAs".into()
+    fn esp_keys(&self) -> Zeroizing<String> {
+        Zeroizing::new("# no CHILD SAs".into())
     }
 }
 
@@ -231,8 +232,12 @@ enum Phase {
     Reading,
     /// A reload runs on the main thread.
     Waiting(Receiver<ReloadOutcome>),
-    /// Writing the reply; `sent` bytes are out.
-    Writing { reply: Vec<u8>, sent: usize },
+    /// Writing the reply; `sent` bytes are out. Zeroized when the client
+    /// is done: a reply may carry keys (`ike-keys`, `esp-keys`).
+    Writing {
+        reply: Zeroizing<Vec<u8>>,
+        sent: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -344,15 +349,17 @@ impl Client {
 
     fn answer(&self, backend: &dyn Backend) -> Phase {
         let reply = match self.kind {
-            Kind::Metrics => super::metrics::respond(&self.request, &|| backend.metrics()),
+            Kind::Metrics => Zeroizing::new(super::metrics::respond(&self.request, &|| {
+                backend.metrics()
+            })),
             Kind::Control => {
                 let text = String::from_utf8_lossy(&self.request);
                 let request = text.lines().next().unwrap_or("").trim();
                 match request {
                     "status" => line(backend.status_json()),
                     "reload" => return Phase::Waiting(backend.reload()),
-                    "ike-keys" => line(backend.ike_keys()),
-                    "esp-keys" => line(backend.esp_keys()),
+                    "ike-keys" => secret_line(&backend.ike_keys()),
+                    "esp-keys" => secret_line(&backend.esp_keys()),
                     other => line(error_json(&format!(
                         "unknown request {other:?}: try \"status\" or \"reload\""
                     ))),
@@ -367,9 +374,18 @@ fn error_json(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
-fn line(mut text: String) -> Vec<u8> {
+fn line(mut text: String) -> Zeroizing<Vec<u8>> {
     text.push('\n');
-    text.into_bytes()
+    Zeroizing::new(text.into_bytes())
+}
+
+/// `text` and a newline in a buffer sized once, so that no reallocation
+/// leaves a copy of a key behind (the caller's copy is zeroized on drop).
+fn secret_line(text: &str) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(text.len() + 1));
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'\n');
+    out
 }
 
 /// The control socket and the metrics endpoint, served by one loop.
@@ -539,11 +555,7 @@ pub fn query_within(path: &Path, request: &str, timeout: Duration) -> Result<Str
     stream
         .write_all(format!("{request}\n").as_bytes())
         .map_err(connect_err)?;
-    let mut reply = String::new();
-    stream
-        .take(MAX_REPLY)
-        .read_to_string(&mut reply)
-        .map_err(connect_err)?;
+    let reply = read_reply(&mut stream.take(MAX_REPLY)).map_err(connect_err)?;
     if reply.trim().is_empty() {
         return Err(ControlError::Protocol {
             path: path.to_path_buf(),
@@ -551,6 +563,31 @@ pub fn query_within(path: &Path, request: &str, timeout: Duration) -> Result<Str
         });
     }
     Ok(reply)
+}
+
+/// Reads a reply to its end. The buffer grows by copying into a fresh one
+/// and zeroizing the old: a key reply (`ike-keys`, `esp-keys`) leaves no
+/// copy behind in freed memory, and the caller holds the only one.
+fn read_reply(from: &mut impl Read) -> std::io::Result<String> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
+    let mut chunk = Zeroizing::new([0u8; 4096]);
+    loop {
+        let n = match from.read(&mut chunk[..]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.len() + n > buf.capacity() {
+            let mut bigger =
+                Zeroizing::new(Vec::with_capacity((buf.capacity() * 2).max(buf.len() + n)));
+            bigger.extend_from_slice(&buf);
+            buf = bigger;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(std::mem::take(&mut *buf))
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "the reply is not UTF-8"))
 }
 
 #[cfg(test)]

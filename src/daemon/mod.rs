@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use zeroize::Zeroizing;
+
 use crate::config::{Config, ConfigError, HopByHopMode, Valid, ValidPeer};
 use crate::crypto::Provider;
 use crate::crypto::select::{BootOptions, Selector};
@@ -754,23 +756,33 @@ impl control::Backend for ControlBackend {
         status::IoCounters::add(&self.shared.io.connections_refused, 1);
     }
 
-    fn ike_keys(&self) -> String {
+    fn ike_keys(&self) -> Zeroizing<String> {
         let records = self.shared.ike.key_records();
-        format!(
-            "# ikev2_decryption_table: {} IKE SA(s)\n{}",
-            records.lines().count(),
-            records.trim_end()
-        )
+        let header = format!(
+            "# ikev2_decryption_table: {} IKE SA(s)\n",
+            records.lines().count()
+        );
+        secret_text(&header, &records)
     }
 
-    fn esp_keys(&self) -> String {
+    fn esp_keys(&self) -> Zeroizing<String> {
         let records = self.shared.ike.esp_key_records();
-        format!(
-            "# esp_sa: {} CHILD SA record(s)\n{}",
-            records.lines().filter(|l| !l.starts_with('#')).count(),
-            records.trim_end()
-        )
+        let header = format!(
+            "# esp_sa: {} CHILD SA record(s)\n",
+            records.lines().filter(|l| !l.starts_with('#')).count()
+        );
+        secret_text(&header, &records)
     }
+}
+
+/// `header` and `records` (without its trailing newline) in a buffer sized
+/// once: no reallocation leaves a copy of a key behind.
+fn secret_text(header: &str, records: &str) -> Zeroizing<String> {
+    let body = records.trim_end();
+    let mut out = Zeroizing::new(String::with_capacity(header.len() + body.len()));
+    out.push_str(header);
+    out.push_str(body);
+    out
 }
 
 impl Drop for Daemon {

@@ -81,6 +81,38 @@ fn answers_status_refuses_junk_and_detects_a_second_instance() {
 }
 
 #[test]
+fn key_requests_are_answered_from_the_backend_in_a_buffer_sized_once() {
+    let dir = TempDir::new("control-keys");
+    let path = dir.0.join("t.sock");
+    let mut server = Server::new(ControlSocket::bind(&path).expect("bind"), None);
+    let backend = fake();
+    let replies = std::thread::scope(|s| {
+        let client = s.spawn(|| (query(&path, "ike-keys"), query(&path, "esp-keys")));
+        serve_until(&mut server, &backend, || client.is_finished());
+        client.join().expect("client thread")
+    });
+    assert_eq!(replies.0.expect("ike-keys"), "# no IKE SAs\n");
+    assert_eq!(replies.1.expect("esp-keys"), "# no CHILD SAs\n");
+    // The newline fits without a reallocation, which would leave a copy
+    // of the keys behind in freed memory.
+    let reply = secret_line("esp_sa key");
+    assert_eq!(&reply[..], b"esp_sa key\n");
+    assert_eq!(reply.capacity(), reply.len());
+}
+
+#[test]
+fn a_reply_is_read_whole_across_growth_and_refused_when_not_utf8() {
+    // 10,000 bytes: more than the first 4,096-byte buffer, read in
+    // pieces of at most 4,096.
+    let long: String = "0123456789".repeat(1000);
+    let reply = read_reply(&mut long.as_bytes()).expect("read");
+    assert_eq!(reply, long);
+    assert_eq!(read_reply(&mut &b""[..]).expect("empty"), "");
+    let err = read_reply(&mut &b"\xff\xfe"[..]).expect_err("not UTF-8");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+}
+
+#[test]
 fn a_client_that_trickles_or_stalls_delays_no_other_and_is_closed() {
     let dir = TempDir::new("control-slow");
     let path = dir.0.join("t.sock");
