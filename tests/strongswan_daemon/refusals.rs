@@ -119,7 +119,7 @@ fn refusals() -> Vec<Refusal> {
                 ..swan
             },
             side,
-            counter: "other_failures",
+            counter: "ts_unacceptable",
             ike_up: true,
             esptun_says: &["unacceptable answer from the peer: traffic selectors"],
             charon_says: &["=> match: 198.18.52.2/32[17]"],

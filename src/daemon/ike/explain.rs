@@ -6,7 +6,11 @@ use crate::config::ike::identity_text;
 use crate::ike::crypto::Encr;
 use crate::ike::sa::{ErrorNotify, IkeError, Role};
 
-/// Counts a failure by its kind.
+/// Counts a failure by its kind. An answer we refuse counts with the
+/// notify it stands for: selectors the peer narrowed to ones we cannot
+/// carry as `ts_unacceptable`, a proposal we did not offer as a proposal
+/// mismatch (the operator's question is the same: which side's
+/// configuration to change).
 pub(super) fn count(c: &mut IkeCounters, e: &IkeError) {
     match e {
         IkeError::WeRefused(n) | IkeError::PeerRefused(n) => match n {
@@ -15,6 +19,8 @@ pub(super) fn count(c: &mut IkeCounters, e: &IkeError) {
             ErrorNotify::TsUnacceptable => c.ts_unacceptable += 1,
             _ => c.other_failures += 1,
         },
+        IkeError::BadAnswer("traffic selectors") => c.ts_unacceptable += 1,
+        IkeError::BadAnswer("IKE proposal" | "ESP proposal") => c.proposal_mismatches += 1,
         IkeError::Timeout => c.timeouts += 1,
         IkeError::DeadPeer => c.dead_peers += 1,
         IkeError::Expired => c.expired += 1,
@@ -96,5 +102,30 @@ pub(super) fn explain(p: &PeerIke, e: &IkeError) -> String {
             p.initiate_via.1
         ),
         other => format!("the IKE SA failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_answers_count_with_the_notify_they_stand_for() {
+        let counted = |e: IkeError| {
+            let mut c = IkeCounters::default();
+            count(&mut c, &e);
+            c
+        };
+        let narrowed = counted(IkeError::BadAnswer("traffic selectors"));
+        assert_eq!((narrowed.ts_unacceptable, narrowed.other_failures), (1, 0));
+        let notify = counted(IkeError::PeerRefused(ErrorNotify::TsUnacceptable));
+        assert_eq!(notify.ts_unacceptable, 1);
+        for what in ["IKE proposal", "ESP proposal"] {
+            let c = counted(IkeError::BadAnswer(what));
+            assert_eq!((c.proposal_mismatches, c.other_failures), (1, 0), "{what}");
+        }
+        let tunnel = counted(IkeError::BadAnswer("tunnel mode"));
+        assert_eq!((tunnel.other_failures, tunnel.ts_unacceptable), (1, 0));
+        assert_eq!(counted(IkeError::DeadPeer).dead_peers, 1);
     }
 }

@@ -141,9 +141,11 @@ pub struct IkeCounters {
     /// is not the one configured (RFC 7296 section 2.21.2 gives both the
     /// same answer).
     pub auth_failures: u64,
-    /// NO_PROPOSAL_CHOSEN, either way.
+    /// NO_PROPOSAL_CHOSEN, either way, and answers with a proposal we
+    /// did not offer.
     pub proposal_mismatches: u64,
-    /// TS_UNACCEPTABLE, either way.
+    /// TS_UNACCEPTABLE, either way, and selectors the peer narrowed to
+    /// ones we refuse (RFC 7296 section 2.9; we delete that CHILD SA).
     pub ts_unacceptable: u64,
     /// No answer after every retransmission.
     pub timeouts: u64,
