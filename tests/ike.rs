@@ -1533,6 +1533,14 @@ fn stop_deletes_the_ike_sa(test: &str, tag: &str, subnet: u8, encap: Encap) {
         lab.log(Side::A).contains("deleting the IKE SA"),
         || format!("a's log: {}", lab.log_tail(Side::A)),
     );
+    // b's answer reached a before it exited (over NAT-T through a's
+    // inbound thread, which waits for the IKE thread to finish).
+    check(&lab, lab.log(Side::A).contains("IKE SA closed"), || {
+        format!(
+            "a should have seen b's answer to its Delete: {}",
+            lab.log_tail(Side::A)
+        )
+    });
 }
 
 #[test]

@@ -82,7 +82,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -190,6 +190,11 @@ impl IkeQueue {
 #[derive(Default)]
 pub(crate) struct IkeShared {
     pub queue_drops: AtomicU64,
+    /// Set before the IKE thread starts when its messages come through the
+    /// inbound thread (`outer = "udp"`), cleared when it has finished
+    /// (its Deletes on stop answered, or [`STOP_WAIT`] over): the inbound
+    /// thread keeps passing it the answers until then.
+    pub farewell: AtomicBool,
     /// With raw ESP: datagrams on our IKE-only UDP 4500 sockets that were
     /// neither IKE (non-ESP marker) nor a keepalive, i.e. ESP in UDP,
     /// which raw mode has no SA for: dropped.
@@ -484,6 +489,16 @@ pub(crate) fn policy(peer: &IkePeer) -> Policy {
 
 impl IkeWorker {
     pub fn run(mut self) {
+        /// Clears `farewell` however the thread ends, a panic included,
+        /// so that the inbound thread never waits for a thread that is
+        /// gone.
+        struct Done(Arc<IkeShared>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.farewell.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(self.shared.ike.clone());
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut publish_due = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::capture::{self, DropCapture};
 use super::deliver::Deliverer;
@@ -28,6 +28,10 @@ use crate::wire::hop_by_hop;
 /// ICV failures, with no packet ever authenticated, after which an SA's
 /// keying is called into question in the log (once per SA).
 const ICV_ONLY_FAILURES: u64 = 10;
+
+/// How long, at most, the inbound thread outlives `stop` for the IKE
+/// thread's Deletes (which wait at most one second for their answers).
+const FAREWELL_MAX: Duration = Duration::from_secs(2);
 
 /// Sockets -> ESP -> TUN.
 pub(crate) struct InboundWorker {
@@ -109,7 +113,20 @@ impl InboundWorker {
         let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
         let encap = sockets.encap;
         let mut path_mtu_seen = 0;
-        while !self.shared.stop.load(Ordering::Relaxed) {
+        let mut stopping_since = None;
+        loop {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                // With `outer = "udp"` the answers to the IKE thread's
+                // Deletes on stop arrive here: keep passing them on until
+                // it has finished, and never longer than FAREWELL_MAX.
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                if self.ike.is_none()
+                    || !self.shared.ike.farewell.load(Ordering::Acquire)
+                    || since.elapsed() >= FAREWELL_MAX
+                {
+                    break;
+                }
+            }
             self.apply_commands();
             // What the outbound thread learned, for MSS clamping.
             let changes = self.shared.path_mtu_changes.load(Ordering::Acquire);

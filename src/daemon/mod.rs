@@ -397,6 +397,8 @@ impl Daemon {
         let ike = ike.map(|wired| {
             if let Some(queue) = wired.queue {
                 inbound.set_ike_queue(queue);
+                // Before either thread can see `stop`: see `farewell`.
+                daemon.shared.ike.farewell.store(true, Ordering::Release);
             }
             daemon.ike_installs = Some(wired.installs);
             wired.worker

@@ -14,7 +14,8 @@ impl IkeWorker {
     /// sending ESP into a tunnel that is gone. Answers are taken for at
     /// most [`STOP_WAIT`]; nothing new is started meanwhile. With
     /// `outer = "udp"` the answers come through the inbound thread, which
-    /// is stopping too: then the wait simply runs out.
+    /// keeps passing them on until this thread is done
+    /// (`IkeShared::farewell`).
     pub(super) fn delete_all(&mut self, buf: &mut [u8]) {
         self.stopping = true;
         let now = Instant::now();
