@@ -1,7 +1,8 @@
-//! The independent checks of the first case: tshark decrypts the IKE
-//! exchange (keys from `esptun wireshark-keys --ike`) and every captured
-//! ESP packet, and esptun drops the corrupted-block packet of
-//! `tests/interop/corrupt.rs` on the IKE-made CHILD SA as `inner_checksum`.
+//! The independent checks of the first case of each family: tshark
+//! decrypts the IKE exchange (keys from `esptun wireshark-keys --ike`) and
+//! every captured ESP packet, and esptun drops the corrupted-block packet
+//! of `tests/interop/corrupt.rs` on the IKE-made CHILD SA as
+//! `inner_checksum`.
 //!
 //! The ESP records come from the guest kernel's SAs (`ip xfrm state`, the
 //! keys charon derived), so that the decoder does not depend on esptun's
@@ -20,7 +21,7 @@ use esptun::sa::KeyMaterial;
 
 use crate::common::{run_bounded, wait_bounded};
 use crate::craft::{UDP, craft, crafted_payload, udp_segment};
-use crate::lab::{GUEST, HOST, Lab};
+use crate::lab::Lab;
 use crate::workload::Established;
 use crate::{UDP_COUNT, UDP_SIZE};
 
@@ -209,6 +210,12 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    let (host, guest) = lab.addrs();
+    let (family, ip) = if host.is_ipv6() {
+        ("IPv6", "ipv6")
+    } else {
+        ("IPv4", "ipv4")
+    };
     let sas = guest_sas(lab)?;
     let file = capture.stop()?;
     let mut opts: Vec<String> = ike_records
@@ -218,7 +225,7 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
     opts.push("esp.enable_encryption_decode:TRUE".into());
     for (s, d, spi, key) in &sas {
         opts.push(format!(
-            "uat:esp_sa:\"IPv4\",\"{s}\",\"{d}\",\"0x{spi:08x}\",\"{}\",\"0x{}\",\"NULL\",\"\"",
+            "uat:esp_sa:\"{family}\",\"{s}\",\"{d}\",\"0x{spi:08x}\",\"{}\",\"0x{}\",\"NULL\",\"\"",
             esptun::tools::wireshark::encryption_algorithm(IcvLen::Icv16),
             hex(key)
         ));
@@ -231,9 +238,9 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
         &opts,
         &[
             "isakmp.ispi",
-            "isakmp.id.data.ipv4_addr",
+            &format!("isakmp.id.data.{ip}_addr"),
             "isakmp.auth.method",
-            "isakmp.ts.start_ipv4",
+            &format!("isakmp.ts.start_{ip}"),
         ],
         "isakmp.exchangetype == 35",
     )?;
@@ -244,8 +251,8 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
     let spi_i = sa.0.trim_start_matches("0x").to_lowercase();
     if auth.len() < 2
         || !auth.iter().all(|f| f[0].contains(&spi_i))
-        || !ids.contains(&HOST.to_string().as_str())
-        || !ids.contains(&GUEST.to_string().as_str())
+        || !ids.contains(&host.to_string().as_str())
+        || !ids.contains(&guest.to_string().as_str())
     {
         return Err(format!(
             "tshark did not decrypt the IKE_AUTH exchange of {spi_i}: {auth:?} \
@@ -270,7 +277,11 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
             "esp.protocol",
             "data.len",
             "tcp.len",
-            "icmp.type",
+            if host.is_ipv6() {
+                "icmpv6.type"
+            } else {
+                "icmp.type"
+            },
         ],
         "esp",
     )?;
@@ -327,26 +338,45 @@ pub fn tshark(lab: &mut Lab, capture: Capture, sa: &Established) -> Result<Vec<S
     Ok(lines)
 }
 
-/// Raw ESP from "the guest" (an IPv4 header written here) to esptun,
-/// through the namespace's own stack.
+/// Raw ESP from "the guest" (an IPv4 or IPv6 header written here) to
+/// esptun, through the namespace's own stack (a raw socket of protocol
+/// IPPROTO_RAW takes the header as given, in both families).
 fn inject(lab: &Lab, esp_packet: &[u8]) -> Result<(), String> {
-    let total = u16::try_from(20 + esp_packet.len()).map_err(|e| e.to_string())?;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 50, 0, 0];
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&GUEST.octets());
-    ip.extend_from_slice(&HOST.octets());
-    let c = esptun::wire::checksum::finish(esptun::wire::checksum::sum(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let (host, guest) = lab.addrs();
+    let (domain, packet) = match (guest, host) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = u16::try_from(20 + esp_packet.len()).map_err(|e| e.to_string())?;
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 50, 0, 0];
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let c = esptun::wire::checksum::finish(esptun::wire::checksum::sum(&ip));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            (socket2::Domain::IPV4, ip)
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let len = u16::try_from(esp_packet.len()).map_err(|e| e.to_string())?;
+            // Version 6, no traffic class or flow label; next header ESP.
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&len.to_be_bytes());
+            ip.extend_from_slice(&[50, 64]);
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            (socket2::Domain::IPV6, ip)
+        }
+        _ => return Err(format!("mixed families {guest} {host}")),
+    };
+    let mut ip = packet;
     ip.extend_from_slice(esp_packet);
     lab.ns
         .run(move || -> Result<(), String> {
             let s = socket2::Socket::new(
-                socket2::Domain::IPV4,
+                domain,
                 socket2::Type::RAW,
                 Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
             )
             .map_err(|e| format!("raw socket: {e}"))?;
-            s.send_to(&ip, &SocketAddr::new(IpAddr::V4(HOST), 0).into())
+            s.send_to(&ip, &SocketAddr::new(host, 0).into())
                 .map_err(|e| format!("send: {e}"))?;
             Ok(())
         })
@@ -358,22 +388,23 @@ fn inject(lab: &Lab, esp_packet: &[u8]) -> Result<(), String> {
 /// `esn`: the CHILD SA's (its sequence numbers' high half is in the AAD,
 /// RFC 4106 section 5).
 pub fn corrupted_block(lab: &mut Lab, sa: &Established, esn: bool) -> Result<Vec<String>, String> {
+    let (host, guest) = lab.addrs();
     let (inb, _) = *sa.2.last().ok_or("no CHILD SA")?;
     let inb = u32::try_from(inb).map_err(|e| e.to_string())?;
     let (_, _, _, key) = guest_sas(lab)?
         .into_iter()
-        .find(|s| s.2 == inb && s.0 == IpAddr::V4(GUEST))
+        .find(|s| s.2 == inb && s.0 == guest)
         .ok_or_else(|| format!("no guest SA {inb:08x}"))?;
     let key = KeyMaterial::from_bytes(&key).map_err(|e| e.to_string())?;
     // The datagram of tests/interop/corrupt.rs: guest:7001 -> host:7000.
     let payload = crafted_payload();
-    let seg = udp_segment(IpAddr::V4(GUEST), IpAddr::V4(HOST), 7001, 7000, &payload);
+    let seg = udp_segment(guest, host, 7001, 7000, &payload);
     let seq = 1u64 << 22;
     let (good, _) = craft(&key, inb, seq, esn, UDP, &seg, false);
     let (bad, _) = craft(&key, inb, seq + 1, esn, UDP, &seg, true);
     let sock = lab
         .ns
-        .run(|| UdpSocket::bind(SocketAddr::new(IpAddr::V4(HOST), 7000)))
+        .run(move || UdpSocket::bind(SocketAddr::new(host, 7000)))
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(3)))
@@ -401,7 +432,7 @@ pub fn corrupted_block(lab: &mut Lab, sa: &Established, esn: bool) -> Result<Vec
         return Err(format!("inner_checksum drops {before} -> {after}, want +1"));
     }
     Ok(vec![format!(
-        "corrupted block on the CHILD SA {inb:08x} (ESN {esn}): control datagram delivered \
-         intact, corrupted twin dropped, inner_checksum {before} -> {after}"
+        "corrupted block on the CHILD SA {inb:08x} ({guest} -> {host}, ESN {esn}): control \
+         datagram delivered intact, corrupted twin dropped, inner_checksum {before} -> {after}"
     )])
 }

@@ -19,10 +19,10 @@
 //! of TCP zeros both ways checked byte by byte, and esptun's drop
 //! counters and the guest's `/proc/net/xfrm_stat` must not move. The
 //! first case (IPv4) also goes to tshark (IKE decrypted with `esptun
-//! wireshark-keys --ike`, ESP with `esptun wireshark-keys`), and takes the
+//! wireshark-keys --ike`, ESP with the guest kernel's keys), and takes the
 //! corrupted-block packet of `tests/interop/corrupt.rs` on its CHILD SA:
-//! esptun drops it as `inner_checksum`. The IPv6 cases skip both (their
-//! helpers build and filter IPv4).
+//! esptun drops it as `inner_checksum`. The first IPv6 case does both
+//! too, over IPv6.
 //!
 //! Refusals: wrong PSK, mismatched identity, a proposal charon refuses,
 //! traffic selectors charon refuses or narrows: each fails on both sides,
@@ -130,7 +130,7 @@ struct Case {
     /// charon's spelling of the same.
     swan_ike: &'static str,
     swan_esp: &'static str,
-    /// tshark and the corrupted block (IPv4 only).
+    /// tshark and the corrupted block (the first case of each family).
     checks: bool,
     /// Both ends' addresses (IKE, ESP, identities, traffic) over IPv6.
     v6: bool,
@@ -174,7 +174,7 @@ const CASES: [Case; 5] = [
         esp: "aes128gcm16-noesn",
         swan_ike: "aes128gcm16-prfsha256-x25519",
         swan_esp: "aes128gcm16-noesn",
-        checks: false,
+        checks: true,
         v6: true,
     },
     Case {
