@@ -268,6 +268,7 @@ impl OuterSocket {
         let lone_heads = self.df_probe.swap(false, Ordering::Relaxed);
         while first < n {
             let gso = self.gso.load(Ordering::Relaxed) && !plain;
+            let gso_hop_by_hop = self.gso_hop_by_hop.load(Ordering::Relaxed);
             let mut names = [EMPTY_ADDR; MAX_BATCH];
             let mut controls = [Control::EMPTY; MAX_BATCH];
             let mut trains = [(0usize, 0usize); MAX_BATCH];
@@ -277,8 +278,11 @@ impl OuterSocket {
                 &dsts[first..n],
                 &toses[first..n],
                 &hbhs[first..n],
-                gso,
-                lone_heads,
+                Grouping {
+                    gso,
+                    hop_by_hop: gso_hop_by_hop,
+                    lone_heads,
+                },
                 &mut trains,
             );
             for (k, &(start, count)) in trains[..m].iter().enumerate() {
@@ -357,14 +361,18 @@ impl OuterSocket {
                     // which the host may fragment (IP_PMTUDISC_WANT). And
                     // a train with a hop-by-hop header: GSO with an
                     // extension header is this kernel's to refuse (it
-                    // accepts it on Linux 6.x). Neither is a refusal of
-                    // GSO itself: the rest of the chunk goes plain, GSO
-                    // stays on.
+                    // accepts it on Linux 6.x; remembered, so that such
+                    // packets go one per message from now on). Neither is
+                    // a refusal of GSO itself: the rest of the chunk goes
+                    // plain, GSO stays on.
                     libc::EMSGSIZE | libc::EIO | libc::EINVAL
                         if train > 1
                             && (code == libc::EMSGSIZE
                                 || !hbhs[first + trains[next].0].is_empty()) =>
                     {
+                        if code != libc::EMSGSIZE {
+                            self.gso_hop_by_hop.store(false, Ordering::Relaxed);
+                        }
                         plain = true;
                         gso_refused = true;
                         break;
@@ -463,6 +471,17 @@ const MAX_TRAIN: usize = 64;
 /// for an IPv6 header.
 const MAX_TRAIN_BYTES: usize = 65_535 - 40 - 8;
 
+/// What [`group_trains`] may do.
+#[derive(Debug, Clone, Copy)]
+struct Grouping {
+    /// UDP GSO is on: packets may share a message.
+    gso: bool,
+    /// The kernel takes trains of packets with a hop-by-hop header.
+    hop_by_hop: bool,
+    /// The first packet of each train goes alone.
+    lone_heads: bool,
+}
+
 /// Groups consecutive packets into messages, as (first, count) in
 /// `trains`; returns how many. Without `gso` every packet is its own
 /// message. With it, packets to the same destination with the same TOS
@@ -470,7 +489,9 @@ const MAX_TRAIN_BYTES: usize = 65_535 - 40 - 8;
 /// segment's), the same hop-by-hop header or none (`hbhs`: likewise one
 /// IPV6_HOPOPTS message for the train) and of the same size share a train, which a shorter packet
 /// ends (it is the train's last segment, as udp(7) allows); limits:
-/// [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`].
+/// [`MAX_TRAIN`], [`MAX_TRAIN_BYTES`]. Without `hop_by_hop` (the
+/// kernel refused such a train once) a packet with a hop-by-hop header is
+/// its own message.
 ///
 /// With `lone_heads`, the first packet of each train goes alone: the
 /// kernel sets DF only on a datagram that fits the path MTU it knows, and
@@ -482,10 +503,14 @@ fn group_trains(
     dsts: &[Option<SocketAddr>],
     toses: &[Option<u8>],
     hbhs: &[&[u8]],
-    gso: bool,
-    lone_heads: bool,
+    grouping: Grouping,
     trains: &mut [(usize, usize)],
 ) -> usize {
+    let Grouping {
+        gso,
+        hop_by_hop: gso_hop_by_hop,
+        lone_heads,
+    } = grouping;
     let mut m = 0;
     let mut i = 0;
     let mut lone = lone_heads;
@@ -501,7 +526,10 @@ fn group_trains(
         let size = iovs[i].iov_len;
         let mut count = 1;
         let mut bytes = size;
-        while gso
+        // A packet with a hop-by-hop header starts a train only where
+        // the kernel takes one (`gso_hop_by_hop`).
+        let train = gso && (gso_hop_by_hop || hbhs.get(i).is_none_or(|h| h.is_empty()));
+        while train
             && i + count < iovs.len()
             && count < MAX_TRAIN
             && dsts[i + count] == dsts[i]

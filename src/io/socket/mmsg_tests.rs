@@ -31,8 +31,11 @@ fn trains_are_equal_sized_packets_to_one_peer_ended_by_a_short_one() {
             &dsts,
             &toses,
             &vec![&[][..]; iovs.len()],
-            true,
-            false,
+            Grouping {
+                gso: true,
+                hop_by_hop: true,
+                lone_heads: false,
+            },
             &mut trains,
         );
         assert_eq!(&trains[..m], *want, "{packets:?}");
@@ -41,8 +44,11 @@ fn trains_are_equal_sized_packets_to_one_peer_ended_by_a_short_one() {
             &dsts,
             &toses,
             &vec![&[][..]; iovs.len()],
-            false,
-            false,
+            Grouping {
+                gso: false,
+                hop_by_hop: true,
+                lone_heads: false,
+            },
             &mut trains,
         );
         assert_eq!(m, packets.len(), "without GSO one message per packet");
@@ -57,8 +63,11 @@ fn trains_are_equal_sized_packets_to_one_peer_ended_by_a_short_one() {
         &dsts,
         &toses,
         &vec![&[][..]; iovs.len()],
-        true,
-        false,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
         &mut trains,
     );
     assert_eq!(&trains[..m], &[(0, 64), (64, 64), (128, 22)]);
@@ -69,8 +78,11 @@ fn trains_are_equal_sized_packets_to_one_peer_ended_by_a_short_one() {
         &dsts,
         &toses[..60],
         &[&[][..]; 60],
-        true,
-        false,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
         &mut trains,
     );
     assert_eq!(&trains[..m], &[(0, 43), (43, 17)], "65,487 bytes at most");
@@ -96,8 +108,11 @@ fn lone_heads_put_each_trains_first_packet_alone() {
         &dsts,
         &toses,
         &vec![&[][..]; iovs.len()],
-        true,
-        false,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
         &mut trains,
     );
     assert_eq!(&trains[..m], &[(0, 5), (5, 2)]);
@@ -106,8 +121,11 @@ fn lone_heads_put_each_trains_first_packet_alone() {
         &dsts,
         &toses,
         &vec![&[][..]; iovs.len()],
-        true,
-        true,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: true,
+        },
         &mut trains,
     );
     assert_eq!(&trains[..m], &[(0, 1), (1, 4), (5, 1), (6, 1)]);
@@ -117,8 +135,11 @@ fn lone_heads_put_each_trains_first_packet_alone() {
         &dsts,
         &toses,
         &vec![&[][..]; iovs.len()],
-        false,
-        true,
+        Grouping {
+            gso: false,
+            hop_by_hop: true,
+            lone_heads: true,
+        },
         &mut trains,
     );
     assert_eq!(m, sizes.len());
@@ -152,8 +173,11 @@ fn a_train_carries_one_tos_byte() {
         &dsts,
         &toses,
         &vec![&[][..]; iovs.len()],
-        true,
-        false,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
         &mut trains,
     );
     assert_eq!(&trains[..m], &[(0, 2), (2, 1), (3, 2), (5, 2)]);
@@ -167,8 +191,11 @@ fn a_train_carries_one_tos_byte() {
         &dsts[..2],
         &[Some(2), Some(3)],
         &[&[], &[]],
-        true,
-        false,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
         &mut trains,
     );
     assert_eq!(&trains[..m], &[(0, 1), (1, 1)]);
@@ -191,14 +218,36 @@ fn a_train_carries_one_hop_by_hop_header() {
     // With, with, without, without, another, with, with.
     let hbhs = [x, x, &[], &[], y, x, x];
     let mut trains = [(0, 0); MAX_BATCH];
-    let m = group_trains(&iovs, &dsts, &toses, &hbhs, true, false, &mut trains);
+    let m = group_trains(
+        &iovs,
+        &dsts,
+        &toses,
+        &hbhs,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
+        &mut trains,
+    );
     assert_eq!(&trains[..m], &[(0, 2), (2, 2), (4, 1), (5, 2)]);
     for &(first, count) in &trains[..m] {
         let h = hbhs[first];
         assert!(hbhs[first..first + count].iter().all(|&x| x == h));
     }
     // Without GSO: one message each, as always.
-    let m = group_trains(&iovs, &dsts, &toses, &hbhs, false, false, &mut trains);
+    let m = group_trains(
+        &iovs,
+        &dsts,
+        &toses,
+        &hbhs,
+        Grouping {
+            gso: false,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
+        &mut trains,
+    );
     assert_eq!(m, 7);
 }
 
@@ -319,4 +368,49 @@ fn ipv4_header_strip() {
             "{first:#x}/{len}"
         );
     }
+}
+
+#[test]
+fn once_the_kernel_refused_a_hop_by_hop_train_such_packets_go_alone() {
+    let a: SocketAddr = "[2001:db8::2]:4500".parse().expect("addr");
+    let iovs = vec![
+        libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 1400,
+        };
+        6
+    ];
+    let dsts = vec![Some(a); 6];
+    let toses = vec![None; 6];
+    let x: &[u8] = &[0, 0, 0x1e, 4, 1, 2, 3, 4];
+    let hbhs = [x, x, x, &[], &[], &[]];
+    let mut trains = [(0, 0); MAX_BATCH];
+    let m = group_trains(
+        &iovs,
+        &dsts,
+        &toses,
+        &hbhs,
+        Grouping {
+            gso: true,
+            hop_by_hop: true,
+            lone_heads: false,
+        },
+        &mut trains,
+    );
+    assert_eq!(&trains[..m], &[(0, 3), (3, 3)], "the kernel takes both");
+    // After a refusal: each packet with the header alone, the others
+    // still in one train.
+    let m = group_trains(
+        &iovs,
+        &dsts,
+        &toses,
+        &hbhs,
+        Grouping {
+            gso: true,
+            hop_by_hop: false,
+            lone_heads: false,
+        },
+        &mut trains,
+    );
+    assert_eq!(&trains[..m], &[(0, 1), (1, 1), (2, 1), (3, 3)]);
 }

@@ -85,6 +85,11 @@ pub struct OuterSocket {
     rx_overflows: AtomicU64,
     /// Trains the kernel refused, after which GSO was turned off.
     gso_refused: AtomicU64,
+    /// Whether packets with a hop-by-hop header may go in GSO trains:
+    /// Linux 6.x takes them, older kernels refuse the train (EINVAL or
+    /// EIO). Cleared for good at the first refusal; such packets then go
+    /// one per message, and GSO stays on for the rest.
+    gso_hop_by_hop: AtomicBool,
     /// IPV6_RECVERR is on (raw ESP over IPv6): the error queue is drained
     /// by the receive path ([`Self::recv_batch`]).
     recverr: bool,
@@ -251,6 +256,7 @@ impl OuterSocket {
             gro: false,
             rx_overflows: AtomicU64::new(0),
             gso_refused: AtomicU64::new(0),
+            gso_hop_by_hop: AtomicBool::new(true),
             recverr,
             icmp_errors: AtomicU64::new(0),
             df_probe: AtomicBool::new(false),
