@@ -559,7 +559,7 @@ impl Lab {
     /// Fails the test with the report; raises [`GuestNicStalled`] instead
     /// when the guest's NIC stopped transmitting (see
     /// [`Guest::nic_stalled`]), which [`crate::retry_after_guest_stall`]
-    /// runs again on a fresh guest once.
+    /// runs again on a fresh guest (at most three attempts in all).
     pub fn fail(&mut self, what: &str) -> ! {
         let stalled = self.guest().nic_stalled();
         let report = self.report();

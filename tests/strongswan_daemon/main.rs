@@ -49,7 +49,8 @@
 //! guest's console and counters, and esptun's status and log, after a
 //! short summary. A failure during which the guest's NIC stopped
 //! transmitting (an emulation fault seen under TCG) runs the test function
-//! once more on a fresh guest ([`retry_after_guest_stall`]).
+//! again on a fresh guest, at most three times in all
+//! ([`retry_after_guest_stall`]).
 //! `ESPTUN_SWAN_KEEP=1` keeps the files (captures, logs).
 
 #[path = "../common/mod.rs"]
@@ -90,31 +91,36 @@ pub const TCP_BYTES: u64 = 16 << 20;
 /// One guest at a time: two TCG guests at once would only slow both.
 pub static ONE_GUEST: Mutex<()> = Mutex::new(());
 
-/// Runs a test function's body, and once more on a fresh guest when it
-/// failed because the guest's NIC had stopped transmitting
-/// ([`lab::GuestNicStalled`], an emulation fault seen under TCG on a loaded
-/// machine). Any other failure, and a second stall, fail the test.
+/// Runs a test function's body, and again on a fresh guest (at most
+/// [`STALL_ATTEMPTS`] in all) when it failed because the guest's NIC had
+/// stopped transmitting ([`lab::GuestNicStalled`], an emulation fault seen
+/// under TCG on a loaded machine, at CHILD SA rekeys). Any other failure,
+/// and a stall in the last attempt, fail the test.
 pub fn retry_after_guest_stall(test: &str, body: impl Fn()) {
     use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-    let Err(first) = catch_unwind(AssertUnwindSafe(&body)) else {
-        return;
-    };
-    match first.downcast::<lab::GuestNicStalled>() {
-        Ok(stall) => eprintln!(
-            "{test}: RETRYING ONCE on a fresh guest: the guest's NIC stopped transmitting \
-             ({} accelerator); the failure it caused:\n{}",
-            guest::accelerator(),
-            stall.0.lines().take(3).collect::<Vec<_>>().join("\n")
-        ),
-        Err(other) => resume_unwind(other),
-    }
-    if let Err(second) = catch_unwind(AssertUnwindSafe(&body)) {
-        match second.downcast::<lab::GuestNicStalled>() {
-            Ok(stall) => panic!("{test}: the guest's NIC stalled twice\n{}", stall.0),
+    for attempt in 1..=STALL_ATTEMPTS {
+        let Err(failure) = catch_unwind(AssertUnwindSafe(&body)) else {
+            return;
+        };
+        match failure.downcast::<lab::GuestNicStalled>() {
+            Ok(stall) if attempt < STALL_ATTEMPTS => eprintln!(
+                "{test}: RETRYING on a fresh guest (attempt {} of {STALL_ATTEMPTS}): the \
+                 guest's NIC stopped transmitting ({} accelerator); the failure it caused:\n{}",
+                attempt + 1,
+                guest::accelerator(),
+                stall.0.lines().take(3).collect::<Vec<_>>().join("\n")
+            ),
+            Ok(stall) => panic!(
+                "{test}: the guest's NIC stalled in all {STALL_ATTEMPTS} attempts\n{}",
+                stall.0
+            ),
             Err(other) => resume_unwind(other),
         }
     }
 }
+
+/// Attempts of a test function whose guest's NIC stalls.
+const STALL_ATTEMPTS: u32 = 3;
 
 pub fn in_path(program: &str) -> bool {
     std::env::var_os("PATH")
