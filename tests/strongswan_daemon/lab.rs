@@ -422,6 +422,21 @@ impl Lab {
         Ok(())
     }
 
+    /// charon initiates the CHILD SA `host` (and the IKE SA with it) and
+    /// reports it complete.
+    pub fn charon_initiates(&mut self) -> Result<(), String> {
+        self.guest().spawn(
+            "initiate",
+            "/usr/sbin/swanctl --initiate --child host --timeout 80",
+        )?;
+        self.guest().wait_output(
+            "initiate",
+            "initiate completed successfully",
+            crate::IKE_TIMEOUT,
+        )?;
+        Ok(())
+    }
+
     pub fn config(&self) -> PathBuf {
         self.case.join("esptun.toml")
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::lab::{HOST, Lab, Side, Swan, random_psk};
 use crate::traffic::tcp_sink;
 use crate::workload::{self, Established};
-use crate::{IKE_TIMEOUT, ONE_GUEST, TRAFFIC_TIMEOUT, establish};
+use crate::{IKE_TIMEOUT, TRAFFIC_TIMEOUT, establish};
 
 pub const IKE: &str = "aes256gcm16-prfsha256-x25519";
 pub const ESP: &str = "aes256gcm16-esn";
@@ -94,7 +94,6 @@ pub fn ike_sas_on_charon(lab: &mut Lab) -> usize {
 #[test]
 fn strongswan_daemon_rekey_by_charon() {
     let test = "strongswan_daemon_rekey_by_charon";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan {
@@ -139,7 +138,6 @@ fn strongswan_daemon_rekey_by_charon() {
 #[test]
 fn strongswan_daemon_rekey_simultaneous() {
     let test = "strongswan_daemon_rekey_simultaneous";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan {
@@ -219,7 +217,6 @@ const RESTART_STREAM: u64 = 64 << 20;
 #[test]
 fn strongswan_daemon_charon_restarted() {
     let test = "strongswan_daemon_charon_restarted";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan::new(IKE, ESP, &psk);
@@ -258,13 +255,7 @@ fn strongswan_daemon_charon_restarted() {
             lab.sh("kill -9 $(pidof charon); sleep 1; /sbin/ip xfrm state flush")?;
             lab.spawn_charon()?;
             lab.sh("/usr/sbin/swanctl --load-all")?;
-            lab.guest().spawn(
-                "initiate",
-                "/usr/sbin/swanctl --initiate --child host --timeout 80",
-            )?;
-            lab.guest()
-                .wait_output("initiate", "initiate completed successfully", IKE_TIMEOUT)?;
-            Ok(())
+            lab.charon_initiates()
         })();
         if let Err(e) = r {
             lab.fail(&format!("restarting charon: {e}"));
@@ -344,7 +335,6 @@ fn strongswan_daemon_charon_restarted() {
 #[test]
 fn strongswan_daemon_dpd() {
     let test = "strongswan_daemon_dpd";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan {
@@ -398,7 +388,6 @@ fn strongswan_daemon_dpd() {
 #[test]
 fn strongswan_daemon_natt() {
     let test = "strongswan_daemon_natt";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan {
@@ -428,7 +417,6 @@ fn strongswan_daemon_natt() {
 #[test]
 fn strongswan_daemon_wireshark_child_keys() {
     let test = "strongswan_daemon_wireshark_child_keys";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan::new(IKE, ESP, &psk);
@@ -498,7 +486,6 @@ fn strongswan_daemon_wireshark_child_keys() {
 #[test]
 fn strongswan_daemon_narrowed_child_deleted() {
     let test = "strongswan_daemon_narrowed_child_deleted";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan {

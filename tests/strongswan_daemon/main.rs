@@ -96,8 +96,10 @@ pub static ONE_GUEST: Mutex<()> = Mutex::new(());
 /// stopped transmitting ([`lab::GuestNicStalled`], an emulation fault seen
 /// under TCG on a loaded machine, at CHILD SA rekeys). Any other failure,
 /// and a stall in the last attempt, fail the test.
+/// Holds [`ONE_GUEST`] throughout.
 pub fn retry_after_guest_stall(test: &str, body: impl Fn()) {
     use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     for attempt in 1..=STALL_ATTEMPTS {
         let Err(failure) = catch_unwind(AssertUnwindSafe(&body)) else {
             return;
@@ -205,12 +207,7 @@ pub fn establish(
     lab.load_swan(swan)?;
     lab.start_esptun(side)?;
     if !side.initiate {
-        lab.guest().spawn(
-            "initiate",
-            "/usr/sbin/swanctl --initiate --child host --timeout 80",
-        )?;
-        lab.guest()
-            .wait_output("initiate", "initiate completed successfully", IKE_TIMEOUT)?;
+        lab.charon_initiates()?;
     }
     workload::wait_established(lab, IKE_TIMEOUT)
 }
@@ -218,7 +215,6 @@ pub fn establish(
 #[test]
 fn strongswan_daemon_matrix() {
     let test = "strongswan_daemon_matrix";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let started = Instant::now();
         let Some(mut lab) = Lab::boot(test) else {
@@ -313,7 +309,6 @@ fn strongswan_daemon_matrix() {
 #[test]
 fn strongswan_daemon_refusals() {
     let test = "strongswan_daemon_refusals";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let started = Instant::now();
         let Some(mut lab) = Lab::boot(test) else {
@@ -334,7 +329,6 @@ fn strongswan_daemon_refusals() {
 #[test]
 fn strongswan_daemon_esptun_restarted() {
     let test = "strongswan_daemon_esptun_restarted";
-    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     crate::retry_after_guest_stall(test, || {
         let psk = random_psk();
         let swan = Swan::new(lifecycle::IKE, lifecycle::ESP, &psk);

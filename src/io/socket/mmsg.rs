@@ -268,7 +268,6 @@ impl OuterSocket {
         let lone_heads = self.df_probe.swap(false, Ordering::Relaxed);
         while first < n {
             let gso = self.gso.load(Ordering::Relaxed) && !plain;
-            let gso_hop_by_hop = self.gso_hop_by_hop.load(Ordering::Relaxed);
             let mut names = [EMPTY_ADDR; MAX_BATCH];
             let mut controls = [Control::EMPTY; MAX_BATCH];
             let mut trains = [(0usize, 0usize); MAX_BATCH];
@@ -280,7 +279,7 @@ impl OuterSocket {
                 &hbhs[first..n],
                 Grouping {
                     gso,
-                    hop_by_hop: gso_hop_by_hop,
+                    hop_by_hop: self.gso_hop_by_hop.load(Ordering::Relaxed),
                     lone_heads,
                 },
                 &mut trains,
@@ -508,7 +507,7 @@ fn group_trains(
 ) -> usize {
     let Grouping {
         gso,
-        hop_by_hop: gso_hop_by_hop,
+        hop_by_hop,
         lone_heads,
     } = grouping;
     let mut m = 0;
@@ -527,8 +526,8 @@ fn group_trains(
         let mut count = 1;
         let mut bytes = size;
         // A packet with a hop-by-hop header starts a train only where
-        // the kernel takes one (`gso_hop_by_hop`).
-        let train = gso && (gso_hop_by_hop || hbhs.get(i).is_none_or(|h| h.is_empty()));
+        // the kernel takes one (`hop_by_hop`).
+        let train = gso && (hop_by_hop || hbhs.get(i).is_none_or(|h| h.is_empty()));
         while train
             && i + count < iovs.len()
             && count < MAX_TRAIN

@@ -1,6 +1,16 @@
 use super::cmsg::CONTROL_LEN;
 use super::*;
 
+/// `n` packets of 1,400 bytes to `to`, no TOS of their own.
+fn to_one_peer(to: &str, n: usize) -> (Vec<libc::iovec>, Vec<Option<SocketAddr>>) {
+    let a: SocketAddr = to.parse().expect("addr");
+    let iov = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 1400,
+    };
+    (vec![iov; n], vec![Some(a); n])
+}
+
 #[test]
 fn trains_are_equal_sized_packets_to_one_peer_ended_by_a_short_one() {
     let a: SocketAddr = "198.18.0.2:4500".parse().expect("addr");
@@ -147,15 +157,7 @@ fn lone_heads_put_each_trains_first_packet_alone() {
 
 #[test]
 fn a_train_carries_one_tos_byte() {
-    let a: SocketAddr = "198.18.0.2:4500".parse().expect("addr");
-    let iovs = vec![
-        libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 1400,
-        };
-        7
-    ];
-    let dsts = vec![Some(a); 7];
+    let (iovs, dsts) = to_one_peer("198.18.0.2:4500", 7);
     // EF + ECT(0) twice, EF + CE (a different byte: ECN differs), two
     // Not-ECT, then the socket's own (None) twice.
     let toses = [
@@ -203,15 +205,7 @@ fn a_train_carries_one_tos_byte() {
 
 #[test]
 fn a_train_carries_one_hop_by_hop_header() {
-    let a: SocketAddr = "[2001:db8::2]:4500".parse().expect("addr");
-    let iovs = vec![
-        libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 1400,
-        };
-        7
-    ];
-    let dsts = vec![Some(a); 7];
+    let (iovs, dsts) = to_one_peer("[2001:db8::2]:4500", 7);
     let toses = vec![None; 7];
     let x: &[u8] = &[0, 0, 0x1e, 4, 1, 2, 3, 4];
     let y: &[u8] = &[0, 0, 0x1e, 4, 1, 2, 3, 5];
@@ -372,15 +366,7 @@ fn ipv4_header_strip() {
 
 #[test]
 fn once_the_kernel_refused_a_hop_by_hop_train_such_packets_go_alone() {
-    let a: SocketAddr = "[2001:db8::2]:4500".parse().expect("addr");
-    let iovs = vec![
-        libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 1400,
-        };
-        6
-    ];
-    let dsts = vec![Some(a); 6];
+    let (iovs, dsts) = to_one_peer("[2001:db8::2]:4500", 6);
     let toses = vec![None; 6];
     let x: &[u8] = &[0, 0, 0x1e, 4, 1, 2, 3, 4];
     let hbhs = [x, x, x, &[], &[], &[]];
